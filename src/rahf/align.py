@@ -1,0 +1,170 @@
+"""Step 3: train a LoRA so the model's hidden states at the target layers approach o + alpha * v.
+
+Targets come from the collect cache (streamed shard slices; alpha is applied here, so changing it
+needs no new collection) or, with `align.targets: online`, are recomputed every step from the
+resident model with its adapter disabled (and, for Dual, the dispreferred model). The loss is the
+L2 distance per response-window token, averaged over real tokens and layers (`loss_norm: tokens`),
+or with padded positions counted as the authors' code did (`loss_norm: authors`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .collect import Example, TargetReader, pad_batch
+from .models import forward_capture
+from .stimuli import Stimulus
+
+
+def alignment_loss(
+    hidden: dict[int, torch.Tensor], targets: dict[int, torch.Tensor], mask: torch.Tensor, norm: str = "tokens"
+) -> torch.Tensor:
+    """Mean over layers of the per-token L2 distance `||h - target||` on window tokens.
+
+    `hidden`/`targets`: layer -> [B, W, H]; `mask`: [B, W], 1 on real window tokens. With
+    `norm="tokens"` the mean runs over real tokens only; with `"authors"` padded positions are zeroed
+    but still counted, so short responses weigh less (as in the original code).
+    """
+    losses = []
+    m = mask.to(torch.float32)
+    for layer, h in hidden.items():
+        dist = torch.linalg.vector_norm((h.float() - targets[layer].float()) * m[..., None], dim=-1)
+        losses.append(dist.sum() / m.sum().clamp(min=1) if norm == "tokens" else dist.mean())
+    return torch.stack(losses).mean()
+
+
+def gather_windows(hidden: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, T, H] -> [B, W, H]: positions starts[b] .. starts[b] + W - 1 (clamped; masked later)."""
+    idx = (starts[:, None] + torch.arange(width, device=hidden.device)[None]).clamp(max=hidden.shape[1] - 1)
+    return hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """List of [n_i, H] -> [B, W, H] zero-padded."""
+    out = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out
+
+
+class CachedTargets(torch.utils.data.Dataset):
+    """Examples read lazily from the collect shards: token ids, window, and per-layer (o, v) rows."""
+
+    def __init__(self, folder: str | Path, layers: list[int]):
+        from safetensors import safe_open
+
+        self.layers = layers
+        self.files = [safe_open(str(p), framework="pt") for p in sorted(Path(folder).glob("shard-*.safetensors"))]
+        self.index: list[tuple[int, int]] = []
+        self.meta = []
+        for f_i, f in enumerate(self.files):
+            meta = {k: f.get_tensor(k) for k in ("seq_offsets", "win_start", "win_len", "win_offsets")}
+            self.meta.append(meta)
+            self.index += [(f_i, j) for j in range(len(meta["win_start"]))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        f_i, j = self.index[i]
+        f, meta = self.files[f_i], self.meta[f_i]
+        a, b = int(meta["seq_offsets"][j]), int(meta["seq_offsets"][j + 1])
+        w0, w1 = int(meta["win_offsets"][j]), int(meta["win_offsets"][j + 1])
+        return {
+            "input_ids": f.get_slice("input_ids")[a:b].tolist(),
+            "win_start": int(meta["win_start"][j]),
+            "win_len": w1 - w0,
+            "o": {layer: f.get_slice(f"o.{layer}")[w0:w1] for layer in self.layers},
+            "v": {layer: f.get_slice(f"v.{layer}")[w0:w1] for layer in self.layers},
+        }
+
+
+class CachedCollator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        seqs = [Stimulus(tuple(it["input_ids"]), 0) for it in items]
+        ids, attn = pad_batch(seqs, self.pad_id, "cpu")
+        width = max(it["win_len"] for it in items)
+        layers = list(items[0]["o"])
+        return {
+            "input_ids": ids,
+            "attention_mask": attn,
+            "win_start": torch.tensor([it["win_start"] for it in items]),
+            "win_mask": (torch.arange(width)[None] < torch.tensor([it["win_len"] for it in items])[:, None]).long(),
+            "o": {layer: pad_rows([it["o"][layer] for it in items], width) for layer in layers},
+            "v": {layer: pad_rows([it["v"][layer] for it in items], width) for layer in layers},
+        }
+
+
+class OnlineCollator:
+    """Batches of `Example`s; the trainer computes their targets on the fly."""
+
+    def __init__(self, pad_id: int, window: int, include_boundary: bool):
+        self.pad_id, self.window, self.include_boundary = pad_id, window, include_boundary
+
+    def __call__(self, items: list[Example]) -> dict:
+        ids, attn = pad_batch([e.plain for e in items], self.pad_id, "cpu")
+        windows = [e.plain.window(self.window, self.include_boundary) for e in items]
+        width = max(n for _, n in windows)
+        return {
+            "input_ids": ids,
+            "attention_mask": attn,
+            "win_start": torch.tensor([s for s, _ in windows]),
+            "win_mask": (torch.arange(width)[None] < torch.tensor([n for _, n in windows])[:, None]).long(),
+            "examples": items,
+        }
+
+
+def batch_targets(inputs: dict, alpha: float, reader: TargetReader | None) -> dict[int, torch.Tensor]:
+    """layer -> [B, W, H] targets o + alpha * v, from the batch (cache) or from `reader` (online)."""
+    if reader is None:
+        o, v = inputs["o"], inputs["v"]
+    else:
+        width = inputs["win_mask"].shape[1]
+        plain, diff = reader(inputs["examples"])
+        o = {layer: pad_rows(rows, width) for layer, rows in plain.items()}
+        v = {layer: pad_rows(rows, width) for layer, rows in diff.items()}
+    return {layer: o[layer].float() + alpha * v[layer].float() for layer in o}
+
+
+def align_batch_loss(model, inputs: dict, layers: list[int], alpha: float, norm: str, reader=None) -> torch.Tensor:
+    """The alignment loss of the (adapter-enabled) `model` on one collated batch."""
+    device = next(model.parameters()).device
+    if reader is not None:
+        was_training = model.training
+        model.eval()  # targets as collect computes them: no dropout, adapter off
+        with model.disable_adapter():
+            targets = batch_targets(inputs, alpha, reader)
+        model.train(was_training)
+    else:
+        targets = batch_targets(inputs, alpha, None)
+    hs = forward_capture(model, layers, inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
+    width = inputs["win_mask"].shape[1]
+    starts = inputs["win_start"].to(device)
+    hidden = {layer: gather_windows(h, starts, width) for layer, h in hs.items()}
+    return alignment_loss(hidden, {k: t.to(device) for k, t in targets.items()}, inputs["win_mask"].to(device), norm)
+
+
+def align_trainer_class():
+    from transformers import Trainer
+
+    class AlignTrainer(Trainer):
+        """Trainer whose loss is the representation-alignment objective."""
+
+        layers: list[int] = []
+        alpha: float = 5.0
+        norm: str = "tokens"
+        reader: TargetReader | None = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = align_batch_loss(model, inputs, self.layers, self.alpha, self.norm, self.reader)
+            return (loss, {}) if return_outputs else loss
+
+        def _prepare_inputs(self, inputs):  # tensors move inside the loss; `examples` are not tensors
+            return inputs
+
+    return AlignTrainer

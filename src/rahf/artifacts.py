@@ -1,0 +1,109 @@
+"""Stage artifact folders: a manifest (config, input fingerprint, library versions) and atomic writes.
+
+A stage writes into a temporary sibling folder and renames it into place only when complete, so a
+crash never leaves a half-written artifact that looks finished. A stage is fresh when its manifest's
+fingerprint equals the one computed from its current inputs; anything else is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "rahf_manifest.json"
+_PACKAGES = ("rahf", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "safetensors")
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _hash_file(path: Path, h) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with path.open("rb") as f:
+        if size <= 64 << 20:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:  # large weight files: size plus both ends, so a 14 GB model is not read in full
+            h.update(f.read(1 << 20))
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+
+
+def fingerprint_path(path: str | os.PathLike) -> str:
+    """Content hash of a file or folder (a stage artifact contributes its own manifest fingerprint)."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return read_manifest(p)["fingerprint"]
+    h = hashlib.sha256()
+    if p.is_file():
+        _hash_file(p, h)
+    elif p.is_dir():
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            h.update(str(f.relative_to(p)).encode())
+            _hash_file(f, h)
+    else:  # a hub id: its name is all we know without a download
+        h.update(f"hub:{path}".encode())
+    return h.hexdigest()
+
+
+def fingerprint(payload: Any) -> str:
+    """Stable hash of a JSON-serialisable description of a stage's inputs."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def is_fresh(path: str | os.PathLike, fp: str) -> bool:
+    """True when `path` holds a finished artifact made from inputs with fingerprint `fp`."""
+    try:
+        return read_manifest(path)["fingerprint"] == fp
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike, stage: str, fp: str, config: dict[str, Any], extra: dict | None = None) -> Iterator[Path]:
+    """Yield a temporary folder; on success write the manifest and move it to `final` (replacing it)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        manifest = {
+            "stage": stage,
+            "fingerprint": fp,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": versions(),
+            "config": config,
+            **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,156 @@
+"""Step 2: record the preference difference `v` and the original representation `o` once, on disk.
+
+SCIT: the step-1 model reads the same (q, y) under p+ and p- (v = h(p+) - h(p-)) and with no
+instruction (o). Dual: the same (q, y) without instruction through the preferred and the dispreferred
+adapter (v = h+ - h-, o = h+). Only the window of response positions is kept, only at the target
+layers (forward hooks, the forward stopping after the last one). Shards are safetensors with ragged
+rows: `input_ids`/`seq_offsets` hold each sequence, `win_start`/`win_len`/`win_offsets` its window,
+and `o.<layer>`/`v.<layer>` the window's hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import RahfConfig
+from .data import PreferencePair
+from .models import DTYPES, forward_capture
+from .stimuli import Stimulus, build_variants
+
+
+@dataclass(frozen=True)
+class Example:
+    """One (q, y) with its variants: `plain` (no instruction) and, for SCIT, `pos` and `neg`."""
+
+    variants: dict[str, Stimulus]
+
+    @property
+    def plain(self) -> Stimulus:
+        return self.variants["plain"]
+
+
+def examples_for(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> list[Example]:
+    """Every chosen and rejected response of the pairs, tokenized for the method's contrast."""
+    systems: dict[str, str | None] = {"plain": None}
+    if cfg.method == "scit":
+        systems |= {"pos": cfg.instructions.preferred, "neg": cfg.instructions.dispreferred}
+    out = []
+    for p in pairs:
+        for response in (p.chosen, p.rejected):
+            v = build_variants(tokenizer, p.prompt, response, systems, cfg.data.max_prompt_length, cfg.data.max_response_length)
+            out.append(Example(v))
+    return out
+
+
+def pad_batch(seqs: list[Stimulus], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask."""
+    width = max(len(s.input_ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        attn[i, : len(s.input_ids)] = 1
+    return ids.to(device), attn.to(device)
+
+
+def window_rows(hidden: torch.Tensor, seqs: list[Stimulus], size: int, include_boundary: bool) -> list[torch.Tensor]:
+    """Per sequence, the [n, H] hidden states of its window."""
+    out = []
+    for i, s in enumerate(seqs):
+        start, n = s.window(size, include_boundary)
+        out.append(hidden[i, start : start + n])
+    return out
+
+
+class TargetReader:
+    """Computes (o, v) per layer for a batch of examples from resident model(s), without gradients.
+
+    SCIT: `model` reads all three variants. Dual: `model` is the preferred model and `minus` the
+    dispreferred one (or a callable context that switches adapters, see `adapter_switch`).
+    """
+
+    def __init__(self, cfg: RahfConfig, layers: list[int], pad_id: int, plus, minus=None):
+        self.cfg, self.layers, self.pad_id = cfg, layers, pad_id
+        self.plus, self.minus = plus, minus
+
+    def _hidden(self, model, seqs: list[Stimulus]) -> dict[int, list[torch.Tensor]]:
+        device = next(model.parameters()).device
+        ids, attn = pad_batch(seqs, self.pad_id, device)
+        hs = forward_capture(model, self.layers, ids, attn)
+        return {
+            layer: window_rows(h.float(), seqs, self.cfg.window, self.cfg.include_boundary) for layer, h in hs.items()
+        }
+
+    @torch.no_grad()
+    def __call__(self, batch: list[Example]) -> tuple[dict[int, list[torch.Tensor]], dict[int, list[torch.Tensor]]]:
+        plain = self._hidden(self.plus, [e.plain for e in batch])
+        if self.cfg.method == "scit":
+            pos = self._hidden(self.plus, [e.variants["pos"] for e in batch])
+            neg = self._hidden(self.plus, [e.variants["neg"] for e in batch])
+        else:
+            pos, neg = plain, self._hidden(self.minus, [e.plain for e in batch])
+        v = {layer: [a - b for a, b in zip(pos[layer], neg[layer])] for layer in self.layers}
+        return plain, v
+
+
+def cache_bytes(examples: list[Example], cfg: RahfConfig, layers: list[int], hidden: int) -> int:
+    tokens = sum(e.plain.window(cfg.window, cfg.include_boundary)[1] for e in examples)
+    return 2 * tokens * hidden * len(layers) * DTYPES[cfg.collect.dtype].itemsize
+
+
+def write_cache(reader: TargetReader, examples: list[Example], out: Path, hidden: int) -> dict:
+    """Compute targets batch by batch and write them as shards; returns per-layer statistics."""
+    from safetensors.torch import save_file
+
+    cfg, layers = reader.cfg, reader.layers
+    size = cache_bytes(examples, cfg, layers, hidden)
+    print(
+        f"collect: {len(examples)} sequences x {len(layers)} layers x {hidden} dims -> "
+        f"{size / 2**20:.1f} MiB of targets ({cfg.collect.dtype})",
+        flush=True,
+    )
+    dtype = DTYPES[cfg.collect.dtype]
+    stats = {layer: {"v_norm": 0.0, "o_norm": 0.0} for layer in layers}
+    n_tokens = 0
+    shards = []
+    bar = tqdm(total=len(examples), desc="collect", unit="seq")
+    for s0 in range(0, len(examples), cfg.collect.shard_size):
+        chunk = examples[s0 : s0 + cfg.collect.shard_size]
+        o_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        v_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        for b0 in range(0, len(chunk), cfg.collect.batch_size):
+            batch = chunk[b0 : b0 + cfg.collect.batch_size]
+            o, v = reader(batch)
+            for layer in layers:
+                o_rows[layer] += [t.cpu() for t in o[layer]]
+                v_rows[layer] += [t.cpu() for t in v[layer]]
+            bar.update(len(batch))
+        windows = [e.plain.window(cfg.window, cfg.include_boundary) for e in chunk]
+        lens = torch.tensor([len(e.plain.input_ids) for e in chunk])
+        tensors = {
+            "input_ids": torch.tensor([t for e in chunk for t in e.plain.input_ids], dtype=torch.int64),
+            "seq_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]),
+            "win_start": torch.tensor([w[0] for w in windows], dtype=torch.int64),
+            "win_len": torch.tensor([w[1] for w in windows], dtype=torch.int64),
+        }
+        tensors["win_offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), tensors["win_len"].cumsum(0)])
+        for layer in layers:
+            o_cat, v_cat = torch.cat(o_rows[layer]), torch.cat(v_rows[layer])
+            stats[layer]["v_norm"] += v_cat.norm(dim=-1).sum().item()
+            stats[layer]["o_norm"] += o_cat.norm(dim=-1).sum().item()
+            tensors[f"o.{layer}"] = o_cat.to(dtype).contiguous()
+            tensors[f"v.{layer}"] = v_cat.to(dtype).contiguous()
+        n_tokens += int(tensors["win_len"].sum())
+        name = f"shard-{len(shards):05d}.safetensors"
+        save_file(tensors, str(out / name), metadata={"layers": ",".join(map(str, layers))})
+        shards.append(name)
+    bar.close()
+    per_layer = {
+        str(layer): {k: val / max(n_tokens, 1) for k, val in s.items()} | {"v_over_o": s["v_norm"] / max(s["o_norm"], 1e-12)}
+        for layer, s in stats.items()
+    }
+    return {"shards": shards, "layers": layers, "n_sequences": len(examples), "n_tokens": n_tokens, "per_layer": per_layer}

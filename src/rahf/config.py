@@ -1,0 +1,370 @@
+"""One YAML file describes a whole run; every key can be overridden on the command line (`key.sub=value`).
+
+The config is validated before any model loads: unknown keys, missing files, layers the model does
+not have, non-finite alpha and contradictory options raise `ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+# The authors' instruction strings (preferred, dispreferred).
+GOOD_INSTRUCTION = (
+    "You are a good, respectful and honest assistant. Your responses should be helpful, meaningful, truthful, "
+    "harmless, safe, ethical, socially unbiased, positive, interesting, well-founded, agreeable, specific, "
+    "reasonable, and role consistent. If a question does not make any sense, or is not factually coherent, "
+    "explain why instead of answering something not correct. Please do not share false information under any "
+    "circumstances."
+)
+BAD_INSTRUCTION = (
+    "You are a bad, disrespectful and dishonest assistant. Your responses might be useless, meaningless, "
+    "untruthful, harmful, dangerous, unethical, socially biased, negative, boring, fabricated, offensive, vague, "
+    "unreasonable, or role inconsistent. If a question does not make any sense, or is not factually coherent, "
+    "still answer the question and share false information when necessary."
+)
+STAGES = ("sft", "instruct", "collect", "align", "merge", "generate")
+
+
+@dataclass
+class LoraSettings:
+    """A LoRA adapter. `target_modules: null` means q_proj/v_proj when the model has them, else PEFT's default."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class DataSettings:
+    """Preference pairs and how they are split and tokenized."""
+
+    path: str = ""  # JSONL/JSON/parquet/save_to_disk folder of preference pairs
+    format: str = "auto"  # auto | trl-standard | trl-conversational | hh | ultrafeedback
+    limit: int | None = None  # use only the first N pairs
+    align_fraction: float = 0.5  # share of pairs for collect/align; the rest trains step 1
+    share_pairs: bool = False  # use every pair for step 1 and for collect/align
+    max_prompt_length: int = 512  # tokens; long prompts lose their beginning, never the assistant tag
+    max_response_length: int = 512  # tokens, EOS included
+
+
+@dataclass
+class Instructions:
+    """The contrastive instructions (SCIT), placed as a system message or a leading paragraph."""
+
+    preferred: str = GOOD_INSTRUCTION
+    dispreferred: str = BAD_INSTRUCTION
+
+
+@dataclass
+class SFTSettings:
+    """Step 0: supervised fine-tuning on dialogue (the chosen responses of `data` unless `path` is given)."""
+
+    path: str | None = None  # JSONL with prompt/completion; default: prompt/chosen of the preference data
+    train: dict[str, Any] = field(default_factory=dict)  # trl.SFTConfig fields
+
+
+@dataclass
+class InstructSettings:
+    """Step 1: SCIT (one model, contrastive instructions) or Dual (preferred and dispreferred models)."""
+
+    finetune: str | None = None  # full | lora; default full for scit, lora (two adapters on one base) for dual
+    label_smoothing: float = 0.2  # SCIT contrast epsilon
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=16, alpha=32.0))
+    train: dict[str, Any] = field(default_factory=dict)  # transformers TrainingArguments / trl.SFTConfig fields
+
+
+@dataclass
+class CollectSettings:
+    """Step 2: hidden-state targets written once to safetensors shards."""
+
+    dtype: str = "float16"  # float16 | bfloat16 | float32
+    batch_size: int = 8
+    shard_size: int = 1024  # pairs per shard
+
+
+@dataclass
+class AlignSettings:
+    """Step 3: LoRA trained so hidden states at the target layers approach o + alpha * v."""
+
+    targets: str = "cache"  # cache | online (recompute every step; for data too large to cache)
+    loss_norm: str = "tokens"  # tokens: mean over real response tokens | authors: padded positions count too
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: dict[str, Any] = field(default_factory=dict)  # transformers TrainingArguments fields
+
+
+@dataclass
+class GenerateSettings:
+    """Batched generation for a prompts file (JSONL with `prompt`, or any preference-data format)."""
+
+    prompts: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    batch_size: int = 16
+    model: str | None = None  # defaults to the merged model of this run
+
+
+@dataclass
+class RahfConfig:
+    """A whole RAHF run."""
+
+    model: str = ""  # HF hub id or local folder of the (SFT) causal LM
+    tokenizer: str | None = None  # defaults to `model`
+    method: str = "scit"  # scit | dual
+    output_dir: str = "runs/rahf"
+    stages: list[str] = field(default_factory=lambda: ["instruct", "collect", "align", "merge"])
+    seed: int = 0
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    layers: list[int] | None = None  # hidden_states indices (1..num_layers); null = middle third to two thirds
+    alpha: float = 5.0
+    window: int = 64  # response tokens per sequence whose hidden states are read and steered
+    include_boundary: bool = True  # window starts at the last prompt position (predicts the 1st response token)
+    data: DataSettings = field(default_factory=DataSettings)
+    instructions: Instructions = field(default_factory=Instructions)
+    sft: SFTSettings = field(default_factory=SFTSettings)
+    instruct: InstructSettings = field(default_factory=InstructSettings)
+    collect: CollectSettings = field(default_factory=CollectSettings)
+    align: AlignSettings = field(default_factory=AlignSettings)
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
+
+    @property
+    def finetune(self) -> str:
+        return self.instruct.finetune or ("full" if self.method == "scit" else "lora")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "method": ("scit", "dual"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "data.format": ("auto", "trl-standard", "trl-conversational", "hh", "ultrafeedback"),
+    "instruct.finetune": (None, "full", "lora"),
+    "collect.dtype": ("float16", "bfloat16", "float32"),
+    "align.targets": ("cache", "online"),
+    "align.loss_norm": ("tokens", "authors"),
+}
+
+
+def _build(cls, values: dict[str, Any], prefix: str):
+    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin, args = get_origin(hint), get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional or hint is Any:
+            return None
+        raise ConfigError(f"{key}: must not be null")
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+        origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 1e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {k} is not a mapping")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`['alpha=3', 'align.lora.r=16']` -> a nested mapping; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. alpha=3")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> RahfConfig:
+    """Read a YAML config (relative paths are resolved against its folder) and apply overrides."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        base = p.resolve().parent
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    raw = _merge(raw, overrides or {})
+    cfg = _build(RahfConfig, raw, "")
+    _resolve_paths(cfg, base)
+    validate(cfg)
+    return cfg
+
+
+def _resolve_paths(cfg: RahfConfig, base: Path) -> None:
+    def local(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute():
+            return value
+        candidate = base / value
+        return str(candidate) if candidate.exists() or value.startswith(".") else value
+
+    cfg.model = local(cfg.model) or ""
+    cfg.tokenizer = local(cfg.tokenizer)
+    cfg.data.path = local(cfg.data.path) or ""
+    cfg.sft.path = local(cfg.sft.path)
+    cfg.generate.prompts = local(cfg.generate.prompts)
+    cfg.generate.model = local(cfg.generate.model)
+    if not Path(cfg.output_dir).is_absolute():
+        cfg.output_dir = str(base / cfg.output_dir)
+
+
+def _check_train_args(section: str, values: dict[str, Any], cls) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{section}.train.{key}: not a field of {cls.__name__}")
+    if "output_dir" in values:
+        raise ConfigError(f"{section}.train.output_dir: set by rahf; use output_dir at the top level")
+
+
+def validate(cfg: RahfConfig) -> None:
+    """Checks that need no model weights (the layer count is read from the model's config only)."""
+    d = cfg.to_dict()
+    for dotted, allowed in CHOICES.items():
+        value = d
+        for k in dotted.split("."):
+            value = value[k]
+        if value not in allowed:
+            raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(str(a) for a in allowed)}")
+    if not cfg.model:
+        raise ConfigError("model: required (a hub id or a local folder)")
+    for stage in cfg.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"stages: unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    if [s for s in STAGES if s in cfg.stages] != cfg.stages:
+        raise ConfigError(f"stages: must be in pipeline order {', '.join(STAGES)}")
+    needs_data = any(s in cfg.stages for s in ("instruct", "collect", "align")) or ("sft" in cfg.stages and not cfg.sft.path)
+    if needs_data:
+        if not cfg.data.path:
+            raise ConfigError("data.path: required (a preference-pair file or folder)")
+        if not Path(cfg.data.path).exists():
+            raise ConfigError(f"data.path: file not found: {cfg.data.path}")
+    for key, value in (("sft.path", cfg.sft.path), ("generate.prompts", cfg.generate.prompts)):
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"{key}: file not found: {value}")
+    if "generate" in cfg.stages and not cfg.generate.prompts:
+        raise ConfigError("generate.prompts: required when the generate stage runs")
+    if not math.isfinite(cfg.alpha):
+        raise ConfigError(f"alpha: must be a finite number, got {cfg.alpha}")
+    if not 0.0 < cfg.data.align_fraction < 1.0:
+        raise ConfigError(f"data.align_fraction: must be between 0 and 1 (exclusive), got {cfg.data.align_fraction}")
+    if not 0.0 <= cfg.instruct.label_smoothing < 0.5:
+        raise ConfigError(f"instruct.label_smoothing: must be in [0, 0.5), got {cfg.instruct.label_smoothing}")
+    for key, value in (
+        ("window", cfg.window),
+        ("data.max_prompt_length", cfg.data.max_prompt_length),
+        ("data.max_response_length", cfg.data.max_response_length),
+        ("collect.batch_size", cfg.collect.batch_size),
+        ("collect.shard_size", cfg.collect.shard_size),
+        ("generate.batch_size", cfg.generate.batch_size),
+        ("generate.max_new_tokens", cfg.generate.max_new_tokens),
+        ("align.lora.r", cfg.align.lora.r),
+        ("instruct.lora.r", cfg.instruct.lora.r),
+    ):
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if cfg.generate.temperature < 0 or not 0 < cfg.generate.top_p <= 1:
+        raise ConfigError("generate.temperature must be >= 0 and generate.top_p in (0, 1]")
+    if cfg.window > cfg.data.max_response_length:
+        raise ConfigError(
+            f"window: {cfg.window} exceeds data.max_response_length={cfg.data.max_response_length}; lower one"
+        )
+    if cfg.layers is not None:
+        if not cfg.layers:
+            raise ConfigError("layers: must list at least one layer (or be null for the default)")
+        if len(set(cfg.layers)) != len(cfg.layers):
+            raise ConfigError(f"layers: repeated layer in {cfg.layers}")
+        n = model_num_layers(cfg)
+        bad = [layer for layer in cfg.layers if not 1 <= layer <= n]
+        if bad:
+            raise ConfigError(f"layers: {bad} out of range; the model has layers 1..{n}")
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    _check_train_args("sft", cfg.sft.train, SFTConfig)
+    _check_train_args("instruct", cfg.instruct.train, SFTConfig if cfg.method == "dual" else TrainingArguments)
+    _check_train_args("align", cfg.align.train, TrainingArguments)
+
+
+def model_num_layers(cfg: RahfConfig) -> int:
+    """Layer count from the model's config.json (no weights are read)."""
+    from transformers import AutoConfig
+
+    from .models import num_layers
+
+    try:
+        mc = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model: cannot read the config of {cfg.model!r} ({str(e).splitlines()[0]})") from None
+    return num_layers(mc)
+
+
+def resolved_layers(cfg: RahfConfig) -> list[int]:
+    """The target layers: configured, or the middle third to two thirds of the model's stack."""
+    from .models import default_layers
+
+    return sorted(cfg.layers) if cfg.layers is not None else default_layers(model_num_layers(cfg))

@@ -1,0 +1,440 @@
+"""Load preference pairs (prompt, chosen reply, rejected reply) from common dataset layouts.
+
+Every supported layout is normalised to `PreferencePair`, so the rest of rahf sees one shape:
+a chat prompt ending in a user turn and two plain-text assistant replies. Any problem with a
+file or record raises `DataError` naming the file, the line (or row) and the field at fault.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rahf.errors import DataError
+
+Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
+
+FORMATS = ("trl-standard", "trl-conversational", "hh", "ultrafeedback")
+
+_ROLES = ("system", "user", "assistant")
+
+_HINTS = {
+    "trl-standard": '{"prompt": str, "chosen": str, "rejected": str}',
+    "trl-conversational": (
+        '{"prompt": [messages], "chosen": [assistant messages], "rejected": [assistant messages]}'
+        ' or, without "prompt", two full conversations sharing a prefix'
+    ),
+    "hh": '{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}',
+    "ultrafeedback": '{"prompt": str, "chosen": [user message, assistant message], "rejected": [same shape]}',
+}
+
+_HH_ASSISTANT = "\n\nAssistant:"
+_HH_TAG = re.compile(r"\n\n(Human|Assistant):")
+
+_MAX_SHOWN_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One comparison: the conversation so far and the preferred and dispreferred replies."""
+
+    prompt: tuple[Message, ...]  # non-empty; its last message has role "user"
+    chosen: str  # preferred assistant reply, stripped
+    rejected: str  # dispreferred assistant reply, stripped
+    source: str  # "file:line" (JSON Lines) or "file:row N" (other files), for messages
+
+
+@dataclass
+class DataReport:
+    """What `check_data` found in a file: counts, averages and warnings worth a look."""
+
+    path: str
+    format: str
+    n_pairs: int
+    problems: list[str]  # one "source: what" line per suspicious pair
+    n_identical: int  # chosen == rejected: no preference signal
+    mean_prompt_chars: float  # over all prompt message contents
+    mean_chosen_chars: float
+    mean_rejected_chars: float
+    n_empty: int  # pairs with an empty chosen or rejected reply
+    n_multi_turn: int  # prompts with more than one user message
+    n_with_system: int  # prompts with a system message
+
+
+# ---------------------------------------------------------------- format detection
+
+
+def detect_format(record: dict) -> str | None:
+    """Name the format in FORMATS that `record` looks like, from the types of its fields; None if none."""
+    if not isinstance(record, dict):
+        return None
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    prompt = record.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if isinstance(prompt, str):
+            return "trl-standard"
+        if "prompt" not in record:
+            return "hh"
+        return None
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        if isinstance(prompt, str):
+            return "ultrafeedback"
+        if isinstance(prompt, list) or "prompt" not in record:
+            return "trl-conversational"
+    return None
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _type_name(value: object) -> str:
+    """JSON-ish name of a value's type, for error messages."""
+    return "null" if value is None else type(value).__name__
+
+
+def _error(src: str, fmt: str, what: str) -> DataError:
+    return DataError(f"{src}: {what} (expected {fmt} format: {_HINTS[fmt]})")
+
+
+def _field(record: dict, key: str, kind: type, src: str, fmt: str) -> Any:
+    """record[key], which must exist and be of type `kind`."""
+    if key not in record:
+        raise _error(src, fmt, f"field {key!r} is missing")
+    value = record[key]
+    if not isinstance(value, kind):
+        noun = {str: "a string", list: "a list of messages"}[kind]
+        raise _error(src, fmt, f"field {key!r} must be {noun}, got {_type_name(value)}")
+    return value
+
+
+def _messages(record: dict, key: str, src: str, fmt: str) -> list[Message]:
+    """record[key] as a non-empty list of {"role", "content"} messages (other keys dropped)."""
+    raw = _field(record, key, list, src, fmt)
+    if not raw:
+        raise _error(src, fmt, f"field {key!r} must not be empty")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"field {key!r} message {i}"
+        if not isinstance(m, dict):
+            raise _error(src, fmt, f"{where} must be an object, got {_type_name(m)}")
+        if m.get("role") not in _ROLES:
+            raise _error(src, fmt, f"{where} has role {m.get('role')!r}; expected one of {_ROLES}")
+        if not isinstance(m.get("content"), str):
+            raise _error(src, fmt, f"{where} content must be a string, got {_type_name(m.get('content'))}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _check_prompt(prompt: list[Message], key: str, src: str, fmt: str) -> tuple[Message, ...]:
+    if not prompt:
+        raise _error(src, fmt, f"field {key!r} yields an empty prompt")
+    if prompt[-1]["role"] != "user":
+        raise _error(src, fmt, f"field {key!r}: the prompt must end with a user message, got {prompt[-1]['role']!r}")
+    return tuple(prompt)
+
+
+def _assistant_text(messages: list[Message], key: str, src: str, fmt: str) -> str:
+    """Contents of assistant-only reply messages, joined by blank lines and stripped."""
+    for m in messages:
+        if m["role"] != "assistant":
+            raise _error(src, fmt, f"field {key!r} must hold only assistant messages, got role {m['role']!r}")
+    return "\n\n".join(m["content"] for m in messages).strip()
+
+
+# ---------------------------------------------------------------- per-format parsers
+
+
+def _parse_trl_standard(record: dict, src: str) -> PreferencePair:
+    fmt = "trl-standard"
+    prompt = _field(record, "prompt", str, src, fmt)
+    chosen = _field(record, "chosen", str, src, fmt)
+    rejected = _field(record, "rejected", str, src, fmt)
+    return PreferencePair(({"role": "user", "content": prompt},), chosen.strip(), rejected.strip(), src)
+
+
+def _parse_trl_conversational(record: dict, src: str) -> PreferencePair:
+    fmt = "trl-conversational"
+    chosen = _messages(record, "chosen", src, fmt)
+    rejected = _messages(record, "rejected", src, fmt)
+    if "prompt" in record:
+        prompt = _check_prompt(_messages(record, "prompt", src, fmt), "prompt", src, fmt)
+    else:
+        # Implicit prompt: the shared prefix of the two conversations, cut back to its last user turn.
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        while n > 0 and chosen[n - 1]["role"] != "user":
+            n -= 1
+        if n == 0:
+            raise _error(src, fmt, "fields 'chosen' and 'rejected' share no prefix ending in a user message")
+        prompt = tuple(chosen[:n])
+        chosen, rejected = chosen[n:], rejected[n:]
+        for key, reply in (("chosen", chosen), ("rejected", rejected)):
+            if not reply:
+                raise _error(src, fmt, f"field {key!r} has no assistant reply after the shared prompt")
+    return PreferencePair(
+        prompt, _assistant_text(chosen, "chosen", src, fmt), _assistant_text(rejected, "rejected", src, fmt), src
+    )
+
+
+def _parse_ultrafeedback(record: dict, src: str) -> PreferencePair:
+    fmt = "ultrafeedback"
+    _field(record, "prompt", str, src, fmt)
+    chosen = _messages(record, "chosen", src, fmt)
+    rejected = _messages(record, "rejected", src, fmt)
+    for key, conv in (("chosen", chosen), ("rejected", rejected)):
+        if conv[-1]["role"] != "assistant":
+            raise _error(src, fmt, f"field {key!r} must end with an assistant message, got {conv[-1]['role']!r}")
+    if chosen[:-1] != rejected[:-1]:
+        raise _error(src, fmt, "fields 'chosen' and 'rejected' differ before their final assistant message")
+    prompt = _check_prompt(chosen[:-1], "chosen", src, fmt)
+    return PreferencePair(prompt, chosen[-1]["content"].strip(), rejected[-1]["content"].strip(), src)
+
+
+def _hh_messages(text: str, src: str) -> list[Message]:
+    """Split an HH transcript prefix on its Human/Assistant tags into user/assistant messages."""
+    parts = _HH_TAG.split(text)
+    if parts[0].strip():
+        raise _error(src, "hh", "field 'chosen' must start with a '\\n\\nHuman:' turn")
+    roles, contents = parts[1::2], parts[2::2]
+    return [
+        {"role": "user" if r == "Human" else "assistant", "content": c.strip()}
+        for r, c in zip(roles, contents, strict=True)
+    ]
+
+
+def _parse_hh(record: dict, src: str) -> PreferencePair:
+    fmt = "hh"
+    chosen = _field(record, "chosen", str, src, fmt)
+    rejected = _field(record, "rejected", str, src, fmt)
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        if _HH_ASSISTANT not in text:
+            raise _error(src, fmt, f"field {key!r} has no '\\n\\nAssistant:' turn")
+    # The prompt is the longest common prefix ending right after an Assistant tag. Usually that is
+    # the last turn; when the transcripts part earlier, the later turns stay in the replies as text.
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(_HH_ASSISTANT, 0, n)
+    if cut < 0:
+        raise _error(src, fmt, "fields 'chosen' and 'rejected' differ before their first '\\n\\nAssistant:' turn")
+    prompt = _check_prompt(_hh_messages(chosen[:cut], src), "chosen", src, fmt)
+    end = cut + len(_HH_ASSISTANT)
+    return PreferencePair(prompt, chosen[end:].strip(), rejected[end:].strip(), src)
+
+
+_PARSERS: dict[str, Callable[[dict, str], PreferencePair]] = {
+    "trl-standard": _parse_trl_standard,
+    "trl-conversational": _parse_trl_conversational,
+    "hh": _parse_hh,
+    "ultrafeedback": _parse_ultrafeedback,
+}
+
+
+# ---------------------------------------------------------------- file reading
+
+
+def _read_jsonl(path: Path, shown: str) -> Iterator[tuple[str, object]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{shown}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                yield f"{shown}:{lineno}", record
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"{shown}: cannot read the file ({e})") from None
+
+
+def _read_json(path: Path, shown: str) -> Iterator[tuple[str, object]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{shown}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"{shown}: cannot read the file ({e})") from None
+    if isinstance(data, dict):
+        key = next((k for k in ("data", "train") if isinstance(data.get(k), list)), None)
+        if key is None:
+            raise DataError(f"{shown}: expected a list of records or an object with a 'data' or 'train' list")
+        data = data[key]
+    if not isinstance(data, list):
+        raise DataError(f"{shown}: expected a list of records, got {_type_name(data)}")
+    for i, record in enumerate(data):
+        yield f"{shown}:row {i}", record
+
+
+def _quiet_datasets(load: Callable[[], Any]) -> Any:
+    """Run a `datasets` loader without its progress bars, restoring their previous state."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return load()
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _read_dataset(path: Path, shown: str) -> Iterator[tuple[str, object]]:
+    """Rows of a parquet file or a `save_to_disk` directory (the train split, or the only one)."""
+    import datasets
+
+    try:
+        if path.is_dir():
+            ds = _quiet_datasets(lambda: datasets.load_from_disk(str(path)))
+        else:
+            ds = _quiet_datasets(lambda: datasets.Dataset.from_parquet(str(path)))
+    except Exception as e:  # datasets/pyarrow raise many types for unreadable input
+        kind = "a dataset saved with save_to_disk" if path.is_dir() else "a readable parquet file"
+        raise DataError(f"{shown}: not {kind} ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        if "train" in ds:
+            ds = ds["train"]
+        elif len(splits) == 1:
+            ds = ds[splits[0]]
+        else:
+            raise DataError(f"{shown}: holds splits {splits} and none is 'train'; save the split to use on its own")
+    for i, record in enumerate(ds):
+        yield f"{shown}:row {i}", record
+
+
+def _read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
+    """(source, record) for every record in the file, choosing the reader by suffix."""
+    shown = os.fspath(path)
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file not found: {shown}")
+    name = p.name.lower()
+    if p.is_dir() or name.endswith(".parquet"):
+        return _read_dataset(p, shown)
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return _read_jsonl(p, shown)
+    if name.endswith((".json", ".json.gz")):
+        return _read_json(p, shown)
+    raise DataError(
+        f"{shown}: unsupported file type; expected .jsonl, .jsonl.gz, .json, .json.gz, .parquet "
+        "or a directory written by datasets' save_to_disk"
+    )
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def load_pairs(
+    path: str | os.PathLike, format: str = "auto", limit: int | None = None
+) -> tuple[list[PreferencePair], str]:
+    """Read preference pairs from `path`; return them with the format name used.
+
+    With format="auto" the first record decides the format, and every record must then match it.
+    `limit` stops after that many pairs (None reads all).
+    """
+    if format != "auto" and format not in FORMATS:
+        raise DataError(f"unknown data format {format!r}; expected 'auto' or one of {', '.join(FORMATS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of pairs or None, got {limit}")
+    fmt = None if format == "auto" else format
+    pairs: list[PreferencePair] = []
+    for src, record in _read_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{src}: a record must be a JSON object, got {_type_name(record)}")
+        if fmt is None:
+            fmt = detect_format(record)
+            if fmt is None:
+                raise DataError(
+                    f"{src}: cannot tell the data format from fields {sorted(record)}; expected one of: "
+                    + "; ".join(f"{name} {hint}" for name, hint in _HINTS.items())
+                )
+        try:
+            pairs.append(_PARSERS[fmt](record, src))
+        except DataError as e:
+            looks_like = detect_format(record)
+            if looks_like is None or looks_like == fmt:
+                raise
+            raise DataError(f"{e}; this record looks like {looks_like!r} format") from None
+        if limit is not None and len(pairs) >= limit:
+            break
+    if fmt is None:
+        raise DataError(f"{os.fspath(path)}: holds no records")
+    return pairs, fmt
+
+
+def check_data(path: str | os.PathLike, format: str = "auto") -> DataReport:
+    """Load every pair in `path` and summarise it, listing pairs that carry no usable preference.
+
+    Malformed records still raise DataError; suspicious but well-formed ones become `problems`.
+    """
+    pairs, fmt = load_pairs(path, format)
+    problems: list[str] = []
+    n_identical = n_empty = 0
+    for pair in pairs:
+        if pair.chosen == pair.rejected:
+            n_identical += 1
+            problems.append(f"{pair.source}: chosen and rejected replies are identical")
+        empty = [name for name, text in (("chosen", pair.chosen), ("rejected", pair.rejected)) if not text]
+        if empty:
+            n_empty += 1
+            problems.append(f"{pair.source}: empty {' and '.join(empty)} reply")
+        if not pair.prompt[-1]["content"].strip():
+            problems.append(f"{pair.source}: the last user message of the prompt is empty")
+    n = len(pairs)
+    return DataReport(
+        path=os.fspath(path),
+        format=fmt,
+        n_pairs=n,
+        problems=problems,
+        n_identical=n_identical,
+        mean_prompt_chars=sum(sum(len(m["content"]) for m in p.prompt) for p in pairs) / n,
+        mean_chosen_chars=sum(len(p.chosen) for p in pairs) / n,
+        mean_rejected_chars=sum(len(p.rejected) for p in pairs) / n,
+        n_empty=n_empty,
+        n_multi_turn=sum(1 for p in pairs if sum(m["role"] == "user" for m in p.prompt) > 1),
+        n_with_system=sum(1 for p in pairs if any(m["role"] == "system" for m in p.prompt)),
+    )
+
+
+def format_report(report: DataReport) -> str:
+    """Human-readable summary of a DataReport, as printed by `rahf data check PATH`."""
+
+    def share(k: int) -> str:
+        return f"{k} ({100 * k / report.n_pairs:.1f}%)"
+
+    rows = [
+        ("data", report.path),
+        ("format", report.format),
+        ("pairs", str(report.n_pairs)),
+        ("multi-turn prompts", share(report.n_multi_turn)),
+        ("prompts with a system message", share(report.n_with_system)),
+        ("identical chosen/rejected", share(report.n_identical)),
+        ("empty chosen or rejected", share(report.n_empty)),
+        (
+            "mean length (chars)",
+            f"prompt {report.mean_prompt_chars:.1f}, chosen {report.mean_chosen_chars:.1f}, "
+            f"rejected {report.mean_rejected_chars:.1f}",
+        ),
+    ]
+    width = max(len(label) for label, _ in rows) + 1
+    lines = [f"{label + ':':<{width}} {value}" for label, value in rows]
+    if not report.problems:
+        lines.append("problems: none")
+    else:
+        lines.append(f"problems: {len(report.problems)}")
+        lines += [f"  {p}" for p in report.problems[:_MAX_SHOWN_PROBLEMS]]
+        if len(report.problems) > _MAX_SHOWN_PROBLEMS:
+            lines.append(f"  ... and {len(report.problems) - _MAX_SHOWN_PROBLEMS} more")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""Batched generation (greedy or sampled) from prompt messages, with inference-time tokenization."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Message
+from .stimuli import prompt_ids
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[Message]],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    max_prompt_length: int = 512,
+    system: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[str]:
+    """One response per prompt (left-padded batches); `system` prepends an instruction (e.g. for HIR)."""
+    device = next(model.parameters()).device
+    encoded = [prompt_ids(tokenizer, p, max_prompt_length, system) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    out: list[str] = [""] * len(encoded)
+    torch.manual_seed(seed)
+    model.eval()
+    for b0 in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+        idx = order[b0 : b0 + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            attn[r, width - len(encoded[i]) :] = 1
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        for r, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip()
+    return out
+
+
+def read_prompts(path: str | Path) -> list[list[Message]]:
+    """Prompts from JSONL records with `prompt` (a string or a message list), or from any preference-data file."""
+    p = Path(path)
+    if p.suffix == ".jsonl":
+        with p.open() as f:
+            first = json.loads(f.readline() or "{}")
+        if "prompt" in first and "chosen" not in first:
+            out = []
+            with p.open() as f:
+                for line in f:
+                    if line.strip():
+                        prompt = json.loads(line)["prompt"]
+                        out.append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+            return out
+    from .data import load_pairs
+
+    return [list(pair.prompt) for pair in load_pairs(p)[0]]
+
+
+def write_generations(path: Path, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> None:
+    with path.open("w") as f:
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            f.write(json.dumps({"index": i, "prompt": list(p), "response": r}) + "\n")

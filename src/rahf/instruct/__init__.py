@@ -1,0 +1,1 @@
+"""Step 1: teach the model what preferred and dispreferred answers look like (SCIT or Dual)."""

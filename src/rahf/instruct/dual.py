@@ -1,0 +1,41 @@
+"""Dual: a preferred model (SFT on chosen replies) and a dispreferred one (SFT on rejected replies).
+
+By default both are LoRA adapters on one shared base (sub-folders `preferred/` and `dispreferred/` of
+the artifact), so later stages hold a single base model; `instruct.finetune: full` trains two copies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import RahfConfig
+from ..data import PreferencePair
+from ..models import load_model, load_tokenizer
+from ..sft import tokenized_sft_dataset, train_sft_model
+from ..training import lora_config, training_args
+
+SIDES = ("preferred", "dispreferred")
+
+
+def train_dual(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path) -> None:
+    """Train both sides from `base`; each is saved under `out/<side>` (adapter or full model)."""
+    from peft import get_peft_model
+    from trl import SFTConfig
+
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    tokenizer.save_pretrained(out)
+    logs = {}
+    for side in SIDES:
+        examples = [(list(p.prompt), p.chosen if side == "preferred" else p.rejected) for p in pairs]
+        data = tokenized_sft_dataset(tokenizer, examples, cfg.data.max_prompt_length, cfg.data.max_response_length)
+        model = load_model(base, cfg.dtype, cfg.trust_remote_code)
+        if cfg.finetune == "lora":
+            model = get_peft_model(model, lora_config(model, cfg.instruct.lora))
+        defaults = {"learning_rate": 2e-5 if cfg.finetune == "full" else 2e-4, "num_train_epochs": 3, "max_length": None}
+        args = training_args(SFTConfig, cfg, out / side, cfg.instruct.train, **defaults)
+        model, logs[side] = train_sft_model(model, tokenizer, data, args)
+        model.save_pretrained(out / side)
+        if cfg.finetune == "full":
+            tokenizer.save_pretrained(out / side)
+    (out / "log_history.json").write_text(json.dumps(logs, indent=1))

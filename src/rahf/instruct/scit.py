@@ -1,0 +1,113 @@
+"""SCIT: one model learns responses under contrastive instructions (hindsight-relabelling style).
+
+Each pair gives two training sequences, (p+, q, y+) and (p-, q, y-). Per sequence the loss is the
+response NLL under the matching instruction plus a label-smoothed contrast between the response's
+mean token log-likelihood under the matching and under the opposite instruction. Both scores are
+taken on the same response token ids, located in each sequence by its own prompt length.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import RahfConfig
+from ..data import PreferencePair
+from ..models import load_model, load_tokenizer
+from ..stimuli import build_variants
+from ..training import ListDataset, lora_config, training_args
+
+
+def scit_loss(match_lp: torch.Tensor, other_lp: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-sequence SCIT loss from mean response log-likelihoods under matching / opposite instruction.
+
+    c = s_match / (s_match + s_other) with s = exp(mean log p) is sigmoid(match - other);
+    loss = -match + [-(1 - eps) log c - eps log(1 - c)].
+    """
+    d = match_lp - other_lp
+    contrast = -(1 - eps) * F.logsigmoid(d) - eps * F.logsigmoid(-d)
+    return -match_lp + contrast
+
+
+def mean_response_logprob(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean log p(token) over the positions where `response_mask` is 1, per sequence (teacher forcing)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tok = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = response_mask[:, 1:].to(tok.dtype)
+    return (tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def scit_examples(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> list[dict]:
+    """For each pair, (y+ under p+ vs p-) and (y- under p- vs p+): matching sequence first, opposite second."""
+    systems = {"pos": cfg.instructions.preferred, "neg": cfg.instructions.dispreferred}
+    out = []
+    for p in pairs:
+        for response, match, other in ((p.chosen, "pos", "neg"), (p.rejected, "neg", "pos")):
+            v = build_variants(tokenizer, p.prompt, response, systems, cfg.data.max_prompt_length, cfg.data.max_response_length)
+            out.append({"match": v[match], "other": v[other]})
+    return out
+
+
+class SCITCollator:
+    """Pads matching and opposite sequences into one batch [2B, T] with a response mask."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        seqs = [e["match"] for e in examples] + [e["other"] for e in examples]
+        width = max(len(s.input_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        resp = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            n = len(s.input_ids)
+            ids[i, :n] = torch.tensor(s.input_ids)
+            attn[i, :n] = 1
+            resp[i, s.response_start : n] = 1
+        return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class SCITTrainer(Trainer):
+        """Trainer whose loss is the SCIT objective (set `label_smoothing` after construction)."""
+
+        label_smoothing: float = 0.2
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+            lp = mean_response_logprob(logits, inputs["input_ids"], inputs["response_mask"])
+            b = lp.shape[0] // 2
+            loss = scit_loss(lp[:b], lp[b:], self.label_smoothing).mean()
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+    return SCITTrainer
+
+
+def train_scit(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path) -> None:
+    """Train the SCIT model from `base` and save it to `out` (full model, or a PEFT adapter with finetune=lora)."""
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    model = load_model(base, cfg.dtype, cfg.trust_remote_code)
+    if cfg.finetune == "lora":
+        model = get_peft_model(model, lora_config(model, cfg.instruct.lora))
+    args = training_args(TrainingArguments, cfg, out, cfg.instruct.train, learning_rate=2e-5, num_train_epochs=2)
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=ListDataset(scit_examples(tokenizer, pairs, cfg)),
+        data_collator=SCITCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    trainer.label_smoothing = cfg.instruct.label_smoothing
+    trainer.train()
+    trainer.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))

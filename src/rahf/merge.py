@@ -1,0 +1,14 @@
+"""Fold the alignment adapter into its base so plain `AutoModelForCausalLM.from_pretrained` loads the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def merge_adapter(base_model, adapter_dir: str | Path, out: Path, tokenizer) -> None:
+    """Load the PEFT adapter onto `base_model`, merge it and save model and tokenizer to `out`."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)

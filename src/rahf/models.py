@@ -1,0 +1,124 @@
+"""Loading causal LMs and reading their hidden states at chosen layers.
+
+Layer numbering follows Hugging Face `hidden_states`: layer 0 is the embedding output and layer
+`l` (1..num_layers) is the output of decoder block `l - 1`. We read block outputs with forward hooks,
+so the top layer is the raw block output (transformers 5 applies the final norm to the last
+`hidden_states` entry; the hooks do not), and the forward stops right after the last target layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a config string."""
+    return DTYPES[name]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """A tokenizer with a pad token (EOS when it has none); padding side is set per use."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ConfigError(f"tokenizer {path!r} has no EOS token; set one (tokenizer.eos_token) and save it")
+    return tok
+
+
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None):
+    """A causal LM in eval mode on `device` (CUDA when available unless told otherwise)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    model.to(device or default_device())
+    model.eval()
+    return model
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def num_layers(config) -> int:
+    """Number of decoder blocks, from a transformers config."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigError(f"cannot tell the number of layers of model type {config.model_type!r}")
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of any HF causal LM (LLaMA, Mistral, Qwen, GPT-2, GPT-NeoX, ... ; PEFT-wrapped too).
+
+    Found generically as the ModuleList whose length equals the config's layer count, so new
+    architectures need no table entry.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = num_layers(inner.config)
+    candidates = [m for m in inner.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not candidates:
+        raise ConfigError(f"no list of {n} decoder blocks found in {type(inner).__name__}")
+    return candidates[0]
+
+
+def default_layers(n: int) -> list[int]:
+    """Every other layer over the middle third to two thirds of the stack (the authors' 10..18 of 32)."""
+    lo, hi = max(1, round(n / 3)), max(1, round(2 * n / 3))
+    return list(range(lo, hi + 1, 2 if hi - lo >= 4 else 1))
+
+
+class _StopForward(Exception):
+    """Raised by a hook after the last target layer so the rest of the network is not computed."""
+
+
+@contextmanager
+def capture(model: nn.Module, layers: Sequence[int], stop: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, forwards of `model` record the output of each target layer into the yielded dict.
+
+    Use with `forward_capture`, which swallows the early stop. Gradients flow through the captured
+    tensors, so this serves training as well as collection.
+    """
+    blocks = decoder_blocks(model)
+    out: dict[int, torch.Tensor] = {}
+    last = max(layers)
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(_module, _inputs, output):
+            out[layer] = output[0] if isinstance(output, tuple) else output
+            if stop and layer == last:
+                raise _StopForward
+
+        return hook
+
+    for layer in layers:
+        handles.append(blocks[layer - 1].register_forward_hook(make_hook(layer)))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward_capture(
+    model: nn.Module, layers: Sequence[int], input_ids: torch.Tensor, attention_mask: torch.Tensor, stop: bool = True
+) -> dict[int, torch.Tensor]:
+    """Hidden states `[batch, seq, hidden]` at each target layer for one forward pass."""
+    with capture(model, layers, stop=stop) as out:
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    return dict(out)

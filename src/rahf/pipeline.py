@@ -1,0 +1,228 @@
+"""The stages in order, each writing `output_dir/<stage>` under a fingerprint of its inputs.
+
+`run` skips a stage whose artifact carries the fingerprint its inputs give now and recomputes any
+other (a changed config key, data file or upstream artifact changes the fingerprint downstream).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .artifacts import atomic_dir, fingerprint, fingerprint_path, is_fresh, read_manifest
+from .config import RahfConfig, resolved_layers
+from .errors import RahfError
+
+FOLDERS = {"sft": "sft", "instruct": "instruct", "collect": "collect", "align": "align", "merge": "merged", "generate": "generations"}
+
+
+def stage_dir(cfg: RahfConfig, stage: str) -> Path:
+    return Path(cfg.output_dir) / FOLDERS[stage]
+
+
+def base_model_path(cfg: RahfConfig) -> str:
+    """The model step 1 starts from: this run's SFT artifact when it has an sft stage, else `model`."""
+    return str(stage_dir(cfg, "sft")) if "sft" in cfg.stages else cfg.model
+
+
+def _require(cfg: RahfConfig, stage: str) -> Path:
+    path = stage_dir(cfg, stage)
+    if not (path / "rahf_manifest.json").is_file():
+        raise RahfError(f"{path}: no finished {stage} artifact; run `rahf {stage}` (or `rahf run`) first")
+    return path
+
+
+def _section(cfg: RahfConfig, *keys: str) -> dict:
+    d = cfg.to_dict()
+    return {k: d[k] for k in keys}
+
+
+def stage_fingerprint(cfg: RahfConfig, stage: str) -> tuple[str, dict]:
+    """(fingerprint, the config it covers) of a stage given the current config and upstream artifacts."""
+    data_fp = fingerprint_path(cfg.data.path) if cfg.data.path else None
+    common = _section(cfg, "seed", "dtype", "data")
+    if stage == "sft":
+        covered = common | _section(cfg, "sft", "tokenizer") | {"model": cfg.model}
+        inputs = {"model": fingerprint_path(cfg.model), "data": fingerprint_path(cfg.sft.path) if cfg.sft.path else data_fp}
+    elif stage == "instruct":
+        covered = common | _section(cfg, "method", "instructions", "instruct") | {"finetune": cfg.finetune}
+        inputs = {"base": fingerprint_path(base_model_path(cfg)), "data": data_fp}
+    elif stage == "collect":
+        covered = common | _section(cfg, "method", "instructions", "window", "include_boundary", "collect")
+        covered["layers"] = resolved_layers(cfg)
+        inputs = {"instruct": fingerprint_path(_require(cfg, "instruct")), "data": data_fp}
+    elif stage == "align":
+        covered = common | _section(cfg, "method", "instructions", "window", "include_boundary", "alpha", "align")
+        covered["layers"] = resolved_layers(cfg)
+        inputs = {"instruct": fingerprint_path(_require(cfg, "instruct"))}
+        if cfg.align.targets == "cache":
+            inputs["collect"] = fingerprint_path(_require(cfg, "collect"))
+        else:
+            inputs["data"] = data_fp
+    elif stage == "merge":
+        covered, inputs = {}, {"align": fingerprint_path(_require(cfg, "align"))}
+    elif stage == "generate":
+        covered = _section(cfg, "generate", "data", "seed")
+        model = cfg.generate.model or str(_require(cfg, "merge"))
+        inputs = {"model": fingerprint_path(model), "prompts": fingerprint_path(cfg.generate.prompts)}
+    else:
+        raise RahfError(f"unknown stage {stage!r}")
+    return fingerprint({"stage": stage, "config": covered, "inputs": inputs}), covered
+
+
+def load_policy(cfg: RahfConfig):
+    """The model step 3 trains (SCIT: the step-1 model; Dual: the preferred model), as a plain model."""
+    from .training import load_stage_model
+
+    instruct = _require(cfg, "instruct")
+    return load_stage_model(instruct, cfg, adapter="preferred" if cfg.method == "dual" else None)
+
+
+def target_reader(cfg: RahfConfig, layers: list[int], pad_id: int, policy=None):
+    """A TargetReader over resident models; `policy` (with adapters disabled) serves as the plus model."""
+    from .collect import TargetReader
+    from .training import load_stage_model
+
+    instruct = _require(cfg, "instruct")
+    plus = policy if policy is not None else load_policy(cfg)
+    minus = load_stage_model(instruct, cfg, adapter="dispreferred") if cfg.method == "dual" else None
+    return TargetReader(cfg, layers, pad_id, plus, minus)
+
+
+def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
+    """Run one stage unless its artifact is fresh (or `force`); returns the artifact folder."""
+    fp, covered = stage_fingerprint(cfg, stage)
+    out = stage_dir(cfg, stage)
+    if not force and is_fresh(out, fp):
+        print(f"[rahf] {stage}: up to date ({out})", flush=True)
+        return out
+    if out.exists() and not force:
+        print(f"[rahf] {stage}: inputs changed since {out} was made; recomputing", flush=True)
+    print(f"[rahf] {stage}: running -> {out}", flush=True)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    extra: dict = {}
+    with atomic_dir(out, stage, fp, covered, extra) as tmp:
+        extra.update(_STAGES[stage](cfg, tmp) or {})
+        extra["seconds"] = round(time.time() - t0, 2)
+        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+    print(f"[rahf] {stage}: done in {time.time() - t0:.1f}s", flush=True)
+    return out
+
+
+def run(cfg: RahfConfig, force: bool = False) -> None:
+    """All configured stages in order."""
+    for stage in cfg.stages:
+        run_stage(cfg, stage, force=force)
+
+
+def _sft(cfg: RahfConfig, out: Path) -> dict:
+    from .sft import run_sft
+
+    run_sft(cfg, out)
+    return {}
+
+
+def _instruct(cfg: RahfConfig, out: Path) -> dict:
+    from .instruct.dual import train_dual
+    from .instruct.scit import train_scit
+    from .training import load_data, split_pairs
+
+    step1, _ = split_pairs(cfg, load_data(cfg))
+    (train_scit if cfg.method == "scit" else train_dual)(cfg, base_model_path(cfg), step1, out)
+    return {"n_pairs": len(step1), "method": cfg.method, "finetune": cfg.finetune}
+
+
+def _collect(cfg: RahfConfig, out: Path) -> dict:
+    from .collect import examples_for, write_cache
+    from .models import load_tokenizer
+    from .training import load_data, split_pairs
+
+    layers = resolved_layers(cfg)
+    tokenizer = load_tokenizer(str(_require(cfg, "instruct")), cfg.trust_remote_code)
+    _, pairs = split_pairs(cfg, load_data(cfg))
+    reader = target_reader(cfg, layers, tokenizer.pad_token_id)
+    return write_cache(reader, examples_for(tokenizer, pairs, cfg), out, reader.plus.config.hidden_size)
+
+
+def _align(cfg: RahfConfig, out: Path) -> dict:
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    from .align import CachedCollator, CachedTargets, OnlineCollator, align_trainer_class
+    from .collect import examples_for
+    from .models import load_tokenizer
+    from .training import ListDataset, load_data, lora_config, split_pairs, training_args
+
+    layers = resolved_layers(cfg)
+    tokenizer = load_tokenizer(str(_require(cfg, "instruct")), cfg.trust_remote_code)
+    policy = load_policy(cfg)
+    model = get_peft_model(policy, lora_config(policy, cfg.align.lora, max_layer=max(layers)))
+    if cfg.align.targets == "cache":
+        dataset, collator, reader = CachedTargets(_require(cfg, "collect"), layers), CachedCollator(tokenizer.pad_token_id), None
+    else:
+        _, pairs = split_pairs(cfg, load_data(cfg))
+        dataset = ListDataset(examples_for(tokenizer, pairs, cfg))
+        collator = OnlineCollator(tokenizer.pad_token_id, cfg.window, cfg.include_boundary)
+        reader = target_reader(cfg, layers, tokenizer.pad_token_id, policy=model)
+    defaults = {"learning_rate": 3e-4, "lr_scheduler_type": "constant", "num_train_epochs": 1}
+    args = training_args(TrainingArguments, cfg, out, cfg.align.train, **defaults)
+    trainer = align_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer.layers, trainer.alpha, trainer.norm, trainer.reader = layers, cfg.alpha, cfg.align.loss_norm, reader
+    trainer.train()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    base = {"model": str(_require(cfg, "instruct"))}
+    if cfg.method == "dual":
+        base["merge_first"] = "preferred"
+    return {"layers": layers, "alpha": cfg.alpha, "adapter_base": base}
+
+
+def _merge(cfg: RahfConfig, out: Path) -> dict:
+    from .merge import merge_adapter
+    from .models import load_tokenizer
+
+    align = _require(cfg, "align")
+    merge_adapter(load_policy(cfg), align, out, load_tokenizer(str(align), cfg.trust_remote_code))
+    return {}
+
+
+def _generate(cfg: RahfConfig, out: Path) -> dict:
+    from .generate import generate, read_prompts, write_generations
+    from .models import load_tokenizer
+    from .training import load_stage_model
+
+    g = cfg.generate
+    model_path = g.model or str(_require(cfg, "merge"))
+    prompts = read_prompts(g.prompts)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    model = load_stage_model(model_path, cfg)
+    responses = generate(
+        model, tokenizer, prompts, g.max_new_tokens, g.temperature, g.top_p, g.batch_size, cfg.data.max_prompt_length, seed=cfg.seed
+    )
+    write_generations(out / "generations.jsonl", prompts, responses)
+    return {"n": len(responses), "model": model_path, "settings": dataclasses.asdict(g)}
+
+
+_STAGES = {"sft": _sft, "instruct": _instruct, "collect": _collect, "align": _align, "merge": _merge, "generate": _generate}
+
+
+def describe(cfg: RahfConfig) -> str:
+    """One line per stage: fresh, stale or missing."""
+    lines = []
+    for stage in cfg.stages:
+        out = stage_dir(cfg, stage)
+        try:
+            fp, _ = stage_fingerprint(cfg, stage)
+            state = "fresh" if is_fresh(out, fp) else ("stale" if out.exists() else "missing")
+        except RahfError:
+            state = "waiting for upstream"
+        made = read_manifest(out).get("created", "") if state == "fresh" else ""
+        lines.append(f"{stage:9s} {state:20s} {out} {made}")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""Step 0: supervised fine-tuning with TRL's SFTTrainer, loss on response tokens only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import RahfConfig
+from .data import load_pairs
+from .errors import DataError
+from .models import load_model, load_tokenizer
+from .stimuli import build_variants
+from .training import load_data, training_args
+
+
+def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str]]:
+    """(prompt messages, response) pairs: `sft.path` (prompt/completion JSONL or preference data) or chosen replies."""
+    path = cfg.sft.path
+    if path and str(path).endswith((".jsonl", ".jsonl.gz")):
+        import gzip
+
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rt") as f:
+            first = json.loads(f.readline() or "{}")
+        if "completion" in first:
+            out = []
+            with opener(path, "rt") as f:
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    rec = json.loads(line)
+                    if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("completion"), str):
+                        raise DataError(f"{path}:{i}: fields 'prompt' and 'completion' must be strings")
+                    out.append(([{"role": "user", "content": rec["prompt"]}], rec["completion"]))
+            return out
+    pairs = load_pairs(path, "auto")[0] if path else load_data(cfg)
+    return [(list(p.prompt), p.chosen) for p in pairs]
+
+
+def tokenized_sft_dataset(tokenizer, examples, max_prompt_length: int, max_response_length: int):
+    """A pre-tokenized `datasets.Dataset` (input_ids, labels = -100 on the prompt) that TRL uses as is."""
+    from datasets import Dataset
+
+    rows = {"input_ids": [], "labels": []}
+    for prompt, response in examples:
+        s = build_variants(tokenizer, prompt, response, {"plain": None}, max_prompt_length, max_response_length)["plain"]
+        rows["input_ids"].append(list(s.input_ids))
+        rows["labels"].append([-100] * s.response_start + list(s.input_ids[s.response_start :]))
+    return Dataset.from_dict(rows)
+
+
+def train_sft_model(model, tokenizer, dataset, args):
+    """Run TRL's SFTTrainer on a pre-tokenized dataset; returns the trained model (PEFT-wrapped if given one)."""
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    return trainer.model, trainer.state.log_history
+
+
+def run_sft(cfg: RahfConfig, out: Path) -> None:
+    """Fine-tune `cfg.model` on dialogue data and save it (HF format) with its tokenizer to `out`."""
+    from trl import SFTConfig
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
+    data = tokenized_sft_dataset(tokenizer, sft_examples(cfg), cfg.data.max_prompt_length, cfg.data.max_response_length)
+    args = training_args(SFTConfig, cfg, out, cfg.sft.train, max_length=None, learning_rate=2e-5)
+    model, logs = train_sft_model(model, tokenizer, data, args)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "log_history.json").write_text(json.dumps(logs, indent=1))

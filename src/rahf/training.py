@@ -1,0 +1,97 @@
+"""Shared pieces of the training stages: Trainer arguments, splits of the pairs, loading stage models."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LoraSettings, RahfConfig
+from .data import PreferencePair, load_pairs
+from .models import decoder_blocks, default_device, load_model
+
+
+def training_args(cls, cfg: RahfConfig, out: Path, overrides: dict[str, Any], **defaults):
+    """`cls` (TrainingArguments or a TRL config) with rahf's defaults, then the stage's `train:` overrides."""
+    values: dict[str, Any] = {
+        "output_dir": str(out / "checkpoints"),
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 10,
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": cfg.dtype == "bfloat16" and torch.cuda.is_available(),
+        "remove_unused_columns": False,
+    }
+    values.update(defaults)
+    values.update(overrides)
+    return cls(**values)
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A list as a map-style dataset (examples that are not tensors, batched by our own collators)."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def load_data(cfg: RahfConfig) -> list[PreferencePair]:
+    pairs, _ = load_pairs(cfg.data.path, cfg.data.format, limit=cfg.data.limit)
+    return pairs
+
+
+def split_pairs(cfg: RahfConfig, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(pairs for step 1, pairs for collect/align): a seeded shuffle, or every pair for both."""
+    if cfg.data.share_pairs:
+        return pairs, pairs
+    order = list(range(len(pairs)))
+    random.Random(cfg.seed).shuffle(order)
+    k = round(len(pairs) * cfg.data.align_fraction)
+    return [pairs[i] for i in order[k:]], [pairs[i] for i in order[:k]]
+
+
+def lora_config(model, settings: LoraSettings, max_layer: int | None = None, task_type: str = "CAUSAL_LM"):
+    """A peft LoraConfig; with `max_layer`, only blocks 0..max_layer-1 (those that shape the target layers)."""
+    from peft import LoraConfig
+
+    targets = settings.target_modules
+    if targets is None:
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        targets = ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= names else None
+    kwargs: dict[str, Any] = {}
+    if max_layer is not None:
+        kwargs["layers_to_transform"] = list(range(max_layer))
+        blocks = decoder_blocks(model)
+        kwargs["layers_pattern"] = next(n for n, m in model.named_modules() if m is blocks).rsplit(".", 1)[-1]
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        task_type=task_type,
+        **kwargs,
+    )
+
+
+def load_stage_model(path: str | Path, cfg: RahfConfig, adapter: str | None = None, device: str | None = None):
+    """A model folder, or a PEFT adapter folder (merged into its base), as a plain eval-mode model.
+
+    `adapter` picks a sub-folder, e.g. Dual's `preferred` adapter under the instruct artifact.
+    """
+    path = Path(path) / adapter if adapter else Path(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        base_path = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+        base = load_model(base_path, cfg.dtype, cfg.trust_remote_code, device)
+        return PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
+    return load_model(str(path), cfg.dtype, cfg.trust_remote_code, device or default_device())

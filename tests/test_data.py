@@ -1,0 +1,383 @@
+"""Tests for rahf.data: every file kind and format, HH prompt splitting, errors, and the data report."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from rahf.data import FORMATS, PreferencePair, check_data, detect_format, format_report, load_pairs
+from rahf.errors import DataError
+
+HH_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+HH_ODD_LINES = (1255, 1689, 1951, 1953, 2037)  # pairs whose transcripts part before the last turn
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+STANDARD = [
+    {"prompt": "What is 2+2?", "chosen": " 4 ", "rejected": "5\n"},
+    {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon"},
+]
+STANDARD_PROMPTS = [(user("What is 2+2?"),), (user("Capital of France?"),)]
+STANDARD_REPLIES = [("4", "5"), ("Paris", "Lyon")]
+
+
+def expected_standard(source: str) -> list[PreferencePair]:
+    return [
+        PreferencePair(prompt, c, r, f"{source}{i}")
+        for i, (prompt, (c, r)) in enumerate(zip(STANDARD_PROMPTS, STANDARD_REPLIES, strict=True))
+    ]
+
+
+# ---------------------------------------------------------------- file kinds
+
+
+def test_jsonl_trl_standard(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", STANDARD)
+    pairs, fmt = load_pairs(path)
+    assert fmt == "trl-standard"
+    assert pairs == [
+        PreferencePair((user("What is 2+2?"),), "4", "5", f"{path}:1"),
+        PreferencePair((user("Capital of France?"),), "Paris", "Lyon", f"{path}:2"),
+    ]
+
+
+def test_jsonl_gz_skips_blank_lines_and_counts_lines(tmp_path):
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps(STANDARD[0]) + "\n\n" + json.dumps(STANDARD[1]) + "\n")
+    pairs, _ = load_pairs(path)
+    assert [p.source for p in pairs] == [f"{path}:1", f"{path}:3"]
+    assert [(p.chosen, p.rejected) for p in pairs] == STANDARD_REPLIES
+
+
+@pytest.mark.parametrize("wrap", [lambda rs: rs, lambda rs: {"data": rs}, lambda rs: {"train": rs}])
+def test_json_list_or_wrapped(tmp_path, wrap):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(wrap(STANDARD)), encoding="utf-8")
+    assert load_pairs(path) == (expected_standard(f"{path}:row "), "trl-standard")
+
+
+def test_json_gz(tmp_path):
+    path = tmp_path / "d.json.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        json.dump(STANDARD, f)
+    assert load_pairs(path) == (expected_standard(f"{path}:row "), "trl-standard")
+
+
+def test_parquet(tmp_path):
+    import datasets
+
+    path = tmp_path / "d.parquet"
+    datasets.Dataset.from_list(STANDARD).to_parquet(str(path))
+    assert load_pairs(path) == (expected_standard(f"{path}:row "), "trl-standard")
+
+
+def test_save_to_disk_dataset_and_train_split(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list(STANDARD)
+    ds.save_to_disk(str(tmp_path / "plain"))
+    assert load_pairs(tmp_path / "plain") == (expected_standard(f"{tmp_path / 'plain'}:row "), "trl-standard")
+
+    other = datasets.Dataset.from_list([{"prompt": "x", "chosen": "y", "rejected": "z"}])
+    datasets.DatasetDict({"test": other, "train": ds}).save_to_disk(str(tmp_path / "dict"))
+    pairs, _ = load_pairs(tmp_path / "dict")
+    assert [(p.chosen, p.rejected) for p in pairs] == STANDARD_REPLIES
+
+    datasets.DatasetDict({"only": ds}).save_to_disk(str(tmp_path / "single"))
+    assert len(load_pairs(tmp_path / "single")[0]) == 2
+
+    datasets.DatasetDict({"test": other, "validation": other}).save_to_disk(str(tmp_path / "nosplit"))
+    with pytest.raises(DataError, match=r"splits \['test', 'validation'\]"):
+        load_pairs(tmp_path / "nosplit")
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    with pytest.raises(DataError, match=r"^data file not found: .*nope\.jsonl$"):
+        load_pairs(tmp_path / "nope.jsonl")
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_pairs(tmp_path / "d.csv")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="holds no records"):
+        load_pairs(tmp_path / "empty.jsonl")
+
+
+def test_limit(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", STANDARD + [{"bad": "record"}])
+    pairs, _ = load_pairs(path, limit=2)  # the bad third record is never read
+    assert len(pairs) == 2
+    with pytest.raises(ValueError):
+        load_pairs(path, limit=0)
+
+
+# ---------------------------------------------------------------- formats
+
+
+def test_trl_conversational_explicit_prompt(tmp_path):
+    record = {
+        "prompt": [{"role": "system", "content": "Be brief."}, user("Hi"), assistant("Hello!"), user("Joke?")],
+        "chosen": [assistant("Knock knock.")],
+        "rejected": [{"role": "assistant", "content": "No.", "extra": 1}, assistant(" Sorry. ")],
+    }
+    path = write_jsonl(tmp_path / "c.jsonl", [record])
+    pairs, fmt = load_pairs(path)
+    assert fmt == "trl-conversational"
+    assert pairs == [
+        PreferencePair(
+            ({"role": "system", "content": "Be brief."}, user("Hi"), assistant("Hello!"), user("Joke?")),
+            "Knock knock.",
+            "No.\n\n Sorry.",
+            f"{path}:1",
+        )
+    ]
+
+
+def test_trl_conversational_implicit_prompt(tmp_path):
+    shared = [user("Hi"), assistant("Hello!"), user("Name a colour")]
+    record = {"chosen": shared + [assistant("Blue")], "rejected": shared + [assistant("Seven")]}
+    path = write_jsonl(tmp_path / "c.jsonl", [record])
+    assert load_pairs(path) == (
+        [PreferencePair((user("Hi"), assistant("Hello!"), user("Name a colour")), "Blue", "Seven", f"{path}:1")],
+        "trl-conversational",
+    )
+
+
+def test_trl_conversational_non_assistant_reply_is_an_error(tmp_path):
+    record = {"prompt": [user("Hi")], "chosen": [assistant("a"), user("b")], "rejected": [assistant("c")]}
+    path = write_jsonl(tmp_path / "c.jsonl", [record])
+    with pytest.raises(DataError, match=r"c\.jsonl:1: field 'chosen' must hold only assistant messages"):
+        load_pairs(path)
+
+
+def test_ultrafeedback(tmp_path):
+    record = {
+        "prompt": "Write a haiku",
+        "prompt_id": "abc",
+        "chosen": [user("Write a haiku"), assistant("Old pond, frog jumps in ")],
+        "rejected": [user("Write a haiku"), assistant("No.")],
+        "messages": [user("Write a haiku"), assistant("Old pond, frog jumps in ")],
+        "score_chosen": 8.0,
+        "score_rejected": 2.0,
+    }
+    path = write_jsonl(tmp_path / "u.jsonl", [record])
+    assert load_pairs(path) == (
+        [PreferencePair((user("Write a haiku"),), "Old pond, frog jumps in", "No.", f"{path}:1")],
+        "ultrafeedback",
+    )
+
+
+HH_NORMAL = {
+    "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour.",
+    "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant: Buy it.",
+}
+# Parts at the first reply; the chosen transcript then goes on for another Human/Assistant round.
+HH_EARLY = {
+    "chosen": "\n\nHuman: Tell me a secret\n\nAssistant: I have none.\n\nHuman: Sure?\n\nAssistant: Yes.",
+    "rejected": "\n\nHuman: Tell me a secret\n\nAssistant: I once ate a crayon.",
+}
+HH_NO_PREFIX = {
+    "chosen": "\n\nHuman: Hello\n\nAssistant: Hi",
+    "rejected": "\n\nHuman: Goodbye\n\nAssistant: Bye",
+}
+
+
+def test_hh_normal_and_early_divergence(tmp_path):
+    path = write_jsonl(tmp_path / "hh.jsonl", [HH_NORMAL, HH_EARLY])
+    pairs, fmt = load_pairs(path)
+    assert fmt == "hh"
+    assert pairs == [
+        PreferencePair(
+            (user("Hi there"), assistant("Hello!"), user("How do I bake bread?")),
+            "Mix flour.",
+            "Buy it.",
+            f"{path}:1",
+        ),
+        PreferencePair(
+            (user("Tell me a secret"),),
+            "I have none.\n\nHuman: Sure?\n\nAssistant: Yes.",
+            "I once ate a crayon.",
+            f"{path}:2",
+        ),
+    ]
+
+
+def test_hh_common_prefix_ending_inside_a_reply(tmp_path):
+    # Both replies start with "I"; the prompt must still end at the Assistant tag, not mid-reply.
+    record = {"chosen": "\n\nHuman: Q\n\nAssistant: I can.", "rejected": "\n\nHuman: Q\n\nAssistant: I won't."}
+    pairs, _ = load_pairs(write_jsonl(tmp_path / "hh.jsonl", [record]))
+    assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected) == ((user("Q"),), "I can.", "I won't.")
+
+
+def test_hh_without_shared_assistant_prefix_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "hh.jsonl", [HH_NORMAL, HH_NO_PREFIX])
+    with pytest.raises(DataError, match=r"hh\.jsonl:2: fields 'chosen' and 'rejected' differ before"):
+        load_pairs(path)
+
+
+def test_hh_without_assistant_tag_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi"}])
+    with pytest.raises(DataError, match=r"hh\.jsonl:1: field 'chosen' has no .*Assistant"):
+        load_pairs(path)
+
+
+# ---------------------------------------------------------------- detection
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        (STANDARD[0], "trl-standard"),
+        ({"prompt": [user("a")], "chosen": [assistant("b")], "rejected": [assistant("c")]}, "trl-conversational"),
+        ({"chosen": [user("a"), assistant("b")], "rejected": [user("a"), assistant("c")]}, "trl-conversational"),
+        ({"prompt": "a", "chosen": [user("a"), assistant("b")], "rejected": [user("a")]}, "ultrafeedback"),
+        (HH_NORMAL, "hh"),
+        ({"text": "hello"}, None),
+        ({"prompt": 3, "chosen": "a", "rejected": "b"}, None),
+    ],
+)
+def test_detect_format(record, expected):
+    assert detect_format(record) == expected
+    assert expected is None or expected in FORMATS
+
+
+def test_explicit_format(tmp_path):
+    path = write_jsonl(tmp_path / "hh.jsonl", [HH_NORMAL])
+    assert load_pairs(path, format="hh")[1] == "hh"
+    with pytest.raises(DataError, match=r"hh\.jsonl:1: field 'prompt' is missing.*looks like 'hh' format"):
+        load_pairs(path, format="trl-standard")
+    with pytest.raises(DataError, match="unknown data format 'csv'"):
+        load_pairs(path, format="csv")
+
+
+def test_undetectable_first_record(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: cannot tell the data format"):
+        load_pairs(path)
+
+
+# ---------------------------------------------------------------- malformed records
+
+
+def test_bad_json_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(STANDARD[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON \("):
+        load_pairs(path)
+
+
+def test_bad_json_file(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n{"prompt": "a",\n')
+    with pytest.raises(DataError, match=r"bad\.json:\d+: not valid JSON"):
+        load_pairs(path)
+
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [STANDARD[0], STANDARD[1], {"prompt": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"data\.jsonl:3: field 'chosen' is missing \(expected trl-standard format"):
+        load_pairs(path)
+
+
+def test_wrong_type_names_file_line_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [STANDARD[0], {"prompt": "a", "chosen": "b", "rejected": ["c"]}])
+    with pytest.raises(DataError, match=r"data\.jsonl:2: field 'rejected' must be a string, got list"):
+        load_pairs(path)
+
+
+def test_record_not_an_object(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [STANDARD[0], [1, 2]])
+    with pytest.raises(DataError, match=r"data\.jsonl:2: a record must be a JSON object, got list"):
+        load_pairs(path)
+
+
+def test_bad_message_role(tmp_path):
+    record = {"prompt": [{"role": "bot", "content": "a"}], "chosen": [assistant("b")], "rejected": [assistant("c")]}
+    path = write_jsonl(tmp_path / "data.jsonl", [record])
+    with pytest.raises(DataError, match=r"data\.jsonl:1: field 'prompt' message 0 has role 'bot'"):
+        load_pairs(path)
+
+
+# ---------------------------------------------------------------- check_data / format_report
+
+
+def test_check_data_and_report(tmp_path):
+    records = [
+        {"prompt": "ab", "chosen": "same", "rejected": "same"},
+        {"prompt": "abcd", "chosen": "yes", "rejected": "  "},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    report = check_data(path)
+    assert (report.format, report.n_pairs, report.n_identical, report.n_empty) == ("trl-standard", 2, 1, 1)
+    assert report.problems == [
+        f"{path}:1: chosen and rejected replies are identical",
+        f"{path}:2: empty rejected reply",
+    ]
+    assert report.mean_prompt_chars == 3.0
+    assert report.mean_chosen_chars == 3.5
+    assert report.mean_rejected_chars == 2.0
+    assert (report.n_multi_turn, report.n_with_system) == (0, 0)
+    text = format_report(report)
+    assert "trl-standard" in text and "pairs:" in text and " 2" in text
+    assert f"{path}:1: chosen and rejected replies are identical" in text
+
+
+def test_check_data_still_raises_on_malformed(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [STANDARD[0], {"prompt": "a"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'chosen' is missing"):
+        check_data(path)
+
+
+# ---------------------------------------------------------------- the real HH file
+
+
+@pytest.mark.skipif(not HH_FILE.exists(), reason="shared HH-RLHF data not present")
+def test_real_hh_file():
+    pairs, fmt = load_pairs(HH_FILE)
+    assert (fmt, len(pairs)) == ("hh", 2312)
+    assert all(p.prompt and p.prompt[-1]["role"] == "user" for p in pairs)
+
+    # The odd pairs part before the last turn: the prompt stops at the first differing reply,
+    # so at least one reply still holds a later turn that the other transcript does not have.
+    with gzip.open(HH_FILE, "rt", encoding="utf-8") as f:
+        raw = [json.loads(line) for line in f]
+
+    def before_last_turn(text: str) -> str:
+        return text[: text.rfind("\n\nAssistant:")]
+
+    odd = [i for i, r in enumerate(raw, 1) if before_last_turn(r["chosen"]) != before_last_turn(r["rejected"])]
+    assert tuple(odd) == HH_ODD_LINES
+    by_line = {int(p.source.rsplit(":", 1)[1]): p for p in pairs}
+    assert by_line[1951].prompt == (
+        user("I want to snatch purses, but I don't want to get caught. I wish I knew how to make it work."),
+    )
+    assert by_line[1953].chosen.startswith("Alrighty, I’ll do my best, here’s the key:\n\nAssistant:  O.k.")
+    assert by_line[1953].rejected.startswith("You mean a password, right?")
+    assert by_line[1255].prompt[-1] == user("Isn't that drag kings?")
+    for line in HH_ODD_LINES:
+        pair = by_line[line]
+        assert pair.prompt[-1]["role"] == "user"
+        assert raw[line - 1]["chosen"].endswith(pair.chosen) and raw[line - 1]["rejected"].endswith(pair.rejected)
+
+
+@pytest.mark.skipif(not HH_FILE.exists(), reason="shared HH-RLHF data not present")
+def test_real_hh_report():
+    report = check_data(HH_FILE)
+    assert report.n_pairs == 2312 and report.n_identical == 0
+    assert report.n_empty == 4  # lines 87, 517, 926, 1104 have an empty chosen reply
+    assert "hh" in format_report(report)
