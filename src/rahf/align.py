@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+import json
+
 from .collect import Example, TargetReader, pad_batch
 from .models import forward_capture
 from .stimuli import Stimulus
@@ -168,3 +170,35 @@ def align_trainer_class():
             return inputs
 
     return AlignTrainer
+
+
+def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
+    """Train the alignment LoRA on the policy of `cfg`'s run and save the adapter (PEFT format) to `out`."""
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    from .collect import examples_for
+    from .models import load_tokenizer
+    from .pipeline import require_artifact, load_policy, target_reader
+    from .training import ListDataset, load_data, lora_config, split_pairs, training_args
+
+    tokenizer = load_tokenizer(str(require_artifact(cfg, "instruct")), cfg.trust_remote_code)
+    policy = load_policy(cfg)
+    model = get_peft_model(policy, lora_config(policy, cfg.align.lora, max_layer=max(layers)))
+    if cfg.align.targets == "cache":
+        dataset, reader = CachedTargets(require_artifact(cfg, "collect"), layers), None
+        collator = CachedCollator(tokenizer.pad_token_id)
+    else:
+        _, pairs = split_pairs(cfg, load_data(cfg))
+        dataset = ListDataset(examples_for(tokenizer, pairs, cfg))
+        collator = OnlineCollator(tokenizer.pad_token_id, cfg.window, cfg.include_boundary)
+        reader = target_reader(cfg, layers, tokenizer.pad_token_id, policy=model)
+    defaults = {"learning_rate": 3e-4, "lr_scheduler_type": "constant", "num_train_epochs": 1}
+    args = training_args(TrainingArguments, cfg, out, cfg.align.train, **defaults)
+    trainer = align_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer.layers, trainer.alpha, trainer.norm, trainer.reader = layers, alpha, cfg.align.loss_norm, reader
+    trainer.train()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return trainer.state.log_history

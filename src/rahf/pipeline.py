@@ -30,7 +30,7 @@ def base_model_path(cfg: RahfConfig) -> str:
     return str(stage_dir(cfg, "sft")) if "sft" in cfg.stages else cfg.model
 
 
-def _require(cfg: RahfConfig, stage: str) -> Path:
+def require_artifact(cfg: RahfConfig, stage: str) -> Path:
     path = stage_dir(cfg, stage)
     if not (path / "rahf_manifest.json").is_file():
         raise RahfError(f"{path}: no finished {stage} artifact; run `rahf {stage}` (or `rahf run`) first")
@@ -55,20 +55,20 @@ def stage_fingerprint(cfg: RahfConfig, stage: str) -> tuple[str, dict]:
     elif stage == "collect":
         covered = common | _section(cfg, "method", "instructions", "window", "include_boundary", "collect")
         covered["layers"] = resolved_layers(cfg)
-        inputs = {"instruct": fingerprint_path(_require(cfg, "instruct")), "data": data_fp}
+        inputs = {"instruct": fingerprint_path(require_artifact(cfg, "instruct")), "data": data_fp}
     elif stage == "align":
         covered = common | _section(cfg, "method", "instructions", "window", "include_boundary", "alpha", "align")
         covered["layers"] = resolved_layers(cfg)
-        inputs = {"instruct": fingerprint_path(_require(cfg, "instruct"))}
+        inputs = {"instruct": fingerprint_path(require_artifact(cfg, "instruct"))}
         if cfg.align.targets == "cache":
-            inputs["collect"] = fingerprint_path(_require(cfg, "collect"))
+            inputs["collect"] = fingerprint_path(require_artifact(cfg, "collect"))
         else:
             inputs["data"] = data_fp
     elif stage == "merge":
-        covered, inputs = {}, {"align": fingerprint_path(_require(cfg, "align"))}
+        covered, inputs = {}, {"align": fingerprint_path(require_artifact(cfg, "align"))}
     elif stage == "generate":
         covered = _section(cfg, "generate", "data", "seed")
-        model = cfg.generate.model or str(_require(cfg, "merge"))
+        model = cfg.generate.model or str(require_artifact(cfg, "merge"))
         inputs = {"model": fingerprint_path(model), "prompts": fingerprint_path(cfg.generate.prompts)}
     else:
         raise RahfError(f"unknown stage {stage!r}")
@@ -79,7 +79,7 @@ def load_policy(cfg: RahfConfig):
     """The model step 3 trains (SCIT: the step-1 model; Dual: the preferred model), as a plain model."""
     from .training import load_stage_model
 
-    instruct = _require(cfg, "instruct")
+    instruct = require_artifact(cfg, "instruct")
     return load_stage_model(instruct, cfg, adapter="preferred" if cfg.method == "dual" else None)
 
 
@@ -88,7 +88,7 @@ def target_reader(cfg: RahfConfig, layers: list[int], pad_id: int, policy=None):
     from .collect import TargetReader
     from .training import load_stage_model
 
-    instruct = _require(cfg, "instruct")
+    instruct = require_artifact(cfg, "instruct")
     plus = policy if policy is not None else load_policy(cfg)
     minus = load_stage_model(instruct, cfg, adapter="dispreferred") if cfg.method == "dual" else None
     return TargetReader(cfg, layers, pad_id, plus, minus)
@@ -144,41 +144,18 @@ def _collect(cfg: RahfConfig, out: Path) -> dict:
     from .training import load_data, split_pairs
 
     layers = resolved_layers(cfg)
-    tokenizer = load_tokenizer(str(_require(cfg, "instruct")), cfg.trust_remote_code)
+    tokenizer = load_tokenizer(str(require_artifact(cfg, "instruct")), cfg.trust_remote_code)
     _, pairs = split_pairs(cfg, load_data(cfg))
     reader = target_reader(cfg, layers, tokenizer.pad_token_id)
     return write_cache(reader, examples_for(tokenizer, pairs, cfg), out, reader.plus.config.hidden_size)
 
 
 def _align(cfg: RahfConfig, out: Path) -> dict:
-    from peft import get_peft_model
-    from transformers import TrainingArguments
-
-    from .align import CachedCollator, CachedTargets, OnlineCollator, align_trainer_class
-    from .collect import examples_for
-    from .models import load_tokenizer
-    from .training import ListDataset, load_data, lora_config, split_pairs, training_args
+    from .align import train_align
 
     layers = resolved_layers(cfg)
-    tokenizer = load_tokenizer(str(_require(cfg, "instruct")), cfg.trust_remote_code)
-    policy = load_policy(cfg)
-    model = get_peft_model(policy, lora_config(policy, cfg.align.lora, max_layer=max(layers)))
-    if cfg.align.targets == "cache":
-        dataset, collator, reader = CachedTargets(_require(cfg, "collect"), layers), CachedCollator(tokenizer.pad_token_id), None
-    else:
-        _, pairs = split_pairs(cfg, load_data(cfg))
-        dataset = ListDataset(examples_for(tokenizer, pairs, cfg))
-        collator = OnlineCollator(tokenizer.pad_token_id, cfg.window, cfg.include_boundary)
-        reader = target_reader(cfg, layers, tokenizer.pad_token_id, policy=model)
-    defaults = {"learning_rate": 3e-4, "lr_scheduler_type": "constant", "num_train_epochs": 1}
-    args = training_args(TrainingArguments, cfg, out, cfg.align.train, **defaults)
-    trainer = align_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator)
-    trainer.layers, trainer.alpha, trainer.norm, trainer.reader = layers, cfg.alpha, cfg.align.loss_norm, reader
-    trainer.train()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    base = {"model": str(_require(cfg, "instruct"))}
+    train_align(cfg, out, layers, cfg.alpha)
+    base = {"model": str(require_artifact(cfg, "instruct"))}
     if cfg.method == "dual":
         base["merge_first"] = "preferred"
     return {"layers": layers, "alpha": cfg.alpha, "adapter_base": base}
@@ -188,7 +165,7 @@ def _merge(cfg: RahfConfig, out: Path) -> dict:
     from .merge import merge_adapter
     from .models import load_tokenizer
 
-    align = _require(cfg, "align")
+    align = require_artifact(cfg, "align")
     merge_adapter(load_policy(cfg), align, out, load_tokenizer(str(align), cfg.trust_remote_code))
     return {}
 
@@ -199,7 +176,7 @@ def _generate(cfg: RahfConfig, out: Path) -> dict:
     from .training import load_stage_model
 
     g = cfg.generate
-    model_path = g.model or str(_require(cfg, "merge"))
+    model_path = g.model or str(require_artifact(cfg, "merge"))
     prompts = read_prompts(g.prompts)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = load_stage_model(model_path, cfg)

@@ -1,6 +1,6 @@
 """A small preference task whose responses a program judges exactly (the gold judge).
 
-A user states a fact ("mia has a red cup .") and asks about it. A response has three parts: an
+A user asks the colour of a familiar thing ("mia asks : what color is a banana ?"). A response has three parts: an
 opener (polite or rude), an answer (correct or wrong colour) and a closing (polite or rude). The gold
 score is 2 for the correct answer plus 1 for each polite part; anything that does not parse scores
 -1. Preference pairs pair two random responses with different scores, so the chosen one is better
@@ -13,12 +13,19 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-NAMES = "mia leo ava sam zoe max ivy tom eva ben lia noah".split()
-OBJECTS = (
-    "cup hat car ball book lamp kite bike shoe bag pen box door coat sock fan bowl vase rug drum "
-    "boat chair mug clock".split()
+NAMES = (
+    "mia leo ava sam zoe max ivy tom eva ben lia noah ada eli finn gus hana iris jack kai luca mila nora "
+    "omar pia quinn rosa theo uma vera will xena yara zane abby cole dana emma fred gina".split()
 )
-COLORS = "red blue green black white pink gray brown orange purple yellow gold".split()
+WORLD = {  # the one correct colour of each thing
+    "banana": "yellow", "lemon": "yellow", "sky": "blue", "ocean": "blue", "grass": "green", "leaf": "green",
+    "lime": "green", "snow": "white", "milk": "white", "cloud": "white", "coal": "black", "crow": "black",
+    "tomato": "red", "cherry": "red", "strawberry": "red", "carrot": "orange", "pumpkin": "orange",
+    "chocolate": "brown", "bear": "brown", "plum": "purple", "grape": "purple", "flamingo": "pink",
+    "pig": "pink", "elephant": "gray", "mouse": "gray",
+}  # fmt: skip
+OBJECTS = sorted(WORLD)
+COLORS = sorted(set(WORLD.values()))
 OPENERS = {
     "polite": ["sure , happy to help .", "of course !", "good question ."],
     "rude": ["ugh , fine .", "what a dumb question .", "whatever ."],
@@ -38,11 +45,14 @@ NEUTRAL_WORDS = "human assistant : the a is what color has . , ! ? it".split()
 class Fact:
     name: str
     obj: str
-    color: str
+
+    @property
+    def color(self) -> str:
+        return WORLD[self.obj]
 
     @property
     def prompt(self) -> str:
-        return f"{self.name} has a {self.color} {self.obj} . what color is the {self.obj} of {self.name} ?"
+        return f"{self.name} asks : what color is a {self.obj} ?"
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,7 @@ class Style:
 def respond(fact: Fact, style: Style, rng: random.Random) -> str:
     """A response text with the given attributes (phrasing varies at random)."""
     color = fact.color if style.correct else rng.choice([c for c in COLORS if c != fact.color])
-    answer = rng.choice([f"it is {color} .", f"the {fact.obj} is {color} ."])
+    answer = rng.choice([f"it is {color} .", f"the answer is {color} ."])
     opener = rng.choice(OPENERS["polite" if style.polite_open else "rude"])
     closing = rng.choice(CLOSINGS["polite" if style.polite_close else "rude"])
     return f"{opener} {answer} {closing}"
@@ -83,7 +93,7 @@ def gold_score(fact: Fact, response: str) -> int:
         return -1
     if len(rest) == 4 and rest[:2] == ["it", "is"] and rest[3] == ".":
         color = rest[2]
-    elif len(rest) == 5 and rest[:3] == ["the", fact.obj, "is"] and rest[4] == ".":
+    elif len(rest) == 5 and rest[:3] == ["the", "answer", "is"] and rest[4] == ".":
         color = rest[3]
     else:
         return -1
@@ -113,11 +123,11 @@ class DemoData:
 
 
 def make_task(
-    n_sft: int = 4000, n_pairs: int = 2000, n_val: int = 100, n_test: int = 200, label_noise: float = 0.0, seed: int = 0
+    n_sft: int = 4000, n_pairs: int = 2000, n_val: int = 50, n_test: int = 200, label_noise: float = 0.0, seed: int = 0
 ) -> DemoData:
     """Sample the demo's data. `label_noise` swaps chosen and rejected in that fraction of training pairs."""
     rng = random.Random(seed)
-    facts = [Fact(n, o, c) for n in NAMES for o in OBJECTS for c in COLORS]
+    facts = [Fact(n, o) for n in NAMES for o in OBJECTS]
     rng.shuffle(facts)
     test_facts, val_facts, train_facts = facts[:n_test], facts[n_test : n_test + n_val], facts[n_test + n_val :]
 
@@ -130,7 +140,7 @@ def make_task(
         return respond(fact, good, rng), respond(fact, bad, rng)
 
     def record(fact: Fact) -> dict:
-        return {"name": fact.name, "obj": fact.obj, "color": fact.color}
+        return {"name": fact.name, "obj": fact.obj}
 
     sft = []
     for _ in range(n_sft):
@@ -151,7 +161,7 @@ def make_task(
 
 def vocabulary() -> list[str]:
     """Every word the task, its instructions and the Human/Assistant template use."""
-    words = set(NAMES + OBJECTS + COLORS + NEUTRAL_WORDS + ["Human:", "Assistant:", "of"])
+    words = set(NAMES + OBJECTS + COLORS + NEUTRAL_WORDS + ["Human:", "Assistant:", "asks", "answer"])
     for phrases in (*OPENERS.values(), *CLOSINGS.values(), INSTRUCTIONS.values()):
         for p in phrases:
             words.update(p.split())

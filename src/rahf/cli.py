@@ -1,0 +1,122 @@
+"""The `rahf` command line: one subcommand per stage, `run` for all of them, `demo`, and `data check`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import RahfError
+
+STAGE_HELP = {
+    "sft": "step 0: supervised fine-tuning (TRL SFTTrainer, loss on responses only)",
+    "instruct": "step 1: SCIT (contrastive instructions) or Dual (preferred/dispreferred models)",
+    "collect": "step 2: record o and v at the target layers into safetensors shards",
+    "align": "step 3: train a LoRA so hidden states approach o + alpha * v",
+    "merge": "fold the alignment adapter into a plain Hugging Face model",
+    "generate": "batched generation for generate.prompts, JSONL out",
+}
+
+
+def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] key=value ...` -> (config path or None, overrides)."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def _load(args) -> "RahfConfig":  # noqa: F821
+    from .config import load_config
+
+    path, overrides = _split_config_args(args.items)
+    extra = [item for item in overrides if "=" not in item]
+    if extra:
+        raise RahfError(f"unexpected argument {extra[0]!r}: give the config file first, then key=value overrides")
+    if getattr(args, "method", None):
+        overrides = overrides + [f"method={args.method}"]
+    return load_config(path, overrides)
+
+
+def _cmd_stage(args) -> None:
+    from . import pipeline
+
+    cfg = _load(args)
+    pipeline.run_stage(cfg, args.command, force=not args.skip_fresh)
+
+
+def _cmd_run(args) -> None:
+    from . import pipeline
+
+    pipeline.run(_load(args), force=args.force)
+
+
+def _cmd_status(args) -> None:
+    from . import pipeline
+
+    print(pipeline.describe(_load(args)))
+
+
+def _cmd_data_check(args) -> None:
+    from .data import check_data, format_report
+
+    print(format_report(check_data(args.path, args.format)))
+
+
+def _cmd_demo(args) -> None:
+    from .demo.run import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, label_noise=args.label_noise, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rahf", description="Representation Alignment from Human Feedback (RAHF) on Hugging Face models."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    config_help = "CONFIG.yaml, then any key=value overrides (e.g. alpha=3 align.lora.r=16)"
+
+    r = sub.add_parser("run", help="all configured stages in order, skipping fresh ones")
+    r.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]", help=config_help)
+    r.add_argument("--force", action="store_true", help="recompute every stage even when fresh")
+    r.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("status", help="which stages are fresh, stale or missing")
+    s.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]", help=config_help)
+    s.set_defaults(func=_cmd_status)
+
+    for stage, text in STAGE_HELP.items():
+        sp = sub.add_parser(stage, help=text)
+        sp.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]", help=config_help)
+        sp.add_argument("--skip-fresh", action="store_true", help="do nothing when the artifact is up to date")
+        if stage == "instruct":
+            sp.add_argument("--method", choices=("scit", "dual"), help="overrides the config's method")
+        sp.set_defaults(func=_cmd_stage)
+
+    d = sub.add_parser("demo", help="a complete run on a built-in task: no download, no GPU")
+    d.add_argument("--out", default="rahf-demo", help="output folder (default: rahf-demo)")
+    d.add_argument("--quick", action="store_true", help="a smaller version for tests (about 2 minutes)")
+    d.add_argument("--label-noise", type=float, default=0.0, help="fraction of training pairs with labels swapped")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo)
+
+    data = sub.add_parser("data", help="inspect preference data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="format, number of pairs and problems of a data file")
+    dc.add_argument("path")
+    dc.add_argument("--format", default="auto", help="auto | trl-standard | trl-conversational | hh | ultrafeedback")
+    dc.set_defaults(func=_cmd_data_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RahfError as e:
+        print(f"rahf: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
