@@ -245,6 +245,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of keys at the top, got {type(raw).__name__}")
         base = p.resolve().parent
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
@@ -257,7 +259,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
 
 def _resolve_paths(cfg: RahfConfig, base: Path) -> None:
     def local(value: str | None) -> str | None:
-        if value is None or Path(value).is_absolute():
+        if not value or Path(value).is_absolute():
             return value
         candidate = base / value
         return str(candidate) if candidate.exists() or value.startswith(".") else value

@@ -89,7 +89,7 @@ def truncate_prompt(
                 msgs = msgs[1:]
             continue
         ids = tokenizer(msgs[0]["content"], add_special_tokens=False)["input_ids"]
-        keep = ids[longest - max_length + 1 :]
+        keep = ids[longest - max_length :]
         if not keep:
             raise ConfigError(
                 f"data.max_prompt_length={max_length} leaves no room for the query after the instruction and "

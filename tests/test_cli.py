@@ -1,0 +1,119 @@
+"""The command line: user errors are one line on stderr with exit status 2 and leave no artifacts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import N_PAIRS, standard_records, write_jsonl
+
+from rahf.cli import main
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture
+def bad_data(tmp_path) -> Path:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
+    return path
+
+
+def one_line_error(err: str) -> str:
+    assert err.startswith("rahf: error: "), err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err[len("rahf: error: ") :].strip()
+
+
+def nothing_written(folder: Path) -> bool:
+    return not folder.exists() or not any(folder.iterdir())
+
+
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_model_dir, pairs_file, capsys):
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\nbogus: 1\n")
+    for argv in (["run", str(cfg)], ["instruct", str(cfg)], ["status", str(cfg)]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert one_line_error(captured.err).startswith("bogus: unknown key")
+        assert captured.out == ""
+    assert nothing_written(out)
+
+
+def test_bad_override_exits_2(tmp_path, tiny_model_dir, pairs_file, capsys):
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\n")
+    assert main(["run", str(cfg), "alpha=inf"]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith("alpha:")
+    assert main(["run", str(cfg), "layers=[7]"]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith("layers:")
+    assert main(["run", str(cfg), "alpha=1", "stray"]) == 2
+    assert "stray" in one_line_error(capsys.readouterr().err)
+    assert nothing_written(out)
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith("config file not found")
+
+
+def test_data_check_on_a_malformed_file(bad_data, capsys):
+    assert main(["data", "check", str(bad_data)]) == 2
+    captured = capsys.readouterr()
+    msg = one_line_error(captured.err)
+    assert msg.startswith(f"{bad_data}:2: not valid JSON")
+    assert captured.out == ""
+
+
+def test_data_check_on_a_good_file(pairs_file, capsys):
+    assert main(["data", "check", str(pairs_file)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    rows = dict(line.split(":", 1) for line in captured.out.splitlines() if not line.startswith(" "))
+    assert rows["format"].strip() == "trl-standard"
+    assert rows["pairs"].strip() == str(N_PAIRS)
+    assert rows["problems"].strip() == "none"
+
+
+def test_data_check_counts_and_lists_problems(tmp_path, capsys):
+    records = standard_records(3, seed=0)
+    records[1]["rejected"] = records[1]["chosen"]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    assert main(["data", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = dict(line.split(":", 1) for line in out.splitlines() if not line.startswith(" "))
+    assert rows["pairs"].strip() == "3"
+    assert rows["identical chosen/rejected"].strip() == "1 (33.3%)"
+    assert rows["problems"].strip() == "1"
+    assert f"{path}:2: chosen and rejected replies are identical" in out
+
+
+def test_run_with_malformed_data_exits_2_and_leaves_no_artifact(tmp_path, tiny_model_dir, bad_data, capsys):
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {bad_data}\noutput_dir: {out}\nlayers: [1]\nwindow: 4\n")
+    assert main(["run", str(cfg)]) == 2
+    msg = one_line_error(capsys.readouterr().err)
+    assert msg.startswith(f"{bad_data}:2:")
+    assert nothing_written(out)
+
+
+def test_console_entry_point_exits_2_without_traceback(bad_data):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "rahf.cli", "data", "check", str(bad_data)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("rahf: error: ") and proc.stderr.count("\n") == 1
+    assert proc.stdout == ""

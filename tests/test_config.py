@@ -1,0 +1,271 @@
+"""Config loading: every mistake is a ConfigError naming its key; overrides parse as YAML; paths resolve."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from rahf.config import load_config, parse_overrides
+from rahf.errors import ConfigError, RahfError
+
+
+@pytest.fixture
+def base(tiny_model_dir, pairs_file, tmp_path) -> dict:
+    """A valid minimal config as a mapping."""
+    return {"model": str(tiny_model_dir), "data": {"path": str(pairs_file)}, "output_dir": str(tmp_path / "out")}
+
+
+def with_(base: dict, **changes) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for dotted, value in changes.items():
+        node = out
+        *heads, last = dotted.split("__")
+        for k in heads:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return out
+
+
+def error_of(*args) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(*args)
+    msg = str(e.value)
+    assert "\n" not in msg  # one line
+    return msg
+
+
+def test_valid_config_loads_with_defaults(base):
+    cfg = load_config(None, base)
+    assert cfg.method == "scit" and cfg.finetune == "full"
+    assert cfg.alpha == 5.0 and cfg.window == 64 and cfg.include_boundary is True
+    assert cfg.data.path == base["data"]["path"]
+    assert load_config(None, with_(base, method="dual")).finetune == "lora"
+    assert issubclass(ConfigError, RahfError)
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"align__lora__rank": 4}, "align.lora.rank"),
+        ({"data__bogus": 1}, "data.bogus"),
+    ],
+)
+def test_unknown_key(base, changes, key):
+    msg = error_of(None, with_(base, **changes))
+    assert msg.startswith(f"{key}: unknown key")
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"window": "eight"}, "window"),
+        ({"window": True}, "window"),  # a bool is not an int here
+        ({"alpha": "strong"}, "alpha"),
+        ({"layers": "1,2"}, "layers"),
+        ({"layers": [1, "two"]}, "layers[1]"),
+        ({"align__lora__r": 2.5}, "align.lora.r"),
+        ({"data__limit": "ten"}, "data.limit"),
+        ({"instruct__train": [1]}, "instruct.train"),
+        ({"align": 3}, "align"),
+        ({"method": "dpo"}, "method"),
+        ({"collect__dtype": "int8"}, "collect.dtype"),
+        ({"window": None}, "window"),
+    ],
+)
+def test_bad_type_or_value_names_the_key(base, changes, key):
+    msg = error_of(None, with_(base, **changes))
+    assert msg.startswith(f"{key}:"), msg
+
+
+def test_numbers_as_strings_are_read_as_floats(base):
+    # YAML 1.1 reads 1e-4 as a string; float fields accept it.
+    assert load_config(None, with_(base, alpha="1e-1")).alpha == pytest.approx(0.1)
+    assert load_config(None, with_(base, alpha=3)).alpha == 3.0
+
+
+@pytest.mark.parametrize("layers", [[0], [5], [1, 9], [-1]])
+def test_layer_the_model_lacks(base, layers):
+    msg = error_of(None, with_(base, layers=layers))
+    assert msg.startswith("layers:") and "1..4" in msg  # the tiny model has 4 blocks
+
+
+def test_repeated_and_empty_layers(base):
+    assert error_of(None, with_(base, layers=[1, 1])).startswith("layers:")
+    assert error_of(None, with_(base, layers=[])).startswith("layers:")
+    assert load_config(None, with_(base, layers=[4, 1])).layers == [4, 1]
+
+
+def test_nan_alpha_in_yaml(base, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {base['model']}\ndata:\n  path: {base['data']['path']}\nalpha: .nan\n")
+    msg = error_of(path)
+    assert msg.startswith("alpha:") and "finite" in msg
+
+
+@pytest.mark.parametrize("override", ["alpha=inf", "alpha=.inf", "alpha=-.inf", "alpha=nan"])
+def test_infinite_alpha_override(base, override):
+    msg = error_of(None, [f"model={base['model']}", f"data.path={base['data']['path']}", override])
+    assert msg.startswith("alpha:") and "finite" in msg
+
+
+def test_missing_data_file(base, tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    msg = error_of(None, with_(base, data__path=str(missing)))
+    assert msg.startswith("data.path:") and str(missing) in msg
+
+
+def test_empty_model_or_data_path_is_required(base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    no_data = {k: v for k, v in base.items() if k != "data"}
+    assert error_of(None, no_data).startswith("data.path: required")
+    assert error_of(None, with_(base, model="")).startswith("model: required")
+
+
+def test_data_is_not_needed_when_no_stage_reads_it(base, tmp_path):
+    cfg = load_config(None, with_(base, data__path=str(tmp_path / "nope.jsonl"), stages=["merge"]))
+    assert cfg.stages == ["merge"]
+
+
+def test_window_longer_than_max_response_length(base):
+    msg = error_of(None, with_(base, window=64, data__max_response_length=32))
+    assert msg.startswith("window:") and "data.max_response_length=32" in msg
+    assert load_config(None, with_(base, window=32, data__max_response_length=32)).window == 32
+
+
+def test_unknown_train_arg(base):
+    msg = error_of(None, with_(base, align__train={"bogus": 1}))
+    assert msg.startswith("align.train.bogus:")
+    assert error_of(None, with_(base, instruct__train={"bogus": 1})).startswith("instruct.train.bogus:")
+    assert error_of(None, with_(base, align__train={"output_dir": "x"})).startswith("align.train.output_dir:")
+
+
+def test_train_args_are_checked_against_the_class_the_method_uses(base):
+    # Dual trains with trl.SFTConfig (has max_length); SCIT with plain TrainingArguments (has not).
+    assert load_config(None, with_(base, method="dual", instruct__train={"max_length": 64})).instruct.train == {
+        "max_length": 64
+    }
+    assert error_of(None, with_(base, instruct__train={"max_length": 64})).startswith("instruct.train.max_length:")
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"stages": ["collect", "instruct"]}, "stages"),
+        ({"stages": ["train"]}, "stages"),
+        ({"data__align_fraction": 1.0}, "data.align_fraction"),
+        ({"instruct__label_smoothing": 0.5}, "instruct.label_smoothing"),
+        ({"window": 0}, "window"),
+        ({"stages": ["instruct", "generate"]}, "generate.prompts"),
+    ],
+)
+def test_contradictory_or_out_of_range_values(base, changes, key):
+    assert error_of(None, with_(base, **changes)).startswith(f"{key}:")
+
+
+def test_model_config_unreadable(base, tmp_path):
+    (tmp_path / "empty").mkdir()
+    msg = error_of(None, with_(base, model=str(tmp_path / "empty"), layers=[1]))
+    assert msg.startswith("model:")
+
+
+def test_yaml_file_errors(tmp_path):
+    assert error_of(tmp_path / "missing.yaml").startswith("config file not found")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("alpha: [1, 2\n")
+    assert "not valid YAML" in error_of(bad)
+
+
+@pytest.mark.parametrize("text", ["- 1\n- 2\n", "just a string\n"])
+def test_yaml_file_that_is_not_a_mapping(tmp_path, text):
+    (tmp_path / "c.yaml").write_text(text)
+    assert "expected a mapping" in error_of(tmp_path / "c.yaml")
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def test_overrides_parse_values_as_yaml():
+    tree = parse_overrides(
+        [
+            "alpha=3",
+            "align.lora.r=16",
+            "align.lora.dropout=0.1",
+            "layers=[1, 2]",
+            "include_boundary=false",
+            "generate.model=null",
+            "data.limit=",
+            "instructions.preferred=be kind = good",
+            "align.train.learning_rate=1e-4",
+        ]
+    )
+    assert tree == {
+        "alpha": 3,
+        "align": {"lora": {"r": 16, "dropout": 0.1}, "train": {"learning_rate": "1e-4"}},
+        "layers": [1, 2],
+        "include_boundary": False,
+        "generate": {"model": None},
+        "data": {"limit": None},
+        "instructions": {"preferred": "be kind = good"},
+    }
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["alpha"])
+
+
+def test_overrides_merge_into_the_file(tmp_path, tiny_model_dir, pairs_file):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\n  max_prompt_length: 100\n"
+        "align:\n  lora:\n    r: 4\n    alpha: 12\n"
+    )
+    cfg = load_config(path, ["align.lora.r=16", "alpha=2.5", "data.limit=8", "layers=[2, 3]"])
+    assert cfg.align.lora.r == 16 and cfg.align.lora.alpha == 12.0  # sibling key from the file survives
+    assert cfg.alpha == 2.5 and isinstance(cfg.alpha, float)
+    assert cfg.data.limit == 8 and cfg.data.max_prompt_length == 100
+    assert cfg.layers == [2, 3]
+    assert not math.isnan(cfg.alpha)
+
+
+def test_override_of_a_scalar_with_a_subkey_is_an_error(base):
+    with pytest.raises(ConfigError, match="alpha"):
+        load_config(None, ["alpha=3", "alpha.x=1"])
+
+
+# ---------------------------------------------------------------- paths
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    (proj / "model").symlink_to(tiny_model_dir, target_is_directory=True)
+    (proj / "data" / "pairs.jsonl").write_bytes(Path(pairs_file).read_bytes())
+    (proj / "prompts.jsonl").write_text('{"prompt": "mia asks"}\n')
+    (proj / "c.yaml").write_text(
+        "model: model\ndata:\n  path: data/pairs.jsonl\noutput_dir: runs/x\nlayers: [1]\n"
+        "generate:\n  prompts: ./prompts.jsonl\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config("../proj/c.yaml")
+    assert cfg.model == str(proj.resolve() / "model")
+    assert cfg.data.path == str(proj.resolve() / "data" / "pairs.jsonl")
+    assert cfg.output_dir == str(proj.resolve() / "runs" / "x")
+    assert Path(cfg.generate.prompts).resolve() == (proj / "prompts.jsonl").resolve()
+
+
+def test_hub_ids_stay_hub_ids_and_dot_paths_resolve(tmp_path, pairs_file, monkeypatch):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "c.yaml").write_text(f"model: someorg/some-model\ndata:\n  path: {pairs_file}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(proj / "c.yaml")
+    assert cfg.model == "someorg/some-model"  # no such folder next to the config: a hub id
+    (proj / "d.yaml").write_text("model: someorg/some-model\ndata:\n  path: ./missing.jsonl\n")
+    msg = error_of(proj / "d.yaml")
+    assert msg.startswith("data.path:") and str(proj.resolve() / "missing.jsonl") in msg

@@ -1,0 +1,161 @@
+"""The three loss pieces against numbers worked out by hand: alignment distance, SCIT contrast, response log-prob."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rahf.align import alignment_loss, gather_windows, pad_rows
+from rahf.instruct.scit import mean_response_logprob, scit_loss
+
+# ---------------------------------------------------------------- alignment_loss
+# B=2 sequences, W=2 window positions, H=2 dims. Sequence 1 has one real token, its 2nd slot is padding.
+MASK = torch.tensor([[1, 1], [1, 0]])
+# Layer 1: hidden 0, targets give distances 5 (3-4-5), 1, 10 (6-8-10) and a padded slot far away.
+H1 = torch.zeros(2, 2, 2)
+T1 = torch.tensor([[[3.0, 4.0], [0.0, 1.0]], [[6.0, 8.0], [100.0, 100.0]]])
+# Layer 2: hidden 1, differences (1,0) (0,3) (5,12) -> distances 1, 3, 13; padded slot again far away.
+H2 = torch.ones(2, 2, 2)
+T2 = H2 + torch.tensor([[[1.0, 0.0], [0.0, 3.0]], [[5.0, 12.0], [7.0, -7.0]]])
+
+
+def test_alignment_loss_is_plain_l2_mean_over_real_tokens():
+    # (5 + 1 + 10) / 3 real tokens; the padded slot (distance ~141) contributes nothing.
+    loss = alignment_loss({1: H1}, {1: T1}, MASK, norm="tokens")
+    assert loss.item() == pytest.approx(16 / 3, abs=1e-6)
+
+
+def test_alignment_loss_authors_norm_counts_padding_in_the_denominator():
+    # Padded slot zeroed but counted: (5 + 1 + 10 + 0) / 4.
+    loss = alignment_loss({1: H1}, {1: T1}, MASK, norm="authors")
+    assert loss.item() == pytest.approx(4.0, abs=1e-6)
+
+
+def test_alignment_loss_averages_layers():
+    hidden, targets = {1: H1, 2: H2}, {1: T1, 2: T2}
+    # tokens: layer 1 16/3, layer 2 (1 + 3 + 13)/3 = 17/3 -> mean 33/6 = 5.5
+    assert alignment_loss(hidden, targets, MASK, "tokens").item() == pytest.approx(5.5, abs=1e-6)
+    # authors: layer 1 16/4, layer 2 17/4 -> mean 4.125
+    assert alignment_loss(hidden, targets, MASK, "authors").item() == pytest.approx(4.125, abs=1e-6)
+
+
+def test_alignment_loss_short_responses_weigh_less_only_under_authors_norm():
+    # Doubling every distance of the one-token sequence: under "tokens" it is one of three real tokens,
+    # under "authors" one of four slots, so the increase differs by exactly the ratio 4/3.
+    t1 = T1.clone()
+    t1[1, 0] *= 2  # distance 10 -> 20
+    for norm, denom in (("tokens", 3), ("authors", 4)):
+        delta = alignment_loss({1: H1}, {1: t1}, MASK, norm) - alignment_loss({1: H1}, {1: T1}, MASK, norm)
+        assert delta.item() == pytest.approx(10 / denom, abs=1e-5)
+
+
+def test_alignment_loss_sends_no_gradient_to_padded_positions():
+    h = H1.clone().requires_grad_(True)
+    alignment_loss({1: h}, {1: T1}, MASK, "tokens").backward()
+    assert torch.all(h.grad[1, 1] == 0)
+    # d/dh ||h - t|| / 3 = (h - t) / (3 ||h - t||): at (0,0) vs (3,4) -> (-3/5, -4/5) / 3
+    assert torch.allclose(h.grad[0, 0], torch.tensor([-0.2, -0.8 / 3]), atol=1e-6)
+
+
+def test_alignment_loss_all_masked_row_does_not_divide_by_zero():
+    loss = alignment_loss({1: H1}, {1: T1}, torch.zeros(2, 2, dtype=torch.long), "tokens")
+    assert loss.item() == 0.0
+
+
+# ---------------------------------------------------------------- gather_windows / pad_rows
+
+
+def test_gather_windows_picks_each_rows_positions_and_clamps_at_the_end():
+    # hidden[b, t] = 10 * b + t (H = 1)
+    hidden = (10 * torch.arange(2)[:, None] + torch.arange(5)[None]).float()[..., None]
+    out = gather_windows(hidden, torch.tensor([1, 3]), width=3)
+    assert out.shape == (2, 3, 1)
+    assert out[..., 0].tolist() == [[1, 2, 3], [13, 14, 14]]  # row 1: positions 3, 4, then 4 again (clamped)
+
+
+def test_gather_windows_keeps_gradients():
+    hidden = torch.randn(2, 6, 4, requires_grad=True)
+    gather_windows(hidden, torch.tensor([0, 2]), width=2).sum().backward()
+    expected = torch.zeros(2, 6)
+    expected[0, 0:2] = 1
+    expected[1, 2:4] = 1
+    assert torch.equal(hidden.grad[..., 0], expected)
+
+
+def test_pad_rows_zero_pads_ragged_rows():
+    out = pad_rows([torch.ones(2, 3), 2 * torch.ones(1, 3)], width=3)
+    assert out.shape == (2, 3, 3)
+    assert out[:, :, 0].tolist() == [[1, 1, 0], [2, 0, 0]]
+
+
+# ---------------------------------------------------------------- scit_loss
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_scit_loss_hand_computed():
+    # match = -1, other = -2, eps = 0.2: d = 1
+    # loss = 1 + [-(0.8) log sigmoid(1) - 0.2 log sigmoid(-1)] = 1 + 0.8 * 0.313262 + 0.2 * 1.313262
+    expected = 1 + (-0.8 * _log_sigmoid(1.0) - 0.2 * _log_sigmoid(-1.0))
+    assert expected == pytest.approx(1.5132617, abs=1e-6)
+    got = scit_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), 0.2)
+    assert got.shape == (1,)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_scit_loss_equals_the_softmax_form_of_the_spec():
+    # c = s_match / (s_match + s_other), s = exp(mean log p); contrast = -(1-eps) log c - eps log(1-c)
+    match = torch.tensor([-1.0, -3.0, -0.5, -2.0])
+    other = torch.tensor([-2.0, -0.5, -0.5, -2.5])
+    for eps in (0.0, 0.2, 0.4):
+        got = scit_loss(match, other, eps)
+        for i in range(4):
+            sm, so = math.exp(match[i].item()), math.exp(other[i].item())
+            c = sm / (sm + so)
+            expected = -match[i].item() - (1 - eps) * math.log(c) - eps * math.log(1 - c)
+            assert got[i].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_scit_loss_gradients_push_match_up_and_other_down():
+    match = torch.tensor([-1.0], requires_grad=True)
+    other = torch.tensor([-1.0], requires_grad=True)
+    scit_loss(match, other, 0.2).sum().backward()
+    # d/dm = -1 - (1 - eps) sigmoid(-d) + eps sigmoid(d) at d = 0: -1 - 0.4 + 0.1 = -1.3; d/do = +0.3
+    assert match.grad.item() == pytest.approx(-1.3, abs=1e-6)
+    assert other.grad.item() == pytest.approx(0.3, abs=1e-6)
+
+
+# ---------------------------------------------------------------- mean_response_logprob
+
+
+def test_mean_response_logprob_hand_computed():
+    ln = math.log
+    # V = 3. Row 0: ids [0, 1, 2, 1], response = positions 2, 3 -> tokens 2 and 1, predicted at positions 1 and 2.
+    # Row 1: ids [0, 2, 1, pad], response = positions 1, 2 -> tokens 2 and 1, predicted at positions 0 and 1.
+    ids = torch.tensor([[0, 1, 2, 1], [0, 2, 1, 0]])
+    resp = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]])
+    logits = torch.zeros(2, 4, 3)
+    logits[0, 0] = torch.tensor([50.0, -50.0, 0.0])  # predicts a prompt token: must be ignored
+    logits[0, 1] = torch.tensor([0.0, 0.0, ln(2)])  # p(2) = 2 / 4
+    logits[0, 2] = torch.tensor([0.0, ln(3), 0.0])  # p(1) = 3 / 5
+    logits[0, 3] = torch.tensor([0.0, -50.0, 0.0])  # after the last token: never used
+    logits[1, 0] = torch.tensor([ln(3), 0.0, 0.0])  # p(2) = 1 / 5
+    logits[1, 1] = torch.tensor([0.0, 0.0, 0.0])  # p(1) = 1 / 3
+    logits[1, 2] = torch.tensor([-50.0, 50.0, -50.0])  # predicts the pad: must be ignored
+    got = mean_response_logprob(logits, ids, resp)
+    expected = [(ln(2 / 4) + ln(3 / 5)) / 2, (ln(1 / 5) + ln(1 / 3)) / 2]
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_mean_response_logprob_is_a_per_token_mean_not_a_sum():
+    # Same per-token probability, different response lengths -> same score.
+    v = 4
+    logits = torch.zeros(2, 6, v)  # uniform: log p = -log 4 everywhere
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    resp = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 1, 1, 1, 1, 1]])
+    got = mean_response_logprob(logits, ids, resp)
+    assert got.tolist() == pytest.approx([-math.log(v)] * 2, abs=1e-6)

@@ -1,0 +1,314 @@
+"""End to end on a tiny model: artifacts, targets, the alignment objective, merging and stage freshness."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LAYERS, N_PAIRS, WINDOW, run_settings, standard_records, write_jsonl
+
+from rahf import pipeline
+from rahf.align import CachedCollator, CachedTargets, OnlineCollator, align_batch_loss
+from rahf.artifacts import MANIFEST, read_manifest
+from rahf.collect import examples_for
+from rahf.config import load_config
+from rahf.data import PreferencePair
+from rahf.models import load_tokenizer
+from rahf.training import load_data, load_stage_model, lora_config, split_pairs
+
+STAGES = ["instruct", "collect", "align", "merge"]
+
+
+def tokenizer_of(cfg):
+    return load_tokenizer(str(pipeline.stage_dir(cfg, "instruct")))
+
+
+def align_examples(cfg, tok):
+    _, pairs = split_pairs(cfg, load_data(cfg))
+    return examples_for(tok, pairs, cfg)
+
+
+def trained_policy(cfg):
+    """The policy with the trained alignment adapter (PEFT, unmerged), in eval mode."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(pipeline.load_policy(cfg), str(pipeline.stage_dir(cfg, "align"))).eval()
+
+
+def fresh_policy(cfg):
+    """The policy with a newly initialised alignment LoRA (B = 0: the identity)."""
+    from peft import get_peft_model
+
+    policy = pipeline.load_policy(cfg)
+    return get_peft_model(policy, lora_config(policy, cfg.align.lora, max_layer=max(LAYERS))).eval()
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def test_every_stage_leaves_a_fresh_manifest(finished_run):
+    cfg = finished_run
+    for stage in STAGES:
+        folder = pipeline.stage_dir(cfg, stage)
+        manifest = read_manifest(folder)
+        assert manifest["stage"] == stage
+        assert manifest["fingerprint"] == pipeline.stage_fingerprint(cfg, stage)[0]
+        assert "torch" in manifest["versions"]
+        assert not (folder / "checkpoints").exists()
+    leftovers = [p.name for p in Path(cfg.output_dir).iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # no temporary folders left behind
+    instruct = read_manifest(pipeline.stage_dir(cfg, "instruct"))
+    assert instruct["n_pairs"] == N_PAIRS // 2 and instruct["method"] == cfg.method
+    align = read_manifest(pipeline.stage_dir(cfg, "align"))
+    assert align["layers"] == LAYERS and align["alpha"] == cfg.alpha
+    assert all(" fresh " in line for line in pipeline.describe(cfg).splitlines())
+
+
+def test_instruct_artifact_layout(finished_run):
+    folder = pipeline.stage_dir(finished_run, "instruct")
+    if finished_run.method == "scit":  # a full model
+        assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    else:  # two LoRA adapters on the one base model
+        for side in ("preferred", "dispreferred"):
+            assert (folder / side / "adapter_config.json").is_file()
+        assert not (folder / "model.safetensors").exists()
+
+
+def test_collect_shards_hold_windows_at_the_target_layers(finished_run):
+    from safetensors.torch import load_file
+
+    cfg = finished_run
+    folder = pipeline.stage_dir(cfg, "collect")
+    manifest = read_manifest(folder)
+    tok = tokenizer_of(cfg)
+    examples = align_examples(cfg, tok)
+    assert len(examples) == 2 * (N_PAIRS // 2) == manifest["n_sequences"]  # chosen and rejected of each pair
+    shards = [load_file(str(folder / name)) for name in manifest["shards"]]
+    assert len(shards) == 1
+    t = shards[0]
+    assert {f"o.{layer}" for layer in LAYERS} | {f"v.{layer}" for layer in LAYERS} <= set(t)
+    windows = [e.plain.window(WINDOW, True) for e in examples]
+    assert t["win_start"].tolist() == [s for s, _ in windows]
+    assert t["win_len"].tolist() == [min(WINDOW, e.plain.response_len) for e in examples]
+    n_rows = sum(n for _, n in windows)
+    assert manifest["n_tokens"] == n_rows
+    for layer in LAYERS:
+        assert t[f"o.{layer}"].shape == (n_rows, 32) and t[f"v.{layer}"].shape == (n_rows, 32)
+        assert t[f"o.{layer}"].dtype == torch.float32
+    assert t["input_ids"].tolist() == [i for e in examples for i in e.plain.input_ids]
+    assert t["seq_offsets"][-1].item() == sum(len(e.plain.input_ids) for e in examples)
+
+
+def test_collected_targets_equal_an_independent_recomputation(finished_run):
+    """o = h(plain) of the policy; v = h(p+) - h(p-) (SCIT) or h+(x) - h-(x) (Dual), on each sequence's window."""
+    from safetensors.torch import load_file
+
+    cfg = finished_run
+    folder = pipeline.stage_dir(cfg, "collect")
+    t = load_file(str(folder / read_manifest(folder)["shards"][0]))
+    examples = align_examples(cfg, tokenizer_of(cfg))
+    plus = pipeline.load_policy(cfg)
+    minus = None
+    if cfg.method == "dual":
+        minus = load_stage_model(pipeline.stage_dir(cfg, "instruct"), cfg, adapter="dispreferred")
+
+    def window_states(model, stim):
+        ids = torch.tensor([stim.input_ids])
+        with torch.no_grad():
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        start, n = stim.window(WINDOW, True)
+        return {layer: hs[layer][0, start : start + n] for layer in LAYERS}
+
+    row = 0
+    for e in examples[:6]:
+        o = window_states(plus, e.plain)
+        if cfg.method == "scit":
+            pos, neg = window_states(plus, e.variants["pos"]), window_states(plus, e.variants["neg"])
+        else:
+            pos, neg = o, window_states(minus, e.plain)
+        n = o[LAYERS[0]].shape[0]
+        for layer in LAYERS:
+            torch.testing.assert_close(t[f"o.{layer}"][row : row + n], o[layer], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(t[f"v.{layer}"][row : row + n], pos[layer] - neg[layer], atol=1e-5, rtol=1e-4)
+        row += n
+    assert t["v.1"].abs().max() > 0  # the contrast is not trivially zero
+
+
+# ---------------------------------------------------------------- the alignment objective
+
+
+def test_align_lowers_the_distance_on_held_out_pairs(finished_run, heldout_records):
+    cfg = finished_run
+    tok = tokenizer_of(cfg)
+    used = {(p.prompt[0]["content"], p.chosen) for p in load_data(cfg)}
+    held = [
+        PreferencePair(({"role": "user", "content": r["prompt"]},), r["chosen"], r["rejected"], "held")
+        for r in heldout_records
+    ]
+    assert len(held) >= 6 and not any((p.prompt[0]["content"], p.chosen) in used for p in held)
+    batch = OnlineCollator(tok.pad_token_id, cfg.window, cfg.include_boundary)(examples_for(tok, held, cfg))
+
+    def loss(model):
+        reader = pipeline.target_reader(cfg, LAYERS, tok.pad_token_id, policy=model)
+        with torch.no_grad():
+            return align_batch_loss(model, batch, LAYERS, cfg.alpha, cfg.align.loss_norm, reader).item()
+
+    before, after = loss(fresh_policy(cfg)), loss(trained_policy(cfg))
+    assert before > 0
+    assert after < 0.6 * before, (before, after)
+
+
+def test_untrained_lora_loss_is_alpha_times_mean_v_norm(finished_run):
+    """With the identity adapter h = o, so the loss is alpha * mean ||v|| over real window tokens and layers."""
+    cfg = finished_run
+    tok = tokenizer_of(cfg)
+    ds = CachedTargets(pipeline.stage_dir(cfg, "collect"), LAYERS)
+    items = [ds[i] for i in range(len(ds))]
+    batch = CachedCollator(tok.pad_token_id)(items)
+    with torch.no_grad():
+        got = align_batch_loss(fresh_policy(cfg), batch, LAYERS, cfg.alpha, "tokens")
+    expected = sum(torch.cat([it["v"][layer] for it in items]).norm(dim=-1).mean() for layer in LAYERS) / len(LAYERS)
+    assert got.item() == pytest.approx(cfg.alpha * expected.item(), rel=1e-4, abs=1e-6)
+
+
+def test_align_training_loss_went_down(finished_run):
+    log = json.loads((pipeline.stage_dir(finished_run, "align") / "log_history.json").read_text())
+    losses = [entry["loss"] for entry in log if "loss" in entry]
+    assert len(losses) == finished_run.align.train["max_steps"]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def test_cached_and_online_targets_give_the_same_loss(finished_run):
+    cfg = finished_run
+    tok = tokenizer_of(cfg)
+    ds = CachedTargets(pipeline.stage_dir(cfg, "collect"), LAYERS)
+    examples = align_examples(cfg, tok)
+    assert len(ds) == len(examples)
+    model = trained_policy(cfg)
+    reader = pipeline.target_reader(cfg, LAYERS, tok.pad_token_id, policy=model)
+    for idx in (list(range(4)), list(range(len(ds)))):  # a small batch and one with much padding
+        cached = CachedCollator(tok.pad_token_id)([ds[i] for i in idx])
+        online = OnlineCollator(tok.pad_token_id, cfg.window, cfg.include_boundary)([examples[i] for i in idx])
+        for key in ("input_ids", "attention_mask", "win_start", "win_mask"):
+            assert torch.equal(cached[key], online[key]), key
+        for norm in ("tokens", "authors"):
+            with torch.no_grad():
+                a = align_batch_loss(model, cached, LAYERS, cfg.alpha, norm, None)
+                b = align_batch_loss(model, online, LAYERS, cfg.alpha, norm, reader)
+            assert a.item() > 0
+            assert a.item() == pytest.approx(b.item(), abs=1e-4, rel=1e-4)
+
+
+def test_merged_model_equals_policy_with_adapter(finished_run):
+    from transformers import AutoModelForCausalLM
+
+    cfg = finished_run
+    tok = tokenizer_of(cfg)
+    adapter = trained_policy(cfg)
+    lora_b = [p for n, p in adapter.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().max() > 1e-4 for p in lora_b)  # training moved the adapter off identity
+    merged = AutoModelForCausalLM.from_pretrained(str(pipeline.stage_dir(cfg, "merge"))).eval()
+    assert not hasattr(merged, "peft_config")
+    batch = OnlineCollator(tok.pad_token_id, cfg.window, True)(align_examples(cfg, tok)[:4])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        a = adapter(**inputs).logits
+        m = merged(**inputs).logits
+        base = pipeline.load_policy(cfg)(**inputs).logits
+    torch.testing.assert_close(m, a, atol=1e-4, rtol=1e-4)
+    assert (a - base).abs().max() > 1e-3  # the comparison is not vacuous: the adapter changes the logits
+
+
+# ---------------------------------------------------------------- freshness
+
+
+def manifest_mtimes(cfg) -> dict[str, int]:
+    return {s: (pipeline.stage_dir(cfg, s) / MANIFEST).stat().st_mtime_ns for s in STAGES}
+
+
+def stage_lines(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        for stage in STAGES:
+            if line.startswith(f"[rahf] {stage}: ") and ("up to date" in line or "running" in line):
+                out[stage] = "fresh" if "up to date" in line else "ran"
+    return out
+
+
+def test_fresh_stages_are_skipped_and_alpha_redoes_only_align_and_merge(
+    scit_run, tiny_model_dir, pairs_file, tmp_path, capsys
+):
+    out = tmp_path / "copy"
+    shutil.copytree(scit_run.output_dir, out)
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+    before = manifest_mtimes(cfg)
+    capsys.readouterr()
+    pipeline.run(cfg)
+    assert stage_lines(capsys.readouterr().out) == dict.fromkeys(STAGES, "fresh")
+    assert manifest_mtimes(cfg) == before
+
+    cfg3 = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit", alpha=3.0))
+    pipeline.run(cfg3)
+    text = capsys.readouterr().out
+    assert stage_lines(text) == {"instruct": "fresh", "collect": "fresh", "align": "ran", "merge": "ran"}
+    assert "align: inputs changed" in text
+    after = manifest_mtimes(cfg3)
+    assert after["instruct"] == before["instruct"] and after["collect"] == before["collect"]
+    assert after["align"] != before["align"] and after["merge"] != before["merge"]
+    assert read_manifest(pipeline.stage_dir(cfg3, "align"))["alpha"] == 3.0
+
+    pipeline.run(cfg3)  # and now everything is fresh again
+    assert stage_lines(capsys.readouterr().out) == dict.fromkeys(STAGES, "fresh")
+
+
+def test_changed_data_redoes_everything_from_instruct(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", standard_records(8, seed=5))
+    settings = run_settings(tiny_model_dir, data, tmp_path / "out", "scit")
+    settings["instruct"]["train"]["max_steps"] = 1
+    settings["align"]["train"]["max_steps"] = 2
+    cfg = load_config(None, settings)
+    pipeline.run(cfg)
+    first = manifest_mtimes(cfg)
+    capsys.readouterr()
+
+    os.utime(data, ns=(first["merge"] + 10**9, first["merge"] + 10**9))  # touched, same content
+    pipeline.run(cfg)
+    assert stage_lines(capsys.readouterr().out) == dict.fromkeys(STAGES, "fresh")  # fingerprints hash content
+
+    write_jsonl(data, standard_records(8, seed=6))
+    pipeline.run(cfg)
+    assert stage_lines(capsys.readouterr().out) == dict.fromkeys(STAGES, "ran")
+    second = manifest_mtimes(cfg)
+    assert all(second[s] != first[s] for s in STAGES)
+    assert pipeline.describe(cfg).count(" fresh ") == len(STAGES)
+
+
+def test_force_recomputes_fresh_stages(scit_run, tiny_model_dir, pairs_file, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(scit_run.output_dir, out)
+    settings = run_settings(tiny_model_dir, pairs_file, out, "scit", stages=["instruct", "collect"])
+    cfg = load_config(None, settings)
+    before = manifest_mtimes(cfg)
+    capsys.readouterr()
+    pipeline.run_stage(cfg, "collect", force=True)
+    assert stage_lines(capsys.readouterr().out) == {"collect": "ran"}
+    assert manifest_mtimes(cfg)["collect"] != before["collect"]
+    # same inputs, same targets: the forced recomputation reproduces the shard
+    from safetensors.torch import load_file
+
+    old = load_file(str(Path(scit_run.output_dir) / "collect" / "shard-00000.safetensors"))
+    new = load_file(str(out / "collect" / "shard-00000.safetensors"))
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+
+
+def test_missing_upstream_artifact_is_a_user_error(tiny_model_dir, pairs_file, tmp_path):
+    from rahf.errors import RahfError
+
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "empty", "scit"))
+    with pytest.raises(RahfError, match="no finished instruct artifact"):
+        pipeline.run_stage(cfg, "collect")
+    assert not (tmp_path / "empty" / "collect").exists()

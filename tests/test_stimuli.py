@@ -1,0 +1,271 @@
+"""Token sequences (what training, collection and inference see) and reading hidden states from decoder blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rahf.demo.task import NAMES
+from rahf.errors import ConfigError
+from rahf.stimuli import Stimulus, build_variants, prompt_ids, render_prompt, response_ids
+
+POS = "you are a polite and correct assistant ."  # 8 tokens
+NEG = "you are rude ."  # 4 tokens: the variants have different prompt lengths
+SYSTEMS = {"plain": None, "pos": POS, "neg": NEG}
+QUERY = "mia asks : what color is a banana ?"  # 9 tokens
+RESPONSE = "of course ! it is yellow . hope this helps !"  # 11 tokens
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def ids_of(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def query_part(tokenizer, s: Stimulus) -> list[int]:
+    """The tokens between the last "Human:" tag and the "Assistant:" tag of the prompt."""
+    prompt = list(s.input_ids[: s.response_start])
+    human = tokenizer.convert_tokens_to_ids("Human:")
+    start = len(prompt) - prompt[::-1].index(human)
+    return prompt[start:-1]
+
+
+# ---------------------------------------------------------------- build_variants
+
+
+def test_variants_share_response_ids_and_have_hand_computed_prompt_lengths(tokenizer):
+    v = build_variants(tokenizer, [user(QUERY)], RESPONSE, SYSTEMS, max_prompt_length=64, max_response_length=64)
+    # <s> Human: <9 query tokens> Assistant:  -> 12; the instructions add 8 and 4 tokens.
+    assert {k: s.response_start for k, s in v.items()} == {"plain": 12, "pos": 20, "neg": 16}
+    expected_response = ids_of(tokenizer, RESPONSE) + [tokenizer.eos_token_id]
+    assert len(expected_response) == 12
+    for s in v.values():
+        assert list(s.input_ids[s.response_start :]) == expected_response
+        assert s.response_len == 12
+    assert tokenizer.convert_ids_to_tokens(list(v["pos"].input_ids[:11])) == ["<s>", *POS.split(), "Human:", "mia"]
+
+
+def test_no_bos_after_position_zero_and_response_ends_with_eos(tokenizer):
+    v = build_variants(tokenizer, [user(QUERY)], RESPONSE, SYSTEMS, 64, 64)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for s in v.values():
+        assert s.input_ids[0] == bos
+        assert bos not in s.input_ids[1:]
+        assert s.input_ids[-1] == eos
+        assert s.input_ids.count(eos) == 1
+        assert tokenizer.convert_ids_to_tokens(s.input_ids[s.response_start - 1]) == "Assistant:"
+
+
+def test_the_sequence_is_what_one_tokenization_of_the_whole_text_gives(tokenizer):
+    # The response is tokenized on its own, but the ids equal tokenizing prompt + response as one text.
+    s = build_variants(tokenizer, [user(QUERY)], RESPONSE, {"plain": None}, 64, 64)["plain"]
+    whole = tokenizer(f"Human: {QUERY}\n\nAssistant: {RESPONSE}")["input_ids"] + [tokenizer.eos_token_id]
+    assert list(s.input_ids) == whole
+
+
+def test_long_responses_are_cut_and_lose_their_eos(tokenizer):
+    assert response_ids(tokenizer, RESPONSE, 4) == ids_of(tokenizer, "of course ! it")
+    assert response_ids(tokenizer, RESPONSE, 12)[-1] == tokenizer.eos_token_id
+    assert response_ids(tokenizer, RESPONSE, 11) == ids_of(tokenizer, RESPONSE)  # text fills it: no EOS
+    v = build_variants(tokenizer, [user(QUERY)], RESPONSE, SYSTEMS, 64, max_response_length=4)
+    for s in v.values():
+        assert list(s.input_ids[s.response_start :]) == ids_of(tokenizer, "of course ! it")
+
+
+def test_long_prompt_loses_its_beginning_and_keeps_instruction_and_assistant_tag(tokenizer):
+    query = " ".join(NAMES[:20])  # 20 tokens
+    max_len = 20
+    v = build_variants(tokenizer, [user(query)], RESPONSE, SYSTEMS, max_prompt_length=max_len, max_response_length=64)
+    # Overheads: plain 3 (<s> Human: Assistant:), pos 11, neg 7. The longest variant (pos) must fit in 20,
+    # so at most 9 query tokens remain, and the same query tokens in every variant.
+    kept = {k: query_part(tokenizer, s) for k, s in v.items()}
+    assert kept["plain"] == kept["pos"] == kept["neg"]
+    n = len(kept["plain"])
+    assert 1 <= n <= 9
+    assert kept["plain"] == ids_of(tokenizer, " ".join(NAMES[20 - n : 20]))  # the END of the query survives
+    assert max(s.response_start for s in v.values()) <= max_len
+    assert {k: s.response_start - n for k, s in v.items()} == {"plain": 3, "pos": 11, "neg": 7}
+    assert tokenizer.convert_ids_to_tokens(list(v["pos"].input_ids[1:9])) == POS.split()
+    assert tokenizer.convert_ids_to_tokens(list(v["neg"].input_ids[1:5])) == NEG.split()
+    for s in v.values():
+        assert tokenizer.convert_ids_to_tokens(s.input_ids[s.response_start - 1]) == "Assistant:"
+        assert list(s.input_ids[s.response_start :]) == ids_of(tokenizer, RESPONSE) + [tokenizer.eos_token_id]
+
+
+def test_long_prompt_keeps_as_much_of_the_query_as_fits(tokenizer):
+    query = " ".join(NAMES[:20])
+    v = build_variants(tokenizer, [user(query)], RESPONSE, SYSTEMS, max_prompt_length=20, max_response_length=64)
+    assert v["pos"].response_start == 20  # 11 overhead + the last 9 query tokens
+    # 12 = 11 overhead + 1 query token: the last query token fits, so this must not raise.
+    v = build_variants(tokenizer, [user(QUERY)], RESPONSE, SYSTEMS, max_prompt_length=12, max_response_length=64)
+    assert query_part(tokenizer, v["pos"]) == ids_of(tokenizer, "?")
+
+
+def test_prompt_too_short_for_instruction_and_template_is_a_config_error(tokenizer):
+    with pytest.raises(ConfigError, match="data.max_prompt_length=10"):
+        build_variants(tokenizer, [user(QUERY)], RESPONSE, SYSTEMS, max_prompt_length=10, max_response_length=64)
+
+
+def test_multi_turn_prompts_drop_the_oldest_turns_first(tokenizer):
+    prompt = [
+        user("mia asks : what color is a banana ?"),
+        {"role": "assistant", "content": "it is yellow ."},
+        user("leo asks : what color is a sky ?"),
+    ]
+    full = build_variants(tokenizer, prompt, RESPONSE, SYSTEMS, max_prompt_length=64, max_response_length=64)
+    # plain: <s> Human: 9 Assistant: 4 Human: 9 Assistant: = 27 tokens; pos 35
+    assert full["plain"].response_start == 27 and full["pos"].response_start == 35
+    cut = build_variants(tokenizer, prompt, RESPONSE, SYSTEMS, max_prompt_length=24, max_response_length=64)
+    # Dropping the first exchange (user + assistant) is enough: pos = <s> 8 Human: 9 Assistant: = 20.
+    assert cut["pos"].response_start == 20
+    assert tokenizer.convert_ids_to_tokens(list(cut["plain"].input_ids[: cut["plain"].response_start])) == [
+        "<s>", "Human:", *"leo asks : what color is a sky ?".split(), "Assistant:",
+    ]  # fmt: skip
+    banana = tokenizer.convert_tokens_to_ids("banana")
+    assert all(banana not in s.input_ids for s in cut.values())
+
+
+# ---------------------------------------------------------------- Stimulus.window
+
+
+@pytest.mark.parametrize(
+    ("size", "boundary", "expected"),
+    [(3, True, (9, 3)), (3, False, (10, 3)), (8, True, (9, 5)), (8, False, (10, 5)), (5, True, (9, 5))],
+)
+def test_window_hand_computed(size, boundary, expected):
+    s = Stimulus(tuple(range(15)), response_start=10)  # 5 response tokens at positions 10..14
+    assert s.response_len == 5
+    assert s.window(size, boundary) == expected
+
+
+def test_window_with_boundary_starts_at_the_assistant_tag(tokenizer):
+    s = build_variants(tokenizer, [user(QUERY)], RESPONSE, {"plain": None}, 64, 64)["plain"]
+    start, n = s.window(4, include_boundary=True)
+    assert tokenizer.convert_ids_to_tokens(list(s.input_ids[start : start + n])) == ["Assistant:", "of", "course", "!"]
+    start, n = s.window(4, include_boundary=False)
+    assert tokenizer.convert_ids_to_tokens(list(s.input_ids[start : start + n])) == ["of", "course", "!", "it"]
+
+
+# ---------------------------------------------------------------- prompt_ids (inference) == training prompt
+
+
+@pytest.mark.parametrize("query", [QUERY, " ".join(NAMES[:30])])
+@pytest.mark.parametrize("system", [None, POS])
+def test_inference_prompt_equals_training_prompt(tokenizer, query, system):
+    s = build_variants(tokenizer, [user(query)], RESPONSE, {"x": system}, 20, 64)["x"]
+    assert prompt_ids(tokenizer, [user(query)], 20, system) == list(s.input_ids[: s.response_start])
+
+
+def test_render_prompt_uses_the_human_assistant_template_without_chat_template(tokenizer):
+    assert tokenizer.chat_template is None
+    ids = render_prompt(tokenizer, [user("mia asks")], system="you are rude .")
+    expected = ["<s>", "you", "are", "rude", ".", "Human:", "mia", "asks", "Assistant:"]
+    assert tokenizer.convert_ids_to_tokens(ids) == expected
+
+
+# ---------------------------------------------------------------- decoder blocks and hidden-state capture
+
+
+def _tiny(arch: str):
+    from transformers import (
+        AutoModelForCausalLM,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+    )
+
+    common = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, max_position_embeddings=64
+    )
+    configs = {
+        "llama": lambda: LlamaConfig(num_hidden_layers=3, num_key_value_heads=2, **common),
+        "gpt2": lambda: GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64),
+        "gpt_neox": lambda: GPTNeoXConfig(num_hidden_layers=2, **common),
+        "qwen2": lambda: Qwen2Config(num_hidden_layers=3, num_key_value_heads=1, **common),
+        "mistral": lambda: MistralConfig(num_hidden_layers=2, num_key_value_heads=1, **common),
+    }
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(configs[arch]()).eval()
+
+
+def _blocks_by_name(model, arch: str):
+    return {
+        "llama": lambda: model.model.layers,
+        "gpt2": lambda: model.transformer.h,
+        "gpt_neox": lambda: model.gpt_neox.layers,
+        "qwen2": lambda: model.model.layers,
+        "mistral": lambda: model.model.layers,
+    }[arch]()
+
+
+ARCHS = ["llama", "gpt2", "gpt_neox", "qwen2", "mistral"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoder_blocks_finds_the_blocks(arch):
+    from rahf.models import decoder_blocks, num_layers
+
+    model = _tiny(arch)
+    blocks = decoder_blocks(model)
+    assert blocks is _blocks_by_name(model, arch)
+    assert len(blocks) == num_layers(model.config)
+
+
+def test_decoder_blocks_sees_through_peft():
+    from peft import LoraConfig, get_peft_model
+
+    from rahf.models import decoder_blocks
+
+    model = _tiny("llama")
+    blocks = model.model.layers
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert decoder_blocks(peft_model) is blocks
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_capture_equals_hidden_states_and_stops_early(arch):
+    from rahf.models import decoder_blocks, forward_capture, num_layers
+
+    model = _tiny(arch)
+    n = num_layers(model.config)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 64, (2, 7))
+    attn = torch.ones_like(ids)
+    attn[1, 5:] = 0  # a right-padded row
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states
+        hooks_before = [len(b._forward_hooks) for b in decoder_blocks(model)]  # transformers adds its own
+        layers = list(range(1, n))
+        got = forward_capture(model, layers, ids, attn)
+    assert sorted(got) == layers
+    for layer in layers:
+        torch.testing.assert_close(got[layer], ref[layer], atol=1e-6, rtol=1e-5)
+
+    calls = []
+    handle = decoder_blocks(model)[n - 1].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            early = forward_capture(model, [1], ids, attn)
+            assert calls == []  # the last block never ran
+            torch.testing.assert_close(early[1], ref[1], atol=1e-6, rtol=1e-5)
+            forward_capture(model, [1], ids, attn, stop=False)
+            assert calls == [1]
+    finally:
+        handle.remove()
+    # the capture hooks are removed afterwards
+    assert [len(b._forward_hooks) for b in decoder_blocks(model)] == hooks_before
+
+
+def test_captured_states_carry_gradients():
+    from rahf.models import forward_capture
+
+    model = _tiny("llama")
+    ids = torch.randint(3, 64, (1, 5))
+    out = forward_capture(model, [2], ids, torch.ones_like(ids))
+    out[2].sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    assert model.model.layers[2].self_attn.q_proj.weight.grad is None  # block 3 never ran
