@@ -16,6 +16,7 @@ import torch
 import json
 
 from .collect import Example, TargetReader, pad_batch
+from .errors import RahfError
 from .models import forward_capture
 from .stimuli import Stimulus
 
@@ -59,6 +60,11 @@ class CachedTargets(torch.utils.data.Dataset):
 
         self.layers = layers
         self.files = [safe_open(str(p), framework="pt") for p in sorted(Path(folder).glob("shard-*.safetensors"))]
+        if not self.files:
+            raise RahfError(f"{folder}: no collect shards; run `rahf collect` first")
+        held = [int(x) for x in self.files[0].metadata()["layers"].split(",")]
+        if not set(layers) <= set(held):
+            raise RahfError(f"{folder}: the cache holds layers {held}, align asked for {layers}; run `rahf collect` again")
         self.index: list[tuple[int, int]] = []
         self.meta = []
         for f_i, f in enumerate(self.files):

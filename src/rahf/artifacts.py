@@ -80,7 +80,9 @@ def is_fresh(path: str | os.PathLike, fp: str) -> bool:
 
 
 @contextmanager
-def atomic_dir(final: str | os.PathLike, stage: str, fp: str, config: dict[str, Any], extra: dict | None = None) -> Iterator[Path]:
+def atomic_dir(
+    final: str | os.PathLike, stage: str, fp: str, config: dict[str, Any], extra: dict | None = None
+) -> Iterator[Path]:
     """Yield a temporary folder; on success write the manifest and move it to `final` (replacing it)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)

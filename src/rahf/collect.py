@@ -34,14 +34,17 @@ class Example:
 
 
 def examples_for(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> list[Example]:
-    """Every chosen and rejected response of the pairs, tokenized for the method's contrast."""
+    """The pairs' responses (`collect.responses`: both, chosen or rejected), tokenized for the method's contrast."""
     systems: dict[str, str | None] = {"plain": None}
     if cfg.method == "scit":
         systems |= {"pos": cfg.instructions.preferred, "neg": cfg.instructions.dispreferred}
     out = []
     for p in pairs:
-        for response in (p.chosen, p.rejected):
-            v = build_variants(tokenizer, p.prompt, response, systems, cfg.data.max_prompt_length, cfg.data.max_response_length)
+        picked = {"both": (p.chosen, p.rejected), "chosen": (p.chosen,), "rejected": (p.rejected,)}
+        for response in picked[cfg.collect.responses]:
+            v = build_variants(
+                tokenizer, p.prompt, response, systems, cfg.data.max_prompt_length, cfg.data.max_response_length
+            )
             out.append(Example(v))
     return out
 
@@ -150,7 +153,14 @@ def write_cache(reader: TargetReader, examples: list[Example], out: Path, hidden
         shards.append(name)
     bar.close()
     per_layer = {
-        str(layer): {k: val / max(n_tokens, 1) for k, val in s.items()} | {"v_over_o": s["v_norm"] / max(s["o_norm"], 1e-12)}
+        str(layer): {k: val / max(n_tokens, 1) for k, val in s.items()}
+        | {"v_over_o": s["v_norm"] / max(s["o_norm"], 1e-12)}
         for layer, s in stats.items()
     }
-    return {"shards": shards, "layers": layers, "n_sequences": len(examples), "n_tokens": n_tokens, "per_layer": per_layer}
+    return {
+        "shards": shards,
+        "layers": layers,
+        "n_sequences": len(examples),
+        "n_tokens": n_tokens,
+        "per_layer": per_layer,
+    }

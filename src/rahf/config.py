@@ -88,6 +88,7 @@ class CollectSettings:
     """Step 2: hidden-state targets written once to safetensors shards."""
 
     dtype: str = "float16"  # float16 | bfloat16 | float32
+    responses: str = "both"  # both | chosen | rejected: which responses of each pair are read
     batch_size: int = 8
     shard_size: int = 1024  # pairs per shard
 
@@ -152,6 +153,7 @@ CHOICES = {
     "data.format": ("auto", "trl-standard", "trl-conversational", "hh", "ultrafeedback"),
     "instruct.finetune": (None, "full", "lora"),
     "collect.dtype": ("float16", "bfloat16", "float32"),
+    "collect.responses": ("both", "chosen", "rejected"),
     "align.targets": ("cache", "online"),
     "align.loss_norm": ("tokens", "authors"),
 }
@@ -299,7 +301,9 @@ def validate(cfg: RahfConfig) -> None:
             raise ConfigError(f"stages: unknown stage {stage!r} (known: {', '.join(STAGES)})")
     if [s for s in STAGES if s in cfg.stages] != cfg.stages:
         raise ConfigError(f"stages: must be in pipeline order {', '.join(STAGES)}")
-    needs_data = any(s in cfg.stages for s in ("instruct", "collect", "align")) or ("sft" in cfg.stages and not cfg.sft.path)
+    needs_data = any(s in cfg.stages for s in ("instruct", "collect", "align")) or (
+        "sft" in cfg.stages and not cfg.sft.path
+    )
     if needs_data:
         if not cfg.data.path:
             raise ConfigError("data.path: required (a preference-pair file or folder)")

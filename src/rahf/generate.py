@@ -42,7 +42,9 @@ def generate(
         for r, i in enumerate(idx):
             ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             attn[r, width - len(encoded[i]) :] = 1
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        )
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=attn.to(device),

@@ -7,7 +7,6 @@ other (a changed config key, data file or upstream artifact changes the fingerpr
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +17,14 @@ from .artifacts import atomic_dir, fingerprint, fingerprint_path, is_fresh, read
 from .config import RahfConfig, resolved_layers
 from .errors import RahfError
 
-FOLDERS = {"sft": "sft", "instruct": "instruct", "collect": "collect", "align": "align", "merge": "merged", "generate": "generations"}
+FOLDERS = {
+    "sft": "sft",
+    "instruct": "instruct",
+    "collect": "collect",
+    "align": "align",
+    "merge": "merged",
+    "generate": "generations",
+}
 
 
 def stage_dir(cfg: RahfConfig, stage: str) -> Path:
@@ -48,7 +54,10 @@ def stage_fingerprint(cfg: RahfConfig, stage: str) -> tuple[str, dict]:
     common = _section(cfg, "seed", "dtype", "data")
     if stage == "sft":
         covered = common | _section(cfg, "sft", "tokenizer") | {"model": cfg.model}
-        inputs = {"model": fingerprint_path(cfg.model), "data": fingerprint_path(cfg.sft.path) if cfg.sft.path else data_fp}
+        inputs = {
+            "model": fingerprint_path(cfg.model),
+            "data": fingerprint_path(cfg.sft.path) if cfg.sft.path else data_fp,
+        }
     elif stage == "instruct":
         covered = common | _section(cfg, "method", "instructions", "instruct") | {"finetune": cfg.finetune}
         inputs = {"base": fingerprint_path(base_model_path(cfg)), "data": data_fp}
@@ -181,13 +190,28 @@ def _generate(cfg: RahfConfig, out: Path) -> dict:
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = load_stage_model(model_path, cfg)
     responses = generate(
-        model, tokenizer, prompts, g.max_new_tokens, g.temperature, g.top_p, g.batch_size, cfg.data.max_prompt_length, seed=cfg.seed
+        model,
+        tokenizer,
+        prompts,
+        g.max_new_tokens,
+        g.temperature,
+        g.top_p,
+        g.batch_size,
+        cfg.data.max_prompt_length,
+        seed=cfg.seed,
     )
     write_generations(out / "generations.jsonl", prompts, responses)
     return {"n": len(responses), "model": model_path, "settings": dataclasses.asdict(g)}
 
 
-_STAGES = {"sft": _sft, "instruct": _instruct, "collect": _collect, "align": _align, "merge": _merge, "generate": _generate}
+_STAGES = {
+    "sft": _sft,
+    "instruct": _instruct,
+    "collect": _collect,
+    "align": _align,
+    "merge": _merge,
+    "generate": _generate,
+}
 
 
 def describe(cfg: RahfConfig) -> str:

@@ -43,7 +43,9 @@ def tokenized_sft_dataset(tokenizer, examples, max_prompt_length: int, max_respo
 
     rows = {"input_ids": [], "labels": []}
     for prompt, response in examples:
-        s = build_variants(tokenizer, prompt, response, {"plain": None}, max_prompt_length, max_response_length)["plain"]
+        s = build_variants(tokenizer, prompt, response, {"plain": None}, max_prompt_length, max_response_length)[
+            "plain"
+        ]
         rows["input_ids"].append(list(s.input_ids))
         rows["labels"].append([-100] * s.response_start + list(s.input_ids[s.response_start :]))
     return Dataset.from_dict(rows)

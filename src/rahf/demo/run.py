@@ -39,7 +39,7 @@ class Scale:
     alphas: tuple[float, ...]
 
 
-FULL = Scale(4000, 2000, 50, 200, 4, 8, 3, 150, ((2, 3), (3,)), (0.1, 0.25, 0.5))
+FULL = Scale(4000, 2000, 100, 200, 4, 8, 3, 150, ((2, 3), (3,)), (0.1, 0.25, 0.5))
 QUICK = Scale(2000, 600, 25, 200, 1, 4, 2, 40, ((2, 3),), (0.25,))
 MAX_NEW_TOKENS = 24
 
@@ -77,7 +77,12 @@ def _config(out: Path, data_dir: Path, model: str, method: str, layers: list[int
                 | {"lr_scheduler_type": "cosine", "warmup_steps": 30},
             },
             "instruct": {
-                "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+                "lora": {
+                    "r": 16,
+                    "alpha": 32,
+                    "dropout": 0.0,
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                },
                 "train": quiet
                 | {"learning_rate": 1e-3 if method == "dual" else 3e-4, "num_train_epochs": scale.instruct_epochs}
                 | {"per_device_train_batch_size": 32 if method == "dual" else 16},
@@ -85,7 +90,8 @@ def _config(out: Path, data_dir: Path, model: str, method: str, layers: list[int
             "collect": {"dtype": "float16", "batch_size": 64},
             "align": {
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                "train": quiet | {"learning_rate": 1e-3, "max_steps": scale.align_steps, "per_device_train_batch_size": 32},
+                "train": quiet
+                | {"learning_rate": 1e-3, "max_steps": scale.align_steps, "per_device_train_batch_size": 32},
             },
         },
     )
@@ -179,9 +185,14 @@ def run_demo(out: Path, quick: bool = False, label_noise: float = 0.0, seed: int
         for layers in scale.layer_sets:
             for alpha in scale.alphas:
                 model = _aligned(cfg, out / method / "sweep", list(layers), alpha)
-                val = _score(task.validation, _sample(model, tokenizer, task.validation, scale.samples, seed), scale.samples)
+                val = _score(
+                    task.validation, _sample(model, tokenizer, task.validation, scale.samples, seed), scale.samples
+                )
                 sweep.append({"layers": list(layers), "alpha": alpha, "val_win_rate": val["win_rate"]})
-                print(f"[demo] rahf-{method} layers={list(layers)} alpha={alpha}: validation win rate {val['win_rate']}", flush=True)
+                print(
+                    f"[demo] rahf-{method} layers={list(layers)} alpha={alpha}: validation win rate {val['win_rate']}",
+                    flush=True,
+                )
                 if best is None or val["win_rate"] > best[0]:
                     best = (val["win_rate"], list(layers), alpha, model)
         _, layers, alpha, model = best
@@ -209,7 +220,9 @@ def run_demo(out: Path, quick: bool = False, label_noise: float = 0.0, seed: int
     results["timings_s"] = timings | {"total": round(time.time() - t0, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(report(results, samples_dir))
-    print(f"[demo] wrote {out / 'report.md'} and {out / 'results.json'} in {results['timings_s']['total']}s", flush=True)
+    print(
+        f"[demo] wrote {out / 'report.md'} and {out / 'results.json'} in {results['timings_s']['total']}s", flush=True
+    )
     return results
 
 
@@ -236,8 +249,16 @@ def report(results: dict, samples_dir: Path) -> str:
     for rahf, step1 in (("rahf-scit", "hir"), ("rahf-dual", "preferred-sft")):
         if rahf in m and step1 in m:
             d = m[rahf]["win_rate"] - m[step1]["win_rate"]
-            lines.append(f"- {rahf}: {m[rahf]['win_rate']:.3f} vs {step1} {m[step1]['win_rate']:.3f} ({d:+.3f}); vs sft {m[rahf]['win_rate'] - m['sft']['win_rate']:+.3f}")
-    lines += ["", "## Layer and alpha selection (validation prompts only)", "", "| method | layers | alpha | validation win rate |", "|---|---|---|---|"]
+            lines.append(
+                f"- {rahf}: {m[rahf]['win_rate']:.3f} vs {step1} {m[step1]['win_rate']:.3f} ({d:+.3f}); vs sft {m[rahf]['win_rate'] - m['sft']['win_rate']:+.3f}"
+            )
+    lines += [
+        "",
+        "## Layer and alpha selection (validation prompts only)",
+        "",
+        "| method | layers | alpha | validation win rate |",
+        "|---|---|---|---|",
+    ]
     for name, sel in results["selection"].items():
         for row in sel["sweep"]:
             mark = " **(chosen)**" if row["layers"] == sel["layers"] and row["alpha"] == sel["alpha"] else ""

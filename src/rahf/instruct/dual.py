@@ -32,7 +32,11 @@ def train_dual(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Pat
         model = load_model(base, cfg.dtype, cfg.trust_remote_code)
         if cfg.finetune == "lora":
             model = get_peft_model(model, lora_config(model, cfg.instruct.lora))
-        defaults = {"learning_rate": 2e-5 if cfg.finetune == "full" else 2e-4, "num_train_epochs": 3, "max_length": None}
+        defaults = {
+            "learning_rate": 2e-5 if cfg.finetune == "full" else 2e-4,
+            "num_train_epochs": 3,
+            "max_length": None,
+        }
         args = training_args(SFTConfig, cfg, out / side, cfg.instruct.train, **defaults)
         model, logs[side] = train_sft_model(model, tokenizer, data, args)
         model.save_pretrained(out / side)

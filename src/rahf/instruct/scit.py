@@ -46,7 +46,9 @@ def scit_examples(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> li
     out = []
     for p in pairs:
         for response, match, other in ((p.chosen, "pos", "neg"), (p.rejected, "neg", "pos")):
-            v = build_variants(tokenizer, p.prompt, response, systems, cfg.data.max_prompt_length, cfg.data.max_response_length)
+            v = build_variants(
+                tokenizer, p.prompt, response, systems, cfg.data.max_prompt_length, cfg.data.max_response_length
+            )
             out.append({"match": v[match], "other": v[other]})
     return out
 
@@ -80,7 +82,9 @@ def _trainer_class():
         label_smoothing: float = 0.2
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+            logits = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            ).logits
             lp = mean_response_logprob(logits, inputs["input_ids"], inputs["response_mask"])
             b = lp.shape[0] // 2
             loss = scit_loss(lp[:b], lp[b:], self.label_smoothing).mean()

@@ -1,0 +1,45 @@
+"""The built-in demo end to end, in its quick flavour."""
+
+import json
+
+import pytest
+
+from rahf.demo.run import run_demo
+from rahf.demo.task import Fact, gold_score, judge, make_task
+
+METHODS = {"sft", "preferred-sft", "hir", "rahf-scit", "rahf-dual"}
+
+
+def test_gold_judge_scores_by_hand():
+    fact = Fact("mia", "banana")
+    assert gold_score(fact, "of course ! it is yellow . hope this helps !") == 4
+    assert gold_score(fact, "whatever . the answer is yellow . now go away .") == 2
+    assert gold_score(fact, "good question . it is red . stop bothering me .") == 1
+    assert gold_score(fact, "it is yellow .") == -1  # no opener / closing: malformed
+    assert judge(fact, "of course ! it is yellow . hope this helps !", "whatever . it is yellow . now go away .") == 1.0
+    assert judge(fact, "whatever . it is red . now go away .", "ugh , fine . it is blue . now go away .") == 0.5
+
+
+def test_task_pairs_are_ordered_and_noise_flips_them():
+    clean = make_task(n_sft=10, n_pairs=200, n_val=5, n_test=5, seed=3)
+    for p in clean.pairs:
+        fact = Fact(**p["fact"])
+        assert gold_score(fact, p["chosen"]) > gold_score(fact, p["rejected"])
+    noisy = make_task(n_sft=10, n_pairs=400, n_val=5, n_test=5, label_noise=0.25, seed=3)
+    flipped = sum(
+        gold_score(Fact(**p["fact"]), p["chosen"]) < gold_score(Fact(**p["fact"]), p["rejected"]) for p in noisy.pairs
+    )
+    assert 0.15 < flipped / 400 < 0.35
+    test_prompts = {t["prompt"] for t in clean.test}
+    assert not test_prompts & {p["prompt"] for p in clean.pairs}
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_results_and_report(tmp_path):
+    results = run_demo(tmp_path / "demo", quick=True)
+    on_disk = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert on_disk["methods"].keys() == METHODS == results["methods"].keys()
+    for r in on_disk["methods"].values():
+        assert 0.0 <= r["win_rate"] <= 1.0 and r["n"] >= 200
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| rahf-dual |" in report and "alpha" in report
