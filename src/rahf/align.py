@@ -9,11 +9,10 @@ or with padded positions counted as the authors' code did (`loss_norm: authors`)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-
-import json
 
 from .collect import Example, TargetReader, pad_batch
 from .errors import RahfError
@@ -64,7 +63,9 @@ class CachedTargets(torch.utils.data.Dataset):
             raise RahfError(f"{folder}: no collect shards; run `rahf collect` first")
         held = [int(x) for x in self.files[0].metadata()["layers"].split(",")]
         if not set(layers) <= set(held):
-            raise RahfError(f"{folder}: the cache holds layers {held}, align asked for {layers}; run `rahf collect` again")
+            raise RahfError(
+                f"{folder}: the cache holds layers {held}, align asked for {layers}; run `rahf collect` again"
+            )
         self.index: list[tuple[int, int]] = []
         self.meta = []
         for f_i, f in enumerate(self.files):
@@ -185,7 +186,7 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
 
     from .collect import examples_for
     from .models import load_tokenizer
-    from .pipeline import require_artifact, load_policy, target_reader
+    from .pipeline import load_policy, require_artifact, target_reader
     from .training import ListDataset, load_data, lora_config, split_pairs, training_args
 
     tokenizer = load_tokenizer(str(require_artifact(cfg, "instruct")), cfg.trust_remote_code)

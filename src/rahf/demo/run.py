@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ..config import load_config
 from ..generate import generate
 from ..models import load_tokenizer
@@ -169,6 +171,9 @@ def run_demo(out: Path, quick: bool = False, label_noise: float = 0.0, seed: int
     sft_dir = pipeline.run_stage(sft_cfg, "sft")
     t = tick("sft", t)
     cfgs = {m: _config(out / m, data_dir, str(sft_dir), m, all_layers, scale, seed) for m in ("scit", "dual")}
+    for method, cfg in cfgs.items():  # so `rahf status|run DIR/<method>/config.yaml` work on the demo's runs
+        (out / method).mkdir(exist_ok=True)
+        (out / method / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for method, cfg in cfgs.items():
         pipeline.run(cfg)
         t = tick(f"{method} instruct+collect", t)
