@@ -1,0 +1,169 @@
+"""Metrics for comparing alignment methods: win rates, reward-model accuracy, AUC and perplexity.
+
+Pure Python (plus torch for scoring a model), so results do not depend on scikit-learn or scipy.
+All functions raise ValueError on empty or malformed input instead of returning a silent NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+_OUTCOMES = (0.0, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """A win rate with its 95% Wilson interval and the outcome counts it came from."""
+
+    rate: float
+    low: float
+    high: float
+    n: int
+    wins: int
+    ties: int
+    losses: int
+
+
+def wilson_interval(rate: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a proportion `rate` observed over `n` trials, clipped to [0, 1].
+
+    Unlike the normal (Wald) interval it stays sensible near 0 and 1 and for small n.
+    """
+    z2 = z * z
+    denom = 1 + z2 / n
+    centre = (rate + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(outcomes: Sequence[float]) -> WinRate:
+    """Win rate of head-to-head outcomes (1 win, 0.5 tie, 0 loss) with a 95% Wilson interval.
+
+    A tie counts as half a win, so the rate is (wins + ties / 2) / n and the interval treats that
+    as a proportion over n comparisons (ties add a little less variance than assumed: conservative).
+    """
+    if not outcomes:
+        raise ValueError("win_rate needs at least one outcome")
+    bad = [x for x in outcomes if x not in _OUTCOMES]
+    if bad:
+        raise ValueError(f"outcomes must be 1 (win), 0.5 (tie) or 0 (loss); got {bad[0]!r}")
+    n = len(outcomes)
+    wins = sum(1 for x in outcomes if x == 1.0)
+    ties = sum(1 for x in outcomes if x == 0.5)
+    rate = (wins + 0.5 * ties) / n
+    low, high = wilson_interval(rate, n)
+    return WinRate(rate=rate, low=low, high=high, n=n, wins=wins, ties=ties, losses=n - wins - ties)
+
+
+def _average_ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks of `values`, tied values sharing the mean of their ranks (O(n log n))."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        mean_rank = (start + end) / 2 + 1
+        for i in order[start : end + 1]:
+            ranks[i] = mean_rank
+        start = end + 1
+    return ranks
+
+
+def auc_roc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Exact ROC AUC via the Mann-Whitney U statistic: P(positive scores above negative), ties half."""
+    n_pos = sum(1 for y in labels if y == 1)
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("auc_roc needs both classes (labels 0 and 1) to be present")
+    ranks = _average_ranks(scores)
+    rank_sum = sum(r for r, y in zip(ranks, labels) if y == 1)
+    u = rank_sum - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def _ratio(num: float, den: float) -> float:
+    """num / den, or 0.0 when den is 0 (an undefined precision/recall/F1 counts as 0)."""
+    return num / den if den else 0.0
+
+
+def classification_metrics(scores: Sequence[float], labels: Sequence[int], threshold: float = 0.0) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 and ROC AUC of a scorer used as a chosen(1)/rejected(0) classifier.
+
+    A response is predicted positive when its score > `threshold`. Precision, recall and F1 are 0.0
+    when undefined (no predicted positives, no actual positives, or both zero), as in scikit-learn's
+    `zero_division=0`. The AUC is threshold-free.
+    """
+    if len(scores) != len(labels):
+        raise ValueError(f"scores and labels differ in length: {len(scores)} vs {len(labels)}")
+    if any(y not in (0, 1) for y in labels):
+        raise ValueError("labels must be 0 (rejected) or 1 (chosen)")
+    auc = auc_roc(scores, labels)
+    pred = [s > threshold for s in scores]
+    tp = sum(1 for p, y in zip(pred, labels) if p and y == 1)
+    fp = sum(1 for p, y in zip(pred, labels) if p and y == 0)
+    fn = sum(1 for p, y in zip(pred, labels) if not p and y == 1)
+    tn = len(labels) - tp - fp - fn
+    precision = _ratio(tp, tp + fp)
+    recall = _ratio(tp, tp + fn)
+    return {
+        "accuracy": (tp + tn) / len(labels),
+        "precision": precision,
+        "recall": recall,
+        "f1": _ratio(2 * precision * recall, precision + recall),
+        "auc_roc": auc,
+    }
+
+
+def pairwise_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[float]) -> float:
+    """Share of preference pairs whose chosen response scores above the rejected one (ties half).
+
+    This is the usual reward-model accuracy; pairs are matched by position.
+    """
+    if len(chosen_scores) != len(rejected_scores):
+        raise ValueError(f"chosen and rejected differ in length: {len(chosen_scores)} vs {len(rejected_scores)}")
+    if not chosen_scores:
+        raise ValueError("pairwise_accuracy needs at least one pair")
+    credit = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen_scores, rejected_scores))
+    return credit / len(chosen_scores)
+
+
+def perplexity(token_logprobs: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Token-weighted cross-entropy (nats per token) and perplexity over per-sequence token log-probs.
+
+    Every token weighs the same, so long sequences count more than short ones (the standard corpus
+    perplexity, not a mean of per-sequence perplexities).
+    """
+    n_tokens = sum(len(seq) for seq in token_logprobs)
+    if n_tokens == 0:
+        raise ValueError("perplexity needs at least one token")
+    cross_entropy = -sum(sum(seq) for seq in token_logprobs) / n_tokens
+    return {"cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy), "n_tokens": n_tokens}
+
+
+def response_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+) -> list[list[float]]:
+    """Teacher-forced natural-log probability of each response token, one list per sequence.
+
+    Token t is scored from the logits at position t - 1, so a response token at position 0 cannot be
+    scored (ValueError). Only positions where both `response_mask` and `attention_mask` are 1 count.
+    Works with any causal LM whose output has `.logits` of shape [B, T, V].
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.shape != response_mask.shape:
+        raise ValueError("input_ids, attention_mask and response_mask must have the same [B, T] shape")
+    if bool(response_mask[:, 0].any()):
+        raise ValueError("response_mask marks position 0, which has no previous position to predict it from")
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        token_lp = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    keep = (response_mask[:, 1:].bool() & attention_mask[:, 1:].bool()).cpu()
+    token_lp = token_lp.cpu()
+    return [row[mask].tolist() for row, mask in zip(token_lp, keep)]

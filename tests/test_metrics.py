@@ -1,0 +1,200 @@
+"""Evaluation metrics against numbers worked out by hand: win rate, classifier metrics, AUC, perplexity, log-probs."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rahf.metrics import (
+    WinRate,
+    classification_metrics,
+    pairwise_accuracy,
+    perplexity,
+    response_logprobs,
+    win_rate,
+)
+
+# ---------------------------------------------------------------- win_rate
+
+
+def test_win_rate_counts_ties_as_half_and_uses_the_wilson_interval():
+    result = win_rate([1, 1, 0.5, 0])
+    # rate = (2 wins + 0.5 * 1 tie) / 4 = 0.625
+    # Wilson: centre = (p + z^2/2n) / (1 + z^2/n), half = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2)
+    z = 1.959963984540054  # z^2 = 3.8414588206941254
+    p, n = 0.625, 4
+    denom = 1 + z**2 / 4  # = 1.9603647051735313
+    centre = (0.625 + z**2 / 8) / denom  # = 0.5637636454431754
+    half = z / denom * math.sqrt(0.625 * 0.375 / 4 + z**2 / 64)  # = 0.3443371253778125
+    assert (p, n) == (result.rate, result.n)
+    assert result.low == pytest.approx(centre - half, abs=1e-12)  # 0.2194265...
+    assert result.high == pytest.approx(centre + half, abs=1e-12)  # 0.9081007...
+    assert result.low == pytest.approx(0.21942652006536284, abs=1e-12)
+    assert result.high == pytest.approx(0.9081007708209878, abs=1e-12)
+    assert (result.wins, result.ties, result.losses) == (2, 1, 1)
+
+
+def test_win_rate_interval_narrows_with_more_outcomes_at_the_same_rate():
+    small = win_rate([1, 1, 0.5, 0])
+    large = win_rate([1, 1, 0.5, 0] * 25)
+    assert large.rate == small.rate == 0.625
+    assert small.low < large.low < large.rate < large.high < small.high
+
+
+def test_win_rate_interval_stays_within_unit_range_at_the_extremes():
+    assert win_rate([1, 1, 1]).high <= 1.0 and win_rate([1, 1, 1]).rate == 1.0
+    assert win_rate([0, 0, 0]).low >= 0.0 and win_rate([0, 0, 0]).rate == 0.0
+    assert win_rate([1, 1, 1]).low > 0.0  # Wilson does not collapse to a point at p = 1
+
+
+def test_win_rate_is_frozen():
+    with pytest.raises(AttributeError):
+        win_rate([1]).rate = 0.0  # type: ignore[misc]
+    assert isinstance(win_rate([0.5]), WinRate)
+
+
+@pytest.mark.parametrize("outcomes", [[], [1, 2], [0.25], [-1]])
+def test_win_rate_rejects_empty_or_unknown_outcomes(outcomes):
+    with pytest.raises(ValueError):
+        win_rate(outcomes)
+
+
+# ---------------------------------------------------------------- classification_metrics
+
+
+def test_classification_metrics_by_hand():
+    scores = [2.0, 0.5, -1.0, -1.5, 1.0, -0.5, -2.0]
+    labels = [1, 1, 1, 1, 0, 0, 0]
+    # Predicted positive (score > 0): 2.0, 0.5 (both chosen) and 1.0 (rejected).
+    # TP = 2, FN = 2 (-1.0, -1.5), FP = 1 (1.0), TN = 2 (-0.5, -2.0)
+    # accuracy = 4/7, precision = 2/3, recall = 2/4, f1 = 2 * (2/3)(1/2) / (2/3 + 1/2) = 4/7
+    # AUC: positives beat negatives in 3 (2.0) + 2 (0.5) + 1 (-1.0) + 1 (-1.5) = 7 of 12 pairs
+    m = classification_metrics(scores, labels)
+    assert m["accuracy"] == pytest.approx(4 / 7)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(1 / 2)
+    assert m["f1"] == pytest.approx(4 / 7)
+    assert m["auc_roc"] == pytest.approx(7 / 12)
+
+
+def test_classification_metrics_threshold_moves_the_cut_but_not_the_auc():
+    scores = [2.0, 0.5, -1.0, -1.5, 1.0, -0.5, -2.0]
+    labels = [1, 1, 1, 1, 0, 0, 0]
+    # Threshold 1.5: only 2.0 is positive -> TP = 1, FP = 0, FN = 3, TN = 3
+    m = classification_metrics(scores, labels, threshold=1.5)
+    assert m["accuracy"] == pytest.approx(4 / 7)
+    assert m["precision"] == 1.0
+    assert m["recall"] == pytest.approx(1 / 4)
+    assert m["f1"] == pytest.approx(2 * 1.0 * 0.25 / 1.25)  # = 0.4
+    assert m["auc_roc"] == pytest.approx(7 / 12)
+
+
+def test_classification_metrics_undefined_scores_are_zero():
+    # Nothing predicted positive: TP = FP = 0 -> precision, recall and f1 are undefined -> 0.0
+    m = classification_metrics([-1.0, -2.0], [1, 0])
+    assert (m["precision"], m["recall"], m["f1"]) == (0.0, 0.0, 0.0)
+    assert m["accuracy"] == 0.5
+    assert m["auc_roc"] == 1.0
+
+
+def test_auc_counts_ties_as_half():
+    # Pairs (pos, neg): (0.9, 0.5) 1, (0.9, 0.1) 1, (0.5, 0.5) tie 0.5, (0.5, 0.1) 1 -> (1 + 1 + 0.5 + 1) / 4
+    m = classification_metrics([0.9, 0.5, 0.5, 0.1], [1, 1, 0, 0])
+    assert m["auc_roc"] == pytest.approx(0.875)
+
+
+def test_auc_perfect_inverted_and_all_tied():
+    assert classification_metrics([3.0, 2.0, 1.0, 0.0], [1, 1, 0, 0])["auc_roc"] == 1.0
+    assert classification_metrics([0.0, 1.0, 2.0, 3.0], [1, 1, 0, 0])["auc_roc"] == 0.0
+    assert classification_metrics([1.0, 1.0, 1.0], [1, 0, 0])["auc_roc"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("scores", "labels"),
+    [([1.0, 2.0], [1, 1]), ([1.0, 2.0], [0, 0]), ([1.0], [1, 0]), ([1.0, 2.0], [1, 2]), ([], [])],
+)
+def test_classification_metrics_rejects_bad_input(scores, labels):
+    with pytest.raises(ValueError):
+        classification_metrics(scores, labels)
+
+
+# ---------------------------------------------------------------- pairwise_accuracy
+
+
+def test_pairwise_accuracy_counts_ties_as_half():
+    # wins: 2 > 1, 0 < 1 loses, 3 == 3 ties, 5 > -1 -> (1 + 0 + 0.5 + 1) / 4
+    assert pairwise_accuracy([2.0, 0.0, 3.0, 5.0], [1.0, 1.0, 3.0, -1.0]) == pytest.approx(0.625)
+
+
+@pytest.mark.parametrize(("chosen", "rejected"), [([], []), ([1.0], [1.0, 2.0])])
+def test_pairwise_accuracy_rejects_empty_or_mismatched(chosen, rejected):
+    with pytest.raises(ValueError):
+        pairwise_accuracy(chosen, rejected)
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def test_perplexity_is_token_weighted():
+    result = perplexity([[math.log(0.5), math.log(0.25)], [math.log(0.5)]])
+    ce = -(math.log(0.5) + math.log(0.25) + math.log(0.5)) / 3  # = 4 ln 2 / 3
+    assert result["cross_entropy"] == pytest.approx(ce)
+    assert result["perplexity"] == pytest.approx(math.exp(ce))  # = 2^(4/3)
+    assert result["perplexity"] == pytest.approx(2 ** (4 / 3))
+    assert result["n_tokens"] == 3
+
+
+@pytest.mark.parametrize("logprobs", [[], [[]], [[], []]])
+def test_perplexity_rejects_no_tokens(logprobs):
+    with pytest.raises(ValueError):
+        perplexity(logprobs)
+
+
+# ---------------------------------------------------------------- response_logprobs
+
+# Next-token distributions by position (same for both sequences); position 2's is never used.
+PROBS = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [1 / 3, 1 / 3, 1 / 3]])
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in causal LM: returns log(PROBS) + 3 (the shift checks normalisation) for every sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_enabled: bool | None = None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        self.grad_enabled = torch.is_grad_enabled()
+        logits = (PROBS.log() + 3.0).expand(input_ids.shape[0], -1, -1).requires_grad_()
+        return SimpleNamespace(logits=logits)
+
+
+def test_response_logprobs_by_hand():
+    model = FixedLogits()
+    input_ids = torch.tensor([[0, 1, 2], [2, 0, 1]])
+    attention_mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    response_mask = torch.tensor([[0, 1, 1], [0, 0, 1]])
+    out = response_logprobs(model, input_ids, attention_mask, response_mask)
+    # Seq 0: token 1 at pos 1 from PROBS[0] -> 0.25; token 2 at pos 2 from PROBS[1] -> 0.7
+    # Seq 1: token 1 at pos 2 from PROBS[1] -> 0.2
+    assert out[0] == pytest.approx([math.log(0.25), math.log(0.7)], abs=1e-6)
+    assert out[1] == pytest.approx([math.log(0.2)], abs=1e-6)
+    assert model.grad_enabled is False
+
+
+def test_response_logprobs_skips_positions_outside_the_attention_mask():
+    input_ids = torch.tensor([[0, 1, 2]])
+    # Position 2 is marked as response but padded out, so only position 1 (token 1 from PROBS[0]) counts.
+    out = response_logprobs(FixedLogits(), input_ids, torch.tensor([[1, 1, 0]]), torch.tensor([[0, 1, 1]]))
+    assert out == [pytest.approx([math.log(0.25)], abs=1e-6)]
+
+
+def test_response_logprobs_rejects_unpredictable_or_misshaped_masks():
+    ids = torch.tensor([[0, 1, 2]])
+    with pytest.raises(ValueError):
+        response_logprobs(FixedLogits(), ids, torch.ones_like(ids), torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError):
+        response_logprobs(FixedLogits(), ids, torch.ones(1, 2, dtype=torch.long), torch.tensor([[0, 1, 1]]))
