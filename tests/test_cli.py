@@ -117,3 +117,23 @@ def test_console_entry_point_exits_2_without_traceback(bad_data):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("rahf: error: ") and proc.stderr.count("\n") == 1
     assert proc.stdout == ""
+
+
+def test_malformed_pairs_stop_run_before_any_training(tmp_path, tiny_model_dir, bad_data, capsys):
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\nstages: [sft, instruct]\ndata:\n  path: {bad_data}\noutput_dir: {out}\n")
+    assert main(["run", str(cfg)]) == 2
+    message = one_line_error(capsys.readouterr().err)
+    assert "bad.jsonl:2" in message
+    assert nothing_written(out)
+
+
+def test_too_few_pairs_for_the_split_exit_2(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "one.jsonl", standard_records(1, 0))
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {data}\noutput_dir: {out}\n")
+    assert main(["run", str(cfg)]) == 2
+    assert "data.share_pairs" in one_line_error(capsys.readouterr().err)
+    assert nothing_written(out)

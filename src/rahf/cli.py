@@ -41,6 +41,7 @@ def _cmd_stage(args) -> None:
     from . import pipeline
 
     cfg = _load(args)
+    pipeline.preflight(cfg)
     pipeline.run_stage(cfg, args.command, force=not args.skip_fresh)
 
 

@@ -124,8 +124,24 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
     return out
 
 
+def preflight(cfg: RahfConfig) -> None:
+    """Read the data files once before any model loads, so a malformed record stops the run at once."""
+    from .data import load_pairs
+    from .training import load_data, split_pairs
+
+    if any(s in cfg.stages for s in ("instruct", "collect", "align")) or ("sft" in cfg.stages and not cfg.sft.path):
+        split_pairs(cfg, load_data(cfg))
+    if "sft" in cfg.stages and cfg.sft.path:
+        from .sft import sft_examples
+
+        sft_examples(cfg)
+    if "generate" in cfg.stages and cfg.generate.prompts and not str(cfg.generate.prompts).endswith(".jsonl"):
+        load_pairs(cfg.generate.prompts)
+
+
 def run(cfg: RahfConfig, force: bool = False) -> None:
-    """All configured stages in order."""
+    """All configured stages in order (after `preflight`)."""
+    preflight(cfg)
     for stage in cfg.stages:
         run_stage(cfg, stage, force=force)
 

@@ -10,6 +10,7 @@ import torch
 
 from .config import LoraSettings, RahfConfig
 from .data import PreferencePair, load_pairs
+from .errors import DataError
 from .models import decoder_blocks, default_device, load_model
 
 
@@ -56,6 +57,11 @@ def split_pairs(cfg: RahfConfig, pairs: list[PreferencePair]) -> tuple[list[Pref
     order = list(range(len(pairs)))
     random.Random(cfg.seed).shuffle(order)
     k = round(len(pairs) * cfg.data.align_fraction)
+    if k == 0 or k == len(pairs):
+        raise DataError(
+            f"data.path: {len(pairs)} pairs split by data.align_fraction={cfg.data.align_fraction} leave one side "
+            "empty; add pairs, change the fraction, or set data.share_pairs: true"
+        )
     return [pairs[i] for i in order[k:]], [pairs[i] for i in order[:k]]
 
 

@@ -39,6 +39,8 @@ class Scale:
     align_steps: int
     layer_sets: tuple[tuple[int, ...], ...]
     alphas: tuple[float, ...]
+    hidden: int = 128  # model width
+    n_layers: int = 4  # decoder blocks
 
 
 FULL = Scale(4000, 2000, 100, 200, 4, 8, 3, 150, ((2, 3), (3,)), (0.1, 0.25, 0.5, 1.0))
@@ -156,7 +158,7 @@ def run_demo(out: Path, quick: bool = False, label_noise: float = 0.0, seed: int
     _write_jsonl(data_dir / "validation.jsonl", task.validation)
     _write_jsonl(data_dir / "test.jsonl", task.test)
     if not (out / "base" / "config.json").is_file():
-        save_tiny(out / "base", vocabulary(), hidden=128, layers=4, heads=4, seed=seed)
+        save_tiny(out / "base", vocabulary(), hidden=scale.hidden, layers=scale.n_layers, heads=4, seed=seed)
     timings: dict[str, float] = {}
 
     def tick(name: str, since: float) -> float:
