@@ -1,0 +1,163 @@
+"""Export of `rahf generate` output to AlpacaEval, MT-Bench and lm-evaluation-harness inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rahf import export
+from rahf.export import (
+    lm_eval_command,
+    read_generations,
+    to_alpaca_eval,
+    to_mt_bench,
+    write_alpaca_eval,
+    write_mt_bench,
+)
+from rahf.generate import write_generations
+
+PROMPTS = [
+    [{"role": "user", "content": "Name a primary colour."}],
+    [{"role": "user", "content": "What is 2+2?"}],
+]
+RESPONSES = ["Red.", "4"]
+MULTITURN = {
+    "index": 0,
+    "prompt": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Tell me a joke."},
+    ],
+    "response": "No.",
+}
+
+
+@pytest.fixture
+def generations_file(tmp_path: Path) -> Path:
+    path = tmp_path / "generations.jsonl"
+    write_generations(path, PROMPTS, RESPONSES)
+    return path
+
+
+def test_read_generations_round_trip(generations_file: Path):
+    assert read_generations(generations_file) == [
+        {"index": 0, "prompt": PROMPTS[0], "response": "Red."},
+        {"index": 1, "prompt": PROMPTS[1], "response": "4"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("{not json", "invalid JSON"),
+        ('{"index": 1, "prompt": [{"role": "user", "content": "x"}]}', "missing field 'response'"),
+        ('{"index": 1, "prompt": [], "response": "x"}', "field 'prompt'"),
+        ('{"index": 1, "prompt": [{"role": "bot", "content": "x"}], "response": "x"}', "field 'prompt'"),
+    ],
+)
+def test_read_generations_bad_line_names_file_and_line(generations_file: Path, line: str, problem: str):
+    with generations_file.open("a") as f:
+        f.write("\n" + line + "\n")  # a blank line (skipped) then the bad one: line 4
+    with pytest.raises(ValueError, match=rf"generations\.jsonl:4: .*{problem}"):
+        read_generations(generations_file)
+
+
+def test_alpaca_eval_exact_json(generations_file: Path, tmp_path: Path):
+    out = tmp_path / "model_outputs.json"
+    write_alpaca_eval(out, read_generations(generations_file), "rahf-dpo")
+    assert json.loads(out.read_text()) == [
+        {"instruction": "Name a primary colour.", "output": "Red.", "generator": "rahf-dpo", "dataset": "rahf"},
+        {"instruction": "What is 2+2?", "output": "4", "generator": "rahf-dpo", "dataset": "rahf"},
+    ]
+
+
+def test_alpaca_eval_multiturn_rejected_unless_allowed():
+    with pytest.raises(ValueError, match="generation 7: .*single-turn"):
+        to_alpaca_eval([{**MULTITURN, "index": 7}], "g")
+    with pytest.raises(ValueError, match="generation 0: .*single-turn"):
+        to_alpaca_eval([{**MULTITURN, "prompt": [{"role": "system", "content": "Be terse."}, *PROMPTS[0]]}], "g")
+    [entry] = to_alpaca_eval([MULTITURN], "g", allow_multiturn=True)
+    assert entry["instruction"] == "Human: Hi\n\nAssistant: Hello!\n\nHuman: Tell me a joke."
+    assert entry["output"] == "No."
+
+
+def test_alpaca_eval_prompt_must_end_with_user():
+    with pytest.raises(ValueError, match="generation 0: .*user message"):
+        to_alpaca_eval([{**MULTITURN, "prompt": MULTITURN["prompt"][:2]}], "g", allow_multiturn=True)
+
+
+def test_mt_bench_exact_lines(generations_file: Path, tmp_path: Path):
+    gens = read_generations(generations_file)
+    out = tmp_path / "answers.jsonl"
+    write_mt_bench(out, gens, "rahf-dpo", question_ids=[81, 82], now=1700000000.5)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    ids = [line["answer_id"] for line in lines]
+    assert lines == [
+        {
+            "question_id": 81,
+            "answer_id": ids[0],
+            "model_id": "rahf-dpo",
+            "choices": [{"index": 0, "turns": ["Red."]}],
+            "tstamp": 1700000000.5,
+        },
+        {
+            "question_id": 82,
+            "answer_id": ids[1],
+            "model_id": "rahf-dpo",
+            "choices": [{"index": 0, "turns": ["4"]}],
+            "tstamp": 1700000000.5,
+        },
+    ]
+    assert all(len(i) == 22 and int(i, 16) >= 0 for i in ids) and ids[0] != ids[1]
+
+
+def test_mt_bench_answer_id_deterministic(generations_file: Path):
+    gens = read_generations(generations_file)
+    first = to_mt_bench(gens, "m", now=1.0)
+    assert [r["question_id"] for r in first] == [0, 1]  # default: the generation index
+    assert [r["answer_id"] for r in to_mt_bench(gens, "m", now=2.0)] == [r["answer_id"] for r in first]
+    changed = to_mt_bench([{**gens[0], "response": "Blue."}], "m", now=1.0)
+    assert changed[0]["answer_id"] != first[0]["answer_id"]
+    assert to_mt_bench(gens[:1], "other", now=1.0)[0]["answer_id"] != first[0]["answer_id"]
+
+
+def test_mt_bench_length_mismatch(generations_file: Path, tmp_path: Path):
+    gens = read_generations(generations_file)
+    with pytest.raises(ValueError, match="1 question ids for 2 generations"):
+        to_mt_bench(gens, "m", question_ids=[81])
+    with pytest.raises(ValueError, match="3 question ids for 2 generations"):
+        write_mt_bench(tmp_path / "a.jsonl", gens, "m", question_ids=[81, 82, 83])
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_atomic_write_leaves_no_temp_files(generations_file: Path, tmp_path: Path, monkeypatch):
+    gens = read_generations(generations_file)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_alpaca_eval(out / "model_outputs.json", gens, "g")
+    write_mt_bench(out / "answers.jsonl", gens, "m", now=1.0)
+    assert sorted(p.name for p in out.iterdir()) == ["answers.jsonl", "model_outputs.json"]
+
+    before = (out / "answers.jsonl").read_text()
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_mt_bench(out / "answers.jsonl", gens, "changed", now=2.0)
+    assert sorted(p.name for p in out.iterdir()) == ["answers.jsonl", "model_outputs.json"]
+    assert (out / "answers.jsonl").read_text() == before
+
+
+def test_lm_eval_command_cpu_and_cuda():
+    assert lm_eval_command("runs/merged") == [
+        "lm_eval", "--model", "hf", "--model_args", "pretrained=runs/merged,dtype=float32",
+        "--tasks", "truthfulqa_mc2,arc_challenge", "--batch_size", "8", "--device", "cpu",
+    ]  # fmt: skip
+    assert lm_eval_command("/m d", tasks=["hellaswag"], batch_size=4, device="cuda:0") == [
+        "lm_eval", "--model", "hf", "--model_args", "pretrained=/m d,dtype=bfloat16",
+        "--tasks", "hellaswag", "--batch_size", "4", "--device", "cuda:0",
+    ]  # fmt: skip
