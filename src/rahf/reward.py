@@ -1,0 +1,104 @@
+"""Train a reward model on preference pairs with TRL's RewardTrainer, and measure it on held-out pairs.
+
+Training texts are tokenized exactly as `RewardModelJudge` tokenizes them when scoring (same rendering,
+special tokens, left truncation), so the trained model is judged on the inputs it learned from.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import Message, PreferencePair
+from .judges import RewardModelJudge
+from .metrics import classification_metrics, pairwise_accuracy
+
+
+def _encode(judge: RewardModelJudge, prompt: Sequence[Message], response: str) -> list[int]:
+    """Token ids of (prompt, response) as `judge.score_many` feeds them to the model."""
+    tok = judge.tokenizer
+    saved = tok.truncation_side
+    tok.truncation_side = "left"
+    try:
+        return tok(
+            judge.text(prompt, response),
+            add_special_tokens=not getattr(tok, "chat_template", None),  # templates write their own BOS
+            truncation=True,
+            max_length=judge.max_length,
+        )["input_ids"]
+    finally:
+        tok.truncation_side = saved
+
+
+def train_reward_model(
+    pairs: list[PreferencePair],
+    backbone: str,
+    out: Path,
+    train: dict[str, Any] | None = None,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    max_length: int = 512,
+) -> RewardModelJudge:
+    """Fine-tune `backbone` with a one-label head on `pairs` (Bradley-Terry loss), save it to `out`, return its judge.
+
+    `train` overrides RewardConfig fields (learning_rate, num_train_epochs, per_device_train_batch_size, ...).
+    """
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    from .models import load_tokenizer
+
+    if not pairs:
+        raise ValueError("train_reward_model needs at least one preference pair")
+    out = Path(out)
+    set_seed(seed)  # the new score head starts from a seeded random init
+    tokenizer = load_tokenizer(backbone, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        backbone, num_labels=1, trust_remote_code=trust_remote_code
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    judge = RewardModelJudge(model, tokenizer, max_length=max_length)
+    dataset = Dataset.from_dict(
+        {
+            "chosen_ids": [_encode(judge, p.prompt, p.chosen) for p in pairs],
+            "rejected_ids": [_encode(judge, p.prompt, p.rejected) for p in pairs],
+        }
+    )
+    values: dict[str, Any] = {
+        "output_dir": str(out / "checkpoints"),
+        "report_to": "none",
+        "save_strategy": "no",
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": torch.cuda.is_available(),  # TRL's default bf16 autocast is slow and coarse on a CPU
+        "seed": seed,
+        "data_seed": seed,
+        "disable_tqdm": True,
+        "max_length": max_length,
+    }
+    values.update(train or {})
+    trainer = RewardTrainer(model=model, args=RewardConfig(**values), train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # drop mixed-precision hooks
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return RewardModelJudge(model, tokenizer, max_length=max_length)
+
+
+def evaluate_reward_model(judge: RewardModelJudge, pairs: Sequence[PreferencePair]) -> dict[str, float]:
+    """Pairwise accuracy, classification metrics of pooled scores (chosen=1, rejected=0, median threshold), mean margin."""
+    if not pairs:
+        raise ValueError("evaluate_reward_model needs at least one preference pair")
+    prompts = [p.prompt for p in pairs]
+    scores = judge.score_many([*prompts, *prompts], [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    n = len(pairs)
+    chosen, rejected = scores[:n], scores[n:]
+    return {
+        "pairwise_accuracy": pairwise_accuracy(chosen, rejected),
+        **classification_metrics(scores, [1] * n + [0] * n, threshold=statistics.median(scores)),
+        "mean_margin": statistics.fmean(c - r for c, r in zip(chosen, rejected)),
+    }

@@ -1,0 +1,77 @@
+"""Reward-model training: a tiny LLaMA learns the demo's preferences, saves, reloads and is evaluated."""
+
+from __future__ import annotations
+
+import pytest
+
+from rahf.data import PreferencePair
+from rahf.demo.task import make_task, vocabulary
+from rahf.demo.tiny import save_tiny
+from rahf.judges import RewardModelJudge
+from rahf.metrics import pairwise_accuracy
+from rahf.reward import _encode, evaluate_reward_model, train_reward_model
+
+N_TRAIN = 250
+TRAIN = {"num_train_epochs": 3, "learning_rate": 1e-3, "per_device_train_batch_size": 16, "logging_steps": 50}
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[PreferencePair]:
+    task = make_task(n_sft=10, n_pairs=300, n_val=5, n_test=5, seed=1)
+    return [
+        PreferencePair(({"role": "user", "content": p["prompt"]},), p["chosen"], p["rejected"], "demo")
+        for p in task.pairs
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, pairs):
+    tmp = tmp_path_factory.mktemp("reward")
+    base = save_tiny(tmp / "base", vocabulary(), hidden=32, layers=2, heads=2)
+    out = tmp / "rm"
+    judge = train_reward_model(pairs[:N_TRAIN], str(base), out, train=TRAIN, seed=0)
+    return judge, out
+
+
+def test_reward_model_learns_held_out_preferences(trained, pairs):
+    """Politeness is learnt from 250 pairs; the colour facts are not (a politeness-only scorer reaches 0.69 here)."""
+    judge, _ = trained
+    held_out = pairs[N_TRAIN:]
+    prompts = [p.prompt for p in held_out]
+    chosen = judge.score_many(prompts, [p.chosen for p in held_out])
+    rejected = judge.score_many(prompts, [p.rejected for p in held_out])
+    # seeds 0-2 give 0.66-0.68; the untrained model 0.52-0.54 and one optimiser step 0.56-0.62
+    assert pairwise_accuracy(chosen, rejected) >= 0.64
+
+
+def test_saved_reward_model_reloads_with_same_scores(trained, pairs):
+    judge, out = trained
+    loaded = RewardModelJudge.from_pretrained(str(out))
+    sample = pairs[N_TRAIN:]
+    prompts = [p.prompt for p in sample]
+    responses = [p.chosen for p in sample]
+    assert loaded.score_many(prompts, responses) == pytest.approx(judge.score_many(prompts, responses), abs=1e-5)
+
+
+def test_training_inputs_match_judge_tokenization(trained, pairs):
+    judge, _ = trained
+    p = pairs[0]
+    ids = _encode(judge, p.prompt, p.chosen)
+    expected = judge.tokenizer(judge.text(p.prompt, p.chosen))["input_ids"]  # the tiny tokenizer has no template
+    assert ids == expected
+    assert ids[-1] != judge.tokenizer.eos_token_id  # no EOS appended: the judge scores without one
+
+
+def test_evaluate_reward_model_matches_hand_computed_metrics(trained, pairs):
+    judge, _ = trained
+    held_out = pairs[N_TRAIN:]
+    result = evaluate_reward_model(judge, held_out)
+    for key in ("pairwise_accuracy", "accuracy", "precision", "recall", "f1", "auc_roc"):
+        assert 0.0 <= result[key] <= 1.0, key
+    prompts = [p.prompt for p in held_out]
+    chosen = judge.score_many(prompts, [p.chosen for p in held_out])
+    rejected = judge.score_many(prompts, [p.rejected for p in held_out])
+    assert result["pairwise_accuracy"] == pytest.approx(pairwise_accuracy(chosen, rejected))
+    assert result["mean_margin"] == pytest.approx(sum(c - r for c, r in zip(chosen, rejected)) / len(chosen))
+    with pytest.raises(ValueError):
+        evaluate_reward_model(judge, [])
