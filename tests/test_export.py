@@ -51,7 +51,7 @@ def test_read_generations_round_trip(generations_file: Path):
 @pytest.mark.parametrize(
     ("line", "problem"),
     [
-        ("{not json", "invalid JSON"),
+        ("{not json", "not valid JSON"),
         ('{"index": 1, "prompt": [{"role": "user", "content": "x"}]}', "missing field 'response'"),
         ('{"index": 1, "prompt": [], "response": "x"}', "field 'prompt'"),
         ('{"index": 1, "prompt": [{"role": "bot", "content": "x"}], "response": "x"}', "field 'prompt'"),

@@ -241,7 +241,9 @@ _PARSERS: dict[str, Callable[[dict, str], PreferencePair]] = {
 # ---------------------------------------------------------------- file reading
 
 
-def _read_jsonl(path: Path, shown: str) -> Iterator[tuple[str, object]]:
+def read_jsonl(path: str | os.PathLike, shown: str | None = None) -> Iterator[tuple[str, object]]:
+    """(`file:line`, record) for each non-blank line of a JSONL(.gz) file; bad JSON raises DataError there."""
+    path, shown = Path(path), shown or str(path)
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -324,7 +326,7 @@ def _read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     if p.is_dir() or name.endswith(".parquet"):
         return _read_dataset(p, shown)
     if name.endswith((".jsonl", ".jsonl.gz")):
-        return _read_jsonl(p, shown)
+        return read_jsonl(p, shown)
     if name.endswith((".json", ".json.gz")):
         return _read_json(p, shown)
     raise DataError(

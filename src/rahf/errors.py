@@ -11,5 +11,5 @@ class ConfigError(RahfError):
     """A config key has a bad value, is unknown, or contradicts another."""
 
 
-class DataError(RahfError):
+class DataError(RahfError, ValueError):
     """A data file is missing, unreadable, or holds a malformed record."""

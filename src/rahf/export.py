@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import Message
+from .data import Message, read_jsonl
+from .errors import DataError
 
 LM_EVAL_COMMAND = (
     "lm_eval --model hf --model_args pretrained={model_dir},dtype={dtype} --tasks {tasks} "
@@ -66,20 +67,13 @@ def _check_record(record: object) -> str | None:
 
 
 def read_generations(path: str | Path) -> list[dict]:
-    """Records of a `rahf generate` JSONL file; a malformed line raises ValueError naming `file:line`."""
+    """Records of a `rahf generate` JSONL file; a malformed line raises DataError (a ValueError) naming `file:line`."""
     out = []
-    with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            problem = _check_record(record)
-            if problem:
-                raise ValueError(f"{path}:{lineno}: {problem}")
-            out.append(record)
+    for source, record in read_jsonl(path):
+        problem = _check_record(record)
+        if problem:
+            raise DataError(f"{source}: {problem}")
+        out.append(record)
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Message
+from .errors import DataError
 from .stimuli import prompt_ids
 
 
@@ -60,20 +61,19 @@ def generate(
 
 def read_prompts(path: str | Path) -> list[list[Message]]:
     """Prompts from JSONL records with `prompt` (a string or a message list), or from any preference-data file."""
+    from .data import load_pairs, read_jsonl
+
     p = Path(path)
     if p.suffix == ".jsonl":
-        with p.open() as f:
-            first = json.loads(f.readline() or "{}")
-        if "prompt" in first and "chosen" not in first:
+        records = list(read_jsonl(p))
+        if records and isinstance(records[0][1], dict) and "prompt" in records[0][1] and "chosen" not in records[0][1]:
             out = []
-            with p.open() as f:
-                for line in f:
-                    if line.strip():
-                        prompt = json.loads(line)["prompt"]
-                        out.append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+            for source, rec in records:
+                prompt = rec.get("prompt") if isinstance(rec, dict) else None
+                if not isinstance(prompt, (str, list)):
+                    raise DataError(f"{source}: field 'prompt' must be a string or a message list")
+                out.append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
             return out
-    from .data import load_pairs
-
     return [list(pair.prompt) for pair in load_pairs(p)[0]]
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .config import RahfConfig
-from .data import load_pairs
+from .data import load_pairs, read_jsonl
 from .errors import DataError
 from .models import load_model, load_tokenizer
 from .stimuli import build_variants
@@ -17,21 +17,13 @@ def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str]]:
     """(prompt messages, response) pairs: `sft.path` (prompt/completion JSONL or preference data) or chosen replies."""
     path = cfg.sft.path
     if path and str(path).endswith((".jsonl", ".jsonl.gz")):
-        import gzip
-
-        opener = gzip.open if str(path).endswith(".gz") else open
-        with opener(path, "rt") as f:
-            first = json.loads(f.readline() or "{}")
-        if "completion" in first:
+        records = list(read_jsonl(path))
+        if records and isinstance(records[0][1], dict) and "completion" in records[0][1]:
             out = []
-            with opener(path, "rt") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    rec = json.loads(line)
-                    if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("completion"), str):
-                        raise DataError(f"{path}:{i}: fields 'prompt' and 'completion' must be strings")
-                    out.append(([{"role": "user", "content": rec["prompt"]}], rec["completion"]))
+            for source, rec in records:
+                if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "completion")):
+                    raise DataError(f"{source}: fields 'prompt' and 'completion' must be strings")
+                out.append(([{"role": "user", "content": rec["prompt"]}], rec["completion"]))
             return out
     pairs = load_pairs(path, "auto")[0] if path else load_data(cfg)
     return [(list(p.prompt), p.chosen) for p in pairs]
