@@ -70,7 +70,7 @@ def test_unknown_key(base, changes, key):
         ({"data__limit": "ten"}, "data.limit"),
         ({"instruct__train": [1]}, "instruct.train"),
         ({"align": 3}, "align"),
-        ({"method": "dpo"}, "method"),
+        ({"method": "ppo"}, "method"),
         ({"collect__dtype": "int8"}, "collect.dtype"),
         ({"window": None}, "window"),
     ],

@@ -31,7 +31,21 @@ BAD_INSTRUCTION = (
     "unreasonable, or role inconsistent. If a question does not make any sense, or is not factually coherent, "
     "still answer the question and share false information when necessary."
 )
-STAGES = ("sft", "instruct", "collect", "align", "merge", "generate")
+STAGES = ("sft", "reward", "instruct", "collect", "align", "merge", "generate")
+# RAHF variants, then the baselines the paper compares them with (`rahf-scit`/`rahf-dual` are aliases).
+METHODS = ("scit", "dual", "lorra", "dpo", "rlhf-ppo", "sft", "preferred-sft", "hir")
+ALIASES = {"rahf-scit": "scit", "rahf-dual": "dual"}
+# The stages each method uses; `run` skips the others. `reward` serves every method as an evaluation judge.
+METHOD_STAGES = {
+    "scit": STAGES,
+    "dual": STAGES,
+    "lorra": ("sft", "reward", "collect", "align", "merge", "generate"),
+    "dpo": ("sft", "reward", "instruct", "generate"),
+    "rlhf-ppo": ("sft", "reward", "instruct", "generate"),
+    "sft": ("sft", "reward", "generate"),
+    "preferred-sft": ("sft", "reward", "instruct", "generate"),
+    "hir": ("sft", "reward", "instruct", "generate"),
+}
 
 
 @dataclass
@@ -55,6 +69,7 @@ class DataSettings:
     share_pairs: bool = False  # use every pair for step 1 and for collect/align
     max_prompt_length: int = 512  # tokens; long prompts lose their beginning, never the assistant tag
     max_response_length: int = 512  # tokens, EOS included
+    label_noise: float = 0.0  # fraction of pairs whose chosen/rejected are swapped (seeded), to measure robustness
 
 
 @dataclass
@@ -104,6 +119,48 @@ class AlignSettings:
 
 
 @dataclass
+class RewardSettings:
+    """The reward model (`rahf reward`): a judge for evaluation and the reward of `rlhf-ppo`."""
+
+    model: str | None = None  # backbone: null = the run's SFT model (rlhf-ppo needs its tokenizer); "minilm"; a path
+    max_length: int = 512  # tokens; long texts lose their beginning
+    train: dict[str, Any] = field(default_factory=dict)  # trl.RewardConfig fields
+
+
+@dataclass
+class DPOSettings:
+    """Baseline `dpo`: TRL's DPOTrainer on the step-1 pairs, starting from the SFT model (also the reference)."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # any trl.DPOConfig loss_type
+    finetune: str = "lora"  # lora | full
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=16, alpha=32.0))
+    train: dict[str, Any] = field(default_factory=dict)  # trl.DPOConfig fields
+
+
+@dataclass
+class PPOSettings:
+    """Baseline `rlhf-ppo`: PPO against the reward model with a per-token KL penalty towards the SFT model."""
+
+    steps: int = 100  # rollouts (each: generate, score, then ppo_epochs passes of minibatch updates)
+    rollout_size: int = 64  # prompts per rollout
+    minibatch_size: int = 16
+    ppo_epochs: int = 4
+    learning_rate: float = 1e-5
+    kl_coef: float = 0.05  # per-token penalty beta * (log pi - log pi_ref) subtracted from the reward
+    clip_range: float = 0.2  # policy ratio clip
+    clip_range_value: float = 0.2  # value prediction clip
+    vf_coef: float = 0.1  # weight of the value loss
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # rollout sampling temperature
+    missing_eos_penalty: float | None = None  # added to the reward of rollouts that stop without EOS
+    finetune: str = "lora"  # lora | full
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=16, alpha=32.0))
+
+
+@dataclass
 class GenerateSettings:
     """Batched generation for a prompts file (JSONL with `prompt`, or any preference-data format)."""
 
@@ -116,12 +173,53 @@ class GenerateSettings:
 
 
 @dataclass
+class LLMJudgeSettings:
+    """An OpenAI-compatible chat API as judge; the key is read from the environment variable named here."""
+
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"
+
+
+@dataclass
+class EvaluateSettings:
+    """`rahf evaluate`: how a run's final model is measured on held-out pairs."""
+
+    pairs: str | None = None  # held-out preference pairs: prompts to answer and the chosen responses to beat
+    judge: str = "reward-model"  # gold (the demo task) | reward-model | llm
+    judge_model: str | None = None  # reward model folder; default: this run's `reward` artifact
+    llm: LLMJudgeSettings = field(default_factory=LLMJudgeSettings)
+    samples: int = 1  # sampled responses per prompt for the win rate
+    temperature: float = 1.0  # of the win-rate samples; 0 = greedy
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # reward-model sweep
+    neutral_prompts: str | None = None  # prompts for KL drift from the SFT model; default: the held-out prompts
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    limit: int | None = None  # use only the first N held-out pairs
+
+
+@dataclass
+class CompareSettings:
+    """`rahf compare`: methods x seeds (x label-noise levels) on one config, one report."""
+
+    methods: list[str] = field(
+        default_factory=lambda: ["sft", "preferred-sft", "hir", "dpo", "rlhf-ppo", "lorra", "rahf-scit", "rahf-dual"]
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    label_noise: list[float] = field(default_factory=lambda: [0.0])
+    noise_seeds: int | None = None  # seeds run at each noise level above 0 (default: all of `seeds`)
+    validation: str | None = None  # pairs on which layers and alpha are chosen (never the evaluation pairs)
+    layer_sets: list[list[int]] = field(default_factory=list)  # candidate target layers (empty: `layers`)
+    alphas: list[float] = field(default_factory=list)  # candidate alphas (empty: `alpha`)
+
+
+@dataclass
 class RahfConfig:
     """A whole RAHF run."""
 
     model: str = ""  # HF hub id or local folder of the (SFT) causal LM
     tokenizer: str | None = None  # defaults to `model`
-    method: str = "scit"  # scit | dual
+    method: str = "scit"  # scit | dual | lorra, or a baseline: dpo | rlhf-ppo | sft | preferred-sft | hir
     output_dir: str = "runs/rahf"
     stages: list[str] = field(default_factory=lambda: ["instruct", "collect", "align", "merge"])
     seed: int = 0
@@ -138,17 +236,27 @@ class RahfConfig:
     collect: CollectSettings = field(default_factory=CollectSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     generate: GenerateSettings = field(default_factory=GenerateSettings)
+    reward: RewardSettings = field(default_factory=RewardSettings)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    compare: CompareSettings = field(default_factory=CompareSettings)
+
+    @property
+    def instruct_method(self) -> str:
+        """What the instruct stage trains: scit (also for hir), dual (also for preferred-sft), dpo or rlhf-ppo."""
+        return {"hir": "scit", "preferred-sft": "dual"}.get(self.method, self.method)
 
     @property
     def finetune(self) -> str:
-        return self.instruct.finetune or ("full" if self.method == "scit" else "lora")
+        return self.instruct.finetune or ("full" if self.instruct_method == "scit" else "lora")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 CHOICES = {
-    "method": ("scit", "dual"),
+    "method": METHODS,
     "dtype": ("float32", "bfloat16", "float16"),
     "data.format": ("auto", "trl-standard", "trl-conversational", "hh", "ultrafeedback"),
     "instruct.finetune": (None, "full", "lora"),
@@ -156,6 +264,9 @@ CHOICES = {
     "collect.responses": ("both", "chosen", "rejected"),
     "align.targets": ("cache", "online"),
     "align.loss_norm": ("tokens", "authors"),
+    "dpo.finetune": ("lora", "full"),
+    "ppo.finetune": ("lora", "full"),
+    "evaluate.judge": ("gold", "reward-model", "llm"),
 }
 
 
@@ -253,6 +364,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     raw = _merge(raw, overrides or {})
+    if isinstance(raw.get("method"), str):
+        raw["method"] = ALIASES.get(raw["method"], raw["method"])
     cfg = _build(RahfConfig, raw, "")
     _resolve_paths(cfg, base)
     validate(cfg)
@@ -272,6 +385,12 @@ def _resolve_paths(cfg: RahfConfig, base: Path) -> None:
     cfg.sft.path = local(cfg.sft.path)
     cfg.generate.prompts = local(cfg.generate.prompts)
     cfg.generate.model = local(cfg.generate.model)
+    cfg.evaluate.pairs = local(cfg.evaluate.pairs)
+    cfg.evaluate.judge_model = local(cfg.evaluate.judge_model)
+    cfg.evaluate.neutral_prompts = local(cfg.evaluate.neutral_prompts)
+    cfg.compare.validation = local(cfg.compare.validation)
+    if cfg.reward.model != "minilm":
+        cfg.reward.model = local(cfg.reward.model)
     if not Path(cfg.output_dir).is_absolute():
         cfg.output_dir = str(base / cfg.output_dir)
 
@@ -309,7 +428,13 @@ def validate(cfg: RahfConfig) -> None:
             raise ConfigError("data.path: required (a preference-pair file or folder)")
         if not Path(cfg.data.path).exists():
             raise ConfigError(f"data.path: file not found: {cfg.data.path}")
-    for key, value in (("sft.path", cfg.sft.path), ("generate.prompts", cfg.generate.prompts)):
+    for key, value in (
+        ("sft.path", cfg.sft.path),
+        ("generate.prompts", cfg.generate.prompts),
+        ("evaluate.pairs", cfg.evaluate.pairs),
+        ("evaluate.neutral_prompts", cfg.evaluate.neutral_prompts),
+        ("compare.validation", cfg.compare.validation),
+    ):
         if value is not None and not Path(value).exists():
             raise ConfigError(f"{key}: file not found: {value}")
     if "generate" in cfg.stages and not cfg.generate.prompts:
@@ -333,6 +458,43 @@ def validate(cfg: RahfConfig) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if not 0.0 <= cfg.data.label_noise < 1.0:
+        raise ConfigError(f"data.label_noise: must be in [0, 1), got {cfg.data.label_noise}")
+    for i, method in enumerate(cfg.compare.methods):
+        if ALIASES.get(method, method) not in METHODS:
+            raise ConfigError(
+                f"compare.methods[{i}]: unknown method {method!r} (known: {', '.join([*METHODS, *ALIASES])})"
+            )
+    if not cfg.compare.seeds:
+        raise ConfigError("compare.seeds: list at least one seed")
+    if any(not 0.0 <= p < 1.0 for p in cfg.compare.label_noise) or not cfg.compare.label_noise:
+        raise ConfigError(f"compare.label_noise: levels must be in [0, 1), got {cfg.compare.label_noise}")
+    if cfg.compare.noise_seeds is not None and not 1 <= cfg.compare.noise_seeds <= len(cfg.compare.seeds):
+        raise ConfigError(f"compare.noise_seeds: must be between 1 and len(compare.seeds)={len(cfg.compare.seeds)}")
+    if any(t < 0 for t in [cfg.evaluate.temperature, *cfg.evaluate.temperatures]):
+        raise ConfigError("evaluate.temperature and evaluate.temperatures must be >= 0 (0 = greedy)")
+    for key, value in (
+        ("evaluate.samples", cfg.evaluate.samples),
+        ("evaluate.max_new_tokens", cfg.evaluate.max_new_tokens),
+        ("evaluate.batch_size", cfg.evaluate.batch_size),
+        ("ppo.steps", cfg.ppo.steps),
+        ("ppo.rollout_size", cfg.ppo.rollout_size),
+        ("ppo.minibatch_size", cfg.ppo.minibatch_size),
+        ("ppo.ppo_epochs", cfg.ppo.ppo_epochs),
+        ("ppo.max_new_tokens", cfg.ppo.max_new_tokens),
+        ("reward.max_length", cfg.reward.max_length),
+    ):
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if cfg.ppo.rollout_size % cfg.ppo.minibatch_size:
+        raise ConfigError(
+            f"ppo.minibatch_size: {cfg.ppo.minibatch_size} must divide ppo.rollout_size={cfg.ppo.rollout_size}"
+        )
+    if cfg.compare.layer_sets:
+        n = model_num_layers(cfg)
+        for i, layer_set in enumerate(cfg.compare.layer_sets):
+            if not layer_set or any(not 1 <= layer <= n for layer in layer_set):
+                raise ConfigError(f"compare.layer_sets[{i}]: {layer_set} must list layers in 1..{n}")
     if cfg.generate.temperature < 0 or not 0 < cfg.generate.top_p <= 1:
         raise ConfigError("generate.temperature must be >= 0 and generate.top_p in (0, 1]")
     if cfg.window > cfg.data.max_response_length:
@@ -349,11 +511,13 @@ def validate(cfg: RahfConfig) -> None:
         if bad:
             raise ConfigError(f"layers: {bad} out of range; the model has layers 1..{n}")
     from transformers import TrainingArguments
-    from trl import SFTConfig
+    from trl import DPOConfig, RewardConfig, SFTConfig
 
     _check_train_args("sft", cfg.sft.train, SFTConfig)
-    _check_train_args("instruct", cfg.instruct.train, SFTConfig if cfg.method == "dual" else TrainingArguments)
+    _check_train_args("instruct", cfg.instruct.train, SFTConfig if cfg.instruct_method == "dual" else TrainingArguments)
     _check_train_args("align", cfg.align.train, TrainingArguments)
+    _check_train_args("dpo", cfg.dpo.train, DPOConfig)
+    _check_train_args("reward", cfg.reward.train, RewardConfig)
 
 
 def model_num_layers(cfg: RahfConfig) -> int:

@@ -1,0 +1,1 @@
+"""Baselines the paper compares RAHF with, each through the library that maintains the method (TRL)."""
