@@ -7,7 +7,7 @@ import pytest
 from rahf.demo.run import run_demo
 from rahf.demo.task import Fact, gold_score, judge, make_task
 
-METHODS = {"sft", "preferred-sft", "hir", "rahf-scit", "rahf-dual"}
+METHODS = ["sft", "preferred-sft", "hir", "dpo", "rlhf-ppo", "lorra", "rahf-scit", "rahf-dual"]
 
 
 def test_gold_judge_scores_by_hand():
@@ -38,8 +38,12 @@ def test_task_pairs_are_ordered_and_noise_flips_them():
 def test_quick_demo_writes_results_and_report(tmp_path):
     results = run_demo(tmp_path / "demo", quick=True)
     on_disk = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert on_disk["methods"].keys() == METHODS == results["methods"].keys()
+    assert list(on_disk["methods"]) == METHODS == list(results["methods"])
     for r in on_disk["methods"].values():
         assert 0.0 <= r["win_rate"] <= 1.0 and r["n"] >= 200
+        assert r["ci95"][0] <= r["win_rate"] <= r["ci95"][1]
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| rahf-dual |" in report and "alpha" in report
+    assert all(f"| {m} |" in report for m in METHODS) and "alpha" in report
+    assert (tmp_path / "demo" / "win_rate.png").is_file()
+    sweep = (tmp_path / "demo" / "compare.yaml").read_text()
+    assert "noise_seeds: 1" in sweep and "- 0.4" in sweep

@@ -186,10 +186,10 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
 
     from .collect import examples_for
     from .models import load_tokenizer
-    from .pipeline import load_policy, require_artifact, target_reader
+    from .pipeline import load_policy, require_artifact, step1_path, target_reader
     from .training import ListDataset, load_data, lora_config, split_pairs, training_args
 
-    tokenizer = load_tokenizer(str(require_artifact(cfg, "instruct")), cfg.trust_remote_code)
+    tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code)
     policy = load_policy(cfg)
     model = get_peft_model(policy, lora_config(policy, cfg.align.lora, max_layer=max(layers)))
     if cfg.align.targets == "cache":

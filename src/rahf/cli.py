@@ -10,11 +10,13 @@ from .errors import RahfError
 
 STAGE_HELP = {
     "sft": "step 0: supervised fine-tuning (TRL SFTTrainer, loss on responses only)",
-    "instruct": "step 1: SCIT (contrastive instructions) or Dual (preferred/dispreferred models)",
+    "reward": "a reward model on the preference data (TRL RewardTrainer): judge, and reward for rlhf-ppo",
+    "instruct": "step 1: SCIT, Dual, or a baseline's training (preferred-sft, dpo, rlhf-ppo)",
     "collect": "step 2: record o and v at the target layers into safetensors shards",
     "align": "step 3: train a LoRA so hidden states approach o + alpha * v",
     "merge": "fold the alignment adapter into a plain Hugging Face model",
     "generate": "batched generation for generate.prompts, JSONL out",
+    "evaluate": "win rate, reward by temperature, perplexity, likelihood classifier and KL drift on evaluate.pairs",
 }
 
 
@@ -40,7 +42,13 @@ def _load(args) -> "RahfConfig":  # noqa: F821
 def _cmd_stage(args) -> None:
     from . import pipeline
 
+    from .config import METHOD_STAGES
+
     cfg = _load(args)
+    if args.command not in METHOD_STAGES[cfg.method]:
+        raise RahfError(
+            f"method {cfg.method} has no {args.command} stage (its stages: {', '.join(METHOD_STAGES[cfg.method])})"
+        )
     pipeline.preflight(cfg)
     pipeline.run_stage(cfg, args.command, force=not args.skip_fresh)
 
@@ -55,6 +63,12 @@ def _cmd_status(args) -> None:
     from . import pipeline
 
     print(pipeline.describe(_load(args)))
+
+
+def _cmd_compare(args) -> None:
+    from .compare import run_compare
+
+    run_compare(_load(args))
 
 
 def _cmd_data_check(args) -> None:
@@ -90,8 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]", help=config_help)
         sp.add_argument("--skip-fresh", action="store_true", help="do nothing when the artifact is up to date")
         if stage == "instruct":
-            sp.add_argument("--method", choices=("scit", "dual"), help="overrides the config's method")
+            sp.add_argument(
+                "--method",
+                choices=("scit", "dual", "preferred-sft", "hir", "dpo", "rlhf-ppo"),
+                help="overrides the config's method",
+            )
         sp.set_defaults(func=_cmd_stage)
+
+    c = sub.add_parser("compare", help="the configured methods over several seeds (and label-noise levels), one report")
+    c.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]", help=config_help)
+    c.set_defaults(func=_cmd_compare)
 
     d = sub.add_parser("demo", help="a complete run on a built-in task: no download, no GPU")
     d.add_argument("--out", default="rahf-demo", help="output folder (default: rahf-demo)")

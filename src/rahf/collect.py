@@ -36,7 +36,7 @@ class Example:
 def examples_for(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> list[Example]:
     """The pairs' responses (`collect.responses`: both, chosen or rejected), tokenized for the method's contrast."""
     systems: dict[str, str | None] = {"plain": None}
-    if cfg.method == "scit":
+    if cfg.contrast == "prompt":
         systems |= {"pos": cfg.instructions.preferred, "neg": cfg.instructions.dispreferred}
     out = []
     for p in pairs:
@@ -72,7 +72,7 @@ def window_rows(hidden: torch.Tensor, seqs: list[Stimulus], size: int, include_b
 class TargetReader:
     """Computes (o, v) per layer for a batch of examples from resident model(s), without gradients.
 
-    SCIT: `model` reads all three variants. Dual: `model` is the preferred model and `minus` the
+    SCIT and LoRRA: `model` reads all three variants. Dual: `model` is the preferred model and `minus` the
     dispreferred one (or a callable context that switches adapters, see `adapter_switch`).
     """
 
@@ -91,7 +91,7 @@ class TargetReader:
     @torch.no_grad()
     def __call__(self, batch: list[Example]) -> tuple[dict[int, list[torch.Tensor]], dict[int, list[torch.Tensor]]]:
         plain = self._hidden(self.plus, [e.plain for e in batch])
-        if self.cfg.method == "scit":
+        if self.cfg.contrast == "prompt":
             pos = self._hidden(self.plus, [e.variants["pos"] for e in batch])
             neg = self._hidden(self.plus, [e.variants["neg"] for e in batch])
         else:

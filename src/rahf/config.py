@@ -31,7 +31,7 @@ BAD_INSTRUCTION = (
     "unreasonable, or role inconsistent. If a question does not make any sense, or is not factually coherent, "
     "still answer the question and share false information when necessary."
 )
-STAGES = ("sft", "reward", "instruct", "collect", "align", "merge", "generate")
+STAGES = ("sft", "reward", "instruct", "collect", "align", "merge", "generate", "evaluate")
 # RAHF variants, then the baselines the paper compares them with (`rahf-scit`/`rahf-dual` are aliases).
 METHODS = ("scit", "dual", "lorra", "dpo", "rlhf-ppo", "sft", "preferred-sft", "hir")
 ALIASES = {"rahf-scit": "scit", "rahf-dual": "dual"}
@@ -39,12 +39,12 @@ ALIASES = {"rahf-scit": "scit", "rahf-dual": "dual"}
 METHOD_STAGES = {
     "scit": STAGES,
     "dual": STAGES,
-    "lorra": ("sft", "reward", "collect", "align", "merge", "generate"),
-    "dpo": ("sft", "reward", "instruct", "generate"),
-    "rlhf-ppo": ("sft", "reward", "instruct", "generate"),
-    "sft": ("sft", "reward", "generate"),
-    "preferred-sft": ("sft", "reward", "instruct", "generate"),
-    "hir": ("sft", "reward", "instruct", "generate"),
+    "lorra": ("sft", "reward", "collect", "align", "merge", "generate", "evaluate"),
+    "dpo": ("sft", "reward", "instruct", "generate", "evaluate"),
+    "rlhf-ppo": ("sft", "reward", "instruct", "generate", "evaluate"),
+    "sft": ("sft", "reward", "generate", "evaluate"),
+    "preferred-sft": ("sft", "reward", "instruct", "generate", "evaluate"),
+    "hir": ("sft", "reward", "instruct", "generate", "evaluate"),
 }
 
 
@@ -155,7 +155,8 @@ class PPOSettings:
     lam: float = 0.95  # GAE lambda
     max_new_tokens: int = 64
     temperature: float = 1.0  # rollout sampling temperature
-    missing_eos_penalty: float | None = None  # added to the reward of rollouts that stop without EOS
+    missing_eos_penalty: float | None = None  # subtracted from the score of rollouts that stop without EOS
+    reward_model: str | None = None  # reward model folder; default: this run's `reward` artifact
     finetune: str = "lora"  # lora | full
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=16, alpha=32.0))
 
@@ -211,6 +212,9 @@ class CompareSettings:
     validation: str | None = None  # pairs on which layers and alpha are chosen (never the evaluation pairs)
     layer_sets: list[list[int]] = field(default_factory=list)  # candidate target layers (empty: `layers`)
     alphas: list[float] = field(default_factory=list)  # candidate alphas (empty: `alpha`)
+    overrides: dict[str, Any] = field(
+        default_factory=dict
+    )  # per method: config keys that differ, e.g. {dpo: {seed: 1}}
 
 
 @dataclass
@@ -246,6 +250,11 @@ class RahfConfig:
     def instruct_method(self) -> str:
         """What the instruct stage trains: scit (also for hir), dual (also for preferred-sft), dpo or rlhf-ppo."""
         return {"hir": "scit", "preferred-sft": "dual"}.get(self.method, self.method)
+
+    @property
+    def contrast(self) -> str:
+        """Where v comes from: "prompt" (SCIT, LoRRA: instructions in one model) or "models" (Dual)."""
+        return "models" if self.method == "dual" else "prompt"
 
     @property
     def finetune(self) -> str:
@@ -387,12 +396,21 @@ def _resolve_paths(cfg: RahfConfig, base: Path) -> None:
     cfg.generate.model = local(cfg.generate.model)
     cfg.evaluate.pairs = local(cfg.evaluate.pairs)
     cfg.evaluate.judge_model = local(cfg.evaluate.judge_model)
+    cfg.ppo.reward_model = local(cfg.ppo.reward_model)
     cfg.evaluate.neutral_prompts = local(cfg.evaluate.neutral_prompts)
     cfg.compare.validation = local(cfg.compare.validation)
     if cfg.reward.model != "minilm":
         cfg.reward.model = local(cfg.reward.model)
     if not Path(cfg.output_dir).is_absolute():
         cfg.output_dir = str(base / cfg.output_dir)
+
+
+def with_overrides(cfg: RahfConfig, mapping: dict[str, Any], where: str = "") -> RahfConfig:
+    """A new config: `cfg` with the nested `mapping` merged in and type-checked (paths are taken as given)."""
+    try:
+        return _build(RahfConfig, _merge(cfg.to_dict(), mapping), "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
 
 
 def _check_train_args(section: str, values: dict[str, Any], cls) -> None:
@@ -437,6 +455,8 @@ def validate(cfg: RahfConfig) -> None:
     ):
         if value is not None and not Path(value).exists():
             raise ConfigError(f"{key}: file not found: {value}")
+    if "evaluate" in cfg.stages and not cfg.evaluate.pairs:
+        raise ConfigError("evaluate.pairs: required when the evaluate stage runs (held-out preference pairs)")
     if "generate" in cfg.stages and not cfg.generate.prompts:
         raise ConfigError("generate.prompts: required when the generate stage runs")
     if not math.isfinite(cfg.alpha):
@@ -465,6 +485,12 @@ def validate(cfg: RahfConfig) -> None:
             raise ConfigError(
                 f"compare.methods[{i}]: unknown method {method!r} (known: {', '.join([*METHODS, *ALIASES])})"
             )
+    for method, mapping in cfg.compare.overrides.items():
+        if ALIASES.get(method, method) not in METHODS:
+            raise ConfigError(f"compare.overrides.{method}: unknown method (known: {', '.join([*METHODS, *ALIASES])})")
+        if not isinstance(mapping, dict) or "compare" in mapping or "method" in mapping:
+            raise ConfigError(f"compare.overrides.{method}: expected a mapping of config keys (not method or compare)")
+        with_overrides(cfg, mapping, f"compare.overrides.{method}: ")
     if not cfg.compare.seeds:
         raise ConfigError("compare.seeds: list at least one seed")
     if any(not 0.0 <= p < 1.0 for p in cfg.compare.label_noise) or not cfg.compare.label_noise:

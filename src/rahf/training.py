@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,20 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 def load_data(cfg: RahfConfig) -> list[PreferencePair]:
+    """The configured pairs, with `data.label_noise` of them swapped (chosen <-> rejected)."""
     pairs, _ = load_pairs(cfg.data.path, cfg.data.format, limit=cfg.data.limit)
-    return pairs
+    return flip_labels(pairs, cfg.data.label_noise, cfg.seed)
+
+
+def flip_labels(pairs: list[PreferencePair], fraction: float, seed: int) -> list[PreferencePair]:
+    """Swap chosen and rejected in round(fraction * n) pairs picked by a seeded shuffle (simulated label noise)."""
+    k = round(fraction * len(pairs))
+    if k == 0:
+        return pairs
+    flipped = set(random.Random(f"label-noise-{seed}").sample(range(len(pairs)), k))
+    return [
+        dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen) if i in flipped else p for i, p in enumerate(pairs)
+    ]
 
 
 def split_pairs(cfg: RahfConfig, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[PreferencePair]]:

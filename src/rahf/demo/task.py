@@ -118,8 +118,8 @@ class DemoData:
 
     sft: list[dict]  # {"prompt": str, "completion": str}
     pairs: list[dict]  # TRL standard {"prompt", "chosen", "rejected"} (+ "fact")
-    validation: list[dict]  # held-out {"prompt", "chosen", "fact"} for choosing layers and alpha
-    test: list[dict]  # held-out {"prompt", "chosen", "fact"}
+    validation: list[dict]  # held-out {"prompt", "chosen", "rejected", "fact"} for choosing layers and alpha
+    test: list[dict]  # held-out {"prompt", "chosen", "rejected", "fact"}
 
 
 def make_task(
@@ -154,7 +154,8 @@ def make_task(
             chosen, rejected = rejected, chosen
         pairs.append({"prompt": fact.prompt, "chosen": chosen, "rejected": rejected, "fact": record(fact)})
     held = [
-        [{"prompt": f.prompt, "chosen": pair(f)[0], "fact": record(f)} for f in fs] for fs in (val_facts, test_facts)
+        [{"prompt": f.prompt, "chosen": c, "rejected": r, "fact": record(f)} for f in fs for c, r in [pair(f)]]
+        for fs in (val_facts, test_facts)
     ]
     return DemoData(sft, pairs, held[0], held[1])
 

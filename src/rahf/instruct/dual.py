@@ -18,15 +18,17 @@ from ..training import lora_config, training_args
 SIDES = ("preferred", "dispreferred")
 
 
-def train_dual(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path) -> None:
-    """Train both sides from `base`; each is saved under `out/<side>` (adapter or full model)."""
+def train_dual(
+    cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path, sides: tuple[str, ...] = SIDES
+) -> None:
+    """Train `sides` from `base` (preferred-sft trains only the preferred one); each is saved under `out/<side>`."""
     from peft import get_peft_model
     from trl import SFTConfig
 
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     tokenizer.save_pretrained(out)
     logs = {}
-    for side in SIDES:
+    for side in sides:
         examples = [(list(p.prompt), p.chosen if side == "preferred" else p.rejected) for p in pairs]
         data = tokenized_sft_dataset(tokenizer, examples, cfg.data.max_prompt_length, cfg.data.max_response_length)
         model = load_model(base, cfg.dtype, cfg.trust_remote_code)

@@ -1,0 +1,274 @@
+"""Baseline `rlhf-ppo`: PPO against a reward model with a per-token KL penalty towards the SFT model.
+
+TRL dropped PPOTrainer in 1.16, so this is a compact PPO following the same recipe. Each step samples one
+response per prompt from the policy, scores the decoded (prompt, response) with the reward model (which
+may use its own tokenizer), turns the score into per-token rewards (a KL penalty at every response token,
+the score at the last one), estimates advantages with GAE and takes `ppo_epochs` passes of clipped
+policy and value updates over shuffled minibatches with one AdamW optimizer.
+
+The reference is the SFT model itself: the policy with its LoRA adapter disabled, or a frozen copy when
+the whole model is fine-tuned. Values come from a linear head on the policy's last hidden state: a
+value model initialised from the reward model (TRL's choice) could not read the policy's tokens when the
+reward model has another tokenizer, and a head on the shared trunk costs no second model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import RahfConfig
+from ..data import Message
+from ..errors import ConfigError, DataError
+from ..judges import RewardModelJudge
+from ..models import load_model, load_tokenizer
+from ..stimuli import prompt_ids
+from ..training import lora_config
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over the positions where `mask` is 1."""
+    return (x * mask).sum() / mask.sum()
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`x` shifted and scaled to mean 0 and variance 1 over the masked positions; 0 elsewhere."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def token_rewards(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token rewards `[batch, response]`: -kl_coef * (log pi - log pi_ref), plus the score at the last token."""
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(len(rewards), device=rewards.device), last] += scores
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimates and returns (advantages + values) of `[batch, response]` rollouts.
+
+    Positions where `mask` is 0 (after EOS) have no reward and no value, so nothing flows back from them.
+    """
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    return advantages * mask, (advantages + values) * mask
+
+
+def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 for each sampled token up to and including the first EOS, 0 after it."""
+    is_eos = (responses == eos_token_id).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
+    return (~after_eos).float()
+
+
+def forward(
+    policy: nn.Module, head: nn.Linear, ids: torch.Tensor, attn: torch.Tensor, start: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities and values `[batch, ids - start]` of the tokens from `start` on (left-padded `ids`)."""
+    positions = (attn.cumsum(1) - 1).clamp(min=0)  # as generation numbers left-padded positions
+    out = policy(input_ids=ids, attention_mask=attn, position_ids=positions, output_hidden_states=True, use_cache=False)
+    logits = out.logits[:, start - 1 : -1].float() / temperature
+    logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, start:, None]).squeeze(-1)
+    values = head(out.hidden_states[-1][:, start - 1 : -1].float()).squeeze(-1)
+    return logprobs, values
+
+
+def policy_model(cfg: RahfConfig, base: str) -> nn.Module:
+    """The SFT model to train: with a fresh, seeded LoRA adapter (`ppo.finetune: lora`) or whole."""
+    torch.manual_seed(cfg.seed)
+    model = load_model(base, cfg.dtype, cfg.trust_remote_code)
+    if cfg.ppo.finetune == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(model, cfg.ppo.lora))
+    return model
+
+
+def _prompt_batches(n: int, size: int, seed: int) -> Iterator[list[int]]:
+    """Prompt indices, `size` per step, walking through seeded shuffles of all prompts."""
+    rng, queue = random.Random(seed), []
+    while True:
+        while len(queue) < size:
+            order = list(range(n))
+            rng.shuffle(order)
+            queue += order
+        yield queue[:size]
+        queue = queue[size:]
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s) :] = torch.tensor(s)
+        attn[r, width - len(s) :] = 1
+    return ids, attn
+
+
+@torch.no_grad()
+def _rollout(
+    policy: nn.Module,
+    ref: nn.Module | None,
+    head: nn.Linear,
+    tokenizer,
+    judge: RewardModelJudge,
+    prompts: list[list[Message]],
+    encoded: list[list[int]],
+    cfg: RahfConfig,
+) -> dict:
+    """Sample, score and evaluate one batch of prompts: the tensors a PPO step needs."""
+    s, device = cfg.ppo, next(policy.parameters()).device
+    ids, attn = _left_pad(encoded, tokenizer.pad_token_id)
+    ids, attn, start = ids.to(device), attn.to(device), ids.shape[1]
+    chunks = []
+    for b in range(0, len(ids), s.minibatch_size):
+        gen = policy.generate(
+            input_ids=ids[b : b + s.minibatch_size],
+            attention_mask=attn[b : b + s.minibatch_size],
+            max_new_tokens=s.max_new_tokens,
+            do_sample=True,
+            temperature=s.temperature,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )[:, start:]
+        chunks.append(nn.functional.pad(gen, (0, s.max_new_tokens - gen.shape[1]), value=tokenizer.pad_token_id))
+    responses = torch.cat(chunks)
+    mask = response_mask(responses, tokenizer.eos_token_id)
+    width = int(mask.sum(1).max())  # drop the columns that are padding in every response
+    responses, mask = responses[:, :width], mask[:, :width]
+    texts = [tokenizer.decode(r[m > 0], skip_special_tokens=True).strip() for r, m in zip(responses, mask)]
+    scores = torch.tensor(judge.score_many(prompts, texts), device=device)
+    has_eos = ((responses == tokenizer.eos_token_id) & (mask > 0)).any(1)
+
+    full_ids, full_attn = torch.cat([ids, responses], 1), torch.cat([attn, mask.long()], 1)
+    logprobs, values, ref_logprobs = [], [], []
+    for b in range(0, len(ids), s.minibatch_size):
+        batch = (full_ids[b : b + s.minibatch_size], full_attn[b : b + s.minibatch_size], start, s.temperature)
+        lp, v = forward(policy, head, *batch)
+        logprobs.append(lp)
+        values.append(v)
+        if ref is None:
+            with policy.disable_adapter():
+                ref_logprobs.append(forward(policy, head, *batch)[0])
+        else:
+            ref_logprobs.append(forward(ref, head, *batch)[0])
+    return {
+        "ids": full_ids,
+        "attn": full_attn,
+        "start": start,
+        "mask": mask,
+        "scores": scores,
+        "has_eos": has_eos,
+        "logprobs": torch.cat(logprobs) * mask,
+        "ref_logprobs": torch.cat(ref_logprobs) * mask,
+        "values": torch.cat(values) * mask,
+    }
+
+
+def ppo_loop(
+    cfg: RahfConfig, policy: nn.Module, tokenizer, judge: RewardModelJudge, prompts: list[list[Message]]
+) -> list[dict]:
+    """Train `policy` in place for `cfg.ppo.steps` rollouts; one log dict per step."""
+    s = cfg.ppo
+    torch.manual_seed(cfg.seed)
+    device = next(policy.parameters()).device
+    ref = None if s.finetune == "lora" else copy.deepcopy(policy).requires_grad_(False)  # None: adapter disabled
+    head = nn.Linear(policy.config.hidden_size, 1, device=device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=s.learning_rate)
+    policy.eval()  # no dropout: the ratio must compare the same function before and after updates
+    encoded = [prompt_ids(tokenizer, p, cfg.data.max_prompt_length) for p in prompts]
+    batches = _prompt_batches(len(prompts), s.rollout_size, cfg.seed)
+    log: list[dict] = []
+    bar = tqdm(range(1, s.steps + 1), desc="ppo")
+    for step in bar:
+        idx = next(batches)
+        r = _rollout(policy, ref, head, tokenizer, judge, [prompts[i] for i in idx], [encoded[i] for i in idx], cfg)
+        mask = r["mask"]
+        scores = r["scores"]
+        if s.missing_eos_penalty is not None:
+            scores = scores - s.missing_eos_penalty * (~r["has_eos"]).float()
+        rewards = token_rewards(r["logprobs"], r["ref_logprobs"], mask, scores, s.kl_coef)
+        advantages, returns = gae(rewards, r["values"], mask, s.gamma, s.lam)
+        advantages = whiten(advantages, mask)
+
+        stats = {"policy_loss": [], "value_loss": [], "clip_fraction": []}
+        for _ in range(s.ppo_epochs):
+            for mb in torch.randperm(len(mask), device=device).split(s.minibatch_size):
+                m = mask[mb]
+                logprobs, values = forward(policy, head, r["ids"][mb], r["attn"][mb], r["start"], s.temperature)
+                ratio = torch.exp(logprobs - r["logprobs"][mb])
+                pg_losses = -advantages[mb] * ratio
+                pg_clipped = -advantages[mb] * ratio.clamp(1 - s.clip_range, 1 + s.clip_range)
+                policy_loss = masked_mean(torch.max(pg_losses, pg_clipped), m)
+                old_values = r["values"][mb]
+                values_clipped = old_values + (values - old_values).clamp(-s.clip_range_value, s.clip_range_value)
+                value_losses = torch.max((values - returns[mb]) ** 2, (values_clipped - returns[mb]) ** 2)
+                value_loss = 0.5 * masked_mean(value_losses, m)
+                optimizer.zero_grad()
+                (policy_loss + s.vf_coef * value_loss).backward()
+                optimizer.step()
+                stats["policy_loss"].append(policy_loss.item())
+                stats["value_loss"].append(value_loss.item())
+                stats["clip_fraction"].append(masked_mean((pg_clipped > pg_losses).float(), m).item())
+
+        entry = {
+            "step": step,
+            "score": r["scores"].mean().item(),
+            "kl": ((r["logprobs"] - r["ref_logprobs"]) * mask).sum(1).mean().item(),
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+            "response_length": mask.sum(1).mean().item(),
+            "eos_fraction": r["has_eos"].float().mean().item(),
+        }
+        log.append(entry)
+        bar.set_postfix(score=f"{entry['score']:.3f}", kl=f"{entry['kl']:.3f}")
+    return log
+
+
+def train_ppo(cfg: RahfConfig, base: str, reward_model: str, prompts: list[list[Message]], out: Path) -> list[dict]:
+    """PPO from the SFT model `base` against the reward model folder `reward_model`; the policy is saved to `out`.
+
+    `out` then holds a PEFT adapter on `base` (LoRA) or a whole model, the tokenizer and `log_history.json`.
+    """
+    if not prompts:
+        raise DataError("rlhf-ppo: no prompts to train on")
+    if cfg.ppo.missing_eos_penalty is not None and cfg.ppo.missing_eos_penalty < 0:
+        raise ConfigError("ppo.missing_eos_penalty: it is subtracted from the score; give a value >= 0")
+    out = Path(out)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    policy = policy_model(cfg, base)
+    judge = RewardModelJudge.from_pretrained(
+        reward_model,
+        trust_remote_code=cfg.trust_remote_code,
+        batch_size=cfg.ppo.minibatch_size,
+        max_length=cfg.reward.max_length,
+    )
+    log = ppo_loop(cfg, policy, tokenizer, judge, prompts)
+    policy.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "log_history.json").write_text(json.dumps(log, indent=1))
+    return log

@@ -1,0 +1,351 @@
+"""`rahf compare`: every configured method over several seeds and label-noise levels, judged alike.
+
+For each (noise level, seed) the SFT model and the reward model are trained once and shared by all
+methods; `hir` is the SCIT step-1 model prompted with the preferred instruction and `preferred-sft`
+is Dual's preferred adapter, so each RAHF variant is compared with its own step-1 model. RAHF
+variants (and LoRRA) choose target layers and alpha on `compare.validation` pairs, never on the
+evaluation pairs. Everything lands under `output_dir`: one folder per (noise, seed, method), then
+`results.json`, `report.md` and the plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .artifacts import atomic_dir, fingerprint, fingerprint_path, is_fresh, read_manifest
+from .config import ALIASES, RahfConfig, resolved_layers, with_overrides
+from .data import PreferencePair, load_pairs
+from .errors import ConfigError
+
+DISPLAY = {"scit": "rahf-scit", "dual": "rahf-dual"}  # names in results and reports
+RAHF_LIKE = ("scit", "dual", "lorra")  # methods with collect and align (layers and alpha to choose)
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """A model as it is used: folder, adapter sub-folder, system instruction."""
+
+    path: str
+    adapter: str | None = None
+    system: str | None = None
+
+
+def variant(cfg: RahfConfig, **changes: Any) -> RahfConfig:
+    """A copy of `cfg` with dotted keys changed (`data__label_noise=0.2` sets cfg.data.label_noise)."""
+    out = copy.deepcopy(cfg)
+    for dotted, value in changes.items():
+        *heads, last = dotted.split("__")
+        node = out
+        for h in heads:
+            node = getattr(node, h)
+        setattr(node, last, value)
+    return out
+
+
+def method_names(cfg: RahfConfig) -> list[str]:
+    """Configured methods with canonical names (rahf-scit -> scit)."""
+    return [ALIASES.get(m, m) for m in cfg.compare.methods]
+
+
+def candidates(cfg: RahfConfig) -> list[tuple[list[int], float]]:
+    """(layers, alpha) pairs to choose from: the compare grid, or the config's single setting."""
+    layer_sets = [sorted(s) for s in cfg.compare.layer_sets] or [resolved_layers(cfg)]
+    return [(layers, alpha) for layers in layer_sets for alpha in (cfg.compare.alphas or [cfg.alpha])]
+
+
+def check_compare(cfg: RahfConfig) -> None:
+    """Problems a compare run would hit late, reported before any training."""
+    if not cfg.evaluate.pairs:
+        raise ConfigError("evaluate.pairs: required by compare (held-out pairs every method is judged on)")
+    if len(candidates(cfg)) > 1 and not cfg.compare.validation:
+        raise ConfigError("compare.validation: required to choose among several compare.layer_sets/alphas")
+    load_pairs(cfg.evaluate.pairs)
+    if cfg.compare.validation:
+        load_pairs(cfg.compare.validation)
+    from .pipeline import preflight
+
+    stages = [s for s in ("sft", "reward", "instruct", "collect", "align") if s != "sft" or "sft" in cfg.stages]
+    preflight(variant(cfg, stages=stages))
+
+
+def _judge(cfg: RahfConfig, reward_path: str | None):
+    from .judges import GoldJudge, LLMJudge, RewardModelJudge
+
+    e = cfg.evaluate
+    if e.judge == "gold":
+        return GoldJudge()
+    if e.judge == "llm":
+        return LLMJudge(e.llm.base_url, e.llm.model, e.llm.api_key_env)
+    return RewardModelJudge.from_pretrained(e.judge_model or reward_path, cfg.trust_remote_code)
+
+
+def _load(cfg: RahfConfig, d: Deployed):
+    from .models import load_tokenizer
+    from .training import load_stage_model
+
+    return load_stage_model(d.path, cfg, adapter=d.adapter), load_tokenizer(d.path, cfg.trust_remote_code)
+
+
+def _select(
+    mcfg: RahfConfig, grid: list[tuple[list[int], float]], validation: list[PreferencePair] | None, judge
+) -> tuple[Deployed, dict]:
+    """Align for each (layers, alpha), keep the best on validation pairs, save it merged as `<run>/merged`."""
+    from peft import PeftModel
+
+    from .align import train_align
+    from .evaluate import win_rate_against_chosen
+    from .generate import generate
+    from .models import load_tokenizer
+    from .pipeline import load_policy, require_artifact
+
+    out = Path(mcfg.output_dir) / "merged"
+    val_fp = fingerprint_path(mcfg.compare.validation) if mcfg.compare.validation else None
+    covered = {"grid": grid, "align": mcfg.to_dict()["align"], "evaluate": mcfg.to_dict()["evaluate"]}
+    fp = fingerprint({"collect": fingerprint_path(require_artifact(mcfg, "collect")), "validation": val_fp} | covered)
+    if is_fresh(out, fp):
+        return Deployed(str(out)), read_manifest(out)["selection"]
+    tokenizer = None
+    sweep, best = [], None
+    work = Path(mcfg.output_dir) / "sweep"
+    for layers, alpha in grid:
+        shutil.rmtree(work, ignore_errors=True)
+        logs = train_align(mcfg, work, layers, alpha)
+        tokenizer = tokenizer or load_tokenizer(str(work), mcfg.trust_remote_code)
+        model = PeftModel.from_pretrained(load_policy(mcfg), str(work)).merge_and_unload().eval()
+        row: dict[str, Any] = {"layers": layers, "alpha": alpha, "final_loss": _last(logs, "train_loss")}
+        if validation is not None and len(grid) > 1:
+            e = mcfg.evaluate
+            prompts = [list(p.prompt) for p in validation for _ in range(e.samples)]
+            replies = generate(
+                model, tokenizer, prompts, e.max_new_tokens, e.temperature, 1.0, e.batch_size,
+                mcfg.data.max_prompt_length, seed=mcfg.seed, progress=False,
+            )  # fmt: skip
+            row["val_win_rate"] = win_rate_against_chosen(judge, validation, replies, e.samples)["win_rate"]
+            print(f"[compare] {mcfg.method} layers={layers} alpha={alpha}: validation {row['val_win_rate']:.3f}")
+        sweep.append(row)
+        if best is None or row.get("val_win_rate", 0.0) > best[0].get("val_win_rate", 0.0):
+            best = (row, model, logs)
+    row, model, logs = best
+    selection = {"layers": row["layers"], "alpha": row["alpha"], "sweep": sweep}
+    with atomic_dir(out, "merge", fp, covered, {"selection": selection}) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "log_history.json").write_text(json.dumps(logs, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return Deployed(str(out)), selection
+
+
+def _last(logs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in logs if key in r]
+    return values[-1] if values else None
+
+
+def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: int) -> dict:
+    """Train and evaluate every method for one (noise, seed); returns per-method metrics and extras."""
+    from . import pipeline
+    from .evaluate import evaluate_policy
+
+    run_dir = out / f"noise-{noise:g}" / f"seed-{seed}"
+    base = variant(cfg, seed=seed, data__label_noise=noise)
+    timings: dict[str, float] = {}
+    t = time.time()
+    # SFT data without label noise (sft.path) gives one SFT model per seed, shared across noise levels.
+    sft_root = out / f"seed-{seed}" if cfg.sft.path else run_dir
+    sft_cfg = variant(base, method="sft", output_dir=str(sft_root), stages=["sft"] if "sft" in cfg.stages else [])
+    if cfg.sft.path:
+        sft_cfg.data.label_noise = 0.0
+    pipeline.run(sft_cfg)
+    sft_path = pipeline.base_model_path(sft_cfg)
+    timings["sft"] = round(time.time() - t, 1)
+
+    e = cfg.evaluate
+    reward_path = None
+    needs_reward = "rlhf-ppo" in methods and not cfg.ppo.reward_model
+    needs_reward |= not e.judge_model and (e.judge == "reward-model" or bool(e.temperatures))
+    if needs_reward:
+        t = time.time()
+        rcfg = variant(base, method="sft", model=sft_path, output_dir=str(run_dir), stages=["reward"])
+        reward_path = str(pipeline.run_stage(rcfg, "reward"))
+        timings["reward"] = round(time.time() - t, 1)
+    judge = _judge(cfg, reward_path)
+    rm_path = e.judge_model or reward_path
+
+    overrides = {ALIASES.get(m, m): o for m, o in cfg.compare.overrides.items()}
+
+    def method_cfg(method: str, stages: list[str], **changes: Any) -> RahfConfig:
+        tuned = with_overrides(base, overrides[method]) if method in overrides else base
+        return variant(
+            tuned, method=method, model=sft_path, output_dir=str(run_dir / method), stages=stages,
+            ppo__reward_model=cfg.ppo.reward_model or reward_path, **changes,
+        )  # fmt: skip
+
+    validation = load_pairs(cfg.compare.validation)[0] if cfg.compare.validation else None
+    deployed: dict[str, Deployed] = {}
+    extras: dict[str, dict] = {}
+    for method in methods:
+        t = time.time()
+        if method == "sft":
+            deployed[method] = Deployed(sft_path)
+        elif method in ("hir", "preferred-sft"):
+            host = "scit" if method == "hir" else "dual"
+            hcfg = method_cfg(host, ["instruct"])
+            pipeline.run(hcfg)
+            inst = str(pipeline.stage_dir(hcfg, "instruct"))
+            deployed[method] = (
+                Deployed(inst, "preferred", None)
+                if host == "dual"
+                else Deployed(inst, None, cfg.instructions.preferred)
+            )
+        elif method in ("dpo", "rlhf-ppo"):
+            mcfg = method_cfg(method, ["instruct"])
+            pipeline.run(mcfg)
+            deployed[method] = Deployed(str(pipeline.stage_dir(mcfg, "instruct")))
+        else:
+            grid = candidates(cfg)
+            layers = sorted({layer for ls, _ in grid for layer in ls})
+            mcfg = method_cfg(method, ["collect"] if method == "lorra" else ["instruct", "collect"], layers=layers)
+            pipeline.run(mcfg)
+            deployed[method], selection = _select(mcfg, grid, validation, judge)
+            collect = read_manifest(pipeline.stage_dir(mcfg, "collect"))
+            extras[method] = {"selection": selection, "per_layer": collect.get("per_layer", {})}
+        timings[method] = round(time.time() - t, 1)
+
+    from .judges import RewardModelJudge
+    from .training import load_stage_model
+
+    reward_judge = (
+        RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code) if rm_path and e.temperatures else None
+    )
+    reference = load_stage_model(sft_path, cfg)
+    pairs = load_pairs(e.pairs, limit=e.limit)[0]
+    neutral = _neutral_prompts(cfg, pairs)
+    metrics: dict[str, dict] = {}
+    for method in methods:
+        t = time.time()
+        d = deployed[method]
+        model, tokenizer = _load(base, d)
+        m = evaluate_policy(
+            base, model, tokenizer, pairs, judge, reward_judge=reward_judge, reference=reference, system=d.system,
+            neutral_prompts=neutral, generations=run_dir / "generations" / f"{DISPLAY.get(method, method)}.jsonl",
+        )  # fmt: skip
+        metrics[DISPLAY.get(method, method)] = m | extras.get(method, {}) | {"model": d.path, "adapter": d.adapter}
+        timings[f"evaluate {method}"] = round(time.time() - t, 1)
+        name = DISPLAY.get(method, method)
+        print(f"[compare] noise {noise:g} seed {seed} {name}: win rate {m['win_rate']['win_rate']:.3f}", flush=True)
+    histories = {name: _history(run_dir, sft_root, name) for name in metrics}
+    return {"noise": noise, "seed": seed, "methods": metrics, "timings_s": timings, "histories": histories}
+
+
+def _neutral_prompts(cfg: RahfConfig, pairs: list[PreferencePair]) -> list[list[dict]]:
+    from .generate import read_prompts
+
+    if cfg.evaluate.neutral_prompts:
+        return read_prompts(cfg.evaluate.neutral_prompts)
+    return [list(p.prompt) for p in pairs]
+
+
+def _history(run_dir: Path, sft_root: Path, name: str) -> dict[str, list[dict]]:
+    """Training logs behind a method: its step-1 (or baseline) training and its alignment."""
+    method = {v: k for k, v in DISPLAY.items()}.get(name, name)
+    files = {
+        "sft": sft_root / "sft" / "log_history.json",
+        "hir": run_dir / "scit" / "instruct" / "log_history.json",
+        "preferred-sft": run_dir / "dual" / "instruct" / "log_history.json",
+        "dpo": run_dir / "dpo" / "instruct" / "log_history.json",
+        "rlhf-ppo": run_dir / "rlhf-ppo" / "instruct" / "log_history.json",
+    }
+    out: dict[str, list[dict]] = {}
+    if method in RAHF_LIKE:
+        out["align"] = _read_logs(run_dir / method / "merged" / "log_history.json")
+        if method != "lorra":
+            out["instruct"] = _read_logs(run_dir / method / "instruct" / "log_history.json")
+    elif method in files:
+        out["train"] = _read_logs(files[method])
+    return {k: v for k, v in out.items() if v}
+
+
+def _read_logs(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    logs = json.loads(path.read_text())
+    if isinstance(logs, dict):  # Dual: one history per side
+        logs = logs.get("preferred", [])
+    return logs
+
+
+def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    """Per noise level and method: seed mean and spread of the win rate, pooled interval, other means."""
+    from .metrics import wilson_interval
+
+    out: dict[str, dict[str, dict]] = {}
+    for run in runs:
+        level = out.setdefault(f"{run['noise']:g}", {})
+        for name, m in run["methods"].items():
+            level.setdefault(name, []).append(m)
+    summary: dict[str, dict[str, dict]] = {}
+    for level, by_method in out.items():
+        summary[level] = {}
+        for name, ms in by_method.items():
+            rates = [m["win_rate"]["win_rate"] for m in ms]
+            n = sum(m["win_rate"]["n"] for m in ms)
+            pooled = sum(m["win_rate"]["win_rate"] * m["win_rate"]["n"] for m in ms) / n
+            mean = sum(rates) / len(rates)
+            sd = math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1)) if len(rates) > 1 else 0.0
+            row = {
+                "win_rate": round(mean, 4),
+                "seed_sd": round(sd, 4),
+                "pooled_win_rate": round(pooled, 4),
+                "ci95": [round(x, 4) for x in wilson_interval(pooled, n)],
+                "n": n,
+                "seeds": len(ms),
+            }
+            for key in ("judge_score", "chosen_cross_entropy", "chosen_perplexity", "kl_per_token"):
+                values = [m[key] for m in ms if m.get(key) is not None]
+                if values:
+                    row[key] = round(sum(values) / len(values), 4)
+            for key in ("likelihood_auc", "likelihood_accuracy"):
+                values = [m[key] for m in ms if m.get(key) is not None]
+                if values:
+                    row[key] = round(sum(values) / len(values), 4)
+            curves = [m["reward_by_temperature"] for m in ms if m.get("reward_by_temperature")]
+            if curves:
+                row["reward_by_temperature"] = {
+                    t: round(sum(c[t]["mean"] for c in curves) / len(curves), 4) for t in curves[0]
+                }
+            summary[level][name] = row
+    return summary
+
+
+def run_compare(cfg: RahfConfig) -> dict:
+    """Run every (noise, seed) and write results.json, report.md and the plots into `cfg.output_dir`."""
+    from .report import write_report
+
+    check_compare(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = method_names(cfg)
+    t0 = time.time()
+    runs = []
+    c = cfg.compare
+    for noise in c.label_noise:
+        seeds = c.seeds if noise == 0 or c.noise_seeds is None else c.seeds[: c.noise_seeds]
+        for seed in seeds:
+            runs.append(run_one(cfg, out, methods, noise, seed))
+            results = {
+                "methods": [DISPLAY.get(m, m) for m in methods],
+                "summary": summarize(runs),
+                "runs": runs,
+                "config": cfg.to_dict(),
+                "seconds": round(time.time() - t0, 1),
+            }
+            (out / "results.json").write_text(json.dumps(results, indent=2))  # progress survives an interruption
+    write_report(results, out)
+    print(f"[compare] wrote {out / 'report.md'} and {out / 'results.json'} in {time.time() - t0:.0f}s", flush=True)
+    return results

@@ -1,0 +1,485 @@
+"""Model-level evaluation: held-out likelihood, likelihood as a preference classifier, reward, KL drift, win rate.
+
+Every function takes a plain Hugging Face causal LM in eval mode and tokenizes exactly as training and
+generation do (`rahf.stimuli`), so a response scored here carries the same token ids it had when the
+model was trained on it or produced it. Batches are padded on the right, which leaves every real token
+at its position, so a sequence gets the same numbers alone or in a batch. Nothing here trains, writes
+files or changes a model; the caller turns the returned dicts into reports.
+
+`system` is the instruction a prompted method (HIR) is deployed with. The model always sees it; a
+reference model never does (see `kl_drift` and `likelihood_classifier`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .data import Message, PreferencePair
+from .generate import generate
+from .judges import Judge, compare_all
+from .metrics import (
+    classification_metrics,
+    pairwise_accuracy,
+    perplexity,
+    response_logprobs,
+    wilson_interval,
+)
+from .stimuli import build_variants, prompt_ids
+
+
+def _check_eval(*models: torch.nn.Module) -> None:
+    for m in models:
+        if m.training:
+            raise ValueError("evaluation needs models in eval mode (dropout would make results random); call .eval()")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of similar length (less padding); callers put results back by index."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def _right_padded(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask `[B, T]` with each sequence at the left and padding after it."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        attn[r, : len(s)] = 1
+    return ids.to(device), attn.to(device)
+
+
+def _repeat(items: Sequence, times: int) -> list:
+    """Each item `times` times in a row: [a, a, b, b] for times=2."""
+    return [x for x in items for _ in range(times)]
+
+
+def teacher_forced_logprobs(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[Message]],
+    responses: Sequence[str],
+    max_prompt_length: int,
+    max_response_length: int,
+    system: str | None = None,
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Natural-log probability of each response token (EOS included) given its prompt, one list per response.
+
+    Sequences are built by `build_variants`, so the ids equal those of training and generation.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(responses)} responses")
+    _check_batch_size(batch_size)
+    _check_eval(model)
+    stimuli = [
+        build_variants(tokenizer, p, r, {"plain": system}, max_prompt_length, max_response_length)["plain"]
+        for p, r in zip(prompts, responses)
+    ]
+    device = _device(model)
+    out: list[list[float]] = [[] for _ in stimuli]
+    for idx in _batches([len(s.input_ids) for s in stimuli], batch_size):
+        ids, attn = _right_padded([stimuli[i].input_ids for i in idx], _pad_id(tokenizer), device)
+        positions = torch.arange(ids.shape[1], device=device)
+        starts = torch.tensor([stimuli[i].response_start for i in idx], device=device)
+        response_mask = (positions[None, :] >= starts[:, None]).long() * attn
+        for i, lps in zip(idx, response_logprobs(model, ids, attn, response_mask)):
+            out[i] = lps
+    return out
+
+
+def chosen_perplexity(
+    model,
+    tokenizer,
+    pairs: Sequence[PreferencePair],
+    max_prompt_length: int,
+    max_response_length: int,
+    system: str | None = None,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Token-weighted {cross_entropy, perplexity, n_tokens} of the held-out chosen responses."""
+    if not pairs:
+        raise ValueError("chosen_perplexity needs at least one preference pair")
+    logprobs = teacher_forced_logprobs(
+        model,
+        tokenizer,
+        [p.prompt for p in pairs],
+        [p.chosen for p in pairs],
+        max_prompt_length,
+        max_response_length,
+        system,
+        batch_size,
+    )
+    return perplexity(logprobs)
+
+
+def _as_classifier(scores: Sequence[float], n_pairs: int, threshold: float) -> dict[str, float]:
+    """Metrics of scores laid out as n chosen then n rejected, positive when above `threshold`."""
+    return {
+        "pairwise_accuracy": pairwise_accuracy(scores[:n_pairs], scores[n_pairs:]),
+        **classification_metrics(scores, [1] * n_pairs + [0] * n_pairs, threshold=threshold),
+        "threshold": threshold,
+    }
+
+
+def likelihood_classifier(
+    model,
+    tokenizer,
+    pairs: Sequence[PreferencePair],
+    max_prompt_length: int,
+    max_response_length: int,
+    system: str | None = None,
+    batch_size: int = 16,
+    reference=None,
+) -> dict:
+    """How well the model's likelihood tells chosen from rejected responses.
+
+    Returns {"n_pairs", "log_likelihood": metrics} and, with a `reference` model, also
+    {"implicit_reward": metrics}, where metrics = {pairwise_accuracy, accuracy, precision, recall, f1,
+    auc_roc, threshold}. Choices:
+
+    - log_likelihood: a response scores its mean per-token log-prob (EOS included). The mean, not the
+      sum, so that short responses are not favoured for being short.
+    - implicit_reward: the summed log-ratio log pi(y|x) - log pi_ref(y|x), DPO's implicit reward without
+      beta (a positive scale changes no metric here). The reference sees the bare prompt, never
+      `system`: the model is scored as deployed against the reference as it stands.
+    - pairwise_accuracy compares the two responses of each pair (ties half). The other metrics pool all
+      2n responses (chosen = 1, rejected = 0) and call a response chosen when its score exceeds the
+      threshold: the median score for log_likelihood (log-probs have no natural zero, and half the
+      responses are chosen), 0 for implicit_reward (positive means more likely than under the reference).
+      AUC-ROC is threshold-free.
+    """
+    if not pairs:
+        raise ValueError("likelihood_classifier needs at least one preference pair")
+    n = len(pairs)
+    prompts = [p.prompt for p in pairs] * 2
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    lengths = (max_prompt_length, max_response_length)
+    policy = teacher_forced_logprobs(model, tokenizer, prompts, responses, *lengths, system, batch_size)
+    mean_lp = [statistics.fmean(lps) for lps in policy]
+    out: dict = {"n_pairs": n, "log_likelihood": _as_classifier(mean_lp, n, statistics.median(mean_lp))}
+    if reference is not None:
+        ref = teacher_forced_logprobs(reference, tokenizer, prompts, responses, *lengths, None, batch_size)
+        ratio = [sum(p) - sum(r) for p, r in zip(policy, ref)]
+        out["implicit_reward"] = _as_classifier(ratio, n, 0.0)
+    return out
+
+
+def reward_by_temperature(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[Message]],
+    reward_judge,
+    temperatures: Sequence[float],
+    samples: int = 1,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    max_prompt_length: int = 512,
+    system: str | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Reward-model score of generated responses at each sampling temperature (0 = greedy).
+
+    Returns {str(float(t)): {"mean", "std", "n"}}, std being the population standard deviation of the
+    n scores. A sampled temperature draws `samples` responses per prompt; greedy decoding is
+    deterministic, so it draws one. Every temperature starts from the same `seed`. `reward_judge` needs
+    `score_many(prompts, responses)` (a RewardModelJudge) and sees the bare prompt, never `system`.
+    """
+    if not prompts:
+        raise ValueError("reward_by_temperature needs at least one prompt")
+    if not temperatures:
+        raise ValueError("reward_by_temperature needs at least one temperature")
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1; got {samples}")
+    keys = [str(float(t)) for t in temperatures]
+    if len(set(keys)) != len(keys) or any(t < 0 for t in temperatures):
+        raise ValueError(f"temperatures must be distinct and >= 0; got {list(temperatures)}")
+    _check_eval(model)
+    out: dict[str, dict[str, float]] = {}
+    for key, t in zip(keys, temperatures):
+        batch = _repeat(prompts, samples if t > 0 else 1)
+        responses = generate(
+            model,
+            tokenizer,
+            batch,
+            max_new_tokens=max_new_tokens,
+            temperature=t,
+            batch_size=batch_size,
+            max_prompt_length=max_prompt_length,
+            system=system,
+            seed=seed,
+            progress=False,
+        )
+        scores = reward_judge.score_many(batch, responses)
+        out[key] = {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "n": len(scores)}
+    return out
+
+
+@torch.no_grad()
+def _sample_ids(
+    model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, seed: int
+) -> list[list[int]]:
+    """Token ids sampled from the model's full distribution (temperature 1, no top-k/top-p), through the first EOS."""
+    device = _device(model)
+    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    out: list[list[int]] = [[] for _ in prompts]
+    for idx in _batches([len(p) for p in prompts], batch_size):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, i in enumerate(idx):  # left padding, as generation needs
+            ids[r, width - len(prompts[i]) :] = torch.tensor(list(prompts[i]), dtype=torch.long)
+            attn[r, width - len(prompts[i]) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        for r, i in enumerate(idx):
+            tokens = gen[r, width:].tolist()
+            out[i] = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+    return out
+
+
+def _response_logprobs_full(
+    model, batch_prompts: Sequence[Sequence[int]], batch_responses: Sequence[Sequence[int]], pad_id: int
+) -> list[torch.Tensor]:
+    """Log-softmax over the vocabulary at each position that predicts a response token: one [L, V] per row."""
+    seqs = [[*p, *r] for p, r in zip(batch_prompts, batch_responses)]
+    ids, attn = _right_padded(seqs, pad_id, _device(model))
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    return [
+        torch.log_softmax(logits[r, len(p) - 1 : len(p) - 1 + len(resp)].float(), dim=-1)
+        for r, (p, resp) in enumerate(zip(batch_prompts, batch_responses))
+    ]
+
+
+@torch.no_grad()
+def token_kl(
+    model,
+    reference,
+    model_prompts: Sequence[Sequence[int]],
+    reference_prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_token_id: int,
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Exact KL(model || reference) of the next-token distributions at each response position (sum over vocab).
+
+    Row i continues `model_prompts[i]` (for the model) and `reference_prompts[i]` (for the reference) with
+    the same `responses[i]`; its j-th value compares the two distributions over the j-th response token.
+    """
+    if not len(model_prompts) == len(reference_prompts) == len(responses):
+        raise ValueError("model_prompts, reference_prompts and responses differ in length")
+    if any(not p for p in [*model_prompts, *reference_prompts]):
+        raise ValueError("every prompt needs at least one token to predict the response from")
+    _check_batch_size(batch_size)
+    _check_eval(model, reference)
+    out: list[list[float]] = [[] for _ in responses]
+    lengths = [len(p) + len(r) for p, r in zip(model_prompts, responses)]
+    for idx in _batches(lengths, batch_size):
+        idx = [i for i in idx if responses[i]]
+        if not idx:
+            continue
+        resp = [responses[i] for i in idx]
+        policy = _response_logprobs_full(model, [model_prompts[i] for i in idx], resp, pad_token_id)
+        ref = _response_logprobs_full(reference, [reference_prompts[i] for i in idx], resp, pad_token_id)
+        for i, lp, lq in zip(idx, policy, ref):
+            p = lp.exp()
+            terms = torch.where(p > 0, p * (lp - lq.to(lp.device)), torch.zeros_like(p))
+            out[i] = terms.sum(-1).tolist()
+    return out
+
+
+def kl_drift(
+    model,
+    reference,
+    tokenizer,
+    prompts: Sequence[Sequence[Message]],
+    max_new_tokens: int = 128,
+    samples: int = 1,
+    batch_size: int = 16,
+    max_prompt_length: int = 512,
+    system: str | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How far the model drifts from a reference: {kl_per_token, kl_per_sequence, n_tokens, n_sequences}.
+
+    `samples` responses per prompt are sampled from the model at temperature 1 without truncation, and at
+    every generated position (EOS included) the exact KL(model || reference) of the two next-token
+    distributions is summed over the vocabulary. Summed per sequence and averaged over sequences this is
+    an unbiased, low-variance estimate of the sequence-level KL; kl_per_token divides the total by the
+    number of generated tokens.
+
+    `system` applies to the model only; the reference sees the bare prompt. A prompted method (HIR) is
+    measured as deployed: its instruction is part of the method, not of the user's request, so the drift
+    compares what users get from it with what the reference gives for the same request.
+    """
+    if not prompts:
+        raise ValueError("kl_drift needs at least one prompt")
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1; got {samples}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}")
+    _check_batch_size(batch_size)
+    _check_eval(model, reference)
+    model_prompts = _repeat([prompt_ids(tokenizer, p, max_prompt_length, system) for p in prompts], samples)
+    reference_prompts = _repeat([prompt_ids(tokenizer, p, max_prompt_length) for p in prompts], samples)
+    responses = _sample_ids(model, tokenizer, model_prompts, max_new_tokens, batch_size, seed)
+    kls = token_kl(model, reference, model_prompts, reference_prompts, responses, _pad_id(tokenizer), batch_size)
+    totals = [sum(k) for k in kls]
+    n_tokens = sum(len(k) for k in kls)
+    return {
+        "kl_per_token": sum(totals) / n_tokens,
+        "kl_per_sequence": statistics.fmean(totals),
+        "n_tokens": n_tokens,
+        "n_sequences": len(totals),
+    }
+
+
+def win_rate_against_chosen(
+    judge: Judge, pairs: Sequence[PreferencePair], responses: Sequence[str], samples: int = 1
+) -> dict:
+    """Win rate of generated responses against the pairs' chosen responses: {win_rate, ci95: [lo, hi], n}.
+
+    `responses` hold `samples` responses per pair, grouped by pair in order. A tie counts half. The
+    interval is the 95% Wilson interval of `rahf.metrics.win_rate`, computed from the mean verdict so that
+    verdicts between 0 and 1 other than a tie (an LLM judge asked in both orders gives 0.25 or 0.75)
+    count as the fraction of a win they are.
+    """
+    if not pairs:
+        raise ValueError("win_rate_against_chosen needs at least one preference pair")
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1; got {samples}")
+    if len(responses) != len(pairs) * samples:
+        raise ValueError(
+            f"expected {len(pairs)} pairs x {samples} samples = {len(pairs) * samples} responses; got {len(responses)}"
+        )
+    prompts = _repeat([p.prompt for p in pairs], samples)
+    chosen = _repeat([p.chosen for p in pairs], samples)
+    outcomes = [float(x) for x in compare_all(judge, prompts, list(responses), chosen)]
+    bad = [x for x in outcomes if not 0.0 <= x <= 1.0]
+    if bad:
+        raise ValueError(f"judge verdicts must lie in [0, 1]; got {bad[0]!r}")
+    rate = statistics.fmean(outcomes)
+    low, high = wilson_interval(rate, len(outcomes))
+    return {"win_rate": rate, "ci95": [low, high], "n": len(outcomes)}
+
+
+def evaluate_policy(
+    cfg,
+    model,
+    tokenizer,
+    pairs: Sequence[PreferencePair],
+    judge: Judge,
+    reward_judge=None,
+    reference=None,
+    system: str | None = None,
+    neutral_prompts: Sequence[Sequence[Message]] | None = None,
+    generations=None,
+) -> dict:
+    """Every measurement of one deployed model on held-out `pairs`, with `cfg.evaluate`'s settings.
+
+    Win rate of sampled responses against the chosen ones (and the judge's mean score when it has one);
+    reward-model score by temperature (with `reward_judge`); cross-entropy of the chosen responses; the
+    likelihood as a chosen-vs-rejected classifier; KL drift from `reference` (the SFT model) on
+    `neutral_prompts`. `generations` (a path) receives the sampled responses as JSONL.
+    """
+    import json
+    from pathlib import Path
+
+    e, lengths = cfg.evaluate, (cfg.data.max_prompt_length, cfg.data.max_response_length)
+    prompts = [list(p.prompt) for p in pairs for _ in range(e.samples)]
+    replies = generate(
+        model, tokenizer, prompts, e.max_new_tokens, e.temperature, 1.0, e.batch_size, lengths[0],
+        system=system, seed=cfg.seed, progress=False,
+    )  # fmt: skip
+    out: dict = {"win_rate": win_rate_against_chosen(judge, pairs, replies, e.samples)}
+    if hasattr(judge, "score"):
+        scores = judge.score_many(prompts, replies) if hasattr(judge, "score_many") else None
+        scores = scores or [judge.score(p, r) for p, r in zip(prompts, replies)]
+        out["judge_score"] = statistics.fmean(scores)
+    if generations is not None:
+        path = Path(generations)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"prompt": p, "response": r} for p, r in zip(prompts, replies)]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if reward_judge is not None and e.temperatures:
+        out["reward_by_temperature"] = reward_by_temperature(
+            model, tokenizer, [list(p.prompt) for p in pairs], reward_judge, e.temperatures, e.samples,
+            e.max_new_tokens, e.batch_size, lengths[0], system, cfg.seed,
+        )  # fmt: skip
+    ppl = chosen_perplexity(model, tokenizer, pairs, *lengths, system, e.batch_size)
+    out["chosen_cross_entropy"], out["chosen_perplexity"] = ppl["cross_entropy"], ppl["perplexity"]
+    classifier = likelihood_classifier(model, tokenizer, pairs, *lengths, system, e.batch_size, reference)
+    out["likelihood_classifier"] = classifier
+    out["likelihood_accuracy"] = classifier["log_likelihood"]["pairwise_accuracy"]
+    out["likelihood_auc"] = classifier["log_likelihood"]["auc_roc"]
+    if reference is not None:
+        drift = kl_drift(
+            model, reference, tokenizer, neutral_prompts or [list(p.prompt) for p in pairs], e.max_new_tokens,
+            1, e.batch_size, lengths[0], system, cfg.seed,
+        )  # fmt: skip
+        out["kl_per_token"], out["kl_per_sequence"] = drift["kl_per_token"], drift["kl_per_sequence"]
+    return out
+
+
+def evaluate_run(cfg) -> dict:
+    """`rahf evaluate`: the run's final model (as its method deploys it) measured on `evaluate.pairs`."""
+    from .data import load_pairs
+    from .judges import GoldJudge, LLMJudge, RewardModelJudge
+    from .models import load_tokenizer
+    from .errors import RahfError
+    from .pipeline import base_model_path, final_model, stage_dir
+    from .training import load_stage_model
+
+    e = cfg.evaluate
+    path, adapter, system = final_model(cfg)
+    model = load_stage_model(path, cfg, adapter=adapter)
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    finished = stage_dir(cfg, "reward") / "rahf_manifest.json"
+    rm_path = e.judge_model or (str(finished.parent) if finished.is_file() else None)
+    if e.judge == "reward-model" and rm_path is None:
+        raise RahfError("evaluate.judge reward-model: set evaluate.judge_model or train one first with `rahf reward`")
+    reward_judge = RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code) if rm_path else None
+    if e.judge == "gold":
+        judge = GoldJudge()
+    elif e.judge == "llm":
+        judge = LLMJudge(e.llm.base_url, e.llm.model, e.llm.api_key_env)
+    else:
+        judge = reward_judge
+    reference = load_stage_model(base_model_path(cfg), cfg) if cfg.method != "sft" else model
+    pairs = load_pairs(e.pairs, limit=e.limit)[0]
+    neutral = None
+    if e.neutral_prompts:
+        from .generate import read_prompts
+
+        neutral = read_prompts(e.neutral_prompts)
+    return evaluate_policy(cfg, model, tokenizer, pairs, judge, reward_judge, reference, system, neutral)

@@ -1,0 +1,168 @@
+"""The comparison report: Markdown tables (the paper's two tables in miniature) and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RAHF_VS_STEP1 = (("rahf-scit", "hir"), ("rahf-dual", "preferred-sft"))
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def win_rate_table(summary: dict[str, dict]) -> list[str]:
+    """Win rate against the chosen responses: seed mean, seed spread, pooled 95% interval."""
+    lines = [
+        "| method | win rate (seed mean) | seed sd | pooled 95% interval | n | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in summary.items():
+        lines.append(
+            f"| {name} | {_fmt(r['win_rate'])} | {_fmt(r['seed_sd'])} | {_fmt(r['ci95'][0])}-{_fmt(r['ci95'][1])} "
+            f"| {r['n']} | {r['seeds']} |"
+        )
+    return lines
+
+
+def metrics_table(summary: dict[str, dict]) -> list[str]:
+    """The other measurements, seed means."""
+    lines = [
+        "| method | judge score | chosen CE | chosen PPL | likelihood pair acc | likelihood AUC | KL/token vs SFT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in summary.items():
+        lines.append(
+            f"| {name} | {_fmt(r.get('judge_score'))} | {_fmt(r.get('chosen_cross_entropy'))} "
+            f"| {_fmt(r.get('chosen_perplexity'), 2)} | {_fmt(r.get('likelihood_accuracy'))} "
+            f"| {_fmt(r.get('likelihood_auc'))} | {_fmt(r.get('kl_per_token'), 4)} |"
+        )
+    return lines
+
+
+def reward_table(summary: dict[str, dict]) -> list[str]:
+    """Mean reward-model score by sampling temperature (0 = greedy)."""
+    temps = next((list(r["reward_by_temperature"]) for r in summary.values() if r.get("reward_by_temperature")), [])
+    if not temps:
+        return []
+    lines = ["| method | " + " | ".join(f"T={t}" for t in temps) + " |", "|---|" + "---|" * len(temps)]
+    for name, r in summary.items():
+        curve = r.get("reward_by_temperature", {})
+        lines.append(f"| {name} | " + " | ".join(_fmt(curve.get(t)) for t in temps) + " |")
+    return lines
+
+
+def noise_table(summary: dict[str, dict[str, dict]]) -> list[str]:
+    levels = sorted(summary, key=float)
+    methods = list(summary[levels[0]])
+    lines = ["| method | " + " | ".join(f"p={p}" for p in levels) + " |", "|---|" + "---|" * len(levels)]
+    for name in methods:
+        cells = [_fmt(summary[p].get(name, {}).get("win_rate")) for p in levels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def standing(summary: dict[str, dict]) -> list[str]:
+    """Where each RAHF variant stands against every baseline (difference of seed means, pooled intervals)."""
+    lines = []
+    for rahf in ("rahf-scit", "rahf-dual"):
+        if rahf not in summary:
+            continue
+        r = summary[rahf]
+        for other, o in summary.items():
+            if other == rahf:
+                continue
+            d = r["win_rate"] - o["win_rate"]
+            overlap = r["ci95"][0] <= o["ci95"][1] and o["ci95"][0] <= r["ci95"][1]
+            verdict = "intervals overlap" if overlap else ("better" if d > 0 else "worse")
+            lines.append(f"- {rahf} vs {other}: {d:+.3f} ({verdict})")
+    return lines
+
+
+def write_report(results: dict, out: Path) -> Path:
+    """report.md plus plots in `out`; returns the report path."""
+    from . import plots
+
+    summary = results["summary"]
+    base_level = "0" if "0" in summary else sorted(summary, key=float)[0]
+    main = summary[base_level]
+    first = results["runs"][0]
+    lines = [
+        "# rahf compare report",
+        "",
+        f"Methods: {', '.join(results['methods'])}. Runs: {len(results['runs'])} "
+        f"(noise levels {', '.join(sorted(summary, key=float))}); {results['seconds']:.0f} s in all.",
+        "Win rate = the judge's verdict of each sampled response against the pair's chosen response, ties half.",
+        "",
+        f"## Win rate against the chosen responses (label noise {base_level})",
+        "",
+        *win_rate_table(main),
+        "",
+        "![win rate](win_rate.png)",
+        "",
+        "## Where RAHF stands",
+        "",
+        *standing(main),
+        "",
+        "## Other measurements",
+        "",
+        *metrics_table(main),
+        "",
+    ]
+    plots.win_rate_bars([{"method": k, "win_rate": v["win_rate"], "ci95": v["ci95"]} for k, v in main.items()],
+                        out / "win_rate.png")  # fmt: skip
+    rewards = reward_table(main)
+    if rewards:
+        curves = {k: {float(t): m for t, m in v["reward_by_temperature"].items()} for k, v in main.items()
+                  if v.get("reward_by_temperature")}  # fmt: skip
+        plots.reward_vs_temperature(curves, out / "reward_by_temperature.png")
+        lines += ["## Reward-model score by temperature", "", *rewards, "", "![reward](reward_by_temperature.png)", ""]
+    if len(summary) > 1:
+        rows = {
+            name: {
+                float(p): (summary[p][name]["win_rate"], *summary[p][name]["ci95"])
+                for p in summary
+                if name in summary[p]
+            }
+            for name in main
+        }
+        plots.noise_sweep(rows, out / "noise_sweep.png")
+        lines += ["## Label noise", "", "Win rate (seed mean) with a fraction p of training pairs flipped.", ""]
+        lines += [*noise_table(summary), "", "![noise](noise_sweep.png)", ""]
+    strength = {
+        name: {int(layer): s["v_norm"] for layer, s in m["per_layer"].items()}
+        for name, m in first["methods"].items()
+        if m.get("per_layer")
+    }
+    if strength:
+        plots.layer_strength(strength, out / "layer_strength.png")
+        lines += ["## Strength of the preference difference v per layer (first run)", ""]
+        lines += ["| method | layer | mean abs v | mean abs o | abs v / abs o |", "|---|---|---|---|---|"]
+        for name, m in first["methods"].items():
+            for layer, s in m.get("per_layer", {}).items():
+                lines.append(f"| {name} | {layer} | {s['v_norm']:.3f} | {s['o_norm']:.3f} | {s['v_over_o']:.3f} |")
+        lines += ["", "![layers](layer_strength.png)", ""]
+    selection = [(n, m["selection"]) for n, m in first["methods"].items() if m.get("selection")]
+    if selection:
+        lines += ["## Layers and alpha chosen on validation pairs (first run)", ""]
+        lines += ["| method | layers | alpha | validation win rate | final alignment loss |", "|---|---|---|---|---|"]
+        for name, sel in selection:
+            for row in sel["sweep"]:
+                mark = " **(chosen)**" if row["layers"] == sel["layers"] and row["alpha"] == sel["alpha"] else ""
+                lines.append(
+                    f"| {name} | {row['layers']} | {row['alpha']} | {_fmt(row.get('val_win_rate'))}{mark} "
+                    f"| {_fmt(row.get('final_loss'), 4)} |"
+                )
+        lines.append("")
+    histories = {
+        f"{name} ({stage})": logs for name, h in first["histories"].items() for stage, logs in h.items() if logs
+    }
+    if histories:
+        plots.training_curves(histories, out / "training_curves.png")
+        lines += ["## Training curves (first run)", "", "![training](training_curves.png)", ""]
+    lines += ["## Time per run (s)", ""]
+    for run in results["runs"]:
+        lines.append(f"- noise {run['noise']:g}, seed {run['seed']}: {run['timings_s']}")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,142 @@
+"""Baseline methods in the pipeline, label noise, and a quick `rahf compare` over all eight methods."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import run_settings, standard_records, write_jsonl
+
+from rahf import pipeline
+from rahf.compare import run_compare, summarize
+from rahf.config import METHOD_STAGES, load_config
+from rahf.data import PreferencePair
+from rahf.training import flip_labels
+
+EIGHT = ["sft", "preferred-sft", "hir", "dpo", "rlhf-ppo", "lorra", "rahf-scit", "rahf-dual"]
+
+
+def _pairs(n: int) -> list[PreferencePair]:
+    return [PreferencePair(({"role": "user", "content": f"q{i}"},), f"good{i}", f"bad{i}", "t") for i in range(n)]
+
+
+def test_label_noise_swaps_exactly_the_requested_share_reproducibly():
+    pairs = _pairs(20)
+    noisy = flip_labels(pairs, 0.25, seed=3)
+    flipped = [i for i, (a, b) in enumerate(zip(pairs, noisy)) if a != b]
+    assert len(flipped) == 5
+    for i in flipped:
+        assert (noisy[i].chosen, noisy[i].rejected) == (pairs[i].rejected, pairs[i].chosen)
+    assert flip_labels(pairs, 0.25, seed=3) == noisy
+    assert flip_labels(pairs, 0.25, seed=4) != noisy
+    assert flip_labels(pairs, 0.0, seed=3) is pairs
+
+
+def test_methods_use_only_their_stages(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """LoRRA aligns the base model itself: no instruct stage, and collect reads the base model."""
+    cfg = load_config(
+        None,
+        run_settings(tiny_model_dir, pairs_file, tmp_path / "lorra", "lorra")
+        | {"stages": ["instruct", "collect", "align", "merge"]},
+    )
+    pipeline.run(cfg)
+    assert "has no instruct stage" in capsys.readouterr().out
+    assert not (tmp_path / "lorra" / "instruct").exists()
+    assert (tmp_path / "lorra" / "merged" / "config.json").is_file()
+    assert pipeline.step1_path(cfg) == str(tiny_model_dir)
+    assert pipeline.final_model(cfg) == (str(tmp_path / "lorra" / "merged"), None, None)
+    assert METHOD_STAGES["dpo"] == ("sft", "reward", "instruct", "generate", "evaluate")
+
+
+def test_final_model_of_the_step1_baselines(scit_run, dual_run):
+    from rahf.compare import variant
+
+    assert pipeline.final_model(variant(scit_run, method="hir")) == (
+        str(pipeline.stage_dir(scit_run, "instruct")),
+        None,
+        scit_run.instructions.preferred,
+    )
+    assert pipeline.final_model(variant(dual_run, method="preferred-sft"))[1] == "preferred"
+
+
+def test_summarize_averages_seeds_and_pools_the_interval():
+    def run(seed, rate, n):
+        return {"noise": 0.0, "seed": seed, "methods": {"m": {"win_rate": {"win_rate": rate, "n": n}}}}
+
+    s = summarize([run(0, 0.5, 100), run(1, 0.7, 300)])["0"]["m"]
+    assert s["win_rate"] == pytest.approx(0.6)
+    assert s["seed_sd"] == pytest.approx(math.sqrt(0.02), abs=1e-4)  # sample sd of 0.5 and 0.7 (rounded)
+    assert s["pooled_win_rate"] == pytest.approx((50 + 210) / 400, abs=1e-4)
+    assert s["n"] == 400 and s["seeds"] == 2
+    assert s["ci95"][0] < 0.65 < s["ci95"][1]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("compare")
+    data = write_jsonl(tmp / "pairs.jsonl", standard_records(24, seed=0))
+    held = standard_records(8, seed=77)
+    test = write_jsonl(tmp / "test.jsonl", held[:5])
+    val = write_jsonl(tmp / "val.jsonl", held[5:])
+    train = {"per_device_train_batch_size": 8, "disable_tqdm": True, "logging_steps": 1}
+    settings = run_settings(tiny_model_dir, data, tmp / "out", "scit") | {
+        "stages": ["sft"],
+        "sft": {"train": train | {"max_steps": 2}},
+        "reward": {"max_length": 48, "train": train | {"max_steps": 2}},
+        "dpo": {"train": train | {"max_steps": 2}},
+        "ppo": {"steps": 2, "rollout_size": 8, "minibatch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6},
+        "evaluate": {
+            "pairs": str(test),
+            "judge": "gold",
+            "samples": 2,
+            "max_new_tokens": 8,
+            "temperatures": [0.0, 1.0],
+        },
+        "compare": {
+            "methods": EIGHT,
+            "seeds": [0, 1],
+            "label_noise": [0.0, 0.5],
+            "noise_seeds": 1,
+            "validation": str(val),
+            "layer_sets": [[1], [2]],
+            "alphas": [1.0],
+        },
+    }
+    settings["align"]["train"]["max_steps"] = 3
+    cfg = load_config(None, settings)
+    return cfg, run_compare(cfg)
+
+
+def test_compare_reports_every_method_seed_and_noise_level(compared):
+    cfg, results = compared
+    out = cfg.output_dir
+    assert results["methods"] == EIGHT
+    assert [(r["noise"], r["seed"]) for r in results["runs"]] == [(0.0, 0), (0.0, 1), (0.5, 0)]
+    assert set(results["summary"]) == {"0", "0.5"}
+    for level, rows in results["summary"].items():
+        assert list(rows) == EIGHT
+        for row in rows.values():
+            assert 0.0 <= row["win_rate"] <= 1.0
+            assert row["n"] == 5 * 2 * row["seeds"]
+    saved = json.loads((cfg_path := __import__("pathlib").Path(out) / "results.json").read_text())
+    assert saved["summary"] == results["summary"], cfg_path
+    report = (cfg_path.parent / "report.md").read_text()
+    for name in EIGHT:
+        assert f"| {name} |" in report
+    for png in ("win_rate.png", "reward_by_temperature.png", "noise_sweep.png", "layer_strength.png"):
+        assert (cfg_path.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_shares_step1_models_and_chooses_on_validation(compared):
+    cfg, results = compared
+    first = results["runs"][0]["methods"]
+    assert first["hir"]["model"] == first["rahf-scit"]["model"].replace("merged", "instruct")
+    assert first["preferred-sft"]["adapter"] == "preferred"
+    for name in ("rahf-scit", "rahf-dual", "lorra"):
+        sel = first[name]["selection"]
+        best = max(sel["sweep"], key=lambda r: r["val_win_rate"])
+        assert (sel["layers"], sel["alpha"]) == (best["layers"], best["alpha"])
+        assert {1, 2} == {int(k) for k in first[name]["per_layer"]}
+    kl = first["sft"]["kl_per_token"]
+    assert kl == pytest.approx(0.0, abs=1e-6)  # the SFT model against itself

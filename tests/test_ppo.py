@@ -1,0 +1,185 @@
+"""The `rlhf-ppo` baseline: GAE and KL-penalised rewards by hand, then PPO on the tiny model against a known reward."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_settings
+
+from rahf.baselines import ppo
+from rahf.config import load_config
+from rahf.demo.task import make_task
+from rahf.models import load_tokenizer
+from rahf.training import load_stage_model
+
+PPO_LOOP = ppo.ppo_loop
+STEPS = 20
+# The random tiny model's logits are small (tied embeddings of scale 0.02), so a LoRA on q/v moves them by
+# well under one nat; sampling at temperature 0.1 gives it ten times the leverage over what it samples.
+PPO = {
+    "steps": STEPS,
+    "rollout_size": 32,
+    "minibatch_size": 16,
+    "ppo_epochs": 2,
+    "learning_rate": 1e-2,
+    "max_new_tokens": 4,
+    "temperature": 0.1,
+    "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0},
+}
+
+
+def test_gae_matches_hand_computation():
+    """gamma=1, lam=0.5; the second rollout ends after two tokens and its padded value 7 must be ignored."""
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 5.0]])
+    values = torch.tensor([[0.5, 0.2, 0.1], [1.0, 1.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, returns = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # row 1: deltas 0.9, 0.1 - 0.2, 0.2 - 0.5 -> A2 = 0.9, A1 = -0.1 + 0.5 * 0.9, A0 = -0.3 + 0.5 * 0.35
+    # row 2: deltas 2 - 1, 0 + 1 - 1 -> A1 = 1, A0 = 0 + 0.5 * 1
+    torch.testing.assert_close(advantages, torch.tensor([[-0.125, 0.35, 0.9], [0.5, 1.0, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.375, 0.55, 1.0], [1.5, 2.0, 0.0]]))
+    white = ppo.whiten(advantages, mask)
+    assert ppo.masked_mean(white, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert ppo.masked_mean(white**2, mask).item() == pytest.approx(4 / 5, rel=1e-4)  # unbiased variance 1 over 5
+    assert white[1, 2].item() == 0.0
+
+
+def test_token_rewards_penalise_kl_and_add_the_score_at_the_last_token():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -9.0]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -1.0], [-2.0, -0.5, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards = ppo.token_rewards(logprobs, ref_logprobs, mask, torch.tensor([3.0, -1.0]), kl_coef=0.1)
+    # KL terms 0.5, 0, 0.5 and 1, -0.5, (padding); scores 3 and -1 land on the last real token
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 2.95], [-0.1, 0.05 - 1.0, 0.0]]))
+
+
+def test_response_mask_keeps_tokens_up_to_the_first_eos():
+    responses = torch.tensor([[5, 3, 3, 0], [5, 6, 7, 8], [3, 5, 3, 0]])
+    assert ppo.response_mask(responses, eos_token_id=3).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory, tokenizer):
+    """A one-label LLaMA scorer whose score is cos(pi * id / (V - 1)) of the text's last token id.
+
+    Its only block is switched off (zero output projections), every embedding is a unit vector in the
+    first two dimensions, so the final RMSNorm scales all of them alike and the linear score reads the cosine.
+    """
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    n = len(tokenizer)
+    config = LlamaConfig(
+        vocab_size=n,
+        hidden_size=4,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        for module in (model.model.layers[0].self_attn.o_proj, model.model.layers[0].mlp.down_proj):
+            module.weight.zero_()
+        angle = torch.arange(n) * math.pi / (n - 1)
+        embeddings = torch.zeros(n, 4)
+        embeddings[:, 0], embeddings[:, 1] = torch.cos(angle), torch.sin(angle)
+        model.model.embed_tokens.weight.copy_(embeddings)
+        model.model.norm.weight.fill_(1.0)
+        model.score.weight.copy_(torch.tensor([[0.5, 0.0, 0.0, 0.0]]))  # RMSNorm doubles a unit 4-vector
+    path = tmp_path_factory.mktemp("ppo-rm") / "rm"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_reward_model_scores_the_last_token(reward_model_dir, tokenizer):
+    from rahf.judges import RewardModelJudge
+
+    judge = RewardModelJudge.from_pretrained(str(reward_model_dir))
+    prompt = [{"role": "user", "content": "mia asks : what color is a banana ?"}]
+    n = len(tokenizer)
+    expected = [math.cos(math.pi * tokenizer.convert_tokens_to_ids(w) / (n - 1)) for w in ("!", "yellow")]
+    assert judge.score_many([prompt, prompt], ["it is !", "it is yellow"]) == pytest.approx(expected, abs=1e-4)
+
+
+def _prompts() -> list[list[dict]]:
+    return [
+        [{"role": "user", "content": p["prompt"]}]
+        for p in make_task(n_sft=0, n_pairs=16, n_val=0, n_test=0, seed=0).pairs
+    ]
+
+
+def _train(tmp_path, monkeypatch, tiny_model_dir, pairs_file, reward_model_dir, **settings):
+    """Run `train_ppo` and keep the in-memory policy it trained."""
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "run", "rlhf-ppo", ppo=settings))
+    trained = {}
+
+    def keep_policy(cfg, policy, *args):
+        trained["policy"] = policy
+        return PPO_LOOP(cfg, policy, *args)
+
+    monkeypatch.setattr(ppo, "ppo_loop", keep_policy)
+    out = tmp_path / "ppo"
+    log = ppo.train_ppo(cfg, str(tiny_model_dir), str(reward_model_dir), _prompts(), out)
+    return cfg, log, trained["policy"], out
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir, pairs_file, reward_model_dir):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return _train(
+            tmp_path_factory.mktemp("ppo-lora"), monkeypatch, tiny_model_dir, pairs_file, reward_model_dir, **PPO
+        )
+
+
+def test_ppo_raises_the_reward_with_growing_kl(lora_run):
+    _, log, _, out = lora_run
+    assert json.loads((out / "log_history.json").read_text()) == log
+    assert [e["step"] for e in log] == list(range(1, STEPS + 1))
+    first = sum(e["score"] for e in log[:3]) / 3
+    last = sum(e["score"] for e in log[-3:]) / 3
+    assert last > first + 0.3, [round(e["score"], 3) for e in log]
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
+    assert min(e["kl"] for e in log[5:]) > 0 and log[-1]["kl"] > 0.5
+    assert all(1 <= e["response_length"] <= PPO["max_new_tokens"] for e in log)
+    assert all(0 <= e["clip_fraction"] <= 1 and math.isfinite(e["value_loss"]) for e in log)
+
+
+def _logits(model, tokenizer) -> torch.Tensor:
+    ids = tokenizer(["human : mia asks : what color is a banana ? assistant : it is yellow ."], return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids.to(model.device)).logits
+
+
+def test_saved_lora_policy_reloads_with_the_trained_logits(lora_run, tiny_model_dir):
+    cfg, _, policy, out = lora_run
+    assert (out / "adapter_config.json").is_file()
+    tokenizer = load_tokenizer(str(out))
+    loaded = load_stage_model(out, cfg)
+    base = load_stage_model(tiny_model_dir, cfg)
+    assert torch.allclose(_logits(loaded, tokenizer), _logits(policy, tokenizer), atol=1e-5)
+    assert not torch.allclose(_logits(loaded, tokenizer), _logits(base, tokenizer), atol=1e-3)
+
+
+def test_ppo_is_deterministic(tmp_path, monkeypatch, tiny_model_dir, pairs_file, reward_model_dir):
+    settings = PPO | {"steps": 2}
+    runs = [
+        _train(tmp_path / str(i), monkeypatch, tiny_model_dir, pairs_file, reward_model_dir, **settings) for i in (0, 1)
+    ]
+    assert runs[0][1] == runs[1][1]
+
+
+def test_full_finetune_saves_a_whole_model(tmp_path, monkeypatch, tiny_model_dir, pairs_file, reward_model_dir):
+    settings = PPO | {"steps": 2, "finetune": "full", "learning_rate": 1e-3}
+    cfg, log, policy, out = _train(tmp_path, monkeypatch, tiny_model_dir, pairs_file, reward_model_dir, **settings)
+    assert not (out / "adapter_config.json").exists() and (out / "config.json").is_file()
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6) and log[1]["kl"] != 0
+    tokenizer = load_tokenizer(str(out))
+    loaded = load_stage_model(out, cfg)
+    assert torch.equal(_logits(loaded, tokenizer), _logits(policy, tokenizer))
+    assert not torch.allclose(_logits(loaded, tokenizer), _logits(load_stage_model(tiny_model_dir, cfg), tokenizer))
