@@ -25,10 +25,12 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """A tokenizer with a pad token (EOS when it has none); padding side is set per use."""
+    """A tokenizer with EOS ([SEP] for encoders without one) and a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None and tok.sep_token_id is not None:  # encoders (BERT) end every text with [SEP]
+        tok.eos_token = tok.sep_token
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:

