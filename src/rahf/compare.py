@@ -215,7 +215,7 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
             deployed[method], selection = _select(mcfg, grid, validation, judge)
             collect = read_manifest(pipeline.stage_dir(mcfg, "collect"))
             extras[method] = {"selection": selection, "per_layer": collect.get("per_layer", {})}
-        timings[method] = round(time.time() - t, 1)
+        timings[f"train {method}"] = round(time.time() - t, 1)
 
     from .judges import RewardModelJudge
     from .training import load_stage_model
@@ -226,6 +226,11 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
     reference = load_stage_model(sft_path, cfg)
     pairs = load_pairs(e.pairs, limit=e.limit)[0]
     neutral = _neutral_prompts(cfg, pairs)
+    extra: dict[str, Any] = {}
+    if reward_judge is not None:
+        from .reward import evaluate_reward_model
+
+        extra["reward_model"] = evaluate_reward_model(reward_judge, pairs) | {"path": rm_path}
     metrics: dict[str, dict] = {}
     for method in methods:
         t = time.time()
@@ -240,7 +245,8 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
         name = DISPLAY.get(method, method)
         print(f"[compare] noise {noise:g} seed {seed} {name}: win rate {m['win_rate']['win_rate']:.3f}", flush=True)
     histories = {name: _history(run_dir, sft_root, name) for name in metrics}
-    return {"noise": noise, "seed": seed, "methods": metrics, "timings_s": timings, "histories": histories}
+    run = {"noise": noise, "seed": seed, "methods": metrics, "timings_s": timings, "histories": histories}
+    return run | extra
 
 
 def _neutral_prompts(cfg: RahfConfig, pairs: list[PreferencePair]) -> list[list[dict]]:

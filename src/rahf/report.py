@@ -160,6 +160,20 @@ def write_report(results: dict, out: Path) -> Path:
     if histories:
         plots.training_curves(histories, out / "training_curves.png")
         lines += ["## Training curves (first run)", "", "![training](training_curves.png)", ""]
+    rm = [run for run in results["runs"] if run.get("reward_model")]
+    if rm:
+        lines += ["## The reward model as a classifier of held-out chosen vs rejected responses", ""]
+        lines += [
+            "| noise | seed | pairwise acc | accuracy | precision | recall | F1 | AUC-ROC |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for run in rm:
+            r = run["reward_model"]
+            lines.append(
+                f"| {run['noise']:g} | {run['seed']} | {_fmt(r['pairwise_accuracy'])} | {_fmt(r['accuracy'])} "
+                f"| {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | {_fmt(r['auc_roc'])} |"
+            )
+        lines.append("")
     lines += ["## Time per run (s)", ""]
     for run in results["runs"]:
         lines.append(f"- noise {run['noise']:g}, seed {run['seed']}: {run['timings_s']}")
