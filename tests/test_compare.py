@@ -140,3 +140,50 @@ def test_compare_shares_step1_models_and_chooses_on_validation(compared):
         assert {1, 2} == {int(k) for k in first[name]["per_layer"]}
     kl = first["sft"]["kl_per_token"]
     assert kl == pytest.approx(0.0, abs=1e-6)  # the SFT model against itself
+
+
+def _yaml(path, mapping) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(mapping))
+    return str(path)
+
+
+def test_reward_then_evaluate_from_the_command_line(tmp_path, tiny_model_dir, pairs_file):
+    """`rahf reward` then `rahf evaluate` with the reward-model judge: metrics.json holds every measurement."""
+    from rahf.cli import main
+
+    held = write_jsonl(tmp_path / "held.jsonl", standard_records(6, seed=91))
+    train = {"per_device_train_batch_size": 8, "disable_tqdm": True, "max_steps": 2}
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "sft") | {
+        "stages": ["reward", "evaluate"],
+        "reward": {"max_length": 48, "train": train},
+        "evaluate": {"pairs": str(held), "samples": 2, "max_new_tokens": 6, "temperatures": [0.0, 0.5]},
+    }
+    cfg = _yaml(tmp_path / "c.yaml", settings)
+    assert main(["reward", cfg]) == 0
+    assert main(["evaluate", cfg]) == 0
+    metrics = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
+    assert metrics["win_rate"]["n"] == 12 and 0 <= metrics["win_rate"]["win_rate"] <= 1
+    assert set(metrics["reward_by_temperature"]) == {"0.0", "0.5"}
+    assert metrics["kl_per_token"] == pytest.approx(0.0, abs=1e-6)  # sft is its own reference
+    assert metrics["chosen_perplexity"] == pytest.approx(math.exp(metrics["chosen_cross_entropy"]))
+    for key in ("pairwise_accuracy", "accuracy", "precision", "recall", "f1", "auc_roc"):
+        assert 0 <= metrics["likelihood_classifier"]["log_likelihood"][key] <= 1
+
+
+def test_compare_and_stage_errors_are_one_line_exit_2(tmp_path, tiny_model_dir, pairs_file, capsys):
+    from rahf.cli import main
+
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit")
+    assert main(["compare", _yaml(tmp_path / "a.yaml", settings)]) == 2
+    assert "evaluate.pairs: required by compare" in capsys.readouterr().err
+    bad = settings | {"compare": {"methods": ["sft", "ppo"]}}
+    assert main(["compare", _yaml(tmp_path / "b.yaml", bad)]) == 2
+    assert "compare.methods[1]: unknown method 'ppo'" in capsys.readouterr().err
+    bad = settings | {"compare": {"overrides": {"dpo": {"dpo": {"betta": 1}}}}}
+    assert main(["compare", _yaml(tmp_path / "c.yaml", bad)]) == 2
+    assert "compare.overrides.dpo: dpo.betta: unknown key" in capsys.readouterr().err
+    assert main(["collect", _yaml(tmp_path / "d.yaml", settings | {"method": "dpo"})]) == 2
+    assert "method dpo has no collect stage" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

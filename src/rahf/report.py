@@ -157,9 +157,16 @@ def write_report(results: dict, out: Path) -> Path:
     histories = {
         f"{name} ({stage})": logs for name, h in first["histories"].items() for stage, logs in h.items() if logs
     }
-    if histories:
-        plots.training_curves(histories, out / "training_curves.png")
+    losses = {k: v for k, v in histories.items() if any("loss" in r for r in v)}
+    if losses:
+        plots.training_curves(losses, out / "training_curves.png")
         lines += ["## Training curves (first run)", "", "![training](training_curves.png)", ""]
+    scores = {k: v for k, v in histories.items() if any("score" in r for r in v)}
+    if scores:  # PPO logs the reward-model score and KL of each rollout instead of a loss
+        plots.training_curves(scores, out / "ppo_score.png", key="score")
+        plots.training_curves(scores, out / "ppo_kl.png", key="kl")
+        lines += ["PPO rollouts: reward-model score and KL (summed per response) by step.", ""]
+        lines += ["![ppo score](ppo_score.png) ![ppo kl](ppo_kl.png)", ""]
     rm = [run for run in results["runs"] if run.get("reward_model")]
     if rm:
         lines += ["## The reward model as a classifier of held-out chosen vs rejected responses", ""]
