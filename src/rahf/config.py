@@ -422,13 +422,26 @@ def _check_train_args(section: str, values: dict[str, Any], cls) -> None:
         raise ConfigError(f"{section}.train.output_dir: set by rahf; use output_dir at the top level")
 
 
+# Keys that must be at least 1.
+POSITIVE = (
+    "window", "data.max_prompt_length", "data.max_response_length", "collect.batch_size", "collect.shard_size",
+    "generate.batch_size", "generate.max_new_tokens", "align.lora.r", "instruct.lora.r", "evaluate.samples",
+    "evaluate.max_new_tokens", "evaluate.batch_size", "ppo.steps", "ppo.rollout_size", "ppo.minibatch_size",
+    "ppo.ppo_epochs", "ppo.max_new_tokens", "reward.max_length",
+)  # fmt: skip
+
+
+def _get(cfg: RahfConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for key in dotted.split("."):
+        node = getattr(node, key)
+    return node
+
+
 def validate(cfg: RahfConfig) -> None:
     """Checks that need no model weights (the layer count is read from the model's config only)."""
-    d = cfg.to_dict()
     for dotted, allowed in CHOICES.items():
-        value = d
-        for k in dotted.split("."):
-            value = value[k]
+        value = _get(cfg, dotted)
         if value not in allowed:
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(str(a) for a in allowed)}")
     if not cfg.model:
@@ -438,7 +451,7 @@ def validate(cfg: RahfConfig) -> None:
             raise ConfigError(f"stages: unknown stage {stage!r} (known: {', '.join(STAGES)})")
     if [s for s in STAGES if s in cfg.stages] != cfg.stages:
         raise ConfigError(f"stages: must be in pipeline order {', '.join(STAGES)}")
-    needs_data = any(s in cfg.stages for s in ("instruct", "collect", "align")) or (
+    needs_data = any(s in cfg.stages for s in ("reward", "instruct", "collect", "align")) or (
         "sft" in cfg.stages and not cfg.sft.path
     )
     if needs_data:
@@ -465,17 +478,8 @@ def validate(cfg: RahfConfig) -> None:
         raise ConfigError(f"data.align_fraction: must be between 0 and 1 (exclusive), got {cfg.data.align_fraction}")
     if not 0.0 <= cfg.instruct.label_smoothing < 0.5:
         raise ConfigError(f"instruct.label_smoothing: must be in [0, 0.5), got {cfg.instruct.label_smoothing}")
-    for key, value in (
-        ("window", cfg.window),
-        ("data.max_prompt_length", cfg.data.max_prompt_length),
-        ("data.max_response_length", cfg.data.max_response_length),
-        ("collect.batch_size", cfg.collect.batch_size),
-        ("collect.shard_size", cfg.collect.shard_size),
-        ("generate.batch_size", cfg.generate.batch_size),
-        ("generate.max_new_tokens", cfg.generate.max_new_tokens),
-        ("align.lora.r", cfg.align.lora.r),
-        ("instruct.lora.r", cfg.instruct.lora.r),
-    ):
+    for key in POSITIVE:
+        value = _get(cfg, key)
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if not 0.0 <= cfg.data.label_noise < 1.0:
@@ -499,19 +503,6 @@ def validate(cfg: RahfConfig) -> None:
         raise ConfigError(f"compare.noise_seeds: must be between 1 and len(compare.seeds)={len(cfg.compare.seeds)}")
     if any(t < 0 for t in [cfg.evaluate.temperature, *cfg.evaluate.temperatures]):
         raise ConfigError("evaluate.temperature and evaluate.temperatures must be >= 0 (0 = greedy)")
-    for key, value in (
-        ("evaluate.samples", cfg.evaluate.samples),
-        ("evaluate.max_new_tokens", cfg.evaluate.max_new_tokens),
-        ("evaluate.batch_size", cfg.evaluate.batch_size),
-        ("ppo.steps", cfg.ppo.steps),
-        ("ppo.rollout_size", cfg.ppo.rollout_size),
-        ("ppo.minibatch_size", cfg.ppo.minibatch_size),
-        ("ppo.ppo_epochs", cfg.ppo.ppo_epochs),
-        ("ppo.max_new_tokens", cfg.ppo.max_new_tokens),
-        ("reward.max_length", cfg.reward.max_length),
-    ):
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
     if cfg.ppo.rollout_size % cfg.ppo.minibatch_size:
         raise ConfigError(
             f"ppo.minibatch_size: {cfg.ppo.minibatch_size} must divide ppo.rollout_size={cfg.ppo.rollout_size}"
