@@ -162,6 +162,8 @@ def test_reward_then_evaluate_from_the_command_line(tmp_path, tiny_model_dir, pa
     }
     cfg = _yaml(tmp_path / "c.yaml", settings)
     assert main(["reward", cfg]) == 0
+    heldout = json.loads((tmp_path / "out" / "reward" / "rahf_manifest.json").read_text())["heldout"]
+    assert 0 <= heldout["pairwise_accuracy"] <= 1 and 0 <= heldout["auc_roc"] <= 1
     assert main(["evaluate", cfg]) == 0
     metrics = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
     assert metrics["win_rate"]["n"] == 12 and 0 <= metrics["win_rate"]["win_rate"] <= 1

@@ -212,8 +212,15 @@ def _reward(cfg: RahfConfig, out: Path) -> dict:
     step1, _ = split_pairs(cfg, load_data(cfg))
     backbone = resolve_backbone(cfg.reward.model, base_model_path(cfg))
     r = cfg.reward
-    train_reward_model(step1, backbone, out, r.train, cfg.seed, cfg.trust_remote_code, r.max_length)
-    return {"n_pairs": len(step1), "backbone": backbone}
+    judge = train_reward_model(step1, backbone, out, r.train, cfg.seed, cfg.trust_remote_code, r.max_length)
+    stats: dict = {"n_pairs": len(step1), "backbone": backbone}
+    if cfg.evaluate.pairs:  # how well it ranks held-out pairs, recorded in the manifest
+        from .data import load_pairs
+        from .reward import evaluate_reward_model
+
+        stats["heldout"] = evaluate_reward_model(judge, load_pairs(cfg.evaluate.pairs, limit=cfg.evaluate.limit)[0])
+        print(f"[rahf] reward: held-out pairwise accuracy {stats['heldout']['pairwise_accuracy']:.3f}", flush=True)
+    return stats
 
 
 def _instruct(cfg: RahfConfig, out: Path) -> dict:
