@@ -1,5 +1,5 @@
-"""The report's figures: win rates, reward against temperature, steering strength per layer, training curves,
-robustness to label noise.
+"""The report's figures: win rates, reward against temperature, strength of the preference difference v
+per layer, training curves, robustness to label noise.
 
 Each function draws one PNG and returns its path. Figures are built on matplotlib's Agg canvas without
 pyplot, so no display or global backend is involved, and inside matplotlib's default style, so a local
@@ -106,7 +106,7 @@ def layer_strength(
     stats: Mapping[str, Mapping[int, float]],
     path: str | Path,
     ylabel: str = "mean |v|",
-    title: str = "Steering strength per layer",
+    title: str = "Strength of the preference difference v per layer",
 ) -> Path:
     """One line per method of a per-layer statistic (mean |v|, or |v| / |o|) against layer index.
 
