@@ -215,7 +215,8 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
             deployed[method], selection = _select(mcfg, grid, validation, judge)
             collect = read_manifest(pipeline.stage_dir(mcfg, "collect"))
             extras[method] = {"selection": selection, "per_layer": collect.get("per_layer", {})}
-        timings[f"train {method}"] = round(time.time() - t, 1)
+        if method != "sft":  # trained once above, shared by all methods
+            timings[f"train {method}"] = round(time.time() - t, 1)
 
     from .judges import RewardModelJudge
     from .training import load_stage_model
