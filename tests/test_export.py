@@ -161,3 +161,20 @@ def test_lm_eval_command_cpu_and_cuda():
         "lm_eval", "--model", "hf", "--model_args", "pretrained=/m d,dtype=bfloat16",
         "--tasks", "hellaswag", "--batch_size", "4", "--device", "cuda:0",
     ]  # fmt: skip
+
+
+def test_export_command_writes_files_and_prints_the_lm_eval_call(generations_file, tmp_path, tiny_model_dir, capsys):
+    from rahf.cli import main
+
+    out = tmp_path / "model_outputs.json"
+    assert main(["export", str(generations_file), "--format", "alpaca-eval", "--out", str(out), "--name", "m"]) == 0
+    assert [r["generator"] for r in json.loads(out.read_text())] == ["m"] * len(RESPONSES)
+    answers = tmp_path / "m.jsonl"
+    assert main(["export", str(generations_file), "--format", "mt-bench", "--out", str(answers), "--name", "m"]) == 0
+    assert len(answers.read_text().splitlines()) == len(RESPONSES)
+    capsys.readouterr()
+    assert main(["export", str(tiny_model_dir), "--format", "lm-eval"]) == 0
+    assert capsys.readouterr().out.split() == lm_eval_command(str(tiny_model_dir))
+    assert main(["export", str(generations_file), "--format", "alpaca-eval"]) == 2
+    assert "--out: required" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--format", "lm-eval"]) == 2

@@ -71,6 +71,28 @@ def _cmd_compare(args) -> None:
     run_compare(_load(args))
 
 
+def _cmd_export(args) -> None:
+    import shlex
+
+    from . import export
+
+    if args.format == "lm-eval":
+        from .models import default_device
+
+        if not (Path(args.source) / "config.json").is_file():
+            raise RahfError(f"{args.source}: not a model folder (no config.json); give a run's merged/ folder")
+        print(shlex.join(export.lm_eval_command(args.source, device=default_device())))
+        return
+    if not args.out:
+        raise RahfError(f"--out: required for --format {args.format} (the file to write)")
+    generations = export.read_generations(args.source)
+    if args.format == "alpaca-eval":
+        export.write_alpaca_eval(args.out, generations, args.name)
+    else:
+        export.write_mt_bench(args.out, generations, args.name)
+    print(f"wrote {len(generations)} {args.format} records to {args.out}")
+
+
 def _cmd_data_check(args) -> None:
     from .data import check_data, format_report
 
@@ -114,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="the configured methods over several seeds (and label-noise levels), one report")
     c.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]", help=config_help)
     c.set_defaults(func=_cmd_compare)
+
+    e = sub.add_parser("export", help="generations for AlpacaEval or MT-Bench; the lm-evaluation-harness command")
+    e.add_argument("source", help="a `rahf generate` JSONL, or with --format lm-eval a merged model folder")
+    e.add_argument("--format", required=True, choices=("alpaca-eval", "mt-bench", "lm-eval"))
+    e.add_argument("--out", help="file to write (alpaca-eval: model_outputs.json; mt-bench: <model_id>.jsonl)")
+    e.add_argument("--name", default="rahf", help="generator / model id recorded in the records (default: rahf)")
+    e.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("demo", help="a complete run on a built-in task: no download, no GPU")
     d.add_argument("--out", default="rahf-demo", help="output folder (default: rahf-demo)")
