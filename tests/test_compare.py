@@ -189,3 +189,22 @@ def test_compare_and_stage_errors_are_one_line_exit_2(tmp_path, tiny_model_dir, 
     assert main(["collect", _yaml(tmp_path / "d.yaml", settings | {"method": "dpo"})]) == 2
     assert "method dpo has no collect stage" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_rlhf_ppo_run_trains_its_reward_model_first(tmp_path, tiny_model_dir, pairs_file, capsys):
+    """`rahf run` with rlhf-ppo: reward, then PPO against it; collect/align are skipped; a new reward model is stale."""
+    train = {"per_device_train_batch_size": 8, "disable_tqdm": True, "max_steps": 2}
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "rlhf-ppo") | {
+        "stages": ["reward", "instruct", "collect", "align"],
+        "reward": {"max_length": 48, "train": train},
+        "ppo": {"steps": 2, "rollout_size": 8, "minibatch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6},
+    }
+    cfg = load_config(None, settings)
+    pipeline.run(cfg)
+    assert "has no collect, align stage" in capsys.readouterr().out
+    log = json.loads((tmp_path / "out" / "instruct" / "log_history.json").read_text())
+    assert [r["step"] for r in log] == [1, 2] and log[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert pipeline.final_model(cfg) == (str(tmp_path / "out" / "instruct"), None, None)
+    pipeline.run(load_config(None, settings | {"reward": {"max_length": 40, "train": train}}))
+    out = capsys.readouterr().out
+    assert "reward: inputs changed" in out and "instruct: inputs changed" in out
