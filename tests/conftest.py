@@ -20,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # small op wait for it (measured: 0.77 s vs 0.006 s per alignment step).
 torch.set_num_threads(1)
 
-from rahf.demo.task import INSTRUCTIONS, make_task, vocabulary  # noqa: E402
+from rahf.demo.task import INSTRUCTIONS, make_task, vocabulary
 
 N_PAIRS = 16
 LAYERS = [1, 2]

@@ -114,7 +114,7 @@ def test_compare_reports_every_method_seed_and_noise_level(compared):
     assert results["methods"] == EIGHT
     assert [(r["noise"], r["seed"]) for r in results["runs"]] == [(0.0, 0), (0.0, 1), (0.5, 0)]
     assert set(results["summary"]) == {"0", "0.5"}
-    for level, rows in results["summary"].items():
+    for rows in results["summary"].values():
         assert list(rows) == EIGHT
         for row in rows.values():
             assert 0.0 <= row["win_rate"] <= 1.0
@@ -129,7 +129,7 @@ def test_compare_reports_every_method_seed_and_noise_level(compared):
 
 
 def test_compare_shares_step1_models_and_chooses_on_validation(compared):
-    cfg, results = compared
+    _, results = compared
     first = results["runs"][0]["methods"]
     assert first["hir"]["model"] == first["rahf-scit"]["model"].replace("merged", "instruct")
     assert first["preferred-sft"]["adapter"] == "preferred"

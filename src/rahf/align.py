@@ -164,7 +164,7 @@ def align_trainer_class():
     class AlignTrainer(Trainer):
         """Trainer whose loss is the representation-alignment objective."""
 
-        layers: list[int] = []
+        layers: tuple[int, ...] = ()  # set by train_align before training
         alpha: float = 5.0
         norm: str = "tokens"
         reader: TargetReader | None = None

@@ -27,7 +27,7 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
     return None, items
 
 
-def _load(args) -> "RahfConfig":  # noqa: F821
+def _load(args) -> RahfConfig:  # noqa: F821
     from .config import load_config
 
     path, overrides = _split_config_args(args.items)
@@ -41,7 +41,6 @@ def _load(args) -> "RahfConfig":  # noqa: F821
 
 def _cmd_stage(args) -> None:
     from . import pipeline
-
     from .config import METHOD_STAGES
 
     cfg = _load(args)

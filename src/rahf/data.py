@@ -301,7 +301,7 @@ def _read_dataset(path: Path, shown: str) -> Iterator[tuple[str, object]]:
             ds = _quiet_datasets(lambda: datasets.load_from_disk(str(path)))
         else:
             ds = _quiet_datasets(lambda: datasets.Dataset.from_parquet(str(path)))
-    except Exception as e:  # datasets/pyarrow raise many types for unreadable input
+    except Exception as e:  # noqa: BLE001 (datasets/pyarrow raise many types for unreadable input)
         kind = "a dataset saved with save_to_disk" if path.is_dir() else "a readable parquet file"
         raise DataError(f"{shown}: not {kind} ({type(e).__name__}: {e})") from None
     if isinstance(ds, datasets.DatasetDict):
@@ -426,8 +426,10 @@ def format_report(report: DataReport) -> str:
         ("empty chosen or rejected", share(report.n_empty)),
         (
             "mean length (chars)",
-            f"prompt {report.mean_prompt_chars:.1f}, chosen {report.mean_chosen_chars:.1f}, "
-            f"rejected {report.mean_rejected_chars:.1f}",
+            (
+                f"prompt {report.mean_prompt_chars:.1f}, chosen {report.mean_chosen_chars:.1f}, "
+                f"rejected {report.mean_rejected_chars:.1f}"
+            ),
         ),
     ]
     width = max(len(label) for label, _ in rows) + 1

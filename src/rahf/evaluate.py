@@ -454,9 +454,9 @@ def evaluate_policy(
 def evaluate_run(cfg) -> dict:
     """`rahf evaluate`: the run's final model (as its method deploys it) measured on `evaluate.pairs`."""
     from .data import load_pairs
+    from .errors import RahfError
     from .judges import GoldJudge, LLMJudge, RewardModelJudge
     from .models import load_tokenizer
-    from .errors import RahfError
     from .pipeline import base_model_path, final_model, stage_dir
     from .training import load_stage_model
 

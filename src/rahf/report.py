@@ -84,14 +84,16 @@ def write_report(results: dict, out: Path) -> Path:
     from . import plots
 
     summary = results["summary"]
-    base_level = "0" if "0" in summary else sorted(summary, key=float)[0]
+    base_level = "0" if "0" in summary else min(summary, key=float)
     main = summary[base_level]
     first = results["runs"][0]
     lines = [
         "# rahf compare report",
         "",
-        f"Methods: {', '.join(results['methods'])}. Runs: {len(results['runs'])} "
-        f"(noise levels {', '.join(sorted(summary, key=float))}); {results['seconds']:.0f} s in all.",
+        (
+            f"Methods: {', '.join(results['methods'])}. Runs: {len(results['runs'])} "
+            f"(noise levels {', '.join(sorted(summary, key=float))}); {results['seconds']:.0f} s in all."
+        ),
         "Win rate = the judge's verdict of each sampled response against the pair's chosen response, ties half.",
         "",
         f"## Win rate against the chosen responses (label noise {base_level})",

@@ -203,10 +203,12 @@ def demo_header(results: dict) -> str:
     lines = [
         "# rahf demo",
         "",
-        f"Task: 'NAME asks : what color is a OBJ ?'; a reply is an opener, an answer and a closing. Gold score = "
-        f"2 x correct colour + polite opener + polite closing (-1 if malformed); chosen test replies average "
-        f"{task['chosen_mean_gold_score']}. {task['n_test_prompts']} held-out prompts x {task['samples_per_prompt']} "
-        f"replies sampled at temperature 1; label noise {task['label_noise']}.",
+        (
+            "Task: 'NAME asks : what color is a OBJ ?'; a reply is an opener, an answer and a closing. Gold score = "
+            "2 x correct colour + polite opener + polite closing (-1 if malformed); chosen test replies average "
+            f"{task['chosen_mean_gold_score']}. {task['n_test_prompts']} held-out prompts x "
+            f"{task['samples_per_prompt']} replies sampled at temperature 1; label noise {task['label_noise']}."
+        ),
         "",
         "| method | win rate | 95% interval | mean gold score | malformed | n |",
         "|---|---|---|---|---|---|",
