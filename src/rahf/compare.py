@@ -75,17 +75,6 @@ def check_compare(cfg: RahfConfig) -> None:
     preflight(variant(cfg, stages=stages))
 
 
-def _judge(cfg: RahfConfig, reward_path: str | None):
-    from .judges import GoldJudge, LLMJudge, RewardModelJudge
-
-    e = cfg.evaluate
-    if e.judge == "gold":
-        return GoldJudge()
-    if e.judge == "llm":
-        return LLMJudge(e.llm.base_url, e.llm.model, e.llm.api_key_env)
-    return RewardModelJudge.from_pretrained(e.judge_model or reward_path, cfg.trust_remote_code)
-
-
 def _load(cfg: RahfConfig, d: Deployed):
     from .models import load_tokenizer
     from .training import load_stage_model
@@ -174,8 +163,12 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
         rcfg = variant(base, method="sft", model=sft_path, output_dir=str(run_dir), stages=["reward"])
         reward_path = str(pipeline.run_stage(rcfg, "reward"))
         timings["reward"] = round(time.time() - t, 1)
-    judge = _judge(cfg, reward_path)
+    from .evaluate import neutral_prompts, run_judge
+    from .judges import RewardModelJudge
+
     rm_path = e.judge_model or reward_path
+    reward_judge = RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code) if rm_path else None
+    judge = run_judge(cfg, reward_judge)
 
     overrides = {ALIASES.get(m, m): o for m, o in cfg.compare.overrides.items()}
 
@@ -218,15 +211,11 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
         if method != "sft":  # trained once above, shared by all methods
             timings[f"train {method}"] = round(time.time() - t, 1)
 
-    from .judges import RewardModelJudge
     from .training import load_stage_model
 
-    reward_judge = (
-        RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code) if rm_path and e.temperatures else None
-    )
     reference = load_stage_model(sft_path, cfg)
     pairs = load_pairs(e.pairs, limit=e.limit)[0]
-    neutral = _neutral_prompts(cfg, pairs)
+    neutral = neutral_prompts(cfg, pairs)
     extra: dict[str, Any] = {}
     if reward_judge is not None:
         from .reward import evaluate_reward_model
@@ -248,14 +237,6 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
     histories = {name: _history(run_dir, sft_root, name) for name in metrics}
     run = {"noise": noise, "seed": seed, "methods": metrics, "timings_s": timings, "histories": histories}
     return run | extra
-
-
-def _neutral_prompts(cfg: RahfConfig, pairs: list[PreferencePair]) -> list[list[dict]]:
-    from .generate import read_prompts
-
-    if cfg.evaluate.neutral_prompts:
-        return read_prompts(cfg.evaluate.neutral_prompts)
-    return [list(p.prompt) for p in pairs]
 
 
 def _history(run_dir: Path, sft_root: Path, name: str) -> dict[str, list[dict]]:

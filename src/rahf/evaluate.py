@@ -451,35 +451,47 @@ def evaluate_policy(
     return out
 
 
+def run_judge(cfg, reward_judge=None) -> Judge:
+    """The judge `evaluate.judge` names; the reward-model judge is `reward_judge` (loaded once by the caller)."""
+    from .errors import RahfError
+    from .judges import GoldJudge, LLMJudge
+
+    e = cfg.evaluate
+    if e.judge == "gold":
+        return GoldJudge()
+    if e.judge == "llm":
+        return LLMJudge(e.llm.base_url, e.llm.model, e.llm.api_key_env)
+    if reward_judge is None:
+        raise RahfError("evaluate.judge reward-model: set evaluate.judge_model or train one first with `rahf reward`")
+    return reward_judge
+
+
+def neutral_prompts(cfg, pairs: Sequence[PreferencePair]) -> list[list[Message]]:
+    """Prompts for KL drift: `evaluate.neutral_prompts`, else the held-out pairs' prompts."""
+    if cfg.evaluate.neutral_prompts:
+        from .generate import read_prompts
+
+        return read_prompts(cfg.evaluate.neutral_prompts)
+    return [list(p.prompt) for p in pairs]
+
+
 def evaluate_run(cfg) -> dict:
     """`rahf evaluate`: the run's final model (as its method deploys it) measured on `evaluate.pairs`."""
     from .data import load_pairs
-    from .errors import RahfError
-    from .judges import GoldJudge, LLMJudge, RewardModelJudge
+    from .judges import RewardModelJudge
     from .models import load_tokenizer
     from .pipeline import base_model_path, final_model, stage_dir
     from .training import load_stage_model
 
     e = cfg.evaluate
+    finished = stage_dir(cfg, "reward") / "rahf_manifest.json"
+    rm_path = e.judge_model or (str(finished.parent) if finished.is_file() else None)
+    reward_judge = RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code) if rm_path else None
+    judge = run_judge(cfg, reward_judge)
     path, adapter, system = final_model(cfg)
     model = load_stage_model(path, cfg, adapter=adapter)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
-    finished = stage_dir(cfg, "reward") / "rahf_manifest.json"
-    rm_path = e.judge_model or (str(finished.parent) if finished.is_file() else None)
-    if e.judge == "reward-model" and rm_path is None:
-        raise RahfError("evaluate.judge reward-model: set evaluate.judge_model or train one first with `rahf reward`")
-    reward_judge = RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code) if rm_path else None
-    if e.judge == "gold":
-        judge = GoldJudge()
-    elif e.judge == "llm":
-        judge = LLMJudge(e.llm.base_url, e.llm.model, e.llm.api_key_env)
-    else:
-        judge = reward_judge
     reference = load_stage_model(base_model_path(cfg), cfg) if cfg.method != "sft" else model
     pairs = load_pairs(e.pairs, limit=e.limit)[0]
-    neutral = None
-    if e.neutral_prompts:
-        from .generate import read_prompts
-
-        neutral = read_prompts(e.neutral_prompts)
+    neutral = neutral_prompts(cfg, pairs)
     return evaluate_policy(cfg, model, tokenizer, pairs, judge, reward_judge, reference, system, neutral)
