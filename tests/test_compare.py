@@ -101,6 +101,7 @@ def compared(tmp_path_factory, tiny_model_dir):
             "validation": str(val),
             "layer_sets": [[1], [2]],
             "alphas": [1.0],
+            "overrides": {"dual": {"collect": {"difference": "normalized"}, "compare": {"alphas": [0.5, 2.0]}}},
         },
     }
     settings["align"]["train"]["max_steps"] = 3
@@ -138,6 +139,8 @@ def test_compare_shares_step1_models_and_chooses_on_validation(compared):
         best = max(sel["sweep"], key=lambda r: r["val_win_rate"])
         assert (sel["layers"], sel["alpha"]) == (best["layers"], best["alpha"])
         assert {1, 2} == {int(k) for k in first[name]["per_layer"]}
+        alphas = {0.5, 2.0} if name == "rahf-dual" else {1.0}  # Dual's override gives it its own alpha grid
+        assert {r["alpha"] for r in sel["sweep"]} == alphas and len(sel["sweep"]) == 2 * len(alphas)
     kl = first["sft"]["kl_per_token"]
     assert kl == pytest.approx(0.0, abs=1e-6)  # the SFT model against itself
 
@@ -186,6 +189,15 @@ def test_compare_and_stage_errors_are_one_line_exit_2(tmp_path, tiny_model_dir, 
     bad = settings | {"compare": {"overrides": {"dpo": {"dpo": {"betta": 1}}}}}
     assert main(["compare", _yaml(tmp_path / "c.yaml", bad)]) == 2
     assert "compare.overrides.dpo: dpo.betta: unknown key" in capsys.readouterr().err
+    bad = settings | {
+        "evaluate": {"pairs": str(pairs_file)},
+        "compare": {"overrides": {"scit": {"compare": {"alphas": [1, 2]}}}},
+    }
+    assert main(["compare", _yaml(tmp_path / "e.yaml", bad)]) == 2
+    assert "compare.validation: required to choose" in capsys.readouterr().err
+    bad = settings | {"compare": {"overrides": {"scit": {"compare": {"seeds": [3]}}}}}
+    assert main(["compare", _yaml(tmp_path / "f.yaml", bad)]) == 2
+    assert "compare.overrides.scit.compare: only layer_sets and alphas" in capsys.readouterr().err
     assert main(["collect", _yaml(tmp_path / "d.yaml", settings | {"method": "dpo"})]) == 2
     assert "method dpo has no collect stage" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -159,3 +159,18 @@ def test_mean_response_logprob_is_a_per_token_mean_not_a_sum():
     resp = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 1, 1, 1, 1, 1]])
     got = mean_response_logprob(logits, ids, resp)
     assert got.tolist() == pytest.approx([-math.log(v)] * 2, abs=1e-6)
+
+
+def test_normalized_difference_hand_computed():
+    """Two states that differ only in scale have no normalized difference; one at unit rms is compared as is."""
+    from rahf.collect import difference, normalized_difference
+
+    o = torch.tensor([[3.0, 4.0]])  # rms = sqrt(12.5)
+    plus = torch.tensor([[1.0, 1.0]])  # rms 1
+    minus = torch.tensor([[2.0, 2.0]])  # rms 2: the same direction, twice the scale
+    assert torch.equal(difference(o, plus, minus), torch.tensor([[-1.0, -1.0]]))
+    assert torch.allclose(normalized_difference(o, plus, minus), torch.zeros(1, 2))
+    minus = torch.tensor([[1.0, -1.0]])  # rms 1, another direction
+    want = (12.5**0.5) * torch.tensor([[0.0, 2.0]])
+    assert torch.allclose(normalized_difference(o, plus, minus), want)
+    assert torch.allclose(normalized_difference(o, plus, 5 * minus), want)  # invariant to each state's scale

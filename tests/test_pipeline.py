@@ -138,6 +138,37 @@ def test_collected_targets_equal_an_independent_recomputation(finished_run):
     assert t["v.1"].abs().max() > 0  # the contrast is not trivially zero
 
 
+def test_normalized_difference_reader_compares_states_at_unit_rms(finished_run):
+    """collect.difference: normalized -> v = rms(o) (h+/rms(h+) - h-/rms(h-)) per token; o unchanged."""
+    from rahf.collect import TargetReader
+    from rahf.config import with_overrides
+
+    cfg = with_overrides(finished_run, {"collect": {"difference": "normalized"}})
+    tok = tokenizer_of(cfg)
+    examples = align_examples(cfg, tok)[:4]
+    raw_reader = pipeline.target_reader(finished_run, LAYERS, tok.pad_token_id)
+    reader = TargetReader(cfg, LAYERS, tok.pad_token_id, raw_reader.plus, raw_reader.minus)
+    o_raw, v_raw = raw_reader(examples)
+    o, v = reader(examples)
+    minus = None if cfg.method == "scit" else raw_reader.minus
+
+    def rms(h):
+        return h.pow(2).mean(-1, keepdim=True).sqrt()
+
+    for layer in LAYERS:
+        for i, e in enumerate(examples):
+            torch.testing.assert_close(o[layer][i], o_raw[layer][i])
+            if minus is None:  # SCIT: recover h(p+), h(p-) from an independent read of both variants
+                plus_h = raw_reader._hidden(raw_reader.plus, [e.variants["pos"]])[layer][0]
+                minus_h = raw_reader._hidden(raw_reader.plus, [e.variants["neg"]])[layer][0]
+            else:
+                plus_h, minus_h = o_raw[layer][i], raw_reader._hidden(minus, [e.plain])[layer][0]
+            torch.testing.assert_close(v_raw[layer][i], plus_h - minus_h)
+            want = rms(o[layer][i]) * (plus_h / rms(plus_h) - minus_h / rms(minus_h))
+            torch.testing.assert_close(v[layer][i], want, atol=1e-5, rtol=1e-4)
+            assert not torch.allclose(v[layer][i], v_raw[layer][i], atol=1e-4)
+
+
 # ---------------------------------------------------------------- the alignment objective
 
 

@@ -178,9 +178,13 @@ def _tiny(arch: str):
         Qwen2Config,
     )
 
-    common = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, max_position_embeddings=64
-    )
+    common = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+    }
     configs = {
         "llama": lambda: LlamaConfig(num_hidden_layers=3, num_key_value_heads=2, **common),
         "gpt2": lambda: GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64),

@@ -2,7 +2,8 @@
 
 SCIT: the step-1 model reads the same (q, y) under p+ and p- (v = h(p+) - h(p-)) and with no
 instruction (o). Dual: the same (q, y) without instruction through the preferred and the dispreferred
-adapter (v = h+ - h-, o = h+). Only the window of response positions is kept, only at the target
+adapter (v = h+ - h-, o = h+); `collect.difference: normalized` compares the states after dividing each
+by its root-mean-square. Only the window of response positions is kept, only at the target
 layers (forward hooks, the forward stopping after the last one). Shards are safetensors with ragged
 rows: `input_ids`/`seq_offsets` hold each sequence, `win_start`/`win_len`/`win_offsets` its window,
 and `o.<layer>`/`v.<layer>` the window's hidden states.
@@ -96,8 +97,27 @@ class TargetReader:
             neg = self._hidden(self.plus, [e.variants["neg"] for e in batch])
         else:
             pos, neg = plain, self._hidden(self.minus, [e.plain for e in batch])
-        v = {layer: [a - b for a, b in zip(pos[layer], neg[layer])] for layer in self.layers}
+        diff = difference if self.cfg.collect.difference == "raw" else normalized_difference
+        v = {layer: [diff(o, a, b) for o, a, b in zip(plain[layer], pos[layer], neg[layer])] for layer in self.layers}
         return plain, v
+
+
+def difference(o: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor) -> torch.Tensor:
+    """v = h+ - h- (the paper's difference)."""
+    return plus - minus
+
+
+def _rms(h: torch.Tensor) -> torch.Tensor:
+    return h.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
+
+
+def normalized_difference(o: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor) -> torch.Tensor:
+    """v = rms(o) * (h+/rms(h+) - h-/rms(h-)): the difference of the states as a pre-norm block reads them.
+
+    Per token; a scale gap between the two states (common between two separately trained Dual models)
+    no longer dominates v.
+    """
+    return _rms(o) * (plus / _rms(plus) - minus / _rms(minus))
 
 
 def cache_bytes(examples: list[Example], cfg: RahfConfig, layers: list[int], hidden: int) -> int:

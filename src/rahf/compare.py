@@ -64,7 +64,8 @@ def check_compare(cfg: RahfConfig) -> None:
     """Problems a compare run would hit late, reported before any training."""
     if not cfg.evaluate.pairs:
         raise ConfigError("evaluate.pairs: required by compare (held-out pairs every method is judged on)")
-    if len(candidates(cfg)) > 1 and not cfg.compare.validation:
+    tuned = [with_overrides(cfg, o, f"compare.overrides.{m}.") for m, o in cfg.compare.overrides.items()]
+    if any(len(candidates(c)) > 1 for c in [cfg, *tuned]) and not cfg.compare.validation:
         raise ConfigError("compare.validation: required to choose among several compare.layer_sets/alphas")
     load_pairs(cfg.evaluate.pairs)
     if cfg.compare.validation:
@@ -201,7 +202,7 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
             pipeline.run(mcfg)
             deployed[method] = Deployed(str(pipeline.stage_dir(mcfg, "instruct")))
         else:
-            grid = candidates(cfg)
+            grid = candidates(method_cfg(method, []))  # a method's overrides may set its own layers/alphas
             layers = sorted({layer for ls, _ in grid for layer in ls})
             mcfg = method_cfg(method, ["collect"] if method == "lorra" else ["instruct", "collect"], layers=layers)
             pipeline.run(mcfg)

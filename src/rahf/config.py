@@ -104,6 +104,10 @@ class CollectSettings:
 
     dtype: str = "float16"  # float16 | bfloat16 | float32
     responses: str = "both"  # both | chosen | rejected: which responses of each pair are read
+    # raw: v = h+ - h- (the paper). normalized: each state divided by its root-mean-square (the scale every
+    # pre-norm block removes before reading it), the difference rescaled to o's; two Dual models can differ
+    # in scale by 2-3x at a token, and a raw difference is then mostly that scale, not the preference
+    difference: str = "raw"
     batch_size: int = 8
     shard_size: int = 1024  # pairs per shard
 
@@ -271,6 +275,7 @@ CHOICES = {
     "instruct.finetune": (None, "full", "lora"),
     "collect.dtype": ("float16", "bfloat16", "float32"),
     "collect.responses": ("both", "chosen", "rejected"),
+    "collect.difference": ("raw", "normalized"),
     "align.targets": ("cache", "online"),
     "align.loss_norm": ("tokens", "authors"),
     "dpo.finetune": ("lora", "full"),
@@ -492,8 +497,11 @@ def validate(cfg: RahfConfig) -> None:
     for method, mapping in cfg.compare.overrides.items():
         if ALIASES.get(method, method) not in METHODS:
             raise ConfigError(f"compare.overrides.{method}: unknown method (known: {', '.join([*METHODS, *ALIASES])})")
-        if not isinstance(mapping, dict) or "compare" in mapping or "method" in mapping:
-            raise ConfigError(f"compare.overrides.{method}: expected a mapping of config keys (not method or compare)")
+        if not isinstance(mapping, dict) or "method" in mapping:
+            raise ConfigError(f"compare.overrides.{method}: expected a mapping of config keys (not method)")
+        own_grid = {"layer_sets", "alphas"}  # a method may choose from its own grid; the rest of compare is shared
+        if not isinstance(mapping.get("compare", {}), dict) or set(mapping.get("compare", {})) - own_grid:
+            raise ConfigError(f"compare.overrides.{method}.compare: only layer_sets and alphas may differ per method")
         with_overrides(cfg, mapping, f"compare.overrides.{method}: ")
     if not cfg.compare.seeds:
         raise ConfigError("compare.seeds: list at least one seed")

@@ -39,12 +39,13 @@ class Scale:
     ppo_steps: int
     layer_sets: tuple[tuple[int, ...], ...]
     alphas: tuple[float, ...]
+    dual_alphas: tuple[float, ...]  # Dual's own grid (its normalized difference takes larger alpha)
     hidden: int = 128  # model width
     n_layers: int = 4  # decoder blocks
 
 
-FULL = Scale(4000, 2000, 100, 200, 4, 6, 3, 1, 150, 40, ((2, 3), (3,)), (0.1, 0.25, 0.5))
-QUICK = Scale(2000, 600, 25, 200, 1, 4, 2, 1, 40, 10, ((2, 3),), (0.25,))
+FULL = Scale(4000, 2000, 100, 200, 4, 6, 3, 1, 150, 40, ((2, 3), (3,)), (0.1, 0.25, 0.5), (0.25, 0.5, 0.75))
+QUICK = Scale(2000, 600, 25, 200, 1, 4, 2, 1, 40, 10, ((2, 3),), (0.25,), (0.5,))
 MAX_NEW_TOKENS = 24
 
 
@@ -128,8 +129,16 @@ def demo_config(out: Path, data_dir: Path, scale: Scale, seed: int, label_noise:
             "validation": str(data_dir / "validation.jsonl"),
             "layer_sets": [list(s) for s in scale.layer_sets],
             "alphas": list(scale.alphas),
-            # Dual's sides are LoRA adapters (SCIT fine-tunes fully): a larger step and batch suit them
-            "overrides": {"dual": {"instruct": {"train": {"learning_rate": 1e-3, "per_device_train_batch_size": 32}}}},
+            "overrides": {
+                "dual": {
+                    # Dual's sides are LoRA adapters (SCIT fine-tunes fully): a larger step and batch suit them
+                    "instruct": {"train": {"learning_rate": 1e-3, "per_device_train_batch_size": 32}},
+                    # its two models differ 2-3x in scale at some tokens: compare them at unit rms, which
+                    # tolerates (and needs) larger alpha (BENCHMARKS.md, "Why RAHF-Dual ...")
+                    "collect": {"difference": "normalized"},
+                    "compare": {"alphas": list(scale.dual_alphas)},
+                }
+            },
         },
     }
 

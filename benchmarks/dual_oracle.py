@@ -1,0 +1,138 @@
+"""What RAHF-Dual's two models could give, measured without the alignment LoRA.
+
+On a finished `rahf demo --out DIR` it samples replies to the validation prompts from Dual's preferred
+model, with the two models' difference applied exactly at inference instead of trained in:
+
+- `cd`: contrastive decoding at the output, p ~ p+^(1+a) / p-^a (the difference used at the logits);
+- `steer-raw`: at one layer, h <- h+ + a (h+ - h-) on every position from the last prompt token on
+  (the RAHF-Dual target, imposed exactly);
+- `steer-normalized`: the same with v = rms(h+) (h+/rms(h+) - h-/rms(h-)) (`collect.difference: normalized`).
+
+It prints the gold win rate against the chosen replies (ties half) and the share of malformed replies.
+Usage: python benchmarks/dual_oracle.py DIR [--layers 3 4] [--alphas 0 0.25 0.5 1] [--samples 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from rahf.demo.task import Fact, gold_score, judge
+from rahf.models import decoder_blocks, load_model, load_tokenizer
+from rahf.stimuli import prompt_ids
+
+
+def _rms(h: torch.Tensor) -> torch.Tensor:
+    return h.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
+
+
+class DualPair:
+    """Dual's preferred and dispreferred adapters on one base, with a per-step next-token distribution."""
+
+    def __init__(self, sft: Path, instruct: Path):
+        from peft import PeftModel
+
+        self.model = PeftModel.from_pretrained(load_model(str(sft)), str(instruct / "preferred"), "preferred")
+        self.model.load_adapter(str(instruct / "dispreferred"), adapter_name="dispreferred")
+        self.model.eval()
+        self.blocks = decoder_blocks(self.model)
+
+    def _forward(self, side: str, ids: torch.Tensor, layer: int, edit=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-position log-probs and the layer's output states of one side; `edit` may replace those states."""
+        self.model.set_adapter(side)
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(_module, _inputs, output):
+            h = output[0] if isinstance(output, tuple) else output
+            seen["h"] = h
+            if edit is None:
+                return None
+            h = edit(h)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        handle = self.blocks[layer - 1].register_forward_hook(hook)
+        try:
+            logits = self.model(input_ids=ids, use_cache=False).logits[:, -1].float()
+        finally:
+            handle.remove()
+        return logits.log_softmax(-1), seen["h"]
+
+    @torch.no_grad()
+    def next_logprobs(self, ids: torch.Tensor, mode: str, layer: int, alpha: float, start: int) -> torch.Tensor:
+        if alpha == 0.0:
+            return self._forward("preferred", ids, layer)[0]
+        minus_lp, minus_h = self._forward("dispreferred", ids, layer)
+        if mode == "cd":
+            plus_lp = self._forward("preferred", ids, layer)[0]
+            return ((1 + alpha) * plus_lp - alpha * minus_lp).log_softmax(-1)
+
+        def edit(h: torch.Tensor) -> torch.Tensor:
+            h = h.clone()
+            plus, minus = h[:, start:], minus_h[:, start:]
+            v = plus - minus if mode == "steer-raw" else _rms(plus) * (plus / _rms(plus) - minus / _rms(minus))
+            h[:, start:] = plus + alpha * v
+            return h
+
+        return self._forward("preferred", ids, layer, edit)[0]
+
+
+def sample(pair: DualPair, tok, prompts: list[list[int]], mode: str, layer: int, alpha: float, seed: int) -> list[str]:
+    """Replies sampled at temperature 1 (prompts of equal length, so no padding), up to 24 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(prompts)
+    start = ids.shape[1] - 1  # the window starts at the last prompt position, as in collect
+    done = torch.zeros(len(ids), dtype=torch.bool)
+    for _ in range(24):
+        lp = pair.next_logprobs(ids, mode, layer, alpha, start)
+        nxt = torch.multinomial(lp.exp(), 1, generator=g).squeeze(1)
+        nxt[done] = tok.pad_token_id
+        done |= nxt == tok.eos_token_id
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        if done.all():
+            break
+    return [tok.decode(row[start + 1 :].tolist(), skip_special_tokens=True).strip() for row in ids]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("demo_dir", type=Path)
+    ap.add_argument("--layers", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from rahf.demo.run import FULL
+    from rahf.demo.task import make_task
+
+    results = json.loads((args.demo_dir / "results.json").read_text())["task"]
+    if results["quick"]:
+        raise SystemExit(f"{args.demo_dir}: a --quick demo; run on a full one")
+    seed = results["seed"]
+    items = make_task(FULL.n_sft, FULL.n_pairs, FULL.n_val, FULL.n_test, 0.0, seed).validation
+    run = args.demo_dir / f"noise-{results['label_noise']:g}" / f"seed-{seed}"
+    sft = args.demo_dir / f"seed-{seed}" / "sft"
+    tok = load_tokenizer(str(sft))
+    pair = DualPair(sft, run / "dual" / "instruct")
+    prompts = [prompt_ids(tok, [{"role": "user", "content": it["prompt"]}], 48) for it in items]
+    prompts = [p for p in prompts for _ in range(args.samples)]
+    print("| mode | layer | alpha | win rate | malformed |\n|---|---|---|---|---|")
+    plans = [("cd", 0)] + [(m, layer) for m in ("steer-raw", "steer-normalized") for layer in args.layers]
+    for mode, layer in plans:
+        for alpha in args.alphas:
+            if alpha == 0.0 and (mode, layer) != plans[0]:
+                continue  # alpha 0 is the preferred model itself: measured once
+            replies = sample(pair, tok, prompts, mode, max(layer, 1), alpha, args.seed)
+            facts = [Fact(**items[k // args.samples]["fact"]) for k in range(len(replies))]
+            chosen = [items[k // args.samples]["chosen"] for k in range(len(replies))]
+            win = sum(judge(f, r, c) for f, r, c in zip(facts, replies, chosen)) / len(replies)
+            bad = sum(gold_score(f, r) < 0 for f, r in zip(facts, replies)) / len(replies)
+            name = "preferred-sft" if alpha == 0.0 else mode
+            print(f"| {name} | {layer or '-'} | {alpha:g} | {win:.3f} | {bad:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
