@@ -20,13 +20,10 @@ from pathlib import Path
 
 import torch
 
+from rahf.collect import difference, normalized_difference
 from rahf.demo.task import Fact, gold_score, judge
 from rahf.models import decoder_blocks, load_model, load_tokenizer
 from rahf.stimuli import prompt_ids
-
-
-def _rms(h: torch.Tensor) -> torch.Tensor:
-    return h.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
 
 
 class DualPair:
@@ -72,8 +69,8 @@ class DualPair:
         def edit(h: torch.Tensor) -> torch.Tensor:
             h = h.clone()
             plus, minus = h[:, start:], minus_h[:, start:]
-            v = plus - minus if mode == "steer-raw" else _rms(plus) * (plus / _rms(plus) - minus / _rms(minus))
-            h[:, start:] = plus + alpha * v
+            diff = difference if mode == "steer-raw" else normalized_difference  # o = h+ for Dual, as in collect
+            h[:, start:] = plus + alpha * diff(plus, plus, minus)
             return h
 
         return self._forward("preferred", ids, layer, edit)[0]

@@ -134,7 +134,7 @@ def demo_config(out: Path, data_dir: Path, scale: Scale, seed: int, label_noise:
                     # Dual's sides are LoRA adapters (SCIT fine-tunes fully): a larger step and batch suit them
                     "instruct": {"train": {"learning_rate": 1e-3, "per_device_train_batch_size": 32}},
                     # its two models differ 2-3x in scale at some tokens: compare them at unit rms, which
-                    # tolerates (and needs) larger alpha (BENCHMARKS.md, "Why RAHF-Dual ...")
+                    # tolerates (and needs) larger alpha (BENCHMARKS.md, "What limits RAHF-Dual here")
                     "collect": {"difference": "normalized"},
                     "compare": {"alphas": list(scale.dual_alphas)},
                 }
