@@ -44,8 +44,8 @@ class Scale:
     n_layers: int = 4  # decoder blocks
 
 
-FULL = Scale(4000, 2000, 100, 200, 4, 6, 3, 1, 150, 40, ((2, 3), (3,)), (0.1, 0.25, 0.5), (0.25, 0.5, 0.75))
-QUICK = Scale(2000, 600, 25, 200, 1, 4, 2, 1, 40, 10, ((2, 3),), (0.25,), (0.5,))
+FULL = Scale(4000, 2000, 100, 200, 4, 6, 3, 1, 150, 40, ((2, 3), (3,)), (0.1, 0.25, 0.5), (0.5, 0.75, 1.0))
+QUICK = Scale(1200, 400, 25, 200, 1, 3, 2, 1, 30, 6, ((2, 3),), (0.25,), (0.5,))
 MAX_NEW_TOKENS = 24
 
 
@@ -131,8 +131,9 @@ def demo_config(out: Path, data_dir: Path, scale: Scale, seed: int, label_noise:
             "alphas": list(scale.alphas),
             "overrides": {
                 "dual": {
-                    # Dual's sides are LoRA adapters (SCIT fine-tunes fully): a larger step and batch suit them
-                    "instruct": {"train": {"learning_rate": 1e-3, "per_device_train_batch_size": 32}},
+                    # two full fine-tunes, like SCIT's step 1 (and the authors' Dual), so the two variants differ
+                    # only in how they learn the preference
+                    "instruct": {"finetune": "full"},
                     # its two models differ 2-3x in scale at some tokens: compare them at unit rms, which
                     # tolerates (and needs) larger alpha (BENCHMARKS.md, "What limits RAHF-Dual here")
                     "collect": {"difference": "normalized"},
