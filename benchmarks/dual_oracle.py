@@ -21,25 +21,25 @@ from pathlib import Path
 import torch
 
 from rahf.collect import difference, normalized_difference
+from rahf.config import RahfConfig
 from rahf.demo.task import Fact, gold_score, judge
-from rahf.models import decoder_blocks, load_model, load_tokenizer
+from rahf.instruct.dual import SIDES
+from rahf.models import decoder_blocks, load_tokenizer
 from rahf.stimuli import prompt_ids
+from rahf.training import load_stage_model
 
 
 class DualPair:
-    """Dual's preferred and dispreferred adapters on one base, with a per-step next-token distribution."""
+    """Dual's preferred and dispreferred models (adapters merged, or full fine-tunes), with a per-step next-token
+    distribution."""
 
-    def __init__(self, sft: Path, instruct: Path):
-        from peft import PeftModel
-
-        self.model = PeftModel.from_pretrained(load_model(str(sft)), str(instruct / "preferred"), "preferred")
-        self.model.load_adapter(str(instruct / "dispreferred"), adapter_name="dispreferred")
-        self.model.eval()
-        self.blocks = decoder_blocks(self.model)
+    def __init__(self, instruct: Path):
+        cfg = RahfConfig()
+        self.models = {side: load_stage_model(instruct, cfg, side, device="cpu") for side in SIDES}
 
     def _forward(self, side: str, ids: torch.Tensor, layer: int, edit=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Last-position log-probs and the layer's output states of one side; `edit` may replace those states."""
-        self.model.set_adapter(side)
+        model = self.models[side]
         seen: dict[str, torch.Tensor] = {}
 
         def hook(_module, _inputs, output):
@@ -50,9 +50,9 @@ class DualPair:
             h = edit(h)
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
-        handle = self.blocks[layer - 1].register_forward_hook(hook)
+        handle = decoder_blocks(model)[layer - 1].register_forward_hook(hook)
         try:
-            logits = self.model(input_ids=ids, use_cache=False).logits[:, -1].float()
+            logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()
         finally:
             handle.remove()
         return logits.log_softmax(-1), seen["h"]
@@ -113,7 +113,7 @@ def main() -> None:
     run = args.demo_dir / f"noise-{results['label_noise']:g}" / f"seed-{seed}"
     sft = args.demo_dir / f"seed-{seed}" / "sft"
     tok = load_tokenizer(str(sft))
-    pair = DualPair(sft, run / "dual" / "instruct")
+    pair = DualPair(run / "dual" / "instruct")
     prompts = [prompt_ids(tok, [{"role": "user", "content": it["prompt"]}], 48) for it in items]
     prompts = [p for p in prompts for _ in range(args.samples)]
     print("| mode | layer | alpha | win rate | malformed |\n|---|---|---|---|---|")
