@@ -9,7 +9,13 @@ model, with the two models' difference applied exactly at inference instead of t
 - `steer-normalized`: the same with v = rms(h+) (h+/rms(h+) - h-/rms(h-)) (`collect.difference: normalized`).
 
 It prints the gold win rate against the chosen replies (ties half) and the share of malformed replies.
-Usage: python benchmarks/dual_oracle.py DIR [--layers 3 4] [--alphas 0 0.25 0.5 1] [--samples 4]
+
+With `--decisions` it instead reads the task's three choices on each validation prompt (a polite opener
+at the reply's start, the right colour after "of course ! it is", a polite closing after the colour) and
+prints the mean probability of the preferred choice under each distribution above and under the demo's
+trained RAHF-Dual, with the mean s = rms((1+a)u+ - a u-), u = h/rms(h), at the last layer: the factor
+by which the final RMSNorm shrinks the extrapolated state there.
+Usage: python benchmarks/dual_oracle.py DIR [--layers 3 4] [--alphas 0 0.25 0.5 1] [--samples 4] [--decisions]
 """
 
 from __future__ import annotations
@@ -59,8 +65,8 @@ class DualPair:
 
     @torch.no_grad()
     def next_logprobs(self, ids: torch.Tensor, mode: str, layer: int, alpha: float, start: int) -> torch.Tensor:
-        if alpha == 0.0:
-            return self._forward("preferred", ids, layer)[0]
+        if alpha == 0.0 or mode == "dispreferred":
+            return self._forward("preferred" if mode == "cd" else mode, ids, layer)[0]
         minus_lp, minus_h = self._forward("dispreferred", ids, layer)
         if mode == "cd":
             plus_lp = self._forward("preferred", ids, layer)[0]
@@ -93,6 +99,48 @@ def sample(pair: DualPair, tok, prompts: list[list[int]], mode: str, layer: int,
     return [tok.decode(row[start + 1 :].tolist(), skip_special_tokens=True).strip() for row in ids]
 
 
+@torch.no_grad()
+def decisions(pair: DualPair, dual, tok, items: list[dict], layers: list[int], alphas: list[float]) -> None:
+    """Mean probability of the preferred choice at the task's three decision points, per distribution."""
+    from rahf.demo.task import CLOSINGS, OPENERS
+
+    def first_ids(phrases: list[str]) -> list[int]:
+        return sorted({tok(p.split()[0], add_special_tokens=False)["input_ids"][0] for p in phrases})
+
+    top = len(decoder_blocks(pair.models["preferred"]))
+    plans = [("preferred", "cd", 1, 0.0), ("dispreferred", "dispreferred", 1, 0.0)]
+    for a in (a for a in alphas if a > 0):
+        plans += [(f"contrastive decoding, alpha {a:g}", "cd", 1, a)]
+        plans += [
+            (f"exact target (normalized), layer {layer}, alpha {a:g}", "steer-normalized", layer, a) for layer in layers
+        ]
+    table: dict[str, list[list[float]]] = {name: [[], [], []] for name, *_ in plans}
+    table |= {"RAHF-Dual (the demo's, trained)": [[], [], []]} | {
+        f"s at layer {top}, alpha {a:g}": [[], [], []] for a in alphas if a > 0
+    }
+    for it in items:
+        fact = Fact(**it["fact"])
+        prompt = prompt_ids(tok, [{"role": "user", "content": it["prompt"]}], 48)
+        points = (("", first_ids(OPENERS["polite"])), ("of course ! it is", tok(fact.color, add_special_tokens=False)["input_ids"][:1]),
+                  (f"of course ! it is {fact.color} .", first_ids(CLOSINGS["polite"])))  # fmt: skip
+        for k, (prefix, good) in enumerate(points):
+            ids = torch.tensor([prompt + tok(prefix, add_special_tokens=False)["input_ids"]])
+            for name, mode, layer, a in plans:
+                table[name][k].append(
+                    pair.next_logprobs(ids, mode, layer, a, len(prompt) - 1)[0, good].exp().sum().item()
+                )
+            lp = dual(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+            table["RAHF-Dual (the demo's, trained)"][k].append(lp[good].exp().sum().item())
+            u = [h[0, -1] / h[0, -1].pow(2).mean().sqrt() for h in (pair._forward(side, ids, top)[1] for side in SIDES)]
+            for a in (a for a in alphas if a > 0):
+                table[f"s at layer {top}, alpha {a:g}"][k].append(
+                    ((1 + a) * u[0] - a * u[1]).pow(2).mean().sqrt().item()
+                )
+    print("| distribution | polite opener | right colour | polite closing |\n|---|---|---|---|")
+    for name, cols in table.items():
+        print(f"| {name} | " + " | ".join(f"{sum(c) / len(c):.3f}" for c in cols) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("demo_dir", type=Path)
@@ -100,6 +148,7 @@ def main() -> None:
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--decisions", action="store_true", help="probabilities at the task's decision points instead")
     args = ap.parse_args()
 
     from rahf.demo.run import FULL
@@ -114,6 +163,12 @@ def main() -> None:
     sft = args.demo_dir / f"seed-{seed}" / "sft"
     tok = load_tokenizer(str(sft))
     pair = DualPair(run / "dual" / "instruct")
+    if args.decisions:
+        from transformers import AutoModelForCausalLM
+
+        dual = AutoModelForCausalLM.from_pretrained(str(run / "dual" / "merged")).eval()
+        decisions(pair, dual, tok, items, args.layers, args.alphas)
+        return
     prompts = [prompt_ids(tok, [{"role": "user", "content": it["prompt"]}], 48) for it in items]
     prompts = [p for p in prompts for _ in range(args.samples)]
     print("| mode | layer | alpha | win rate | malformed |\n|---|---|---|---|---|")
