@@ -65,8 +65,8 @@ class DualPair:
 
     @torch.no_grad()
     def next_logprobs(self, ids: torch.Tensor, mode: str, layer: int, alpha: float, start: int) -> torch.Tensor:
-        if alpha == 0.0 or mode == "dispreferred":
-            return self._forward("preferred" if mode == "cd" else mode, ids, layer)[0]
+        if mode in SIDES or alpha == 0.0:  # one model alone (alpha 0: the preferred one)
+            return self._forward(mode if mode in SIDES else "preferred", ids, layer)[0]
         minus_lp, minus_h = self._forward("dispreferred", ids, layer)
         if mode == "cd":
             plus_lp = self._forward("preferred", ids, layer)[0]
@@ -108,15 +108,16 @@ def decisions(pair: DualPair, dual, tok, items: list[dict], layers: list[int], a
         return sorted({tok(p.split()[0], add_special_tokens=False)["input_ids"][0] for p in phrases})
 
     top = len(decoder_blocks(pair.models["preferred"]))
-    plans = [("preferred", "cd", 1, 0.0), ("dispreferred", "dispreferred", 1, 0.0)]
-    for a in (a for a in alphas if a > 0):
+    positive = [a for a in alphas if a > 0]
+    plans = [(side, side, 1, 0.0) for side in SIDES]
+    for a in positive:
         plans += [(f"contrastive decoding, alpha {a:g}", "cd", 1, a)]
         plans += [
             (f"exact target (normalized), layer {layer}, alpha {a:g}", "steer-normalized", layer, a) for layer in layers
         ]
     table: dict[str, list[list[float]]] = {name: [[], [], []] for name, *_ in plans}
     table |= {"RAHF-Dual (the demo's, trained)": [[], [], []]} | {
-        f"s at layer {top}, alpha {a:g}": [[], [], []] for a in alphas if a > 0
+        f"s at layer {top}, alpha {a:g}": [[], [], []] for a in positive
     }
     for it in items:
         fact = Fact(**it["fact"])
@@ -132,7 +133,7 @@ def decisions(pair: DualPair, dual, tok, items: list[dict], layers: list[int], a
             lp = dual(input_ids=ids).logits[0, -1].float().log_softmax(-1)
             table["RAHF-Dual (the demo's, trained)"][k].append(lp[good].exp().sum().item())
             u = [h[0, -1] / h[0, -1].pow(2).mean().sqrt() for h in (pair._forward(side, ids, top)[1] for side in SIDES)]
-            for a in (a for a in alphas if a > 0):
+            for a in positive:
                 table[f"s at layer {top}, alpha {a:g}"][k].append(
                     ((1 + a) * u[0] - a * u[1]).pow(2).mean().sqrt().item()
                 )
