@@ -122,8 +122,12 @@ def decisions(pair: DualPair, dual, tok, items: list[dict], layers: list[int], a
     for it in items:
         fact = Fact(**it["fact"])
         prompt = prompt_ids(tok, [{"role": "user", "content": it["prompt"]}], 48)
-        points = (("", first_ids(OPENERS["polite"])), ("of course ! it is", tok(fact.color, add_special_tokens=False)["input_ids"][:1]),
-                  (f"of course ! it is {fact.color} .", first_ids(CLOSINGS["polite"])))  # fmt: skip
+        colour = tok(fact.color, add_special_tokens=False)["input_ids"][:1]
+        points = (
+            ("", first_ids(OPENERS["polite"])),
+            ("of course ! it is", colour),
+            (f"of course ! it is {fact.color} .", first_ids(CLOSINGS["polite"])),
+        )
         for k, (prefix, good) in enumerate(points):
             ids = torch.tensor([prompt + tok(prefix, add_special_tokens=False)["input_ids"]])
             for name, mode, layer, a in plans:
@@ -132,10 +136,11 @@ def decisions(pair: DualPair, dual, tok, items: list[dict], layers: list[int], a
                 )
             lp = dual(input_ids=ids).logits[0, -1].float().log_softmax(-1)
             table["RAHF-Dual (the demo's, trained)"][k].append(lp[good].exp().sum().item())
-            u = [h[0, -1] / h[0, -1].pow(2).mean().sqrt() for h in (pair._forward(side, ids, top)[1] for side in SIDES)]
-            for a in positive:
+            plus, minus = (pair._forward(side, ids, top)[1][0, -1] for side in SIDES)
+            for a in positive:  # s = rms(o + a v) / rms(o), the normalized target's scale against o's
+                target = plus + a * normalized_difference(plus, plus, minus)
                 table[f"s at layer {top}, alpha {a:g}"][k].append(
-                    ((1 + a) * u[0] - a * u[1]).pow(2).mean().sqrt().item()
+                    (target.pow(2).mean() / plus.pow(2).mean()).sqrt().item()
                 )
     print("| distribution | polite opener | right colour | polite closing |\n|---|---|---|---|")
     for name, cols in table.items():

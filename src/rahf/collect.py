@@ -2,11 +2,11 @@
 
 SCIT: the step-1 model reads the same (q, y) under p+ and p- (v = h(p+) - h(p-)) and with no
 instruction (o). Dual: the same (q, y) without instruction through the preferred and the dispreferred
-model (two adapters on one base, or two full fine-tunes; v = h+ - h-, o = h+); `collect.difference: normalized` compares the states after dividing each
-by its root-mean-square. Only the window of response positions is kept, only at the target
-layers (forward hooks, the forward stopping after the last one). Shards are safetensors with ragged
-rows: `input_ids`/`seq_offsets` hold each sequence, `win_start`/`win_len`/`win_offsets` its window,
-and `o.<layer>`/`v.<layer>` the window's hidden states.
+model (two adapters on one base, or two full fine-tunes; v = h+ - h-, o = h+). `collect.difference:
+normalized` compares the two states after dividing each by its root-mean-square. Only the window of
+response positions is kept, only at the target layers (forward hooks, the forward stopping after the
+last one). Shards are safetensors with ragged rows: `input_ids`/`seq_offsets` hold each sequence,
+`win_start`/`win_len`/`win_offsets` its window, and `o.<layer>`/`v.<layer>` the window's hidden states.
 """
 
 from __future__ import annotations
