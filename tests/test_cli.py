@@ -138,3 +138,41 @@ def test_too_few_pairs_for_the_split_exit_2(tmp_path, tiny_model_dir, capsys):
     assert main(["run", str(cfg)]) == 2
     assert "data.share_pairs" in one_line_error(capsys.readouterr().err)
     assert nothing_written(out)
+
+
+def test_override_that_is_not_valid_yaml_exits_2(tmp_path, tiny_model_dir, pairs_file, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {tmp_path / 'out'}\n")
+    assert main(["status", str(cfg), "alpha=[1"]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith("alpha=[1: not valid YAML (")
+
+
+def test_missing_local_model_exits_2_before_writing(tmp_path, pairs_file, capsys):
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tmp_path / 'no-such-model'}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\n")
+    assert main(["run", str(cfg)]) == 2
+    msg = one_line_error(capsys.readouterr().err)
+    assert (
+        msg
+        == f"model: {tmp_path / 'no-such-model'} does not exist; give a local model folder or a Hub id like org/name"
+    )
+    assert nothing_written(out)
+
+
+def test_tokenizer_is_accepted_by_the_sft_command_only(tmp_path, tiny_model_dir, pairs_file, capsys, monkeypatch):
+    from rahf import pipeline
+
+    ran = []
+    monkeypatch.setattr(pipeline, "preflight", lambda cfg: None)
+    monkeypatch.setattr(pipeline, "run_stage", lambda cfg, stage, force: ran.append((stage, cfg.tokenizer)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\ntokenizer: {tiny_model_dir}\ndata:\n  path: {pairs_file}\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+    )
+    assert main(["sft", str(cfg)]) == 0  # `rahf sft` reads `tokenizer` although `stages` has no sft
+    assert ran == [("sft", str(tiny_model_dir))]
+    assert main(["instruct", str(cfg)]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith("tokenizer: only the sft stage reads it")
+    assert ran == [("sft", str(tiny_model_dir))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -166,6 +167,145 @@ def test_contradictory_or_out_of_range_values(base, changes, key):
     assert error_of(None, with_(base, **changes)).startswith(f"{key}:")
 
 
+def test_repeated_stage(base):
+    assert error_of(None, with_(base, stages=["sft", "sft"])) == "stages: repeated stage sft"
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"data__limit": 0}, "data.limit"),
+        ({"data__limit": -3}, "data.limit"),
+        ({"evaluate__limit": 0}, "evaluate.limit"),
+        ({"dpo__beta": 0.0}, "dpo.beta"),
+        ({"dpo__beta": -1.0}, "dpo.beta"),
+        ({"dpo__beta": math.inf}, "dpo.beta"),
+        ({"dpo__beta": math.nan}, "dpo.beta"),
+        ({"evaluate__temperature": math.nan}, "evaluate.temperature"),
+        ({"evaluate__temperature": -0.5}, "evaluate.temperature"),
+        ({"evaluate__temperatures": [0.0, math.nan]}, "evaluate.temperatures[1]"),
+        ({"generate__temperature": math.nan}, "generate.temperature"),
+        ({"generate__temperature": -1.0}, "generate.temperature"),
+        ({"generate__top_p": 0.0}, "generate.top_p"),
+        ({"ppo__temperature": 0.0}, "ppo.temperature"),
+        ({"ppo__gamma": 1.5}, "ppo.gamma"),
+        ({"ppo__learning_rate": math.nan}, "ppo.learning_rate"),
+        ({"compare__alphas": [1.0, math.nan]}, "compare.alphas[1]"),
+        ({"compare__label_noise": [1.0]}, "compare.label_noise[0]"),
+        ({"data__label_noise": math.nan}, "data.label_noise"),
+    ],
+)
+def test_out_of_range_or_non_finite_numbers(base, changes, key):
+    msg = error_of(None, with_(base, **changes))
+    assert msg.startswith(f"{key}: must be "), msg
+
+
+def lora_sections() -> list[str]:
+    """Every config section that has a LoRA adapter."""
+    from rahf.config import LoraSettings, RahfConfig
+
+    cfg = RahfConfig()
+    return [
+        f.name for f in dataclasses.fields(cfg) if isinstance(getattr(getattr(cfg, f.name), "lora", None), LoraSettings)
+    ]
+
+
+@pytest.mark.parametrize("section", lora_sections())
+@pytest.mark.parametrize(("field", "value"), [("r", 0), ("alpha", math.nan), ("alpha", 0.0), ("dropout", 1.0)])
+def test_lora_settings_in_every_section(base, section, field, value):
+    msg = error_of(None, with_(base, **{f"{section}__lora": {field: value}}))
+    assert msg.startswith(f"{section}.lora.{field}: must be "), msg
+
+
+def test_range_edges_are_accepted(base):
+    edges = {"data__limit": 1, "evaluate__limit": 1, "dpo__beta": 1e-3, "generate__temperature": 0.0}
+    edges |= {"generate__top_p": 1.0, "evaluate__temperature": 0.0, "ppo__missing_eos_penalty": 0.0}
+    cfg = load_config(None, with_(base, align__lora={"r": 1, "dropout": 0.0}, **edges))
+    assert cfg.data.limit == 1 and cfg.align.lora.dropout == 0.0 and cfg.ppo.missing_eos_penalty == 0.0
+    assert {"instruct", "align", "dpo", "ppo"} <= set(lora_sections())
+
+
+def test_ranges_are_checked_in_compare_overrides(base):
+    msg = error_of(None, with_(base, compare__overrides={"dpo": {"dpo": {"beta": -1.0}}}))
+    assert msg.startswith("compare.overrides.dpo: dpo.beta: must be "), msg
+
+
+@pytest.mark.parametrize("section", ["sft", "instruct", "align", "dpo", "reward"])
+def test_hub_token_in_train_settings(base, section):
+    msg = error_of(None, with_(base, **{f"{section}__train": {"hub_token": "hf_x"}}))
+    assert msg.startswith(f"{section}.train.hub_token:") and "HF_TOKEN" in msg, msg
+
+
+def test_token_strings_in_train_settings_are_not_secrets(base):
+    cfg = load_config(None, with_(base, sft__train={"eos_token": "</s>"}, dpo__train={"pad_token": "<pad>"}))
+    assert cfg.sft.train == {"eos_token": "</s>"} and cfg.dpo.train == {"pad_token": "<pad>"}
+
+
+def test_hub_token_in_compare_overrides(base):
+    overrides = {"rahf-dual": {"instruct": {"train": {"hub_token": "hf_x"}}}}
+    msg = error_of(None, with_(base, compare__overrides=overrides))
+    assert msg.startswith("compare.overrides.rahf-dual: instruct.train.hub_token:") and "HF_TOKEN" in msg, msg
+
+
+def test_train_fields_in_compare_overrides_follow_the_method(base):
+    # Dual's instruct stage trains with trl.SFTConfig (has max_length); DPO's train mapping is a DPOConfig.
+    ok = {"dual": {"instruct": {"train": {"max_length": 64}}}}
+    assert load_config(None, with_(base, compare__overrides=ok)).compare.overrides == ok
+    msg = error_of(None, with_(base, compare__overrides={"scit": {"instruct": {"train": {"max_length": 64}}}}))
+    assert msg.startswith("compare.overrides.scit: instruct.train.max_length:"), msg
+
+
+# ---------------------------------------------------------------- model locations
+
+MODEL_KEYS = ["model", "tokenizer", "reward.model", "generate.model", "evaluate.judge_model", "ppo.reward_model"]
+WITH_SFT = ["sft", "instruct", "collect", "align", "merge"]
+
+
+def model_override(key: str, value: str, base: dict) -> list[str]:
+    """Overrides setting `key` (the sft stage included, which reads `tokenizer`)."""
+    return [f"model={base['model']}", f"data.path={base['data']['path']}", f"stages={WITH_SFT}", f"{key}={value}"]
+
+
+@pytest.mark.parametrize("key", MODEL_KEYS)
+@pytest.mark.parametrize("value", ["{tmp}/missing-model", "./missing-model", "a/b/c", "~/missing-model"])
+def test_local_model_path_that_does_not_exist(base, tmp_path, monkeypatch, key, value):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    msg = error_of(None, model_override(key, value.format(tmp=tmp_path), base))
+    assert msg.startswith(f"{key}: ") and "does not exist" in msg and "org/name" in msg, msg
+
+
+@pytest.mark.parametrize("key", MODEL_KEYS)
+def test_hub_ids_are_accepted_without_network(base, key):
+    for hub_id in ("someorg/some-model", "gpt2"):
+        cfg = load_config(None, model_override(key, hub_id, base))
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == hub_id
+
+
+def test_model_path_whose_first_folder_exists(base, tmp_path):
+    (tmp_path / "models").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: models/typo\ndata:\n  path: {base['data']['path']}\n")
+    assert error_of(path).startswith(f"model: {tmp_path.resolve() / 'models' / 'typo'} does not exist")
+
+
+def test_home_folder_paths_expand(base, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(Path(tiny_model_dir).parent))
+    cfg = load_config(None, with_(base, model=f"~/{Path(tiny_model_dir).name}"))
+    assert cfg.model == str(tiny_model_dir)
+
+
+def test_tokenizer_without_an_sft_stage(base, tiny_model_dir):
+    msg = error_of(None, with_(base, tokenizer=str(tiny_model_dir)))
+    assert msg.startswith("tokenizer: only the sft stage reads it"), msg
+    assert load_config(None, with_(base, tokenizer=str(tiny_model_dir), stages=WITH_SFT)).tokenizer
+    # `rahf sft` runs the sft stage whatever `stages` lists
+    assert load_config(None, with_(base, tokenizer=str(tiny_model_dir)), stage="sft").tokenizer
+
+
 def test_model_config_unreadable(base, tmp_path):
     (tmp_path / "empty").mkdir()
     msg = error_of(None, with_(base, model=str(tmp_path / "empty"), layers=[1]))
@@ -211,6 +351,13 @@ def test_overrides_parse_values_as_yaml():
         "data": {"limit": None},
         "instructions": {"preferred": "be kind = good"},
     }
+
+
+@pytest.mark.parametrize("item", ["alpha=[1", "layers={a: 1", "instructions.preferred=a: b: c"])
+def test_override_that_is_not_valid_yaml(item):
+    with pytest.raises(ConfigError) as e:
+        parse_overrides(["alpha=3", item])
+    assert str(e.value).startswith(f"{item}: not valid YAML (") and "\n" not in str(e.value)
 
 
 def test_override_without_equals_sign():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 
 import pytest
@@ -116,6 +119,35 @@ def test_missing_and_unsupported_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="holds no records"):
         load_pairs(tmp_path / "empty.jsonl")
+
+
+@pytest.mark.parametrize("fmt", ["auto", *FORMATS])
+def test_empty_file_holds_no_records_whatever_the_format(tmp_path, fmt):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(DataError, match=r"empty\.jsonl: holds no records"):
+        load_pairs(path, format=fmt)
+    with pytest.raises(DataError, match="holds no records"):
+        check_data(path, format=fmt)
+
+
+def test_json_lines_under_a_json_name(tmp_path):
+    import datasets
+
+    path = tmp_path / "d.json"
+    datasets.Dataset.from_list(STANDARD).to_json(str(path))  # writes JSON Lines
+    assert load_pairs(path) == (
+        [
+            PreferencePair(p, c, r, f"{path}:{i}")
+            for i, (p, (c, r)) in enumerate(zip(STANDARD_PROMPTS, STANDARD_REPLIES), 1)
+        ],
+        "trl-standard",
+    )
+    path.write_text(json.dumps(STANDARD[1]))  # a single record
+    assert load_pairs(path) == ([PreferencePair(STANDARD_PROMPTS[1], "Paris", "Lyon", f"{path}:row 0")], "trl-standard")
+    path.write_text(json.dumps(STANDARD[0]) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"d\.json:2: not valid JSON"):
+        load_pairs(path)
 
 
 def test_limit(tmp_path):
@@ -234,6 +266,24 @@ def test_hh_without_assistant_tag_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi"}])
     with pytest.raises(DataError, match=r"hh\.jsonl:1: field 'chosen' has no .*Assistant"):
         load_pairs(path)
+
+
+def test_hh_transcript_without_leading_blank_line(tmp_path):
+    record = {"chosen": "Human: hi\n\nAssistant: yo", "rejected": "Human: hi\n\nAssistant: no"}
+    pairs, fmt = load_pairs(write_jsonl(tmp_path / "hh.jsonl", [record]))
+    assert fmt == "hh"
+    assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected) == ((user("hi"),), "yo", "no")
+    bad = {"chosen": "Assistant: hi\n\nAssistant: yo", "rejected": "Assistant: hi\n\nAssistant: no"}
+    with pytest.raises(DataError, match=r"hh\.jsonl:1: field 'chosen' must start with a 'Human:' turn"):
+        load_pairs(write_jsonl(tmp_path / "hh.jsonl", [bad]))
+
+
+def test_hh_consecutive_turns_by_one_speaker_become_one_message(tmp_path):
+    prefix = "\n\nHuman: Hi\n\nHuman: Anyone?\n\nAssistant: Yes.\n\nAssistant:\n\nAssistant: Sorry.\n\nHuman: Ok"
+    record = {"chosen": prefix + "\n\nAssistant: Good.", "rejected": prefix + "\n\nAssistant: Bad."}
+    pairs, _ = load_pairs(write_jsonl(tmp_path / "hh.jsonl", [record]))
+    assert pairs[0].prompt == (user("Hi\n\nAnyone?"), assistant("Yes.\n\nSorry."), user("Ok"))
+    assert (pairs[0].chosen, pairs[0].rejected) == ("Good.", "Bad.")
 
 
 # ---------------------------------------------------------------- detection
@@ -373,6 +423,30 @@ def test_real_hh_file():
         pair = by_line[line]
         assert pair.prompt[-1]["role"] == "user"
         assert raw[line - 1]["chosen"].endswith(pair.chosen) and raw[line - 1]["rejected"].endswith(pair.rejected)
+
+
+@pytest.mark.skipif(not HH_FILE.exists(), reason="shared HH-RLHF data not present")
+def test_real_hh_prompts_alternate_user_and_assistant():
+    # Chat templates such as Llama-2-chat's refuse two turns in a row by one speaker; four transcripts hold them.
+    # Every prompt is its transcript's turns up to the reply, with runs by one speaker joined by a blank line.
+    pairs, _ = load_pairs(HH_FILE)
+    with gzip.open(HH_FILE, "rt", encoding="utf-8") as f:
+        raw = [json.loads(line) for line in f]
+    merged = []
+    for p in pairs:
+        line = int(p.source.rsplit(":", 1)[1])
+        text = raw[line - 1]["chosen"].rstrip()
+        assert text.endswith(p.chosen)
+        prefix = text[: len(text) - len(p.chosen)].rstrip()
+        assert prefix.endswith("\n\nAssistant:")
+        parts = re.split(r"\n\n(Human|Assistant):", prefix.removesuffix("\n\nAssistant:"))
+        turns = [("user" if t == "Human" else "assistant", c.strip()) for t, c in zip(parts[1::2], parts[2::2])]
+        runs = [(role, [c for _, c in run]) for role, run in groupby(turns, key=itemgetter(0))]
+        assert [(m["role"], m["content"]) for m in p.prompt] == [(r, "\n\n".join(c for c in cs if c)) for r, cs in runs]
+        assert [m["role"] for m in p.prompt] == ["user", "assistant"] * (len(p.prompt) // 2) + ["user"]
+        if len(runs) < len(turns):
+            merged.append(line)
+    assert merged == [668, 764, 1320, 1850]
 
 
 @pytest.mark.skipif(not HH_FILE.exists(), reason="shared HH-RLHF data not present")

@@ -1,4 +1,5 @@
-"""The three loss pieces against numbers worked out by hand: alignment distance, SCIT contrast, response log-prob."""
+"""The three loss pieces against numbers worked out by hand (alignment distance, SCIT contrast, response
+log-prob), and the tokens and defaults SCIT's step 1 trains with."""
 
 from __future__ import annotations
 
@@ -28,17 +29,27 @@ def test_alignment_loss_is_plain_l2_mean_over_real_tokens():
 
 
 def test_alignment_loss_authors_norm_counts_padding_in_the_denominator():
-    # Padded slot zeroed but counted: (5 + 1 + 10 + 0) / 4.
-    loss = alignment_loss({1: H1}, {1: T1}, MASK, norm="authors")
+    # Configured window 2: padded slot zeroed but counted, (5 + 1 + 10 + 0) / (2 * 2).
+    loss = alignment_loss({1: H1}, {1: T1}, MASK, norm="authors", width=2)
     assert loss.item() == pytest.approx(4.0, abs=1e-6)
+
+
+def test_alignment_loss_authors_norm_divides_by_the_configured_width_not_the_batchs():
+    # Configured window 4, but this batch's longest window is 2: (5 + 1 + 10) / (2 * 4).
+    loss = alignment_loss({1: H1}, {1: T1}, MASK, norm="authors", width=4)
+    assert loss.item() == pytest.approx(2.0, abs=1e-6)
+    # The same rows in a batch padded to the full width (one with a longer response) keep that scale.
+    h, t, mask = torch.zeros(2, 4, 2), torch.full((2, 4, 2), 9.0), torch.zeros(2, 4, dtype=torch.long)
+    t[:, :2], mask[:, :2] = T1, MASK
+    assert alignment_loss({1: h}, {1: t}, mask, norm="authors", width=4).item() == pytest.approx(2.0, abs=1e-6)
 
 
 def test_alignment_loss_averages_layers():
     hidden, targets = {1: H1, 2: H2}, {1: T1, 2: T2}
     # tokens: layer 1 16/3, layer 2 (1 + 3 + 13)/3 = 17/3 -> mean 33/6 = 5.5
     assert alignment_loss(hidden, targets, MASK, "tokens").item() == pytest.approx(5.5, abs=1e-6)
-    # authors: layer 1 16/4, layer 2 17/4 -> mean 4.125
-    assert alignment_loss(hidden, targets, MASK, "authors").item() == pytest.approx(4.125, abs=1e-6)
+    # authors (configured window 2): layer 1 16/4, layer 2 17/4 -> mean 4.125
+    assert alignment_loss(hidden, targets, MASK, "authors", width=2).item() == pytest.approx(4.125, abs=1e-6)
 
 
 def test_alignment_loss_short_responses_weigh_less_only_under_authors_norm():
@@ -47,7 +58,7 @@ def test_alignment_loss_short_responses_weigh_less_only_under_authors_norm():
     t1 = T1.clone()
     t1[1, 0] *= 2  # distance 10 -> 20
     for norm, denom in (("tokens", 3), ("authors", 4)):
-        delta = alignment_loss({1: H1}, {1: t1}, MASK, norm) - alignment_loss({1: H1}, {1: T1}, MASK, norm)
+        delta = alignment_loss({1: H1}, {1: t1}, MASK, norm, 2) - alignment_loss({1: H1}, {1: T1}, MASK, norm, 2)
         assert delta.item() == pytest.approx(10 / denom, abs=1e-5)
 
 
@@ -174,3 +185,53 @@ def test_normalized_difference_hand_computed():
     want = (12.5**0.5) * torch.tensor([[0.0, 2.0]])
     assert torch.allclose(normalized_difference(o, plus, minus), want)
     assert torch.allclose(normalized_difference(o, plus, 5 * minus), want)  # invariant to each state's scale
+
+
+# ---------------------------------------------------------------- SCIT step-1 inputs and defaults
+
+
+def test_scit_scores_the_same_response_ids_under_instructions_of_different_lengths(
+    tokenizer, tiny_model_dir, tmp_path, pairs_file
+):
+    from conftest import run_settings, standard_records
+
+    from rahf.config import load_config
+    from rahf.data import PreferencePair
+    from rahf.instruct.scit import SCITCollator, scit_examples
+
+    instructions = {"preferred": "you are a polite assistant .", "dispreferred": "you are a rude and wrong assistant ."}
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path, "scit", instructions=instructions))
+    pairs = [
+        PreferencePair(({"role": "user", "content": r["prompt"]},), r["chosen"], r["rejected"], "test")
+        for r in standard_records(3, seed=0)
+    ]
+    examples = scit_examples(tokenizer, pairs, cfg)
+    batch = SCITCollator(tokenizer.pad_token_id)(examples)
+    ids, resp, b = batch["input_ids"], batch["response_mask"].bool(), len(examples)
+    for i, e in enumerate(examples):
+        assert e["match"].response_start != e["other"].response_start  # the prompts differ in length
+        want = list(e["match"].input_ids[e["match"].response_start :])
+        assert ids[i][resp[i]].tolist() == want
+        assert ids[b + i][resp[b + i]].tolist() == want
+
+
+@pytest.mark.parametrize(("finetune", "lr"), [("lora", 2e-4), ("full", 2e-5)])
+def test_scit_default_learning_rate_matches_duals_per_finetune(
+    monkeypatch, tiny_model_dir, pairs_file, tmp_path, finetune, lr
+):
+    from conftest import run_settings
+
+    from rahf.config import load_config
+    from rahf.instruct import scit
+
+    class Captured(Exception):
+        pass
+
+    def capture(cls, cfg, out, overrides, **defaults):
+        raise Captured(defaults["learning_rate"])
+
+    monkeypatch.setattr(scit, "training_args", capture)
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path, "scit", instruct__finetune=finetune)
+    with pytest.raises(Captured) as got:
+        scit.train_scit(load_config(None, settings), str(tiny_model_dir), [], tmp_path)
+    assert got.value.args[0] == lr

@@ -13,10 +13,11 @@ from conftest import LAYERS, N_PAIRS, WINDOW, run_settings, standard_records, wr
 
 from rahf import pipeline
 from rahf.align import CachedCollator, CachedTargets, OnlineCollator, align_batch_loss
-from rahf.artifacts import MANIFEST, read_manifest
+from rahf.artifacts import MANIFEST, atomic_dir, fingerprint, fingerprint_path, read_manifest
 from rahf.collect import examples_for
-from rahf.config import load_config
+from rahf.config import load_config, with_overrides
 from rahf.data import PreferencePair
+from rahf.errors import RahfError
 from rahf.models import load_tokenizer
 from rahf.training import load_data, load_stage_model, lora_config, split_pairs
 
@@ -59,6 +60,10 @@ def test_every_stage_leaves_a_fresh_manifest(finished_run):
         assert manifest["fingerprint"] == pipeline.stage_fingerprint(cfg, stage)[0]
         assert "torch" in manifest["versions"]
         assert not (folder / "checkpoints").exists()
+        fp, covered = pipeline.stage_fingerprint(cfg, stage)
+        assert manifest["config"] == json.loads(json.dumps(covered)) and manifest["config"]
+        assert fingerprint({"stage": stage, "config": covered, "inputs": manifest["inputs"]}) == fp
+        assert manifest["run_config"] == json.loads(json.dumps(cfg.to_dict()))
     leftovers = [p.name for p in Path(cfg.output_dir).iterdir() if p.name.startswith(".")]
     assert leftovers == []  # no temporary folders left behind
     instruct = read_manifest(pipeline.stage_dir(cfg, "instruct"))
@@ -66,6 +71,38 @@ def test_every_stage_leaves_a_fresh_manifest(finished_run):
     align = read_manifest(pipeline.stage_dir(cfg, "align"))
     assert align["layers"] == LAYERS and align["alpha"] == cfg.alpha
     assert all(" fresh " in line for line in pipeline.describe(cfg).splitlines())
+
+
+def test_manifests_hold_no_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAHF_SECRET_FOR_TEST", "from-the-environment")
+    run_config = {"instruct": {"train": {"hub_token": "hf_abc"}}, "llm": {"base_url": "https://me:pw@host/v1"}}
+    with atomic_dir(tmp_path / "a", "sft", "0", {"train": {"hub_token": "hf_abc"}}, None, {}, run_config):
+        pass
+    text = (tmp_path / "a" / MANIFEST).read_text()
+    assert "hf_abc" not in text and "pw@" not in text and "from-the-environment" not in text
+    assert read_manifest(tmp_path / "a")["run_config"]["llm"]["base_url"] == "https://<redacted>@host/v1"
+
+
+def test_large_data_files_are_hashed_in_full_large_weights_by_ends_and_mtime(tmp_path, monkeypatch):
+    from rahf import artifacts
+
+    monkeypatch.setattr(artifacts, "LARGE_FILE", 1 << 20)
+    size = 3 << 20
+    files = [tmp_path / "pairs.jsonl", tmp_path / "model.safetensors"]
+    for f in files:
+        f.write_bytes(b"a" * size)
+    before = {f: fingerprint_path(f) for f in files}
+    for f in files:  # same size, same modification time, one byte changed in the middle
+        stat = f.stat()
+        with f.open("r+b") as handle:
+            handle.seek(size // 2)
+            handle.write(b"b")
+        os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    data, weights = files
+    assert fingerprint_path(data) != before[data]
+    assert fingerprint_path(weights) == before[weights]  # not read in full ...
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert fingerprint_path(weights) != before[weights]  # ... but a rewrite in place changes its mtime
 
 
 def test_instruct_artifact_layout(finished_run):
@@ -311,6 +348,8 @@ def test_changed_data_redoes_everything_from_instruct(tiny_model_dir, tmp_path, 
     assert stage_lines(capsys.readouterr().out) == dict.fromkeys(STAGES, "fresh")  # fingerprints hash content
 
     write_jsonl(data, standard_records(8, seed=6))
+    with pytest.raises(RahfError, match=r"instruct artifact was made with other settings \(changed: data contents\)"):
+        pipeline.run_stage(cfg, "merge")
     pipeline.run(cfg)
     assert stage_lines(capsys.readouterr().out) == dict.fromkeys(STAGES, "ran")
     second = manifest_mtimes(cfg)
@@ -337,9 +376,96 @@ def test_force_recomputes_fresh_stages(scit_run, tiny_model_dir, pairs_file, tmp
 
 
 def test_missing_upstream_artifact_is_a_user_error(tiny_model_dir, pairs_file, tmp_path):
-    from rahf.errors import RahfError
-
     cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "empty", "scit"))
     with pytest.raises(RahfError, match="no finished instruct artifact"):
         pipeline.run_stage(cfg, "collect")
     assert not (tmp_path / "empty" / "collect").exists()
+
+
+def test_online_align_fingerprint_covers_the_collect_settings_it_reads(scit_run):
+    online = with_overrides(scit_run, {"align": {"targets": "online"}})
+    fp = pipeline.stage_fingerprint(online, "align")[0]
+    for key, value in (("difference", "normalized"), ("responses", "chosen")):
+        assert pipeline.stage_fingerprint(with_overrides(online, {"collect": {key: value}}), "align")[0] != fp, key
+
+
+def test_evaluate_fingerprint_covers_neutral_prompts_and_the_reward_model_of_the_sweep(
+    scit_run, tiny_model_dir, pairs_file, tmp_path
+):
+    neutral = write_jsonl(tmp_path / "neutral.jsonl", [{"prompt": "name a colour"}])
+    judge = Path(shutil.copytree(tiny_model_dir, tmp_path / "judge"))  # stands in for a reward model folder
+    evaluate = {"pairs": str(pairs_file), "judge": "gold", "neutral_prompts": str(neutral), "judge_model": str(judge)}
+    cfg = with_overrides(scit_run, {"evaluate": evaluate})
+    no_sweep = with_overrides(cfg, {"evaluate": {"temperatures": []}})
+
+    def fps():
+        return [pipeline.stage_fingerprint(c, "evaluate")[0] for c in (cfg, no_sweep)]
+
+    first = fps()
+    write_jsonl(neutral, [{"prompt": "name a shape"}])
+    second = fps()
+    assert all(a != b for a, b in zip(first, second))
+    (judge / "extra.json").write_text("{}")
+    third = fps()
+    assert third[0] != second[0]  # a gold judge still uses the reward model for the temperature sweep
+    assert third[1] == second[1]  # no sweep, no reward model
+
+
+def test_model_loading_settings_are_fingerprinted(tiny_model_dir, pairs_file, tmp_path):
+    """dtype and trust_remote_code for a model not made upstream; reward.max_length for PPO's external reward model."""
+    sft = run_settings(
+        tiny_model_dir, pairs_file, tmp_path / "sft", "sft", stages=["generate", "evaluate"],
+        generate__prompts=str(pairs_file), evaluate__pairs=str(pairs_file), evaluate__judge="gold",
+    )  # fmt: skip
+    cfg = load_config(None, sft)
+    for stage in ("generate", "evaluate"):
+        fp = pipeline.stage_fingerprint(cfg, stage)[0]
+        for key, value in (("dtype", "bfloat16"), ("trust_remote_code", True)):
+            assert pipeline.stage_fingerprint(with_overrides(cfg, {key: value}), stage)[0] != fp, (stage, key)
+    ppo = run_settings(
+        tiny_model_dir, pairs_file, tmp_path / "ppo", "rlhf-ppo", stages=["instruct"],
+        ppo__reward_model=str(tiny_model_dir),
+    )  # fmt: skip
+    cfg = load_config(None, ppo)
+    fp = pipeline.stage_fingerprint(cfg, "instruct")[0]
+    assert pipeline.stage_fingerprint(with_overrides(cfg, {"reward": {"max_length": 16}}), "instruct")[0] != fp
+
+
+def test_a_stale_upstream_artifact_is_an_error_never_reused(scit_run, tiny_model_dir, pairs_file, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(scit_run.output_dir, out)
+
+    def cfg_with(**extra):
+        return load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit", **extra))
+
+    before = manifest_mtimes(cfg_with())
+    cases = [
+        ("align", {"window": 4}, "collect cache", "window"),
+        ("align", {"include_boundary": False}, "collect cache", "include_boundary"),
+        ("collect", {"instruct__label_smoothing": 0.1}, "instruct artifact", "instruct.label_smoothing"),
+        ("merge", {"alpha": 3.0}, "align artifact", "alpha"),
+        ("generate", {"alpha": 3.0, "generate__prompts": str(pairs_file)}, "align artifact", "alpha"),
+    ]
+    for stage, extra, what, key in cases:
+        with pytest.raises(RahfError, match=rf"the {what} was made with other settings \(changed: {key}\); run `rahf"):
+            pipeline.run_stage(cfg_with(**extra), stage, force=True)
+    assert manifest_mtimes(cfg_with()) == before  # nothing was written
+
+    # evaluation scores with the run's reward model whenever it exists, whatever the judge
+    cfg = cfg_with(evaluate__pairs=str(pairs_file), evaluate__judge="gold")
+    fp, covered = pipeline.stage_fingerprint(cfg, "reward")
+    with atomic_dir(pipeline.stage_dir(cfg, "reward"), "reward", fp, covered):
+        pass
+    pipeline.stage_fingerprint(cfg, "evaluate")
+    with pytest.raises(RahfError, match=r"reward artifact was made with other settings \(changed: reward.max_length\)"):
+        pipeline.stage_fingerprint(cfg_with(evaluate__pairs=str(pairs_file), reward__max_length=16), "evaluate")
+
+    train = {"per_device_train_batch_size": 4, "disable_tqdm": True, "max_steps": 2}
+    capsys.readouterr()
+    pipeline.run(cfg_with(window=4, align__train=train))  # in order, so each stage finds its upstream fresh
+    assert stage_lines(capsys.readouterr().out) == {
+        "instruct": "fresh",
+        "collect": "ran",
+        "align": "ran",
+        "merge": "ran",
+    }

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
+
 import pytest
 import torch
 
 from rahf.demo.task import NAMES
-from rahf.errors import ConfigError
-from rahf.stimuli import Stimulus, build_variants, prompt_ids, render_prompt, response_ids
+from rahf.errors import ConfigError, DataError
+from rahf.stimuli import Stimulus, build_variants, prompt_ids, render_prompt, response_ids, truncate_prompt
 
 POS = "you are a polite and correct assistant ."  # 8 tokens
 NEG = "you are rude ."  # 4 tokens: the variants have different prompt lengths
@@ -163,6 +166,126 @@ def test_render_prompt_uses_the_human_assistant_template_without_chat_template(t
     ids = render_prompt(tokenizer, [user("mia asks")], system="you are rude .")
     expected = ["<s>", "you", "are", "rude", ".", "Human:", "mia", "asks", "Assistant:"]
     assert tokenizer.convert_ids_to_tokens(ids) == expected
+
+
+# ---------------------------------------------------------------- subword tokenizers and chat templates
+
+CJK_QUERY = "你好世界，这是一个测试。香蕉是黄色的。龍鳳麒麟" * 3
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ALTERNATING = (  # like Llama-2-chat, Mistral-Instruct and Gemma: no system role, strictly user/assistant turns
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '[INST] ' + m['content'] + ' [/INST]' if m['role'] == 'user' else m['content'] }}{% endfor %}"
+)
+
+
+def byte_bpe(single: str | None = None, chat_template: str | None = None):
+    """A small byte-level BPE trained on this module's texts; `single` is a post-processor template like "<s> $A"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    core.train_from_iterator([QUERY, RESPONSE, POS, NEG, "Human: Assistant: user system", CJK_QUERY[:20]] * 5, trainer)
+    if single:
+        core.post_processor = processors.TemplateProcessing(
+            single=single, special_tokens=[(t, core.token_to_id(t)) for t in ("<s>", "</s>")]
+        )
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = chat_template
+    return tok
+
+
+def byt5():
+    """A Python (not fast) byte-level tokenizer that appends EOS and has no BOS."""
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """Fail instead of hanging when the body runs longer than `seconds`."""
+
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(("make", "shortest"), [(byte_bpe, 20), (byt5, 25)])  # ByT5: a byte per token
+def test_multibyte_query_is_cut_between_characters_and_every_length_terminates(make, shortest):
+    tok = make()
+    with time_limit(60):
+        for m in range(shortest, shortest + 70):
+            msgs = truncate_prompt(tok, [user(CJK_QUERY)], [None], m)
+            kept = msgs[0]["content"]
+            assert kept and CJK_QUERY.endswith(kept) and "\ufffd" not in kept
+            s = build_variants(tok, [user(CJK_QUERY)], "yes", {"plain": None}, m, 8)["plain"]
+            assert s.response_start <= m
+            assert (
+                list(s.input_ids[: s.response_start])
+                == render_prompt(tok, msgs)
+                == prompt_ids(tok, [user(CJK_QUERY)], m)
+            )
+        with pytest.raises(ConfigError, match="data.max_prompt_length=5"):
+            truncate_prompt(tok, [user(CJK_QUERY)], [None], 5)
+
+
+@pytest.mark.parametrize("make", [lambda: byte_bpe(single="<s> $A </s>"), byt5])
+def test_plain_prompt_gets_only_the_tokens_the_tokenizer_puts_before_a_text(make):
+    tok = make()
+    s = build_variants(tok, [user(QUERY)], RESPONSE, {"plain": None}, 64, 64)["plain"]
+    text_ids = ids_of(tok, f"Human: {QUERY}\n\nAssistant:")
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    assert list(s.input_ids[: s.response_start]) == bos + text_ids
+    assert list(s.input_ids[s.response_start :]) == ids_of(tok, " " + RESPONSE) + [tok.eos_token_id]
+    assert s.input_ids.count(tok.eos_token_id) == 1
+
+
+def test_chat_template_with_a_subword_tokenizer_matches_inference():
+    tok = byte_bpe(chat_template=CHATML)
+    v = build_variants(tok, [user(QUERY)], RESPONSE, SYSTEMS, 128, 64)
+    resp = response_ids(tok, RESPONSE, 64)
+    assert resp == ids_of(tok, RESPONSE) + [tok.eos_token_id]
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    for name, s in v.items():
+        assert list(s.input_ids[s.response_start :]) == resp
+        assert s.input_ids[0] == bos and bos not in s.input_ids[1:]
+        assert s.input_ids.count(eos) == 1 and s.input_ids[-1] == eos
+        assert tok.decode(list(s.input_ids[: s.response_start])).endswith("<|im_start|>assistant\n")
+        assert prompt_ids(tok, [user(QUERY)], 128, SYSTEMS[name]) + resp == list(s.input_ids)
+    assert v["plain"].response_start < v["neg"].response_start < v["pos"].response_start
+
+
+@pytest.mark.parametrize("system", [None, POS])
+def test_chat_template_refusing_the_roles_is_a_data_error_naming_the_pair(system):
+    tok = byte_bpe(chat_template=ALTERNATING)
+    fine = build_variants(
+        tok, [user("hi"), {"role": "assistant", "content": "yo"}, user(QUERY)], "ok", {"x": system}, 64, 8
+    )
+    assert fine["x"].response_start > 0
+    twice = [user(QUERY), user("and now ?")]
+    with pytest.raises(
+        DataError, match=r"^pairs\.jsonl:7: the tokenizer's chat template rejects the prompt's roles \[user, user\]"
+    ):
+        build_variants(tok, twice, "ok", {"x": system}, 64, 8, source="pairs.jsonl:7")
+    with pytest.raises(DataError, match=r"^the prompt beginning 'mia asks.*Conversation roles must alternate"):
+        prompt_ids(tok, twice, 64, system)
 
 
 # ---------------------------------------------------------------- decoder blocks and hidden-state capture

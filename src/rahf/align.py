@@ -2,9 +2,10 @@
 
 Targets come from the collect cache (streamed shard slices; alpha is applied here, so changing it
 needs no new collection) or, with `align.targets: online`, are recomputed every step from the
-resident model with its adapter disabled (and, for Dual, the dispreferred model). The loss is the
-L2 distance per response-window token, averaged over real tokens and layers (`loss_norm: tokens`),
-or with padded positions counted as the authors' code did (`loss_norm: authors`).
+resident model with its adapter disabled; for Dual that model is the preferred adapter merged into its
+base, so the dispreferred model is held beside it as a second full model. The loss is the L2 distance
+per response-window token, averaged over real tokens and layers (`loss_norm: tokens`), or over every
+slot of a window padded to its configured width, as the authors' code did (`loss_norm: authors`).
 """
 
 from __future__ import annotations
@@ -21,19 +22,25 @@ from .stimuli import Stimulus
 
 
 def alignment_loss(
-    hidden: dict[int, torch.Tensor], targets: dict[int, torch.Tensor], mask: torch.Tensor, norm: str = "tokens"
+    hidden: dict[int, torch.Tensor],
+    targets: dict[int, torch.Tensor],
+    mask: torch.Tensor,
+    norm: str = "tokens",
+    width: int | None = None,
 ) -> torch.Tensor:
     """Mean over layers of the per-token L2 distance `||h - target||` on window tokens.
 
     `hidden`/`targets`: layer -> [B, W, H]; `mask`: [B, W], 1 on real window tokens. With
-    `norm="tokens"` the mean runs over real tokens only; with `"authors"` padded positions are zeroed
-    but still counted, so short responses weigh less (as in the original code).
+    `norm="tokens"` the mean runs over real tokens only. With `"authors"` the sum is divided by
+    B * `width` (the configured window; None: the batch's W), as the original code padded every
+    response to that fixed length: short responses weigh less, and the scale is the same in every batch.
     """
     losses = []
     m = mask.to(torch.float32)
+    slots = m.shape[0] * (width if width is not None else m.shape[1])
     for layer, h in hidden.items():
         dist = torch.linalg.vector_norm((h.float() - targets[layer].float()) * m[..., None], dim=-1)
-        losses.append(dist.sum() / m.sum().clamp(min=1) if norm == "tokens" else dist.mean())
+        losses.append(dist.sum() / (m.sum().clamp(min=1) if norm == "tokens" else slots))
     return torch.stack(losses).mean()
 
 
@@ -140,8 +147,10 @@ def batch_targets(inputs: dict, alpha: float, reader: TargetReader | None) -> di
     return {layer: o[layer].float() + alpha * v[layer].float() for layer in o}
 
 
-def align_batch_loss(model, inputs: dict, layers: list[int], alpha: float, norm: str, reader=None) -> torch.Tensor:
-    """The alignment loss of the (adapter-enabled) `model` on one collated batch."""
+def align_batch_loss(
+    model, inputs: dict, layers: list[int], alpha: float, norm: str, reader=None, width: int | None = None
+) -> torch.Tensor:
+    """The alignment loss of the (adapter-enabled) `model` on one collated batch (`width`: see alignment_loss)."""
     device = next(model.parameters()).device
     if reader is not None:
         was_training = model.training
@@ -155,7 +164,8 @@ def align_batch_loss(model, inputs: dict, layers: list[int], alpha: float, norm:
     width = inputs["win_mask"].shape[1]
     starts = inputs["win_start"].to(device)
     hidden = {layer: gather_windows(h, starts, width) for layer, h in hs.items()}
-    return alignment_loss(hidden, {k: t.to(device) for k, t in targets.items()}, inputs["win_mask"].to(device), norm)
+    mask = inputs["win_mask"].to(device)
+    return alignment_loss(hidden, {k: t.to(device) for k, t in targets.items()}, mask, norm, width)
 
 
 def align_trainer_class():
@@ -167,10 +177,11 @@ def align_trainer_class():
         layers: tuple[int, ...] = ()  # set by train_align before training
         alpha: float = 5.0
         norm: str = "tokens"
+        width: int | None = None  # the configured window, the fixed denominator of `loss_norm: authors`
         reader: TargetReader | None = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = align_batch_loss(model, inputs, self.layers, self.alpha, self.norm, self.reader)
+            loss = align_batch_loss(model, inputs, self.layers, self.alpha, self.norm, self.reader, self.width)
             return (loss, {}) if return_outputs else loss
 
         def _prepare_inputs(self, inputs):  # tensors move inside the loss; `examples` are not tensors
@@ -204,6 +215,7 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
     args = training_args(TrainingArguments, cfg, out, cfg.align.train, **defaults)
     trainer = align_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.layers, trainer.alpha, trainer.norm, trainer.reader = layers, alpha, cfg.align.loss_norm, reader
+    trainer.width = cfg.window
     trainer.train()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -1,4 +1,4 @@
-"""Stage artifact folders: a manifest (config, input fingerprint, library versions) and atomic writes.
+"""Stage artifact folders: a manifest (config, input fingerprints, library versions) and atomic writes.
 
 A stage writes into a temporary sibling folder and renames it into place only when complete, so a
 crash never leaves a half-written artifact that looks finished. A stage is fresh when its manifest's
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -20,9 +21,14 @@ from typing import Any
 
 MANIFEST = "rahf_manifest.json"
 _PACKAGES = ("rahf", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "safetensors")
+LARGE_FILE = 64 << 20  # bytes; weight files above this are fingerprinted without reading them in full
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+_SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key)$", re.IGNORECASE)
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 def versions() -> dict[str, str]:
+    """Installed versions of the libraries a stage's result depends on."""
     out = {}
     for name in _PACKAGES:
         try:
@@ -32,17 +38,25 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _hash_file(path: Path, h) -> None:
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
+def _hash_file(path: Path, h: hashlib._Hash) -> None:
+    """Feed `path` into `h`: its name, size and every byte.
+
+    A model weight file (a `WEIGHT_SUFFIXES` name) over `LARGE_FILE` bytes contributes its name, size,
+    modification time and first and last MiB instead, so a many-GB checkpoint is not read in full while a
+    retrain written over it in place still changes the hash. Any other file (data: jsonl, json, parquet,
+    arrow, ...) is hashed in full whatever its size, so an edit anywhere in it is noticed.
+    """
+    stat = path.stat()
+    h.update(f"{path.name}:{stat.st_size}".encode())
     with path.open("rb") as f:
-        if size <= 64 << 20:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        else:  # large weight files: size plus both ends, so a 14 GB model is not read in full
+        if stat.st_size > LARGE_FILE and path.name.endswith(WEIGHT_SUFFIXES):
+            h.update(f":{stat.st_mtime_ns}".encode())
             h.update(f.read(1 << 20))
             f.seek(-(1 << 20), os.SEEK_END)
             h.update(f.read())
+        else:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
 
 
 def fingerprint_path(path: str | os.PathLike) -> str:
@@ -67,7 +81,21 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def redacted(value: Any) -> Any:
+    """`value` for writing to disk: values under secret-looking keys (hub_token, api_key) and URL credentials hidden."""
+    if isinstance(value, dict):
+        return {
+            k: "<redacted>" if v is not None and _SECRET_KEY.search(str(k)) else redacted(v) for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redacted(v) for v in value]
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub("<redacted>@", value)
+    return value
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the artifact folder `path`."""
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
@@ -81,9 +109,20 @@ def is_fresh(path: str | os.PathLike, fp: str) -> bool:
 
 @contextmanager
 def atomic_dir(
-    final: str | os.PathLike, stage: str, fp: str, config: dict[str, Any], extra: dict | None = None
+    final: str | os.PathLike,
+    stage: str,
+    fp: str,
+    config: dict[str, Any],
+    extra: dict | None = None,
+    inputs: dict[str, str | None] | None = None,
+    run_config: dict[str, Any] | None = None,
 ) -> Iterator[Path]:
-    """Yield a temporary folder; on success write the manifest and move it to `final` (replacing it)."""
+    """Yield a temporary folder; on success write the manifest and move it to `final` (replacing it).
+
+    The manifest holds `config` (the settings `fp` covers), `inputs` (the fingerprint of each input),
+    `run_config` (the whole resolved config) and `extra`; secret-looking values are redacted and nothing
+    is read from the environment.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
@@ -95,7 +134,9 @@ def atomic_dir(
             "fingerprint": fp,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": versions(),
-            "config": config,
+            "config": redacted(config),
+            **({} if inputs is None else {"inputs": inputs}),
+            **({} if run_config is None else {"run_config": redacted(run_config)}),
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))

@@ -36,7 +36,7 @@ def _load(args) -> RahfConfig:  # noqa: F821
         raise RahfError(f"unexpected argument {extra[0]!r}: give the config file first, then key=value overrides")
     if getattr(args, "method", None):
         overrides = overrides + [f"method={args.method}"]
-    return load_config(path, overrides)
+    return load_config(path, overrides, stage=args.command if args.command in STAGE_HELP else None)
 
 
 def _cmd_stage(args) -> None:

@@ -2,7 +2,8 @@
 
 SCIT: the step-1 model reads the same (q, y) under p+ and p- (v = h(p+) - h(p-)) and with no
 instruction (o). Dual: the same (q, y) without instruction through the preferred and the dispreferred
-model (two adapters on one base, or two full fine-tunes; v = h+ - h-, o = h+). `collect.difference:
+model (v = h+ - h-, o = h+): LoRA adapters are both loaded on one base and switched between the two
+forwards, so one set of base weights is held; full fine-tunes are two models. `collect.difference:
 normalized` compares the two states after dividing each by its root-mean-square. Only the window of
 response positions is kept, only at the target layers (forward hooks, the forward stopping after the
 last one). Shards are safetensors with ragged rows: `input_ids`/`seq_offsets` hold each sequence,
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import RahfConfig
 from .data import PreferencePair
+from .errors import RahfError
 from .models import DTYPES, forward_capture
 from .stimuli import Stimulus, build_variants
 
@@ -44,7 +46,13 @@ def examples_for(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> lis
         picked = {"both": (p.chosen, p.rejected), "chosen": (p.chosen,), "rejected": (p.rejected,)}
         for response in picked[cfg.collect.responses]:
             v = build_variants(
-                tokenizer, p.prompt, response, systems, cfg.data.max_prompt_length, cfg.data.max_response_length
+                tokenizer,
+                p.prompt,
+                response,
+                systems,
+                cfg.data.max_prompt_length,
+                cfg.data.max_response_length,
+                source=p.source,
             )
             out.append(Example(v))
     return out
@@ -70,11 +78,35 @@ def window_rows(hidden: torch.Tensor, seqs: list[Stimulus], size: int, include_b
     return out
 
 
+class AdapterView:
+    """One adapter of a PEFT model that holds several, usable as a model: each forward activates it first.
+
+    Dual's preferred and dispreferred adapters thus share one base model in collect.
+    """
+
+    def __init__(self, model, adapter: str):
+        self.model, self.adapter = model, adapter
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def get_base_model(self):
+        return self.model.get_base_model()
+
+    def __call__(self, **inputs):
+        self.model.set_adapter(self.adapter)
+        return self.model(**inputs)
+
+
 class TargetReader:
     """Computes (o, v) per layer for a batch of examples from resident model(s), without gradients.
 
-    SCIT and LoRRA: `model` reads all three variants. Dual: `model` is the preferred model and `minus` the
-    dispreferred one (or a callable context that switches adapters, see `adapter_switch`).
+    SCIT and LoRRA: `plus` reads all three variants. Dual: `plus` is the preferred model and `minus` the
+    dispreferred one: two `AdapterView`s of one base, or two separate models.
     """
 
     def __init__(self, cfg: RahfConfig, layers: list[int], pad_id: int, plus, minus=None):
@@ -125,6 +157,17 @@ def cache_bytes(examples: list[Example], cfg: RahfConfig, layers: list[int], hid
     return 2 * tokens * hidden * len(layers) * DTYPES[cfg.collect.dtype].itemsize
 
 
+def stored(t: torch.Tensor, dtype_name: str, what: str, layer: int) -> torch.Tensor:
+    """`t` cast to the cache dtype; a value that dtype cannot hold (float16 tops out at 65504) stops collect."""
+    cast = t.to(DTYPES[dtype_name]).contiguous()
+    if not torch.isfinite(cast).all():
+        raise RahfError(
+            f"collect: {what} at layer {layer} is not finite in {dtype_name} (largest |value| "
+            f"{t.abs().max().item():.4g}); set collect.dtype: bfloat16 or float32"
+        )
+    return cast
+
+
 def write_cache(reader: TargetReader, examples: list[Example], out: Path, hidden: int) -> dict:
     """Compute targets batch by batch and write them as shards; returns per-layer statistics."""
     from safetensors.torch import save_file
@@ -136,7 +179,6 @@ def write_cache(reader: TargetReader, examples: list[Example], out: Path, hidden
         f"{size / 2**20:.1f} MiB of targets ({cfg.collect.dtype})",
         flush=True,
     )
-    dtype = DTYPES[cfg.collect.dtype]
     stats = {layer: {"v_norm": 0.0, "o_norm": 0.0} for layer in layers}
     n_tokens = 0
     shards = []
@@ -165,8 +207,8 @@ def write_cache(reader: TargetReader, examples: list[Example], out: Path, hidden
             o_cat, v_cat = torch.cat(o_rows[layer]), torch.cat(v_rows[layer])
             stats[layer]["v_norm"] += v_cat.norm(dim=-1).sum().item()
             stats[layer]["o_norm"] += o_cat.norm(dim=-1).sum().item()
-            tensors[f"o.{layer}"] = o_cat.to(dtype).contiguous()
-            tensors[f"v.{layer}"] = v_cat.to(dtype).contiguous()
+            tensors[f"o.{layer}"] = stored(o_cat, cfg.collect.dtype, "o", layer)
+            tensors[f"v.{layer}"] = stored(v_cat, cfg.collect.dtype, "v", layer)
         n_tokens += int(tensors["win_len"].sum())
         name = f"shard-{len(shards):05d}.safetensors"
         save_file(tensors, str(out / name), metadata={"layers": ",".join(map(str, layers))})

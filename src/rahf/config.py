@@ -1,7 +1,8 @@
 """One YAML file describes a whole run; every key can be overridden on the command line (`key.sub=value`).
 
-The config is validated before any model loads: unknown keys, missing files, layers the model does
-not have, non-finite alpha and contradictory options raise `ConfigError` with one line naming the key.
+The config is validated before any model loads: unknown keys, missing files and model folders, layers the
+model does not have, numbers out of range (NaN included), credentials in train settings and contradictory
+options raise `ConfigError` with one line naming the key.
 """
 
 from __future__ import annotations
@@ -342,6 +343,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What the YAML parser objects to, in one line (e.g. "expected ',' or ']', but got '<stream end>'")."""
+    return getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`['alpha=3', 'align.lora.r=16']` -> a nested mapping; values are parsed as YAML."""
     tree: dict[str, Any] = {}
@@ -349,7 +355,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. alpha=3")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{item}: not valid YAML ({_yaml_problem(e)}); quote the value if it is text") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -360,8 +370,13 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> RahfConfig:
-    """Read a YAML config (relative paths are resolved against its folder) and apply overrides."""
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, stage: str | None = None
+) -> RahfConfig:
+    """Read a YAML config (relative paths are resolved against its folder) and apply overrides.
+
+    `stage` is the one stage a `rahf <stage>` command runs, which `stages` need not list.
+    """
     raw: dict[str, Any] = {}
     base = Path.cwd()
     if path is not None:
@@ -371,7 +386,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({_yaml_problem(e)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping of keys at the top, got {type(raw).__name__}")
         base = p.resolve().parent
@@ -382,16 +399,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         raw["method"] = ALIASES.get(raw["method"], raw["method"])
     cfg = _build(RahfConfig, raw, "")
     _resolve_paths(cfg, base)
-    validate(cfg)
+    validate(cfg, stage)
     return cfg
 
 
 def _resolve_paths(cfg: RahfConfig, base: Path) -> None:
     def local(value: str | None) -> str | None:
-        if not value or Path(value).is_absolute():
+        """A path next to the config (it or its first folder exists there, or it starts with "."), else as given."""
+        if not value:
+            return value
+        value = os.path.expanduser(value)
+        if Path(value).is_absolute():
             return value
         candidate = base / value
-        return str(candidate) if candidate.exists() or value.startswith(".") else value
+        if candidate.exists() or value.startswith(".") or (base / Path(value).parts[0]).is_dir():
+            return str(candidate)
+        return value
 
     cfg.model = local(cfg.model) or ""
     cfg.tokenizer = local(cfg.tokenizer)
@@ -418,22 +441,107 @@ def with_overrides(cfg: RahfConfig, mapping: dict[str, Any], where: str = "") ->
         raise ConfigError(f"{where}{e}") from None
 
 
+# Token strings a trainer may be given; any other `*_token` train key (hub_token) is a credential.
+SPECIAL_TOKENS = {f"{name}_token" for name in ("bos", "eos", "pad", "unk", "sep", "cls", "mask")}
+
+
 def _check_train_args(section: str, values: dict[str, Any], cls) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
+        if key.endswith("_token") and key not in SPECIAL_TOKENS:
+            raise ConfigError(
+                f"{section}.train.{key}: the config is copied into every artifact manifest, so it must hold no "
+                "credential; set the HF_TOKEN environment variable instead"
+            )
         if key not in names:
             raise ConfigError(f"{section}.train.{key}: not a field of {cls.__name__}")
     if "output_dir" in values:
         raise ConfigError(f"{section}.train.output_dir: set by rahf; use output_dir at the top level")
 
 
-# Keys that must be at least 1.
-POSITIVE = (
-    "window", "data.max_prompt_length", "data.max_response_length", "collect.batch_size", "collect.shard_size",
-    "generate.batch_size", "generate.max_new_tokens", "align.lora.r", "instruct.lora.r", "evaluate.samples",
-    "evaluate.max_new_tokens", "evaluate.batch_size", "ppo.steps", "ppo.rollout_size", "ppo.minibatch_size",
-    "ppo.ppo_epochs", "ppo.max_new_tokens", "reward.max_length",
-)  # fmt: skip
+def _check_train(cfg: RahfConfig) -> None:
+    """Each `*.train` mapping against the arguments class its stage trains with."""
+    from transformers import TrainingArguments
+    from trl import DPOConfig, RewardConfig, SFTConfig
+
+    _check_train_args("sft", cfg.sft.train, SFTConfig)
+    _check_train_args("instruct", cfg.instruct.train, SFTConfig if cfg.instruct_method == "dual" else TrainingArguments)
+    _check_train_args("align", cfg.align.train, TrainingArguments)
+    _check_train_args("dpo", cfg.dpo.train, DPOConfig)
+    _check_train_args("reward", cfg.reward.train, RewardConfig)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take. NaN lies in no range; an open bound at infinity keeps infinity out."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low == -math.inf:
+            return "a finite number"
+        if self.high == math.inf:
+            return f"{'>' if self.open_low else '>='} {self.low:g}" + (" and finite" if self.open_high else "")
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+
+FINITE = Range(open_low=True, open_high=True)
+AT_LEAST_1 = Range(1)
+ABOVE_0 = Range(0, open_low=True, open_high=True)  # and finite
+AT_LEAST_0 = Range(0, open_high=True)  # and finite
+FRACTION = Range(0, 1, open_high=True)
+PROBABILITY = Range(0, 1)
+LORA_RANGES = {"r": AT_LEAST_1, "alpha": ABOVE_0, "dropout": FRACTION}
+# Every section with a LoRA adapter (instruct, align, dpo, ppo).
+LORA_SECTIONS = tuple(
+    name
+    for name, hint in get_type_hints(RahfConfig).items()
+    if dataclasses.is_dataclass(hint) and get_type_hints(hint).get("lora") is LoraSettings
+)
+# The range of every numeric key; a list's items are checked one by one, and null (where allowed) is not checked.
+RANGES: dict[str, Range] = {
+    "alpha": FINITE,
+    "window": AT_LEAST_1,
+    "data.limit": AT_LEAST_1,
+    "data.align_fraction": Range(0, 1, open_low=True, open_high=True),
+    "data.max_prompt_length": AT_LEAST_1,
+    "data.max_response_length": AT_LEAST_1,
+    "data.label_noise": FRACTION,
+    "instruct.label_smoothing": Range(0, 0.5, open_high=True),
+    "collect.batch_size": AT_LEAST_1,
+    "collect.shard_size": AT_LEAST_1,
+    **{f"{section}.lora.{key}": r for section in LORA_SECTIONS for key, r in LORA_RANGES.items()},
+    "reward.max_length": AT_LEAST_1,
+    "dpo.beta": ABOVE_0,
+    **dict.fromkeys(
+        ("ppo.steps", "ppo.rollout_size", "ppo.minibatch_size", "ppo.ppo_epochs", "ppo.max_new_tokens"), AT_LEAST_1
+    ),
+    **dict.fromkeys(("ppo.learning_rate", "ppo.clip_range", "ppo.clip_range_value", "ppo.temperature"), ABOVE_0),
+    **dict.fromkeys(("ppo.kl_coef", "ppo.vf_coef", "ppo.missing_eos_penalty"), AT_LEAST_0),
+    "ppo.gamma": PROBABILITY,
+    "ppo.lam": PROBABILITY,
+    "generate.max_new_tokens": AT_LEAST_1,
+    "generate.batch_size": AT_LEAST_1,
+    "generate.temperature": AT_LEAST_0,
+    "generate.top_p": Range(0, 1, open_low=True),
+    **dict.fromkeys(
+        ("evaluate.samples", "evaluate.max_new_tokens", "evaluate.batch_size", "evaluate.limit"), AT_LEAST_1
+    ),
+    "evaluate.temperature": AT_LEAST_0,
+    "evaluate.temperatures": AT_LEAST_0,
+    "compare.label_noise": FRACTION,
+    "compare.alphas": FINITE,
+}
+# Keys naming a model: a local folder, or a Hub id (`name` or `org/name`) fetched only when a stage loads it.
+MODEL_KEYS = ("model", "tokenizer", "reward.model", "generate.model", "evaluate.judge_model", "ppo.reward_model")
 
 
 def _get(cfg: RahfConfig, dotted: str) -> Any:
@@ -443,17 +551,41 @@ def _get(cfg: RahfConfig, dotted: str) -> Any:
     return node
 
 
-def validate(cfg: RahfConfig) -> None:
-    """Checks that need no model weights (the layer count is read from the model's config only)."""
+def _check_ranges(cfg: RahfConfig) -> None:
+    """Every key of RANGES (each item of a list) lies in its range."""
+    for key, allowed in RANGES.items():
+        value = _get(cfg, key)
+        for name, v in [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]:
+            if v is not None and v not in allowed:
+                raise ConfigError(f"{name}: must be {allowed}, got {v}")
+
+
+def _looks_local(value: str) -> bool:
+    """A path rather than a Hub id: absolute, led by "." or "~", or deeper than org/name."""
+    return Path(value).is_absolute() or value.startswith((".", "~")) or value.count("/") > 1
+
+
+def validate(cfg: RahfConfig, stage: str | None = None) -> None:
+    """Checks that need no model weights (the layer count is read from the model's config only).
+
+    `stage` is the one stage a `rahf <stage>` command runs, which `stages` need not list.
+    """
     for dotted, allowed in CHOICES.items():
         value = _get(cfg, dotted)
         if value not in allowed:
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(str(a) for a in allowed)}")
     if not cfg.model:
         raise ConfigError("model: required (a hub id or a local folder)")
-    for stage in cfg.stages:
-        if stage not in STAGES:
-            raise ConfigError(f"stages: unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    for key in MODEL_KEYS:
+        value = _get(cfg, key)
+        if value and _looks_local(value) and not Path(value).exists():
+            raise ConfigError(f"{key}: {value} does not exist; give a local model folder or a Hub id like org/name")
+    for name in cfg.stages:
+        if name not in STAGES:
+            raise ConfigError(f"stages: unknown stage {name!r} (known: {', '.join(STAGES)})")
+    repeated = [s for i, s in enumerate(cfg.stages) if s in cfg.stages[:i]]
+    if repeated:
+        raise ConfigError(f"stages: repeated stage {repeated[0]}")
     if [s for s in STAGES if s in cfg.stages] != cfg.stages:
         raise ConfigError(f"stages: must be in pipeline order {', '.join(STAGES)}")
     needs_data = any(s in cfg.stages for s in ("reward", "instruct", "collect", "align")) or (
@@ -477,18 +609,13 @@ def validate(cfg: RahfConfig) -> None:
         raise ConfigError("evaluate.pairs: required when the evaluate stage runs (held-out preference pairs)")
     if "generate" in cfg.stages and not cfg.generate.prompts:
         raise ConfigError("generate.prompts: required when the generate stage runs")
-    if not math.isfinite(cfg.alpha):
-        raise ConfigError(f"alpha: must be a finite number, got {cfg.alpha}")
-    if not 0.0 < cfg.data.align_fraction < 1.0:
-        raise ConfigError(f"data.align_fraction: must be between 0 and 1 (exclusive), got {cfg.data.align_fraction}")
-    if not 0.0 <= cfg.instruct.label_smoothing < 0.5:
-        raise ConfigError(f"instruct.label_smoothing: must be in [0, 0.5), got {cfg.instruct.label_smoothing}")
-    for key in POSITIVE:
-        value = _get(cfg, key)
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
-    if not 0.0 <= cfg.data.label_noise < 1.0:
-        raise ConfigError(f"data.label_noise: must be in [0, 1), got {cfg.data.label_noise}")
+    if cfg.tokenizer and "sft" not in [*cfg.stages, stage]:
+        raise ConfigError(
+            "tokenizer: only the sft stage reads it, and this run has none; add sft to stages or drop tokenizer "
+            "(the other stages use the tokenizer saved with their model)"
+        )
+    _check_ranges(cfg)
+    _check_train(cfg)
     for i, method in enumerate(cfg.compare.methods):
         if ALIASES.get(method, method) not in METHODS:
             raise ConfigError(
@@ -502,15 +629,18 @@ def validate(cfg: RahfConfig) -> None:
         own_grid = {"layer_sets", "alphas"}  # a method may choose from its own grid; the rest of compare is shared
         if not isinstance(mapping.get("compare", {}), dict) or set(mapping.get("compare", {})) - own_grid:
             raise ConfigError(f"compare.overrides.{method}.compare: only layer_sets and alphas may differ per method")
-        with_overrides(cfg, mapping, f"compare.overrides.{method}: ")
+        tuned = with_overrides(cfg, mapping | {"method": ALIASES.get(method, method)}, f"compare.overrides.{method}: ")
+        try:
+            _check_ranges(tuned)
+            _check_train(tuned)
+        except ConfigError as e:
+            raise ConfigError(f"compare.overrides.{method}: {e}") from None
     if not cfg.compare.seeds:
         raise ConfigError("compare.seeds: list at least one seed")
-    if any(not 0.0 <= p < 1.0 for p in cfg.compare.label_noise) or not cfg.compare.label_noise:
-        raise ConfigError(f"compare.label_noise: levels must be in [0, 1), got {cfg.compare.label_noise}")
+    if not cfg.compare.label_noise:
+        raise ConfigError("compare.label_noise: list at least one level (0 for the labels as given)")
     if cfg.compare.noise_seeds is not None and not 1 <= cfg.compare.noise_seeds <= len(cfg.compare.seeds):
         raise ConfigError(f"compare.noise_seeds: must be between 1 and len(compare.seeds)={len(cfg.compare.seeds)}")
-    if any(t < 0 for t in [cfg.evaluate.temperature, *cfg.evaluate.temperatures]):
-        raise ConfigError("evaluate.temperature and evaluate.temperatures must be >= 0 (0 = greedy)")
     if cfg.ppo.rollout_size % cfg.ppo.minibatch_size:
         raise ConfigError(
             f"ppo.minibatch_size: {cfg.ppo.minibatch_size} must divide ppo.rollout_size={cfg.ppo.rollout_size}"
@@ -520,8 +650,6 @@ def validate(cfg: RahfConfig) -> None:
         for i, layer_set in enumerate(cfg.compare.layer_sets):
             if not layer_set or any(not 1 <= layer <= n for layer in layer_set):
                 raise ConfigError(f"compare.layer_sets[{i}]: {layer_set} must list layers in 1..{n}")
-    if cfg.generate.temperature < 0 or not 0 < cfg.generate.top_p <= 1:
-        raise ConfigError("generate.temperature must be >= 0 and generate.top_p in (0, 1]")
     if cfg.window > cfg.data.max_response_length:
         raise ConfigError(
             f"window: {cfg.window} exceeds data.max_response_length={cfg.data.max_response_length}; lower one"
@@ -535,14 +663,6 @@ def validate(cfg: RahfConfig) -> None:
         bad = [layer for layer in cfg.layers if not 1 <= layer <= n]
         if bad:
             raise ConfigError(f"layers: {bad} out of range; the model has layers 1..{n}")
-    from transformers import TrainingArguments
-    from trl import DPOConfig, RewardConfig, SFTConfig
-
-    _check_train_args("sft", cfg.sft.train, SFTConfig)
-    _check_train_args("instruct", cfg.instruct.train, SFTConfig if cfg.instruct_method == "dual" else TrainingArguments)
-    _check_train_args("align", cfg.align.train, TrainingArguments)
-    _check_train_args("dpo", cfg.dpo.train, DPOConfig)
-    _check_train_args("reward", cfg.reward.train, RewardConfig)
 
 
 def model_num_layers(cfg: RahfConfig) -> int:

@@ -198,15 +198,24 @@ def _parse_ultrafeedback(record: dict, src: str) -> PreferencePair:
 
 
 def _hh_messages(text: str, src: str) -> list[Message]:
-    """Split an HH transcript prefix on its Human/Assistant tags into user/assistant messages."""
-    parts = _HH_TAG.split(text)
+    """Split an HH transcript prefix on its Human/Assistant tags into alternating user/assistant messages.
+
+    The first turn may lack its leading blank line ("Human: ..."). Consecutive turns by the same speaker,
+    which some transcripts hold, become one message with their contents joined by a blank line, so that
+    chat templates requiring alternating roles accept the prompt.
+    """
+    body = text.lstrip()
+    parts = _HH_TAG.split("\n\n" + body if body.startswith("Human:") else text)
     if parts[0].strip():
-        raise _error(src, "hh", "field 'chosen' must start with a '\\n\\nHuman:' turn")
-    roles, contents = parts[1::2], parts[2::2]
-    return [
-        {"role": "user" if r == "Human" else "assistant", "content": c.strip()}
-        for r, c in zip(roles, contents, strict=True)
-    ]
+        raise _error(src, "hh", "field 'chosen' must start with a 'Human:' turn")
+    out: list[Message] = []
+    for tag, turn in zip(parts[1::2], parts[2::2], strict=True):
+        role, content = ("user" if tag == "Human" else "assistant"), turn.strip()
+        if out and out[-1]["role"] == role:
+            out[-1]["content"] = "\n\n".join(c for c in (out[-1]["content"], content) if c)
+        else:
+            out.append({"role": role, "content": content})
+    return out
 
 
 def _parse_hh(record: dict, src: str) -> PreferencePair:
@@ -260,19 +269,33 @@ def read_jsonl(path: str | os.PathLike, shown: str | None = None) -> Iterator[tu
 
 
 def _read_json(path: Path, shown: str) -> Iterator[tuple[str, object]]:
+    """Records of a JSON file: a list, an object with a 'data' or 'train' list, or a single record.
+
+    A file holding several top-level values is JSON Lines under a .json name (as `datasets.Dataset.to_json`
+    writes it) and is read line by line.
+    """
     opener = gzip.open if path.name.endswith(".gz") else open
+    json_lines = False
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(f"{shown}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if e.msg != "Extra data":
+            raise DataError(f"{shown}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        json_lines = True
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise DataError(f"{shown}: cannot read the file ({e})") from None
+    if json_lines:
+        yield from read_jsonl(path, shown)
+        return
     if isinstance(data, dict):
         key = next((k for k in ("data", "train") if isinstance(data.get(k), list)), None)
-        if key is None:
+        if key is not None:
+            data = data[key]
+        elif detect_format(data) is not None:
+            data = [data]
+        else:
             raise DataError(f"{shown}: expected a list of records or an object with a 'data' or 'train' list")
-        data = data[key]
     if not isinstance(data, list):
         raise DataError(f"{shown}: expected a list of records, got {_type_name(data)}")
     for i, record in enumerate(data):
@@ -371,7 +394,7 @@ def load_pairs(
             raise DataError(f"{e}; this record looks like {looks_like!r} format") from None
         if limit is not None and len(pairs) >= limit:
             break
-    if fmt is None:
+    if not pairs or fmt is None:
         raise DataError(f"{os.fspath(path)}: holds no records")
     return pairs, fmt
 

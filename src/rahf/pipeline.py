@@ -7,13 +7,14 @@ other (a changed config key, data file or upstream artifact changes the fingerpr
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .artifacts import atomic_dir, fingerprint, fingerprint_path, is_fresh, read_manifest
+from .artifacts import MANIFEST, atomic_dir, fingerprint, fingerprint_path, is_fresh, read_manifest, redacted
 from .config import METHOD_STAGES, RahfConfig, resolved_layers
 from .errors import RahfError
 
@@ -63,10 +64,96 @@ def final_model(cfg: RahfConfig) -> tuple[str, str | None, str | None]:
 
 
 def require_artifact(cfg: RahfConfig, stage: str) -> Path:
+    """The finished artifact of `stage` (a stage checks that it is also fresh: see `stage_fingerprint`)."""
     path = stage_dir(cfg, stage)
-    if not (path / "rahf_manifest.json").is_file():
+    if not (path / MANIFEST).is_file():
         raise RahfError(f"{path}: no finished {stage} artifact; run `rahf {stage}` (or `rahf run`) first")
     return path
+
+
+def _fresh_fp(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> str:
+    """Fingerprint of `stage`'s artifact; a RahfError when it is missing or was made from other inputs.
+
+    `memo` holds what one check has computed already (each upstream stage and file is hashed once).
+    """
+    key = f"stage:{stage}"
+    if key not in memo:
+        path = require_artifact(cfg, stage)
+        fp, covered, inputs = _stage_inputs(cfg, stage, memo)
+        if not is_fresh(path, fp):
+            what = "collect cache" if stage == "collect" else f"{stage} artifact"
+            raise RahfError(
+                f"{path}: the {what} was made with other settings ({_changes(path, covered, inputs)}); "
+                f"run `rahf {stage}` (or `rahf run`) again"
+            )
+        memo[key] = fp
+    return memo[key]
+
+
+def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
+    """What differs between the manifest in `path` and the current settings, e.g. "changed: window, data contents"."""
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError):
+        return "its manifest is unreadable"
+    old, new = _flat(manifest.get("config", {})), _flat(redacted(json.loads(json.dumps(covered, default=str))))
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    made_from = manifest.get("inputs", {})
+    keys += [f"{name} contents" for name in sorted(inputs) if name in made_from and made_from[name] != inputs[name]]
+    return f"changed: {', '.join(keys)}" if keys else "its inputs changed"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A nested mapping as {dotted key: leaf value}."""
+    out: dict = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _path_fp(path: str | Path | None, memo: dict[str, str | None]) -> str | None:
+    """`fingerprint_path` of a configured file or folder (None when unset), hashed once per check."""
+    if path is None:
+        return None
+    key = f"path:{path}"
+    if key not in memo:
+        memo[key] = fingerprint_path(path)
+    return memo[key]
+
+
+def _base_fp(cfg: RahfConfig, memo: dict[str, str | None]) -> str | None:
+    """Fingerprint of the model step 1 starts from (`base_model_path`): a fresh SFT artifact or `model`."""
+    return _fresh_fp(cfg, "sft", memo) if "sft" in cfg.stages else _path_fp(cfg.model, memo)
+
+
+def _step1_fp(cfg: RahfConfig, memo: dict[str, str | None]) -> str | None:
+    """Fingerprint of the model collect reads and align trains (`step1_path`)."""
+    return _base_fp(cfg, memo) if cfg.method == "lorra" else _fresh_fp(cfg, "instruct", memo)
+
+
+def _final_fp(cfg: RahfConfig, memo: dict[str, str | None]) -> str | None:
+    """Fingerprint of the model the method ends with (`final_model`)."""
+    if cfg.method in ("scit", "dual", "lorra"):
+        return _fresh_fp(cfg, "merge", memo)
+    return _base_fp(cfg, memo) if cfg.method == "sft" else _fresh_fp(cfg, "instruct", memo)
+
+
+def _reward_fp(cfg: RahfConfig, configured: str | None, memo: dict[str, str | None]) -> str | None:
+    """Fingerprint of a configured reward model, else of this run's fresh `reward` artifact (`reward_model_path`)."""
+    return _path_fp(configured, memo) if configured else _fresh_fp(cfg, "reward", memo)
+
+
+def _evaluation_reward_fp(cfg: RahfConfig, memo: dict[str, str | None]) -> str | None:
+    """The reward model `evaluate` scores with (judge and temperature sweep), as `evaluate_run` picks it."""
+    e = cfg.evaluate
+    if e.judge != "reward-model" and not e.temperatures:
+        return None
+    if e.judge_model or e.judge == "reward-model" or (stage_dir(cfg, "reward") / MANIFEST).is_file():
+        return _reward_fp(cfg, e.judge_model, memo)
+    return None  # a gold or LLM judge and no reward model: no temperature sweep
 
 
 def _section(cfg: RahfConfig, *keys: str) -> dict:
@@ -75,78 +162,113 @@ def _section(cfg: RahfConfig, *keys: str) -> dict:
 
 
 def stage_fingerprint(cfg: RahfConfig, stage: str) -> tuple[str, dict]:
-    """(fingerprint, the config it covers) of a stage given the current config and upstream artifacts."""
-    data_fp = fingerprint_path(cfg.data.path) if cfg.data.path else None
-    common = _section(cfg, "seed", "dtype", "data")
+    """(fingerprint, the config it covers) of a stage given the current config and upstream artifacts.
+
+    Every upstream artifact the stage reads must be fresh for `cfg` too, else a RahfError names the
+    settings that changed: a stage never runs on top of a stale artifact.
+    """
+    fp, covered, _ = _stage_inputs(cfg, stage, {})
+    return fp, covered
+
+
+def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> tuple[str, dict, dict]:
+    """(fingerprint, covered config, fingerprint of each input) of `stage`."""
+
+    def data() -> str | None:
+        return _path_fp(cfg.data.path or None, memo)
+
+    common = _section(cfg, "seed", "dtype", "trust_remote_code", "data")
     if stage == "sft":
         covered = common | _section(cfg, "sft", "tokenizer") | {"model": cfg.model}
         inputs = {
-            "model": fingerprint_path(cfg.model),
-            "data": fingerprint_path(cfg.sft.path) if cfg.sft.path else data_fp,
+            "model": _path_fp(cfg.model, memo),
+            "tokenizer": _path_fp(cfg.tokenizer, memo),
+            "data": _path_fp(cfg.sft.path, memo) if cfg.sft.path else data(),
         }
     elif stage == "reward":
         from .reward import resolve_backbone
 
-        covered = common | _section(cfg, "reward", "trust_remote_code")
-        inputs = {
-            "backbone": fingerprint_path(resolve_backbone(cfg.reward.model, base_model_path(cfg))),
-            "data": data_fp,
-        }
+        covered = common | _section(cfg, "reward")
+        if cfg.reward.model is None:  # this run's SFT model
+            backbone = _base_fp(cfg, memo)
+        else:
+            backbone = _path_fp(resolve_backbone(cfg.reward.model, base_model_path(cfg)), memo)
+        inputs = {"backbone": backbone, "data": data()}
     elif stage == "instruct":
         covered = common | _section(cfg, "method", "instructions", "instruct") | {"finetune": cfg.finetune}
-        inputs = {"base": fingerprint_path(base_model_path(cfg)), "data": data_fp}
-        if cfg.method in ("dpo", "rlhf-ppo"):
-            covered |= _section(cfg, "dpo" if cfg.method == "dpo" else "ppo")
-        if cfg.method == "rlhf-ppo":
-            inputs["reward"] = fingerprint_path(reward_model_path(cfg, cfg.ppo.reward_model))
+        inputs = {"base": _base_fp(cfg, memo), "data": data()}
+        if cfg.method == "dpo":
+            covered |= _section(cfg, "dpo")
+        if cfg.method == "rlhf-ppo":  # the reward model scores rollouts truncated to reward.max_length
+            covered |= _section(cfg, "ppo") | {"reward": {"max_length": cfg.reward.max_length}}
+            inputs["reward"] = _reward_fp(cfg, cfg.ppo.reward_model, memo)
     elif stage == "collect":
         covered = common | _section(cfg, "method", "instructions", "window", "include_boundary", "collect")
         covered["layers"] = resolved_layers(cfg)
-        inputs = {"instruct": fingerprint_path(step1_path(cfg)), "data": data_fp}
+        inputs = {"instruct": _step1_fp(cfg, memo), "data": data()}
     elif stage == "align":
         covered = common | _section(cfg, "method", "instructions", "window", "include_boundary", "alpha", "align")
         covered["layers"] = resolved_layers(cfg)
-        inputs = {"instruct": fingerprint_path(step1_path(cfg))}
+        inputs = {"instruct": _step1_fp(cfg, memo)}
         if cfg.align.targets == "cache":
-            inputs["collect"] = fingerprint_path(require_artifact(cfg, "collect"))
-        else:
-            inputs["data"] = data_fp
+            inputs["collect"] = _fresh_fp(cfg, "collect", memo)
+        else:  # targets are read during training, as collect would read them
+            covered["collect"] = {"responses": cfg.collect.responses, "difference": cfg.collect.difference}
+            inputs["data"] = data()
     elif stage == "merge":
-        covered, inputs = {}, {"align": fingerprint_path(require_artifact(cfg, "align"))}
+        covered = _section(cfg, "method", "dtype", "trust_remote_code")
+        inputs = {"policy": _step1_fp(cfg, memo), "align": _fresh_fp(cfg, "align", memo)}
     elif stage == "generate":
-        covered = _section(cfg, "generate", "data", "seed", "method", "instructions")
-        model = cfg.generate.model or final_model(cfg)[0]
-        inputs = {"model": fingerprint_path(model), "prompts": fingerprint_path(cfg.generate.prompts)}
+        covered = _section(cfg, "generate", "data", "seed", "method", "instructions", "dtype", "trust_remote_code")
+        model = _path_fp(cfg.generate.model, memo) if cfg.generate.model else _final_fp(cfg, memo)
+        inputs = {"model": model, "prompts": _path_fp(cfg.generate.prompts, memo)}
     elif stage == "evaluate":
-        covered = _section(cfg, "evaluate", "data", "seed", "method", "instructions")
-        inputs = {"model": fingerprint_path(final_model(cfg)[0]), "pairs": fingerprint_path(cfg.evaluate.pairs)}
-        if cfg.evaluate.judge == "reward-model":
-            inputs["judge"] = fingerprint_path(reward_model_path(cfg, cfg.evaluate.judge_model))
+        covered = _section(cfg, "evaluate", "data", "seed", "method", "instructions", "dtype", "trust_remote_code")
+        inputs = {
+            "model": _final_fp(cfg, memo),
+            "reference": _base_fp(cfg, memo) if cfg.method != "sft" else None,  # KL drift is measured from it
+            "pairs": _path_fp(cfg.evaluate.pairs, memo),
+            "neutral_prompts": _path_fp(cfg.evaluate.neutral_prompts, memo),
+            "reward_model": _evaluation_reward_fp(cfg, memo),
+        }
     else:
         raise RahfError(f"unknown stage {stage!r}")
-    return fingerprint({"stage": stage, "config": covered, "inputs": inputs}), covered
+    return fingerprint({"stage": stage, "config": covered, "inputs": inputs}), covered, inputs
 
 
 def load_policy(cfg: RahfConfig):
-    """The model step 3 trains, as a plain model: SCIT the step-1 model, Dual the preferred one, LoRRA the base."""
+    """The model step 3 trains, as one plain model: SCIT the step-1 model, Dual the preferred one, LoRRA the base.
+
+    A Dual LoRA adapter comes merged into its base, so the alignment LoRA sits on a plain model.
+    """
     from .training import load_stage_model
 
     return load_stage_model(step1_path(cfg), cfg, adapter="preferred" if cfg.method == "dual" else None)
 
 
 def target_reader(cfg: RahfConfig, layers: list[int], pad_id: int, policy=None):
-    """A TargetReader over resident models; `policy` (with adapters disabled) serves as the plus model."""
-    from .collect import TargetReader
-    from .training import load_stage_model
+    """A TargetReader over resident models; `policy` (read with its adapter disabled) serves as the plus model.
 
+    SCIT and LoRRA hold one model. Dual without `policy` (collect) holds one base carrying both LoRA
+    adapters, switched per forward. Dual with `policy` (online align: the merged preferred model under
+    the alignment LoRA) or with full fine-tunes holds the dispreferred model as a second full model.
+    """
+    from .collect import AdapterView, TargetReader
+    from .training import has_adapters, load_adapters, load_stage_model
+
+    if cfg.contrast == "prompt":
+        return TargetReader(cfg, layers, pad_id, policy if policy is not None else load_policy(cfg))
+    sides = ("preferred", "dispreferred")
+    if policy is None and has_adapters(step1_path(cfg), sides):
+        shared = load_adapters(step1_path(cfg), cfg, sides)
+        return TargetReader(cfg, layers, pad_id, *(AdapterView(shared, side) for side in sides))
     plus = policy if policy is not None else load_policy(cfg)
-    minus = load_stage_model(step1_path(cfg), cfg, adapter="dispreferred") if cfg.contrast == "models" else None
-    return TargetReader(cfg, layers, pad_id, plus, minus)
+    return TargetReader(cfg, layers, pad_id, plus, load_stage_model(step1_path(cfg), cfg, adapter="dispreferred"))
 
 
 def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
     """Run one stage unless its artifact is fresh (or `force`); returns the artifact folder."""
-    fp, covered = stage_fingerprint(cfg, stage)
+    fp, covered, inputs = _stage_inputs(cfg, stage, {})
     out = stage_dir(cfg, stage)
     if not force and is_fresh(out, fp):
         print(f"[rahf] {stage}: up to date ({out})", flush=True)
@@ -157,7 +279,7 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     extra: dict = {}
-    with atomic_dir(out, stage, fp, covered, extra) as tmp:
+    with atomic_dir(out, stage, fp, covered, extra, inputs, cfg.to_dict()) as tmp:
         extra.update(_STAGES[stage](cfg, tmp) or {})
         extra["seconds"] = round(time.time() - t0, 2)
         shutil.rmtree(tmp / "checkpoints", ignore_errors=True)

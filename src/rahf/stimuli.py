@@ -1,12 +1,12 @@
 """Token sequences for training, collection and inference, built so that they equal what inference sees.
 
-A prompt is rendered with the tokenizer's chat template (or a "Human:/Assistant:" template when it
-has none) and tokenized once; the response is tokenized on its own without special tokens and
-appended, followed by EOS. So no BOS ever sits between prompt and response, and every variant of a
-pair (no instruction, preferred instruction, dispreferred instruction) carries identical response
-token ids. Long prompts lose their oldest turns and then the beginning of the first kept message; the
-instruction and the assistant tag are always kept, and the query is cut by the same amount for every
-variant.
+A prompt is rendered with the tokenizer's chat template (or a "Human:/Assistant:" template, after the
+special tokens the tokenizer puts before a text, when it has none) and tokenized once; the response is
+tokenized on its own without special tokens and appended, followed by EOS. So no BOS or EOS ever sits
+between prompt and response, and every variant of a pair (no instruction, preferred instruction,
+dispreferred instruction) carries identical response token ids. Long prompts lose their oldest turns and
+then the beginning of the first kept message, cut between characters; the instruction and the assistant
+tag are always kept, and the query is cut by the same amount for every variant.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .data import Message
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -49,22 +49,48 @@ def _plain_prompt(messages: Sequence[Message], system: str | None) -> str:
     return "\n\n".join(parts) + "\n\nAssistant:"
 
 
-def render_prompt(tokenizer, messages: Sequence[Message], system: str | None = None) -> list[int]:
-    """Token ids of a prompt exactly as generation receives them (ends with the assistant tag)."""
+def _prepended_ids(tokenizer) -> list[int]:
+    """The special tokens (usually BOS) the tokenizer puts before a text; not those it appends after it."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    start = next((k for k in range(len(full)) if full[k : k + len(bare)] == bare), 0)
+    return full[:start]
+
+
+def _chat_text(tokenizer, messages: Sequence[Message], where: str) -> str:
+    """The chat template's text for `messages` plus the assistant tag; a template that refuses them raises DataError."""
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 (templates raise jinja2's TemplateError or whatever their filters raise)
+        roles = ", ".join(m["role"] for m in messages)
+        raise DataError(
+            f"{where}: the tokenizer's chat template rejects the prompt's roles [{roles}] "
+            f"({type(e).__name__}: {' '.join(str(e).split())})"
+        ) from None
+
+
+def render_prompt(
+    tokenizer, messages: Sequence[Message], system: str | None = None, source: str | None = None
+) -> list[int]:
+    """Token ids of a prompt exactly as generation receives them (ends with the assistant tag).
+
+    `source` names the pair ("file:line") in the error raised when the chat template refuses the messages;
+    without it the error quotes the prompt's beginning.
+    """
     if getattr(tokenizer, "chat_template", None):
         msgs = list(messages)
-        if system:
-            msgs = [{"role": "system", "content": system}] + msgs
-        try:
-            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        except Exception:  # templates without a system role: fold it into the first user turn
-            if not system:
-                raise
-            first = dict(messages[0])
-            first["content"] = f"{system}\n\n{first['content']}"
-            text = tokenizer.apply_chat_template([first, *messages[1:]], tokenize=False, add_generation_prompt=True)
+        where = source or f"the prompt beginning {msgs[0]['content'][:40]!r}"
+        if not system:
+            text = _chat_text(tokenizer, msgs, where)
+        else:
+            try:
+                text = _chat_text(tokenizer, [{"role": "system", "content": system}, *msgs], where)
+            except DataError:  # templates without a system role: fold it into the first user turn
+                first = {**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}
+                text = _chat_text(tokenizer, [first, *msgs[1:]], where)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(_plain_prompt(messages, system), add_special_tokens=True)["input_ids"]
+    text = _plain_prompt(messages, system)
+    return _prepended_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def response_ids(tokenizer, response: str, max_length: int) -> list[int]:
@@ -74,13 +100,32 @@ def response_ids(tokenizer, response: str, max_length: int) -> list[int]:
     return ids[:max_length]
 
 
+def _drop_leading_tokens(tokenizer, text: str, n: int) -> str:
+    """`text` without about its first `n` tokens, cut between characters and always shorter than before.
+
+    The original string is cut, never decoded token ids: a cut inside a multi-byte character would decode
+    to U+FFFD, which can take more tokens than the bytes it replaces.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        cut = offsets[n][0] if n < len(offsets) else len(text)
+    else:  # Python tokenizers give no offsets: count the characters the first n tokens decode to
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut = len(tokenizer.decode(ids[:n], skip_special_tokens=True))
+    return text[max(cut, 1) :].strip()
+
+
 def truncate_prompt(
-    tokenizer, messages: Sequence[Message], systems: Sequence[str | None], max_length: int
+    tokenizer,
+    messages: Sequence[Message],
+    systems: Sequence[str | None],
+    max_length: int,
+    source: str | None = None,
 ) -> list[Message]:
     """Drop the oldest turns, then the start of the first message, until every variant fits `max_length`."""
     msgs = [dict(m) for m in messages]
     while True:
-        longest = max(len(render_prompt(tokenizer, msgs, s)) for s in systems)
+        longest = max(len(render_prompt(tokenizer, msgs, s, source)) for s in systems)
         if longest <= max_length:
             return msgs
         if len(msgs) > 1:
@@ -88,14 +133,12 @@ def truncate_prompt(
             while len(msgs) > 1 and msgs[0]["role"] != "user":
                 msgs = msgs[1:]
             continue
-        ids = tokenizer(msgs[0]["content"], add_special_tokens=False)["input_ids"]
-        keep = ids[longest - max_length :]
-        if not keep:
+        msgs[0]["content"] = _drop_leading_tokens(tokenizer, msgs[0]["content"], longest - max_length)
+        if not msgs[0]["content"]:
             raise ConfigError(
                 f"data.max_prompt_length={max_length} leaves no room for the query after the instruction and "
                 "template; raise it or shorten the instructions"
             )
-        msgs[0]["content"] = tokenizer.decode(keep, skip_special_tokens=True).strip()
 
 
 def build_variants(
@@ -105,17 +148,28 @@ def build_variants(
     systems: dict[str, str | None],
     max_prompt_length: int,
     max_response_length: int,
+    source: str | None = None,
 ) -> dict[str, Stimulus]:
-    """One Stimulus per named system instruction (None = no instruction), sharing query and response tokens."""
-    msgs = truncate_prompt(tokenizer, prompt, list(systems.values()), max_prompt_length)
+    """One Stimulus per named system instruction (None = no instruction), sharing query and response tokens.
+
+    `source` names the pair ("file:line") in errors about its prompt.
+    """
+    msgs = truncate_prompt(tokenizer, prompt, list(systems.values()), max_prompt_length, source)
     resp = response_ids(tokenizer, response, max_response_length)
     out = {}
     for name, system in systems.items():
-        p = render_prompt(tokenizer, msgs, system)
+        p = render_prompt(tokenizer, msgs, system, source)
         out[name] = Stimulus(tuple(p + resp), len(p))
     return out
 
 
-def prompt_ids(tokenizer, prompt: Sequence[Message], max_prompt_length: int, system: str | None = None) -> list[int]:
+def prompt_ids(
+    tokenizer,
+    prompt: Sequence[Message],
+    max_prompt_length: int,
+    system: str | None = None,
+    source: str | None = None,
+) -> list[int]:
     """Inference-time prompt ids, truncated like training prompts."""
-    return render_prompt(tokenizer, truncate_prompt(tokenizer, prompt, [system], max_prompt_length), system)
+    msgs = truncate_prompt(tokenizer, prompt, [system], max_prompt_length, source)
+    return render_prompt(tokenizer, msgs, system, source)

@@ -33,6 +33,14 @@ def training_args(cls, cfg: RahfConfig, out: Path, overrides: dict[str, Any], **
     return cls(**values)
 
 
+def step1_learning_rate(finetune: str) -> float:
+    """Step 1's default learning rate: the authors' 2e-5 for a full fine-tune, 2e-4 for LoRA adapters.
+
+    LoRA trains few, freshly initialised weights and needs the larger step; SCIT and Dual share these.
+    """
+    return 2e-5 if finetune == "full" else 2e-4
+
+
 class ListDataset(torch.utils.data.Dataset):
     """A list as a map-style dataset (examples that are not tensors, batched by our own collators)."""
 
@@ -114,3 +122,23 @@ def load_stage_model(path: str | Path, cfg: RahfConfig, adapter: str | None = No
         base = load_model(base_path, cfg.dtype, cfg.trust_remote_code, device)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
     return load_model(str(path), cfg.dtype, cfg.trust_remote_code, device or default_device())
+
+
+def has_adapters(path: str | Path, names: tuple[str, ...]) -> bool:
+    """Whether every sub-folder `names` of `path` is a PEFT adapter (LoRA Dual), not a full model."""
+    return all((Path(path) / name / "adapter_config.json").is_file() for name in names)
+
+
+def load_adapters(path: str | Path, cfg: RahfConfig, names: tuple[str, ...]):
+    """One base model carrying the PEFT adapters of sub-folders `names` of `path`, unmerged, in eval mode.
+
+    The base weights are held once; `set_adapter(name)` picks the adapter the next forward uses.
+    """
+    from peft import PeftConfig, PeftModel
+
+    first = str(Path(path) / names[0])
+    base = load_model(PeftConfig.from_pretrained(first).base_model_name_or_path, cfg.dtype, cfg.trust_remote_code)
+    model = PeftModel.from_pretrained(base, first, adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(Path(path) / name), adapter_name=name)
+    return model.eval()

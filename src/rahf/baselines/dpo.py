@@ -37,9 +37,15 @@ def dpo_dataset(
     for pair in pairs:
         # The prompt is truncated and rendered from the messages alone, so both responses share the same prompt ids.
         chosen, rejected = (
-            build_variants(tokenizer, pair.prompt, response, {"plain": None}, max_prompt_length, max_response_length)[
-                "plain"
-            ]
+            build_variants(
+                tokenizer,
+                pair.prompt,
+                response,
+                {"plain": None},
+                max_prompt_length,
+                max_response_length,
+                source=pair.source,
+            )["plain"]
             for response in (pair.chosen, pair.rejected)
         )
         rows["prompt_ids"].append(list(chosen.input_ids[: chosen.response_start]))

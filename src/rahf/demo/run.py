@@ -57,7 +57,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def demo_config(out: Path, data_dir: Path, scale: Scale, seed: int, label_noise: float) -> dict:
     """The demo as a `rahf compare` config mapping (all eight methods, gold judge)."""
-    quiet = {"disable_tqdm": True, "logging_steps": 25}
+    # TRL's trainers turn gradient checkpointing on by default; on a 4-block model it only recomputes
+    quiet = {"disable_tqdm": True, "logging_steps": 25, "gradient_checkpointing": False}
     all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     layers = sorted({layer for s in scale.layer_sets for layer in s})
     return {
@@ -96,8 +97,7 @@ def demo_config(out: Path, data_dir: Path, scale: Scale, seed: int, label_noise:
         },
         "reward": {
             "max_length": 80,
-            "train": {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 32}
-            | {"disable_tqdm": True, "logging_steps": 25},
+            "train": quiet | {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 32},
         },
         # DPO and PPO settings were picked on the validation prompts (BENCHMARKS.md): stronger ones collapse
         "dpo": {

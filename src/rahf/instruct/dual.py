@@ -1,7 +1,9 @@
 """Dual: a preferred model (SFT on chosen replies) and a dispreferred one (SFT on rejected replies).
 
 By default both are LoRA adapters on one shared base (sub-folders `preferred/` and `dispreferred/` of
-the artifact), so later stages hold a single base model; `instruct.finetune: full` trains two copies.
+the artifact), so collect holds a single base model carrying both; `instruct.finetune: full` trains two
+copies. Align trains on the preferred adapter merged into its base (with `align.targets: online` the
+dispreferred model is held beside it).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from ..config import RahfConfig
 from ..data import PreferencePair
 from ..models import load_model, load_tokenizer
 from ..sft import tokenized_sft_dataset, train_sft_model
-from ..training import lora_config, training_args
+from ..training import lora_config, step1_learning_rate, training_args
 
 SIDES = ("preferred", "dispreferred")
 
@@ -35,7 +37,7 @@ def train_dual(
         if cfg.finetune == "lora":
             model = get_peft_model(model, lora_config(model, cfg.instruct.lora))
         defaults = {
-            "learning_rate": 2e-5 if cfg.finetune == "full" else 2e-4,
+            "learning_rate": step1_learning_rate(cfg.finetune),
             "num_train_epochs": 3,
             "max_length": None,
         }

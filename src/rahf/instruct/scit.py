@@ -18,7 +18,7 @@ from ..config import RahfConfig
 from ..data import PreferencePair
 from ..models import load_model, load_tokenizer
 from ..stimuli import build_variants
-from ..training import ListDataset, lora_config, training_args
+from ..training import ListDataset, lora_config, step1_learning_rate, training_args
 
 
 def scit_loss(match_lp: torch.Tensor, other_lp: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,7 +47,13 @@ def scit_examples(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> li
     for p in pairs:
         for response, match, other in ((p.chosen, "pos", "neg"), (p.rejected, "neg", "pos")):
             v = build_variants(
-                tokenizer, p.prompt, response, systems, cfg.data.max_prompt_length, cfg.data.max_response_length
+                tokenizer,
+                p.prompt,
+                response,
+                systems,
+                cfg.data.max_prompt_length,
+                cfg.data.max_response_length,
+                source=p.source,
             )
             out.append({"match": v[match], "other": v[other]})
     return out
@@ -102,7 +108,8 @@ def train_scit(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Pat
     model = load_model(base, cfg.dtype, cfg.trust_remote_code)
     if cfg.finetune == "lora":
         model = get_peft_model(model, lora_config(model, cfg.instruct.lora))
-    args = training_args(TrainingArguments, cfg, out, cfg.instruct.train, learning_rate=2e-5, num_train_epochs=2)
+    lr = step1_learning_rate(cfg.finetune)
+    args = training_args(TrainingArguments, cfg, out, cfg.instruct.train, learning_rate=lr, num_train_epochs=2)
     trainer = _trainer_class()(
         model=model,
         args=args,

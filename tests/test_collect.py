@@ -1,0 +1,91 @@
+"""Collect on a tiny model: Dual's two LoRA adapters read from one base, and targets the cache dtype cannot hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import LAYERS, run_settings, standard_records
+
+from rahf import pipeline
+from rahf.collect import AdapterView, TargetReader, examples_for, write_cache
+from rahf.config import load_config
+from rahf.data import PreferencePair
+from rahf.errors import RahfError
+from rahf.models import load_model, load_tokenizer
+from rahf.training import load_stage_model, lora_config
+
+
+def pairs(n: int) -> list[PreferencePair]:
+    return [
+        PreferencePair(({"role": "user", "content": r["prompt"]},), r["chosen"], r["rejected"], "test")
+        for r in standard_records(n, seed=0)
+    ]
+
+
+@pytest.fixture(scope="module")
+def dual_adapters(tmp_path_factory, tiny_model_dir, pairs_file):
+    """A Dual config whose instruct artifact holds two LoRA adapters with random, clearly non-zero weights."""
+    from peft import get_peft_model
+
+    def random_adapters(cfg, out):
+        for seed, side in enumerate(("preferred", "dispreferred")):
+            base = load_model(str(tiny_model_dir), device="cpu")
+            model = get_peft_model(base, lora_config(base, cfg.instruct.lora))
+            torch.manual_seed(seed)
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.5)
+            model.save_pretrained(out / side)
+        load_tokenizer(str(tiny_model_dir)).save_pretrained(out)
+
+    out = tmp_path_factory.mktemp("dual-adapters") / "out"
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "dual"))
+    with pytest.MonkeyPatch.context() as mp:  # the instruct stage, its training replaced by random adapters
+        mp.setitem(pipeline._STAGES, "instruct", random_adapters)
+        pipeline.run_stage(cfg, "instruct")
+    return cfg
+
+
+def test_dual_lora_reader_shares_one_base_and_equals_two_merged_models(dual_adapters):
+    cfg = dual_adapters
+    tok = load_tokenizer(str(pipeline.stage_dir(cfg, "instruct")))
+    examples = examples_for(tok, pairs(4), cfg)
+    shared = pipeline.target_reader(cfg, LAYERS, tok.pad_token_id)
+    assert isinstance(shared.plus, AdapterView) and isinstance(shared.minus, AdapterView)
+    assert shared.plus.model is shared.minus.model  # one set of base weights for both adapters
+    assert shared.plus.config.hidden_size == 32
+    instruct = pipeline.stage_dir(cfg, "instruct")
+    merged = [load_stage_model(instruct, cfg, adapter=side) for side in ("preferred", "dispreferred")]
+    separate = TargetReader(cfg, LAYERS, tok.pad_token_id, *merged)
+    for batch in (examples[:3], examples[3:]):  # a second call: the switch back to `preferred` holds
+        o, v = shared(batch)
+        o_want, v_want = separate(batch)
+        for layer in LAYERS:
+            for got, want in zip(o[layer] + v[layer], o_want[layer] + v_want[layer]):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert all(t.abs().max() > 1e-2 for t in v[LAYERS[0]])  # the adapters really differ
+
+
+class ConstantReader:
+    """Stands in for a TargetReader: every window row holds `value`."""
+
+    def __init__(self, cfg, value: float):
+        self.cfg, self.layers, self.value = cfg, LAYERS, value
+
+    def __call__(self, batch):
+        rows = [
+            torch.full((e.plain.window(self.cfg.window, self.cfg.include_boundary)[1], 32), self.value) for e in batch
+        ]
+        return {layer: rows for layer in self.layers}, {layer: rows for layer in self.layers}
+
+
+def test_targets_beyond_float16_range_stop_collect(tmp_path, tiny_model_dir, pairs_file, tokenizer):
+    def cfg_with(dtype: str):
+        return load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path, "scit", collect__dtype=dtype))
+
+    examples = examples_for(tokenizer, pairs(2), cfg_with("float16"))
+    with pytest.raises(RahfError, match=r"o at layer 1 is not finite in float16.*collect\.dtype: bfloat16 or float32"):
+        write_cache(ConstantReader(cfg_with("float16"), 1e5), examples, tmp_path, hidden=32)
+    assert not list(tmp_path.glob("shard-*"))
+    stats = write_cache(ConstantReader(cfg_with("bfloat16"), 1e5), examples, tmp_path, hidden=32)
+    assert stats["shards"] == ["shard-00000.safetensors"]
