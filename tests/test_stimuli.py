@@ -81,15 +81,18 @@ def test_long_prompt_loses_its_beginning_and_keeps_instruction_and_assistant_tag
     query = " ".join(NAMES[:20])  # 20 tokens
     max_len = 20
     v = build_variants(tokenizer, [user(query)], RESPONSE, SYSTEMS, max_prompt_length=max_len, max_response_length=64)
-    # Overheads: plain 3 (<s> Human: Assistant:), pos 11, neg 7. The longest variant (pos) must fit in 20,
-    # so at most 9 query tokens remain, and the same query tokens in every variant.
+    # Overheads: plain 3 (<s> Human: Assistant:), pos 11, neg 7. The longest instructed variant (pos) must
+    # fit in 20, so at most 9 query tokens remain, the same in both instructed variants; the plain variant
+    # is truncated on its own, as at inference, and keeps 17.
     kept = {k: query_part(tokenizer, s) for k, s in v.items()}
-    assert kept["plain"] == kept["pos"] == kept["neg"]
-    n = len(kept["plain"])
+    assert kept["pos"] == kept["neg"]
+    n = len(kept["pos"])
     assert 1 <= n <= 9
-    assert kept["plain"] == ids_of(tokenizer, " ".join(NAMES[20 - n : 20]))  # the END of the query survives
+    assert len(kept["plain"]) == 17
+    for part in kept.values():  # the END of the query survives
+        assert part == ids_of(tokenizer, " ".join(NAMES[20 - len(part) : 20]))
     assert max(s.response_start for s in v.values()) <= max_len
-    assert {k: s.response_start - n for k, s in v.items()} == {"plain": 3, "pos": 11, "neg": 7}
+    assert {k: s.response_start - len(kept[k]) for k, s in v.items()} == {"plain": 3, "pos": 11, "neg": 7}
     assert tokenizer.convert_ids_to_tokens(list(v["pos"].input_ids[1:9])) == POS.split()
     assert tokenizer.convert_ids_to_tokens(list(v["neg"].input_ids[1:5])) == NEG.split()
     for s in v.values():
@@ -159,6 +162,15 @@ def test_window_with_boundary_starts_at_the_assistant_tag(tokenizer):
 def test_inference_prompt_equals_training_prompt(tokenizer, query, system):
     s = build_variants(tokenizer, [user(query)], RESPONSE, {"x": system}, 20, 64)["x"]
     assert prompt_ids(tokenizer, [user(query)], 20, system) == list(s.input_ids[: s.response_start])
+
+
+def test_plain_variant_keeps_the_query_inference_sees_beside_instructed_variants(tokenizer):
+    query = " ".join(NAMES[:30])  # too long for 20 tokens: each variant must lose part of it
+    v = build_variants(tokenizer, [user(query)], RESPONSE, {"plain": None, "pos": POS, "neg": NEG}, 20, 64)
+    plain = list(v["plain"].input_ids[: v["plain"].response_start])
+    assert plain == prompt_ids(tokenizer, [user(query)], 20)
+    assert query_part(tokenizer, v["pos"]) == query_part(tokenizer, v["neg"])
+    assert len(query_part(tokenizer, v["pos"])) < len(query_part(tokenizer, v["plain"]))  # instructions take room
 
 
 def test_render_prompt_uses_the_human_assistant_template_without_chat_template(tokenizer):

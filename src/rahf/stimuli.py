@@ -150,15 +150,19 @@ def build_variants(
     max_response_length: int,
     source: str | None = None,
 ) -> dict[str, Stimulus]:
-    """One Stimulus per named system instruction (None = no instruction), sharing query and response tokens.
+    """One Stimulus per named system instruction (None = no instruction), all with the same response tokens.
 
-    `source` names the pair ("file:line") in errors about its prompt.
+    The instruction variants share one query, truncated to fit the longest of them, so their contrast is
+    about the instruction alone; the variant without instruction is truncated on its own, exactly as
+    `prompt_ids` truncates at inference. `source` names the pair ("file:line") in errors about its prompt.
     """
-    msgs = truncate_prompt(tokenizer, prompt, list(systems.values()), max_prompt_length, source)
+    instructed = [s for s in systems.values() if s is not None]
+    shared = truncate_prompt(tokenizer, prompt, instructed, max_prompt_length, source) if instructed else None
+    plain = truncate_prompt(tokenizer, prompt, [None], max_prompt_length, source) if None in systems.values() else None
     resp = response_ids(tokenizer, response, max_response_length)
     out = {}
     for name, system in systems.items():
-        p = render_prompt(tokenizer, msgs, system, source)
+        p = render_prompt(tokenizer, plain if system is None else shared, system, source)
         out[name] = Stimulus(tuple(p + resp), len(p))
     return out
 
