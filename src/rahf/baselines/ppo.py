@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import RahfConfig
 from ..data import Message
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..judges import RewardModelJudge
 from ..models import load_model, load_tokenizer
 from ..stimuli import prompt_ids
@@ -256,8 +256,6 @@ def train_ppo(cfg: RahfConfig, base: str, reward_model: str, prompts: list[list[
     """
     if not prompts:
         raise DataError("rlhf-ppo: no prompts to train on")
-    if cfg.ppo.missing_eos_penalty is not None and cfg.ppo.missing_eos_penalty < 0:
-        raise ConfigError("ppo.missing_eos_penalty: it is subtracted from the score; give a value >= 0")
     out = Path(out)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     policy = policy_model(cfg, base)
