@@ -98,7 +98,8 @@ def _select(
     out = Path(mcfg.output_dir) / "merged"
     val_fp = fingerprint_path(mcfg.compare.validation) if mcfg.compare.validation else None
     covered = {"grid": grid, "align": mcfg.to_dict()["align"], "evaluate": mcfg.to_dict()["evaluate"]}
-    fp = fingerprint({"collect": fingerprint_path(require_artifact(mcfg, "collect")), "validation": val_fp} | covered)
+    inputs = {"collect": fingerprint_path(require_artifact(mcfg, "collect")), "validation": val_fp}
+    fp = fingerprint(inputs | covered)
     if is_fresh(out, fp):
         return Deployed(str(out)), read_manifest(out)["selection"]
     tokenizer = None
@@ -124,7 +125,7 @@ def _select(
             best = (row, model, logs)
     row, model, logs = best
     selection = {"layers": row["layers"], "alpha": row["alpha"], "sweep": sweep}
-    with atomic_dir(out, "merge", fp, covered, {"selection": selection}) as tmp:
+    with atomic_dir(out, "merge", fp, covered, {"selection": selection}, inputs, mcfg.to_dict()) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "log_history.json").write_text(json.dumps(logs, indent=1))
