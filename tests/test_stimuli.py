@@ -164,6 +164,15 @@ def test_inference_prompt_equals_training_prompt(tokenizer, query, system):
     assert prompt_ids(tokenizer, [user(query)], 20, system) == list(s.input_ids[: s.response_start])
 
 
+def test_truncation_keeps_a_leading_system_message_and_drops_the_oldest_turns(tokenizer):
+    framing = {"role": "system", "content": "you are rude ."}
+    old = [user(" ".join(NAMES[:10])), {"role": "assistant", "content": "of course !"}]
+    msgs = truncate_prompt(tokenizer, [framing, *old, user(QUERY)], [None], 16)
+    assert msgs == [framing, user(QUERY)]
+    tokens = tokenizer.convert_ids_to_tokens(render_prompt(tokenizer, msgs))
+    assert tokens[:5] == ["<s>", "you", "are", "rude", "."] and tokens[-1] == "Assistant:"
+
+
 def test_plain_variant_keeps_the_query_inference_sees_beside_instructed_variants(tokenizer):
     query = " ".join(NAMES[:30])  # too long for 20 tokens: each variant must lose part of it
     v = build_variants(tokenizer, [user(query)], RESPONSE, {"plain": None, "pos": POS, "neg": NEG}, 20, 64)

@@ -122,19 +122,26 @@ def truncate_prompt(
     max_length: int,
     source: str | None = None,
 ) -> list[Message]:
-    """Drop the oldest turns, then the start of the first message, until every variant fits `max_length`."""
+    """Drop the oldest turns, then the start of the first one, until every variant fits `max_length`.
+
+    A system message leading the prompt is kept: it frames every turn after it.
+    """
     msgs = [dict(m) for m in messages]
+    lead = 0
+    while lead < len(msgs) - 1 and msgs[lead]["role"] == "system":
+        lead += 1
+    head, turns = msgs[:lead], msgs[lead:]
     while True:
-        longest = max(len(render_prompt(tokenizer, msgs, s, source)) for s in systems)
+        longest = max(len(render_prompt(tokenizer, head + turns, s, source)) for s in systems)
         if longest <= max_length:
-            return msgs
-        if len(msgs) > 1:
-            msgs = msgs[1:]
-            while len(msgs) > 1 and msgs[0]["role"] != "user":
-                msgs = msgs[1:]
+            return head + turns
+        if len(turns) > 1:
+            turns = turns[1:]
+            while len(turns) > 1 and turns[0]["role"] != "user":
+                turns = turns[1:]
             continue
-        msgs[0]["content"] = _drop_leading_tokens(tokenizer, msgs[0]["content"], longest - max_length)
-        if not msgs[0]["content"]:
+        turns[0]["content"] = _drop_leading_tokens(tokenizer, turns[0]["content"], longest - max_length)
+        if not turns[0]["content"]:
             raise ConfigError(
                 f"data.max_prompt_length={max_length} leaves no room for the query after the instruction and "
                 "template; raise it or shorten the instructions"
