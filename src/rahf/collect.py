@@ -41,19 +41,12 @@ def examples_for(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> lis
     systems: dict[str, str | None] = {"plain": None}
     if cfg.contrast == "prompt":
         systems |= {"pos": cfg.instructions.preferred, "neg": cfg.instructions.dispreferred}
+    lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
     out = []
     for p in pairs:
         picked = {"both": (p.chosen, p.rejected), "chosen": (p.chosen,), "rejected": (p.rejected,)}
         for response in picked[cfg.collect.responses]:
-            v = build_variants(
-                tokenizer,
-                p.prompt,
-                response,
-                systems,
-                cfg.data.max_prompt_length,
-                cfg.data.max_response_length,
-                source=p.source,
-            )
+            v = build_variants(tokenizer, p.prompt, response, systems, *lengths, source=p.source)
             out.append(Example(v))
     return out
 

@@ -43,18 +43,11 @@ def mean_response_logprob(logits: torch.Tensor, input_ids: torch.Tensor, respons
 def scit_examples(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> list[dict]:
     """For each pair, (y+ under p+ vs p-) and (y- under p- vs p+): matching sequence first, opposite second."""
     systems = {"pos": cfg.instructions.preferred, "neg": cfg.instructions.dispreferred}
+    lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
     out = []
     for p in pairs:
         for response, match, other in ((p.chosen, "pos", "neg"), (p.rejected, "neg", "pos")):
-            v = build_variants(
-                tokenizer,
-                p.prompt,
-                response,
-                systems,
-                cfg.data.max_prompt_length,
-                cfg.data.max_response_length,
-                source=p.source,
-            )
+            v = build_variants(tokenizer, p.prompt, response, systems, *lengths, source=p.source)
             out.append({"match": v[match], "other": v[other]})
     return out
 
