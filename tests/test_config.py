@@ -285,11 +285,14 @@ def test_hub_ids_are_accepted_without_network(base, key):
         assert node == hub_id
 
 
-def test_model_path_whose_first_folder_exists(base, tmp_path):
-    (tmp_path / "models").mkdir()
+def test_org_name_beside_a_folder_of_that_org_stays_a_hub_id(base, tmp_path):
+    """As in transformers: `Qwen/x` is a local folder only where that exact folder exists."""
+    (tmp_path / "Qwen").mkdir()
     path = tmp_path / "c.yaml"
-    path.write_text(f"model: models/typo\ndata:\n  path: {base['data']['path']}\n")
-    assert error_of(path).startswith(f"model: {tmp_path.resolve() / 'models' / 'typo'} does not exist")
+    path.write_text(f"model: Qwen/not-downloaded\ndata:\n  path: {base['data']['path']}\n")
+    assert load_config(path).model == "Qwen/not-downloaded"
+    (tmp_path / "Qwen" / "not-downloaded").mkdir()
+    assert load_config(path).model == str(tmp_path.resolve() / "Qwen" / "not-downloaded")
 
 
 def test_home_folder_paths_expand(base, tiny_model_dir, tmp_path, monkeypatch):

@@ -404,31 +404,33 @@ def load_config(
 
 
 def _resolve_paths(cfg: RahfConfig, base: Path) -> None:
-    def local(value: str | None) -> str | None:
-        """A path next to the config (it or its first folder exists there, or it starts with "."), else as given."""
+    def local(value: str | None, model: bool = False) -> str | None:
+        """A path next to the config (it exists there or starts with "."; for a file, its first folder exists
+        there), else as given: a model name that is not there stays a Hub id even beside a folder of its org."""
         if not value:
             return value
         value = os.path.expanduser(value)
         if Path(value).is_absolute():
             return value
         candidate = base / value
-        if candidate.exists() or value.startswith(".") or (base / Path(value).parts[0]).is_dir():
+        near = not model and (base / Path(value).parts[0]).is_dir()
+        if candidate.exists() or value.startswith(".") or near:
             return str(candidate)
         return value
 
-    cfg.model = local(cfg.model) or ""
-    cfg.tokenizer = local(cfg.tokenizer)
+    cfg.model = local(cfg.model, model=True) or ""
+    cfg.tokenizer = local(cfg.tokenizer, model=True)
     cfg.data.path = local(cfg.data.path) or ""
     cfg.sft.path = local(cfg.sft.path)
     cfg.generate.prompts = local(cfg.generate.prompts)
-    cfg.generate.model = local(cfg.generate.model)
+    cfg.generate.model = local(cfg.generate.model, model=True)
     cfg.evaluate.pairs = local(cfg.evaluate.pairs)
-    cfg.evaluate.judge_model = local(cfg.evaluate.judge_model)
-    cfg.ppo.reward_model = local(cfg.ppo.reward_model)
+    cfg.evaluate.judge_model = local(cfg.evaluate.judge_model, model=True)
+    cfg.ppo.reward_model = local(cfg.ppo.reward_model, model=True)
     cfg.evaluate.neutral_prompts = local(cfg.evaluate.neutral_prompts)
     cfg.compare.validation = local(cfg.compare.validation)
     if cfg.reward.model != "minilm":
-        cfg.reward.model = local(cfg.reward.model)
+        cfg.reward.model = local(cfg.reward.model, model=True)
     if not Path(cfg.output_dir).is_absolute():
         cfg.output_dir = str(base / cfg.output_dir)
 
