@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .data import Message, PreferencePair
-from .generate import generate
+from .generate import decoding, generate
 from .judges import Judge, compare_all
 from .metrics import (
     classification_metrics,
@@ -255,12 +255,9 @@ def _sample_ids(
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
             max_new_tokens=max_new_tokens,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
             pad_token_id=pad,
             eos_token_id=eos,
+            **decoding(1.0),
         )
         for r, i in enumerate(idx):
             tokens = gen[r, width:].tolist()

@@ -13,6 +13,22 @@ from .data import Message
 from .errors import DataError
 from .stimuli import prompt_ids
 
+# Logits processors a checkpoint's generation_config would add (Qwen2.5-Instruct ships repetition_penalty 1.05,
+# top_k 20), and transformers' own top_k=50 default: all off, so a reply comes from the model's own distribution.
+_NO_PROCESSORS = {
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
+    "min_new_tokens": None, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None, "num_beams": 1,
+}  # fmt: skip
+_NO_TRUNCATION = {"top_k": 0, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+
+
+def decoding(temperature: float, top_p: float = 1.0) -> dict:
+    """`model.generate` arguments: greedy at temperature 0, else sampling at `temperature` cut by `top_p` alone."""
+    if temperature == 0:
+        return {"do_sample": False, **_NO_PROCESSORS}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, **_NO_PROCESSORS, **_NO_TRUNCATION}
+
 
 @torch.no_grad()
 def generate(
@@ -43,16 +59,13 @@ def generate(
         for r, i in enumerate(idx):
             ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             attn[r, width - len(encoded[i]) :] = 1
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-        )
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            **sampling,
+            **decoding(temperature, top_p),
         )
         for r, i in enumerate(idx):
             out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip()

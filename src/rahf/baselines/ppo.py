@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..config import RahfConfig
 from ..data import Message
 from ..errors import DataError
+from ..generate import decoding
 from ..judges import RewardModelJudge
 from ..models import load_model, load_tokenizer
 from ..stimuli import prompt_ids
@@ -146,12 +147,9 @@ def _rollout(
             input_ids=ids[b : b + s.minibatch_size],
             attention_mask=attn[b : b + s.minibatch_size],
             max_new_tokens=s.max_new_tokens,
-            do_sample=True,
-            temperature=s.temperature,
-            top_k=0,
-            top_p=1.0,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            **decoding(s.temperature),
         )[:, start:]
         chunks.append(nn.functional.pad(gen, (0, s.max_new_tokens - gen.shape[1]), value=tokenizer.pad_token_id))
     responses = torch.cat(chunks)

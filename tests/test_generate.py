@@ -1,0 +1,36 @@
+"""Generation draws from the model's own distribution: no checkpoint or library sampling defaults leak in."""
+
+from __future__ import annotations
+
+import pytest
+
+from rahf.generate import generate
+from rahf.models import load_model
+
+PROMPT = [{"role": "user", "content": "mia asks : what color is a banana ?"}]
+
+
+@pytest.fixture()
+def model(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+def test_a_checkpoints_generation_settings_change_nothing(model, tiny_model_dir, tokenizer):
+    greedy = generate(model, tokenizer, [PROMPT], max_new_tokens=8, temperature=0.0, progress=False)
+    sampled = generate(model, tokenizer, [PROMPT] * 16, max_new_tokens=8, temperature=1.0, seed=0, progress=False)
+    assert len(set(sampled)) > 1
+    shipped = load_model(str(tiny_model_dir), device="cpu")
+    shipped.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, top_k=1, min_new_tokens=8)
+    assert generate(shipped, tokenizer, [PROMPT], max_new_tokens=8, temperature=0.0, progress=False) == greedy
+    # with top_k=1 leaking in, every sample would be the greedy reply
+    assert generate(shipped, tokenizer, [PROMPT] * 16, max_new_tokens=8, temperature=1.0, progress=False) == sampled
+
+
+def test_sampling_reaches_beyond_the_fifty_likeliest_tokens(model, tokenizer):
+    """transformers fills an unset top_k with 50; at a very high temperature the first token is nearly
+    uniform over the whole vocabulary, so 600 draws show far more than 50 distinct tokens."""
+    assert len(tokenizer) > 100
+    replies = generate(
+        model, tokenizer, [PROMPT] * 600, max_new_tokens=1, temperature=1000.0, batch_size=600, progress=False
+    )
+    assert len(set(replies)) > 60
