@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import run_settings, standard_records, write_jsonl
@@ -143,6 +144,20 @@ def test_compare_shares_step1_models_and_chooses_on_validation(compared):
         assert {r["alpha"] for r in sel["sweep"]} == alphas and len(sel["sweep"]) == 2 * len(alphas)
     kl = first["sft"]["kl_per_token"]
     assert kl == pytest.approx(0.0, abs=1e-6)  # the SFT model against itself
+
+
+def test_noisy_labels_train_ppos_reward_model_but_not_the_judges(compared):
+    cfg, results = compared
+    noisy = next(r for r in results["runs"] if r["noise"] == 0.5)
+    run_dir = Path(cfg.output_dir) / "noise-0.5" / "seed-0"
+    label_noise = {
+        name: json.loads((run_dir / name / "rahf_manifest.json").read_text())["config"]["data"]["label_noise"]
+        for name in ("reward", "judge/reward")
+    }
+    assert label_noise == {"reward": 0.5, "judge/reward": 0.0}
+    assert noisy["reward_model"]["path"] == str(run_dir / "judge" / "reward")
+    clean = results["runs"][0]
+    assert clean["reward_model"]["path"] == str(Path(cfg.output_dir) / "noise-0" / "seed-0" / "reward")
 
 
 def _yaml(path, mapping) -> str:

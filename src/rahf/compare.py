@@ -84,9 +84,16 @@ def _load(cfg: RahfConfig, d: Deployed):
 
 
 def _select(
-    mcfg: RahfConfig, grid: list[tuple[list[int], float]], validation: list[PreferencePair] | None, judge
+    mcfg: RahfConfig,
+    grid: list[tuple[list[int], float]],
+    validation: list[PreferencePair] | None,
+    judge,
+    judge_fp: str,
 ) -> tuple[Deployed, dict]:
-    """Align for each (layers, alpha), keep the best on validation pairs, save it merged as `<run>/merged`."""
+    """Align for each (layers, alpha), keep the best on validation pairs, save it merged as `<run>/merged`.
+
+    `judge_fp` identifies the judge (a reward model's fingerprint), so a new judge makes a new choice.
+    """
     from peft import PeftModel
 
     from .align import train_align
@@ -98,7 +105,7 @@ def _select(
     out = Path(mcfg.output_dir) / "merged"
     val_fp = fingerprint_path(mcfg.compare.validation) if mcfg.compare.validation else None
     covered = {"grid": grid, "align": mcfg.to_dict()["align"], "evaluate": mcfg.to_dict()["evaluate"]}
-    inputs = {"collect": fingerprint_path(require_artifact(mcfg, "collect")), "validation": val_fp}
+    inputs = {"collect": fingerprint_path(require_artifact(mcfg, "collect")), "validation": val_fp, "judge": judge_fp}
     fp = fingerprint(inputs | covered)
     if is_fresh(out, fp):
         return Deployed(str(out)), read_manifest(out)["selection"]
@@ -157,20 +164,29 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
     timings["sft"] = round(time.time() - t, 1)
 
     e = cfg.evaluate
-    reward_path = None
-    needs_reward = "rlhf-ppo" in methods and not cfg.ppo.reward_model
-    needs_reward |= not e.judge_model and (e.judge == "reward-model" or bool(e.temperatures))
-    if needs_reward:
-        t = time.time()
-        rcfg = variant(base, method="sft", model=sft_path, output_dir=str(run_dir), stages=["reward"])
-        reward_path = str(pipeline.run_stage(rcfg, "reward"))
+    t = time.time()
+
+    def reward_model(noisy: RahfConfig, where: Path) -> str:
+        rcfg = variant(noisy, method="sft", model=sft_path, output_dir=str(where), stages=["reward"])
+        return str(pipeline.run_stage(rcfg, "reward"))
+
+    # PPO learns from a reward model of the (noisy) labels, as it would in practice; the evaluation's reward
+    # model learns from the labels as given, so that noise degrades the methods and not their judge.
+    reward_path = reward_model(base, run_dir) if "rlhf-ppo" in methods and not cfg.ppo.reward_model else None
+    rm_path = e.judge_model
+    if not rm_path and (e.judge == "reward-model" or e.temperatures):
+        clean = variant(base, data__label_noise=0.0)
+        rm_path = (
+            reward_path if noise == 0 and reward_path else reward_model(clean, run_dir / "judge" if noise else run_dir)
+        )
+    if reward_path or (rm_path and rm_path != e.judge_model):
         timings["reward"] = round(time.time() - t, 1)
     from .evaluate import neutral_prompts, run_judge
     from .judges import RewardModelJudge
 
-    rm_path = e.judge_model or reward_path
     reward_judge = RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code) if rm_path else None
     judge = run_judge(cfg, reward_judge)
+    judge_fp = fingerprint_path(rm_path) if e.judge == "reward-model" else f"{e.judge}:{e.judge_model}"
 
     overrides = {ALIASES.get(m, m): o for m, o in cfg.compare.overrides.items()}
 
@@ -207,7 +223,7 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
             layers = sorted({layer for ls, _ in grid for layer in ls})
             mcfg = method_cfg(method, ["collect"] if method == "lorra" else ["instruct", "collect"], layers=layers)
             pipeline.run(mcfg)
-            deployed[method], selection = _select(mcfg, grid, validation, judge)
+            deployed[method], selection = _select(mcfg, grid, validation, judge, judge_fp)
             collect = read_manifest(pipeline.stage_dir(mcfg, "collect"))
             extras[method] = {"selection": selection, "per_layer": collect.get("per_layer", {})}
         if method != "sft":  # trained once above, shared by all methods
