@@ -178,3 +178,20 @@ def test_export_command_writes_files_and_prints_the_lm_eval_call(generations_fil
     assert main(["export", str(generations_file), "--format", "alpaca-eval"]) == 2
     assert "--out: required" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--format", "lm-eval"]) == 2
+
+
+def test_export_command_multiturn_question_ids_and_missing_folder(tmp_path, capsys):
+    from rahf.cli import main
+
+    gens = tmp_path / "gen.jsonl"
+    gens.write_text(json.dumps(MULTITURN) + "\n")
+    out = tmp_path / "model_outputs.json"
+    assert main(["export", str(gens), "--format", "alpaca-eval", "--out", str(out)]) == 2
+    assert "--allow-multiturn" in capsys.readouterr().err
+    assert main(["export", str(gens), "--format", "alpaca-eval", "--out", str(out), "--allow-multiturn"]) == 0
+    assert json.loads(out.read_text())[0]["instruction"].startswith("Human: Hi\n\nAssistant: Hello!")
+    answers = tmp_path / "m.jsonl"
+    assert main(["export", str(gens), "--format", "mt-bench", "--out", str(answers), "--question-id-offset", "81"]) == 0
+    assert json.loads(answers.read_text())["question_id"] == 81
+    assert main(["export", str(gens), "--format", "mt-bench", "--out", str(tmp_path / "no" / "m.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -84,11 +84,14 @@ def _cmd_export(args) -> None:
         return
     if not args.out:
         raise RahfError(f"--out: required for --format {args.format} (the file to write)")
+    if not Path(args.out).resolve().parent.is_dir():
+        raise RahfError(f"--out: the folder {Path(args.out).resolve().parent} does not exist; create it first")
     generations = export.read_generations(args.source)
     if args.format == "alpaca-eval":
-        export.write_alpaca_eval(args.out, generations, args.name)
+        export.write_alpaca_eval(args.out, generations, args.name, args.allow_multiturn)
     else:
-        export.write_mt_bench(args.out, generations, args.name)
+        ids = [g["index"] + args.question_id_offset for g in generations]
+        export.write_mt_bench(args.out, generations, args.name, ids)
     print(f"wrote {len(generations)} {args.format} records to {args.out}")
 
 
@@ -141,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", required=True, choices=("alpaca-eval", "mt-bench", "lm-eval"))
     e.add_argument("--out", help="file to write (alpaca-eval: model_outputs.json; mt-bench: <model_id>.jsonl)")
     e.add_argument("--name", default="rahf", help="generator / model id recorded in the records (default: rahf)")
+    e.add_argument(
+        "--allow-multiturn", action="store_true", help="alpaca-eval: render a multi-turn prompt as the instruction"
+    )
+    e.add_argument(
+        "--question-id-offset", type=int, default=0,
+        help="mt-bench: question_id = generation index + this (MT-Bench numbers its questions from 81)",
+    )  # fmt: skip
     e.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("demo", help="a complete run on a built-in task: no download, no GPU")

@@ -86,17 +86,17 @@ def to_alpaca_eval(generations: Sequence[dict], generator: str, allow_multiturn:
     """AlpacaEval `model_outputs.json` entries; the instruction is the prompt's final user message.
 
     AlpacaEval is single-turn, so a prompt with any earlier message (system or conversation turn) raises
-    ValueError naming its index, unless `allow_multiturn`, which renders the whole prompt as the instruction.
+    DataError naming its index, unless `allow_multiturn`, which renders the whole prompt as the instruction.
     """
     out = []
     for g in generations:
         prompt = g["prompt"]
         if prompt[-1]["role"] != "user":
-            raise ValueError(f"generation {g['index']}: prompt does not end with a user message")
+            raise DataError(f"generation {g['index']}: prompt does not end with a user message")
         if len(prompt) > 1 and not allow_multiturn:
-            raise ValueError(
+            raise DataError(
                 f"generation {g['index']}: prompt has {len(prompt)} messages but AlpacaEval is single-turn; "
-                "pass allow_multiturn=True to render the turns as the instruction"
+                "pass --allow-multiturn (allow_multiturn=True) to render the turns as the instruction"
             )
         instruction = _render_turns(prompt) if len(prompt) > 1 else prompt[-1]["content"]
         out.append({"instruction": instruction, "output": g["response"], "generator": generator, "dataset": "rahf"})
@@ -129,7 +129,7 @@ def to_mt_bench(
     """
     ids = [g["index"] for g in generations] if question_ids is None else list(question_ids)
     if len(ids) != len(generations):
-        raise ValueError(f"{len(ids)} question ids for {len(generations)} generations")
+        raise DataError(f"{len(ids)} question ids for {len(generations)} generations")
     tstamp = time.time() if now is None else now
     return [
         {
