@@ -167,6 +167,12 @@ def test_contradictory_or_out_of_range_values(base, changes, key):
     assert error_of(None, with_(base, **changes)).startswith(f"{key}:")
 
 
+def test_several_greedy_samples_are_refused(base):
+    msg = error_of(None, with_(base, evaluate__temperature=0.0, evaluate__samples=4))
+    assert msg.startswith("evaluate.samples: 4 copies of one greedy reply"), msg
+    assert load_config(None, with_(base, evaluate__temperature=0.0, evaluate__samples=1)).evaluate.samples == 1
+
+
 def test_repeated_stage(base):
     assert error_of(None, with_(base, stages=["sft", "sft"])) == "stages: repeated stage sft"
 

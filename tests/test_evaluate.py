@@ -8,6 +8,7 @@ ignore the context (a fixed bias over the vocabulary) makes the classifier's sco
 from __future__ import annotations
 
 import copy
+import json
 import math
 import statistics
 from types import SimpleNamespace
@@ -386,3 +387,34 @@ def test_win_rate_against_chosen_takes_split_verdicts_and_checks_lengths(pairs):
         win_rate_against_chosen(ScriptedJudge({"a": 2.0}), pairs[:1], ["a"])
     with pytest.raises(ValueError, match="at least one"):
         win_rate_against_chosen(judge, [], [])
+
+
+def test_evaluate_policy_reports_an_llm_judges_replies_without_verdict(
+    model, tokenizer, pairs, tiny_model_dir, tmp_path
+):
+    from conftest import run_settings
+
+    from rahf.config import load_config
+    from rahf.evaluate import evaluate_policy
+
+    class Shrugging:  # one of the two orders of every comparison gets a reply without a verdict
+        calls = unparsed = 0
+
+        def compare(self, prompt, a, b):
+            self.calls, self.unparsed = self.calls + 2, self.unparsed + 1
+            return 0.5
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": p.prompt[-1]["content"], "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+            for p in pairs
+        )
+    )
+    settings = run_settings(tiny_model_dir, data, tmp_path / "out", "sft")
+    settings["evaluate"] = {"samples": 1, "max_new_tokens": 4, "temperatures": []}
+    judge = Shrugging()
+    judge.calls, judge.unparsed = 10, 1  # earlier use of the same judge is not counted
+    out = evaluate_policy(load_config(None, settings), model, tokenizer, pairs[:3], judge)
+    assert out["judge_unparsed"] == {"calls": 6, "unparsed": 3}
+    assert out["win_rate"]["win_rate"] == 0.5

@@ -34,3 +34,25 @@ def test_sampling_reaches_beyond_the_fifty_likeliest_tokens(model, tokenizer):
         model, tokenizer, [PROMPT] * 600, max_new_tokens=1, temperature=1000.0, batch_size=600, progress=False
     )
     assert len(set(replies)) > 60
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(model, tokenizer):
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.pad_token = None
+    assert bare.pad_token_id is None
+    prompts = [PROMPT, [{"role": "user", "content": "fred asks : what color is a tomato ?"}]]
+    expected = generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0.0, progress=False)
+    assert generate(model, bare, prompts, max_new_tokens=6, temperature=0.0, progress=False) == expected
+
+
+@pytest.mark.parametrize("prompt", ['""', "[]"])
+def test_an_empty_prompt_in_a_prompts_file_is_refused(tmp_path, prompt):
+    from rahf.errors import DataError
+    from rahf.generate import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "hi"}\n{"prompt": ' + prompt + "}\n")
+    with pytest.raises(DataError, match=r"prompts\.jsonl:2: field 'prompt' must be a non-empty"):
+        read_prompts(path)

@@ -652,6 +652,11 @@ def validate(cfg: RahfConfig, stage: str | None = None) -> None:
         for i, layer_set in enumerate(cfg.compare.layer_sets):
             if not layer_set or any(not 1 <= layer <= n for layer in layer_set):
                 raise ConfigError(f"compare.layer_sets[{i}]: {layer_set} must list layers in 1..{n}")
+    if cfg.evaluate.temperature == 0 and cfg.evaluate.samples > 1:
+        raise ConfigError(
+            f"evaluate.samples: {cfg.evaluate.samples} copies of one greedy reply (evaluate.temperature: 0) only "
+            "narrow the interval; set samples: 1 or a temperature above 0"
+        )
     if cfg.window > cfg.data.max_response_length:
         raise ConfigError(
             f"window: {cfg.window} exceeds data.max_response_length={cfg.data.max_response_length}; lower one"

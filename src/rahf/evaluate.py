@@ -418,7 +418,10 @@ def evaluate_policy(
         model, tokenizer, prompts, e.max_new_tokens, e.temperature, 1.0, e.batch_size, lengths[0],
         system=system, seed=cfg.seed, progress=False,
     )  # fmt: skip
+    before = (getattr(judge, "calls", 0), getattr(judge, "unparsed", 0))
     out: dict = {"win_rate": win_rate_against_chosen(judge, pairs, replies, e.samples)}
+    if hasattr(judge, "unparsed"):  # an LLM judge's replies without a verdict count as ties: say how many
+        out["judge_unparsed"] = {"calls": judge.calls - before[0], "unparsed": judge.unparsed - before[1]}
     if hasattr(judge, "score"):
         scores = judge.score_many(prompts, replies) if hasattr(judge, "score_many") else None
         scores = scores or [judge.score(p, r) for p, r in zip(prompts, replies)]

@@ -49,12 +49,13 @@ def generate(
     encoded = [prompt_ids(tokenizer, p, max_prompt_length, system) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     out: list[str] = [""] * len(encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     model.eval()
     for b0 in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         idx = order[b0 : b0 + batch_size]
         width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for r, i in enumerate(idx):
             ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
@@ -63,7 +64,7 @@ def generate(
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
             max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
             **decoding(temperature, top_p),
         )
@@ -83,8 +84,8 @@ def read_prompts(path: str | Path) -> list[list[Message]]:
             out = []
             for source, rec in records:
                 prompt = rec.get("prompt") if isinstance(rec, dict) else None
-                if not isinstance(prompt, (str, list)):
-                    raise DataError(f"{source}: field 'prompt' must be a string or a message list")
+                if not isinstance(prompt, (str, list)) or not prompt:
+                    raise DataError(f"{source}: field 'prompt' must be a non-empty string or message list")
                 out.append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
             return out
     return [list(pair.prompt) for pair in load_pairs(p)[0]]
