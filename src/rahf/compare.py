@@ -175,11 +175,9 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
     reward_path = reward_model(base, run_dir) if "rlhf-ppo" in methods and not cfg.ppo.reward_model else None
     rm_path = e.judge_model
     if not rm_path and (e.judge == "reward-model" or e.temperatures):
-        clean = variant(base, data__label_noise=0.0)
-        rm_path = (
-            reward_path if noise == 0 and reward_path else reward_model(clean, run_dir / "judge" if noise else run_dir)
-        )
-    if reward_path or (rm_path and rm_path != e.judge_model):
+        # at noise 0 this is PPO's reward model itself (same settings, same folder: found fresh, not retrained)
+        rm_path = reward_model(variant(base, data__label_noise=0.0), run_dir / "judge" if noise else run_dir)
+    if reward_path or rm_path != e.judge_model:
         timings["reward"] = round(time.time() - t, 1)
     from .evaluate import neutral_prompts, run_judge
     from .judges import RewardModelJudge
