@@ -105,6 +105,23 @@ def test_large_data_files_are_hashed_in_full_large_weights_by_ends_and_mtime(tmp
     assert fingerprint_path(weights) != before[weights]  # ... but a rewrite in place changes its mtime
 
 
+def test_a_data_file_is_read_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    reads = []
+    real_open = Path.open
+
+    def counting_open(self, mode="r", *args, **kwargs):
+        reads.extend([self] if mode == "rb" else [])
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    first = fingerprint_path(data)
+    assert fingerprint_path(data) == first and reads == [data]  # a run's later stages reuse the digest
+    data.write_text('{"prompt": "q", "chosen": "b", "rejected": "a"}\n')  # same size
+    assert fingerprint_path(data) != first and reads == [data, data]
+
+
 def test_instruct_artifact_layout(finished_run):
     folder = pipeline.stage_dir(finished_run, "instruct")
     if finished_run.method == "scit":  # a full model

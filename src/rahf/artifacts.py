@@ -38,25 +38,38 @@ def versions() -> dict[str, str]:
     return out
 
 
+_FILE_DIGESTS: dict[tuple[str, int, int, int, int], bytes] = {}  # per process: a run checks the same data at every stage
+
+
 def _hash_file(path: Path, h: hashlib._Hash) -> None:
-    """Feed `path` into `h`: its name, size and every byte.
+    """Feed `path` into `h`: its name, size and a digest of every byte.
 
     A model weight file (a `WEIGHT_SUFFIXES` name) over `LARGE_FILE` bytes contributes its name, size,
     modification time and first and last MiB instead, so a many-GB checkpoint is not read in full while a
     retrain written over it in place still changes the hash. Any other file (data: jsonl, json, parquet,
-    arrow, ...) is hashed in full whatever its size, so an edit anywhere in it is noticed.
+    arrow, ...) is hashed in full whatever its size, so an edit anywhere in it is noticed; its digest is
+    remembered for this process under (path, size, inode, modification and change times), so `rahf run` reads
+    a large dataset once, not once per stage; any write changes the change time (which, unlike the
+    modification time, cannot be set back), so an edited file is always read afresh.
     """
     stat = path.stat()
     h.update(f"{path.name}:{stat.st_size}".encode())
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    if key in _FILE_DIGESTS:
+        h.update(_FILE_DIGESTS[key])
+        return
+    inner = hashlib.sha256()
     with path.open("rb") as f:
         if stat.st_size > LARGE_FILE and path.name.endswith(WEIGHT_SUFFIXES):
-            h.update(f":{stat.st_mtime_ns}".encode())
-            h.update(f.read(1 << 20))
+            inner.update(f":{stat.st_mtime_ns}".encode())
+            inner.update(f.read(1 << 20))
             f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read())
+            inner.update(f.read())
         else:
             for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+                inner.update(chunk)
+    _FILE_DIGESTS[key] = inner.digest()
+    h.update(_FILE_DIGESTS[key])
 
 
 def fingerprint_path(path: str | os.PathLike) -> str:
