@@ -56,3 +56,46 @@ def test_an_empty_prompt_in_a_prompts_file_is_refused(tmp_path, prompt):
     path.write_text('{"prompt": "hi"}\n{"prompt": ' + prompt + "}\n")
     with pytest.raises(DataError, match=r"prompts\.jsonl:2: field 'prompt' must be a non-empty"):
         read_prompts(path)
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn(model, tokenizer):
+    """A template that closes assistant turns with a token other than EOS (ChatML's <|im_end|> on a base
+    model's tokenizer): replies are trained to end with it, so generation must stop there too."""
+    import copy
+
+    from rahf.stimuli import end_of_turn_id, response_ids
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %} <unk>{% endif %} {% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}"
+    )
+    unk, yellow = chat.unk_token_id, chat.convert_tokens_to_ids("yellow")
+    assert end_of_turn_id(chat) == unk != chat.eos_token_id
+    assert response_ids(chat, "it is yellow .", 16)[-1] == unk
+    steps = []
+
+    def force(_module, _inputs, logits):  # step 3 ends the turn; anything after it would be "yellow"
+        steps.append(1)
+        logits[:, -1, unk if len(steps) == 3 else yellow] += 100.0 * (len(steps) >= 3)
+        return logits
+
+    model.lm_head.register_forward_hook(force)
+    reply = generate(model, chat, [PROMPT], max_new_tokens=8, temperature=0.0, progress=False)[0]
+    assert len(reply.split()) == 2 and "yellow" not in reply and len(steps) == 3
+
+
+def test_a_saved_model_lists_the_end_of_turn_among_its_stop_tokens(model, tokenizer, tmp_path):
+    import copy
+
+    from transformers import GenerationConfig
+
+    from rahf.models import save_model
+
+    save_model(model, tokenizer, tmp_path / "plain")  # no chat template: EOS alone, as before
+    assert GenerationConfig.from_pretrained(tmp_path / "plain").eos_token_id == tokenizer.eos_token_id
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }} <unk> {% endfor %}"
+    save_model(model, chat, tmp_path / "chat")
+    stops = GenerationConfig.from_pretrained(tmp_path / "chat").eos_token_id
+    assert stops == sorted([chat.eos_token_id, chat.unk_token_id])

@@ -56,9 +56,11 @@ def test_token_rewards_penalise_kl_and_add_the_score_at_the_last_token():
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 2.95], [-0.1, 0.05 - 1.0, 0.0]]))
 
 
-def test_response_mask_keeps_tokens_up_to_the_first_eos():
-    responses = torch.tensor([[5, 3, 3, 0], [5, 6, 7, 8], [3, 5, 3, 0]])
-    assert ppo.response_mask(responses, eos_token_id=3).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+def test_response_mask_keeps_tokens_up_to_the_first_stop_token():
+    responses = torch.tensor([[5, 3, 3, 0], [5, 6, 7, 8], [3, 5, 3, 0], [5, 9, 3, 0]])
+    assert ppo.response_mask(responses, [3]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]
+    # EOS (3) and a chat template's end of turn (9): whichever comes first ends the reply
+    assert ppo.response_mask(responses, [3, 9]).tolist()[3] == [1, 1, 0, 0]
 
 
 @pytest.fixture(scope="module")

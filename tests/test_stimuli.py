@@ -282,12 +282,13 @@ def test_chat_template_with_a_subword_tokenizer_matches_inference():
     tok = byte_bpe(chat_template=CHATML)
     v = build_variants(tok, [user(QUERY)], RESPONSE, SYSTEMS, 128, 64)
     resp = response_ids(tok, RESPONSE, 64)
-    assert resp == ids_of(tok, RESPONSE) + [tok.eos_token_id]
+    end = tok.convert_tokens_to_ids("<|im_end|>")  # the template closes a turn with it, not with EOS (</s>)
+    assert resp == ids_of(tok, RESPONSE) + [end] and end != tok.eos_token_id
     bos, eos = tok.bos_token_id, tok.eos_token_id
     for name, s in v.items():
         assert list(s.input_ids[s.response_start :]) == resp
         assert s.input_ids[0] == bos and bos not in s.input_ids[1:]
-        assert s.input_ids.count(eos) == 1 and s.input_ids[-1] == eos
+        assert eos not in s.input_ids and s.input_ids.count(end) == int(name != "plain") + 2 and s.input_ids[-1] == end
         assert tok.decode(list(s.input_ids[: s.response_start])).endswith("<|im_start|>assistant\n")
         assert prompt_ids(tok, [user(QUERY)], 128, SYSTEMS[name]) + resp == list(s.input_ids)
     assert v["plain"].response_start < v["neg"].response_start < v["pos"].response_start

@@ -38,7 +38,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-_FILE_DIGESTS: dict[tuple[str, int, int, int, int], bytes] = {}  # per process: a run checks the same data at every stage
+# per process: `rahf run` checks the same data at every stage
+_FILE_DIGESTS: dict[tuple[str, int, int, int, int], bytes] = {}
 
 
 def _hash_file(path: Path, h: hashlib._Hash) -> None:

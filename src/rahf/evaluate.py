@@ -27,7 +27,7 @@ from .metrics import (
     response_logprobs,
     wilson_interval,
 )
-from .stimuli import build_variants, prompt_ids
+from .stimuli import build_variants, prompt_ids, stop_ids
 
 
 def _check_eval(*models: torch.nn.Module) -> None:
@@ -239,9 +239,10 @@ def reward_by_temperature(
 def _sample_ids(
     model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, seed: int
 ) -> list[list[int]]:
-    """Token ids sampled from the model's full distribution (temperature 1, no top-k/top-p), through the first EOS."""
+    """Token ids sampled from the model's full distribution (temperature 1, no top-k/top-p), through the first stop
+    token (EOS or the end of the turn)."""
     device = _device(model)
-    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
+    pad, stops = _pad_id(tokenizer), stop_ids(tokenizer)
     torch.manual_seed(seed)
     out: list[list[int]] = [[] for _ in prompts]
     for idx in _batches([len(p) for p in prompts], batch_size):
@@ -256,12 +257,13 @@ def _sample_ids(
             attention_mask=attn.to(device),
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
-            eos_token_id=eos,
+            eos_token_id=stops,
             **decoding(1.0),
         )
         for r, i in enumerate(idx):
             tokens = gen[r, width:].tolist()
-            out[i] = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+            end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens) - 1)
+            out[i] = tokens[: end + 1]
     return out
 
 

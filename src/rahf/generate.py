@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .data import Message
 from .errors import DataError
-from .stimuli import prompt_ids
+from .stimuli import prompt_ids, stop_ids
 
 # Logits processors a checkpoint's generation_config would add (Qwen2.5-Instruct ships repetition_penalty 1.05,
 # top_k 20), and transformers' own top_k=50 default: all off, so a reply comes from the model's own distribution.
@@ -65,7 +65,7 @@ def generate(
             attention_mask=attn.to(device),
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_ids(tokenizer),
             **decoding(temperature, top_p),
         )
         for r, i in enumerate(idx):

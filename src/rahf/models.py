@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .stimuli import stop_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +47,19 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     model.to(device or default_device())
     model.eval()
     return model
+
+
+def save_model(model, tokenizer, out) -> None:
+    """Save a model (or adapter) and its tokenizer in HF format; plain generation stops where replies end.
+
+    When the chat template closes turns with a token other than EOS, the saved generation config lists both,
+    so `generate` (and servers reading generation_config.json) stop at the end of the turn it was trained on.
+    """
+    stops = stop_ids(tokenizer)
+    if len(stops) > 1 and getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = stops
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def default_device() -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from .config import RahfConfig
 from .data import load_pairs, read_jsonl
 from .errors import DataError
-from .models import load_model, load_tokenizer
+from .models import load_model, load_tokenizer, save_model
 from .stimuli import build_variants
 from .training import load_data, training_args
 
@@ -61,6 +61,5 @@ def run_sft(cfg: RahfConfig, out: Path) -> None:
     data = tokenized_sft_dataset(tokenizer, sft_examples(cfg), cfg.data.max_prompt_length, cfg.data.max_response_length)
     args = training_args(SFTConfig, cfg, out, cfg.sft.train, max_length=None, learning_rate=2e-5)
     model, logs = train_sft_model(model, tokenizer, data, args)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_model(model, tokenizer, out)
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))

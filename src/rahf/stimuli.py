@@ -2,9 +2,10 @@
 
 A prompt is rendered with the tokenizer's chat template (or a "Human:/Assistant:" template, after the
 special tokens the tokenizer puts before a text, when it has none) and tokenized once; the response is
-tokenized on its own without special tokens and appended, followed by EOS. So no BOS or EOS ever sits
-between prompt and response, and every variant of a pair (no instruction, preferred instruction,
-dispreferred instruction) carries identical response token ids. Long prompts lose their oldest turns and
+tokenized on its own without special tokens and appended, followed by the token that closes a turn (the
+chat template's end-of-turn token, else EOS). So no BOS or EOS ever sits between prompt and response, and
+every variant of a pair (no instruction, preferred instruction, dispreferred instruction) carries identical
+response token ids. Long prompts lose their oldest turns and
 then the beginning of the first kept message, cut between characters; the instruction and the assistant
 tag are always kept, and the query is cut by the same amount for every variant.
 """
@@ -93,10 +94,40 @@ def render_prompt(
     return _prepended_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+_MARK = "rahf-reply-end-probe"
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant reply: the one the chat template writes right after it, else EOS.
+
+    ChatML templates close a turn with `<|im_end|>` and Llama 3 with `<|eot_id|>`, which a base model's EOS
+    (Qwen base: `<|endoftext|>`) is not; training replies must end as the template renders them.
+    """
+    eos = tokenizer.eos_token_id
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}]
+    try:
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+    except Exception:  # noqa: BLE001 (a template that renders no such turn: fall back to EOS)
+        return eos
+    after = text.split(_MARK, 1)[1].lstrip() if _MARK in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    return ids[0] if ids and ids[0] in special else eos
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids that end generation: EOS and, when the chat template closes turns with another, that one too."""
+    return sorted({tokenizer.eos_token_id, end_of_turn_id(tokenizer)})
+
+
 def response_ids(tokenizer, response: str, max_length: int) -> list[int]:
-    """Response tokens followed by EOS, cut to `max_length` (EOS is dropped when the text fills it)."""
+    """Response tokens followed by the end of the turn (`end_of_turn_id`), cut to `max_length` (the end is
+    dropped when the text fills it)."""
     prefix = "" if getattr(tokenizer, "chat_template", None) else " "
-    ids = tokenizer(prefix + response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = tokenizer(prefix + response, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
     return ids[:max_length]
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import RahfConfig
 from ..data import PreferencePair
-from ..models import load_model, load_tokenizer
+from ..models import load_model, load_tokenizer, save_model
 from ..stimuli import build_variants
 from ..training import lora_config, training_args
 
@@ -97,8 +97,7 @@ def train_dpo(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path
         peft_config=lora_config(model, cfg.dpo.lora) if lora else None,
     )
     trainer.train()
-    trainer.model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_model(trainer.model, tokenizer, out)
     logs = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))
     return logs

@@ -29,8 +29,8 @@ from ..data import Message
 from ..errors import DataError
 from ..generate import decoding
 from ..judges import RewardModelJudge
-from ..models import load_model, load_tokenizer
-from ..stimuli import prompt_ids
+from ..models import load_model, load_tokenizer, save_model
+from ..stimuli import prompt_ids, stop_ids
 from ..training import lora_config
 
 
@@ -74,11 +74,11 @@ def gae(
     return advantages * mask, (advantages + values) * mask
 
 
-def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 for each sampled token up to and including the first EOS, 0 after it."""
-    is_eos = (responses == eos_token_id).long()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0
-    return (~after_eos).float()
+def response_mask(responses: torch.Tensor, stops: Sequence[int]) -> torch.Tensor:
+    """1 for each sampled token up to and including the first stop token (EOS, end of turn), 0 after it."""
+    is_stop = torch.isin(responses, torch.tensor(list(stops), device=responses.device)).long()
+    after_stop = (is_stop.cumsum(1) - is_stop) > 0
+    return (~after_stop).float()
 
 
 def forward(
@@ -138,7 +138,7 @@ def _rollout(
     cfg: RahfConfig,
 ) -> dict:
     """Sample, score and evaluate one batch of prompts: the tensors a PPO step needs."""
-    s, device = cfg.ppo, next(policy.parameters()).device
+    s, device, stops = cfg.ppo, next(policy.parameters()).device, stop_ids(tokenizer)
     ids, attn = _left_pad(encoded, tokenizer.pad_token_id)
     ids, attn, start = ids.to(device), attn.to(device), ids.shape[1]
     chunks = []
@@ -148,17 +148,17 @@ def _rollout(
             attention_mask=attn[b : b + s.minibatch_size],
             max_new_tokens=s.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops,
             **decoding(s.temperature),
         )[:, start:]
         chunks.append(nn.functional.pad(gen, (0, s.max_new_tokens - gen.shape[1]), value=tokenizer.pad_token_id))
     responses = torch.cat(chunks)
-    mask = response_mask(responses, tokenizer.eos_token_id)
+    mask = response_mask(responses, stops)
     width = int(mask.sum(1).max())  # drop the columns that are padding in every response
     responses, mask = responses[:, :width], mask[:, :width]
     texts = [tokenizer.decode(r[m > 0], skip_special_tokens=True).strip() for r, m in zip(responses, mask)]
     scores = torch.tensor(judge.score_many(prompts, texts), device=device)
-    has_eos = ((responses == tokenizer.eos_token_id) & (mask > 0)).any(1)
+    has_eos = (torch.isin(responses, torch.tensor(stops, device=device)) & (mask > 0)).any(1)
 
     full_ids, full_attn = torch.cat([ids, responses], 1), torch.cat([attn, mask.long()], 1)
     logprobs, values, ref_logprobs = [], [], []
@@ -264,7 +264,6 @@ def train_ppo(cfg: RahfConfig, base: str, reward_model: str, prompts: list[list[
         max_length=cfg.reward.max_length,
     )
     log = ppo_loop(cfg, policy, tokenizer, judge, prompts)
-    policy.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_model(policy, tokenizer, out)
     (out / "log_history.json").write_text(json.dumps(log, indent=1))
     return log

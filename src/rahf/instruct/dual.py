@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import RahfConfig
 from ..data import PreferencePair
-from ..models import load_model, load_tokenizer
+from ..models import load_model, load_tokenizer, save_model
 from ..sft import tokenized_sft_dataset, train_sft_model
 from ..training import lora_config, step1_learning_rate, training_args
 
@@ -43,7 +43,8 @@ def train_dual(
         }
         args = training_args(SFTConfig, cfg, out / side, cfg.instruct.train, **defaults)
         model, logs[side] = train_sft_model(model, tokenizer, data, args)
-        model.save_pretrained(out / side)
         if cfg.finetune == "full":
-            tokenizer.save_pretrained(out / side)
+            save_model(model, tokenizer, out / side)
+        else:
+            model.save_pretrained(out / side)
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..config import RahfConfig
 from ..data import PreferencePair
-from ..models import load_model, load_tokenizer
+from ..models import load_model, load_tokenizer, save_model
 from ..stimuli import build_variants
 from ..training import ListDataset, lora_config, step1_learning_rate, training_args
 
@@ -112,6 +112,5 @@ def train_scit(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Pat
     )
     trainer.label_smoothing = cfg.instruct.label_smoothing
     trainer.train()
-    trainer.model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_model(trainer.model, tokenizer, out)
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
