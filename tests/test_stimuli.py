@@ -294,6 +294,26 @@ def test_chat_template_with_a_subword_tokenizer_matches_inference():
     assert v["plain"].response_start < v["neg"].response_start < v["pos"].response_start
 
 
+LLAMA2 = (  # Llama-2-chat: an assistant turn is " reply </s>"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "closing"),
+    [(CHATML, "<|im_end|>"), (LLAMA2, "</s>"), (ALTERNATING, "</s>"), (None, "</s>")],
+    ids=["chatml", "llama2", "nothing-after-the-reply", "no-template"],
+)
+def test_a_reply_ends_with_the_token_the_template_closes_a_turn_with(template, closing):
+    from rahf.stimuli import end_of_turn_id, stop_ids
+
+    tok = byte_bpe(chat_template=template)
+    end = tok.convert_tokens_to_ids(closing)
+    assert end_of_turn_id(tok) == end and response_ids(tok, RESPONSE, 64)[-1] == end
+    assert stop_ids(tok) == sorted({tok.eos_token_id, end})
+
+
 @pytest.mark.parametrize("system", [None, POS])
 def test_chat_template_refusing_the_roles_is_a_data_error_naming_the_pair(system):
     tok = byte_bpe(chat_template=ALTERNATING)
