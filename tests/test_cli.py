@@ -164,7 +164,7 @@ def test_tokenizer_is_accepted_by_the_sft_command_only(tmp_path, tiny_model_dir,
     from rahf import pipeline
 
     ran = []
-    monkeypatch.setattr(pipeline, "preflight", lambda cfg: None)
+    monkeypatch.setattr(pipeline, "preflight", lambda cfg, stage=None: None)
     monkeypatch.setattr(pipeline, "run_stage", lambda cfg, stage, force: ran.append((stage, cfg.tokenizer)))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
@@ -176,3 +176,31 @@ def test_tokenizer_is_accepted_by_the_sft_command_only(tmp_path, tiny_model_dir,
     assert main(["instruct", str(cfg)]) == 2
     assert one_line_error(capsys.readouterr().err).startswith("tokenizer: only the sft stage reads it")
     assert ran == [("sft", str(tiny_model_dir))]
+
+
+@pytest.mark.parametrize(("command", "key"), [("generate", "generate.prompts"), ("evaluate", "evaluate.pairs")])
+def test_a_stage_command_without_its_input_file_exits_2(tmp_path, tiny_model_dir, pairs_file, capsys, command, key):
+    """`rahf generate`/`rahf evaluate` run a stage that `stages` need not list; its input is required all the same."""
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\n")
+    assert main([command, str(cfg)]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith(f"{key}: required")
+    assert nothing_written(out)
+
+
+@pytest.mark.parametrize("key", ["generate.prompts", "evaluate.neutral_prompts"])
+def test_a_malformed_prompts_file_stops_run_before_any_training(tmp_path, tiny_model_dir, pairs_file, capsys, key):
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": \n')
+    section, field = key.split(".")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\nstages: [sft, instruct, {section}]\ndata:\n  path: {pairs_file}\n"
+        f"output_dir: {out}\n{section}:\n  {field}: {prompts}\n"
+        + (f"  pairs: {pairs_file}\n" if section == "evaluate" else "")
+    )
+    assert main(["run", str(cfg)]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith(f"{prompts}:2:")
+    assert nothing_written(out)

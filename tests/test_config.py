@@ -144,6 +144,42 @@ def test_unknown_train_arg(base):
     assert error_of(None, with_(base, align__train={"output_dir": "x"})).startswith("align.train.output_dir:")
 
 
+def test_train_numbers_are_read_as_their_fields_type(base, tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as a string, which the optimizer would refuse only after the model loads."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(base) + "align:\n  train: {learning_rate: 1e-3, max_steps: 1e2, lr_scheduler_type: cosine}\n"
+    )
+    train = load_config(path).align.train
+    assert train == {"learning_rate": 0.001, "max_steps": 100, "lr_scheduler_type": "cosine"}
+    assert type(train["max_steps"]) is int
+    assert error_of(None, with_(base, align__train={"learning_rate": "fast"})).startswith(
+        "align.train.learning_rate: expected a number, got 'fast'"
+    )
+    assert error_of(None, with_(base, align__train={"max_steps": "1.5"})).startswith(
+        "align.train.max_steps: expected an"
+    )
+    for bad in (math.nan, math.inf, "nan", "-inf"):
+        msg = error_of(None, with_(base, sft__train={"learning_rate": bad}))
+        assert msg.startswith("sft.train.learning_rate: must be a finite number")
+
+
+def test_train_numbers_in_compare_overrides_reach_the_trainer_as_numbers(base, tmp_path):
+    from transformers import TrainingArguments
+
+    from rahf.config import with_overrides
+    from rahf.training import training_args
+
+    cfg = load_config(None, with_(base, compare__overrides={"dual": {"align": {"train": {"learning_rate": "1e-3"}}}}))
+    tuned = with_overrides(cfg, cfg.compare.overrides["dual"])
+    assert training_args(TrainingArguments, tuned, tmp_path, tuned.align.train).learning_rate == 0.001
+
+
+def test_home_folder_in_output_dir_expands(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config(None, with_(base, output_dir="~/runs/x")).output_dir == str(tmp_path / "runs" / "x")
+
+
 def test_train_args_are_checked_against_the_class_the_method_uses(base):
     # Dual trains with trl.SFTConfig (has max_length); SCIT with plain TrainingArguments (has not).
     assert load_config(None, with_(base, method="dual", instruct__train={"max_length": 64})).instruct.train == {

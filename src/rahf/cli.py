@@ -48,7 +48,7 @@ def _cmd_stage(args) -> None:
         raise RahfError(
             f"method {cfg.method} has no {args.command} stage (its stages: {', '.join(METHOD_STAGES[cfg.method])})"
         )
-    pipeline.preflight(cfg)
+    pipeline.preflight(cfg, args.command)
     pipeline.run_stage(cfg, args.command, force=not args.skip_fresh)
 
 

@@ -70,6 +70,10 @@ def check_compare(cfg: RahfConfig) -> None:
     load_pairs(cfg.evaluate.pairs)
     if cfg.compare.validation:
         load_pairs(cfg.compare.validation)
+    if cfg.evaluate.neutral_prompts:
+        from .generate import read_prompts
+
+        read_prompts(cfg.evaluate.neutral_prompts)
     from .pipeline import preflight
 
     stages = [s for s in ("sft", "reward", "instruct", "collect", "align") if s != "sft" or "sft" in cfg.stages]

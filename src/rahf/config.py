@@ -110,7 +110,7 @@ class CollectSettings:
     # in scale by 2-3x at a token, and a raw difference is then mostly that scale, not the preference
     difference: str = "raw"
     batch_size: int = 8
-    shard_size: int = 1024  # pairs per shard
+    shard_size: int = 1024  # sequences per shard (two per pair with responses: both)
 
 
 @dataclass
@@ -431,6 +431,7 @@ def _resolve_paths(cfg: RahfConfig, base: Path) -> None:
     cfg.compare.validation = local(cfg.compare.validation)
     if cfg.reward.model != "minilm":
         cfg.reward.model = local(cfg.reward.model, model=True)
+    cfg.output_dir = os.path.expanduser(cfg.output_dir)
     if not Path(cfg.output_dir).is_absolute():
         cfg.output_dir = str(base / cfg.output_dir)
 
@@ -447,30 +448,56 @@ def with_overrides(cfg: RahfConfig, mapping: dict[str, Any], where: str = "") ->
 SPECIAL_TOKENS = {f"{name}_token" for name in ("bos", "eos", "pad", "unk", "sep", "cls", "mask")}
 
 
-def _check_train_args(section: str, values: dict[str, Any], cls) -> None:
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
+def _train_value(key: str, value: Any, hint) -> Any:
+    """A `train:` value as its field's type takes it: YAML 1.1 reads `1e-3` as a string, which the optimizer would
+    only refuse once the model has loaded; numbers must be finite."""
+    kinds = set(get_args(hint)) or {hint}
+    numeric = kinds & {int, float}
+    if isinstance(value, str) and numeric:
+        try:
+            number = float(value)
+        except ValueError:
+            if str in kinds:
+                return value
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if float not in numeric and not number.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        value = number if float in numeric else int(number)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    return value
+
+
+def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]:
+    """A stage's `train:` mapping checked against `cls` (TrainingArguments or a TRL config): known fields, no
+    credential, numbers finite and of the field's type."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
         if key.endswith("_token") and key not in SPECIAL_TOKENS:
             raise ConfigError(
                 f"{section}.train.{key}: the config is copied into every artifact manifest, so it must hold no "
                 "credential; set the HF_TOKEN environment variable instead"
             )
-        if key not in names:
+        if key not in fields:
             raise ConfigError(f"{section}.train.{key}: not a field of {cls.__name__}")
+        out[key] = _train_value(f"{section}.train.{key}", value, fields[key])
     if "output_dir" in values:
         raise ConfigError(f"{section}.train.output_dir: set by rahf; use output_dir at the top level")
+    return out
 
 
 def _check_train(cfg: RahfConfig) -> None:
-    """Each `*.train` mapping against the arguments class its stage trains with."""
+    """Each `*.train` mapping against the arguments class its stage trains with (numbers read as their type)."""
     from transformers import TrainingArguments
     from trl import DPOConfig, RewardConfig, SFTConfig
 
-    _check_train_args("sft", cfg.sft.train, SFTConfig)
-    _check_train_args("instruct", cfg.instruct.train, SFTConfig if cfg.instruct_method == "dual" else TrainingArguments)
-    _check_train_args("align", cfg.align.train, TrainingArguments)
-    _check_train_args("dpo", cfg.dpo.train, DPOConfig)
-    _check_train_args("reward", cfg.reward.train, RewardConfig)
+    cfg.sft.train = train_arguments("sft", cfg.sft.train, SFTConfig)
+    step1 = SFTConfig if cfg.instruct_method == "dual" else TrainingArguments
+    cfg.instruct.train = train_arguments("instruct", cfg.instruct.train, step1)
+    cfg.align.train = train_arguments("align", cfg.align.train, TrainingArguments)
+    cfg.dpo.train = train_arguments("dpo", cfg.dpo.train, DPOConfig)
+    cfg.reward.train = train_arguments("reward", cfg.reward.train, RewardConfig)
 
 
 @dataclass(frozen=True)
@@ -607,9 +634,9 @@ def validate(cfg: RahfConfig, stage: str | None = None) -> None:
     ):
         if value is not None and not Path(value).exists():
             raise ConfigError(f"{key}: file not found: {value}")
-    if "evaluate" in cfg.stages and not cfg.evaluate.pairs:
+    if "evaluate" in [*cfg.stages, stage] and not cfg.evaluate.pairs:
         raise ConfigError("evaluate.pairs: required when the evaluate stage runs (held-out preference pairs)")
-    if "generate" in cfg.stages and not cfg.generate.prompts:
+    if "generate" in [*cfg.stages, stage] and not cfg.generate.prompts:
         raise ConfigError("generate.prompts: required when the generate stage runs")
     if cfg.tokenizer and "sft" not in [*cfg.stages, stage]:
         raise ConfigError(

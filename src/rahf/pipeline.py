@@ -287,22 +287,28 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
     return out
 
 
-def preflight(cfg: RahfConfig) -> None:
-    """Read the data files once before any model loads, so a malformed record stops the run at once."""
+def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
+    """Read the data and prompt files once before any model loads, so a malformed record stops the run at once.
+
+    `stage` is the one stage a `rahf <stage>` command runs, which `stages` need not list.
+    """
     from .data import load_pairs
+    from .generate import read_prompts
     from .training import load_data, split_pairs
 
-    stages = active_stages(cfg)
+    stages = [*active_stages(cfg), *([stage] if stage else [])]
     if any(s in stages for s in ("reward", "instruct", "collect", "align")) or ("sft" in stages and not cfg.sft.path):
         split_pairs(cfg, load_data(cfg))
     if "evaluate" in stages:
         load_pairs(cfg.evaluate.pairs)
-    if "sft" in cfg.stages and cfg.sft.path:
+        if cfg.evaluate.neutral_prompts:
+            read_prompts(cfg.evaluate.neutral_prompts)
+    if "sft" in stages and cfg.sft.path:
         from .sft import sft_examples
 
         sft_examples(cfg)
-    if "generate" in cfg.stages and cfg.generate.prompts and not str(cfg.generate.prompts).endswith(".jsonl"):
-        load_pairs(cfg.generate.prompts)
+    if "generate" in stages and cfg.generate.prompts:
+        read_prompts(cfg.generate.prompts)
 
 
 def active_stages(cfg: RahfConfig) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .config import LoraSettings, RahfConfig
+from .config import LoraSettings, RahfConfig, train_arguments
 from .data import PreferencePair, load_pairs
 from .errors import DataError
 from .models import decoder_blocks, default_device, load_model
@@ -29,7 +29,7 @@ def training_args(cls, cfg: RahfConfig, out: Path, overrides: dict[str, Any], **
         "remove_unused_columns": False,
     }
     values.update(defaults)
-    values.update(overrides)
+    values.update(train_arguments("train", overrides, cls))  # validated at load; here numbers are read as such
     return cls(**values)
 
 
