@@ -42,10 +42,11 @@ class Scale:
     dual_alphas: tuple[float, ...]  # Dual's own grid (its normalized difference takes larger alpha)
     hidden: int = 128  # model width
     n_layers: int = 4  # decoder blocks
+    temperatures: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # the reward-model score sweep
 
 
 FULL = Scale(4000, 2000, 100, 200, 4, 6, 3, 1, 150, 40, ((2, 3), (3,)), (0.1, 0.25, 0.5), (0.5, 0.75, 1.0))
-QUICK = Scale(1200, 400, 25, 200, 1, 3, 2, 1, 30, 6, ((2, 3),), (0.25,), (0.5,))
+QUICK = Scale(1200, 400, 25, 200, 1, 3, 2, 1, 30, 6, ((2, 3),), (0.25,), (0.5,), temperatures=(0.0, 1.0))
 MAX_NEW_TOKENS = 24
 
 
@@ -120,6 +121,7 @@ def demo_config(out: Path, data_dir: Path, scale: Scale, seed: int, label_noise:
             "judge": "gold",
             "samples": scale.samples,
             "temperature": 1.0,
+            "temperatures": list(scale.temperatures),
             "max_new_tokens": MAX_NEW_TOKENS,
             "batch_size": 256,
         },
