@@ -314,6 +314,20 @@ def test_a_reply_ends_with_the_token_the_template_closes_a_turn_with(template, c
     assert stop_ids(tok) == sorted({tok.eos_token_id, end})
 
 
+def test_the_closing_token_is_read_once_per_tokenizer_and_template(monkeypatch):
+    tok = byte_bpe(chat_template=CHATML)
+    renders = []
+    real = type(tok).apply_chat_template
+    monkeypatch.setattr(
+        type(tok), "apply_chat_template", lambda self, *a, **k: renders.append(1) or real(self, *a, **k)
+    )
+    for _ in range(5):
+        response_ids(tok, RESPONSE, 64)
+    assert len(renders) == 1
+    tok.chat_template = LLAMA2  # a new template is read afresh
+    assert response_ids(tok, RESPONSE, 64)[-1] == tok.eos_token_id and len(renders) == 2
+
+
 @pytest.mark.parametrize("system", [None, POS])
 def test_chat_template_refusing_the_roles_is_a_data_error_naming_the_pair(system):
     tok = byte_bpe(chat_template=ALTERNATING)

@@ -12,6 +12,7 @@ tag are always kept, and the query is cut by the same amount for every variant.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,8 @@ def render_prompt(
 
 
 _MARK = "rahf-reply-end-probe"
+# tokenizer -> (chat template, EOS id, end-of-turn id): every response of a dataset asks, so render the template once
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -103,9 +106,18 @@ def end_of_turn_id(tokenizer) -> int:
     ChatML templates close a turn with `<|im_end|>` and Llama 3 with `<|eot_id|>`, which a base model's EOS
     (Qwen base: `<|endoftext|>`) is not; training replies must end as the template renders them.
     """
-    eos = tokenizer.eos_token_id
-    if not getattr(tokenizer, "chat_template", None):
+    eos, template = tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)
+    if not template:
         return eos
+    known = _END_OF_TURN.get(tokenizer)
+    if known is not None and known[:2] == (template, eos):
+        return known[2]
+    _END_OF_TURN[tokenizer] = (template, eos, _rendered_end_of_turn(tokenizer))
+    return _END_OF_TURN[tokenizer][2]
+
+
+def _rendered_end_of_turn(tokenizer) -> int:
+    eos = tokenizer.eos_token_id
     turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}]
     try:
         text = tokenizer.apply_chat_template(turn, tokenize=False)
