@@ -486,3 +486,16 @@ def test_a_stale_upstream_artifact_is_an_error_never_reused(scit_run, tiny_model
         "align": "ran",
         "merge": "ran",
     }
+
+
+def test_an_sft_folder_the_run_does_not_use_is_pointed_out(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """After `rahf sft`, a config whose stages omit sft starts step 1 from `model`: say so, not silently."""
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit"))
+    pipeline.preflight(cfg, "instruct")
+    assert "note" not in capsys.readouterr().out
+    (tmp_path / "out" / "sft").mkdir(parents=True)
+    (tmp_path / "out" / "sft" / MANIFEST).write_text("{}")
+    pipeline.preflight(cfg, "instruct")
+    assert "stages does not list sft, so this run starts from model" in capsys.readouterr().out
+    pipeline.preflight(cfg, "sft")
+    assert "note" not in capsys.readouterr().out

@@ -297,6 +297,14 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     from .training import load_data, split_pairs
 
     stages = [*active_stages(cfg), *([stage] if stage else [])]
+    sft = stage_dir(cfg, "sft")
+    reads_base = any(s in stages for s in ("reward", "instruct")) or cfg.method in ("lorra", "sft")
+    if "sft" not in stages and reads_base and (sft / MANIFEST).is_file():
+        print(
+            f"[rahf] note: {sft} exists, but stages does not list sft, so this run starts from model "
+            f"({cfg.model}); add sft to stages to start from it",
+            flush=True,
+        )
     if any(s in stages for s in ("reward", "instruct", "collect", "align")) or ("sft" in stages and not cfg.sft.path):
         split_pairs(cfg, load_data(cfg))
     if "evaluate" in stages:
