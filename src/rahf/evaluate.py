@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .data import Message, PreferencePair
-from .generate import decoding, generate
+from .generate import generate, sample_ids
 from .judges import Judge, compare_all
 from .metrics import (
     classification_metrics,
@@ -27,7 +27,7 @@ from .metrics import (
     response_logprobs,
     wilson_interval,
 )
-from .stimuli import build_variants, prompt_ids, stop_ids
+from .stimuli import build_variants, prompt_ids
 
 
 def _check_eval(*models: torch.nn.Module) -> None:
@@ -235,38 +235,6 @@ def reward_by_temperature(
     return out
 
 
-@torch.no_grad()
-def _sample_ids(
-    model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, seed: int
-) -> list[list[int]]:
-    """Token ids sampled from the model's full distribution (temperature 1, no top-k/top-p), through the first stop
-    token (EOS or the end of the turn)."""
-    device = _device(model)
-    pad, stops = _pad_id(tokenizer), stop_ids(tokenizer)
-    torch.manual_seed(seed)
-    out: list[list[int]] = [[] for _ in prompts]
-    for idx in _batches([len(p) for p in prompts], batch_size):
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, i in enumerate(idx):  # left padding, as generation needs
-            ids[r, width - len(prompts[i]) :] = torch.tensor(list(prompts[i]), dtype=torch.long)
-            attn[r, width - len(prompts[i]) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=stops,
-            **decoding(1.0),
-        )
-        for r, i in enumerate(idx):
-            tokens = gen[r, width:].tolist()
-            end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens) - 1)
-            out[i] = tokens[: end + 1]
-    return out
-
-
 def _response_logprobs_full(
     model, batch_prompts: Sequence[Sequence[int]], batch_responses: Sequence[Sequence[int]], pad_id: int
 ) -> list[torch.Tensor]:
@@ -351,7 +319,7 @@ def kl_drift(
     _check_eval(model, reference)
     model_prompts = _repeat([prompt_ids(tokenizer, p, max_prompt_length, system) for p in prompts], samples)
     reference_prompts = _repeat([prompt_ids(tokenizer, p, max_prompt_length) for p in prompts], samples)
-    responses = _sample_ids(model, tokenizer, model_prompts, max_new_tokens, batch_size, seed)
+    responses = sample_ids(model, tokenizer, model_prompts, max_new_tokens, 1.0, 1.0, batch_size, seed)
     kls = token_kl(model, reference, model_prompts, reference_prompts, responses, _pad_id(tokenizer), batch_size)
     totals = [sum(k) for k in kls]
     n_tokens = sum(len(k) for k in kls)

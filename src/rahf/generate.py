@@ -31,6 +31,48 @@ def decoding(temperature: float, top_p: float = 1.0) -> dict:
 
 
 @torch.no_grad()
+def sample_ids(
+    model,
+    tokenizer,
+    encoded: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[list[int]]:
+    """Reply token ids for prompt ids (left-padded batches of similar length), through the first stop token."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    out: list[list[int]] = [[] for _ in encoded]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_ids(tokenizer)
+    torch.manual_seed(seed)
+    model.eval()
+    for b0 in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+        idx = order[b0 : b0 + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, width - len(encoded[i]) :] = torch.tensor(list(encoded[i]), dtype=torch.long)
+            attn[r, width - len(encoded[i]) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=stops,
+            **decoding(temperature, top_p),
+        )
+        for r, i in enumerate(idx):
+            tokens = gen[r, width:].tolist()
+            end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens) - 1)
+            out[i] = tokens[: end + 1]
+    return out
+
+
 def generate(
     model,
     tokenizer,
@@ -44,33 +86,10 @@ def generate(
     seed: int = 0,
     progress: bool = True,
 ) -> list[str]:
-    """One response per prompt (left-padded batches); `system` prepends an instruction (e.g. for HIR)."""
-    device = next(model.parameters()).device
+    """One response per prompt; `system` prepends an instruction (e.g. for HIR)."""
     encoded = [prompt_ids(tokenizer, p, max_prompt_length, system) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-    out: list[str] = [""] * len(encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    model.eval()
-    for b0 in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-        idx = order[b0 : b0 + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            attn[r, width - len(encoded[i]) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=stop_ids(tokenizer),
-            **decoding(temperature, top_p),
-        )
-        for r, i in enumerate(idx):
-            out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip()
-    return out
+    replies = sample_ids(model, tokenizer, encoded, max_new_tokens, temperature, top_p, batch_size, seed, progress)
+    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
 
 
 def read_prompts(path: str | Path) -> list[list[Message]]:
