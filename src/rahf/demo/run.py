@@ -58,8 +58,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def demo_config(out: Path, data_dir: Path, scale: Scale, seed: int, label_noise: float) -> dict:
     """The demo as a `rahf compare` config mapping (all eight methods, gold judge)."""
-    # TRL's trainers turn gradient checkpointing on by default; on a 4-block model it only recomputes
-    quiet = {"disable_tqdm": True, "logging_steps": 25, "gradient_checkpointing": False}
+    from transformers import TrainingArguments
+
+    # TRL's trainers turn activation (gradient) checkpointing on by default; on a 4-block model it only
+    # recomputes forwards. Recent transformers name it activation_checkpointing and warn on the old name.
+    fields = TrainingArguments.__dataclass_fields__
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    quiet = {"disable_tqdm": True, "logging_steps": 25, checkpointing: False}
     all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     layers = sorted({layer for s in scale.layer_sets for layer in s})
     return {
@@ -111,7 +116,7 @@ def demo_config(out: Path, data_dir: Path, scale: Scale, seed: int, label_noise:
             "steps": scale.ppo_steps,
             "rollout_size": 64,
             "minibatch_size": 16,
-            "learning_rate": 1e-4,
+            "learning_rate": 5e-5,
             "kl_coef": 0.5,
             "max_new_tokens": MAX_NEW_TOKENS,
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": all_linear},
