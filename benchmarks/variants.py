@@ -54,6 +54,9 @@ DUAL = {
     **{f"normalized L3 a{a:g}": L3 | {"alpha": a} for a in (0.25, 0.5, 0.75, 1.0, 1.5)},
     **{f"normalized L2,3 a{a:g}": NORMALIZED | {"layers": [2, 3], "alpha": a} for a in (0.5, 1.0)},
     "normalized L1,2,3 a0.5": NORMALIZED | {"layers": [1, 2, 3], "alpha": 0.5},
+    **{f"normalized L4 a{a:g}": NORMALIZED | {"layers": [4], "alpha": a} for a in (0.5, 0.75)},
+    "normalized L3,4 a0.5": NORMALIZED | {"layers": [3, 4], "alpha": 0.5},
+    "normalized L3 a0.75, window 8": L3 | {"alpha": 0.75, "window": 8},
     **{f"raw L3 a{a:g}": RAW | {"layers": [3], "alpha": a} for a in (0.1, 0.25, 0.5)},
     "normalized L3 a0.5, window without boundary": L3 | {"alpha": 0.5, "include_boundary": False},
     "normalized L3 a0.5, chosen replies only": L3
