@@ -204,3 +204,32 @@ def test_a_malformed_prompts_file_stops_run_before_any_training(tmp_path, tiny_m
     assert main(["run", str(cfg)]) == 2
     assert one_line_error(capsys.readouterr().err).startswith(f"{prompts}:2:")
     assert nothing_written(out)
+
+
+@pytest.mark.parametrize("method", ["scit", "lorra", "hir"])
+def test_instructions_that_leave_no_room_for_the_query_stop_run_before_any_training(
+    tmp_path, tiny_model_dir, pairs_file, capsys, method
+):
+    """The instruction budget is checked up front, not after SFT has trained and step 1's model has loaded."""
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\nmethod: {method}\nstages: [sft, instruct, collect, align]\n"
+        f"data:\n  path: {pairs_file}\n  max_prompt_length: 12\noutput_dir: {out}\n"
+    )
+    assert main(["run", str(cfg)]) == 2
+    assert one_line_error(capsys.readouterr().err) == (
+        "data.max_prompt_length=12 leaves no room for the query after the instruction and template; "
+        "raise it or shorten the instructions"
+    )
+    assert nothing_written(out)
+
+
+def test_instruction_room_is_not_checked_for_methods_without_instructions(tmp_path, tiny_model_dir, pairs_file):
+    from rahf.config import load_config
+    from rahf.pipeline import preflight
+
+    settings = {"model": str(tiny_model_dir), "data": {"path": str(pairs_file), "max_prompt_length": 12}}
+    preflight(load_config(None, settings | {"method": "dual"}))  # Dual's prompts carry no instruction
+    with pytest.raises(Exception, match="leaves no room for the query"):
+        preflight(load_config(None, settings | {"method": "scit"}))

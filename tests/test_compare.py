@@ -215,6 +215,15 @@ def test_compare_and_stage_errors_are_one_line_exit_2(tmp_path, tiny_model_dir, 
     assert "compare.overrides.scit.compare: only layer_sets and alphas" in capsys.readouterr().err
     assert main(["collect", _yaml(tmp_path / "d.yaml", settings | {"method": "dpo"})]) == 2
     assert "method dpo has no collect stage" in capsys.readouterr().err
+    # the compared methods, not the config's own `method`, decide whether prompts carry instructions
+    bad = settings | {
+        "method": "dual",
+        "data": settings["data"] | {"max_prompt_length": 4},
+        "evaluate": {"pairs": str(pairs_file)},
+        "compare": {"methods": ["preferred-sft", "hir"]},
+    }
+    assert main(["compare", _yaml(tmp_path / "g.yaml", bad)]) == 2
+    assert "data.max_prompt_length=4 leaves no room for the query" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -317,6 +317,28 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
         sft_examples(cfg)
     if "generate" in stages and cfg.generate.prompts:
         read_prompts(cfg.generate.prompts)
+    if cfg.method in INSTRUCTED and any(s in stages for s in _PROMPTED):
+        check_instruction_room(cfg)
+
+
+INSTRUCTED = ("scit", "lorra", "hir")  # methods whose prompts carry the instructions
+_PROMPTED = ("instruct", "collect", "align", "generate", "evaluate")  # stages that build those prompts
+
+
+def check_instruction_room(cfg: RahfConfig) -> None:
+    """A one-word query must fit data.max_prompt_length beside each instruction, else every prompt fails later.
+
+    Best effort: a tokenizer that cannot be loaded here is left for the stage itself to report.
+    """
+    from .models import load_tokenizer
+    from .stimuli import truncate_prompt
+
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return
+    systems = [cfg.instructions.preferred, cfg.instructions.dispreferred]
+    truncate_prompt(tokenizer, [{"role": "user", "content": "why"}], systems, cfg.data.max_prompt_length)
 
 
 def active_stages(cfg: RahfConfig) -> list[str]:
