@@ -233,3 +233,21 @@ def test_instruction_room_is_not_checked_for_methods_without_instructions(tmp_pa
     preflight(load_config(None, settings | {"method": "dual"}))  # Dual's prompts carry no instruction
     with pytest.raises(Exception, match="leaves no room for the query"):
         preflight(load_config(None, settings | {"method": "scit"}))
+
+
+@pytest.mark.parametrize("command", ["run", "instruct", "compare", "demo"])
+def test_several_launched_processes_are_refused_before_any_work(tmp_path, tiny_model_dir, pairs_file, capsys,
+                                                                 monkeypatch, command):  # fmt: skip
+    """Under torchrun / `accelerate launch --num_processes 2` every process would write the same artifacts."""
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = [command, "--out", str(out)] if command == "demo" else [command, str(cfg)]
+    assert main(argv) == 2
+    assert one_line_error(capsys.readouterr().err) == (
+        f"`rahf {command}` was launched as 2 processes (WORLD_SIZE=2), and rahf runs in one process: "
+        "start it as `rahf ...` (one process uses one GPU)"
+    )
+    assert nothing_written(out)
+    assert main(["data", "check", str(pairs_file)]) == 0  # read-only commands are not affected

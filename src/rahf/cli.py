@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -169,9 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_process(command: str) -> None:
+    """Stages write shared artifact folders from a single process; several (torchrun, accelerate launch) would race."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise RahfError(
+            f"`rahf {command}` was launched as {world} processes (WORLD_SIZE={world}), and rahf runs in one process: "
+            "start it as `rahf ...` (one process uses one GPU)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.func in (_cmd_stage, _cmd_run, _cmd_compare, _cmd_demo):
+            _one_process(args.command)
         args.func(args)
     except RahfError as e:
         print(f"rahf: error: {e}", file=sys.stderr)
