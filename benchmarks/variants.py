@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rahf.compare import run_compare
-from rahf.config import load_config
+from rahf.config import RahfConfig, load_config
 from rahf.judges import GoldJudge
 
 
@@ -106,11 +106,8 @@ STUDIES = {
 }
 
 
-def _run(demo: Path, study: Study, work: Path, method: str, samples: int, extra: dict) -> tuple[dict, float]:
-    """One single-seed compare run of `method` on the validation prompts; returns (its metrics, seconds)."""
-    for rel in study.reuse:
-        if not (work / rel).exists():
-            shutil.copytree(demo / rel, work / rel)
+def variant_config(demo: Path, work: Path, method: str, samples: int, extra: dict) -> RahfConfig:
+    """DIR/compare.yaml narrowed to one seed, one method, one layer set and alpha, judged on validation prompts."""
     overrides = {
         "output_dir": str(work),
         "compare.methods": [method],
@@ -125,7 +122,15 @@ def _run(demo: Path, study: Study, work: Path, method: str, samples: int, extra:
         "evaluate.samples": samples,
         "evaluate.temperatures": [],
     } | extra
-    cfg = load_config(demo / "compare.yaml", [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    return load_config(demo / "compare.yaml", [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+def _run(demo: Path, study: Study, work: Path, method: str, samples: int, extra: dict) -> tuple[dict, float]:
+    """One single-seed compare run of `method` on the validation prompts; returns (its metrics, seconds)."""
+    for rel in study.reuse:
+        if not (work / rel).exists():
+            shutil.copytree(demo / rel, work / rel)
+    cfg = variant_config(demo, work, method, samples, extra)
     t = time.time()
     metrics = run_compare(cfg)["runs"][0]["methods"][method]
     secs = time.time() - t

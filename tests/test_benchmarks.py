@@ -1,0 +1,55 @@
+"""The benchmark scripts' variants are valid configs that set what they say (a typo would surface minutes into a run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import standard_records, write_jsonl
+
+from rahf.demo.run import FULL, demo_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def demo_dir(tmp_path, tiny_model_dir) -> Path:
+    """The files of a finished demo that the variants' configs point at, with a tiny model as its base."""
+    demo = tmp_path / "demo"
+    (demo / "data").mkdir(parents=True)
+    for name in ("pairs", "sft", "validation", "test"):
+        write_jsonl(demo / "data" / f"{name}.jsonl", standard_records(4, seed=0))
+    (demo / "noise-0" / "seed-0" / "reward").mkdir(parents=True)
+    sweep = demo_config(demo / "compare", demo / "data", FULL, 0, 0.0) | {"model": str(tiny_model_dir)}
+    (demo / "compare.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return demo
+
+
+def _value(cfg, dotted: str):
+    node = cfg
+    for key in dotted.split("."):
+        node = node[key] if isinstance(node, dict) else getattr(node, key)
+    return node
+
+
+def test_every_variant_is_a_valid_config_that_sets_its_overrides(demo_dir, tmp_path):
+    variants = _script("variants")
+    for name, study in variants.STUDIES.items():
+        assert study.variants, name
+        for label, extra in study.variants.items():
+            cfg = variants.variant_config(demo_dir, tmp_path / "work", study.method, 8, extra)
+            assert cfg.compare.methods == [study.method] and cfg.evaluate.samples == 8
+            assert cfg.evaluate.pairs == str(demo_dir / "data" / "validation.jsonl")
+            for dotted, value in extra.items():
+                assert _value(cfg, dotted) == value, (name, label, dotted)
