@@ -288,6 +288,24 @@ def test_cached_and_online_targets_give_the_same_loss(finished_run):
             assert a.item() == pytest.approx(b.item(), abs=1e-4, rel=1e-4)
 
 
+def test_authors_norm_in_training_divides_by_the_configured_window_not_the_batchs(finished_run):
+    # A batch whose windows are all shorter than the configured one: the loss the trainer computes must
+    # use `window` as denominator (the authors padded every response to it), not the batch's longest window.
+    cfg = finished_run
+    tok = tokenizer_of(cfg)
+    ds = CachedTargets(pipeline.stage_dir(cfg, "collect"), LAYERS)
+    batch = CachedCollator(tok.pad_token_id)([ds[i] for i in range(4)])
+    span = batch["win_mask"].shape[1]
+    model = trained_policy(cfg)
+    with torch.no_grad():
+        per_token = align_batch_loss(model, batch, LAYERS, cfg.alpha, "tokens", None)
+        at_span = align_batch_loss(model, batch, LAYERS, cfg.alpha, "authors", None, width=span)
+        at_triple = align_batch_loss(model, batch, LAYERS, cfg.alpha, "authors", None, width=3 * span)
+    real = batch["win_mask"].sum().item()
+    assert at_span.item() == pytest.approx(per_token.item() * real / (4 * span), rel=1e-5)
+    assert at_triple.item() == pytest.approx(at_span.item() / 3, rel=1e-5)
+
+
 def test_merged_model_equals_policy_with_adapter(finished_run):
     from transformers import AutoModelForCausalLM
 

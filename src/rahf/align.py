@@ -161,11 +161,11 @@ def align_batch_loss(
     else:
         targets = batch_targets(inputs, alpha, None)
     hs = forward_capture(model, layers, inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
-    width = inputs["win_mask"].shape[1]
+    span = inputs["win_mask"].shape[1]  # this batch's longest window; `width` stays the configured one
     starts = inputs["win_start"].to(device)
-    hidden = {layer: gather_windows(h, starts, width) for layer, h in hs.items()}
+    hidden = {layer: gather_windows(h, starts, span) for layer, h in hs.items()}
     mask = inputs["win_mask"].to(device)
-    return alignment_loss(hidden, {k: t.to(device) for k, t in targets.items()}, mask, norm, width)
+    return alignment_loss(hidden, {k: t.to(device) for k, t in targets.items()}, mask, norm, width or span)
 
 
 def align_trainer_class():
