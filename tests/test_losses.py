@@ -235,3 +235,24 @@ def test_scit_default_learning_rate_matches_duals_per_finetune(
     with pytest.raises(Captured) as got:
         scit.train_scit(load_config(None, settings), str(tiny_model_dir), [], tmp_path)
     assert got.value.args[0] == lr
+
+
+def test_alignment_trains_the_base_without_dropout_but_keeps_loras():
+    # Targets are read in eval mode, so base-model dropout (GPT-2 has it) would be noise no adapter can fit.
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rahf.align import without_dropout
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.5
+    ids = torch.arange(10)[None]
+    noisy = GPT2LMHeadModel(cfg).train()
+    assert not torch.equal(noisy(ids).logits, noisy(ids).logits)  # dropout is live before
+    model = without_dropout(noisy).train()
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.1))
+    drops = [(n, m.p) for n, m in peft.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert any("lora_dropout" in n for n, _ in drops)
+    assert all(p == (0.1 if "lora_dropout" in n else 0.0) for n, p in drops)

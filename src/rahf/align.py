@@ -168,6 +168,19 @@ def align_batch_loss(
     return alignment_loss(hidden, {k: t.to(device) for k, t in targets.items()}, mask, norm, width or span)
 
 
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn off the base model's dropout (GPT-2, OPT, ... have some): its hidden states are trained towards targets
+    read in eval mode, so dropout noise would only be a loss the adapter cannot remove. LoRA's own dropout is
+    added afterwards and stays."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(model)
+    for module in model.modules():  # attention dropout applied functionally, from an attribute (LLaMA, Qwen, ...)
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
 def align_trainer_class():
     from transformers import Trainer
 
@@ -201,7 +214,7 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
     from .training import ListDataset, load_data, lora_config, split_pairs, training_args
 
     tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code)
-    policy = load_policy(cfg)
+    policy = without_dropout(load_policy(cfg))
     model = get_peft_model(policy, lora_config(policy, cfg.align.lora, max_layer=max(layers)))
     if cfg.align.targets == "cache":
         dataset, reader = CachedTargets(require_artifact(cfg, "collect"), layers), None
