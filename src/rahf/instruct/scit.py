@@ -33,11 +33,17 @@ def scit_loss(match_lp: torch.Tensor, other_lp: torch.Tensor, eps: float) -> tor
 
 
 def mean_response_logprob(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean log p(token) over the positions where `response_mask` is 1, per sequence (teacher forcing)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    tok = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    mask = response_mask[:, 1:].to(tok.dtype)
-    return (tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    """Mean log p(token) over the positions where `response_mask` is 1, per sequence (teacher forcing).
+
+    Only the positions that predict a response token are taken to float32 and normalised, so prompt and
+    padding positions cost no [tokens, vocabulary] copies (long prompts, 128k-token vocabularies).
+    """
+    mask = response_mask[:, 1:].bool()
+    rows = mask.nonzero()[:, 0]
+    pred = logits[:, :-1][mask].float()  # [N, V]: the positions predicting response tokens
+    tok = torch.log_softmax(pred, dim=-1).gather(-1, input_ids[:, 1:][mask][:, None]).squeeze(-1)
+    sums = torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+    return sums / mask.sum(-1).clamp(min=1)
 
 
 def scit_examples(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> list[dict]:
