@@ -10,7 +10,15 @@ import torch
 
 from rahf.demo.task import NAMES
 from rahf.errors import ConfigError, DataError
-from rahf.stimuli import Stimulus, build_variants, prompt_ids, render_prompt, response_ids, truncate_prompt
+from rahf.stimuli import (
+    Stimulus,
+    build_variants,
+    end_of_turn_id,
+    prompt_ids,
+    render_prompt,
+    response_ids,
+    truncate_prompt,
+)
 
 POS = "you are a polite and correct assistant ."  # 8 tokens
 NEG = "you are rude ."  # 4 tokens: the variants have different prompt lengths
@@ -314,7 +322,7 @@ def test_a_reply_ends_with_the_token_the_template_closes_a_turn_with(template, c
     assert stop_ids(tok) == sorted({tok.eos_token_id, end})
 
 
-def test_the_closing_token_is_read_once_per_tokenizer_and_template(monkeypatch):
+def test_the_closing_token_and_probe_prompt_are_read_once_per_tokenizer_and_template(monkeypatch):
     tok = byte_bpe(chat_template=CHATML)
     renders = []
     real = type(tok).apply_chat_template
@@ -323,9 +331,9 @@ def test_the_closing_token_is_read_once_per_tokenizer_and_template(monkeypatch):
     )
     for _ in range(5):
         response_ids(tok, RESPONSE, 64)
-    assert len(renders) == 1
+    assert len(renders) == 5 + 2  # each reply's conversation; the closing token and the probe prompt once
     tok.chat_template = LLAMA2  # a new template is read afresh
-    assert response_ids(tok, RESPONSE, 64)[-1] == tok.eos_token_id and len(renders) == 2
+    assert response_ids(tok, RESPONSE, 64)[-1] == tok.eos_token_id and len(renders) == 7 + 3
 
 
 @pytest.mark.parametrize("system", [None, POS])
@@ -452,3 +460,85 @@ def test_captured_states_carry_gradients():
     out[2].sum().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
     assert model.model.layers[2].self_attn.q_proj.weight.grad is None  # block 3 never ran
+
+
+# ---------------------------------------------------------------- replies as the chat template tokenizes them
+
+DEEPSEEK = (  # DeepSeek-LLM-chat: the generation prompt ends "Assistant:", a finished turn is "Assistant: " + reply
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token }}"
+    "{% else %}{{ m['content'] + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+ZEPHYR = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+USER_ONLY = (  # renders user and assistant turns and silently drops any system message (Phi-3-mini's first template)
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|im_start|>user\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def sentencepiece_like(chat_template: str | None = None):
+    """A Llama/Mistral-style tokenizer (Metaspace pre-tokenizer, "▁" word marker, byte fallback) built locally."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    core = Tokenizer(models.BPE(byte_fallback=True, fuse_unk=True))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials)
+    core.train_from_iterator([QUERY, RESPONSE, POS, NEG, "user system assistant"] * 5, trainer)
+    merges = [
+        tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in json.loads(core.to_str())["model"]["merges"]
+    ]
+    tok = LlamaTokenizer(vocab=core.get_vocab(), merges=merges, legacy=False, add_bos_token=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = chat_template
+    return tok
+
+
+@pytest.mark.parametrize(
+    ("make", "template", "with_system"),
+    [
+        (byte_bpe, CHATML, True),
+        (byte_bpe, LLAMA2, False),
+        (byte_bpe, DEEPSEEK, True),
+        (sentencepiece_like, CHATML, True),
+        (sentencepiece_like, ZEPHYR, True),
+    ],
+    ids=["chatml", "llama2", "deepseek", "sentencepiece-chatml", "sentencepiece-zephyr"],
+)
+def test_sequences_equal_the_templates_own_tokenization_of_the_conversation(make, template, with_system):
+    # What a chat model was trained on: the template's text of the finished conversation, tokenized as one.
+    # The reply must start as it does there (DeepSeek: after a space; SentencePiece: no word marker after
+    # a newline), though generation is given only the prompt.
+    tok = make(chat_template=template)
+    systems = {"plain": None, "pos": POS} if with_system else {"plain": None}
+    v = build_variants(tok, [user(QUERY)], RESPONSE, systems, 128, 64)
+    for name, s in v.items():
+        convo = ([{"role": "system", "content": systems[name]}] if systems[name] else []) + [user(QUERY)]
+        whole = tok.apply_chat_template(
+            [*convo, {"role": "assistant", "content": RESPONSE}], tokenize=True, return_dict=False
+        )
+        assert list(s.input_ids) == whole[: len(s.input_ids)], name
+        assert s.input_ids[-1] == end_of_turn_id(tok)
+        assert list(s.input_ids[: s.response_start]) == prompt_ids(tok, [user(QUERY)], 128, systems[name])
+    assert len({s.input_ids[s.response_start :] for s in v.values()}) == 1
+
+
+def test_a_template_that_drops_the_system_message_gets_the_instruction_in_the_first_user_turn():
+    tok = byte_bpe(chat_template=USER_ONLY)
+    v = build_variants(tok, [user(QUERY)], RESPONSE, SYSTEMS, 128, 64)
+    prompts = {k: tok.decode(list(s.input_ids[: s.response_start])) for k, s in v.items()}
+    assert len(set(prompts.values())) == 3  # without the fold all three were the same prompt
+    assert prompts["pos"].startswith(f"<|im_start|>user\n{POS}\n\n{QUERY}")
+
+
+def test_a_pairs_own_overlong_system_message_is_a_data_error_naming_the_pair(tokenizer):
+    prompt = [{"role": "system", "content": " ".join(["you are a polite and correct assistant ."] * 8)}, user(QUERY)]
+    with pytest.raises(DataError, match=r"^pairs\.jsonl:3: its own system message leaves no room for the query"):
+        build_variants(tokenizer, prompt, RESPONSE, {"plain": None}, 40, 16, source="pairs.jsonl:3")

@@ -1,13 +1,14 @@
 """Token sequences for training, collection and inference, built so that they equal what inference sees.
 
 A prompt is rendered with the tokenizer's chat template (or a "Human:/Assistant:" template, after the
-special tokens the tokenizer puts before a text, when it has none) and tokenized once; the response is
-tokenized on its own without special tokens and appended, followed by the token that closes a turn (the
-chat template's end-of-turn token, else EOS). So no BOS or EOS ever sits between prompt and response, and
-every variant of a pair (no instruction, preferred instruction, dispreferred instruction) carries identical
-response token ids. Long prompts lose their oldest turns and
-then the beginning of the first kept message, cut between characters; the instruction and the assistant
-tag are always kept, and the query is cut by the same amount for every variant.
+special tokens the tokenizer puts before a text, when it has none) and tokenized once; the response gets
+the ids one tokenization of the whole conversation gives it after the assistant tag, and is closed by the
+token that closes a turn (the chat template's end-of-turn token, else EOS). So no BOS or EOS ever sits
+between prompt and response, a reply starts as the template writes it, and every variant of a pair (no
+instruction, preferred instruction, dispreferred instruction) carries identical response token ids. Long
+prompts lose their oldest turns and then the beginning of the first kept message, cut between characters;
+the instruction and the assistant tag are always kept, and the query is cut by the same amount for every
+variant. A template that refuses or drops a system message gets the instruction in the first user turn.
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ def render_prompt(
         else:
             try:
                 text = _chat_text(tokenizer, [{"role": "system", "content": system}, *msgs], where)
-            except DataError:  # templates without a system role: fold it into the first user turn
-                first = {**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}
+            except DataError:
+                text = None
+            if text is None or system.strip() not in text:  # the template refuses or drops a system role:
+                first = {**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}  # fold it into the first turn
                 text = _chat_text(tokenizer, [first, *msgs[1:]], where)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = _plain_prompt(messages, system)
@@ -135,12 +138,50 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted({tokenizer.eos_token_id, end_of_turn_id(tokenizer)})
 
 
+_PROBE: list[Message] = [{"role": "user", "content": "q"}]
+# tokenizer -> (chat template, the probe prompt's text, its ids): made once per tokenizer, as for _END_OF_TURN
+_PROBE_PROMPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def response_ids(tokenizer, response: str, max_length: int) -> list[int]:
     """Response tokens followed by the end of the turn (`end_of_turn_id`), cut to `max_length` (the end is
-    dropped when the text fills it)."""
-    prefix = "" if getattr(tokenizer, "chat_template", None) else " "
-    ids = tokenizer(prefix + response, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
-    return ids[:max_length]
+    dropped when the text fills it).
+
+    The tokens are those one tokenization of a whole conversation gives the reply after the assistant tag,
+    as the chat template writes it (a leading space some templates put there; no SentencePiece word marker
+    where the tag ends a line). They depend only on the tag, so every variant of a pair shares them. When
+    the template's text or tokens do not extend the prompt's, the reply is tokenized on its own.
+    """
+    eot = end_of_turn_id(tokenizer)
+    ids = _reply_in_context(tokenizer, response)
+    if ids is None:
+        prefix = "" if getattr(tokenizer, "chat_template", None) else " "
+        ids = tokenizer(prefix + response, add_special_tokens=False)["input_ids"]
+    elif eot in ids:  # the template closes the turn itself: keep what it writes up to that token, not after
+        ids = ids[: len(ids) - ids[::-1].index(eot) - 1]
+    return (ids + [eot])[:max_length]
+
+
+def _reply_in_context(tokenizer, response: str) -> list[int] | None:
+    """The reply's ids within one tokenization of a one-turn conversation, or None where that is not a
+    continuation of the prompt's own text and ids (the template rewrites the prompt, or tokens merge across it)."""
+    template = getattr(tokenizer, "chat_template", None)
+    known = _PROBE_PROMPT.get(tokenizer)
+    if known is None or known[0] != template:
+        prompt = _chat_text(tokenizer, _PROBE, "the probe prompt") if template else _plain_prompt(_PROBE, None)
+        _PROBE_PROMPT[tokenizer] = known = (template, prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    _, prompt, head = known
+    if template:
+        try:
+            whole = tokenizer.apply_chat_template([*_PROBE, {"role": "assistant", "content": response}], tokenize=False)
+        except Exception:  # noqa: BLE001 (a template that renders no finished assistant turn)
+            return None
+    else:
+        whole = f"{prompt} {response}"
+    if not whole.startswith(prompt):
+        return None
+    ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
+    return ids[len(head) :] if ids[: len(head)] == head else None
 
 
 def _drop_leading_tokens(tokenizer, text: str, n: int) -> str:
@@ -184,6 +225,11 @@ def truncate_prompt(
                 turns = turns[1:]
             continue
         turns[0]["content"] = _drop_leading_tokens(tokenizer, turns[0]["content"], longest - max_length)
+        if not turns[0]["content"] and head:
+            raise DataError(
+                f"{source or 'a prompt'}: its own system message leaves no room for the query within "
+                f"data.max_prompt_length={max_length}; shorten that message or raise data.max_prompt_length"
+            )
         if not turns[0]["content"]:
             raise ConfigError(
                 f"data.max_prompt_length={max_length} leaves no room for the query after the instruction and "
