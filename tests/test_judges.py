@@ -287,10 +287,11 @@ def test_llm_judge_retries_unreachable_servers(monkeypatch, sleeps):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    judge = LLMJudge(f"http://127.0.0.1:{port}", "m", max_retries=2, timeout=2, sleep=sleeps.append)
-    with pytest.raises(RuntimeError, match="cannot reach"):
+    judge = LLMJudge(f"http://me:SECRETPW@127.0.0.1:{port}", "m", max_retries=2, timeout=2, sleep=sleeps.append)
+    with pytest.raises(RuntimeError, match=r"cannot reach http://<redacted>@127\.0\.0\.1") as failure:
         judge.compare(SKY, POLITE, RUDE)
     assert judge.calls == 3 and sleeps == [1.0, 2.0]
+    assert "SECRETPW" not in str(failure.value) and "SECRETPW" not in repr(judge)  # credentials stay out of logs
 
 
 def test_llm_judge_sends_no_authorization_without_a_key(stub, monkeypatch):

@@ -83,6 +83,19 @@ def test_manifests_hold_no_secrets(tmp_path, monkeypatch):
     assert read_manifest(tmp_path / "a")["run_config"]["llm"]["base_url"] == "https://<redacted>@host/v1"
 
 
+def test_redaction_hides_url_query_secrets_and_keeps_special_token_names():
+    from rahf.artifacts import redacted
+
+    config = {
+        "url": "https://host/v1?api_key=SECRET1&model=x&sig=SECRET2",
+        "train": {"hub_token": "hf_abc", "eos_token": "</s>", "pad_token": "<pad>", "access_token": "t"},
+    }
+    assert redacted(config) == {
+        "url": "https://host/v1?api_key=<redacted>&model=x&sig=<redacted>",
+        "train": {"hub_token": "<redacted>", "eos_token": "</s>", "pad_token": "<pad>", "access_token": "<redacted>"},
+    }
+
+
 def test_large_data_files_are_hashed_in_full_large_weights_by_ends_and_mtime(tmp_path, monkeypatch):
     from rahf import artifacts
 
@@ -517,3 +530,68 @@ def test_an_sft_folder_the_run_does_not_use_is_pointed_out(tiny_model_dir, pairs
     assert "stages does not list sft, so this run starts from model" in capsys.readouterr().out
     pipeline.preflight(cfg, "sft")
     assert "note" not in capsys.readouterr().out
+
+
+def test_a_forced_recomputation_makes_what_was_built_on_it_stale(scit_run, tiny_model_dir, pairs_file, tmp_path):
+    # Same inputs need not give the same weights (GPU kernels, another library version): whatever was built on
+    # the old artifact must not pass for fresh.
+    out = tmp_path / "copy"
+    shutil.copytree(scit_run.output_dir, out)
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+
+    def states() -> dict[str, str]:
+        return {line[:9].strip(): line[10:30].strip() for line in pipeline.describe(cfg).splitlines()}
+
+    assert set(states().values()) == {"fresh"}
+    pipeline.run_stage(cfg, "collect", force=True)
+    assert states() == {"instruct": "fresh", "collect": "fresh", "align": "stale", "merge": "waiting for upstream"}
+
+
+@pytest.mark.parametrize(
+    ("method", "stages", "missing", "extra"),
+    [
+        ("scit", ["instruct", "collect", "align", "merge", "evaluate"], "reward", {"evaluate__judge": "reward-model"}),
+        ("rlhf-ppo", ["instruct"], "reward", {}),
+        ("scit", ["collect", "align"], "instruct", {}),
+    ],
+    ids=["evaluate-judge", "ppo-reward", "collect-without-step-1"],
+)
+def test_an_artifact_no_stage_makes_stops_the_run_before_anything_trains(
+    tiny_model_dir, pairs_file, tmp_path, method, stages, missing, extra
+):
+    settings = run_settings(
+        tiny_model_dir, pairs_file, tmp_path / "out", method, stages=stages, evaluate__pairs=str(pairs_file), **extra
+    )
+    with pytest.raises(RahfError, match=rf"no finished {missing} artifact; run `rahf {missing}`, or add {missing} to"):
+        pipeline.run(load_config(None, settings))
+    assert not (tmp_path / "out").exists()
+    pipeline.preflight(load_config(None, settings | {"stages": [missing, *stages]}))  # made first: fine
+
+
+def test_model_folders_without_config_or_tokenizer_and_output_inside_the_model_are_refused(
+    tiny_model_dir, pairs_file, tmp_path
+):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", bare)
+    cases = [
+        (bare, tmp_path / "out", r"model: .*bare holds no tokenizer files .*save the tokenizer there"),
+        (tiny_model_dir, tiny_model_dir / "runs" / "a", r"output_dir: .* lies inside model"),
+    ]
+    for model, out, message in cases:
+        cfg = load_config(None, run_settings(model, pairs_file, out, "scit"))
+        with pytest.raises(RahfError, match=message):
+            pipeline.preflight(cfg)
+        assert not out.exists()
+
+
+def test_leftovers_of_a_killed_stage_are_removed_and_a_running_ones_kept(tmp_path, capsys):
+    dead = tmp_path / ".collect.tmp-999999999-1"  # no such process
+    live = tmp_path / f".collect.tmp-{os.getpid()}-1"
+    other = tmp_path / ".align.tmp-999999999-1"
+    for d in (dead, live, other):
+        (d / "checkpoints").mkdir(parents=True)
+    with atomic_dir(tmp_path / "collect", "collect", "0", {}):
+        pass
+    assert not dead.exists() and live.exists() and other.exists() and (tmp_path / "collect" / MANIFEST).is_file()
+    assert "left by an interrupted run" in capsys.readouterr().out

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -23,8 +24,14 @@ MANIFEST = "rahf_manifest.json"
 _PACKAGES = ("rahf", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "safetensors")
 LARGE_FILE = 64 << 20  # bytes; weight files above this are fingerprinted without reading them in full
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
-_SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key)$", re.IGNORECASE)
+# hub_token, api_key, ... but not the names of a tokenizer's special tokens (eos_token, pad_token, ...)
+_SECRET_KEY = re.compile(
+    r"^(?!(bos|eos|pad|unk|sep|cls|mask)_token$).*(^|_)(token|password|secret|api_key)$", re.IGNORECASE
+)
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+_URL_SECRET_PARAM = re.compile(
+    r"([?&][^=&#\s]*(?:key|token|secret|password|sig|signature)[^=&#\s]*=)[^&#\s]+", re.IGNORECASE
+)
 
 
 def versions() -> dict[str, str]:
@@ -74,10 +81,10 @@ def _hash_file(path: Path, h: hashlib._Hash) -> None:
 
 
 def fingerprint_path(path: str | os.PathLike) -> str:
-    """Content hash of a file or folder (a stage artifact contributes its own manifest fingerprint)."""
+    """Content hash of a file or folder; a stage artifact contributes its identity (`artifact_identity`)."""
     p = Path(path)
     if (p / MANIFEST).is_file():
-        return read_manifest(p)["fingerprint"]
+        return artifact_identity(p)
     h = hashlib.sha256()
     if p.is_file():
         _hash_file(p, h)
@@ -96,7 +103,8 @@ def fingerprint(payload: Any) -> str:
 
 
 def redacted(value: Any) -> Any:
-    """`value` for writing to disk: values under secret-looking keys (hub_token, api_key) and URL credentials hidden."""
+    """`value` for writing to disk or a log: values under secret-looking keys (hub_token, api_key), URL credentials
+    (`user:pass@`) and secret-looking URL query parameters (`?api_key=`, `&sig=`) hidden."""
     if isinstance(value, dict):
         return {
             k: "<redacted>" if v is not None and _SECRET_KEY.search(str(k)) else redacted(v) for k, v in value.items()
@@ -104,8 +112,16 @@ def redacted(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [redacted(v) for v in value]
     if isinstance(value, str):
-        return _URL_CREDENTIALS.sub("<redacted>@", value)
+        return _URL_SECRET_PARAM.sub(r"\1<redacted>", _URL_CREDENTIALS.sub("<redacted>@", value))
     return value
+
+
+def artifact_identity(path: str | os.PathLike) -> str:
+    """What a downstream stage records of the artifact `path`: its fingerprint and the id of the computation that
+    made it, so recomputing it (`--force`, a stage command) makes everything built on it stale even when its
+    inputs are the same: the new weights may differ (GPU nondeterminism, another library version)."""
+    manifest = read_manifest(path)
+    return f"{manifest['fingerprint']}:{manifest['build']}" if "build" in manifest else manifest["fingerprint"]
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -139,6 +155,7 @@ def atomic_dir(
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()
     try:
@@ -146,6 +163,7 @@ def atomic_dir(
         manifest = {
             "stage": stage,
             "fingerprint": fp,
+            "build": uuid.uuid4().hex,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": versions(),
             "config": redacted(config),
@@ -164,3 +182,24 @@ def atomic_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Delete the temporary and replaced copies of `final` that a killed process left (they can hold many GB)."""
+    for path in final.parent.glob(f".{final.name}.*-*-*"):
+        kind, pid, *_ = path.name[len(final.name) + 2 :].split("-")  # ".<name>.tmp-<pid>-<ns>" as made below
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        print(f"[rahf] removing {path}, left by an interrupted run", flush=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        pass
+    return True

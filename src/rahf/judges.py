@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from .artifacts import redacted
 from .data import Message
 from .demo.task import WORLD, Fact, gold_score
 
@@ -250,7 +251,7 @@ class LLMJudge:
 
     def __repr__(self) -> str:
         return (
-            f"LLMJudge(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r}, "
+            f"LLMJudge(name={self.name!r}, base_url={redacted(self.base_url)!r}, model={self.model!r}, "
             f"api_key_env={self.api_key_env!r})"
         )
 
@@ -276,6 +277,7 @@ class LLMJudge:
             headers["Authorization"] = f"Bearer {key}"
         body = json.dumps({"model": self.model, "messages": messages, "temperature": 0}).encode()
         url = f"{self.base_url}/chat/completions"
+        shown = redacted(url)  # for messages: credentials in the URL stay out of logs
         for attempt in range(self.max_retries + 1):
             self.calls += 1
             request = urllib.request.Request(url, data=body, headers=headers, method="POST")
@@ -285,11 +287,11 @@ class LLMJudge:
                 break
             except urllib.error.HTTPError as e:
                 excerpt = _redact(e.read().decode("utf-8", "replace"), key)[:300]  # redact before cutting
-                problem = f"HTTP {e.code} from {url}: {excerpt}"
+                problem = f"HTTP {e.code} from {shown}: {excerpt}"
                 if e.code not in _RETRY_STATUS:
                     raise RuntimeError(f"LLM judge request failed: {problem}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                problem = f"cannot reach {url}: {_redact(str(getattr(e, 'reason', e)), key)}"
+                problem = f"cannot reach {shown}: {_redact(str(getattr(e, 'reason', e)), key)}"
             if attempt < self.max_retries:
                 self.sleep(min(2.0**attempt, 30.0))
         else:
@@ -297,7 +299,7 @@ class LLMJudge:
         try:
             return json.loads(raw)["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
-            raise RuntimeError(f"LLM judge got no chat completion from {url}: {_redact(raw, key)[:300]!r}") from None
+            raise RuntimeError(f"LLM judge got no chat completion from {shown}: {_redact(raw, key)[:300]!r}") from None
 
 
 def _redact(text: str, key: str | None) -> str:

@@ -14,9 +14,18 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import MANIFEST, atomic_dir, fingerprint, fingerprint_path, is_fresh, read_manifest, redacted
+from .artifacts import (
+    MANIFEST,
+    artifact_identity,
+    atomic_dir,
+    fingerprint,
+    fingerprint_path,
+    is_fresh,
+    read_manifest,
+    redacted,
+)
 from .config import METHOD_STAGES, RahfConfig, resolved_layers
-from .errors import RahfError
+from .errors import ConfigError, RahfError
 
 FOLDERS = {
     "sft": "sft",
@@ -67,12 +76,14 @@ def require_artifact(cfg: RahfConfig, stage: str) -> Path:
     """The finished artifact of `stage` (a stage checks that it is also fresh: see `stage_fingerprint`)."""
     path = stage_dir(cfg, stage)
     if not (path / MANIFEST).is_file():
-        raise RahfError(f"{path}: no finished {stage} artifact; run `rahf {stage}` (or `rahf run`) first")
+        how = f"`rahf {stage}` (or `rahf run`)" if stage in cfg.stages else f"`rahf {stage}`, or add {stage} to stages"
+        raise RahfError(f"{path}: no finished {stage} artifact; run {how} first")
     return path
 
 
 def _fresh_fp(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> str:
-    """Fingerprint of `stage`'s artifact; a RahfError when it is missing or was made from other inputs.
+    """Identity (`artifact_identity`) of `stage`'s artifact; a RahfError when it is missing or was made from
+    other inputs.
 
     `memo` holds what one check has computed already (each upstream stage and file is hashed once).
     """
@@ -86,7 +97,7 @@ def _fresh_fp(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> str:
                 f"{path}: the {what} was made with other settings ({_changes(path, covered, inputs)}); "
                 f"run `rahf {stage}` (or `rahf run`) again"
             )
-        memo[key] = fp
+        memo[key] = artifact_identity(path)
     return memo[key]
 
 
@@ -288,7 +299,8 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
 
 
 def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
-    """Read the data and prompt files once before any model loads, so a malformed record stops the run at once.
+    """Check what a run would otherwise find late, before any model loads: the model folder, every artifact a
+    stage reads (made earlier in this run, or there already), and every record of the data and prompt files.
 
     `stage` is the one stage a `rahf <stage>` command runs, which `stages` need not list.
     """
@@ -296,6 +308,8 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     from .generate import read_prompts
     from .training import load_data, split_pairs
 
+    check_model_folders(cfg)
+    check_upstream(cfg, [stage] if stage else active_stages(cfg))
     stages = [*active_stages(cfg), *([stage] if stage else [])]
     sft = stage_dir(cfg, "sft")
     reads_base = any(s in stages for s in ("reward", "instruct")) or cfg.method in ("lorra", "sft")
@@ -319,6 +333,37 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
         read_prompts(cfg.generate.prompts)
     if cfg.method in INSTRUCTED and any(s in stages for s in _PROMPTED):
         check_instruction_room(cfg)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_model_folders(cfg: RahfConfig) -> None:
+    """A local `model` (and `tokenizer`) folder must hold a model config and tokenizer files, and must not hold
+    `output_dir` (the run's own artifacts would change the model's fingerprint under it)."""
+    out = Path(cfg.output_dir).resolve()
+    for key, value in (("model", cfg.model), ("tokenizer", cfg.tokenizer)):
+        folder = Path(value).expanduser() if value else None
+        if folder is None or not folder.is_dir():
+            continue  # a Hub id, or unset
+        if out == folder.resolve() or folder.resolve() in out.parents:
+            raise ConfigError(f"output_dir: {cfg.output_dir} lies inside {key} ({value}); write the run elsewhere")
+        if key == "model" and not (folder / "config.json").is_file():
+            raise ConfigError(f"model: {value} holds no config.json; give a folder saved with save_pretrained")
+        if (key == "tokenizer" or not cfg.tokenizer) and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+            raise ConfigError(
+                f"{key}: {value} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...); save the "
+                "tokenizer there with tokenizer.save_pretrained" + (" or set tokenizer" if key == "model" else "")
+            )
+
+
+def check_upstream(cfg: RahfConfig, planned: list[str]) -> None:
+    """Every artifact the `planned` stages read must be made by an earlier one of them or exist already (fresh),
+    so a missing reward model, say, stops the run before SFT and step 1 have trained."""
+    memo: dict[str, str | None] = {}
+    for stage in planned:
+        _stage_inputs(cfg, stage, memo)
+        memo[f"stage:{stage}"] = "planned"
 
 
 INSTRUCTED = ("scit", "lorra", "hir")  # methods whose prompts carry the instructions
