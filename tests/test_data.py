@@ -363,6 +363,101 @@ def test_bad_message_role(tmp_path):
         load_pairs(path)
 
 
+@pytest.mark.parametrize(
+    ("record", "field", "at"),
+    [
+        ({"prompt": "a", "chosen": "ok \ud83d", "rejected": "c"}, "field 'chosen'", "ud83d at character 4"),
+        ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: \ud83d"},
+         "field 'rejected'", "ud83d at character 24"),
+        ({"prompt": [user("ok \ud83d")], "chosen": [assistant("b")], "rejected": [assistant("c")]},
+         "field 'prompt' message 0 content", "ud83d at character 4"),
+        ({"prompt": "a", "chosen": [user("a"), assistant("ok \udc00")], "rejected": [user("a"), assistant("c")]},
+         "field 'chosen' message 1 content", "udc00 at character 4"),
+    ],
+)  # fmt: skip
+def test_a_lone_surrogate_is_refused_naming_line_and_field(tmp_path, record, field, at):
+    """A broken UTF-16 escape in scraped JSON ("\\ud83d" without its pair) passes json but no tokenizer."""
+    path = write_jsonl(tmp_path / "d.jsonl", [record])  # json.dumps writes the surrogate as a \u escape
+    with pytest.raises(DataError, match=rf"d\.jsonl:1: {field} holds a lone surrogate \\{at}; "):
+        load_pairs(path)
+    path.write_text('{"prompt": "a \\ud83d\\ude00", "chosen": "b", "rejected": "c"}\n')  # a whole pair is fine
+    assert load_pairs(path)[0][0].prompt == (user("a \U0001f600"),)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz", "d.json"])
+def test_a_byte_that_is_not_utf8_is_named_by_line_and_offset(tmp_path, name):
+    good, bad = json.dumps(STANDARD[0]).encode(), b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}'
+    records = [good] * 4000 + [bad]  # far past the first block a text reader decodes
+    raw = b"[" + b",\n".join(records) + b"]" if name == "d.json" else b"\n".join(records) + b"\n"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    with pytest.raises(
+        DataError, match=rf"{re.escape(name)}:4001: not UTF-8 \(byte 0xe9 at byte offset 15 of the line\)"
+    ):
+        load_pairs(path)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("1" * 5000, "an integer has more than 4300 digits"), ("[" * 100_000 + "]" * 100_000, "arrays or objects nest")],
+)
+def test_json_that_python_will_not_read_is_named_by_line(tmp_path, name, value, problem):
+    """Python's json raises ValueError for a 5000-digit integer and RecursionError for deep nesting."""
+    decoy = json.dumps({"prompt": "9" * 5000, "chosen": "[[[", "rejected": "b"})  # digits and brackets in strings
+    record = '{"prompt": "a", "chosen": "b", "rejected": "c", "extra": ' + value + "}"
+    path = tmp_path / name
+    path.write_text(f"[\n{decoy},\n{record}\n]\n" if name == "d.json" else f"{decoy}\n{record}\n")
+    line = 3 if name == "d.json" else 2
+    with pytest.raises(DataError, match=rf"{re.escape(name)}:{line}: {problem}"):
+        load_pairs(path)
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"prompt": None, "chosen": "a", "rejected": "b"}, "field 'prompt' must be a string, got null"),
+        ({"prompt": "x", "chosen": None, "rejected": "b"}, "field 'chosen' must be a string, got null"),
+        ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": 3}, "field 'rejected' must be a string, got int"),
+        ({"prompt": [user("x")], "chosen": None, "rejected": [assistant("b")]},
+         "field 'chosen' must be a list of messages, got null"),
+        ({"prompt": "x", "chosen": [user("x"), assistant("a")], "rejected": None},
+         "field 'rejected' must be a list of messages, got null"),
+    ],
+)  # fmt: skip
+def test_a_wrong_typed_field_in_the_first_record_is_named(tmp_path, record, problem):
+    path = write_jsonl(tmp_path / "d.jsonl", [record, STANDARD[0]])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:1: {problem} \(expected "):
+        load_pairs(path)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz", "d.json"])
+def test_a_utf8_bom_is_read(tmp_path, name):
+    text = json.dumps(STANDARD) if name == "d.json" else "".join(json.dumps(r) + "\n" for r in STANDARD)
+    raw = "\ufeff".encode() + text.encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    assert [(p.prompt, p.chosen, p.rejected) for p in load_pairs(path)[0]] == [
+        (p.prompt, p.chosen, p.rejected) for p in expected_standard("")
+    ]
+
+
+@pytest.mark.parametrize("text", ["", " \n\n"])
+def test_an_empty_json_file_holds_no_records_like_an_empty_jsonl_file(tmp_path, text):
+    for name in ("d.json", "d.jsonl"):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / name))}: holds no records$"):
+            load_pairs(tmp_path / name)
+
+
+@pytest.mark.parametrize("name", ["D.JSONL.GZ", "D.Json.Gz"])
+def test_compressed_file_names_are_matched_in_any_case(tmp_path, name):
+    path = tmp_path / name
+    text = json.dumps(STANDARD) if ".json." in name.lower() else "".join(json.dumps(r) + "\n" for r in STANDARD)
+    path.write_bytes(gzip.compress(text.encode()))
+    assert [p.chosen for p in load_pairs(path)[0]] == ["4", "Paris"]
+
+
 # ---------------------------------------------------------------- check_data / format_report
 
 

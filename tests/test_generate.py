@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+
 import pytest
 
 from rahf.generate import generate
@@ -56,6 +59,59 @@ def test_an_empty_prompt_in_a_prompts_file_is_refused(tmp_path, prompt):
     path.write_text('{"prompt": "hi"}\n{"prompt": ' + prompt + "}\n")
     with pytest.raises(DataError, match=r"prompts\.jsonl:2: field 'prompt' must be a non-empty"):
         read_prompts(path)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "problem"),
+    [
+        ([{"role": "bot", "content": 3}], "field 'prompt' message 0 has role 'bot'"),
+        (["hello"], "field 'prompt' message 0 must be an object, got str"),
+        ([{"role": "user", "content": 3}], "field 'prompt' message 0 content must be a string, got int"),
+        ([{"role": "user", "content": "mia asks"}, {"role": "assistant", "content": "it is"}],
+         "field 'prompt': the prompt must end with a user message, got 'assistant'"),
+        ([{"role": "user", "content": "mia \ud83d"}], r"field 'prompt' message 0 content holds a lone surrogate"),
+        ("mia \ud83d", r"field 'prompt' holds a lone surrogate"),
+    ],
+)  # fmt: skip
+def test_a_malformed_prompt_in_a_prompts_file_is_refused_like_preference_data(tmp_path, prompt, problem):
+    from rahf.errors import DataError
+    from rahf.generate import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "hi"}\n' + json.dumps({"prompt": prompt}) + "\n")
+    with pytest.raises(DataError, match=rf"prompts\.jsonl:2: {problem}"):
+        read_prompts(path)
+
+
+def test_rahf_generate_refuses_a_malformed_prompt_before_loading_a_model(
+    tmp_path, tiny_model_dir, pairs_file, capsys, monkeypatch
+):
+    import rahf.training
+    from rahf.cli import main
+
+    monkeypatch.setattr(rahf.training, "load_stage_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": [PROMPT[0], {"role": "assistant", "content": "it is"}]}) + "\n")
+    cfg = tmp_path / "c.yaml"
+    out = tmp_path / "out"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\n"
+        f"generate:\n  model: {tiny_model_dir}\n  prompts: {prompts}\n"
+    )
+    assert main(["generate", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rahf: error: {prompts}:1: field 'prompt': the prompt must end with a user message")
+    assert err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["p.jsonl", "p.jsonl.gz", "P.JSONL", "P.JSONL.GZ"])
+def test_a_prompt_only_file_is_read_under_any_name_the_data_loader_reads_as_jsonl(tmp_path, name):
+    from rahf.generate import read_prompts
+
+    text = '{"prompt": "mia asks"}\n{"prompt": [{"role": "user", "content": "fred asks"}]}\n'
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.lower().endswith(".gz") else text.encode())
+    assert read_prompts(path) == [[{"role": "user", "content": "mia asks"}], [{"role": "user", "content": "fred asks"}]]
 
 
 def test_generation_stops_at_the_chat_templates_end_of_turn(model, tokenizer):

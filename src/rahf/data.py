@@ -11,10 +11,11 @@ import gzip
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rahf.errors import DataError
 
@@ -32,10 +33,13 @@ _HINTS = {
     ),
     "hh": '{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}',
     "ultrafeedback": '{"prompt": str, "chosen": [user message, assistant message], "rejected": [same shape]}',
+    "prompt-only": '{"prompt": str} or {"prompt": [messages ending with a user message]}',  # prompts files
 }
 
 _HH_ASSISTANT = "\n\nAssistant:"
 _HH_TAG = re.compile(r"\n\n(Human|Assistant):")
+# Strings, brackets and numbers of valid JSON: enough to find where Python's json gave up (see _limit_line).
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?')
 
 _MAX_SHOWN_PROBLEMS = 20
 
@@ -90,6 +94,16 @@ def detect_format(record: dict) -> str | None:
     return None
 
 
+def _meant_format(record: dict) -> str | None:
+    """The format a record that `detect_format` rejects has the field names of, judged by its other fields."""
+    if "chosen" not in record or "rejected" not in record:
+        return None
+    prompt, replies = record.get("prompt"), (record["chosen"], record["rejected"])
+    if isinstance(prompt, list) or any(isinstance(r, list) for r in replies):
+        return "ultrafeedback" if isinstance(prompt, str) else "trl-conversational"
+    return "trl-standard" if "prompt" in record else "hh"
+
+
 # ---------------------------------------------------------------- field checks
 
 
@@ -102,15 +116,29 @@ def _error(src: str, fmt: str, what: str) -> DataError:
     return DataError(f"{src}: {what} (expected {fmt} format: {_HINTS[fmt]})")
 
 
+def _no_surrogate(text: str, what: str, src: str, fmt: str) -> str:
+    """`text`, refused if it holds a lone UTF-16 surrogate (a broken JSON escape), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")  # fails exactly on surrogates, and much faster than searching for them
+    except UnicodeEncodeError as e:
+        raise _error(
+            src,
+            fmt,
+            f"{what} holds a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start + 1}; "
+            "fix or drop that \\u escape (half of a UTF-16 pair) or re-encode the file",
+        ) from None
+    return text
+
+
 def _field(record: dict, key: str, kind: type, src: str, fmt: str) -> Any:
-    """record[key], which must exist and be of type `kind`."""
+    """record[key], which must exist and be of type `kind` (a string without lone surrogates)."""
     if key not in record:
         raise _error(src, fmt, f"field {key!r} is missing")
     value = record[key]
     if not isinstance(value, kind):
         noun = {str: "a string", list: "a list of messages"}[kind]
         raise _error(src, fmt, f"field {key!r} must be {noun}, got {_type_name(value)}")
-    return value
+    return _no_surrogate(value, f"field {key!r}", src, fmt) if kind is str else value
 
 
 def _messages(record: dict, key: str, src: str, fmt: str) -> list[Message]:
@@ -127,6 +155,7 @@ def _messages(record: dict, key: str, src: str, fmt: str) -> list[Message]:
             raise _error(src, fmt, f"{where} has role {m.get('role')!r}; expected one of {_ROLES}")
         if not isinstance(m.get("content"), str):
             raise _error(src, fmt, f"{where} content must be a string, got {_type_name(m.get('content'))}")
+        _no_surrogate(m["content"], f"{where} content", src, fmt)
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -145,6 +174,19 @@ def _assistant_text(messages: list[Message], key: str, src: str, fmt: str) -> st
         if m["role"] != "assistant":
             raise _error(src, fmt, f"field {key!r} must hold only assistant messages, got role {m['role']!r}")
     return "\n\n".join(m["content"] for m in messages).strip()
+
+
+def parse_prompt(record: object, src: str) -> list[Message]:
+    """The prompt of a prompts-file record {"prompt": str or messages}, checked as preference-data prompts are."""
+    fmt = "prompt-only"
+    if not isinstance(record, dict):
+        raise DataError(f"{src}: a record must be a JSON object, got {_type_name(record)}")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, (str, list)) or not prompt:
+        raise _error(src, fmt, "field 'prompt' must be a non-empty string or message list")
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": _no_surrogate(prompt, "field 'prompt'", src, fmt)}]
+    return list(_check_prompt(_messages(record, "prompt", src, fmt), "prompt", src, fmt))
 
 
 # ---------------------------------------------------------------- per-format parsers
@@ -250,21 +292,73 @@ _PARSERS: dict[str, Callable[[dict, str], PreferencePair]] = {
 # ---------------------------------------------------------------- file reading
 
 
+def _open_text(path: Path) -> IO[str]:
+    """`path` (gzip-compressed if named *.gz, in any case) as UTF-8 text, a leading BOM dropped.
+
+    Bytes that are not UTF-8 come through as surrogates (errors="surrogateescape") for `_check_utf8` to report
+    by line: a decoding error raised while reading would name neither the line nor a position in it.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _check_utf8(text: str, shown: str, first_line: int = 1) -> None:
+    """Refuse text from `_open_text` that holds a byte that is not UTF-8, naming its line and offset in it."""
+    try:
+        text.encode("utf-8")  # fails exactly on the surrogates that stand for undecodable bytes
+    except UnicodeEncodeError as e:
+        line = first_line + text.count("\n", 0, e.start)
+        offset = len(text[text.rfind("\n", 0, e.start) + 1 : e.start].encode("utf-8", "surrogateescape"))
+        raise DataError(
+            f"{shown}:{line}: not UTF-8 (byte 0x{ord(text[e.start]) - 0xDC00:02x} at byte offset {offset} of the line); "
+            "re-encode the file as UTF-8"
+        ) from None
+
+
+def _limit_error(where: str, e: ValueError | RecursionError) -> DataError:
+    """DataError for valid JSON that Python's json still refuses: a huge integer or very deep nesting."""
+    if isinstance(e, RecursionError):
+        return DataError(f"{where}: arrays or objects nest too deeply for Python's json to read; flatten the record")
+    return DataError(
+        f"{where}: an integer has more than {sys.get_int_max_str_digits()} digits, more than Python's json reads; "
+        "write it as a string"
+    )
+
+
+def _limit_line(text: str, e: ValueError | RecursionError) -> int:
+    """Line of what made Python's json give up on `text`: the first too-long integer, or the deepest nesting."""
+    depth = deepest = at = 0
+    limit = sys.get_int_max_str_digits() if isinstance(e, ValueError) else None  # Python 3.10.7+
+    for m in _JSON_TOKEN.finditer(text):
+        token = m.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > deepest:
+                deepest, at = depth, m.start()
+        elif token in ("]", "}"):
+            depth -= 1
+        elif limit is not None and token.lstrip("-").isdigit() and len(token.lstrip("-")) > limit:
+            return text.count("\n", 0, m.start()) + 1
+    return text.count("\n", 0, at) + 1
+
+
 def read_jsonl(path: str | os.PathLike, shown: str | None = None) -> Iterator[tuple[str, object]]:
     """(`file:line`, record) for each non-blank line of a JSONL(.gz) file; bad JSON raises DataError there."""
     path, shown = Path(path), shown or str(path)
-    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):
+                _check_utf8(line, shown, lineno)
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{shown}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except (ValueError, RecursionError) as e:
+                    raise _limit_error(f"{shown}:{lineno}", e) from None
                 yield f"{shown}:{lineno}", record
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError) as e:
         raise DataError(f"{shown}: cannot read the file ({e})") from None
 
 
@@ -272,19 +366,25 @@ def _read_json(path: Path, shown: str) -> Iterator[tuple[str, object]]:
     """Records of a JSON file: a list, an object with a 'data' or 'train' list, or a single record.
 
     A file holding several top-level values is JSON Lines under a .json name (as `datasets.Dataset.to_json`
-    writes it) and is read line by line.
+    writes it) and is read line by line. A blank file holds no records.
     """
-    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with _open_text(path) as f:
+            text = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{shown}: cannot read the file ({e})") from None
+    _check_utf8(text, shown)
+    if not text.strip():
+        return
     json_lines = False
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg != "Extra data":
             raise DataError(f"{shown}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         json_lines = True
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise DataError(f"{shown}: cannot read the file ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise _limit_error(f"{shown}:{_limit_line(text, e)}", e) from None
     if json_lines:
         yield from read_jsonl(path, shown)
         return
@@ -339,6 +439,12 @@ def _read_dataset(path: Path, shown: str) -> Iterator[tuple[str, object]]:
         yield f"{shown}:row {i}", record
 
 
+def is_jsonl(path: str | os.PathLike) -> bool:
+    """Whether the data loader reads `path` as JSON Lines: a file named *.jsonl or *.jsonl.gz, in any case."""
+    p = Path(path)
+    return not p.is_dir() and p.name.lower().endswith((".jsonl", ".jsonl.gz"))
+
+
 def _read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     """(source, record) for every record in the file, choosing the reader by suffix."""
     shown = os.fspath(path)
@@ -348,7 +454,7 @@ def _read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     name = p.name.lower()
     if p.is_dir() or name.endswith(".parquet"):
         return _read_dataset(p, shown)
-    if name.endswith((".jsonl", ".jsonl.gz")):
+    if is_jsonl(p):
         return read_jsonl(p, shown)
     if name.endswith((".json", ".json.gz")):
         return _read_json(p, shown)
@@ -381,9 +487,12 @@ def load_pairs(
         if fmt is None:
             fmt = detect_format(record)
             if fmt is None:
+                meant = _meant_format(record)
+                if meant is not None:
+                    _PARSERS[meant](record, src)  # raises DataError naming the field of the wrong type
                 raise DataError(
                     f"{src}: cannot tell the data format from fields {sorted(record)}; expected one of: "
-                    + "; ".join(f"{name} {hint}" for name, hint in _HINTS.items())
+                    + "; ".join(f"{name} {_HINTS[name]}" for name in FORMATS)
                 )
         try:
             pairs.append(_PARSERS[fmt](record, src))

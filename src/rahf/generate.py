@@ -10,7 +10,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Message
-from .errors import DataError
 from .stimuli import prompt_ids, stop_ids
 
 # Logits processors a checkpoint's generation_config would add (Qwen2.5-Instruct ships repetition_penalty 1.05,
@@ -93,21 +92,15 @@ def generate(
 
 
 def read_prompts(path: str | Path) -> list[list[Message]]:
-    """Prompts from JSONL records with `prompt` (a string or a message list), or from any preference-data file."""
-    from .data import load_pairs, read_jsonl
+    """Prompts from JSONL records with `prompt` (a string, or messages ending with a user message) or from any
+    preference-data file. Prompts are checked as preference data's are: a bad one raises DataError at `file:line`."""
+    from .data import is_jsonl, load_pairs, parse_prompt, read_jsonl
 
-    p = Path(path)
-    if p.suffix == ".jsonl":
-        records = list(read_jsonl(p))
+    if is_jsonl(path):  # the data loader's rule: *.jsonl or *.jsonl.gz, in any case
+        records = list(read_jsonl(path))
         if records and isinstance(records[0][1], dict) and "prompt" in records[0][1] and "chosen" not in records[0][1]:
-            out = []
-            for source, rec in records:
-                prompt = rec.get("prompt") if isinstance(rec, dict) else None
-                if not isinstance(prompt, (str, list)) or not prompt:
-                    raise DataError(f"{source}: field 'prompt' must be a non-empty string or message list")
-                out.append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
-            return out
-    return [list(pair.prompt) for pair in load_pairs(p)[0]]
+            return [parse_prompt(rec, source) for source, rec in records]
+    return [list(pair.prompt) for pair in load_pairs(path)[0]]
 
 
 def write_generations(path: Path, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> None:

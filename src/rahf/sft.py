@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .config import RahfConfig
-from .data import load_pairs, read_jsonl
+from .data import is_jsonl, load_pairs, read_jsonl
 from .errors import DataError
 from .models import load_model, load_tokenizer, save_model
 from .stimuli import build_variants
@@ -16,7 +16,7 @@ from .training import load_data, training_args
 def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str]]:
     """(prompt messages, response) pairs: `sft.path` (prompt/completion JSONL or preference data) or chosen replies."""
     path = cfg.sft.path
-    if path and str(path).endswith((".jsonl", ".jsonl.gz")):
+    if path and is_jsonl(path):
         records = list(read_jsonl(path))
         if records and isinstance(records[0][1], dict) and "completion" in records[0][1]:
             out = []
