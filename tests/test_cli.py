@@ -195,9 +195,11 @@ def test_a_malformed_prompts_file_stops_run_before_any_training(tmp_path, tiny_m
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi"}\n{"prompt": \n')
     section, field = key.split(".")
+    # every stage that makes what generate/evaluate read (the merged model; evaluate's judge, a reward model)
+    stages = f"sft, {'reward, ' if section == 'evaluate' else ''}instruct, collect, align, merge, {section}"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
-        f"model: {tiny_model_dir}\nstages: [sft, instruct, {section}]\ndata:\n  path: {pairs_file}\n"
+        f"model: {tiny_model_dir}\nstages: [{stages}]\ndata:\n  path: {pairs_file}\n"
         f"output_dir: {out}\n{section}:\n  {field}: {prompts}\n"
         + (f"  pairs: {pairs_file}\n" if section == "evaluate" else "")
     )
@@ -251,3 +253,90 @@ def test_several_launched_processes_are_refused_before_any_work(tmp_path, tiny_m
     )
     assert nothing_written(out)
     assert main(["data", "check", str(pairs_file)]) == 0  # read-only commands are not affected
+
+
+def valid_config(folder: Path, tiny_model_dir: Path, pairs_file: Path, name: str = "c.yaml") -> Path:
+    """A valid config in `folder` whose output folder is `folder/out`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = folder / name
+    cfg.write_text(
+        f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {folder / 'out'}\nlayers: [1, 2]\n"
+        "window: 8\n"
+    )
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "start"),
+    [
+        ("align.train.max_steps=1.5", "align.train.max_steps: expected an integer"),
+        ("align.train.learning_rate=null", "align.train.learning_rate: must not be null"),
+        ("align.train.learning_rate=[0.1]", "align.train.learning_rate: expected a number, got a list"),
+        ("align.train.lr_scheduler_type=constnt", "align.train.lr_scheduler_type: 'constnt' is not one of"),
+        ("align.train.per_device_train_batch_size=0", "align.train.per_device_train_batch_size: must be >= 1"),
+        ("seed=-1", "seed: must be in [0, 4294967295]"),
+        ("seed=99999999999999999999", "seed: must be in [0, 4294967295]"),
+        ("compare.overrides={dual: {layers: [99]}}", "compare.overrides.dual: layers: [99] out of range"),
+        ("stages=[]", "stages: empty"),
+        ("=3", "empty key in override '=3'"),
+    ],
+)
+def test_bad_values_stop_run_before_anything_is_written(tmp_path, tiny_model_dir, pairs_file, capsys, override,
+                                                        start):  # fmt: skip
+    cfg = valid_config(tmp_path, tiny_model_dir, pairs_file)
+    assert main(["run", str(cfg), override]) == 2
+    captured = capsys.readouterr()
+    assert one_line_error(captured.err).startswith(start), captured.err
+    assert captured.out == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_is_a_file_exits_2(tmp_path, tiny_model_dir, pairs_file, capsys):
+    cfg = valid_config(tmp_path, tiny_model_dir, pairs_file)
+    assert main(["run", str(cfg), f"output_dir={cfg}"]) == 2
+    assert (
+        one_line_error(capsys.readouterr().err)
+        == f"output_dir: {cfg} is a file, not a folder; choose another output_dir"
+    )
+
+
+@pytest.mark.parametrize("folder", ["alpha=3", "a/b=c=d"])
+def test_config_path_with_an_equals_sign(tmp_path, tiny_model_dir, pairs_file, capsys, monkeypatch, folder):
+    """Sweep folders (hydra style) hold `=`: the first argument is still the config."""
+    cfg = valid_config(tmp_path / "sweep" / folder, tiny_model_dir, pairs_file)
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", str(cfg.relative_to(tmp_path)), "alpha=2"]) == 0
+    assert "instruct" in capsys.readouterr().out
+    assert main(["status", f"sweep/{folder}/missing.yaml"]) == 2
+    assert one_line_error(capsys.readouterr().err) == f"config file not found: sweep/{folder}/missing.yaml"
+
+
+def test_non_utf8_config_exits_2(tmp_path, capsys):
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes("instructions:\n  preferred: caf\xe9\n".encode("latin-1"))
+    assert main(["status", str(cfg)]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith(f"{cfg}, line 2: not UTF-8 text")
+
+
+def test_repeated_key_exits_2(tmp_path, tiny_model_dir, pairs_file, capsys):
+    cfg = valid_config(tmp_path, tiny_model_dir, pairs_file)
+    cfg.write_text(cfg.read_text() + "alpha: 1.0\nalpha: 2.0\n")
+    assert main(["run", str(cfg)]) == 2
+    assert "key 'alpha' repeated" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_status_into_a_closed_pipe_exits_quietly(tmp_path, tiny_model_dir, pairs_file):
+    """`rahf status c.yaml | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    cfg = valid_config(tmp_path, tiny_model_dir, pairs_file)
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rahf.cli", "status", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    proc.stdout.close()  # every write to stdout now fails with EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert err == ""

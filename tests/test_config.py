@@ -405,6 +405,39 @@ def test_override_that_is_not_valid_yaml(item):
     assert str(e.value).startswith(f"{item}: not valid YAML (") and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("item", "value"),
+    [
+        ("instructions.preferred=You are assistant #1, be kind", "You are assistant #1, be kind"),
+        ("instructions.preferred=#1 rule: be kind", "#1 rule: be kind"),
+        ("instructions.preferred=  say #hi  ", "say #hi"),
+        ("instructions.preferred='quoted' # a comment", "quoted"),
+    ],
+)
+def test_hash_in_an_override_value_is_text(item, value):
+    """On the command line ` #` is part of the value, not the start of a YAML comment."""
+    assert parse_overrides([item]) == {"instructions": {"preferred": value}}
+
+
+@pytest.mark.parametrize("item", ["seed=010", "seed=-007", "compare.seeds=[1, 02]"])
+def test_leading_zero_integer_is_refused(item, tmp_path):
+    """YAML 1.1 reads 010 as octal 8; refused rather than silently turned into 8 (or read as 10)."""
+    with pytest.raises(ConfigError) as e:
+        parse_overrides([item])
+    assert str(e.value).startswith(f"{item}: not valid YAML (") and "leading zero" in str(e.value), e.value
+    path = tmp_path / "c.yaml"
+    path.write_text("model: x\nseed: 010\n")
+    assert error_of(path).startswith(f"{path}, line 2: not valid YAML (010 has a leading zero")
+    assert parse_overrides(["seed=10", "alpha=0.5", "window=0"]) == {"seed": 10, "alpha": 0.5, "window": 0}
+
+
+@pytest.mark.parametrize("item", ["=3", " =3", "align..r=4", "align.=4"])
+def test_override_with_an_empty_key(item):
+    with pytest.raises(ConfigError) as e:
+        parse_overrides([item])
+    assert str(e.value) == f"empty key in override {item!r}: write key=value, e.g. alpha=3"
+
+
 def test_override_without_equals_sign():
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_overrides(["alpha"])
@@ -470,3 +503,138 @@ def test_example_configs_use_only_known_keys(path):
     from rahf.config import RahfConfig, _build
 
     _build(RahfConfig, yaml.safe_load(path.read_text()), "")
+
+
+# ---------------------------------------------------------------- train values, seeds, files
+
+
+@pytest.mark.parametrize(
+    ("train", "start"),
+    [
+        ({"max_steps": 1.5}, "align.train.max_steps: expected an integer, got 1.5"),
+        ({"learning_rate": None}, "align.train.learning_rate: must not be null"),
+        ({"learning_rate": [0.1]}, "align.train.learning_rate: expected a number, got a list"),
+        ({"learning_rate": {"a": 1}}, "align.train.learning_rate: expected a number, got a mapping"),
+        ({"learning_rate": True}, "align.train.learning_rate: expected a number, got True"),
+        ({"disable_tqdm": "sometimes"}, "align.train.disable_tqdm: expected true or false, got 'sometimes'"),
+        ({"run_name": 7}, "align.train.run_name: expected a string, got 7"),
+        ({"lr_scheduler_type": "constnt"}, "align.train.lr_scheduler_type: 'constnt' is not one of linear, cosine"),
+        ({"optim": "adamw_foo"}, "align.train.optim: 'adamw_foo' is not one of adamw_torch"),
+        ({"per_device_train_batch_size": 0}, "align.train.per_device_train_batch_size: must be >= 1, got 0"),
+        ({"gradient_accumulation_steps": -2}, "align.train.gradient_accumulation_steps: must be >= 1, got -2"),
+        ({"num_train_epochs": 0}, "align.train.num_train_epochs: must be > 0"),
+        ({"max_steps": 0}, "align.train.max_steps: must be >= 1 (or -1: train num_train_epochs), got 0"),
+        ({"learning_rate": -1e-3}, "align.train.learning_rate: must be >= 0"),
+        ({"logging_steps": 0}, "align.train.logging_steps: logging strategy"),  # the library's own rule
+    ],
+)
+def test_train_values_of_the_wrong_type_or_range(base, train, start):
+    """Each would pass validation and fail after the earlier stages have trained."""
+    msg = error_of(None, with_(base, align__train=train))
+    assert msg.startswith(start), msg
+
+
+@pytest.mark.parametrize(
+    ("section", "method", "train", "key"),
+    [
+        ("sft", "scit", {"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+        ("sft", "scit", {"max_length": 0}, "max_length"),
+        ("instruct", "scit", {"max_steps": 2.5}, "max_steps"),
+        ("instruct", "dual", {"lr_scheduler_type": "cosin"}, "lr_scheduler_type"),
+        ("dpo", "dpo", {"beta": None}, "beta"),
+        ("reward", "scit", {"num_train_epochs": -1}, "num_train_epochs"),
+    ],
+)
+def test_train_values_are_checked_in_every_section(base, section, method, train, key):
+    msg = error_of(None, with_(base, method=method, **{f"{section}__train": train}))
+    assert msg.startswith(f"{section}.train.{key}: "), msg
+
+
+def test_good_train_values_are_accepted_as_their_fields_take_them(base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train = {"learning_rate": 1, "num_train_epochs": 2, "max_steps": -1, "lr_scheduler_type": "cosine"}
+    cfg = load_config(None, with_(base, align__train=train | {"eval_steps": None, "report_to": ["none"]}))
+    assert cfg.align.train["learning_rate"] == 1 and cfg.align.train["max_steps"] == -1
+    assert load_config(None, with_(base, align__train={"max_steps": 100.0})).align.train["max_steps"] == 100
+    assert type(load_config(None, with_(base, align__train={"max_steps": 100.0})).align.train["max_steps"]) is int
+    # DPOConfig takes a single loss_type for its list field
+    assert load_config(None, with_(base, dpo__train={"loss_type": "ipo"})).dpo.train == {"loss_type": "ipo"}
+    assert list(tmp_path.iterdir()) == []  # building the arguments wrote nothing
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**32}, "seed"),
+        ({"seed": 99999999999999999999}, "seed"),
+        ({"compare__seeds": [0, -1]}, "compare.seeds[1]"),
+    ],
+)
+def test_seed_outside_what_numpy_and_torch_take(base, changes, key):
+    msg = error_of(None, with_(base, **changes))
+    assert msg.startswith(f"{key}: must be in [0, 4294967295], got "), msg
+
+
+def test_seed_edges_are_accepted(base):
+    assert load_config(None, with_(base, seed=2**32 - 1)).seed == 2**32 - 1
+    assert load_config(None, with_(base, seed=0, compare__seeds=[0, 2**32 - 1])).compare.seeds == [0, 2**32 - 1]
+
+
+def test_output_dir_that_is_a_file(base, tmp_path):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("x")
+    msg = error_of(None, with_(base, output_dir=str(taken)))
+    assert msg == f"output_dir: {taken} is a file, not a folder; choose another output_dir", msg
+    msg = error_of(None, with_(base, output_dir=str(taken / "run")))
+    assert msg == f"output_dir: {taken} is a file, not a folder; choose another output_dir", msg
+
+
+def test_config_file_that_is_not_utf8(base, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(f"model: {base['model']}\ninstructions:\n  preferred: caf\xe9\n".encode("latin-1"))
+    assert error_of(path) == f"{path}, line 3: not UTF-8 text (byte 0xe9); save the file as UTF-8"
+
+
+def test_repeated_key_in_the_config_file(base, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base) + "alpha: 5.0\nwindow: 8\nalpha: 1.0\n")
+    msg = error_of(path)
+    assert msg == f"{path}, line 7: not valid YAML (key 'alpha' repeated, first on line 5; keep one)", msg
+    path.write_text(yaml.safe_dump(base) + "align:\n  lora: {r: 4, r: 8}\n")
+    assert "key 'r' repeated" in error_of(path)
+    # the same key in two mappings, and YAML merge keys, are fine
+    path.write_text(yaml.safe_dump(base) + "x: &x {r: 4}\nalign:\n  lora: {<<: *x, r: 8}\ninstruct:\n  lora: {r: 4}\n")
+    assert "x: unknown key" in error_of(path)
+
+
+def test_repeated_key_in_an_override_value():
+    with pytest.raises(ConfigError, match="key 'r' repeated"):
+        parse_overrides(["align.lora={r: 4, r: 8}"])
+
+
+def test_compare_overrides_are_validated_as_a_whole_config(base):
+    for mapping, start in (
+        ({"layers": [99]}, "compare.overrides.dual: layers: [99] out of range; the model has layers 1..4"),
+        ({"window": 1000}, "compare.overrides.dual: window: 1000 exceeds data.max_response_length=512"),
+        ({"seed": -1}, "compare.overrides.dual: seed: must be in [0, 4294967295]"),
+        ({"align": {"train": {"max_steps": 1.5}}}, "compare.overrides.dual: align.train.max_steps: expected an"),
+    ):
+        msg = error_of(None, with_(base, compare__overrides={"dual": mapping}))
+        assert msg.startswith(start), msg
+
+
+def test_paths_in_compare_overrides_resolve_against_the_config_folder(base, tmp_path, monkeypatch):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "other.jsonl").write_bytes(Path(base["data"]["path"]).read_bytes())
+    path = proj / "c.yaml"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path.write_text(yaml.safe_dump(with_(base, compare__overrides={"dual": {"data": {"path": "./nope.jsonl"}}})))
+    msg = error_of(path)
+    assert msg == f"compare.overrides.dual: data.path: file not found: {proj.resolve() / 'nope.jsonl'}", msg
+    path.write_text(yaml.safe_dump(with_(base, compare__overrides={"dual": {"data": {"path": "other.jsonl"}}})))
+    cfg = load_config(path)
+    assert cfg.compare.overrides["dual"] == {"data": {"path": str(proj.resolve() / "other.jsonl")}}

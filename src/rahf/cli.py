@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
-from .errors import RahfError
+from .errors import ConfigError, RahfError
 
 STAGE_HELP = {
     "sft": "step 0: supervised fine-tuning (TRL SFTTrainer, loss on responses only)",
@@ -21,9 +22,14 @@ STAGE_HELP = {
 }
 
 
+# `key.sub=value`; a config path may hold "=" too (sweep/alpha=3/c.yaml), but not in a dotted key.
+OVERRIDE = re.compile(r"[\w.-]*=.*", re.DOTALL)
+
+
 def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG] key=value ...` -> (config path or None, overrides)."""
-    if items and "=" not in items[0]:
+    """`[CONFIG] key=value ...` -> (config path or None, overrides): the first item is the config when it names a
+    file or is not `key=value`."""
+    if items and (Path(items[0]).is_file() or not OVERRIDE.fullmatch(items[0])):
         return items[0], items[1:]
     return None, items
 
@@ -55,8 +61,12 @@ def _cmd_stage(args) -> None:
 
 def _cmd_run(args) -> None:
     from . import pipeline
+    from .config import STAGES
 
-    pipeline.run(_load(args), force=args.force)
+    cfg = _load(args)
+    if not cfg.stages:
+        raise ConfigError(f"stages: empty, so there is nothing to run; list at least one of {', '.join(STAGES)}")
+    pipeline.run(cfg, force=args.force)
 
 
 def _cmd_status(args) -> None:
@@ -186,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.func in (_cmd_stage, _cmd_run, _cmd_compare, _cmd_demo):
             _one_process(args.command)
         args.func(args)
+        sys.stdout.flush()  # a reader that left early (`rahf status c.yaml | head -1`) shows here, not at exit
+    except BrokenPipeError:
+        # Python's recipe (docs of `signal`, "Note on SIGPIPE"): send the rest of stdout to devnull, so that the
+        # flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except RahfError as e:
         print(f"rahf: error: {e}", file=sys.stderr)
         return 2

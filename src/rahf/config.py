@@ -10,9 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import warnings
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -343,6 +348,39 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses what YAML would otherwise read silently against the writer's intent: a key repeated
+    in one mapping (the last would win) and an integer with a leading zero (YAML 1.1 reads 010 as octal 8)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader reports it
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} repeated, first on line {first[key].start_mark.line + 1}; keep one",
+                    key_node.start_mark,
+                )  # fmt: skip
+            first[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        number = super().construct_yaml_int(node)
+        if re.fullmatch(r"[-+]?0[0-7_]+", node.value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value} has a leading zero, which YAML reads as octal {number}; drop the zero "
+                f"or write {number}", node.start_mark,
+            )  # fmt: skip
+        return number
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """What the YAML parser objects to, in one line (e.g. "expected ',' or ']', but got '<stream end>'")."""
     return getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -355,12 +393,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. alpha=3")
         key, raw = item.split("=", 1)
+        key = key.strip()
+        if not all(key.split(".")):
+            raise ConfigError(f"empty key in override {item!r}: write key=value, e.g. alpha=3")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"{item}: not valid YAML ({_yaml_problem(e)}); quote the value if it is text") from None
-        _set_dotted(tree, key.strip(), value)
+        _set_dotted(tree, key, _hash_is_text(raw, value))
     return tree
+
+
+def _hash_is_text(raw: str, value: Any) -> Any:
+    """`value` as YAML read `raw`, unless YAML took a ` #` in plain text for a comment: on a command line it is part
+    of the value (`instructions.preferred=You are assistant #1, be kind` keeps its "#1, be kind")."""
+    text, read = raw.strip(), "" if value is None else value
+    if isinstance(read, str) and text != read and text.startswith(read) and text[len(read) :].lstrip()[:1] == "#":
+        return text
+    return value
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -384,7 +434,18 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            data = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the config file ({e.strerror})") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise ConfigError(
+                f"{p}, line {line}: not UTF-8 text (byte {data[e.start]:#x}); save the file as UTF-8"
+            ) from None
+        try:
+            raw = yaml.load(text, Loader=_StrictLoader) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f", line {mark.line + 1}" if mark else ""
@@ -399,7 +460,7 @@ def load_config(
         raw["method"] = ALIASES.get(raw["method"], raw["method"])
     cfg = _build(RahfConfig, raw, "")
     _resolve_paths(cfg, base)
-    validate(cfg, stage)
+    validate(cfg, stage, base)
     return cfg
 
 
@@ -444,62 +505,6 @@ def with_overrides(cfg: RahfConfig, mapping: dict[str, Any], where: str = "") ->
         raise ConfigError(f"{where}{e}") from None
 
 
-# Token strings a trainer may be given; any other `*_token` train key (hub_token) is a credential.
-SPECIAL_TOKENS = {f"{name}_token" for name in ("bos", "eos", "pad", "unk", "sep", "cls", "mask")}
-
-
-def _train_value(key: str, value: Any, hint) -> Any:
-    """A `train:` value as its field's type takes it: YAML 1.1 reads `1e-3` as a string, which the optimizer would
-    only refuse once the model has loaded; numbers must be finite."""
-    kinds = set(get_args(hint)) or {hint}
-    numeric = kinds & {int, float}
-    if isinstance(value, str) and numeric:
-        try:
-            number = float(value)
-        except ValueError:
-            if str in kinds:
-                return value
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if float not in numeric and not number.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        value = number if float in numeric else int(number)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: must be a finite number, got {value}")
-    return value
-
-
-def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]:
-    """A stage's `train:` mapping checked against `cls` (TrainingArguments or a TRL config): known fields, no
-    credential, numbers finite and of the field's type."""
-    fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    out = {}
-    for key, value in values.items():
-        if key.endswith("_token") and key not in SPECIAL_TOKENS:
-            raise ConfigError(
-                f"{section}.train.{key}: the config is copied into every artifact manifest, so it must hold no "
-                "credential; set the HF_TOKEN environment variable instead"
-            )
-        if key not in fields:
-            raise ConfigError(f"{section}.train.{key}: not a field of {cls.__name__}")
-        out[key] = _train_value(f"{section}.train.{key}", value, fields[key])
-    if "output_dir" in values:
-        raise ConfigError(f"{section}.train.output_dir: set by rahf; use output_dir at the top level")
-    return out
-
-
-def _check_train(cfg: RahfConfig) -> None:
-    """Each `*.train` mapping against the arguments class its stage trains with (numbers read as their type)."""
-    from transformers import TrainingArguments
-    from trl import DPOConfig, RewardConfig, SFTConfig
-
-    cfg.sft.train = train_arguments("sft", cfg.sft.train, SFTConfig)
-    step1 = SFTConfig if cfg.instruct_method == "dual" else TrainingArguments
-    cfg.instruct.train = train_arguments("instruct", cfg.instruct.train, step1)
-    cfg.align.train = train_arguments("align", cfg.align.train, TrainingArguments)
-    cfg.dpo.train = train_arguments("dpo", cfg.dpo.train, DPOConfig)
-    cfg.reward.train = train_arguments("reward", cfg.reward.train, RewardConfig)
-
-
 @dataclass(frozen=True)
 class Range:
     """The values a number may take. NaN lies in no range; an open bound at infinity keeps infinity out."""
@@ -518,8 +523,8 @@ class Range:
         if self.low == -math.inf:
             return "a finite number"
         if self.high == math.inf:
-            return f"{'>' if self.open_low else '>='} {self.low:g}" + (" and finite" if self.open_high else "")
-        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+            return f"{'>' if self.open_low else '>='} {self.low}" + (" and finite" if self.open_high else "")
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
 
 
 FINITE = Range(open_low=True, open_high=True)
@@ -528,6 +533,7 @@ ABOVE_0 = Range(0, open_low=True, open_high=True)  # and finite
 AT_LEAST_0 = Range(0, open_high=True)  # and finite
 FRACTION = Range(0, 1, open_high=True)
 PROBABILITY = Range(0, 1)
+SEED = Range(0, 2**32 - 1)  # what numpy's and torch's generators take
 LORA_RANGES = {"r": AT_LEAST_1, "alpha": ABOVE_0, "dropout": FRACTION}
 # Every section with a LoRA adapter (instruct, align, dpo, ppo).
 LORA_SECTIONS = tuple(
@@ -537,6 +543,7 @@ LORA_SECTIONS = tuple(
 )
 # The range of every numeric key; a list's items are checked one by one, and null (where allowed) is not checked.
 RANGES: dict[str, Range] = {
+    "seed": SEED,
     "alpha": FINITE,
     "window": AT_LEAST_1,
     "data.limit": AT_LEAST_1,
@@ -566,11 +573,155 @@ RANGES: dict[str, Range] = {
     ),
     "evaluate.temperature": AT_LEAST_0,
     "evaluate.temperatures": AT_LEAST_0,
+    "compare.seeds": SEED,
     "compare.label_noise": FRACTION,
     "compare.alphas": FINITE,
 }
 # Keys naming a model: a local folder, or a Hub id (`name` or `org/name`) fetched only when a stage loads it.
 MODEL_KEYS = ("model", "tokenizer", "reward.model", "generate.model", "evaluate.judge_model", "ppo.reward_model")
+
+# Token strings a trainer may be given; any other `*_token` train key (hub_token) is a credential.
+SPECIAL_TOKENS = {f"{name}_token" for name in ("bos", "eos", "pad", "unk", "sep", "cls", "mask")}
+# Counts and rates in `*.train` that the trainers take as given (a batch of 0 fails only once training starts).
+TRAIN_RANGES: dict[str, Range] = {
+    **dict.fromkeys(
+        ("per_device_train_batch_size", "per_device_eval_batch_size", "precompute_ref_batch_size", "max_length"),
+        AT_LEAST_1,
+    ),
+    **dict.fromkeys(("gradient_accumulation_steps", "eval_accumulation_steps", "max_steps"), AT_LEAST_1),
+    "num_train_epochs": ABOVE_0,
+    "learning_rate": AT_LEAST_0,
+}
+UNSET_MAX_STEPS = -1  # TrainingArguments' "train num_train_epochs instead"
+# How a `train:` value's expected type reads in a message; the types `_train_value` checks.
+KIND_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+}
+
+
+def _expected(kinds: tuple) -> str:
+    """`(float, NoneType)` -> "a number": what a value of a field with these alternatives must be (enums are named
+    by strings, and a float field takes integers too)."""
+    names = [KIND_NAMES.get(str if k in _enums(kinds) else get_origin(k) or k) for k in kinds]
+    return " or ".join(n for n in dict.fromkeys(names) if n and not (n == "an integer" and float in kinds))
+
+
+def _enums(kinds: tuple) -> set[type]:
+    """The Enum classes among a field's alternatives (`SchedulerType | str` takes only SchedulerType's values)."""
+    return {k for k in kinds if isinstance(k, type) and issubclass(k, Enum)}
+
+
+def _train_value(key: str, value: Any, hint: Any) -> Any:
+    """A `train:` value as its field's type takes it, else a ConfigError naming the key: YAML 1.1 reads `1e-3` as a
+    string, which the optimizer would refuse only once the model has loaded; an int field refuses 1.5 and a float
+    field takes 2; null, lists and mappings only where the type has them; an enum field only its values."""
+    kinds = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    enums = _enums(kinds)
+    origins = {get_origin(k) or k for k in kinds} - enums
+    if not origins <= {*KIND_NAMES, type(None), Literal}:
+        return value  # a type rahf does not read (Any, ParallelismConfig): building the arguments checks it
+    literals = [a for k in kinds if get_origin(k) is Literal for a in get_args(k)]
+    if value is None:
+        if type(None) in kinds:
+            return None
+        raise ConfigError(f"{key}: must not be null; leave the key out for the default")
+    if any(type(value) is type(a) and value == a for a in literals):
+        return value
+    item = next((get_args(k) or (Any,) for k in kinds if (get_origin(k) or k) is list), None)
+    if item and not isinstance(value, list) and origins <= {list, type(None)}:
+        return _train_value(key, value, item[0])  # one item for a list (DPOConfig's loss_type: "sigmoid")
+    if isinstance(value, (list, dict)):
+        if type(value) not in origins:
+            raise ConfigError(f"{key}: expected {_expected(kinds)}, got {KIND_NAMES[type(value)]}")
+        if isinstance(value, dict):
+            return value
+        return [_train_value(f"{key}[{i}]", v, item[0]) for i, v in enumerate(value)]
+    if isinstance(value, str) and (enums or (literals and str not in kinds)):
+        names = [str(m.value) for e in enums for m in e] + [str(a) for a in literals]
+        if value not in names:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}")
+        return value
+    numeric = {int, float} & origins
+    if isinstance(value, str) and numeric:
+        try:
+            value = float(value)
+        except ValueError:
+            if str in kinds:
+                return value
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not numeric:
+        if type(value) not in origins:
+            raise ConfigError(f"{key}: expected {_expected(kinds)}, got {value!r}")
+        return value
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if float in numeric:
+        return value
+    if not float(value).is_integer():
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return int(value)
+
+
+def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]:
+    """A stage's `train:` mapping checked against `cls` (TrainingArguments or a TRL config): known fields, no
+    credential, values of the field's type, counts in range."""
+    fields = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        if key.endswith("_token") and key not in SPECIAL_TOKENS:
+            raise ConfigError(
+                f"{section}.train.{key}: the config is copied into every artifact manifest, so it must hold no "
+                "credential; set the HF_TOKEN environment variable instead"
+            )
+        if key not in known:
+            raise ConfigError(f"{section}.train.{key}: not a field of {cls.__name__}")
+        value = out[key] = _train_value(f"{section}.train.{key}", value, fields[key])
+        allowed = TRAIN_RANGES.get(key)
+        unset = key == "max_steps" and value == UNSET_MAX_STEPS
+        if allowed and value is not None and not unset and value not in allowed:
+            also = " (or -1: train num_train_epochs)" if key == "max_steps" else ""
+            raise ConfigError(f"{section}.train.{key}: must be {allowed}{also}, got {value}")
+    if "output_dir" in values:
+        raise ConfigError(f"{section}.train.output_dir: set by rahf; use output_dir at the top level")
+    return out
+
+
+def _build_arguments(section: str, values: dict[str, Any], cls) -> None:
+    """Build `cls` from a checked `train:` mapping as its stage will, so that the library's own rules (step
+    combinations, ...) refuse a value now rather than after the earlier stages have trained. The build writes
+    nothing and sets up the CPU only, so CUDA is not touched; its warnings come again when the stage runs."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls(**{"report_to": "none", "save_strategy": "no"} | values | {"use_cpu": True})
+    except (ValueError, TypeError) as e:
+        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        named = next((k for k in values if re.search(rf"\b{re.escape(k)}\b", problem)), None)
+        raise ConfigError(f"{section}.train{'.' + named if named else ''}: {problem}") from None
+
+
+def _check_train(cfg: RahfConfig) -> None:
+    """Each `*.train` mapping against the arguments class its stage trains with (numbers read as their type)."""
+    from transformers import TrainingArguments
+    from trl import DPOConfig, RewardConfig, SFTConfig
+
+    step1 = SFTConfig if cfg.instruct_method == "dual" else TrainingArguments
+    for section, cls in (
+        ("sft", SFTConfig),
+        ("instruct", step1),
+        ("align", TrainingArguments),
+        ("dpo", DPOConfig),
+        ("reward", RewardConfig),
+    ):
+        settings = getattr(cfg, section)
+        settings.train = train_arguments(section, settings.train, cls)
+        _build_arguments(section, settings.train, cls)
 
 
 def _get(cfg: RahfConfig, dotted: str) -> Any:
@@ -594,11 +745,43 @@ def _looks_local(value: str) -> bool:
     return Path(value).is_absolute() or value.startswith((".", "~")) or value.count("/") > 1
 
 
-def validate(cfg: RahfConfig, stage: str | None = None) -> None:
-    """Checks that need no model weights (the layer count is read from the model's config only).
+def validate(cfg: RahfConfig, stage: str | None = None, base: Path | None = None) -> None:
+    """Checks that need no model weights (the layer count is read from the model's config only), of the config and
+    of each method's config in `rahf compare` (`compare.overrides` merged in).
 
-    `stage` is the one stage a `rahf <stage>` command runs, which `stages` need not list.
+    `stage` is the one stage a `rahf <stage>` command runs, which `stages` need not list. `base` is the folder that
+    relative paths in `compare.overrides` resolve against (the config's; default: the current folder).
     """
+    _check_config(cfg, stage)
+    for method, mapping in cfg.compare.overrides.items():
+        if ALIASES.get(method, method) not in METHODS:
+            raise ConfigError(f"compare.overrides.{method}: unknown method (known: {', '.join([*METHODS, *ALIASES])})")
+        if not isinstance(mapping, dict) or "method" in mapping:
+            raise ConfigError(f"compare.overrides.{method}: expected a mapping of config keys (not method)")
+        own_grid = {"layer_sets", "alphas"}  # a method may choose from its own grid; the rest of compare is shared
+        if not isinstance(mapping.get("compare", {}), dict) or set(mapping.get("compare", {})) - own_grid:
+            raise ConfigError(f"compare.overrides.{method}.compare: only layer_sets and alphas may differ per method")
+        tuned = with_overrides(cfg, mapping | {"method": ALIASES.get(method, method)}, f"compare.overrides.{method}: ")
+        _resolve_paths(tuned, base or Path.cwd())
+        try:
+            _check_config(tuned, stage)
+        except ConfigError as e:
+            raise ConfigError(f"compare.overrides.{method}: {e}") from None
+        cfg.compare.overrides[method] = _as_checked(mapping, tuned)
+
+
+def _as_checked(mapping: dict, node: Any) -> dict:
+    """The keys `mapping` sets, with the values they have in the checked config `node` (paths resolved, numbers
+    read), so that `rahf compare` merges exactly what was validated."""
+    out = {}
+    for key, value in mapping.items():
+        checked = node[key] if isinstance(node, dict) else getattr(node, key)
+        out[key] = _as_checked(value, checked) if isinstance(value, dict) else checked
+    return out
+
+
+def _check_config(cfg: RahfConfig, stage: str | None) -> None:
+    """Every check of `validate` on one config, its compare.overrides aside."""
     for dotted, allowed in CHOICES.items():
         value = _get(cfg, dotted)
         if value not in allowed:
@@ -620,6 +803,9 @@ def validate(cfg: RahfConfig, stage: str | None = None) -> None:
     needs_data = any(s in cfg.stages for s in ("reward", "instruct", "collect", "align")) or (
         "sft" in cfg.stages and not cfg.sft.path
     )
+    taken = next(p for p in (Path(cfg.output_dir), *Path(cfg.output_dir).parents) if p.exists())
+    if not taken.is_dir():
+        raise ConfigError(f"output_dir: {taken} is a file, not a folder; choose another output_dir")
     if needs_data:
         if not cfg.data.path:
             raise ConfigError("data.path: required (a preference-pair file or folder)")
@@ -650,20 +836,6 @@ def validate(cfg: RahfConfig, stage: str | None = None) -> None:
             raise ConfigError(
                 f"compare.methods[{i}]: unknown method {method!r} (known: {', '.join([*METHODS, *ALIASES])})"
             )
-    for method, mapping in cfg.compare.overrides.items():
-        if ALIASES.get(method, method) not in METHODS:
-            raise ConfigError(f"compare.overrides.{method}: unknown method (known: {', '.join([*METHODS, *ALIASES])})")
-        if not isinstance(mapping, dict) or "method" in mapping:
-            raise ConfigError(f"compare.overrides.{method}: expected a mapping of config keys (not method)")
-        own_grid = {"layer_sets", "alphas"}  # a method may choose from its own grid; the rest of compare is shared
-        if not isinstance(mapping.get("compare", {}), dict) or set(mapping.get("compare", {})) - own_grid:
-            raise ConfigError(f"compare.overrides.{method}.compare: only layer_sets and alphas may differ per method")
-        tuned = with_overrides(cfg, mapping | {"method": ALIASES.get(method, method)}, f"compare.overrides.{method}: ")
-        try:
-            _check_ranges(tuned)
-            _check_train(tuned)
-        except ConfigError as e:
-            raise ConfigError(f"compare.overrides.{method}: {e}") from None
     if not cfg.compare.seeds:
         raise ConfigError("compare.seeds: list at least one seed")
     if not cfg.compare.label_noise:
