@@ -624,6 +624,19 @@ def test_compare_overrides_are_validated_as_a_whole_config(base):
         assert msg.startswith(start), msg
 
 
+def test_compare_overrides_compare_would_ignore_are_refused(base):
+    # hir and preferred-sft are scit's and dual's step-1 models, sft is shared; compare sets model, output_dir, stages
+    for method, mapping, start in (
+        ("hir", {"alpha": 1.0}, "compare.overrides.hir: hir is scit's step-1 model, set by others (put the keys under"),
+        ("preferred-sft", {"alpha": 1.0}, "compare.overrides.preferred-sft: preferred-sft is dual's"),
+        ("sft", {"alpha": 1.0}, "compare.overrides.sft: sft is every method's starting model"),
+        ("dual", {"output_dir": "x"}, "compare.overrides.dual.output_dir: set by compare for every method"),
+        ("scit", {"stages": ["instruct"]}, "compare.overrides.scit.stages: set by compare for every method"),
+    ):
+        msg = error_of(None, with_(base, compare__overrides={method: mapping}))
+        assert msg.startswith(start), msg
+
+
 def test_paths_in_compare_overrides_resolve_against_the_config_folder(base, tmp_path, monkeypatch):
     proj = tmp_path / "proj"
     proj.mkdir()

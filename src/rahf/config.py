@@ -758,6 +758,13 @@ def validate(cfg: RahfConfig, stage: str | None = None, base: Path | None = None
             raise ConfigError(f"compare.overrides.{method}: unknown method (known: {', '.join([*METHODS, *ALIASES])})")
         if not isinstance(mapping, dict) or "method" in mapping:
             raise ConfigError(f"compare.overrides.{method}: expected a mapping of config keys (not method)")
+        shared = {"sft": "every method's starting model", "hir": "scit's step-1 model", "preferred-sft": "dual's"}
+        if method in shared:  # compare trains these once for several methods, from the shared config
+            host = {"hir": " (put the keys under scit)", "preferred-sft": " (put the keys under dual)"}.get(method, "")
+            raise ConfigError(f"compare.overrides.{method}: {method} is {shared[method]}, set by others{host}")
+        fixed = sorted({"model", "output_dir", "stages"} & set(mapping))
+        if fixed:
+            raise ConfigError(f"compare.overrides.{method}.{fixed[0]}: set by compare for every method; remove it")
         own_grid = {"layer_sets", "alphas"}  # a method may choose from its own grid; the rest of compare is shared
         if not isinstance(mapping.get("compare", {}), dict) or set(mapping.get("compare", {})) - own_grid:
             raise ConfigError(f"compare.overrides.{method}.compare: only layer_sets and alphas may differ per method")
