@@ -24,10 +24,9 @@ MANIFEST = "rahf_manifest.json"
 _PACKAGES = ("rahf", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "safetensors")
 LARGE_FILE = 64 << 20  # bytes; weight files above this are fingerprinted without reading them in full
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
-# hub_token, api_key, ... but not the names of a tokenizer's special tokens (eos_token, pad_token, ...)
-_SECRET_KEY = re.compile(
-    r"^(?!(bos|eos|pad|unk|sep|cls|mask)_token$).*(^|_)(token|password|secret|api_key)$", re.IGNORECASE
-)
+# Token strings a trainer may be given (eos_token, pad_token, ...): names ending in _token that hold no credential.
+SPECIAL_TOKENS = {f"{name}_token" for name in ("bos", "eos", "pad", "unk", "sep", "cls", "mask")}
+_SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key)$", re.IGNORECASE)
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 _URL_SECRET_PARAM = re.compile(
     r"([?&][^=&#\s]*(?:key|token|secret|password|sig|signature)[^=&#\s]*=)[^&#\s]+", re.IGNORECASE
@@ -102,13 +101,16 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def secret_key(name: str) -> bool:
+    """Whether a config key names a credential (hub_token, api_key, password), not a tokenizer's special token."""
+    return bool(_SECRET_KEY.search(name)) and name.lower() not in SPECIAL_TOKENS
+
+
 def redacted(value: Any) -> Any:
     """`value` for writing to disk or a log: values under secret-looking keys (hub_token, api_key), URL credentials
     (`user:pass@`) and secret-looking URL query parameters (`?api_key=`, `&sig=`) hidden."""
     if isinstance(value, dict):
-        return {
-            k: "<redacted>" if v is not None and _SECRET_KEY.search(str(k)) else redacted(v) for k, v in value.items()
-        }
+        return {k: "<redacted>" if v is not None and secret_key(str(k)) else redacted(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redacted(v) for v in value]
     if isinstance(value, str):

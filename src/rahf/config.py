@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .artifacts import secret_key
 from .errors import ConfigError
 
 # The authors' instruction strings (preferred, dispreferred).
@@ -580,8 +581,6 @@ RANGES: dict[str, Range] = {
 # Keys naming a model: a local folder, or a Hub id (`name` or `org/name`) fetched only when a stage loads it.
 MODEL_KEYS = ("model", "tokenizer", "reward.model", "generate.model", "evaluate.judge_model", "ppo.reward_model")
 
-# Token strings a trainer may be given; any other `*_token` train key (hub_token) is a credential.
-SPECIAL_TOKENS = {f"{name}_token" for name in ("bos", "eos", "pad", "unk", "sep", "cls", "mask")}
 # Counts and rates in `*.train` that the trainers take as given (a batch of 0 fails only once training starts).
 TRAIN_RANGES: dict[str, Range] = {
     **dict.fromkeys(
@@ -674,7 +673,7 @@ def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]
     known = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in values.items():
-        if key.endswith("_token") and key not in SPECIAL_TOKENS:
+        if secret_key(key):  # hub_token; not eos_token or pad_token
             raise ConfigError(
                 f"{section}.train.{key}: the config is copied into every artifact manifest, so it must hold no "
                 "credential; set the HF_TOKEN environment variable instead"
