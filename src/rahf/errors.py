@@ -13,3 +13,11 @@ class ConfigError(RahfError):
 
 class DataError(RahfError, ValueError):
     """A data file is missing, unreadable, or holds a malformed record."""
+
+
+class UpstreamError(RahfError):
+    """An artifact a stage reads is missing or was made from other settings: run `stage` first."""
+
+    def __init__(self, message: str, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage

@@ -25,7 +25,7 @@ from .artifacts import (
     redacted,
 )
 from .config import METHOD_STAGES, RahfConfig, resolved_layers
-from .errors import ConfigError, RahfError
+from .errors import ConfigError, RahfError, UpstreamError
 
 FOLDERS = {
     "sft": "sft",
@@ -77,7 +77,7 @@ def require_artifact(cfg: RahfConfig, stage: str) -> Path:
     path = stage_dir(cfg, stage)
     if not (path / MANIFEST).is_file():
         how = f"`rahf {stage}` (or `rahf run`)" if stage in cfg.stages else f"`rahf {stage}`, or add {stage} to stages"
-        raise RahfError(f"{path}: no finished {stage} artifact; run {how} first")
+        raise UpstreamError(f"{path}: no finished {stage} artifact; run {how} first", stage)
     return path
 
 
@@ -93,9 +93,10 @@ def _fresh_fp(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> str:
         fp, covered, inputs = _stage_inputs(cfg, stage, memo)
         if not is_fresh(path, fp):
             what = "collect cache" if stage == "collect" else f"{stage} artifact"
-            raise RahfError(
+            raise UpstreamError(
                 f"{path}: the {what} was made with other settings ({_changes(path, covered, inputs)}); "
-                f"run `rahf {stage}` (or `rahf run`) again"
+                f"run `rahf {stage}` (or `rahf run`) again",
+                stage,
             )
         memo[key] = artifact_identity(path)
     return memo[key]
@@ -532,15 +533,18 @@ _STAGES = {
 
 
 def describe(cfg: RahfConfig) -> str:
-    """One line per stage: fresh, stale or missing."""
+    """One line per stage: fresh, stale, missing, or waiting for the upstream stage it reads.
+
+    Any other problem (an unreadable model or data file) is raised, so the user sees what it is.
+    """
     lines = []
     for stage in active_stages(cfg):
         out = stage_dir(cfg, stage)
         try:
             fp, _ = stage_fingerprint(cfg, stage)
             state = "fresh" if is_fresh(out, fp) else ("stale" if out.exists() else "missing")
-        except RahfError:
-            state = "waiting for upstream"
+        except UpstreamError as e:
+            state = f"waiting for {e.stage}"
         made = read_manifest(out).get("created", "") if state == "fresh" else ""
         lines.append(f"{stage:9s} {state:20s} {out} {made}")
     return "\n".join(lines)
