@@ -135,6 +135,40 @@ def test_a_data_file_is_read_once_per_process_until_it_changes(tmp_path, monkeyp
     assert fingerprint_path(data) != first and reads == [data, data]
 
 
+def test_a_hub_model_is_fingerprinted_by_the_commit_it_resolves_to(tmp_path, monkeypatch):
+    """A new upload to a Hub model makes what was built on it stale; offline, the cached commit stands in."""
+    import huggingface_hub as hf
+    from huggingface_hub import constants
+
+    from rahf.artifacts import hub_commit
+
+    head = {"sha": "a" * 40}
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the suite runs offline
+    monkeypatch.setattr(hf, "model_info", lambda repo_id, timeout: type("Info", (), {"sha": head["sha"]})())
+    hub_commit.cache_clear()
+    first = fingerprint_path("org/model")
+    hub_commit.cache_clear()
+    assert fingerprint_path("org/model") == first
+    head["sha"] = "b" * 40  # a new commit on the Hub
+    hub_commit.cache_clear()
+    assert fingerprint_path("org/model") != first
+
+    # offline: what the local cache holds (from_pretrained loads that), the same hash as asking the Hub
+    snapshot = tmp_path / "models--org--model" / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--org--model" / "refs").mkdir()
+    (tmp_path / "models--org--model" / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    online = fingerprint_path("org/model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_commit.cache_clear()
+    assert fingerprint_path("org/model") == online
+    hub_commit.cache_clear()
+    assert fingerprint_path("org/other") != fingerprint_path("org/model")  # neither asked nor cached: the name
+    hub_commit.cache_clear()
+
+
 def test_instruct_artifact_layout(finished_run):
     folder = pipeline.stage_dir(finished_run, "instruct")
     if finished_run.method == "scit":  # a full model

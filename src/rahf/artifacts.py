@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -91,9 +92,33 @@ def fingerprint_path(path: str | os.PathLike) -> str:
         for f in sorted(q for q in p.rglob("*") if q.is_file()):
             h.update(str(f.relative_to(p)).encode())
             _hash_file(f, h)
-    else:  # a hub id: its name is all we know without a download
-        h.update(f"hub:{path}".encode())
+    else:  # a Hub id: the commit it resolves to, as from_pretrained will load it
+        commit = hub_commit(str(path))
+        h.update(f"hub:{path}".encode() + (f"@{commit}".encode() if commit else b""))
     return h.hexdigest()
+
+
+@cache  # once per process: every stage of one `rahf run` must see the same commit
+def hub_commit(repo_id: str) -> str | None:
+    """The commit a Hub model id's default branch points to, so a new upload makes artifacts built on it stale.
+
+    Asked of the Hub unless HF_HUB_OFFLINE is set; offline, or when the Hub cannot be reached, the commit
+    the local cache holds (what from_pretrained then loads); None when neither is known (the name alone).
+    """
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
+        # no network, a private repo without a token, an id the Hub refuses (its HTTP library's errors are
+        # not OSErrors): whatever the reason, fall back to the cache
+        except Exception:  # noqa: BLE001, S110
+            pass
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid Hub id at all
+        return None
+    return Path(cached).parent.name if isinstance(cached, str) else None
 
 
 def fingerprint(payload: Any) -> str:
