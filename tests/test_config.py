@@ -550,6 +550,29 @@ def test_train_values_are_checked_in_every_section(base, section, method, train,
     assert msg.startswith(f"{section}.train.{key}: "), msg
 
 
+@pytest.mark.parametrize(
+    ("section", "method", "train", "start"),
+    [
+        ("align", "scit", {"eval_strategy": "steps"}, "align.train.eval_strategy: no stage holds out evaluation"),
+        ("sft", "scit", {"load_best_model_at_end": True}, "sft.train.load_best_model_at_end: no stage holds out"),
+        ("instruct", "scit", {"resume_from_checkpoint": "ckpt"}, "instruct.train.resume_from_checkpoint: a stage"),
+        ("sft", "scit", {"chat_template_path": "t.jinja"}, "sft.train.chat_template_path: rahf tokenizes the data"),
+        ("instruct", "dual", {"packing": True}, "instruct.train.packing: set instruct.train.max_length too"),
+        ("instruct", "hir", {"label_smoothing_factor": 0.1}, "instruct.train.label_smoothing_factor: the SCIT loss"),
+    ],
+)
+def test_train_values_a_stage_would_ignore_or_crash_on_are_refused(base, section, method, train, start):
+    """Each passed validation, then was silently ignored or stopped the stage after the earlier ones had trained."""
+    msg = error_of(None, with_(base, method=method, **{f"{section}__train": train}))
+    assert msg.startswith(start), msg
+
+
+def test_train_values_that_change_nothing_are_accepted(base):
+    train = {"eval_strategy": "no", "load_best_model_at_end": False, "label_smoothing_factor": 0.0}
+    load_config(None, with_(base, method="scit", instruct__train=train))
+    load_config(None, with_(base, method="dual", instruct__train={"label_smoothing_factor": 0.1}))  # SFTTrainer's
+
+
 def test_good_train_values_are_accepted_as_their_fields_take_them(base, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train = {"learning_rate": 1, "num_train_epochs": 2, "max_steps": -1, "lr_scheduler_type": "cosine"}

@@ -720,7 +720,32 @@ def _check_train(cfg: RahfConfig) -> None:
     ):
         settings = getattr(cfg, section)
         settings.train = train_arguments(section, settings.train, cls)
+        _refuse_unused_train(section, settings.train, scit=section == "instruct" and cfg.instruct_method == "scit")
         _build_arguments(section, settings.train, cls)
+
+
+# `*.train` fields a stage would accept and then ignore or crash on, with the reason
+_UNUSED_TRAIN = {
+    "eval_strategy": "no stage holds out evaluation data (the evaluate stage measures the result); leave it at no",
+    "load_best_model_at_end": "no stage holds out evaluation data; leave it false",
+    "resume_from_checkpoint": "a stage always trains from its start (a killed stage leaves nothing behind)",
+    "chat_template_path": "rahf tokenizes the data before TRL would apply it, so training and the saved tokenizer "
+    "would disagree; give a tokenizer folder with that template as `tokenizer` instead",
+}
+
+
+def _refuse_unused_train(section: str, values: dict[str, Any], scit: bool) -> None:
+    """Refuse `*.train` fields the stage would silently ignore, or accept here and crash on once earlier stages ran."""
+    for key, why in _UNUSED_TRAIN.items():
+        if values.get(key) not in (None, False, "no"):
+            raise ConfigError(f"{section}.train.{key}: {why}")
+    if values.get("packing") and values.get("max_length") is None:
+        raise ConfigError(f"{section}.train.packing: set {section}.train.max_length too (packing needs a length)")
+    if scit and values.get("label_smoothing_factor"):
+        raise ConfigError(
+            "instruct.train.label_smoothing_factor: the SCIT loss reads no labels the Trainer could smooth; set "
+            "instruct.label_smoothing (the smoothing of its instruction contrast) instead"
+        )
 
 
 def _get(cfg: RahfConfig, dotted: str) -> Any:

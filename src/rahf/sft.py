@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .config import RahfConfig
 from .data import is_jsonl, load_pairs, read_jsonl
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .models import load_model, load_tokenizer, save_model
 from .stimuli import build_variants
 from .training import load_data, training_args
@@ -43,6 +43,16 @@ def tokenized_sft_dataset(tokenizer, examples, max_prompt_length: int, max_respo
     return Dataset.from_dict(rows)
 
 
+def check_eos_token(args, tokenizer, section: str) -> None:
+    """Refuse a new `eos_token` in SFTConfig: SFTTrainer sets it on the tokenizer when it is built, after rahf has
+    tokenized the data, so the model would train on one end-of-turn token and be saved with another."""
+    if args.eos_token is not None and args.eos_token != tokenizer.eos_token:
+        raise ConfigError(
+            f"{section}.train.eos_token: rahf tokenizes the data before TRL would apply it, so training and the saved "
+            "tokenizer would disagree; give a tokenizer folder with that EOS as `tokenizer` instead"
+        )
+
+
 def train_sft_model(model, tokenizer, dataset, args):
     """Run TRL's SFTTrainer on a pre-tokenized dataset; returns the trained model (PEFT-wrapped if given one)."""
     from trl import SFTTrainer
@@ -56,10 +66,13 @@ def run_sft(cfg: RahfConfig, out: Path) -> None:
     """Fine-tune `cfg.model` on dialogue data and save it (HF format) with its tokenizer to `out`."""
     from trl import SFTConfig
 
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
-    data = tokenized_sft_dataset(tokenizer, sft_examples(cfg), cfg.data.max_prompt_length, cfg.data.max_response_length)
     args = training_args(SFTConfig, cfg, out, cfg.sft.train, max_length=None, learning_rate=2e-5)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    check_eos_token(args, tokenizer, "sft")
+    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # `tokenizer` adds tokens (a chat template's)
+        model.resize_token_embeddings(len(tokenizer))
+    data = tokenized_sft_dataset(tokenizer, sft_examples(cfg), cfg.data.max_prompt_length, cfg.data.max_response_length)
     model, logs = train_sft_model(model, tokenizer, data, args)
     save_model(model, tokenizer, out)
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))

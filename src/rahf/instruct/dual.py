@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ..config import RahfConfig
 from ..data import PreferencePair
 from ..models import load_model, load_tokenizer, save_model
-from ..sft import tokenized_sft_dataset, train_sft_model
+from ..sft import check_eos_token, tokenized_sft_dataset, train_sft_model
 from ..training import lora_config, step1_learning_rate, training_args
 
 SIDES = ("preferred", "dispreferred")
@@ -27,7 +29,9 @@ def train_dual(
     from peft import get_peft_model
     from trl import SFTConfig
 
+    defaults = {"learning_rate": step1_learning_rate(cfg.finetune), "num_train_epochs": 3, "max_length": None}
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    check_eos_token(training_args(SFTConfig, cfg, out, cfg.instruct.train, **defaults), tokenizer, "instruct")
     tokenizer.save_pretrained(out)
     logs = {}
     for side in sides:
@@ -35,13 +39,11 @@ def train_dual(
         data = tokenized_sft_dataset(tokenizer, examples, cfg.data.max_prompt_length, cfg.data.max_response_length)
         model = load_model(base, cfg.dtype, cfg.trust_remote_code)
         if cfg.finetune == "lora":
+            torch.manual_seed(cfg.seed)  # each adapter's random init, made before its Trainer seeds anything
             model = get_peft_model(model, lora_config(model, cfg.instruct.lora))
-        defaults = {
-            "learning_rate": step1_learning_rate(cfg.finetune),
-            "num_train_epochs": 3,
-            "max_length": None,
-        }
-        args = training_args(SFTConfig, cfg, out / side, cfg.instruct.train, **defaults)
+        # checkpoints go under out/checkpoints, which the pipeline removes, not into the side's model folder
+        side_defaults = defaults | {"output_dir": str(out / "checkpoints" / side)}
+        args = training_args(SFTConfig, cfg, out, cfg.instruct.train, **side_defaults)
         model, logs[side] = train_sft_model(model, tokenizer, data, args)
         if cfg.finetune == "full":
             save_model(model, tokenizer, out / side)

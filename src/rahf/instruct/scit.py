@@ -106,6 +106,7 @@ def train_scit(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Pat
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     model = load_model(base, cfg.dtype, cfg.trust_remote_code)
     if cfg.finetune == "lora":
+        torch.manual_seed(cfg.seed)  # the adapter's random init comes before the Trainer seeds anything
         model = get_peft_model(model, lora_config(model, cfg.instruct.lora))
     lr = step1_learning_rate(cfg.finetune)
     args = training_args(TrainingArguments, cfg, out, cfg.instruct.train, learning_rate=lr, num_train_epochs=2)

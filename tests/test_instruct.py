@@ -1,0 +1,143 @@
+"""Step 0 (SFT) and step 1 (SCIT, Dual) trainers on the tiny model: which tokens carry the loss, seeded adapters,
+where checkpoints go, and trainer arguments that would otherwise be ignored or undone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_settings
+from safetensors.torch import load_file
+
+from rahf.config import load_config
+from rahf.errors import ConfigError
+
+ONE_STEP = {"per_device_train_batch_size": 4, "disable_tqdm": True, "max_steps": 1, "learning_rate": 1e-3}
+
+
+def _cfg(model, data, out, method, **extra):
+    return load_config(None, run_settings(model, data, out, method, **extra))
+
+
+def _adapters(folder) -> dict[str, dict[str, torch.Tensor]]:
+    return {str(f.relative_to(folder)): load_file(f) for f in sorted(folder.rglob("adapter_model.safetensors"))}
+
+
+def test_sft_batches_train_on_the_response_and_its_closing_token_only(tiny_model_dir, pairs_file, tmp_path):
+    # TRL's collator pads labels with -100 and keeps prebuilt labels: the prompt and the padding carry no loss.
+    from trl import SFTConfig, SFTTrainer
+
+    from rahf.models import load_model, load_tokenizer
+    from rahf.sft import sft_examples, tokenized_sft_dataset
+    from rahf.stimuli import prompt_ids
+    from rahf.training import training_args
+
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "sft")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = sft_examples(cfg)[:2]
+    data = tokenized_sft_dataset(tokenizer, examples, 32, 24)
+    args = training_args(SFTConfig, cfg, tmp_path, {"per_device_train_batch_size": 2}, max_length=None)
+    trainer = SFTTrainer(
+        model=load_model(str(tiny_model_dir)), args=args, train_dataset=data, processing_class=tokenizer
+    )
+    prompts = [prompt_ids(tokenizer, prompt, 32) for prompt, _ in examples]
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["attention_mask"].sum(-1).tolist() != [batch["input_ids"].shape[1]] * 2  # one row is padded
+    for ids, labels, attention in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        start = next(len(p) for p in prompts if ids[: len(p)].tolist() == p)  # rows come shuffled
+        end = int(attention.sum())
+        assert (labels[:start] == -100).all() and (labels[end:] == -100).all()
+        assert labels[start:end].tolist() == ids[start:end].tolist()
+        assert ids[end - 1].item() == tokenizer.eos_token_id  # the closing token generation stops at is trained
+
+
+@pytest.mark.parametrize("method", ["scit", "dual"])
+def test_lora_step1_starts_from_the_configured_seed(tiny_model_dir, pairs_file, tmp_path, method):
+    # The adapters' random init happens before the Trainer seeds: without seeding it, two calls with one config
+    # (and, for Dual, the two sides' starting points) depended on whatever had drawn random numbers before.
+    from rahf.instruct.dual import train_dual
+    from rahf.instruct.scit import train_scit
+    from rahf.training import load_data
+
+    train = train_scit if method == "scit" else train_dual
+    results = []
+    for run in range(2):
+        torch.manual_seed(100 + run)  # different global random state before each call
+        out = tmp_path / f"run{run}"
+        out.mkdir()
+        cfg = _cfg(tiny_model_dir, pairs_file, out, method, instruct__finetune="lora", instruct__train=ONE_STEP)
+        train(cfg, str(tiny_model_dir), load_data(cfg)[:4], out)
+        results.append(_adapters(out))
+    assert results[0].keys() == results[1].keys() and results[0]
+    for name, weights in results[0].items():
+        for key, value in weights.items():
+            assert torch.equal(value, results[1][name][key]), f"{name}: {key}"
+
+
+def test_dual_keeps_trainer_checkpoints_out_of_the_side_folders(tiny_model_dir, pairs_file, tmp_path):
+    # The pipeline deletes out/checkpoints after a stage; checkpoints under out/<side> stayed in the artifact.
+    from rahf.instruct.dual import train_dual
+    from rahf.training import load_data
+
+    train = ONE_STEP | {"save_strategy": "steps", "save_steps": 1}
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "dual", instruct__train=train)
+    train_dual(cfg, str(tiny_model_dir), load_data(cfg)[:4], tmp_path)
+    for side in ("preferred", "dispreferred"):
+        assert (tmp_path / side / "adapter_config.json").is_file()
+        assert not (tmp_path / side / "checkpoints").exists()
+        assert (tmp_path / "checkpoints" / side / "checkpoint-1").is_dir()
+
+
+@pytest.mark.parametrize(("method", "section"), [("sft", "sft"), ("dual", "instruct")])
+def test_a_new_eos_token_for_trl_to_apply_after_tokenizing_is_refused(
+    tiny_model_dir, pairs_file, tmp_path, method, section
+):
+    # SFTTrainer sets it on the tokenizer when built, after rahf tokenized the data: the model trained on the old
+    # EOS was saved with the new one (and Dual's second side trained on the new one).
+    from rahf.instruct.dual import train_dual
+    from rahf.sft import run_sft
+    from rahf.training import load_data
+
+    cfg = _cfg(
+        tiny_model_dir, pairs_file, tmp_path / "run", method, **{f"{section}__train": ONE_STEP | {"eos_token": "<unk>"}}
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ConfigError, match=rf"{section}\.train\.eos_token"):
+        if method == "sft":
+            run_sft(cfg, out)
+        else:
+            train_dual(cfg, str(tiny_model_dir), load_data(cfg)[:4], out)
+    assert not any(out.iterdir())
+
+
+def test_sft_grows_the_embeddings_for_tokens_the_tokenizer_adds(tiny_model_dir, pairs_file, tmp_path):
+    # `tokenizer` may be a chat tokenizer whose end-of-turn token the base model has no embedding row for.
+    from transformers import AutoModelForCausalLM
+
+    from rahf.models import load_tokenizer
+    from rahf.sft import run_sft
+    from rahf.stimuli import end_of_turn_id
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
+    tokenizer.save_pretrained(tmp_path / "chat-tokenizer")
+    cfg = _cfg(
+        tiny_model_dir,
+        pairs_file,
+        tmp_path,
+        "sft",
+        stages=["sft"],
+        tokenizer=str(tmp_path / "chat-tokenizer"),
+        sft__train=ONE_STEP,
+    )
+    out = tmp_path / "sft"
+    out.mkdir()
+    run_sft(cfg, out)
+    saved = load_tokenizer(str(out))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.get_input_embeddings().num_embeddings >= len(saved)
+    assert end_of_turn_id(saved) == saved.convert_tokens_to_ids("<|im_end|>")
