@@ -10,9 +10,11 @@ import pytest
 from conftest import run_settings, standard_records, write_jsonl
 
 from rahf import pipeline
-from rahf.compare import run_compare, summarize
+from rahf.compare import paired, run_compare, summarize
 from rahf.config import METHOD_STAGES, load_config
 from rahf.data import PreferencePair
+from rahf.metrics import wilson_interval
+from rahf.report import standing, write_report
 from rahf.training import flip_labels
 
 EIGHT = ["sft", "preferred-sft", "hir", "dpo", "rlhf-ppo", "lorra", "rahf-scit", "rahf-dual"]
@@ -73,6 +75,70 @@ def test_summarize_averages_seeds_and_pools_the_interval():
     assert s["ci95"][0] < 0.65 < s["ci95"][1]
 
 
+def _run(seed: int, methods: dict[str, tuple[float, list[float] | None]], n: int = 800) -> dict:
+    """One (noise 0, seed) run with each method's win rate and, when given, its per-prompt verdicts."""
+    return {
+        "noise": 0.0,
+        "seed": seed,
+        "methods": {
+            name: {"win_rate": {"win_rate": rate, "n": n}} | ({"verdicts_per_prompt": pp} if pp else {})
+            for name, (rate, pp) in methods.items()
+        },
+        "timings_s": {},
+        "histories": {},
+    }
+
+
+def test_summarize_counts_replies_to_one_prompt_as_correlated():
+    # 4 prompts x 2 replies per seed, 2 seeds; every reply gets its prompt's verdict: n = 16 verdicts, 4 prompts
+    pp = [1.0, 1.0, 0.0, 1.0]
+    s = summarize([_run(0, {"m": (0.75, pp)}, n=8), _run(1, {"m": (0.75, pp)}, n=8)])["0"]["m"]
+    assert s["n"] == 16 and s["pooled_win_rate"] == 0.75
+    assert s["ci95"] == [round(x, 4) for x in wilson_interval(0.75, 4)]  # as wide as 4 verdicts, not 16
+
+
+def test_paired_differences_use_the_seeds_spread_not_overlapping_pooled_intervals():
+    # RAHF is ahead on two seeds and behind on one: pooled intervals of 2,400 verdicts do not overlap, but the
+    # seeds disagree, so the paired interval over seeds includes 0
+    runs = [
+        _run(0, {"rahf-dual": (0.72, None), "preferred-sft": (0.50, None)}),
+        _run(1, {"rahf-dual": (0.42, None), "preferred-sft": (0.52, None)}),
+        _run(2, {"rahf-dual": (0.57, None), "preferred-sft": (0.51, None)}),
+    ]
+    row = paired(runs)["0"]["rahf-dual vs preferred-sft"]
+    assert row["diff"] == pytest.approx(0.06) and row["per_seed"] == [0.22, -0.1, 0.06] and row["over"] == "seeds"
+    half = 4.3027 * 0.16 / math.sqrt(3)  # t(2 df) * sd of the differences / sqrt(3)
+    assert row["ci95"] == pytest.approx([0.06 - half, 0.06 + half], abs=1e-4)
+    assert standing(paired(runs)["0"]) == [
+        (
+            "- rahf-dual vs preferred-sft: +0.060 (95% interval -0.338 to +0.458 over seeds: not distinguishable; "
+            "per seed +0.220 / -0.100 / +0.060)"
+        )
+    ]
+
+
+def test_paired_differences_with_one_seed_pair_the_prompts():
+    # RAHF wins wherever HIR does and on 8 more of 100 prompts: the separate intervals overlap, the paired one
+    # (differences 1 on 8 prompts, 0 elsewhere: mean 0.08, sd sqrt(8 * 0.92^2 + 92 * 0.08^2) / sqrt(99)) excludes 0
+    rahf, hir = [1.0] * 48 + [0.0] * 52, [1.0] * 40 + [0.0] * 60
+    row = paired([_run(0, {"rahf-scit": (0.48, rahf), "hir": (0.40, hir), "sft": (0.2, None)}, n=100)])["0"]
+    sd = math.sqrt((8 * 0.92**2 + 92 * 0.08**2) / 99)
+    half = 1.9842 * sd / 10  # t(99 df) = 1.9842
+    assert row["rahf-scit vs hir"]["ci95"] == pytest.approx([0.08 - half, 0.08 + half], abs=1e-4)
+    assert row["rahf-scit vs hir"]["over"] == "prompts" and row["rahf-scit vs hir"]["ci95"][0] > 0
+    assert row["rahf-scit vs sft"] == {"diff": 0.28, "per_seed": [0.28], "ci95": None, "over": "prompts"}
+    assert standing(row)[0].startswith("- rahf-scit vs hir: +0.080 (95% interval +0.026 to +0.134 over prompts: better")
+
+
+def test_report_states_the_paired_standing_from_results(tmp_path):
+    runs = [_run(0, {"rahf-scit": (0.48, [1.0] * 48 + [0.0] * 52), "hir": (0.40, [1.0] * 40 + [0.0] * 60)}, n=100)]
+    results = {"methods": ["hir", "rahf-scit"], "summary": summarize(runs), "paired": paired(runs), "runs": runs}
+    report = write_report(results | {"seconds": 1.0}, tmp_path).read_text()
+    assert "- rahf-scit vs hir: +0.080 (95% interval +0.026 to +0.134 over prompts: better)" in report
+    assert "| rahf-scit | 0.480 | 0.000 | 0.385-0.577 | 100 | 1 |" in report  # summary numbers, as in results.json
+    assert results["summary"]["0"]["rahf-scit"]["ci95"] == [0.3846, 0.5768]
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("compare")
@@ -126,6 +192,14 @@ def test_compare_reports_every_method_seed_and_noise_level(compared):
     report = (cfg_path.parent / "report.md").read_text()
     for name in EIGHT:
         assert f"| {name} |" in report
+    assert saved["paired"] == results["paired"]
+    assert all(len(m["verdicts_per_prompt"]) == 5 for r in results["runs"] for m in r["methods"].values())
+    at_zero, at_half = (
+        results["paired"]["0"]["rahf-dual vs preferred-sft"],
+        results["paired"]["0.5"]["rahf-scit vs hir"],
+    )
+    assert at_zero["over"] == "seeds" and len(at_zero["per_seed"]) == 2 and at_half["over"] == "prompts"
+    assert f"- rahf-dual vs preferred-sft: {at_zero['diff']:+.3f} (95% interval" in report
     for png in ("win_rate.png", "reward_by_temperature.png", "noise_sweep.png", "layer_strength.png"):
         assert (cfg_path.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

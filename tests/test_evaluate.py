@@ -373,14 +373,48 @@ def test_win_rate_against_chosen_groups_samples_by_pair(pairs):
         (two[1].prompt, "r1a", two[1].chosen),
         (two[1].prompt, "r1b", two[1].chosen),
     ]
+    # per-prompt means 0.75 and 0.5; cluster-robust variance ((2 * 0.125)^2 + (2 * -0.125)^2) / 16 = 0.0078125
+    # against 0.625 * 0.375 / 4 = 0.05859375 for independent verdicts: deff < 1 counts as 1, so n_eff = n
     reference = win_rate([1.0, 0.5, 0.0, 1.0])
-    assert result == {"win_rate": 0.625, "ci95": [reference.low, reference.high], "n": 4}
+    assert result == {
+        "win_rate": 0.625,
+        "ci95": [reference.low, reference.high],
+        "n": 4,
+        "n_prompts": 2,
+        "n_eff": 4.0,
+        "per_prompt": [0.75, 0.5],
+    }
+
+
+def test_win_rate_against_chosen_counts_the_replies_to_one_prompt_as_correlated(pairs):
+    """Replies that always get their prompt's verdict carry no more information than one reply per prompt."""
+    four = pairs[:4]
+    verdict = {p.chosen: v for p, v in zip(four, [1.0, 1.0, 0.0, 1.0])}
+    assert len(verdict) == 4
+
+    class PromptOnly:
+        name = "prompt-only"
+
+        def compare(self, prompt, a, b):
+            return verdict[b]
+
+    once = win_rate_against_chosen(PromptOnly(), four, ["r"] * 4, samples=1)
+    thrice = win_rate_against_chosen(PromptOnly(), four, ["r"] * 12, samples=3)
+    assert once["ci95"] == list(wilson_interval(0.75, 4))
+    assert (thrice["n"], thrice["n_prompts"], thrice["n_eff"]) == (12, 4, 4.0)
+    assert thrice["ci95"] == pytest.approx(once["ci95"], abs=1e-12)
+    naive_low, naive_high = wilson_interval(0.75, 12)  # as if the 12 replies were independent
+    assert thrice["ci95"][1] - thrice["ci95"][0] > naive_high - naive_low
 
 
 def test_win_rate_against_chosen_takes_split_verdicts_and_checks_lengths(pairs):
     judge = ScriptedJudge({"a": 0.75, "b": 0.25})  # an LLM judge asked in both orders can split its verdict
     result = win_rate_against_chosen(judge, pairs[:2], ["a", "b"])
-    assert result == {"win_rate": 0.5, "ci95": list(wilson_interval(0.5, 2)), "n": 2}
+    assert {k: result[k] for k in ("win_rate", "ci95", "n")} == {
+        "win_rate": 0.5,
+        "ci95": list(wilson_interval(0.5, 2)),
+        "n": 2,
+    }
     with pytest.raises(ValueError, match="responses"):
         win_rate_against_chosen(judge, pairs[:2], ["a", "b", "a"])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -418,3 +452,4 @@ def test_evaluate_policy_reports_an_llm_judges_replies_without_verdict(
     out = evaluate_policy(load_config(None, settings), model, tokenizer, pairs[:3], judge)
     assert out["judge_unparsed"] == {"calls": 6, "unparsed": 3}
     assert out["win_rate"]["win_rate"] == 0.5
+    assert out["verdicts_per_prompt"] == [0.5] * 3 and "per_prompt" not in out["win_rate"]

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from rahf.judges import GoldJudge, LLMJudge, RewardModelJudge, compare_all, make_judge
+from rahf.errors import RahfError
+from rahf.judges import GoldJudge, JudgeError, LLMJudge, RewardModelJudge, compare_all, make_judge
 
 QUESTION = "mia asks : what color is a banana ?"
 PROMPT = [{"role": "user", "content": QUESTION}]
@@ -129,6 +130,42 @@ def test_reward_model_round_trips_through_from_pretrained(reward_model, tmp_path
     assert loaded.score_many([PROMPT] * len(REPLIES), REPLIES) == pytest.approx(expected, abs=1e-5)
     via_factory = make_judge("reward-model", path=str(tmp_path), name="rm")
     assert isinstance(via_factory, RewardModelJudge) and via_factory.name == "rm"
+
+
+def test_reward_model_reads_scores_at_the_last_real_token_whatever_pad_id_the_config_names(reward_model):
+    """A checkpoint whose config names another pad id than the tokenizer's still scores padded texts right."""
+    import copy
+
+    model, tok = reward_model
+    other = copy.deepcopy(model)
+    other.config.pad_token_id = tok.eos_token_id
+    assert tok.eos_token_id != tok.pad_token_id
+    judge = RewardModelJudge(other, tok, batch_size=len(REPLIES))
+    assert judge.score_many([PROMPT] * len(REPLIES), REPLIES) == pytest.approx(
+        [judge.score(PROMPT, r) for r in REPLIES], abs=1e-5
+    )
+
+
+def test_reward_model_refuses_nan_scores_instead_of_calling_them_ties(reward_model):
+    model, tok = reward_model
+
+    class Broken(torch.nn.Module):  # as a half-precision overflow would leave a model
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        @property
+        def device(self):
+            return model.device
+
+        def forward(self, **inputs):
+            out = self.inner(**inputs)
+            out.logits = out.logits * float("nan")
+            return out
+
+    judge = RewardModelJudge(Broken(), tok)
+    with pytest.raises(JudgeError, match="scored reply 0 as nan"):
+        judge.compare(PROMPT, BEST, WORST)
 
 
 def test_reward_model_needs_one_label(reward_model):
@@ -283,6 +320,35 @@ def test_llm_judge_rejects_replies_that_are_no_chat_completion(stub, llm):
         llm.compare(SKY, POLITE, RUDE)
 
 
+def test_llm_judge_refuses_content_that_is_no_string(stub, llm):
+    parts = {"choices": [{"message": {"content": [{"type": "text", "text": "[[A]]"}]}}]}
+    stub.policy = lambda body, n: (200, json.dumps(parts).encode())
+    with pytest.raises(JudgeError, match="no chat completion"):
+        llm.compare(SKY, POLITE, RUDE)
+
+
+def test_llm_judge_retries_a_broken_http_reply(sleeps):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def answer_twice():  # no HTTP status line: http.client raises BadStatusLine
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HELLO\r\n\r\n")
+
+    thread = threading.Thread(target=answer_twice, daemon=True)
+    thread.start()
+    judge = LLMJudge(f"http://127.0.0.1:{server.getsockname()[1]}", "m", max_retries=1, timeout=5, sleep=sleeps.append)
+    with pytest.raises(JudgeError, match="bad HTTP reply .*BadStatusLine"):
+        judge.compare(SKY, POLITE, RUDE)
+    thread.join(timeout=5)
+    server.close()
+    assert judge.calls == 2 and sleeps == [1.0]
+
+
 def test_llm_judge_retries_unreachable_servers(monkeypatch, sleeps):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -292,6 +358,7 @@ def test_llm_judge_retries_unreachable_servers(monkeypatch, sleeps):
         judge.compare(SKY, POLITE, RUDE)
     assert judge.calls == 3 and sleeps == [1.0, 2.0]
     assert "SECRETPW" not in str(failure.value) and "SECRETPW" not in repr(judge)  # credentials stay out of logs
+    assert isinstance(failure.value, RahfError)  # the command line prints it in one line, not as a traceback
 
 
 def test_llm_judge_sends_no_authorization_without_a_key(stub, monkeypatch):

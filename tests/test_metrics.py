@@ -10,10 +10,15 @@ import torch
 
 from rahf.metrics import (
     WinRate,
+    auc_roc,
     classification_metrics,
+    clustered_wilson,
+    mean_interval,
     pairwise_accuracy,
     perplexity,
     response_logprobs,
+    t_975,
+    wilson_interval,
     win_rate,
 )
 
@@ -60,6 +65,45 @@ def test_win_rate_is_frozen():
 def test_win_rate_rejects_empty_or_unknown_outcomes(outcomes):
     with pytest.raises(ValueError):
         win_rate(outcomes)
+
+
+def test_clustered_wilson_by_hand():
+    # two prompts x two replies: verdicts (1, 1) and (0, 1); rate = 3/4
+    # cluster-robust variance = ((2 * (1 - 0.75))^2 + (2 * (0.5 - 0.75))^2) / 4^2 = 0.5 / 16 = 0.03125
+    # independent variance = 0.75 * 0.25 / 4 = 0.046875, so deff = 0.667 < 1 counts as 1: the plain Wilson
+    assert clustered_wilson([1.0, 0.5], [2, 2]) == (0.75, *wilson_interval(0.75, 4), 4.0)
+    # verdicts (1, 1, 1) and (0, 0, 0) and (1, 1, 1): cluster-robust variance = 9 * (2 * (1/3)^2 + (2/3)^2) / 81
+    # = 2/27, independent = (2/3)(1/3)/9 = 2/81: deff = 3 (all replies agree), n_eff = 3 = the number of prompts
+    rate, low, high, n_eff = clustered_wilson([1.0, 0.0, 1.0], [3, 3, 3])
+    assert rate == pytest.approx(2 / 3) and n_eff == pytest.approx(3.0)
+    assert (low, high) == pytest.approx(wilson_interval(2 / 3, 3), abs=1e-12)
+    assert clustered_wilson([1.0, 1.0], [5, 5])[1:] == (*wilson_interval(1.0, 10), 10.0)  # no spread: deff 1
+
+
+@pytest.mark.parametrize(
+    ("means", "sizes"), [([], []), ([0.5], [0]), ([0.5, 0.5], [1]), ([1.5], [1]), ([math.nan], [2])]
+)
+def test_clustered_wilson_rejects_bad_input(means, sizes):
+    with pytest.raises(ValueError):
+        clustered_wilson(means, sizes)
+
+
+def test_wilson_interval_rejects_no_trials():
+    with pytest.raises(ValueError, match="n > 0"):
+        wilson_interval(0.5, 0)
+
+
+def test_t_quantiles_and_mean_interval():
+    assert t_975(1) == 12.7062 and t_975(2) == 4.3027 and t_975(30) == 2.0423
+    assert t_975(40) == pytest.approx(2.0211, abs=1e-4) and t_975(120) == pytest.approx(1.9799, abs=1e-4)
+    assert t_975(10**6) == pytest.approx(1.96, abs=1e-3)
+    # differences +0.22, -0.10, +0.06: mean 0.06, sd 0.16, half width 4.3027 * 0.16 / sqrt(3)
+    mean, low, high = mean_interval([0.22, -0.10, 0.06])
+    assert mean == pytest.approx(0.06) and high - mean == pytest.approx(4.3027 * 0.16 / math.sqrt(3))
+    assert low == pytest.approx(2 * mean - high)
+    assert mean_interval([0.3]) == (0.3, None, None)
+    with pytest.raises(ValueError):
+        mean_interval([])
 
 
 # ---------------------------------------------------------------- classification_metrics
@@ -198,3 +242,15 @@ def test_response_logprobs_rejects_unpredictable_or_misshaped_masks():
         response_logprobs(FixedLogits(), ids, torch.ones_like(ids), torch.tensor([[1, 1, 0]]))
     with pytest.raises(ValueError):
         response_logprobs(FixedLogits(), ids, torch.ones(1, 2, dtype=torch.long), torch.tensor([[0, 1, 1]]))
+
+
+def test_score_metrics_refuse_nan_instead_of_ranking_it():
+    nan = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        pairwise_accuracy([nan, 1.0], [0.0, 0.0])
+    with pytest.raises(ValueError, match="NaN"):
+        classification_metrics([nan, 1.0, 0.0, 2.0], [1, 1, 0, 0])
+    with pytest.raises(ValueError, match="NaN"):
+        auc_roc([nan, 1.0], [1, 0])
+    with pytest.raises(ValueError, match="NaN"):
+        perplexity([[-1.0, nan]])

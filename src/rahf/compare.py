@@ -290,17 +290,38 @@ def _read_logs(path: Path) -> list[dict]:
     return logs
 
 
-def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
-    """Per noise level and method: seed mean and spread of the win rate, pooled interval, other means."""
-    from .metrics import wilson_interval
-
-    out: dict[str, dict[str, dict]] = {}
+def _by_level(runs: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """{noise level: {method: [its metrics, one per seed, in run order]}}."""
+    out: dict[str, dict[str, list[dict]]] = {}
     for run in runs:
         level = out.setdefault(f"{run['noise']:g}", {})
         for name, m in run["methods"].items():
             level.setdefault(name, []).append(m)
+    return out
+
+
+def _pooled_interval(ms: list[dict], pooled: float, n: int) -> tuple[float, float]:
+    """95% interval of the verdicts of all seeds pooled, with the prompt as the cluster.
+
+    Every seed answers the same prompts, so the verdicts on one prompt (all its replies in all seeds) are
+    correlated; `clustered_wilson` shrinks n accordingly. Without per-prompt verdicts (or when seeds saw
+    different prompts) the plain Wilson interval of n verdicts.
+    """
+    from .metrics import clustered_wilson, wilson_interval
+
+    per_seed = [m.get("verdicts_per_prompt") for m in ms]
+    if not all(per_seed) or len({len(v) for v in per_seed}) != 1 or len({m["win_rate"]["n"] for m in ms}) != 1:
+        return wilson_interval(pooled, n)
+    prompts = len(per_seed[0])
+    means = [sum(v[i] for v in per_seed) / len(per_seed) for i in range(prompts)]
+    _, low, high, _ = clustered_wilson(means, [n // prompts] * prompts)
+    return low, high
+
+
+def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    """Per noise level and method: seed mean and spread of the win rate, pooled interval, other means."""
     summary: dict[str, dict[str, dict]] = {}
-    for level, by_method in out.items():
+    for level, by_method in _by_level(runs).items():
         summary[level] = {}
         for name, ms in by_method.items():
             rates = [m["win_rate"]["win_rate"] for m in ms]
@@ -312,7 +333,7 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
                 "win_rate": round(mean, 4),
                 "seed_sd": round(sd, 4),
                 "pooled_win_rate": round(pooled, 4),
-                "ci95": [round(x, 4) for x in wilson_interval(pooled, n)],
+                "ci95": [round(x, 4) for x in _pooled_interval(ms, pooled, n)],
                 "n": n,
                 "seeds": len(ms),
             }
@@ -333,6 +354,54 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
     return summary
 
 
+def paired(runs: list[dict], targets: tuple[str, ...] = ("rahf-scit", "rahf-dual")) -> dict[str, dict[str, dict]]:
+    """Per noise level, each of `targets` against every other method: the paired difference of win rates.
+
+    Methods of one run answer the same prompts, so they are compared run by run (seed by seed), never by
+    whether their separate intervals overlap. Returns {level: {"A vs B": {diff, per_seed, ci95, over}}}:
+    diff is the mean over seeds of A's win rate minus B's, per_seed those differences. With several seeds
+    the 95% interval is Student's t over the seeds' differences (over = "seeds": training randomness
+    included); with one seed it is Student's t over the per-prompt differences of mean verdicts (over =
+    "prompts": the evaluation's noise only), and None without per-prompt verdicts.
+    """
+    from .metrics import mean_interval
+
+    out: dict[str, dict[str, dict]] = {}
+    for level, runs_at in _runs_by_level(runs).items():
+        names = list(runs_at[0]["methods"])
+        rows: dict[str, dict] = {}
+        for a in [t for t in targets if t in names]:
+            for b in [x for x in names if x != a]:
+                both = [r["methods"] for r in runs_at if a in r["methods"] and b in r["methods"]]
+                per_seed = [m[a]["win_rate"]["win_rate"] - m[b]["win_rate"]["win_rate"] for m in both]
+                if len(per_seed) > 1:
+                    diff, low, high = mean_interval(per_seed)
+                    over = "seeds"
+                else:
+                    va, vb = both[0][a].get("verdicts_per_prompt"), both[0][b].get("verdicts_per_prompt")
+                    if va and vb and len(va) == len(vb):
+                        _, low, high = mean_interval([x - y for x, y in zip(va, vb)])
+                    else:
+                        low = high = None
+                    diff, over = per_seed[0], "prompts"
+                ci = None if low is None else [round(low, 4), round(high, 4)]
+                rows[f"{a} vs {b}"] = {
+                    "diff": round(diff, 4),
+                    "per_seed": [round(d, 4) for d in per_seed],
+                    "ci95": ci,
+                    "over": over,
+                }
+        out[level] = rows
+    return out
+
+
+def _runs_by_level(runs: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for run in runs:
+        out.setdefault(f"{run['noise']:g}", []).append(run)
+    return out
+
+
 def run_compare(cfg: RahfConfig) -> dict:
     """Run every (noise, seed) and write results.json, report.md and the plots into `cfg.output_dir`."""
     from .report import write_report
@@ -351,6 +420,7 @@ def run_compare(cfg: RahfConfig) -> dict:
             results = {
                 "methods": [DISPLAY.get(m, m) for m in methods],
                 "summary": summarize(runs),
+                "paired": paired(runs),
                 "runs": runs,
                 "config": cfg.to_dict(),
                 "seconds": round(time.time() - t0, 1),

@@ -22,10 +22,10 @@ from .generate import generate, sample_ids
 from .judges import Judge, compare_all
 from .metrics import (
     classification_metrics,
+    clustered_wilson,
     pairwise_accuracy,
     perplexity,
     response_logprobs,
-    wilson_interval,
 )
 from .stimuli import build_variants, prompt_ids
 
@@ -334,12 +334,14 @@ def kl_drift(
 def win_rate_against_chosen(
     judge: Judge, pairs: Sequence[PreferencePair], responses: Sequence[str], samples: int = 1
 ) -> dict:
-    """Win rate of generated responses against the pairs' chosen responses: {win_rate, ci95: [lo, hi], n}.
+    """Win rate of generated responses against the pairs' chosen responses.
 
-    `responses` hold `samples` responses per pair, grouped by pair in order. A tie counts half. The
-    interval is the 95% Wilson interval of `rahf.metrics.win_rate`, computed from the mean verdict so that
-    verdicts between 0 and 1 other than a tie (an LLM judge asked in both orders gives 0.25 or 0.75)
-    count as the fraction of a win they are.
+    Returns {win_rate, ci95: [lo, hi], n, n_prompts, n_eff, per_prompt}. `responses` hold `samples`
+    responses per pair, grouped by pair in order. A tie counts half, and verdicts between 0 and 1 other
+    than a tie (an LLM judge asked in both orders gives 0.25 or 0.75) count as the fraction of a win they
+    are. The interval is the 95% Wilson interval of `rahf.metrics.clustered_wilson`: the replies to one
+    prompt are correlated, so it is taken at the effective sample size n_eff (between n_prompts and n)
+    rather than at n. per_prompt holds each pair's mean verdict, for paired comparisons between methods.
     """
     if not pairs:
         raise ValueError("win_rate_against_chosen needs at least one preference pair")
@@ -355,9 +357,16 @@ def win_rate_against_chosen(
     bad = [x for x in outcomes if not 0.0 <= x <= 1.0]
     if bad:
         raise ValueError(f"judge verdicts must lie in [0, 1]; got {bad[0]!r}")
-    rate = statistics.fmean(outcomes)
-    low, high = wilson_interval(rate, len(outcomes))
-    return {"win_rate": rate, "ci95": [low, high], "n": len(outcomes)}
+    per_prompt = [statistics.fmean(outcomes[i : i + samples]) for i in range(0, len(outcomes), samples)]
+    rate, low, high, n_eff = clustered_wilson(per_prompt, [samples] * len(pairs))
+    return {
+        "win_rate": rate,
+        "ci95": [low, high],
+        "n": len(outcomes),
+        "n_prompts": len(pairs),
+        "n_eff": round(n_eff, 1),
+        "per_prompt": per_prompt,
+    }
 
 
 def evaluate_policy(
@@ -374,9 +383,10 @@ def evaluate_policy(
 ) -> dict:
     """Every measurement of one deployed model on held-out `pairs`, with `cfg.evaluate`'s settings.
 
-    Win rate of sampled responses against the chosen ones (and the judge's mean score when it has one);
-    reward-model score by temperature (with `reward_judge`); cross-entropy of the chosen responses; the
-    likelihood as a chosen-vs-rejected classifier; KL drift from `reference` (the SFT model) on
+    Win rate of sampled responses against the chosen ones (each pair's mean verdict in `verdicts_per_prompt`,
+    for paired comparisons between methods; the judge's mean score when it has one); reward-model score
+    by temperature (with `reward_judge`); cross-entropy of the chosen responses; the likelihood as a
+    chosen-vs-rejected classifier; KL drift from `reference` (the SFT model) on
     `neutral_prompts`. `generations` (a path) receives the sampled responses as JSONL.
     """
     import json
@@ -389,7 +399,11 @@ def evaluate_policy(
         system=system, seed=cfg.seed, progress=False,
     )  # fmt: skip
     before = (getattr(judge, "calls", 0), getattr(judge, "unparsed", 0))
-    out: dict = {"win_rate": win_rate_against_chosen(judge, pairs, replies, e.samples)}
+    wins = win_rate_against_chosen(judge, pairs, replies, e.samples)
+    out: dict = {
+        "win_rate": {k: v for k, v in wins.items() if k != "per_prompt"},
+        "verdicts_per_prompt": wins["per_prompt"],
+    }
     if hasattr(judge, "unparsed"):  # an LLM judge's replies without a verdict count as ties: say how many
         out["judge_unparsed"] = {"calls": judge.calls - before[0], "unparsed": judge.unparsed - before[1]}
     if hasattr(judge, "score"):

@@ -11,7 +11,9 @@ win rates from any judge read the same. Three kinds:
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
 import os
 import re
 import time
@@ -26,8 +28,16 @@ import torch
 from .artifacts import redacted
 from .data import Message
 from .demo.task import WORLD, Fact, gold_score
+from .errors import RahfError
 
 KINDS = ("gold", "reward-model", "llm")
+
+
+class JudgeError(RahfError, RuntimeError):
+    """A judge cannot give verdicts (an unreachable or failing LLM endpoint, a reward model scoring NaN).
+
+    A RahfError, so the command line reports it in one line instead of a traceback.
+    """
 
 
 class Judge(Protocol):
@@ -91,7 +101,9 @@ class RewardModelJudge:
     """A reward model (sequence classification, one label) scoring prompt plus reply; higher wins.
 
     Long texts lose their beginning, never the reply's end. Batches are padded on the right, so every
-    real token keeps its position and a reply scores the same alone or in a batch.
+    real token keeps its position and a reply scores the same alone or in a batch; the model's
+    `config.pad_token_id` is set to the tokenizer's pad id, by which decoders find each text's last token.
+    A non-finite score raises JudgeError.
     """
 
     def __init__(
@@ -105,6 +117,11 @@ class RewardModelJudge:
     ):
         if model.config.num_labels != 1:
             raise ValueError(f"a reward model has one output label; this model has {model.config.num_labels}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the reward model's tokenizer has no pad token; set one (rahf.models.load_tokenizer does)")
+        # A decoder reads each text's score at its last token that is not the model's pad id, so that id must be
+        # the one the tokenizer pads with; otherwise a padded text is scored at a padding position.
+        model.config.pad_token_id = tokenizer.pad_token_id
         self.model = model.eval()  # dropout would make scores random
         self.tokenizer = tokenizer
         self.name = name
@@ -121,7 +138,6 @@ class RewardModelJudge:
 
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model.config.pad_token_id = tokenizer.pad_token_id  # how the model finds each sequence's last token
         return cls(model.to(default_device()), tokenizer, **kwargs)
 
     def __repr__(self) -> str:
@@ -171,6 +187,9 @@ class RewardModelJudge:
                     scores += logits[:, 0].float().tolist()
         finally:
             tok.truncation_side, tok.padding_side = saved
+        broken = next((i for i, x in enumerate(scores) if not math.isfinite(x)), None)
+        if broken is not None:  # a NaN would compare as a tie and skew every win rate silently
+            raise JudgeError(f"the reward model scored reply {broken} as {scores[broken]}; check its weights and dtype")
         return scores
 
     def score(self, prompt: Sequence[Message], response: str) -> float:
@@ -289,17 +308,22 @@ class LLMJudge:
                 excerpt = _redact(e.read().decode("utf-8", "replace"), key)[:300]  # redact before cutting
                 problem = f"HTTP {e.code} from {shown}: {excerpt}"
                 if e.code not in _RETRY_STATUS:
-                    raise RuntimeError(f"LLM judge request failed: {problem}") from None
+                    raise JudgeError(f"LLM judge request failed: {problem}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 problem = f"cannot reach {shown}: {_redact(str(getattr(e, 'reason', e)), key)}"
+            except http.client.HTTPException as e:  # a broken status line or a reply cut short
+                problem = f"bad HTTP reply from {shown}: {type(e).__name__}: {_redact(str(e), key)[:300]}"
             if attempt < self.max_retries:
                 self.sleep(min(2.0**attempt, 30.0))
         else:
-            raise RuntimeError(f"LLM judge request failed after {self.max_retries + 1} attempts: {problem}")
+            raise JudgeError(f"LLM judge request failed after {self.max_retries + 1} attempts: {problem}")
         try:
-            return json.loads(raw)["choices"][0]["message"]["content"] or ""
+            content = json.loads(raw)["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
-            raise RuntimeError(f"LLM judge got no chat completion from {shown}: {_redact(raw, key)[:300]!r}") from None
+            content = None
+        if not isinstance(content, str):  # the chat-completions reply's content is a string (or null)
+            raise JudgeError(f"LLM judge got no chat completion from {shown}: {_redact(raw, key)[:300]!r}")
+        return content
 
 
 def _redact(text: str, key: str | None) -> str:

@@ -29,16 +29,87 @@ class WinRate:
     losses: int
 
 
-def wilson_interval(rate: float, n: int, z: float = Z_95) -> tuple[float, float]:
+def wilson_interval(rate: float, n: float, z: float = Z_95) -> tuple[float, float]:
     """Wilson score interval for a proportion `rate` observed over `n` trials, clipped to [0, 1].
 
-    Unlike the normal (Wald) interval it stays sensible near 0 and 1 and for small n.
+    Unlike the normal (Wald) interval it stays sensible near 0 and 1 and for small n. `n` may be an
+    effective sample size (not a whole number); see `clustered_wilson`.
     """
+    if not n > 0:
+        raise ValueError(f"wilson_interval needs n > 0; got {n!r}")
     z2 = z * z
     denom = 1 + z2 / n
     centre = (rate + z2 / (2 * n)) / denom
     half = z / denom * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def clustered_wilson(
+    means: Sequence[float], sizes: Sequence[int], z: float = Z_95
+) -> tuple[float, float, float, float]:
+    """(rate, low, high, n_eff): the Wilson interval of verdicts in clusters (the replies to one prompt).
+
+    Replies to one prompt share its difficulty, so their verdicts are correlated and n replies carry less
+    information than n independent ones. Cluster i holds `sizes[i]` verdicts with mean `means[i]`; the rate is
+    the mean of all verdicts. The Wilson interval is taken at the effective sample size n / deff, where the
+    design effect deff is the cluster-robust variance of the rate over the variance of n independent
+    proportions. deff is at least 1, so the interval is never narrower than that of independent verdicts
+    (and equals it when every cluster holds one verdict); n_eff lies between the number of clusters and n.
+    """
+    if len(means) != len(sizes):
+        raise ValueError(f"means and sizes differ in length: {len(means)} vs {len(sizes)}")
+    if not means or any(m < 1 for m in sizes):
+        raise ValueError("clustered_wilson needs at least one cluster, each with at least one verdict")
+    bad = [x for x in means if not 0.0 <= x <= 1.0]  # NaN fails this too
+    if bad:
+        raise ValueError(f"cluster means must lie in [0, 1]; got {bad[0]!r}")
+    n = sum(sizes)
+    rate = sum(m * x for x, m in zip(means, sizes)) / n
+    n_eff = float(n)
+    independent = rate * (1 - rate) / n
+    if max(sizes) > 1 and independent > 0:
+        clustered = sum((m * (x - rate)) ** 2 for x, m in zip(means, sizes)) / (n * n)
+        n_eff = n / max(1.0, clustered / independent)
+    low, high = wilson_interval(rate, n_eff, z)
+    return rate, low, high, n_eff
+
+
+# Two-sided 95% quantiles of Student's t with 1..30 degrees of freedom.
+_T_975 = (
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+)  # fmt: skip
+
+
+def t_975(df: int) -> float:
+    """Two-sided 95% quantile of Student's t: a table to 30 degrees of freedom, Cornish-Fisher above (error < 1e-4)."""
+    if df < 1:
+        raise ValueError(f"t_975 needs at least 1 degree of freedom; got {df}")
+    if df <= len(_T_975):
+        return _T_975[df - 1]
+    z = Z_95
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    return z + g1 / df + g2 / df**2 + g3 / df**3
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float | None, float | None]:
+    """(mean, low, high): the mean of independent `values` with its 95% Student t interval (None for one value).
+
+    Used for differences between methods: one per seed, or one per prompt when there is one seed.
+    """
+    if not values:
+        raise ValueError("mean_interval needs at least one value")
+    if any(math.isnan(x) for x in values):
+        raise ValueError("mean_interval got NaN")
+    mean = math.fsum(values) / len(values)
+    if len(values) == 1:
+        return mean, None, None
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in values) / (len(values) - 1))
+    half = t_975(len(values) - 1) * sd / math.sqrt(len(values))
+    return mean, mean - half, mean + half
 
 
 def win_rate(outcomes: Sequence[float]) -> WinRate:
@@ -78,6 +149,7 @@ def _average_ranks(values: Sequence[float]) -> list[float]:
 
 def auc_roc(scores: Sequence[float], labels: Sequence[int]) -> float:
     """Exact ROC AUC via the Mann-Whitney U statistic: P(positive scores above negative), ties half."""
+    _check_scores(scores)
     n_pos = sum(1 for y in labels if y == 1)
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -86,6 +158,13 @@ def auc_roc(scores: Sequence[float], labels: Sequence[int]) -> float:
     rank_sum = sum(r for r, y in zip(ranks, labels) if y == 1)
     u = rank_sum - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
+
+
+def _check_scores(*score_lists: Sequence[float]) -> None:
+    """NaN scores (a broken model, a half-precision overflow) have no order: refuse them rather than rank them."""
+    for scores in score_lists:
+        if any(math.isnan(s) for s in scores):
+            raise ValueError("scores contain NaN; check the model that produced them")
 
 
 def _ratio(num: float, den: float) -> float:
@@ -130,6 +209,7 @@ def pairwise_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[
         raise ValueError(f"chosen and rejected differ in length: {len(chosen_scores)} vs {len(rejected_scores)}")
     if not chosen_scores:
         raise ValueError("pairwise_accuracy needs at least one pair")
+    _check_scores(chosen_scores, rejected_scores)
     credit = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen_scores, rejected_scores))
     return credit / len(chosen_scores)
 
@@ -143,6 +223,8 @@ def perplexity(token_logprobs: Sequence[Sequence[float]]) -> dict[str, float]:
     n_tokens = sum(len(seq) for seq in token_logprobs)
     if n_tokens == 0:
         raise ValueError("perplexity needs at least one token")
+    if any(math.isnan(x) for seq in token_logprobs for x in seq):
+        raise ValueError("token log-probs contain NaN; check the model that produced them")
     cross_entropy = -sum(sum(seq) for seq in token_logprobs) / n_tokens
     return {"cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy), "n_tokens": n_tokens}
 

@@ -62,20 +62,22 @@ def noise_table(summary: dict[str, dict[str, dict]]) -> list[str]:
     return lines
 
 
-def standing(summary: dict[str, dict]) -> list[str]:
-    """Where each RAHF variant stands against every baseline (difference of seed means, pooled intervals)."""
+def standing(pairs: dict[str, dict]) -> list[str]:
+    """Where each RAHF variant stands against every baseline: paired differences with their 95% interval.
+
+    `pairs` is one noise level of `rahf.compare.paired`. A difference is called better or worse only when
+    its interval excludes 0; per-seed differences are listed so that their consistency can be seen.
+    """
     lines = []
-    for rahf in ("rahf-scit", "rahf-dual"):
-        if rahf not in summary:
-            continue
-        r = summary[rahf]
-        for other, o in summary.items():
-            if other == rahf:
-                continue
-            d = r["win_rate"] - o["win_rate"]
-            overlap = r["ci95"][0] <= o["ci95"][1] and o["ci95"][0] <= r["ci95"][1]
-            verdict = "intervals overlap" if overlap else ("better" if d > 0 else "worse")
-            lines.append(f"- {rahf} vs {other}: {d:+.3f} ({verdict})")
+    for label, p in pairs.items():
+        ci = p["ci95"]
+        if ci is None:
+            verdict = "no interval"
+        else:
+            call = "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "not distinguishable"
+            verdict = f"95% interval {ci[0]:+.3f} to {ci[1]:+.3f} over {p['over']}: {call}"
+        seeds = f"; per seed {' / '.join(f'{d:+.3f}' for d in p['per_seed'])}" if len(p["per_seed"]) > 1 else ""
+        lines.append(f"- {label}: {p['diff']:+.3f} ({verdict}{seeds})")
     return lines
 
 
@@ -95,6 +97,10 @@ def write_report(results: dict, out: Path) -> Path:
             f"(noise levels {', '.join(sorted(summary, key=float))}); {results['seconds']:.0f} s in all."
         ),
         "Win rate = the judge's verdict of each sampled response against the pair's chosen response, ties half.",
+        (
+            "Pooled 95% interval = Wilson interval of all seeds' verdicts, with the replies to one prompt counted as "
+            "correlated (effective sample size from the design effect); the seed sd shows training randomness."
+        ),
         "",
         f"## Win rate against the chosen responses (label noise {base_level})",
         "",
@@ -104,7 +110,12 @@ def write_report(results: dict, out: Path) -> Path:
         "",
         "## Where RAHF stands",
         "",
-        *standing(main),
+        (
+            "Paired differences of win rate (same prompts): the interval is Student's t over the seeds' differences, "
+            "or over the prompts' differences when there is one seed."
+        ),
+        "",
+        *standing(results.get("paired", {}).get(base_level, {})),
         "",
         "## Other measurements",
         "",
