@@ -39,6 +39,18 @@ def test_sampling_reaches_beyond_the_fifty_likeliest_tokens(model, tokenizer):
     assert len(set(replies)) > 60
 
 
+def test_a_sampled_reply_depends_on_the_seed_and_its_prompt_not_on_the_batch(model, tokenizer):
+    """Changing generate.batch_size (to fit memory) or the other prompts in the file keeps each sample."""
+    other = [{"role": "user", "content": "fred asks : what color is the sky and what color is a tomato ?"}]
+    prompts = [PROMPT, other, PROMPT, other, PROMPT, PROMPT]
+    args = {"max_new_tokens": 6, "temperature": 1.0, "seed": 3, "progress": False}
+    together = generate(model, tokenizer, prompts, batch_size=6, **args)
+    assert len(set(together)) > 2
+    assert generate(model, tokenizer, prompts, batch_size=1, **args) == together
+    assert generate(model, tokenizer, prompts[:3], batch_size=2, **args) == together[:3]
+    assert generate(model, tokenizer, prompts, batch_size=6, **(args | {"seed": 4})) != together
+
+
 def test_a_tokenizer_without_a_pad_token_pads_with_eos(model, tokenizer):
     import copy
 
@@ -155,3 +167,26 @@ def test_a_saved_model_lists_the_end_of_turn_among_its_stop_tokens(model, tokeni
     save_model(model, chat, tmp_path / "chat")
     stops = GenerationConfig.from_pretrained(tmp_path / "chat").eos_token_id
     assert stops == sorted([chat.eos_token_id, chat.unk_token_id])
+
+
+def test_a_checkpoint_shipping_sampling_flags_without_do_sample_still_saves(tiny_model_dir, tokenizer, tmp_path):
+    """transformers loads such a generation config with a warning but refuses to save it once edited (here by
+    the end-of-turn stop token); the flags are saved back as shipped."""
+    import copy
+    import json
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from rahf.models import save_model
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tiny_model_dir, shipped)
+    gen = json.loads((shipped / "generation_config.json").read_text())
+    (shipped / "generation_config.json").write_text(json.dumps(gen | {"temperature": 0.6, "top_p": 0.9}))
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }} <unk> {% endfor %}"
+    save_model(load_model(str(shipped), device="cpu"), chat, tmp_path / "out")
+    saved = GenerationConfig.from_pretrained(tmp_path / "out")
+    assert saved.eos_token_id == sorted([chat.eos_token_id, chat.unk_token_id])
+    assert (saved.temperature, saved.top_p, saved.do_sample) == (0.6, 0.9, None)

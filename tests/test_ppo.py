@@ -185,3 +185,24 @@ def test_full_finetune_saves_a_whole_model(tmp_path, monkeypatch, tiny_model_dir
     loaded = load_stage_model(out, cfg)
     assert torch.equal(_logits(loaded, tokenizer), _logits(policy, tokenizer))
     assert not torch.allclose(_logits(loaded, tokenizer), _logits(load_stage_model(tiny_model_dir, cfg), tokenizer))
+
+
+def test_ppo_trains_a_multimodal_checkpoints_language_model(tmp_path, tiny_model_dir, pairs_file, reward_model_dir):
+    """AutoModelForCausalLM loads gemma-3-4b and up as a vision-language model whose config nests the hidden
+    size under text_config; the value head reads the language model's width."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    from rahf.judges import RewardModelJudge
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    text |= {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision |= {"image_size": 28, "patch_size": 14}
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision, image_token_index=1))
+    settings = PPO | {"steps": 1, "rollout_size": 4, "minibatch_size": 2, "ppo_epochs": 1, "finetune": "full"}
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "run", "rlhf-ppo", ppo=settings))
+    judge = RewardModelJudge.from_pretrained(str(reward_model_dir))
+    log = PPO_LOOP(cfg, policy, tokenizer, judge, _prompts()[:4])
+    assert len(log) == 1 and math.isfinite(log[0]["value_loss"])

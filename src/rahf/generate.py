@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,37 @@ def decoding(temperature: float, top_p: float = 1.0) -> dict:
     return {"do_sample": True, "temperature": temperature, "top_p": top_p, **_NO_PROCESSORS, **_NO_TRUNCATION}
 
 
+class SeededSampler:
+    """A logits processor that turns greedy decoding into sampling, one random stream per prompt.
+
+    Each row draws from softmax(logits / temperature) cut by `top_p` (transformers' own warpers) with the
+    Gumbel-max trick: argmax of the warped logits plus Gumbel noise from that row's generator. The generator of
+    prompt `i` is seeded by (seed, i), so a reply depends on the seed and its prompt's place in the list, not on
+    the batch size or on the other prompts it shares a batch with.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seed: int, indices: Sequence[int], device) -> None:
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.warp = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+        if top_p < 1.0:
+            self.warp.append(TopPLogitsWarper(top_p))
+        self.generators = [
+            torch.Generator(device=device).manual_seed(random.Random(f"{seed}:{i}").getrandbits(63)) for i in indices
+        ]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = self.warp(input_ids, scores)
+        tiny = torch.finfo(scores.dtype).tiny  # keeps the noise finite, so filtered (-inf) tokens stay out
+        u = torch.stack(
+            [
+                torch.rand(scores.shape[-1], generator=g, device=scores.device, dtype=scores.dtype)
+                for g in self.generators
+            ]
+        )
+        return scores - torch.log(-torch.log(u.clamp_(min=tiny)))
+
+
 @torch.no_grad()
 def sample_ids(
     model,
@@ -41,13 +73,15 @@ def sample_ids(
     seed: int = 0,
     progress: bool = False,
 ) -> list[list[int]]:
-    """Reply token ids for prompt ids (left-padded batches of similar length), through the first stop token."""
+    """Reply token ids for prompt ids (left-padded batches of similar length), through the first stop token.
+
+    Sampled replies come from `SeededSampler`: each is fixed by `seed` and its prompt's index alone.
+    """
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     out: list[list[int]] = [[] for _ in encoded]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_ids(tokenizer)
-    torch.manual_seed(seed)
     model.eval()
     for b0 in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         idx = order[b0 : b0 + batch_size]
@@ -57,13 +91,15 @@ def sample_ids(
         for r, i in enumerate(idx):
             ids[r, width - len(encoded[i]) :] = torch.tensor(list(encoded[i]), dtype=torch.long)
             attn[r, width - len(encoded[i]) :] = 1
+        sampler = [] if temperature == 0 else [SeededSampler(temperature, top_p, seed, idx, device)]
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
             eos_token_id=stops,
-            **decoding(temperature, top_p),
+            logits_processor=sampler,
+            **decoding(0.0),  # greedy over the sampler's noisy logits is sampling
         )
         for r, i in enumerate(idx):
             tokens = gen[r, width:].tolist()

@@ -54,10 +54,16 @@ def save_model(model, tokenizer, out) -> None:
 
     When the chat template closes turns with a token other than EOS, the saved generation config lists both,
     so `generate` (and servers reading generation_config.json) stop at the end of the turn it was trained on.
+    Sampling flags a checkpoint ships without `do_sample` (temperature 0.6, ...) are saved back as shipped:
+    transformers refuses to save such a config once anything in it changed, as the stop tokens (or a
+    trainer's pad token) just did.
     """
     stops = stop_ids(tokenizer)
-    if len(stops) > 1 and getattr(model, "generation_config", None) is not None:
-        model.generation_config.eos_token_id = stops
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        if len(stops) > 1:
+            generation.eos_token_id = stops
+        generation._original_object_hash = hash(generation)  # transformers validates it as loaded, not as edited
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -67,9 +73,11 @@ def default_device() -> str:
 
 
 def num_layers(config) -> int:
-    """Number of decoder blocks, from a transformers config."""
+    """Number of decoder blocks, from a transformers config (its text model's, for a multimodal one such as
+    Gemma 3, Llama 4 or Qwen3.5, whose config.json nests the layer count under `text_config`)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, key, None)
+        value = getattr(text, key, None)
         if isinstance(value, int):
             return value
     raise ConfigError(f"cannot tell the number of layers of model type {config.model_type!r}")
@@ -79,14 +87,17 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of any HF causal LM (LLaMA, Mistral, Qwen, GPT-2, GPT-NeoX, ... ; PEFT-wrapped too).
 
     Found generically as the ModuleList whose length equals the config's layer count, so new
-    architectures need no table entry.
+    architectures need no table entry; in a multimodal model, within its language model, so a vision
+    tower of the same depth is never taken for it.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     n = num_layers(inner.config)
-    candidates = [m for m in inner.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if not candidates:
-        raise ConfigError(f"no list of {n} decoder blocks found in {type(inner).__name__}")
-    return candidates[0]
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else inner
+    for root in (decoder, inner):
+        candidates = [m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+        if candidates:
+            return candidates[0]
+    raise ConfigError(f"no list of {n} decoder blocks found in {type(inner).__name__}")
 
 
 def default_layers(n: int) -> list[int]:

@@ -461,7 +461,8 @@ def _collect(cfg: RahfConfig, out: Path) -> dict:
     tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code)
     _, pairs = split_pairs(cfg, load_data(cfg))
     reader = target_reader(cfg, layers, tokenizer.pad_token_id)
-    return write_cache(reader, examples_for(tokenizer, pairs, cfg), out, reader.plus.config.hidden_size)
+    width = reader.plus.config.get_text_config(decoder=True).hidden_size  # a multimodal model's: its LM's
+    return write_cache(reader, examples_for(tokenizer, pairs, cfg), out, width)
 
 
 def _align(cfg: RahfConfig, out: Path) -> dict:

@@ -193,7 +193,7 @@ def ppo_loop(
     torch.manual_seed(cfg.seed)
     device = next(policy.parameters()).device
     ref = None if s.finetune == "lora" else copy.deepcopy(policy).requires_grad_(False)  # None: adapter disabled
-    head = nn.Linear(policy.config.hidden_size, 1, device=device)
+    head = nn.Linear(policy.config.get_text_config().hidden_size, 1, device=device)  # multimodal: the LM's
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
