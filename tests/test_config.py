@@ -567,6 +567,17 @@ def test_train_values_a_stage_would_ignore_or_crash_on_are_refused(base, section
     assert msg.startswith(start), msg
 
 
+def test_pure_dtype_needs_a_16_bit_dtype_and_only_then_enters_fingerprints(base):
+    from rahf.pipeline import stage_fingerprint
+
+    assert error_of(None, with_(base, pure_dtype=True)).startswith("pure_dtype: applies to a 16-bit dtype only")
+    fp32 = stage_fingerprint(load_config(None, with_(base, method="scit")), "instruct")[1]
+    assert "pure_dtype" not in fp32  # float32 runs keep the fingerprints they had
+    bf16 = [load_config(None, with_(base, dtype="bfloat16") | extra) for extra in ({}, {"pure_dtype": True})]
+    mixed, pure = (stage_fingerprint(cfg, "instruct") for cfg in bf16)
+    assert mixed[1]["pure_dtype"] is False and pure[1]["pure_dtype"] is True and mixed[0] != pure[0]
+
+
 def test_train_values_that_change_nothing_are_accepted(base):
     train = {"eval_strategy": "no", "load_best_model_at_end": False, "label_smoothing_factor": 0.0}
     load_config(None, with_(base, method="scit", instruct__train=train))

@@ -239,6 +239,9 @@ class RahfConfig:
     stages: list[str] = field(default_factory=lambda: ["instruct", "collect", "align", "merge"])
     seed: int = 0
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    # full fine-tunes in a 16-bit dtype keep float32 master weights (saved in dtype); true trains the 16-bit
+    # weights themselves: half the memory, but an update below their precision (lr 2e-5 on most weights) is lost
+    pure_dtype: bool = False
     trust_remote_code: bool = False
     layers: list[int] | None = None  # hidden_states indices (1..num_layers); null = middle third to two thirds
     alpha: float = 5.0
@@ -887,6 +890,8 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
             f"evaluate.samples: {cfg.evaluate.samples} copies of one greedy reply (evaluate.temperature: 0) only "
             "narrow the interval; set samples: 1 or a temperature above 0"
         )
+    if cfg.pure_dtype and cfg.dtype == "float32":
+        raise ConfigError("pure_dtype: applies to a 16-bit dtype only; set dtype: bfloat16 (or float16) or drop it")
     if cfg.window > cfg.data.max_response_length:
         raise ConfigError(
             f"window: {cfg.window} exceeds data.max_response_length={cfg.data.max_response_length}; lower one"

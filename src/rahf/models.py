@@ -49,15 +49,17 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     return model
 
 
-def save_model(model, tokenizer, out) -> None:
+def save_model(model, tokenizer, out, dtype: str | None = None) -> None:
     """Save a model (or adapter) and its tokenizer in HF format; plain generation stops where replies end.
 
     When the chat template closes turns with a token other than EOS, the saved generation config lists both,
     so `generate` (and servers reading generation_config.json) stop at the end of the turn it was trained on.
     Sampling flags a checkpoint ships without `do_sample` (temperature 0.6, ...) are saved back as shipped:
     transformers refuses to save such a config once anything in it changed, as the stop tokens (or a
-    trainer's pad token) just did.
+    trainer's pad token) just did. `dtype` casts the weights first (float32 master weights saved as trained for).
     """
+    if dtype is not None:
+        model.to(torch_dtype(dtype))
     stops = stop_ids(tokenizer)
     generation = getattr(model, "generation_config", None)
     if generation is not None:

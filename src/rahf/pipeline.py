@@ -190,6 +190,8 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
         return _path_fp(cfg.data.path or None, memo)
 
     common = _section(cfg, "seed", "dtype", "trust_remote_code", "data")
+    if cfg.dtype != "float32":  # how a 16-bit full fine-tune keeps its weights (float32 runs stay as they were)
+        common["pure_dtype"] = cfg.pure_dtype
     if stage == "sft":
         covered = common | _section(cfg, "sft", "tokenizer") | {"model": cfg.model}
         inputs = {

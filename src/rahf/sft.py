@@ -10,7 +10,7 @@ from .data import is_jsonl, load_pairs, read_jsonl
 from .errors import ConfigError, DataError
 from .models import load_model, load_tokenizer, save_model
 from .stimuli import build_variants
-from .training import load_data, training_args
+from .training import load_data, train_dtype, training_args
 
 
 def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str]]:
@@ -69,10 +69,10 @@ def run_sft(cfg: RahfConfig, out: Path) -> None:
     args = training_args(SFTConfig, cfg, out, cfg.sft.train, max_length=None, learning_rate=2e-5)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     check_eos_token(args, tokenizer, "sft")
-    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
+    model = load_model(cfg.model, train_dtype(cfg, full=True), cfg.trust_remote_code)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # `tokenizer` adds tokens (a chat template's)
         model.resize_token_embeddings(len(tokenizer))
     data = tokenized_sft_dataset(tokenizer, sft_examples(cfg), cfg.data.max_prompt_length, cfg.data.max_response_length)
     model, logs = train_sft_model(model, tokenizer, data, args)
-    save_model(model, tokenizer, out)
+    save_model(model, tokenizer, out, cfg.dtype)
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))

@@ -33,6 +33,16 @@ def training_args(cls, cfg: RahfConfig, out: Path, overrides: dict[str, Any], **
     return cls(**values)
 
 
+def train_dtype(cfg: RahfConfig, full: bool) -> str:
+    """The dtype to load a model for training in: float32 master weights for a 16-bit full fine-tune.
+
+    AdamW's step at lr 2e-5 is below bfloat16's resolution for most weights, so 16-bit weights would mostly
+    not move; float32 weights (with bf16 autocast on CUDA) train as mixed precision does, and are saved in
+    `dtype`. LoRA adapters are float32 already (PEFT), so their frozen base stays in `dtype`.
+    """
+    return "float32" if full and cfg.dtype != "float32" and not cfg.pure_dtype else cfg.dtype
+
+
 def step1_learning_rate(finetune: str) -> float:
     """Step 1's default learning rate: the authors' 2e-5 for a full fine-tune, 2e-4 for LoRA adapters.
 

@@ -21,7 +21,7 @@ from ..config import RahfConfig
 from ..data import PreferencePair
 from ..models import load_model, load_tokenizer, save_model
 from ..stimuli import build_variants
-from ..training import lora_config, training_args
+from ..training import lora_config, train_dtype, training_args
 
 if TYPE_CHECKING:
     import datasets
@@ -77,7 +77,7 @@ def train_dpo(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path
     lora = cfg.dpo.finetune == "lora"
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     data = dpo_dataset(tokenizer, pairs, cfg.data.max_prompt_length, cfg.data.max_response_length)
-    model = load_model(base, cfg.dtype, cfg.trust_remote_code)
+    model = load_model(base, train_dtype(cfg, not lora), cfg.trust_remote_code)
     defaults = {
         "learning_rate": 5e-5 if lora else 5e-6,
         "num_train_epochs": 1,
@@ -97,7 +97,7 @@ def train_dpo(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path
         peft_config=lora_config(model, cfg.dpo.lora) if lora else None,
     )
     trainer.train()
-    save_model(trainer.model, tokenizer, out)
+    save_model(trainer.model, tokenizer, out, None if lora else cfg.dtype)
     logs = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))
     return logs

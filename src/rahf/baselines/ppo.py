@@ -31,7 +31,7 @@ from ..generate import decoding
 from ..judges import RewardModelJudge
 from ..models import load_model, load_tokenizer, save_model
 from ..stimuli import prompt_ids, stop_ids
-from ..training import lora_config
+from ..training import lora_config, train_dtype
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ def forward(
 def policy_model(cfg: RahfConfig, base: str) -> nn.Module:
     """The SFT model to train: with a fresh, seeded LoRA adapter (`ppo.finetune: lora`) or whole."""
     torch.manual_seed(cfg.seed)
-    model = load_model(base, cfg.dtype, cfg.trust_remote_code)
+    model = load_model(base, train_dtype(cfg, cfg.ppo.finetune == "full"), cfg.trust_remote_code)
     if cfg.ppo.finetune == "lora":
         from peft import get_peft_model
 
@@ -264,6 +264,6 @@ def train_ppo(cfg: RahfConfig, base: str, reward_model: str, prompts: list[list[
         max_length=cfg.reward.max_length,
     )
     log = ppo_loop(cfg, policy, tokenizer, judge, prompts)
-    save_model(policy, tokenizer, out)
+    save_model(policy, tokenizer, out, cfg.dtype if cfg.ppo.finetune == "full" else None)
     (out / "log_history.json").write_text(json.dumps(log, indent=1))
     return log

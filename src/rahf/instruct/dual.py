@@ -17,7 +17,7 @@ from ..config import RahfConfig
 from ..data import PreferencePair
 from ..models import load_model, load_tokenizer, save_model
 from ..sft import check_eos_token, tokenized_sft_dataset, train_sft_model
-from ..training import lora_config, step1_learning_rate, training_args
+from ..training import lora_config, step1_learning_rate, train_dtype, training_args
 
 SIDES = ("preferred", "dispreferred")
 
@@ -37,7 +37,7 @@ def train_dual(
     for side in sides:
         examples = [(list(p.prompt), p.chosen if side == "preferred" else p.rejected) for p in pairs]
         data = tokenized_sft_dataset(tokenizer, examples, cfg.data.max_prompt_length, cfg.data.max_response_length)
-        model = load_model(base, cfg.dtype, cfg.trust_remote_code)
+        model = load_model(base, train_dtype(cfg, cfg.finetune == "full"), cfg.trust_remote_code)
         if cfg.finetune == "lora":
             torch.manual_seed(cfg.seed)  # each adapter's random init, made before its Trainer seeds anything
             model = get_peft_model(model, lora_config(model, cfg.instruct.lora))
@@ -46,7 +46,7 @@ def train_dual(
         args = training_args(SFTConfig, cfg, out, cfg.instruct.train, **side_defaults)
         model, logs[side] = train_sft_model(model, tokenizer, data, args)
         if cfg.finetune == "full":
-            save_model(model, tokenizer, out / side)
+            save_model(model, tokenizer, out / side, cfg.dtype)
         else:
             model.save_pretrained(out / side)
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))

@@ -18,7 +18,7 @@ from ..config import RahfConfig
 from ..data import PreferencePair
 from ..models import load_model, load_tokenizer, save_model
 from ..stimuli import build_variants
-from ..training import ListDataset, lora_config, step1_learning_rate, training_args
+from ..training import ListDataset, lora_config, step1_learning_rate, train_dtype, training_args
 
 
 def scit_loss(match_lp: torch.Tensor, other_lp: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,7 +104,7 @@ def train_scit(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Pat
     from transformers import TrainingArguments
 
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    model = load_model(base, cfg.dtype, cfg.trust_remote_code)
+    model = load_model(base, train_dtype(cfg, cfg.finetune == "full"), cfg.trust_remote_code)
     if cfg.finetune == "lora":
         torch.manual_seed(cfg.seed)  # the adapter's random init comes before the Trainer seeds anything
         model = get_peft_model(model, lora_config(model, cfg.instruct.lora))
@@ -119,5 +119,5 @@ def train_scit(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Pat
     )
     trainer.label_smoothing = cfg.instruct.label_smoothing
     trainer.train()
-    save_model(trainer.model, tokenizer, out)
+    save_model(trainer.model, tokenizer, out, cfg.dtype if cfg.finetune == "full" else None)
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
