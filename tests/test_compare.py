@@ -139,6 +139,19 @@ def test_report_states_the_paired_standing_from_results(tmp_path):
     assert results["summary"]["0"]["rahf-scit"]["ci95"] == [0.3846, 0.5768]
 
 
+def test_report_shows_how_many_llm_judge_replies_had_no_verdict(tmp_path):
+    runs = [_run(s, {"rahf-scit": (0.5, None), "hir": (0.4, None)}, n=100) for s in (0, 1)]
+    for run, unparsed in zip(runs, (3, 4)):
+        run["methods"]["rahf-scit"]["judge_unparsed"] = {"calls": 200, "unparsed": unparsed}
+        run["methods"]["hir"]["judge_unparsed"] = {"calls": 200, "unparsed": 0}
+    results = {"methods": ["hir", "rahf-scit"], "summary": summarize(runs), "paired": paired(runs), "runs": runs}
+    report = write_report(results | {"seconds": 1.0}, tmp_path).read_text()
+    assert "counted as ties), unparsed/calls: rahf-scit 7/400, hir 0/400." in report
+    runs = [_run(0, {"hir": (0.4, None)})]  # a gold or reward-model judge: no such line
+    results = {"methods": ["hir"], "summary": summarize(runs), "paired": paired(runs), "runs": runs}
+    assert "unparsed" not in write_report(results | {"seconds": 1.0}, tmp_path).read_text()
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("compare")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-RAHF_VS_STEP1 = (("rahf-scit", "hir"), ("rahf-dual", "preferred-sft"))
+RAHF_VS_STEP1 = (("rahf-scit", "hir"), ("rahf-dual", "preferred-sft"))  # each variant and its own step-1 model
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -81,6 +81,21 @@ def standing(pairs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def unparsed_lines(runs: list[dict]) -> list[str]:
+    """An LLM judge's replies without a verdict (counted as ties), per method over all runs; none for other judges."""
+    counts: dict[str, list[int]] = {}
+    for run in runs:
+        for name, m in run["methods"].items():
+            if "judge_unparsed" in m:
+                c = counts.setdefault(name, [0, 0])
+                c[0] += m["judge_unparsed"]["unparsed"]
+                c[1] += m["judge_unparsed"]["calls"]
+    if not counts:
+        return []
+    share = ", ".join(f"{name} {u}/{n}" for name, (u, n) in counts.items())
+    return [f"LLM judge replies without a verdict (counted as ties), unparsed/calls: {share}.", ""]
+
+
 def write_report(results: dict, out: Path) -> Path:
     """report.md plus plots in `out`; returns the report path."""
     from . import plots
@@ -124,6 +139,7 @@ def write_report(results: dict, out: Path) -> Path:
     ]
     plots.win_rate_bars([{"method": k, "win_rate": v["win_rate"], "ci95": v["ci95"]} for k, v in main.items()],
                         out / "win_rate.png")  # fmt: skip
+    lines += unparsed_lines(results["runs"])
     rewards = reward_table(main)
     if rewards:
         curves = {k: {float(t): m for t, m in v["reward_by_temperature"].items()} for k, v in main.items()
