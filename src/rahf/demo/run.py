@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..config import load_config
+from ..report import RAHF_VS_STEP1
 from .task import INSTRUCTIONS, DemoData, Fact, gold_score, make_task, vocabulary
 from .tiny import save_tiny
 
@@ -46,7 +47,7 @@ class Scale:
 
 
 FULL = Scale(4000, 2000, 100, 200, 4, 6, 3, 1, 150, 40, ((2, 3), (3,)), (0.1, 0.25, 0.5), (0.5, 0.75, 1.0))
-QUICK = Scale(1200, 400, 25, 200, 1, 3, 2, 1, 30, 6, ((2, 3),), (0.25,), (0.5,), temperatures=(0.0, 1.0))
+QUICK = Scale(1200, 400, 25, 200, 1, 2, 2, 1, 30, 4, ((2, 3),), (0.25,), (0.5,), temperatures=(0.0, 1.0))
 MAX_NEW_TOKENS = 24
 
 
@@ -236,7 +237,7 @@ def demo_header(results: dict) -> str:
             f"| {r['unparseable']:.3f} | {r['n']} |"
         )
     lines += ["", "RAHF against its own step-1 model:", ""]
-    for rahf, step1 in (("rahf-scit", "hir"), ("rahf-dual", "preferred-sft")):
+    for rahf, step1 in RAHF_VS_STEP1:
         if rahf in m and step1 in m:
             d = m[rahf]["win_rate"] - m[step1]["win_rate"]
             lines.append(f"- {rahf}: {m[rahf]['win_rate']:.3f} vs {step1} {m[step1]['win_rate']:.3f} ({d:+.3f})")
