@@ -290,13 +290,21 @@ def _read_logs(path: Path) -> list[dict]:
     return logs
 
 
+def _runs_by_level(runs: list[dict]) -> dict[str, list[dict]]:
+    """{noise level: its runs (one per seed), in run order}."""
+    out: dict[str, list[dict]] = {}
+    for run in runs:
+        out.setdefault(f"{run['noise']:g}", []).append(run)
+    return out
+
+
 def _by_level(runs: list[dict]) -> dict[str, dict[str, list[dict]]]:
     """{noise level: {method: [its metrics, one per seed, in run order]}}."""
     out: dict[str, dict[str, list[dict]]] = {}
-    for run in runs:
-        level = out.setdefault(f"{run['noise']:g}", {})
-        for name, m in run["methods"].items():
-            level.setdefault(name, []).append(m)
+    for level, runs_at in _runs_by_level(runs).items():
+        for run in runs_at:
+            for name, m in run["methods"].items():
+                out.setdefault(level, {}).setdefault(name, []).append(m)
     return out
 
 
@@ -392,13 +400,6 @@ def paired(runs: list[dict], targets: tuple[str, ...] = ("rahf-scit", "rahf-dual
                     "over": over,
                 }
         out[level] = rows
-    return out
-
-
-def _runs_by_level(runs: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for run in runs:
-        out.setdefault(f"{run['noise']:g}", []).append(run)
     return out
 
 
