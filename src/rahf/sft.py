@@ -43,10 +43,10 @@ def tokenized_sft_dataset(tokenizer, examples, max_prompt_length: int, max_respo
     return Dataset.from_dict(rows)
 
 
-def check_eos_token(args, tokenizer, section: str) -> None:
+def check_eos_token(eos_token: str | None, tokenizer, section: str) -> None:
     """Refuse a new `eos_token` in SFTConfig: SFTTrainer sets it on the tokenizer when it is built, after rahf has
     tokenized the data, so the model would train on one end-of-turn token and be saved with another."""
-    if args.eos_token is not None and args.eos_token != tokenizer.eos_token:
+    if eos_token is not None and eos_token != tokenizer.eos_token:
         raise ConfigError(
             f"{section}.train.eos_token: rahf tokenizes the data before TRL would apply it, so training and the saved "
             "tokenizer would disagree; give a tokenizer folder with that EOS as `tokenizer` instead"
@@ -68,7 +68,7 @@ def run_sft(cfg: RahfConfig, out: Path) -> None:
 
     args = training_args(SFTConfig, cfg, out, cfg.sft.train, max_length=None, learning_rate=2e-5)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    check_eos_token(args, tokenizer, "sft")
+    check_eos_token(cfg.sft.train.get("eos_token"), tokenizer, "sft")
     model = load_model(cfg.model, train_dtype(cfg, full=True), cfg.trust_remote_code)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # `tokenizer` adds tokens (a chat template's)
         model.resize_token_embeddings(len(tokenizer))

@@ -31,7 +31,7 @@ def train_dual(
 
     defaults = {"learning_rate": step1_learning_rate(cfg.finetune), "num_train_epochs": 3, "max_length": None}
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    check_eos_token(training_args(SFTConfig, cfg, out, cfg.instruct.train, **defaults), tokenizer, "instruct")
+    check_eos_token(cfg.instruct.train.get("eos_token"), tokenizer, "instruct")
     tokenizer.save_pretrained(out)
     logs = {}
     for side in sides:
