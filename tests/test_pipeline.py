@@ -13,7 +13,7 @@ from conftest import LAYERS, N_PAIRS, WINDOW, run_settings, standard_records, wr
 
 from rahf import pipeline
 from rahf.align import CachedCollator, CachedTargets, OnlineCollator, align_batch_loss
-from rahf.artifacts import MANIFEST, atomic_dir, fingerprint, fingerprint_path, read_manifest
+from rahf.artifacts import MANIFEST, atomic_dir, fingerprint, fingerprint_path, is_fresh, read_manifest
 from rahf.collect import examples_for
 from rahf.config import load_config, with_overrides
 from rahf.data import PreferencePair
@@ -144,7 +144,7 @@ def test_a_hub_model_is_fingerprinted_by_the_commit_it_resolves_to(tmp_path, mon
 
     head = {"sha": "a" * 40}
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the suite runs offline
-    monkeypatch.setattr(hf, "model_info", lambda repo_id, timeout: type("Info", (), {"sha": head["sha"]})())
+    monkeypatch.setattr(hf, "model_info", lambda repo_id, revision, timeout: type("Info", (), {"sha": head["sha"]})())
     hub_commit.cache_clear()
     first = fingerprint_path("org/model")
     hub_commit.cache_clear()
@@ -167,6 +167,59 @@ def test_a_hub_model_is_fingerprinted_by_the_commit_it_resolves_to(tmp_path, mon
     hub_commit.cache_clear()
     assert fingerprint_path("org/other") != fingerprint_path("org/model")  # neither asked nor cached: the name
     hub_commit.cache_clear()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, vocab) -> dict[str, str]:
+    """An offline Hub cache holding `org/tiny` at two commits: main (2 blocks) and the tag v2 (4 blocks)."""
+    from huggingface_hub import constants
+
+    from rahf.artifacts import hub_commit
+    from rahf.demo.tiny import save_tiny
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    commits = {"main": "1" * 40, "v2": "2" * 40}
+    (repo / "refs").mkdir(parents=True)
+    for (ref, sha), layers in zip(commits.items(), (2, 4)):
+        save_tiny(repo / "snapshots" / sha, vocab, hidden=32, layers=layers, heads=2)
+        (repo / "refs" / ref).write_text(sha)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at call time by transformers too
+    hub_commit.cache_clear()
+    yield commits
+    hub_commit.cache_clear()
+
+
+def test_revision_picks_the_hub_model_version_everywhere(hub_cache, tmp_path, pairs_file):
+    """`revision` reaches validation, fingerprints, training and the PEFT base reload: v2 has layers main lacks."""
+    settings = run_settings("org/tiny", pairs_file, tmp_path / "out", "dual", layers=[3])
+    with pytest.raises(ConfigError, match=r"layers: \[3\] out of range; the model has layers 1..2"):
+        load_config(None, settings)  # the default branch: 2 blocks
+    cfg = load_config(None, settings | {"revision": "v2"})
+    assert fingerprint_path("org/tiny", "v2") == fingerprint_path("org/tiny", hub_cache["v2"])
+    assert fingerprint_path("org/tiny", "v2") != fingerprint_path("org/tiny")
+    pipeline.run(cfg)
+    adapter = json.loads((pipeline.stage_dir(cfg, "instruct") / "preferred" / "adapter_config.json").read_text())
+    assert (adapter["base_model_name_or_path"], adapter["revision"]) == ("org/tiny", "v2")
+    merged = load_stage_model(pipeline.stage_dir(cfg, "merge"), cfg)
+    assert merged.config.num_hidden_layers == 4
+    instruct = pipeline.stage_dir(cfg, "instruct")
+    assert is_fresh(instruct, pipeline.stage_fingerprint(cfg, "instruct")[0])
+    # pointing the tag at the other commit (a new upload) makes everything built on it stale
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "v2").write_text(hub_cache["main"])
+    from rahf.artifacts import hub_commit
+
+    hub_commit.cache_clear()
+    moved = load_config(None, settings | {"revision": "v2", "layers": [1]})  # layer 3 is gone with the 2 blocks
+    assert not is_fresh(instruct, pipeline.stage_fingerprint(moved, "instruct")[0])
+
+
+@pytest.mark.parametrize(
+    ("revision", "message"),
+    [("", "revision: empty"), ("v2", "is a local folder; a revision picks a version of a Hub model")],
+)
+def test_revision_is_refused_where_it_cannot_apply(tiny_model_dir, pairs_file, tmp_path, revision, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "dual", revision=revision))
 
 
 def test_instruct_artifact_layout(finished_run):

@@ -213,9 +213,10 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
     from .pipeline import load_policy, require_artifact, step1_path, target_reader
     from .training import ListDataset, load_data, lora_config, split_pairs, training_args
 
-    tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code)
+    revision = cfg.revision_of(step1_path(cfg))  # LoRRA's policy may be the Hub model itself
+    tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code, revision)
     policy = without_dropout(load_policy(cfg))
-    model = get_peft_model(policy, lora_config(policy, cfg.align.lora, max_layer=max(layers)))
+    model = get_peft_model(policy, lora_config(policy, cfg.align.lora, max_layer=max(layers), revision=revision))
     if cfg.align.targets == "cache":
         dataset, reader = CachedTargets(require_artifact(cfg, "collect"), layers), None
         collator = CachedCollator(tokenizer.pad_token_id)

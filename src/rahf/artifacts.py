@@ -80,8 +80,9 @@ def _hash_file(path: Path, h: hashlib._Hash) -> None:
     h.update(_FILE_DIGESTS[key])
 
 
-def fingerprint_path(path: str | os.PathLike) -> str:
-    """Content hash of a file or folder; a stage artifact contributes its identity (`artifact_identity`)."""
+def fingerprint_path(path: str | os.PathLike, revision: str | None = None) -> str:
+    """Content hash of a file or folder; a stage artifact contributes its identity (`artifact_identity`); a Hub id
+    the commit that `revision` (default: the default branch) points to."""
     p = Path(path)
     if (p / MANIFEST).is_file():
         return artifact_identity(p)
@@ -92,15 +93,16 @@ def fingerprint_path(path: str | os.PathLike) -> str:
         for f in sorted(q for q in p.rglob("*") if q.is_file()):
             h.update(str(f.relative_to(p)).encode())
             _hash_file(f, h)
-    else:  # a Hub id: the commit it resolves to, as from_pretrained will load it
-        commit = hub_commit(str(path))
-        h.update(f"hub:{path}".encode() + (f"@{commit}".encode() if commit else b""))
+    else:  # a Hub id: the commit it resolves to, as from_pretrained will load it (else the revision's name)
+        commit = hub_commit(str(path), revision)
+        h.update(f"hub:{path}".encode() + (f"@{commit or revision}".encode() if commit or revision else b""))
     return h.hexdigest()
 
 
 @cache  # once per process: every stage of one `rahf run` must see the same commit
-def hub_commit(repo_id: str) -> str | None:
-    """The commit a Hub model id's default branch points to, so a new upload makes artifacts built on it stale.
+def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit a Hub model id's `revision` (default branch when None) points to, so a new upload makes artifacts
+    built on it stale.
 
     Asked of the Hub unless HF_HUB_OFFLINE is set; offline, or when the Hub cannot be reached, the commit
     the local cache holds (what from_pretrained then loads); None when neither is known (the name alone).
@@ -109,13 +111,13 @@ def hub_commit(repo_id: str) -> str | None:
 
     if not constants.HF_HUB_OFFLINE:
         try:
-            return model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
+            return model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
         # no network, a private repo without a token, an id the Hub refuses (its HTTP library's errors are
         # not OSErrors): whatever the reason, fall back to the cache
         except Exception:  # noqa: BLE001, S110
             pass
     try:
-        cached = try_to_load_from_cache(repo_id, "config.json")
+        cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     except ValueError:  # not a valid Hub id at all
         return None
     return Path(cached).parent.name if isinstance(cached, str) else None

@@ -86,7 +86,8 @@ def _load(cfg: RahfConfig, d: Deployed):
     from .models import load_tokenizer
     from .training import load_stage_model
 
-    return load_stage_model(d.path, cfg, adapter=d.adapter), load_tokenizer(d.path, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(d.path, cfg.trust_remote_code, cfg.revision_of(d.path))
+    return load_stage_model(d.path, cfg, adapter=d.adapter), tokenizer
 
 
 def _select(

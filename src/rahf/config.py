@@ -234,6 +234,7 @@ class RahfConfig:
 
     model: str = ""  # HF hub id or local folder of the (SFT) causal LM
     tokenizer: str | None = None  # defaults to `model`
+    revision: str | None = None  # branch, tag or commit of a Hub `model` (and its tokenizer); null = default branch
     method: str = "scit"  # scit | dual | lorra, or a baseline: dpo | rlhf-ppo | sft | preferred-sft | hir
     output_dir: str = "runs/rahf"
     stages: list[str] = field(default_factory=lambda: ["instruct", "collect", "align", "merge"])
@@ -273,6 +274,10 @@ class RahfConfig:
     @property
     def finetune(self) -> str:
         return self.instruct.finetune or ("full" if self.instruct_method == "scit" else "lora")
+
+    def revision_of(self, path: str | os.PathLike) -> str | None:
+        """`revision` when `path` is the Hub `model` (or its tokenizer); None for local folders and other repos."""
+        return self.revision if str(path) == self.model else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -826,6 +831,15 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
         value = _get(cfg, key)
         if value and _looks_local(value) and not Path(value).exists():
             raise ConfigError(f"{key}: {value} does not exist; give a local model folder or a Hub id like org/name")
+    if cfg.revision is not None:
+        if not cfg.revision.strip():
+            raise ConfigError(
+                "revision: empty; give a branch, tag or commit of the Hub model, or null for its default branch"
+            )
+        if _looks_local(cfg.model) or Path(cfg.model).exists():
+            raise ConfigError(
+                f"revision: {cfg.model} is a local folder; a revision picks a version of a Hub model (org/name)"
+            )
     for name in cfg.stages:
         if name not in STAGES:
             raise ConfigError(f"stages: unknown stage {name!r} (known: {', '.join(STAGES)})")
@@ -914,9 +928,10 @@ def model_num_layers(cfg: RahfConfig) -> int:
     from .models import num_layers
 
     try:
-        mc = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        mc = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model: cannot read the config of {cfg.model!r} ({str(e).splitlines()[0]})") from None
+        at = f" at revision {cfg.revision!r}" if cfg.revision else ""
+        raise ConfigError(f"model: cannot read the config of {cfg.model!r}{at} ({str(e).splitlines()[0]})") from None
     return num_layers(mc)
 
 

@@ -474,7 +474,7 @@ def evaluate_run(cfg) -> dict:
     judge = run_judge(cfg, reward_judge)
     path, adapter, system = final_model(cfg)
     model = load_stage_model(path, cfg, adapter=adapter)
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code, cfg.revision_of(path))
     reference = load_stage_model(base_model_path(cfg), cfg) if cfg.method != "sft" else model
     pairs = load_pairs(e.pairs, limit=e.limit)[0]
     neutral = neutral_prompts(cfg, pairs)

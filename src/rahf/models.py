@@ -25,11 +25,14 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """A tokenizer with EOS ([SEP] for encoders without one) and a pad token (EOS when it has none)."""
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """A tokenizer with EOS ([SEP] for encoders without one) and a pad token (EOS when it has none).
+
+    `revision` picks a branch, tag or commit of a Hub repo (None: its default branch).
+    """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None and tok.sep_token_id is not None:  # encoders (BERT) end every text with [SEP]
         tok.eos_token = tok.sep_token
     if tok.pad_token_id is None:
@@ -39,11 +42,19 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None):
-    """A causal LM in eval mode on `device` (CUDA when available unless told otherwise)."""
+def load_model(
+    path: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    revision: str | None = None,
+):
+    """A causal LM in eval mode on `device` (CUDA when available unless told otherwise), at `revision` of a Hub repo."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=revision, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+    )
     model.to(device or default_device())
     model.eval()
     return model

@@ -126,19 +126,19 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _path_fp(path: str | Path | None, memo: dict[str, str | None]) -> str | None:
-    """`fingerprint_path` of a configured file or folder (None when unset), hashed once per check."""
+def _path_fp(path: str | Path | None, memo: dict[str, str | None], revision: str | None = None) -> str | None:
+    """`fingerprint_path` of a configured file, folder or Hub id (None when unset), hashed once per check."""
     if path is None:
         return None
-    key = f"path:{path}"
+    key = f"path:{path}@{revision}"
     if key not in memo:
-        memo[key] = fingerprint_path(path)
+        memo[key] = fingerprint_path(path, revision)
     return memo[key]
 
 
 def _base_fp(cfg: RahfConfig, memo: dict[str, str | None]) -> str | None:
     """Fingerprint of the model step 1 starts from (`base_model_path`): a fresh SFT artifact or `model`."""
-    return _fresh_fp(cfg, "sft", memo) if "sft" in cfg.stages else _path_fp(cfg.model, memo)
+    return _fresh_fp(cfg, "sft", memo) if "sft" in cfg.stages else _path_fp(cfg.model, memo, cfg.revision)
 
 
 def _step1_fp(cfg: RahfConfig, memo: dict[str, str | None]) -> str | None:
@@ -195,8 +195,8 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
     if stage == "sft":
         covered = common | _section(cfg, "sft", "tokenizer") | {"model": cfg.model}
         inputs = {
-            "model": _path_fp(cfg.model, memo),
-            "tokenizer": _path_fp(cfg.tokenizer, memo),
+            "model": _path_fp(cfg.model, memo, cfg.revision),
+            "tokenizer": _path_fp(cfg.tokenizer, memo, cfg.revision_of(cfg.tokenizer or "")),
             "data": _path_fp(cfg.sft.path, memo) if cfg.sft.path else data(),
         }
     elif stage == "reward":
@@ -206,7 +206,8 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
         if cfg.reward.model is None:  # this run's SFT model
             backbone = _base_fp(cfg, memo)
         else:
-            backbone = _path_fp(resolve_backbone(cfg.reward.model, base_model_path(cfg)), memo)
+            backbone = resolve_backbone(cfg.reward.model, base_model_path(cfg))
+            backbone = _path_fp(backbone, memo, cfg.revision_of(backbone))
         inputs = {"backbone": backbone, "data": data()}
     elif stage == "instruct":
         covered = common | _section(cfg, "method", "instructions", "instruct") | {"finetune": cfg.finetune}
@@ -234,7 +235,8 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
         inputs = {"policy": _step1_fp(cfg, memo), "align": _fresh_fp(cfg, "align", memo)}
     elif stage == "generate":
         covered = _section(cfg, "generate", "data", "seed", "method", "instructions", "dtype", "trust_remote_code")
-        model = _path_fp(cfg.generate.model, memo) if cfg.generate.model else _final_fp(cfg, memo)
+        g = cfg.generate.model
+        model = _path_fp(g, memo, cfg.revision_of(g)) if g else _final_fp(cfg, memo)
         inputs = {"model": model, "prompts": _path_fp(cfg.generate.prompts, memo)}
     elif stage == "evaluate":
         covered = _section(cfg, "evaluate", "data", "seed", "method", "instructions", "dtype", "trust_remote_code")
@@ -382,7 +384,8 @@ def check_instruction_room(cfg: RahfConfig) -> None:
     from .stimuli import truncate_prompt
 
     try:
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+        source = cfg.tokenizer or cfg.model
+        tokenizer = load_tokenizer(source, cfg.trust_remote_code, cfg.revision_of(source))
     except (OSError, ValueError):
         return
     systems = [cfg.instructions.preferred, cfg.instructions.dispreferred]
@@ -418,7 +421,9 @@ def _reward(cfg: RahfConfig, out: Path) -> dict:
     step1, _ = split_pairs(cfg, load_data(cfg))
     backbone = resolve_backbone(cfg.reward.model, base_model_path(cfg))
     r = cfg.reward
-    judge = train_reward_model(step1, backbone, out, r.train, cfg.seed, cfg.trust_remote_code, r.max_length)
+    judge = train_reward_model(
+        step1, backbone, out, r.train, cfg.seed, cfg.trust_remote_code, r.max_length, cfg.revision_of(backbone)
+    )
     stats: dict = {"n_pairs": len(step1), "backbone": backbone}
     if cfg.evaluate.pairs:  # how well it ranks held-out pairs, recorded in the manifest
         from .data import load_pairs
@@ -460,7 +465,7 @@ def _collect(cfg: RahfConfig, out: Path) -> dict:
     from .training import load_data, split_pairs
 
     layers = resolved_layers(cfg)
-    tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code)
+    tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code, cfg.revision_of(step1_path(cfg)))
     _, pairs = split_pairs(cfg, load_data(cfg))
     reader = target_reader(cfg, layers, tokenizer.pad_token_id)
     width = reader.plus.config.get_text_config(decoder=True).hidden_size  # a multimodal model's: its LM's
@@ -495,7 +500,7 @@ def _generate(cfg: RahfConfig, out: Path) -> dict:
     g = cfg.generate
     model_path, adapter, system = (g.model, None, None) if g.model else final_model(cfg)
     prompts = read_prompts(g.prompts)
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, cfg.revision_of(model_path))
     model = load_stage_model(model_path, cfg, adapter=adapter)
     responses = generate(
         model,

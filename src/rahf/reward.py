@@ -69,6 +69,7 @@ def train_reward_model(
     seed: int = 0,
     trust_remote_code: bool = False,
     max_length: int = 512,
+    revision: str | None = None,
 ) -> RewardModelJudge:
     """Fine-tune `backbone` with a one-label head on `pairs` (Bradley-Terry loss), save it to `out`, return its judge.
 
@@ -85,9 +86,9 @@ def train_reward_model(
         raise ValueError("train_reward_model needs at least one preference pair")
     out = Path(out)
     set_seed(seed)  # the new score head starts from a seeded random init
-    tokenizer = load_tokenizer(backbone, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(backbone, trust_remote_code=trust_remote_code, revision=revision)
     model = AutoModelForSequenceClassification.from_pretrained(
-        backbone, num_labels=1, trust_remote_code=trust_remote_code
+        backbone, num_labels=1, revision=revision, trust_remote_code=trust_remote_code
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders find each text's last token by it
     judge = RewardModelJudge(model, tokenizer, max_length=max_length)

@@ -96,8 +96,17 @@ def split_pairs(cfg: RahfConfig, pairs: list[PreferencePair]) -> tuple[list[Pref
     return [pairs[i] for i in order[k:]], [pairs[i] for i in order[:k]]
 
 
-def lora_config(model, settings: LoraSettings, max_layer: int | None = None, task_type: str = "CAUSAL_LM"):
-    """A peft LoraConfig; with `max_layer`, only blocks 0..max_layer-1 (those that shape the target layers)."""
+def lora_config(
+    model,
+    settings: LoraSettings,
+    max_layer: int | None = None,
+    task_type: str = "CAUSAL_LM",
+    revision: str | None = None,
+):
+    """A peft LoraConfig; with `max_layer`, only blocks 0..max_layer-1 (those that shape the target layers).
+
+    `revision` is the Hub revision of the base model, which the saved adapter records so that PEFT (and
+    `load_stage_model`) reload the base the adapter was trained on."""
     from peft import LoraConfig
 
     targets = settings.target_modules
@@ -115,6 +124,7 @@ def lora_config(model, settings: LoraSettings, max_layer: int | None = None, tas
         lora_dropout=settings.dropout,
         target_modules=targets,
         task_type=task_type,
+        revision=revision,
         **kwargs,
     )
 
@@ -128,10 +138,11 @@ def load_stage_model(path: str | Path, cfg: RahfConfig, adapter: str | None = No
     if (path / "adapter_config.json").is_file():
         from peft import PeftConfig, PeftModel
 
-        base_path = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-        base = load_model(base_path, cfg.dtype, cfg.trust_remote_code, device)
+        adapter_cfg = PeftConfig.from_pretrained(str(path))
+        base_path, revision = adapter_cfg.base_model_name_or_path, adapter_cfg.revision
+        base = load_model(base_path, cfg.dtype, cfg.trust_remote_code, device, revision)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
-    return load_model(str(path), cfg.dtype, cfg.trust_remote_code, device or default_device())
+    return load_model(str(path), cfg.dtype, cfg.trust_remote_code, device or default_device(), cfg.revision_of(path))
 
 
 def has_adapters(path: str | Path, names: tuple[str, ...]) -> bool:
@@ -147,7 +158,10 @@ def load_adapters(path: str | Path, cfg: RahfConfig, names: tuple[str, ...]):
     from peft import PeftConfig, PeftModel
 
     first = str(Path(path) / names[0])
-    base = load_model(PeftConfig.from_pretrained(first).base_model_name_or_path, cfg.dtype, cfg.trust_remote_code)
+    adapter_cfg = PeftConfig.from_pretrained(first)
+    base = load_model(
+        adapter_cfg.base_model_name_or_path, cfg.dtype, cfg.trust_remote_code, revision=adapter_cfg.revision
+    )
     model = PeftModel.from_pretrained(base, first, adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(Path(path) / name), adapter_name=name)

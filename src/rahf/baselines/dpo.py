@@ -75,9 +75,10 @@ def train_dpo(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path
 
     out = Path(out)
     lora = cfg.dpo.finetune == "lora"
-    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    revision = cfg.revision_of(base)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code, revision)
     data = dpo_dataset(tokenizer, pairs, cfg.data.max_prompt_length, cfg.data.max_response_length)
-    model = load_model(base, train_dtype(cfg, not lora), cfg.trust_remote_code)
+    model = load_model(base, train_dtype(cfg, not lora), cfg.trust_remote_code, revision=revision)
     defaults = {
         "learning_rate": 5e-5 if lora else 5e-6,
         "num_train_epochs": 1,
@@ -89,12 +90,12 @@ def train_dpo(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path
     args = training_args(DPOConfig, cfg, out, cfg.dpo.train, **defaults)
     trainer = _dpo_trainer(
         model=model,
-        ref_model=None if lora else load_model(base, cfg.dtype, cfg.trust_remote_code),
+        ref_model=None if lora else load_model(base, cfg.dtype, cfg.trust_remote_code, revision=revision),
         args=args,
         train_dataset=data,
         processing_class=tokenizer,
         # A peft_config, not a PeftModel: TRL then takes the adapter-disabled policy as the reference.
-        peft_config=lora_config(model, cfg.dpo.lora) if lora else None,
+        peft_config=lora_config(model, cfg.dpo.lora, revision=revision) if lora else None,
     )
     trainer.train()
     save_model(trainer.model, tokenizer, out, None if lora else cfg.dtype)

@@ -96,11 +96,12 @@ def forward(
 def policy_model(cfg: RahfConfig, base: str) -> nn.Module:
     """The SFT model to train: with a fresh, seeded LoRA adapter (`ppo.finetune: lora`) or whole."""
     torch.manual_seed(cfg.seed)
-    model = load_model(base, train_dtype(cfg, cfg.ppo.finetune == "full"), cfg.trust_remote_code)
+    revision = cfg.revision_of(base)
+    model = load_model(base, train_dtype(cfg, cfg.ppo.finetune == "full"), cfg.trust_remote_code, revision=revision)
     if cfg.ppo.finetune == "lora":
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(model, cfg.ppo.lora))
+        model = get_peft_model(model, lora_config(model, cfg.ppo.lora, revision=revision))
     return model
 
 
@@ -255,7 +256,7 @@ def train_ppo(cfg: RahfConfig, base: str, reward_model: str, prompts: list[list[
     if not prompts:
         raise DataError("rlhf-ppo: no prompts to train on")
     out = Path(out)
-    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code, cfg.revision_of(base))
     policy = policy_model(cfg, base)
     judge = RewardModelJudge.from_pretrained(
         reward_model,

@@ -30,17 +30,18 @@ def train_dual(
     from trl import SFTConfig
 
     defaults = {"learning_rate": step1_learning_rate(cfg.finetune), "num_train_epochs": 3, "max_length": None}
-    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code, cfg.revision_of(base))
     check_eos_token(cfg.instruct.train.get("eos_token"), tokenizer, "instruct")
     tokenizer.save_pretrained(out)
+    revision = cfg.revision_of(base)
     logs = {}
     for side in sides:
         examples = [(list(p.prompt), p.chosen if side == "preferred" else p.rejected) for p in pairs]
         data = tokenized_sft_dataset(tokenizer, examples, cfg.data.max_prompt_length, cfg.data.max_response_length)
-        model = load_model(base, train_dtype(cfg, cfg.finetune == "full"), cfg.trust_remote_code)
+        model = load_model(base, train_dtype(cfg, cfg.finetune == "full"), cfg.trust_remote_code, revision=revision)
         if cfg.finetune == "lora":
             torch.manual_seed(cfg.seed)  # each adapter's random init, made before its Trainer seeds anything
-            model = get_peft_model(model, lora_config(model, cfg.instruct.lora))
+            model = get_peft_model(model, lora_config(model, cfg.instruct.lora, revision=revision))
         # checkpoints go under out/checkpoints, which the pipeline removes, not into the side's model folder
         side_defaults = defaults | {"output_dir": str(out / "checkpoints" / side)}
         args = training_args(SFTConfig, cfg, out, cfg.instruct.train, **side_defaults)

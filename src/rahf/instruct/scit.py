@@ -103,11 +103,12 @@ def train_scit(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Pat
     from peft import get_peft_model
     from transformers import TrainingArguments
 
-    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    model = load_model(base, train_dtype(cfg, cfg.finetune == "full"), cfg.trust_remote_code)
+    revision = cfg.revision_of(base)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code, revision)
+    model = load_model(base, train_dtype(cfg, cfg.finetune == "full"), cfg.trust_remote_code, revision=revision)
     if cfg.finetune == "lora":
         torch.manual_seed(cfg.seed)  # the adapter's random init comes before the Trainer seeds anything
-        model = get_peft_model(model, lora_config(model, cfg.instruct.lora))
+        model = get_peft_model(model, lora_config(model, cfg.instruct.lora, revision=revision))
     lr = step1_learning_rate(cfg.finetune)
     args = training_args(TrainingArguments, cfg, out, cfg.instruct.train, learning_rate=lr, num_train_epochs=2)
     trainer = _trainer_class()(
