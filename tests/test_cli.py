@@ -340,3 +340,64 @@ def test_status_into_a_closed_pipe_exits_quietly(tmp_path, tiny_model_dir, pairs
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1
     assert err == ""
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, vocab) -> Path:
+    """A tiny GPT-2: a learned table of 64 absolute positions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rahf.demo.tiny import build_tokenizer
+
+    tok = build_tokenizer(vocab)
+    folder = tmp_path_factory.mktemp("gpt2") / "model"
+    ids = {"bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id}
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok), **ids)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.max_response_length=40"], "data.max_prompt_length + data.max_response_length: 72 tokens exceed the 64"),
+        (["stages=[reward]"], "reward.max_length: 512 tokens exceed the 64"),
+        (
+            ["method=sft", "stages=[generate]", "generate.max_new_tokens=33"],
+            "data.max_prompt_length + generate.max_new_tokens: 65",
+        ),
+        (
+            ["method=rlhf-ppo", "stages=[reward,instruct]", "reward.max_length=56", "ppo.max_new_tokens=40"],
+            "+ ppo.max_new_tokens: 72 tokens",
+        ),
+    ],
+)
+def test_sequences_longer_than_a_learned_position_table_exit_2(
+    tmp_path, gpt2_dir, pairs_file, capsys, overrides, message
+):
+    """GPT-2 indexes a table of n_positions rows: a longer sequence would end a stage in an IndexError."""
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "what color is a banana ?"}])
+    cfg.write_text(
+        f"model: {gpt2_dir}\nmethod: dual\noutput_dir: {out}\nlayers: [1]\nwindow: 8\ndata:\n  path: {pairs_file}\n"
+        f"  max_prompt_length: 32\n  max_response_length: 24\ngenerate:\n  prompts: {prompts}\n"
+    )
+    assert main(["run", str(cfg), *overrides]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert message in error and "max_position_embeddings" in error, error
+    assert nothing_written(out)
+
+
+def test_position_limit_is_the_configured_count_and_only_for_learned_tables():
+    """OPT's table has 2 extra rows (an offset); rotary models (LLaMA) have no table and no limit."""
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    from rahf.models import learned_position_limit
+
+    opt = OPTConfig(num_hidden_layers=1, hidden_size=16, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16)
+    assert learned_position_limit(OPTConfig(**opt.to_dict() | {"max_position_embeddings": 40})) == 40
+    assert learned_position_limit(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=24)) == 24
+    llama = LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2)
+    assert learned_position_limit(llama) is None

@@ -85,6 +85,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def learned_position_limit(config, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence a model with a learned table of absolute positions (GPT-2, OPT, GPT-Neo, BioGPT) can
+    read; None for rotary, ALiBi or sinusoidal positions, which have no table to run off. Built on the meta
+    device: no weights are read or allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    words = model.get_input_embeddings()
+    tables = [
+        m.num_embeddings
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and m is not words and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
+    ]
+    if not tables:
+        return None
+    # OPT and BioGPT offset positions by 2, so the configured count, not the table's rows, is the limit
+    return getattr(config.get_text_config(decoder=True), "max_position_embeddings", None) or min(tables)
+
+
 def num_layers(config) -> int:
     """Number of decoder blocks, from a transformers config (its text model's, for a multimodal one such as
     Gemma 3, Llama 4 or Qwen3.5, whose config.json nests the layer count under `text_config`)."""

@@ -338,6 +338,7 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
         read_prompts(cfg.generate.prompts)
     if cfg.method in INSTRUCTED and any(s in stages for s in _PROMPTED):
         check_instruction_room(cfg)
+    check_positions(cfg, stages)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -390,6 +391,40 @@ def check_instruction_room(cfg: RahfConfig) -> None:
         return
     systems = [cfg.instructions.preferred, cfg.instructions.dispreferred]
     truncate_prompt(tokenizer, [{"role": "user", "content": "why"}], systems, cfg.data.max_prompt_length)
+
+
+def check_positions(cfg: RahfConfig, stages: list[str]) -> None:
+    """The longest sequence a stage builds must fit a learned position table (GPT-2, OPT), else the stage fails
+    deep inside with an IndexError. Best effort: a config that cannot be read here is left to the stage."""
+    from transformers import AutoConfig
+
+    from .models import learned_position_limit
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        limit = learned_position_limit(config, cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return
+    if limit is None:
+        return
+    p = cfg.data.max_prompt_length
+    needs = {}
+    if any(s in stages for s in ("sft", "instruct", "collect", "align", "evaluate")):  # training, likelihoods
+        needs["data.max_prompt_length + data.max_response_length"] = p + cfg.data.max_response_length
+    if "generate" in stages:
+        needs["data.max_prompt_length + generate.max_new_tokens"] = p + cfg.generate.max_new_tokens
+    if "evaluate" in stages:
+        needs["data.max_prompt_length + evaluate.max_new_tokens"] = p + cfg.evaluate.max_new_tokens
+    if cfg.method == "rlhf-ppo" and "instruct" in stages:
+        needs["data.max_prompt_length + ppo.max_new_tokens"] = p + cfg.ppo.max_new_tokens
+    if "reward" in stages and cfg.reward.model is None:  # a reward model on this model's architecture
+        needs["reward.max_length"] = cfg.reward.max_length
+    for keys, length in needs.items():
+        if length > limit:
+            raise ConfigError(
+                f"{keys}: {length} tokens exceed the {limit} positions of {cfg.model} (a learned position "
+                "table, max_position_embeddings); lower them to fit"
+            )
 
 
 def active_stages(cfg: RahfConfig) -> list[str]:
