@@ -403,7 +403,8 @@ def check_positions(cfg: RahfConfig, stages: list[str]) -> None:
     try:
         config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         limit = learned_position_limit(config, cfg.trust_remote_code)
-    except (OSError, ValueError):
+    # an unreadable config, or an architecture that cannot be built on the meta device: a check, not a gate
+    except Exception:  # noqa: BLE001
         return
     if limit is None:
         return
