@@ -275,9 +275,9 @@ class RahfConfig:
     def finetune(self) -> str:
         return self.instruct.finetune or ("full" if self.instruct_method == "scit" else "lora")
 
-    def revision_of(self, path: str | os.PathLike) -> str | None:
+    def revision_of(self, path: str | os.PathLike | None) -> str | None:
         """`revision` when `path` is the Hub `model` (or its tokenizer); None for local folders and other repos."""
-        return self.revision if str(path) == self.model else None
+        return self.revision if path is not None and str(path) == self.model else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

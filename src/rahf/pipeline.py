@@ -196,7 +196,7 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
         covered = common | _section(cfg, "sft", "tokenizer") | {"model": cfg.model}
         inputs = {
             "model": _path_fp(cfg.model, memo, cfg.revision),
-            "tokenizer": _path_fp(cfg.tokenizer, memo, cfg.revision_of(cfg.tokenizer or "")),
+            "tokenizer": _path_fp(cfg.tokenizer, memo, cfg.revision_of(cfg.tokenizer)),
             "data": _path_fp(cfg.sft.path, memo) if cfg.sft.path else data(),
         }
     elif stage == "reward":

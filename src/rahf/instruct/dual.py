@@ -30,10 +30,10 @@ def train_dual(
     from trl import SFTConfig
 
     defaults = {"learning_rate": step1_learning_rate(cfg.finetune), "num_train_epochs": 3, "max_length": None}
-    tokenizer = load_tokenizer(base, cfg.trust_remote_code, cfg.revision_of(base))
+    revision = cfg.revision_of(base)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code, revision)
     check_eos_token(cfg.instruct.train.get("eos_token"), tokenizer, "instruct")
     tokenizer.save_pretrained(out)
-    revision = cfg.revision_of(base)
     logs = {}
     for side in sides:
         examples = [(list(p.prompt), p.chosen if side == "preferred" else p.rejected) for p in pairs]
