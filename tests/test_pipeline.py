@@ -213,6 +213,26 @@ def test_revision_picks_the_hub_model_version_everywhere(hub_cache, tmp_path, pa
     assert not is_fresh(instruct, pipeline.stage_fingerprint(moved, "instruct")[0])
 
 
+def test_compare_keeps_the_revision_for_the_hub_model_only(hub_cache, tmp_path, pairs_file):
+    """Methods trained from this run's SFT folder record no Hub revision; without an sft stage they start from
+    (and record) the pinned Hub model."""
+    from rahf.compare import run_compare
+
+    train = {"per_device_train_batch_size": 8, "disable_tqdm": True, "max_steps": 1}
+    for stages, expected in ((["sft"], None), ([], "v2")):
+        settings = run_settings("org/tiny", pairs_file, tmp_path / f"out{len(stages)}", "dual", layers=[3])
+        settings |= {
+            "revision": "v2",
+            "stages": stages,
+            "sft": {"train": train},
+            "evaluate": {"pairs": str(pairs_file), "judge": "gold", "limit": 2, "max_new_tokens": 4},
+            "compare": {"methods": ["preferred-sft"], "seeds": [0]},
+        }
+        run = run_compare(load_config(None, settings))["runs"][0]["methods"]["preferred-sft"]
+        adapter = json.loads((Path(run["model"]) / "preferred" / "adapter_config.json").read_text())
+        assert adapter["revision"] == expected, stages
+
+
 @pytest.mark.parametrize(
     ("revision", "message"),
     [("", "revision: empty"), ("v2", "is a local folder; a revision picks a version of a Hub model")],

@@ -168,13 +168,14 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
         sft_cfg.data.label_noise = 0.0
     pipeline.run(sft_cfg)
     sft_path = pipeline.base_model_path(sft_cfg)
+    revision = base.revision_of(sft_path)  # kept for `model` itself, dropped for this run's SFT folder
     timings["sft"] = round(time.time() - t, 1)
 
     e = cfg.evaluate
     t = time.time()
 
     def reward_model(noisy: RahfConfig, where: Path) -> str:
-        rcfg = variant(noisy, method="sft", model=sft_path, output_dir=str(where), stages=["reward"])
+        rcfg = variant(noisy, method="sft", model=sft_path, revision=revision, output_dir=str(where), stages=["reward"])
         return str(pipeline.run_stage(rcfg, "reward"))
 
     # PPO learns from a reward model of the (noisy) labels, as it would in practice; the evaluation's reward
@@ -198,7 +199,7 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
     def method_cfg(method: str, stages: list[str], **changes: Any) -> RahfConfig:
         tuned = with_overrides(base, overrides[method]) if method in overrides else base
         return variant(
-            tuned, method=method, model=sft_path, output_dir=str(run_dir / method), stages=stages,
+            tuned, method=method, model=sft_path, revision=revision, output_dir=str(run_dir / method), stages=stages,
             ppo__reward_model=cfg.ppo.reward_model or reward_path, **changes,
         )  # fmt: skip
 
