@@ -542,3 +542,13 @@ def test_a_pairs_own_overlong_system_message_is_a_data_error_naming_the_pair(tok
     prompt = [{"role": "system", "content": " ".join(["you are a polite and correct assistant ."] * 8)}, user(QUERY)]
     with pytest.raises(DataError, match=r"^pairs\.jsonl:3: its own system message leaves no room for the query"):
         build_variants(tokenizer, prompt, RESPONSE, {"plain": None}, 40, 16, source="pairs.jsonl:3")
+
+
+def test_prompts_follow_a_changed_bos_setting_of_the_same_tokenizer():
+    # the prepended special tokens are probed once per tokenizer; turning BOS off afterwards must still count
+    tok = sentencepiece_like(chat_template=None)
+    msgs = [user(QUERY)]
+    with_bos = render_prompt(tok, msgs)
+    assert with_bos[0] == tok.bos_token_id
+    tok.add_bos_token = False
+    assert render_prompt(tok, msgs) == with_bos[1:]

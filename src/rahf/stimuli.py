@@ -52,11 +52,20 @@ def _plain_prompt(messages: Sequence[Message], system: str | None) -> str:
     return "\n\n".join(parts) + "\n\nAssistant:"
 
 
+# tokenizer -> (its special-token settings, the ids it prepends): every prompt asks, so probe once per setting
+_PREPENDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _prepended_ids(tokenizer) -> list[int]:
     """The special tokens (usually BOS) the tokenizer puts before a text; not those it appends after it."""
+    settings = tuple(getattr(tokenizer, k, None) for k in ("bos_token_id", "add_bos_token"))
+    known = _PREPENDED.get(tokenizer)
+    if known is not None and known[0] == settings:
+        return list(known[1])
     bare = tokenizer("x", add_special_tokens=False)["input_ids"]
     full = tokenizer("x")["input_ids"]
     start = next((k for k in range(len(full)) if full[k : k + len(bare)] == bare), 0)
+    _PREPENDED[tokenizer] = (settings, tuple(full[:start]))
     return full[:start]
 
 
@@ -210,15 +219,23 @@ def truncate_prompt(
 
     A system message leading the prompt is kept: it frames every turn after it.
     """
+    return _fit_prompt(tokenizer, messages, systems, max_length, source)[0]
+
+
+def _fit_prompt(
+    tokenizer, messages: Sequence[Message], systems: Sequence[str | None], max_length: int, source: str | None
+) -> tuple[list[Message], list[list[int]]]:
+    """`truncate_prompt`'s messages and, per system of `systems`, their rendered ids (so no caller renders twice)."""
     msgs = [dict(m) for m in messages]
     lead = 0
     while lead < len(msgs) - 1 and msgs[lead]["role"] == "system":
         lead += 1
     head, turns = msgs[:lead], msgs[lead:]
     while True:
-        longest = max(len(render_prompt(tokenizer, head + turns, s, source)) for s in systems)
+        rendered = [render_prompt(tokenizer, head + turns, s, source) for s in systems]
+        longest = max(len(ids) for ids in rendered)
         if longest <= max_length:
-            return head + turns
+            return head + turns, rendered
         if len(turns) > 1:
             turns = turns[1:]
             while len(turns) > 1 and turns[0]["role"] != "user":
@@ -252,15 +269,14 @@ def build_variants(
     about the instruction alone; the variant without instruction is truncated on its own, exactly as
     `prompt_ids` truncates at inference. `source` names the pair ("file:line") in errors about its prompt.
     """
-    instructed = [s for s in systems.values() if s is not None]
-    shared = truncate_prompt(tokenizer, prompt, instructed, max_prompt_length, source) if instructed else None
-    plain = truncate_prompt(tokenizer, prompt, [None], max_prompt_length, source) if None in systems.values() else None
+    instructed = list(dict.fromkeys(s for s in systems.values() if s is not None))
+    ids: dict[str | None, list[int]] = {}
+    if instructed:
+        ids |= zip(instructed, _fit_prompt(tokenizer, prompt, instructed, max_prompt_length, source)[1])
+    if None in systems.values():
+        ids[None] = _fit_prompt(tokenizer, prompt, [None], max_prompt_length, source)[1][0]
     resp = response_ids(tokenizer, response, max_response_length)
-    out = {}
-    for name, system in systems.items():
-        p = render_prompt(tokenizer, plain if system is None else shared, system, source)
-        out[name] = Stimulus(tuple(p + resp), len(p))
-    return out
+    return {name: Stimulus(tuple(ids[system] + resp), len(ids[system])) for name, system in systems.items()}
 
 
 def prompt_ids(
@@ -271,5 +287,4 @@ def prompt_ids(
     source: str | None = None,
 ) -> list[int]:
     """Inference-time prompt ids, truncated like training prompts."""
-    msgs = truncate_prompt(tokenizer, prompt, [system], max_prompt_length, source)
-    return render_prompt(tokenizer, msgs, system, source)
+    return _fit_prompt(tokenizer, prompt, [system], max_prompt_length, source)[1][0]
