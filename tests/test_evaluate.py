@@ -275,6 +275,25 @@ def test_reward_by_temperature_scores_greedy_once_and_samples_per_prompt(model, 
     assert result["0.0"]["n"] == 3 and result["1.0"]["n"] == 6
 
 
+def test_reward_by_temperature_scores_known_responses_instead_of_drawing_them(model, tokenizer, pairs, monkeypatch):
+    import rahf.evaluate as ev
+
+    prompts = [list(p.prompt) for p in pairs[:2]]
+    kwargs = {"max_new_tokens": 5, "batch_size": 2, "max_prompt_length": MAX_PROMPT, "seed": 3}
+    fresh = reward_by_temperature(model, tokenizer, prompts, LengthJudge(), [0, 1.0], samples=2, **kwargs)
+    drawn = generate(
+        model, tokenizer, [p for p in prompts for _ in range(2)], temperature=1.0, progress=False, **kwargs
+    )
+    drawn_at = []
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: drawn_at.append(k["temperature"]) or generate(*a, **k))
+    judge = LengthJudge()
+    known = reward_by_temperature(model, tokenizer, prompts, judge, [0, 1.0], samples=2, known={1.0: drawn}, **kwargs)
+    assert drawn_at == [0] and judge.calls[1][1] == drawn  # only greedy is drawn; the known replies are scored
+    assert known == fresh
+    with pytest.raises(ValueError, match="3 for 4 prompts"):
+        reward_by_temperature(model, tokenizer, prompts, judge, [1.0], samples=2, known={1.0: drawn[:3]}, **kwargs)
+
+
 @pytest.mark.parametrize("temperatures", [[], [0.5, 0.5], [-1.0]])
 def test_reward_by_temperature_rejects_bad_temperatures(model, tokenizer, pairs, temperatures):
     with pytest.raises(ValueError, match="temperature"):
@@ -453,3 +472,33 @@ def test_evaluate_policy_reports_an_llm_judges_replies_without_verdict(
     assert out["judge_unparsed"] == {"calls": 6, "unparsed": 3}
     assert out["win_rate"]["win_rate"] == 0.5
     assert out["verdicts_per_prompt"] == [0.5] * 3 and "per_prompt" not in out["win_rate"]
+
+
+def test_evaluate_policy_scores_its_win_rate_replies_at_their_temperature(
+    model, tokenizer, pairs, tiny_model_dir, tmp_path, monkeypatch
+):
+    from conftest import run_settings
+
+    import rahf.evaluate as ev
+    from rahf.config import load_config
+    from rahf.judges import GoldJudge
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    settings = run_settings(tiny_model_dir, data, tmp_path / "out", "sft")
+    settings["evaluate"] = {"samples": 2, "max_new_tokens": 4, "temperature": 1.0, "temperatures": [0.0, 0.5, 1.0]}
+    drawn_at = []
+    monkeypatch.setattr(
+        ev, "generate", lambda *a, **k: drawn_at.append(a[4] if len(a) > 4 else k["temperature"]) or generate(*a, **k)
+    )
+    rewards = LengthJudge()
+    out = ev.evaluate_policy(
+        load_config(None, settings), model, tokenizer, pairs[:3], GoldJudge(), reward_judge=rewards,
+        generations=tmp_path / "gen.jsonl",
+    )  # fmt: skip
+    assert drawn_at == [1.0, 0.0, 0.5]  # the sweep draws again at 0 and 0.5 only
+    replies = [json.loads(line)["response"] for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    assert rewards.calls[-1][1] == replies
+    assert out["reward_by_temperature"]["1.0"]["mean"] == pytest.approx(
+        statistics.fmean(len(r.split()) for r in replies)
+    )
