@@ -190,7 +190,9 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
     from .evaluate import neutral_prompts, run_judge
     from .judges import RewardModelJudge
 
-    reward_judge = RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code) if rm_path else None
+    reward_judge = (
+        RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code, batch_size=e.batch_size) if rm_path else None
+    )
     judge = run_judge(cfg, reward_judge)
     judge_fp = fingerprint_path(rm_path) if e.judge == "reward-model" else f"{e.judge}:{e.judge_model}"
 

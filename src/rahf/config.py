@@ -206,7 +206,7 @@ class EvaluateSettings:
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # reward-model sweep
     neutral_prompts: str | None = None  # prompts for KL drift from the SFT model; default: the held-out prompts
     max_new_tokens: int = 128
-    batch_size: int = 16
+    batch_size: int = 16  # generation, likelihood and reward-model scoring
     limit: int | None = None  # use only the first N held-out pairs
 
 

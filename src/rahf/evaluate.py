@@ -476,7 +476,9 @@ def evaluate_run(cfg) -> dict:
     e = cfg.evaluate
     finished = stage_dir(cfg, "reward") / "rahf_manifest.json"
     rm_path = e.judge_model or (str(finished.parent) if finished.is_file() else None)
-    reward_judge = RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code) if rm_path else None
+    reward_judge = (
+        RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code, batch_size=e.batch_size) if rm_path else None
+    )
     judge = run_judge(cfg, reward_judge)
     path, adapter, system = final_model(cfg)
     model = load_stage_model(path, cfg, adapter=adapter)
