@@ -89,3 +89,37 @@ def test_targets_beyond_float16_range_stop_collect(tmp_path, tiny_model_dir, pai
     assert not list(tmp_path.glob("shard-*"))
     stats = write_cache(ConstantReader(cfg_with("bfloat16"), 1e5), examples, tmp_path, hidden=32)
     assert stats["shards"] == ["shard-00000.safetensors"]
+
+
+@pytest.mark.parametrize("include_boundary", [True, False])
+def test_reader_forwards_each_sequence_only_through_its_window(
+    tmp_path, tiny_model_dir, pairs_file, tokenizer, monkeypatch, include_boundary
+):
+    # A causal model's states at the window depend on no later token: the reader cuts the sequences after
+    # their windows and must read exactly what a forward of the whole sequence gives there.
+    from rahf import collect
+
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit", window=3)
+    cfg = load_config(None, settings | {"include_boundary": include_boundary})
+    model = load_model(str(tiny_model_dir), device="cpu").eval()
+    examples = examples_for(tokenizer, pairs(3), cfg)
+    widths = []
+    real = collect.forward_capture
+    monkeypatch.setattr(
+        collect, "forward_capture", lambda m, ls, ids, attn: widths.append(ids.shape[1]) or real(m, ls, ids, attn)
+    )
+    o, v = TargetReader(cfg, LAYERS, tokenizer.pad_token_id, model)(examples)
+
+    def window_states(s, layer):
+        start, n = s.window(3, include_boundary)
+        with torch.no_grad():
+            hs = model(input_ids=torch.tensor([s.input_ids]), output_hidden_states=True).hidden_states
+        return hs[layer][0, start : start + n]
+
+    for i, e in enumerate(examples):
+        for layer in LAYERS:
+            torch.testing.assert_close(o[layer][i], window_states(e.plain, layer), atol=1e-5, rtol=1e-4)
+            want = window_states(e.variants["pos"], layer) - window_states(e.variants["neg"], layer)
+            torch.testing.assert_close(v[layer][i], want, atol=1e-5, rtol=1e-4)
+    longest = [max(len(e.variants[k].input_ids) for e in examples) for k in ("plain", "pos", "neg")]
+    assert all(w < full for w, full in zip(widths, longest))  # every forward stopped short of the replies' ends

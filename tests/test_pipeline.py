@@ -400,6 +400,8 @@ def test_cached_and_online_targets_give_the_same_loss(finished_run):
         online = OnlineCollator(tok.pad_token_id, cfg.window, cfg.include_boundary)([examples[i] for i in idx])
         for key in ("input_ids", "attention_mask", "win_start", "win_mask"):
             assert torch.equal(cached[key], online[key]), key
+        ends = cached["win_start"] + cached["win_mask"].sum(1)  # sequences stop after their windows
+        assert cached["input_ids"].shape[1] == ends.max() and torch.equal(cached["attention_mask"].sum(1), ends)
         for norm in ("tokens", "authors"):
             with torch.no_grad():
                 a = align_batch_loss(model, cached, LAYERS, cfg.alpha, norm, None)

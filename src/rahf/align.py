@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .collect import Example, TargetReader, pad_batch
+from .collect import Example, TargetReader, pad_batch, window_end
 from .errors import RahfError
 from .models import forward_capture
-from .stimuli import Stimulus
 
 
 def alignment_loss(
@@ -102,8 +101,8 @@ class CachedCollator:
         self.pad_id = pad_id
 
     def __call__(self, items: list[dict]) -> dict:
-        seqs = [Stimulus(tuple(it["input_ids"]), 0) for it in items]
-        ids, attn = pad_batch(seqs, self.pad_id, "cpu")
+        ends = [window_end((it["win_start"], it["win_len"])) for it in items]
+        ids, attn = pad_batch([it["input_ids"] for it in items], self.pad_id, "cpu", ends)
         width = max(it["win_len"] for it in items)
         layers = list(items[0]["o"])
         return {
@@ -123,8 +122,8 @@ class OnlineCollator:
         self.pad_id, self.window, self.include_boundary = pad_id, window, include_boundary
 
     def __call__(self, items: list[Example]) -> dict:
-        ids, attn = pad_batch([e.plain for e in items], self.pad_id, "cpu")
         windows = [e.plain.window(self.window, self.include_boundary) for e in items]
+        ids, attn = pad_batch([e.plain.input_ids for e in items], self.pad_id, "cpu", [window_end(w) for w in windows])
         width = max(n for _, n in windows)
         return {
             "input_ids": ids,

@@ -12,6 +12,7 @@ last one). Shards are safetensors with ragged rows: `input_ids`/`seq_offsets` ho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,24 +52,32 @@ def examples_for(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> lis
     return out
 
 
-def pad_batch(seqs: list[Stimulus], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask."""
-    width = max(len(s.input_ids) for s in seqs)
+def pad_batch(
+    seqs: list[Sequence[int]], pad_id: int, device, ends: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask; with `ends`, sequence i is cut after its first ends[i] tokens.
+
+    The states of a causal model at the window's positions depend on no later token, so collect and align
+    cut every sequence after its window (`window_end`): on long responses most of the forward is saved.
+    """
+    seqs = [s[:e] for s, e in zip(seqs, ends)] if ends is not None else seqs
+    width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     for i, s in enumerate(seqs):
-        ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
-        attn[i, : len(s.input_ids)] = 1
+        ids[i, : len(s)] = torch.tensor(list(s))
+        attn[i, : len(s)] = 1
     return ids.to(device), attn.to(device)
 
 
-def window_rows(hidden: torch.Tensor, seqs: list[Stimulus], size: int, include_boundary: bool) -> list[torch.Tensor]:
-    """Per sequence, the [n, H] hidden states of its window."""
-    out = []
-    for i, s in enumerate(seqs):
-        start, n = s.window(size, include_boundary)
-        out.append(hidden[i, start : start + n])
-    return out
+def window_end(window: tuple[int, int]) -> int:
+    """How many tokens of a sequence its window (start, length) needs: those up to its last position."""
+    return window[0] + window[1]
+
+
+def window_rows(hidden: torch.Tensor, windows: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Per sequence, the [n, H] hidden states of its window (start, n)."""
+    return [hidden[i, start : start + n] for i, (start, n) in enumerate(windows)]
 
 
 class AdapterView:
@@ -108,11 +117,10 @@ class TargetReader:
 
     def _hidden(self, model, seqs: list[Stimulus]) -> dict[int, list[torch.Tensor]]:
         device = next(model.parameters()).device
-        ids, attn = pad_batch(seqs, self.pad_id, device)
+        windows = [s.window(self.cfg.window, self.cfg.include_boundary) for s in seqs]
+        ids, attn = pad_batch([s.input_ids for s in seqs], self.pad_id, device, [window_end(w) for w in windows])
         hs = forward_capture(model, self.layers, ids, attn)
-        return {
-            layer: window_rows(h.float(), seqs, self.cfg.window, self.cfg.include_boundary) for layer, h in hs.items()
-        }
+        return {layer: window_rows(h.float(), windows) for layer, h in hs.items()}
 
     @torch.no_grad()
     def __call__(self, batch: list[Example]) -> tuple[dict[int, list[torch.Tensor]], dict[int, list[torch.Tensor]]]:
