@@ -410,6 +410,22 @@ def test_cached_and_online_targets_give_the_same_loss(finished_run):
             assert a.item() == pytest.approx(b.item(), abs=1e-4, rel=1e-4)
 
 
+def test_cache_read_whole_or_streamed_gives_the_same_examples(finished_run, monkeypatch):
+    folder = pipeline.stage_dir(finished_run, "collect")
+    whole = CachedTargets(folder, LAYERS)
+    assert all(isinstance(t, torch.Tensor) for rows in whole.rows for t in rows.values())  # a small cache: in memory
+    monkeypatch.setattr(CachedTargets, "in_memory_bytes", 0)
+    streamed = CachedTargets(folder, LAYERS)
+    assert not any(isinstance(t, torch.Tensor) for rows in streamed.rows for t in rows.values())
+    assert len(whole) == len(streamed) > 0
+    for i in range(len(whole)):
+        a, b = whole[i], streamed[i]
+        assert (a["input_ids"], a["win_start"], a["win_len"]) == (b["input_ids"], b["win_start"], b["win_len"])
+        for kind in ("o", "v"):
+            for layer in LAYERS:
+                assert torch.equal(a[kind][layer], b[kind][layer])
+
+
 def test_authors_norm_in_training_divides_by_the_configured_window_not_the_batchs(finished_run):
     # A batch whose windows are all shorter than the configured one: the loss the trainer computes must
     # use `window` as denominator (the authors padded every response to it), not the batch's longest window.

@@ -58,13 +58,20 @@ def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
 
 
 class CachedTargets(torch.utils.data.Dataset):
-    """Examples read lazily from the collect shards: token ids, window, and per-layer (o, v) rows."""
+    """Examples read from the collect shards: token ids, window, and per-layer (o, v) rows.
+
+    A cache of at most `in_memory_bytes` on disk is read whole once (slicing tensors in memory is several
+    times faster than one file read per row); a larger one streams each example's rows from the shards.
+    """
+
+    in_memory_bytes = 2**30
 
     def __init__(self, folder: str | Path, layers: list[int]):
         from safetensors import safe_open
 
         self.layers = layers
-        self.files = [safe_open(str(p), framework="pt") for p in sorted(Path(folder).glob("shard-*.safetensors"))]
+        paths = sorted(Path(folder).glob("shard-*.safetensors"))
+        self.files = [safe_open(str(p), framework="pt") for p in paths]
         if not self.files:
             raise RahfError(f"{folder}: no collect shards; run `rahf collect` first")
         held = [int(x) for x in self.files[0].metadata()["layers"].split(",")]
@@ -72,10 +79,14 @@ class CachedTargets(torch.utils.data.Dataset):
             raise RahfError(
                 f"{folder}: the cache holds layers {held}, align asked for {layers}; run `rahf collect` again"
             )
+        whole = sum(p.stat().st_size for p in paths) <= self.in_memory_bytes
+        keys = ["input_ids"] + [f"{kind}.{layer}" for kind in ("o", "v") for layer in layers]
+        # per shard: name -> a tensor in memory, or a lazy slice of the file
+        self.rows = [{k: f.get_tensor(k) if whole else f.get_slice(k) for k in keys} for f in self.files]
         self.index: list[tuple[int, int]] = []
         self.meta = []
         for f_i, f in enumerate(self.files):
-            meta = {k: f.get_tensor(k) for k in ("seq_offsets", "win_start", "win_len", "win_offsets")}
+            meta = {k: f.get_tensor(k).tolist() for k in ("seq_offsets", "win_start", "win_offsets")}
             self.meta.append(meta)
             self.index += [(f_i, j) for j in range(len(meta["win_start"]))]
 
@@ -84,15 +95,15 @@ class CachedTargets(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         f_i, j = self.index[i]
-        f, meta = self.files[f_i], self.meta[f_i]
-        a, b = int(meta["seq_offsets"][j]), int(meta["seq_offsets"][j + 1])
-        w0, w1 = int(meta["win_offsets"][j]), int(meta["win_offsets"][j + 1])
+        rows, meta = self.rows[f_i], self.meta[f_i]
+        a, b = meta["seq_offsets"][j], meta["seq_offsets"][j + 1]
+        w0, w1 = meta["win_offsets"][j], meta["win_offsets"][j + 1]
         return {
-            "input_ids": f.get_slice("input_ids")[a:b].tolist(),
-            "win_start": int(meta["win_start"][j]),
+            "input_ids": rows["input_ids"][a:b].tolist(),
+            "win_start": meta["win_start"][j],
             "win_len": w1 - w0,
-            "o": {layer: f.get_slice(f"o.{layer}")[w0:w1] for layer in self.layers},
-            "v": {layer: f.get_slice(f"v.{layer}")[w0:w1] for layer in self.layers},
+            "o": {layer: rows[f"o.{layer}"][w0:w1] for layer in self.layers},
+            "v": {layer: rows[f"v.{layer}"][w0:w1] for layer in self.layers},
         }
 
 
