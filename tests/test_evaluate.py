@@ -502,3 +502,21 @@ def test_evaluate_policy_scores_its_win_rate_replies_at_their_temperature(
     assert out["reward_by_temperature"]["1.0"]["mean"] == pytest.approx(
         statistics.fmean(len(r.split()) for r in replies)
     )
+
+
+def test_reward_judge_reads_as_many_tokens_as_the_reward_model_was_trained_on(tiny_model_dir, tmp_path, monkeypatch):
+    from conftest import run_settings
+
+    from rahf.config import load_config
+    from rahf.evaluate import reward_judge_for
+    from rahf.judges import RewardModelJudge
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    settings = run_settings(tiny_model_dir, data, tmp_path / "out", "sft")
+    cfg = load_config(None, settings | {"reward": {"max_length": 40}, "evaluate": {"batch_size": 7}})
+    loaded = []
+    monkeypatch.setattr(RewardModelJudge, "from_pretrained", lambda path, trc, **kw: loaded.append((path, kw)) or kw)
+    assert reward_judge_for(cfg, None) is None and not loaded
+    reward_judge_for(cfg, "some/reward-model")
+    assert loaded == [("some/reward-model", {"batch_size": 7, "max_length": 40})]

@@ -187,12 +187,9 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
         rm_path = reward_model(variant(base, data__label_noise=0.0), run_dir / "judge" if noise else run_dir)
     if reward_path or rm_path != e.judge_model:
         timings["reward"] = round(time.time() - t, 1)
-    from .evaluate import neutral_prompts, run_judge
-    from .judges import RewardModelJudge
+    from .evaluate import neutral_prompts, reward_judge_for, run_judge
 
-    reward_judge = (
-        RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code, batch_size=e.batch_size) if rm_path else None
-    )
+    reward_judge = reward_judge_for(cfg, rm_path)
     judge = run_judge(cfg, reward_judge)
     judge_fp = fingerprint_path(rm_path) if e.judge == "reward-model" else f"{e.judge}:{e.judge_model}"
 

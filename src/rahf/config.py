@@ -134,7 +134,7 @@ class RewardSettings:
     """The reward model (`rahf reward`): a judge for evaluation and the reward of `rlhf-ppo`."""
 
     model: str | None = None  # backbone: null = the run's SFT model (rlhf-ppo needs its tokenizer); "minilm"; a path
-    max_length: int = 512  # tokens; long texts lose their beginning
+    max_length: int = 512  # tokens read in training and when scoring; long texts lose their beginning
     train: dict[str, Any] = field(default_factory=dict)  # trl.RewardConfig fields
 
 

@@ -441,6 +441,19 @@ def evaluate_policy(
     return out
 
 
+def reward_judge_for(cfg, path: str | None):
+    """The reward model at `path` as a judge (None without one): it reads `reward.max_length` tokens, as it was
+    trained, in batches of `evaluate.batch_size`."""
+    from .judges import RewardModelJudge
+
+    if not path:
+        return None
+    e = cfg.evaluate
+    return RewardModelJudge.from_pretrained(
+        path, cfg.trust_remote_code, batch_size=e.batch_size, max_length=cfg.reward.max_length
+    )
+
+
 def run_judge(cfg, reward_judge=None) -> Judge:
     """The judge `evaluate.judge` names; the reward-model judge is `reward_judge` (loaded once by the caller)."""
     from .errors import RahfError
@@ -468,7 +481,6 @@ def neutral_prompts(cfg, pairs: Sequence[PreferencePair]) -> list[list[Message]]
 def evaluate_run(cfg) -> dict:
     """`rahf evaluate`: the run's final model (as its method deploys it) measured on `evaluate.pairs`."""
     from .data import load_pairs
-    from .judges import RewardModelJudge
     from .models import load_tokenizer
     from .pipeline import base_model_path, final_model, stage_dir
     from .training import load_stage_model
@@ -476,9 +488,7 @@ def evaluate_run(cfg) -> dict:
     e = cfg.evaluate
     finished = stage_dir(cfg, "reward") / "rahf_manifest.json"
     rm_path = e.judge_model or (str(finished.parent) if finished.is_file() else None)
-    reward_judge = (
-        RewardModelJudge.from_pretrained(rm_path, cfg.trust_remote_code, batch_size=e.batch_size) if rm_path else None
-    )
+    reward_judge = reward_judge_for(cfg, rm_path)
     judge = run_judge(cfg, reward_judge)
     path, adapter, system = final_model(cfg)
     model = load_stage_model(path, cfg, adapter=adapter)
