@@ -1,10 +1,11 @@
 """Step 3: train a LoRA so the model's hidden states at the target layers approach o + alpha * v.
 
-Targets come from the collect cache (streamed shard slices; alpha is applied here, so changing it
-needs no new collection) or, with `align.targets: online`, are recomputed every step from the
-resident model with its adapter disabled; for Dual that model is the preferred adapter merged into its
-base, so the dispreferred model is held beside it as a second full model. The loss is the L2 distance
-per response-window token, averaged over real tokens and layers (`loss_norm: tokens`), or over every
+Targets come from the collect cache (held in memory up to 1 GiB, else streamed shard slices; alpha is
+applied here, so changing it needs no new collection) or, with `align.targets: online`, are recomputed
+every step from the resident model with its adapter disabled; for Dual that model is the preferred
+adapter merged into its base, so the dispreferred model is held beside it as a second full model. Each
+sequence is forwarded only through its window (a causal model's states there depend on no later token).
+The loss is the L2 distance per response-window token, averaged over real tokens and layers (`loss_norm: tokens`), or over every
 slot of a window padded to its configured width, as the authors' code did (`loss_norm: authors`).
 """
 

@@ -6,7 +6,7 @@ model (v = h+ - h-, o = h+): LoRA adapters are both loaded on one base and switc
 forwards, so one set of base weights is held; full fine-tunes are two models. `collect.difference:
 normalized` compares the two states after dividing each by its root-mean-square. Only the window of
 response positions is kept, only at the target layers (forward hooks, the forward stopping after the
-last one). Shards are safetensors with ragged rows: `input_ids`/`seq_offsets` hold each sequence,
+last one and each sequence after its window). Shards are safetensors with ragged rows: `input_ids`/`seq_offsets` hold each sequence,
 `win_start`/`win_len`/`win_offsets` its window, and `o.<layer>`/`v.<layer>` the window's hidden states.
 """
 
