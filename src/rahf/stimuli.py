@@ -14,8 +14,9 @@ variant. A template that refuses or drops a system message gets the instruction 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .data import Message
 from .errors import ConfigError, DataError
@@ -52,21 +53,30 @@ def _plain_prompt(messages: Sequence[Message], system: str | None) -> str:
     return "\n\n".join(parts) + "\n\nAssistant:"
 
 
-# tokenizer -> (its special-token settings, the ids it prepends): every prompt asks, so probe once per setting
-_PREPENDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# (what a probe of the tokenizer found, keyed by the settings it depends on) per probe, per tokenizer: every
+# prompt and response of a dataset asks, so each probe tokenizes or renders once per tokenizer and setting
+_PROBES: dict[str, weakref.WeakKeyDictionary] = {}
+
+
+def _probed(name: str, tokenizer, settings: tuple, probe: Callable[[], Any]) -> Any:
+    """`probe()`'s result for `tokenizer`, computed again only when `settings` change."""
+    store = _PROBES.setdefault(name, weakref.WeakKeyDictionary())
+    known = store.get(tokenizer)
+    if known is None or known[0] != settings:
+        store[tokenizer] = known = (settings, probe())
+    return known[1]
 
 
 def _prepended_ids(tokenizer) -> list[int]:
     """The special tokens (usually BOS) the tokenizer puts before a text; not those it appends after it."""
+
+    def probe() -> tuple[int, ...]:
+        bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+        full = tokenizer("x")["input_ids"]
+        return tuple(full[: next((k for k in range(len(full)) if full[k : k + len(bare)] == bare), 0)])
+
     settings = tuple(getattr(tokenizer, k, None) for k in ("bos_token_id", "add_bos_token"))
-    known = _PREPENDED.get(tokenizer)
-    if known is not None and known[0] == settings:
-        return list(known[1])
-    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
-    full = tokenizer("x")["input_ids"]
-    start = next((k for k in range(len(full)) if full[k : k + len(bare)] == bare), 0)
-    _PREPENDED[tokenizer] = (settings, tuple(full[:start]))
-    return full[:start]
+    return list(_probed("prepended", tokenizer, settings, probe))
 
 
 def _chat_text(tokenizer, messages: Sequence[Message], where: str) -> str:
@@ -108,8 +118,6 @@ def render_prompt(
 
 
 _MARK = "rahf-reply-end-probe"
-# tokenizer -> (chat template, EOS id, end-of-turn id): every response of a dataset asks, so render the template once
-_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -121,11 +129,7 @@ def end_of_turn_id(tokenizer) -> int:
     eos, template = tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)
     if not template:
         return eos
-    known = _END_OF_TURN.get(tokenizer)
-    if known is not None and known[:2] == (template, eos):
-        return known[2]
-    _END_OF_TURN[tokenizer] = (template, eos, _rendered_end_of_turn(tokenizer))
-    return _END_OF_TURN[tokenizer][2]
+    return _probed("end of turn", tokenizer, (template, eos), lambda: _rendered_end_of_turn(tokenizer))
 
 
 def _rendered_end_of_turn(tokenizer) -> int:
@@ -148,8 +152,6 @@ def stop_ids(tokenizer) -> list[int]:
 
 
 _PROBE: list[Message] = [{"role": "user", "content": "q"}]
-# tokenizer -> (chat template, the probe prompt's text, its ids): made once per tokenizer, as for _END_OF_TURN
-_PROBE_PROMPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def response_ids(tokenizer, response: str, max_length: int) -> list[int]:
@@ -175,11 +177,12 @@ def _reply_in_context(tokenizer, response: str) -> list[int] | None:
     """The reply's ids within one tokenization of a one-turn conversation, or None where that is not a
     continuation of the prompt's own text and ids (the template rewrites the prompt, or tokens merge across it)."""
     template = getattr(tokenizer, "chat_template", None)
-    known = _PROBE_PROMPT.get(tokenizer)
-    if known is None or known[0] != template:
-        prompt = _chat_text(tokenizer, _PROBE, "the probe prompt") if template else _plain_prompt(_PROBE, None)
-        _PROBE_PROMPT[tokenizer] = known = (template, prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    _, prompt, head = known
+
+    def probe() -> tuple[str, list[int]]:  # the probe prompt's text and ids
+        text = _chat_text(tokenizer, _PROBE, "the probe prompt") if template else _plain_prompt(_PROBE, None)
+        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt, head = _probed("probe prompt", tokenizer, (template,), probe)
     if template:
         try:
             whole = tokenizer.apply_chat_template([*_PROBE, {"role": "assistant", "content": response}], tokenize=False)
