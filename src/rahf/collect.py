@@ -65,7 +65,7 @@ def pad_batch(
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s))
+        ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
     return ids.to(device), attn.to(device)
 
