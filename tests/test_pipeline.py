@@ -233,6 +233,89 @@ def test_compare_keeps_the_revision_for_the_hub_model_only(hub_cache, tmp_path, 
         assert adapter["revision"] == expected, stages
 
 
+@pytest.fixture
+def hub_reward_model(tmp_path, monkeypatch, vocab) -> dict[str, str]:
+    """An offline Hub cache holding a reward model `org/rm` at two commits (main and the tag v2), unequal weights."""
+    from huggingface_hub import constants
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rahf.artifacts import hub_commit
+    from rahf.demo.tiny import build_tokenizer
+
+    tok = build_tokenizer(vocab)
+    repo = tmp_path / "hub" / "models--org--rm"
+    commits = {"main": "3" * 40, "v2": "4" * 40}
+    (repo / "refs").mkdir(parents=True)
+    for seed, (ref, sha) in enumerate(commits.items()):
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+        LlamaForSequenceClassification(config).save_pretrained(repo / "snapshots" / sha)
+        tok.save_pretrained(repo / "snapshots" / sha)
+        (repo / "refs" / ref).write_text(sha)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_commit.cache_clear()
+    yield commits
+    hub_commit.cache_clear()
+
+
+def test_revisions_pin_a_hub_reward_model_for_judging_and_fingerprints(
+    hub_reward_model, scit_run, tmp_path, pairs_file
+):
+    """`revisions` loads a Hub judge at the pinned commit and fingerprints evaluate by it; moving the tag makes
+    evaluate stale. Without the entry the default branch is read."""
+    from rahf.evaluate import reward_judge_for
+    from rahf.judges import RewardModelJudge
+
+    snapshots = tmp_path / "hub" / "models--org--rm" / "snapshots"
+    prompt, reply = [{"role": "user", "content": "fred asks : what color is a tomato ?"}], "it is red ."
+    default = with_overrides(scit_run, {"evaluate": {"pairs": str(pairs_file), "judge_model": "org/rm"}})
+    pinned = with_overrides(default, {"revisions": {"org/rm": "v2"}})
+
+    def score(judge: RewardModelJudge) -> float:
+        return judge.score_many([prompt], [reply])[0]
+
+    at = {ref: score(RewardModelJudge.from_pretrained(str(snapshots / sha))) for ref, sha in hub_reward_model.items()}
+    assert at["main"] != at["v2"]
+    assert score(reward_judge_for(pinned, "org/rm")) == pytest.approx(at["v2"])
+    assert score(reward_judge_for(default, "org/rm")) == pytest.approx(at["main"])
+
+    fp = pipeline.stage_fingerprint(pinned, "evaluate")[0]
+    assert fp != pipeline.stage_fingerprint(default, "evaluate")[0]
+    (tmp_path / "hub" / "models--org--rm" / "refs" / "v2").write_text(hub_reward_model["main"])  # the tag moves
+    from rahf.artifacts import hub_commit
+
+    hub_commit.cache_clear()
+    assert pipeline.stage_fingerprint(pinned, "evaluate")[0] != fp
+
+
+@pytest.mark.parametrize(
+    ("revisions", "message"),
+    [
+        ({"org/rm": ""}, "revisions.org/rm: empty"),
+        ({"org/other": "v2"}, "revisions.org/other: no model key of this config names org/other"),
+        ({"org/rm": 3}, "revisions.org/rm: expected str"),
+        ("v2", "revisions: expected a mapping"),
+    ],
+)
+def test_revisions_are_refused_where_they_cannot_apply(tiny_model_dir, pairs_file, tmp_path, revisions, message):
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "dual", evaluate__judge_model="org/rm")
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, settings | {"revisions": revisions})
+    local = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "dual", revisions={str(tiny_model_dir): "v2"})
+    with pytest.raises(ConfigError, match="is a local folder; a revision picks a version of a Hub model"):
+        load_config(None, local)
+
+
+def test_revisions_for_the_model_must_agree_with_revision(hub_cache, tmp_path, pairs_file):
+    settings = run_settings("org/tiny", pairs_file, tmp_path / "out", "dual", layers=[3])
+    assert load_config(None, settings | {"revisions": {"org/tiny": "v2"}}).revision_of("org/tiny") == "v2"
+    with pytest.raises(ConfigError, match="revisions.org/tiny: 'v2' contradicts revision: 'main'; set one of them"):
+        load_config(None, settings | {"revisions": {"org/tiny": "v2"}, "revision": "main"})
+
+
 @pytest.mark.parametrize(
     ("revision", "message"),
     [("", "revision: empty"), ("v2", "is a local folder; a revision picks a version of a Hub model")],

@@ -191,7 +191,11 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
 
     reward_judge = reward_judge_for(cfg, rm_path)
     judge = run_judge(cfg, reward_judge)
-    judge_fp = fingerprint_path(rm_path) if e.judge == "reward-model" else f"{e.judge}:{e.judge_model}"
+    judge_fp = (
+        fingerprint_path(rm_path, base.revision_of(rm_path))
+        if e.judge == "reward-model"
+        else f"{e.judge}:{e.judge_model}"
+    )
 
     overrides = {ALIASES.get(m, m): o for m, o in cfg.compare.overrides.items()}
 

@@ -235,6 +235,9 @@ class RahfConfig:
     model: str = ""  # HF hub id or local folder of the (SFT) causal LM
     tokenizer: str | None = None  # defaults to `model`
     revision: str | None = None  # branch, tag or commit of a Hub `model` (and its tokenizer); null = default branch
+    # branch, tag or commit of any other Hub model this config names (reward.model, evaluate.judge_model,
+    # ppo.reward_model, generate.model), by its id: {OpenAssistant/reward-model-deberta-v3-large-v2: <commit>}
+    revisions: dict[str, str] = field(default_factory=dict)
     method: str = "scit"  # scit | dual | lorra, or a baseline: dpo | rlhf-ppo | sft | preferred-sft | hir
     output_dir: str = "runs/rahf"
     stages: list[str] = field(default_factory=lambda: ["instruct", "collect", "align", "merge"])
@@ -276,8 +279,13 @@ class RahfConfig:
         return self.instruct.finetune or ("full" if self.instruct_method == "scit" else "lora")
 
     def revision_of(self, path: str | os.PathLike | None) -> str | None:
-        """`revision` when `path` is the Hub `model` (or its tokenizer); None for local folders and other repos."""
-        return self.revision if path is not None and str(path) == self.model else None
+        """The revision to load `path` at: `revision` for the Hub `model` (and its tokenizer), else what `revisions`
+        names for that Hub id; None for local folders and unpinned repos (their default branch)."""
+        if path is None:
+            return None
+        if str(path) == self.model and self.revision is not None:
+            return self.revision
+        return self.revisions.get(str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -334,6 +342,8 @@ def _coerce(hint, value, key: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if args and args[1] is not Any:
+            return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -840,6 +850,7 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
             raise ConfigError(
                 f"revision: {cfg.model} is a local folder; a revision picks a version of a Hub model (org/name)"
             )
+    _check_revisions(cfg)
     for name in cfg.stages:
         if name not in STAGES:
             raise ConfigError(f"stages: unknown stage {name!r} (known: {', '.join(STAGES)})")
@@ -921,6 +932,27 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
             raise ConfigError(f"layers: {bad} out of range; the model has layers 1..{n}")
 
 
+def _check_revisions(cfg: RahfConfig) -> None:
+    """Each `revisions` entry pins a Hub id that a model key of this config names, to a non-empty revision."""
+    named = {str(_get(cfg, key)) for key in MODEL_KEYS if _get(cfg, key)}
+    for repo, rev in cfg.revisions.items():
+        where = f"revisions.{repo}"
+        if not str(rev).strip():
+            raise ConfigError(
+                f"{where}: empty; give a branch, tag or commit, or remove the entry for the default branch"
+            )
+        if _looks_local(repo) or Path(repo).exists():
+            raise ConfigError(
+                f"{where}: {repo} is a local folder; a revision picks a version of a Hub model (org/name)"
+            )
+        if repo not in named:
+            raise ConfigError(
+                f"{where}: no model key of this config names {repo} ({', '.join(MODEL_KEYS)}); fix the id or remove it"
+            )
+        if repo == cfg.model and cfg.revision is not None and rev != cfg.revision:
+            raise ConfigError(f"{where}: {rev!r} contradicts revision: {cfg.revision!r}; set one of them")
+
+
 def model_num_layers(cfg: RahfConfig) -> int:
     """Layer count from the model's config.json (no weights are read)."""
     from transformers import AutoConfig
@@ -928,9 +960,10 @@ def model_num_layers(cfg: RahfConfig) -> int:
     from .models import num_layers
 
     try:
-        mc = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        revision = cfg.revision_of(cfg.model)
+        mc = AutoConfig.from_pretrained(cfg.model, revision=revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        at = f" at revision {cfg.revision!r}" if cfg.revision else ""
+        at = f" at revision {revision!r}" if revision else ""
         raise ConfigError(f"model: cannot read the config of {cfg.model!r}{at} ({str(e).splitlines()[0]})") from None
     return num_layers(mc)
 

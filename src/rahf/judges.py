@@ -130,14 +130,19 @@ class RewardModelJudge:
         self.max_length = max_length
 
     @classmethod
-    def from_pretrained(cls, path: str, trust_remote_code: bool = False, **kwargs) -> RewardModelJudge:
-        """Load model and tokenizer from a local folder or Hub id; the tokenizer pads with EOS when it has no pad."""
+    def from_pretrained(
+        cls, path: str, trust_remote_code: bool = False, revision: str | None = None, **kwargs
+    ) -> RewardModelJudge:
+        """Load model and tokenizer from a local folder or Hub id (at `revision`: a branch, tag or commit; None for
+        the default branch); the tokenizer pads with EOS when it has no pad."""
         from transformers import AutoModelForSequenceClassification
 
         from .models import default_device, load_tokenizer
 
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, revision=revision)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, revision=revision, trust_remote_code=trust_remote_code
+        )
         return cls(model.to(default_device()), tokenizer, **kwargs)
 
     def __repr__(self) -> str:

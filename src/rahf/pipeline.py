@@ -138,7 +138,7 @@ def _path_fp(path: str | Path | None, memo: dict[str, str | None], revision: str
 
 def _base_fp(cfg: RahfConfig, memo: dict[str, str | None]) -> str | None:
     """Fingerprint of the model step 1 starts from (`base_model_path`): a fresh SFT artifact or `model`."""
-    return _fresh_fp(cfg, "sft", memo) if "sft" in cfg.stages else _path_fp(cfg.model, memo, cfg.revision)
+    return _fresh_fp(cfg, "sft", memo) if "sft" in cfg.stages else _path_fp(cfg.model, memo, cfg.revision_of(cfg.model))
 
 
 def _step1_fp(cfg: RahfConfig, memo: dict[str, str | None]) -> str | None:
@@ -155,7 +155,7 @@ def _final_fp(cfg: RahfConfig, memo: dict[str, str | None]) -> str | None:
 
 def _reward_fp(cfg: RahfConfig, configured: str | None, memo: dict[str, str | None]) -> str | None:
     """Fingerprint of a configured reward model, else of this run's fresh `reward` artifact (`reward_model_path`)."""
-    return _path_fp(configured, memo) if configured else _fresh_fp(cfg, "reward", memo)
+    return _path_fp(configured, memo, cfg.revision_of(configured)) if configured else _fresh_fp(cfg, "reward", memo)
 
 
 def _evaluation_reward_fp(cfg: RahfConfig, memo: dict[str, str | None]) -> str | None:
@@ -195,7 +195,7 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
     if stage == "sft":
         covered = common | _section(cfg, "sft", "tokenizer") | {"model": cfg.model}
         inputs = {
-            "model": _path_fp(cfg.model, memo, cfg.revision),
+            "model": _path_fp(cfg.model, memo, cfg.revision_of(cfg.model)),
             "tokenizer": _path_fp(cfg.tokenizer, memo, cfg.revision_of(cfg.tokenizer)),
             "data": _path_fp(cfg.sft.path, memo) if cfg.sft.path else data(),
         }
@@ -401,7 +401,9 @@ def check_positions(cfg: RahfConfig, stages: list[str]) -> None:
     from .models import learned_position_limit
 
     try:
-        config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            cfg.model, revision=cfg.revision_of(cfg.model), trust_remote_code=cfg.trust_remote_code
+        )
         limit = learned_position_limit(config, cfg.trust_remote_code)
     # an unreadable config, or an architecture that cannot be built on the meta device: a check, not a gate
     except Exception:  # noqa: BLE001

@@ -70,7 +70,9 @@ def run_sft(cfg: RahfConfig, out: Path) -> None:
     source = cfg.tokenizer or cfg.model
     tokenizer = load_tokenizer(source, cfg.trust_remote_code, cfg.revision_of(source))
     check_eos_token(cfg.sft.train.get("eos_token"), tokenizer, "sft")
-    model = load_model(cfg.model, train_dtype(cfg, full=True), cfg.trust_remote_code, revision=cfg.revision)
+    model = load_model(
+        cfg.model, train_dtype(cfg, full=True), cfg.trust_remote_code, revision=cfg.revision_of(cfg.model)
+    )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # `tokenizer` adds tokens (a chat template's)
         model.resize_token_embeddings(len(tokenizer))
     data = tokenized_sft_dataset(tokenizer, sft_examples(cfg), cfg.data.max_prompt_length, cfg.data.max_response_length)

@@ -261,6 +261,7 @@ def train_ppo(cfg: RahfConfig, base: str, reward_model: str, prompts: list[list[
     judge = RewardModelJudge.from_pretrained(
         reward_model,
         trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision_of(reward_model),
         batch_size=cfg.ppo.minibatch_size,
         max_length=cfg.reward.max_length,
     )
