@@ -550,3 +550,55 @@ def test_real_hh_report():
     assert report.n_pairs == 2312 and report.n_identical == 0
     assert report.n_empty == 4  # lines 87, 517, 926, 1104 have an empty chosen reply
     assert "hh" in format_report(report)
+
+
+# ---------------------------------------------------------------- damaged files, HH prompts, SFT records
+
+
+@pytest.mark.parametrize("name", ["d.jsonl.gz", "d.json.gz"])
+def test_damaged_gzip_data_is_a_data_error(tmp_path, name):
+    """zlib.error (damaged deflate data) is not an OSError; it must not escape as a traceback."""
+    text = "".join(json.dumps(r) + "\n" for r in STANDARD * 50)
+    raw = bytearray(gzip.compress(text.encode()))
+    raw[20:40] = bytes(range(200, 220))  # inside the deflate stream, past the header
+    path = tmp_path / name
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: cannot read the file"):
+        load_pairs(path)
+
+
+def test_a_stray_value_after_a_json_list_is_named_at_its_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(STANDARD, indent=1) + "\n]\n")
+    lines = path.read_text().count("\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{lines}: not valid JSON \(Extra data"):
+        load_pairs(path)
+    path.write_text("\n" + "\n".join(json.dumps(r) for r in STANDARD) + "\n")  # JSON Lines under .json
+    assert [p.chosen for p in load_pairs(path)[0]] == ["4", "Paris"]
+
+
+def test_an_hh_transcript_in_a_standard_prompt_becomes_its_turns(tmp_path):
+    """The layout of HH-derived sets (Dahoas/full-hh-rlhf): the prompt is a transcript ending in its Assistant tag."""
+    transcript = "\n\nHuman: How do I pick a lock?\n\nAssistant: Why?\n\nHuman: I am locked out.\n\nAssistant:"
+    records = [
+        {"prompt": transcript, "chosen": " Call a locksmith.", "rejected": " Use a pin."},
+        {"prompt": "What do Human: and Assistant: mean?", "chosen": "a", "rejected": "b"},  # plain text stays
+    ]
+    pairs, fmt = load_pairs(write_jsonl(tmp_path / "d.jsonl", records))
+    assert fmt == "trl-standard"
+    assert pairs[0].prompt == (user("How do I pick a lock?"), assistant("Why?"), user("I am locked out."))
+    assert (pairs[0].chosen, pairs[0].rejected) == ("Call a locksmith.", "Use a pin.")
+    assert pairs[1].prompt == (user("What do Human: and Assistant: mean?"),)
+
+
+def test_sft_records_are_checked_and_stripped_like_preference_pairs():
+    from rahf.data import parse_completion
+
+    prompt, reply = parse_completion({"prompt": "Human: hi\n\nAssistant:", "completion": " hello .\n"}, "s.jsonl:1")
+    assert (prompt, reply) == ([user("hi")], "hello .")
+    with pytest.raises(DataError, match=r"^s\.jsonl:2: field 'completion' holds a lone surrogate \\ud83d"):
+        parse_completion({"prompt": "q", "completion": "a \ud83d"}, "s.jsonl:2")
+    with pytest.raises(DataError, match=r"^s\.jsonl:3: field 'completion' must be a string, got int"):
+        parse_completion({"prompt": "q", "completion": 3}, "s.jsonl:3")
+    with pytest.raises(DataError, match=r"^s\.jsonl:4: a record must be a JSON object, got list"):
+        parse_completion(["q", "a"], "s.jsonl:4")

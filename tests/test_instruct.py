@@ -39,7 +39,7 @@ def test_sft_batches_train_on_the_response_and_its_closing_token_only(tiny_model
     trainer = SFTTrainer(
         model=load_model(str(tiny_model_dir)), args=args, train_dataset=data, processing_class=tokenizer
     )
-    prompts = [prompt_ids(tokenizer, prompt, 32) for prompt, _ in examples]
+    prompts = [prompt_ids(tokenizer, prompt, 32) for prompt, _, _ in examples]
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["attention_mask"].sum(-1).tolist() != [batch["input_ids"].shape[1]] * 2  # one row is padded
     for ids, labels, attention in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):

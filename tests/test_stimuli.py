@@ -336,6 +336,15 @@ def test_the_closing_token_and_probe_prompt_are_read_once_per_tokenizer_and_temp
     assert response_ids(tok, RESPONSE, 64)[-1] == tok.eos_token_id and len(renders) == 7 + 3
 
 
+def test_sft_examples_name_their_pair_in_prompt_errors():
+    """SFT and Dual's two SFTs tokenize through `tokenized_sft_dataset`: an error names the pair, as SCIT's does."""
+    from rahf.sft import tokenized_sft_dataset
+
+    tok = byte_bpe(chat_template=ALTERNATING)
+    with pytest.raises(DataError, match=r"^pairs\.jsonl:9: the tokenizer's chat template rejects the prompt's roles"):
+        tokenized_sft_dataset(tok, [([user(QUERY), user("and now ?")], "ok", "pairs.jsonl:9")], 64, 8)
+
+
 @pytest.mark.parametrize("system", [None, POS])
 def test_chat_template_refusing_the_roles_is_a_data_error_naming_the_pair(system):
     tok = byte_bpe(chat_template=ALTERNATING)

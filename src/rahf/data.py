@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ _HINTS = {
     "hh": '{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}',
     "ultrafeedback": '{"prompt": str, "chosen": [user message, assistant message], "rejected": [same shape]}',
     "prompt-only": '{"prompt": str} or {"prompt": [messages ending with a user message]}',  # prompts files
+    "prompt/completion": '{"prompt": str, "completion": str}',  # SFT files
 }
 
 _HH_ASSISTANT = "\n\nAssistant:"
@@ -192,12 +194,35 @@ def parse_prompt(record: object, src: str) -> list[Message]:
 # ---------------------------------------------------------------- per-format parsers
 
 
+def parse_completion(record: object, src: str) -> tuple[list[Message], str]:
+    """(prompt messages, reply) of an SFT record {"prompt": str, "completion": str}, checked as preference pairs are
+    (the reply stripped, as `load_pairs` strips replies, so SFT trains on the tokens later stages see)."""
+    fmt = "prompt/completion"
+    if not isinstance(record, dict):
+        raise DataError(f"{src}: a record must be a JSON object, got {_type_name(record)}")
+    prompt = _field(record, "prompt", str, src, fmt)
+    completion = _field(record, "completion", str, src, fmt)
+    return list(_standard_prompt(prompt, src, fmt)), completion.strip()
+
+
 def _parse_trl_standard(record: dict, src: str) -> PreferencePair:
     fmt = "trl-standard"
     prompt = _field(record, "prompt", str, src, fmt)
     chosen = _field(record, "chosen", str, src, fmt)
     rejected = _field(record, "rejected", str, src, fmt)
-    return PreferencePair(({"role": "user", "content": prompt},), chosen.strip(), rejected.strip(), src)
+    return PreferencePair(_standard_prompt(prompt, src, fmt), chosen.strip(), rejected.strip(), src)
+
+
+def _standard_prompt(prompt: str, src: str, fmt: str) -> tuple[Message, ...]:
+    """A string prompt as messages: one user message, or the turns of an HH transcript that ends with its
+    Assistant tag (the layout of HH-derived sets such as Dahoas/full-hh-rlhf), which as one message would be
+    wrapped in a second Human/Assistant frame and could only lose its start, not its oldest turns."""
+    body = prompt.strip()
+    if body.startswith("Human:") and body.endswith("Assistant:"):
+        turns = _hh_messages(body[: -len("Assistant:")].rstrip(), src)
+        if turns and turns[-1]["role"] == "user":
+            return _check_prompt(turns, "prompt", src, fmt)
+    return ({"role": "user", "content": prompt},)
 
 
 def _parse_trl_conversational(record: dict, src: str) -> PreferencePair:
@@ -345,6 +370,7 @@ def _limit_line(text: str, e: ValueError | RecursionError) -> int:
 def read_jsonl(path: str | os.PathLike, shown: str | None = None) -> Iterator[tuple[str, object]]:
     """(`file:line`, record) for each non-blank line of a JSONL(.gz) file; bad JSON raises DataError there."""
     path, shown = Path(path), shown or str(path)
+    lineno = 0
     try:
         with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):
@@ -358,8 +384,9 @@ def read_jsonl(path: str | os.PathLike, shown: str | None = None) -> Iterator[tu
                 except (ValueError, RecursionError) as e:
                     raise _limit_error(f"{shown}:{lineno}", e) from None
                 yield f"{shown}:{lineno}", record
-    except (OSError, EOFError) as e:
-        raise DataError(f"{shown}: cannot read the file ({e})") from None
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: damaged gzip data (not an OSError)
+        after = f" after line {lineno}" if lineno else ""
+        raise DataError(f"{shown}: cannot read the file{after} ({e})") from None
 
 
 def _read_json(path: Path, shown: str) -> Iterator[tuple[str, object]]:
@@ -371,7 +398,7 @@ def _read_json(path: Path, shown: str) -> Iterator[tuple[str, object]]:
     try:
         with _open_text(path) as f:
             text = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: damaged gzip data (not an OSError)
         raise DataError(f"{shown}: cannot read the file ({e})") from None
     _check_utf8(text, shown)
     if not text.strip():
@@ -380,7 +407,8 @@ def _read_json(path: Path, shown: str) -> Iterator[tuple[str, object]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg != "Extra data":
+        # several values, the first on line 1: JSON Lines; anything else is a broken JSON file, reported where
+        if e.msg != "Extra data" or "\n" in text[: e.pos].strip():
             raise DataError(f"{shown}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         json_lines = True
     except (ValueError, RecursionError) as e:

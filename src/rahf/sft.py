@@ -6,38 +6,36 @@ import json
 from pathlib import Path
 
 from .config import RahfConfig
-from .data import is_jsonl, load_pairs, read_jsonl
-from .errors import ConfigError, DataError
+from .data import is_jsonl, load_pairs, parse_completion, read_jsonl
+from .errors import ConfigError
 from .models import load_model, load_tokenizer, save_model
 from .stimuli import build_variants
 from .training import load_data, train_dtype, training_args
 
 
-def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str]]:
-    """(prompt messages, response) pairs: `sft.path` (prompt/completion JSONL or preference data) or chosen replies."""
+def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str, str]]:
+    """(prompt messages, response, "file:line") of each example: `sft.path` (prompt/completion JSONL or preference
+    data) or the chosen replies of `data`."""
     path = cfg.sft.path
     if path and is_jsonl(path):
         records = list(read_jsonl(path))
         if records and isinstance(records[0][1], dict) and "completion" in records[0][1]:
-            out = []
-            for source, rec in records:
-                if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "completion")):
-                    raise DataError(f"{source}: fields 'prompt' and 'completion' must be strings")
-                out.append(([{"role": "user", "content": rec["prompt"]}], rec["completion"]))
-            return out
+            return [(*parse_completion(rec, source), source) for source, rec in records]
     pairs = load_pairs(path, "auto")[0] if path else load_data(cfg)
-    return [(list(p.prompt), p.chosen) for p in pairs]
+    return [(list(p.prompt), p.chosen, p.source) for p in pairs]
 
 
 def tokenized_sft_dataset(tokenizer, examples, max_prompt_length: int, max_response_length: int):
-    """A pre-tokenized `datasets.Dataset` (input_ids, labels = -100 on the prompt) that TRL uses as is."""
+    """A pre-tokenized `datasets.Dataset` (input_ids, labels = -100 on the prompt) that TRL uses as is, from
+    (prompt, response, source) triples; `source` ("file:line") names the example in errors about its prompt."""
     from datasets import Dataset
 
     rows = {"input_ids": [], "labels": []}
-    for prompt, response in examples:
-        s = build_variants(tokenizer, prompt, response, {"plain": None}, max_prompt_length, max_response_length)[
-            "plain"
-        ]
+    for prompt, response, source in examples:
+        variants = build_variants(
+            tokenizer, prompt, response, {"plain": None}, max_prompt_length, max_response_length, source
+        )
+        s = variants["plain"]
         rows["input_ids"].append(list(s.input_ids))
         rows["labels"].append([-100] * s.response_start + list(s.input_ids[s.response_start :]))
     return Dataset.from_dict(rows)

@@ -36,7 +36,7 @@ def train_dual(
     tokenizer.save_pretrained(out)
     logs = {}
     for side in sides:
-        examples = [(list(p.prompt), p.chosen if side == "preferred" else p.rejected) for p in pairs]
+        examples = [(list(p.prompt), p.chosen if side == "preferred" else p.rejected, p.source) for p in pairs]
         data = tokenized_sft_dataset(tokenizer, examples, cfg.data.max_prompt_length, cfg.data.max_response_length)
         model = load_model(base, train_dtype(cfg, cfg.finetune == "full"), cfg.trust_remote_code, revision=revision)
         if cfg.finetune == "lora":
