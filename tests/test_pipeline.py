@@ -824,3 +824,19 @@ def test_leftovers_of_a_killed_stage_are_removed_and_a_running_ones_kept(tmp_pat
         pass
     assert not dead.exists() and live.exists() and other.exists() and (tmp_path / "collect" / MANIFEST).is_file()
     assert "left by an interrupted run" in capsys.readouterr().out
+
+
+def test_align_trains_on_one_device_when_several_gpus_are_visible(scit_run, tmp_path, monkeypatch):
+    """In one process the Trainer would wrap the model in nn.DataParallel for every visible GPU; the alignment
+    loss reads the decoder blocks through the model, so rahf keeps to one device (here: 2 GPUs faked on a CPU)."""
+    from transformers import TrainingArguments
+
+    from rahf.align import train_align
+    from rahf.training import training_args
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    train = {"use_cpu": False, "max_steps": 2, "disable_tqdm": True}
+    cfg = with_overrides(scit_run, {"align": {"train": train}})
+    assert training_args(TrainingArguments, cfg, tmp_path, train).n_gpu == 1
+    train_align(cfg, tmp_path / "align", LAYERS, 1.0)
+    assert (tmp_path / "align" / "adapter_config.json").is_file()
