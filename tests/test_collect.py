@@ -123,3 +123,52 @@ def test_reader_forwards_each_sequence_only_through_its_window(
             torch.testing.assert_close(v[layer][i], want, atol=1e-5, rtol=1e-4)
     longest = [max(len(e.variants[k].input_ids) for e in examples) for k in ("plain", "pos", "neg")]
     assert all(w < full for w, full in zip(widths, longest))  # every forward stopped short of the replies' ends
+
+
+def test_shards_close_at_their_sequence_count_or_byte_cap(monkeypatch):
+    from rahf import collect
+
+    monkeypatch.setattr(collect, "SHARD_BYTES", 8)
+    assert collect.shard_ranges([3, 5, 2, 4], 3, 1) == [range(2), range(2, 4)]  # 3+5 fits 8 bytes, +2 does not
+    assert collect.shard_ranges([3, 5, 2, 4], 3, 2) == [range(1), range(1, 2), range(2, 3), range(3, 4)]  # 2 B each
+    assert collect.shard_ranges([1, 1, 1, 1, 1], 2, 1) == [range(2), range(2, 4), range(4, 5)]
+    assert collect.shard_ranges([20, 1], 9, 1) == [range(1), range(1, 2)]  # one sequence over the cap: alone
+    assert collect.shard_ranges([], 9, 1) == []
+
+
+def test_a_cache_split_by_the_byte_cap_reads_as_one_shard(tmp_path, tiny_model_dir, pairs_file, tokenizer, monkeypatch):
+    """Rows go into each shard's tensors batch by batch, in the cache dtype; the split changes nothing read back."""
+    from rahf import collect
+    from rahf.align import CachedTargets
+
+    cfg = load_config(
+        None,
+        run_settings(
+            tiny_model_dir, pairs_file, tmp_path / "out", "scit", collect__batch_size=3, collect__dtype="float16"
+        ),
+    )
+    model = load_model(str(tiny_model_dir), device="cpu").eval()
+    examples = examples_for(tokenizer, pairs(4), cfg)
+    reader = TargetReader(cfg, LAYERS, tokenizer.pad_token_id, model)
+    token_bytes = 2 * 32 * len(LAYERS) * 2  # o and v, hidden 32, float16
+    caches = {}
+    for name, cap in (("one", 2**30), ("split", 20 * token_bytes)):
+        monkeypatch.setattr(collect, "SHARD_BYTES", cap)
+        (tmp_path / name).mkdir()
+        stats = write_cache(reader, examples, tmp_path / name, hidden=32)
+        caches[name] = (stats, CachedTargets(tmp_path / name, LAYERS))
+    assert len(caches["one"][0]["shards"]) == 1 and len(caches["split"][0]["shards"]) > 2
+    (one_stats, one), (split_stats, split) = caches["one"], caches["split"]
+    assert one_stats["n_tokens"] == split_stats["n_tokens"]
+    for layer, values in one_stats["per_layer"].items():
+        assert values == pytest.approx(split_stats["per_layer"][layer])
+    assert len(one) == len(split) == len(examples)
+    for i, e in enumerate(examples):
+        a, b = one[i], split[i]
+        assert a["input_ids"] == b["input_ids"] == list(e.plain.input_ids)
+        for kind in ("o", "v"):
+            for layer in LAYERS:
+                assert a[kind][layer].dtype == torch.float16
+                assert torch.equal(a[kind][layer], b[kind][layer])
+    o, _ = reader(examples[:1])
+    torch.testing.assert_close(one[0]["o"][LAYERS[0]].float(), o[LAYERS[0]][0], atol=1e-2, rtol=1e-2)

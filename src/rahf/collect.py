@@ -153,9 +153,24 @@ def normalized_difference(o: torch.Tensor, plus: torch.Tensor, minus: torch.Tens
     return _rms(o) * (plus / _rms(plus) - minus / _rms(minus))
 
 
+SHARD_BYTES = 2**30  # most target bytes in one shard, which collect holds in memory while it fills
+
+
 def cache_bytes(examples: list[Example], cfg: RahfConfig, layers: list[int], hidden: int) -> int:
     tokens = sum(e.plain.window(cfg.window, cfg.include_boundary)[1] for e in examples)
     return 2 * tokens * hidden * len(layers) * DTYPES[cfg.collect.dtype].itemsize
+
+
+def shard_ranges(window_lens: Sequence[int], shard_size: int, token_bytes: int) -> list[range]:
+    """Consecutive sequences per shard: at most `shard_size` of them and `SHARD_BYTES` of targets (`token_bytes`
+    per window position), but at least one sequence each."""
+    out, start, tokens = [], 0, 0
+    for i, n in enumerate(window_lens):
+        if i > start and (i - start >= shard_size or (tokens + n) * token_bytes > SHARD_BYTES):
+            out.append(range(start, i))
+            start, tokens = i, 0
+        tokens += n
+    return [*out, range(start, len(window_lens))] if len(window_lens) else out
 
 
 def stored(t: torch.Tensor, dtype_name: str, what: str, layer: int) -> torch.Tensor:
@@ -170,10 +185,15 @@ def stored(t: torch.Tensor, dtype_name: str, what: str, layer: int) -> torch.Ten
 
 
 def write_cache(reader: TargetReader, examples: list[Example], out: Path, hidden: int) -> dict:
-    """Compute targets batch by batch and write them as shards; returns per-layer statistics."""
+    """Compute targets batch by batch and write them as shards; returns per-layer statistics.
+
+    Each batch's rows go straight into the shard's preallocated tensors in the cache dtype, so collect holds one
+    shard (at most `SHARD_BYTES`) and one batch in float32, whatever the window, the layers and the width.
+    """
     from safetensors.torch import save_file
 
     cfg, layers = reader.cfg, reader.layers
+    dtype = DTYPES[cfg.collect.dtype]
     size = cache_bytes(examples, cfg, layers, hidden)
     print(
         f"collect: {len(examples)} sequences x {len(layers)} layers x {hidden} dims -> "
@@ -183,34 +203,35 @@ def write_cache(reader: TargetReader, examples: list[Example], out: Path, hidden
     stats = {layer: {"v_norm": 0.0, "o_norm": 0.0} for layer in layers}
     n_tokens = 0
     shards = []
+    windows = [e.plain.window(cfg.window, cfg.include_boundary) for e in examples]
+    token_bytes = 2 * hidden * len(layers) * dtype.itemsize
     bar = tqdm(total=len(examples), desc="collect", unit="seq")
-    for s0 in range(0, len(examples), cfg.collect.shard_size):
-        chunk = examples[s0 : s0 + cfg.collect.shard_size]
-        o_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-        v_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-        for b0 in range(0, len(chunk), cfg.collect.batch_size):
-            batch = chunk[b0 : b0 + cfg.collect.batch_size]
-            o, v = reader(batch)
-            for layer in layers:
-                o_rows[layer] += [t.cpu() for t in o[layer]]
-                v_rows[layer] += [t.cpu() for t in v[layer]]
-            bar.update(len(batch))
-        windows = [e.plain.window(cfg.window, cfg.include_boundary) for e in chunk]
+    for part in shard_ranges([w[1] for w in windows], cfg.collect.shard_size, token_bytes):
+        chunk, chunk_windows = examples[part.start : part.stop], windows[part.start : part.stop]
         lens = torch.tensor([len(e.plain.input_ids) for e in chunk])
         tensors = {
             "input_ids": torch.tensor([t for e in chunk for t in e.plain.input_ids], dtype=torch.int64),
             "seq_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]),
-            "win_start": torch.tensor([w[0] for w in windows], dtype=torch.int64),
-            "win_len": torch.tensor([w[1] for w in windows], dtype=torch.int64),
+            "win_start": torch.tensor([w[0] for w in chunk_windows], dtype=torch.int64),
+            "win_len": torch.tensor([w[1] for w in chunk_windows], dtype=torch.int64),
         }
-        tensors["win_offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), tensors["win_len"].cumsum(0)])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), tensors["win_len"].cumsum(0)])
+        tensors["win_offsets"] = offsets
+        n = int(offsets[-1])
         for layer in layers:
-            o_cat, v_cat = torch.cat(o_rows[layer]), torch.cat(v_rows[layer])
-            stats[layer]["v_norm"] += v_cat.norm(dim=-1).sum().item()
-            stats[layer]["o_norm"] += o_cat.norm(dim=-1).sum().item()
-            tensors[f"o.{layer}"] = stored(o_cat, cfg.collect.dtype, "o", layer)
-            tensors[f"v.{layer}"] = stored(v_cat, cfg.collect.dtype, "v", layer)
-        n_tokens += int(tensors["win_len"].sum())
+            tensors[f"o.{layer}"] = torch.empty(n, hidden, dtype=dtype)
+            tensors[f"v.{layer}"] = torch.empty(n, hidden, dtype=dtype)
+        for b0 in range(0, len(chunk), cfg.collect.batch_size):
+            batch = chunk[b0 : b0 + cfg.collect.batch_size]
+            rows = slice(int(offsets[b0]), int(offsets[b0 + len(batch)]))
+            o, v = reader(batch)
+            for layer in layers:
+                for what, got in (("o", o), ("v", v)):
+                    block = torch.cat(got[layer])
+                    stats[layer][f"{what}_norm"] += block.norm(dim=-1).sum().item()
+                    tensors[f"{what}.{layer}"][rows] = stored(block, cfg.collect.dtype, what, layer).cpu()
+            bar.update(len(batch))
+        n_tokens += n
         name = f"shard-{len(shards):05d}.safetensors"
         save_file(tensors, str(out / name), metadata={"layers": ",".join(map(str, layers))})
         shards.append(name)

@@ -116,7 +116,7 @@ class CollectSettings:
     # in scale by 2-3x at a token, and a raw difference is then mostly that scale, not the preference
     difference: str = "raw"
     batch_size: int = 8
-    shard_size: int = 1024  # sequences per shard (two per pair with responses: both)
+    shard_size: int = 1024  # sequences per shard (two per pair with responses: both); a shard also ends at 1 GiB
 
 
 @dataclass
