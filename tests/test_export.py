@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,22 @@ def test_atomic_write_leaves_no_temp_files(generations_file: Path, tmp_path: Pat
         write_mt_bench(out / "answers.jsonl", gens, "changed", now=2.0)
     assert sorted(p.name for p in out.iterdir()) == ["answers.jsonl", "model_outputs.json"]
     assert (out / "answers.jsonl").read_text() == before
+
+
+def test_exported_files_get_the_mode_of_any_new_file(generations_file: Path, tmp_path: Path):
+    """Readable by an evaluation run under another user, as the umask allows (a temp file would be 0600)."""
+    gens = read_generations(generations_file)
+    old = os.umask(0o022)
+    try:
+        write_alpaca_eval(tmp_path / "model_outputs.json", gens, "g")
+        write_mt_bench(tmp_path / "answers.jsonl", gens, "m", now=1.0)
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {
+        p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir() if p.suffix != ".jsonl" or "answers" in p.name
+    }
+    assert modes["model_outputs.json"] == modes["answers.jsonl"] == modes["plain.txt"] == 0o644
 
 
 def test_lm_eval_command_cpu_and_cuda():

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shlex
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,11 +31,14 @@ _ROLE_LABELS = {"system": "System", "user": "Human", "assistant": "Assistant"}
 
 
 def _write_atomic(path: str | Path, text: str) -> None:
-    """Write `text` via a temp file in the same folder and `os.replace`, so readers never see a partial file."""
+    """Write `text` via a temp file in the same folder and `os.replace`, so readers never see a partial file.
+
+    The temp file is opened as any new file is (mode from the umask), not by `mkstemp`, whose 0600 would keep the
+    benchmark files from an evaluation run under another user."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{time.time_ns()}.tmp"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
