@@ -163,10 +163,8 @@ def test_exported_files_get_the_mode_of_any_new_file(generations_file: Path, tmp
         (tmp_path / "plain.txt").write_text("x")
     finally:
         os.umask(old)
-    modes = {
-        p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir() if p.suffix != ".jsonl" or "answers" in p.name
-    }
-    assert modes["model_outputs.json"] == modes["answers.jsonl"] == modes["plain.txt"] == 0o644
+    files = ("model_outputs.json", "answers.jsonl", "plain.txt")
+    assert [(tmp_path / name).stat().st_mode & 0o777 for name in files] == [0o644] * 3
 
 
 def test_lm_eval_command_cpu_and_cuda():
