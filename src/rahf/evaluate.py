@@ -450,7 +450,11 @@ def reward_judge_for(cfg, path: str | None):
         return None
     e = cfg.evaluate
     return RewardModelJudge.from_pretrained(
-        path, cfg.trust_remote_code, cfg.revision_of(path), batch_size=e.batch_size, max_length=cfg.reward.max_length
+        path,
+        cfg.trust_remote_code,
+        revision=cfg.revision_of(path),
+        batch_size=e.batch_size,
+        max_length=cfg.reward.max_length,
     )
 
 
