@@ -667,6 +667,44 @@ def test_evaluate_fingerprint_covers_neutral_prompts_and_the_reward_model_of_the
     assert third[1] == second[1]  # no sweep, no reward model
 
 
+def test_fingerprints_cover_what_a_stage_reads_and_nothing_else(
+    dual_run, scit_run, tiny_model_dir, pairs_file, tmp_path
+):
+    """A key a stage never reads does not make it stale (a needless retrain of everything after it); a key it reads
+    does: the instructions for prompt contrasts and HIR only, the split not for SFT, reward.max_length for the
+    evaluation's reward model however it was made."""
+
+    def stale(cfg, stage: str, change: dict) -> bool:
+        """The change makes the stage, or an artifact it reads, stale."""
+        try:
+            changed = pipeline.stage_fingerprint(with_overrides(cfg, change), stage)[0]
+        except RahfError:  # an upstream artifact is stale
+            return True
+        return changed != pipeline.stage_fingerprint(cfg, stage)[0]
+
+    other = {"instructions": {"preferred": "be terse ."}}
+    for stage in ("instruct", "collect", "align", "merge"):
+        assert not stale(dual_run, stage, other), stage
+        assert stale(scit_run, stage, other), stage  # through the upstream artifacts for merge
+    judge = {"pairs": str(pairs_file), "judge": "reward-model", "judge_model": str(tiny_model_dir)}
+    evaluating = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path, "sft", stages=[], evaluate=judge))
+    assert not stale(evaluating, "evaluate", other)
+    assert stale(evaluating, "evaluate", {"reward": {"max_length": 16}})  # an outside judge reads that many tokens
+    assert not stale(evaluating, "evaluate", {"data": {"align_fraction": 0.25}})
+    assert stale(evaluating, "evaluate", {"data": {"max_prompt_length": 30}})
+    for method, reads in (("hir", True), ("dual", False), ("scit", False)):  # HIR answers under its instruction
+        cfg = with_overrides(evaluating, {"method": method, "generate": {"model": str(tiny_model_dir)}})
+        assert stale(cfg, "generate", other) == reads, method
+
+    sft = load_config(None, run_settings(tiny_model_dir, pairs_file, dual_run.output_dir, "sft", stages=["sft"]))
+    assert not stale(sft, "sft", {"data": {"align_fraction": 0.25}})
+    assert not stale(sft, "sft", {"data": {"share_pairs": True}})
+    assert stale(sft, "sft", {"data": {"label_noise": 0.1}})
+    own = with_overrides(sft, {"sft": {"path": str(pairs_file)}})
+    assert not stale(own, "sft", {"data": {"label_noise": 0.1, "limit": 3}})
+    assert stale(own, "sft", {"data": {"max_response_length": 12}})
+
+
 def test_model_loading_settings_are_fingerprinted(tiny_model_dir, pairs_file, tmp_path):
     """dtype and trust_remote_code for a model not made upstream; reward.max_length for PPO's external reward model."""
     sft = run_settings(

@@ -111,7 +111,11 @@ def _select(
 
     out = Path(mcfg.output_dir) / "merged"
     val_fp = fingerprint_path(mcfg.compare.validation) if mcfg.compare.validation else None
-    covered = {"grid": grid, "align": mcfg.to_dict()["align"], "evaluate": mcfg.to_dict()["evaluate"]}
+    settings = mcfg.to_dict()["evaluate"]  # what the validation replies and their judging depend on
+    chooses = {k: settings[k] for k in ("judge", "judge_model", "llm", "samples", "temperature", "max_new_tokens")}
+    if settings["judge"] == "reward-model":  # the judge reads this many tokens
+        chooses["reward_max_length"] = mcfg.reward.max_length
+    covered = {"grid": grid, "align": mcfg.to_dict()["align"], "evaluate": chooses}
     inputs = {"collect": fingerprint_path(require_artifact(mcfg, "collect")), "validation": val_fp, "judge": judge_fp}
     fp = fingerprint(inputs | covered)
     if is_fresh(out, fp):

@@ -189,11 +189,20 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
     def data() -> str | None:
         return _path_fp(cfg.data.path or None, memo)
 
+    def instructions(reads: bool) -> dict:
+        """The instructions, for a stage that puts them in its prompts (else their text cannot matter)."""
+        return _section(cfg, "instructions") if reads else {}
+
     common = _section(cfg, "seed", "dtype", "trust_remote_code", "data")
     if cfg.dtype != "float32":  # how a 16-bit full fine-tune keeps its weights (float32 runs stay as they were)
         common["pure_dtype"] = cfg.pure_dtype
+    lengths = {"data": {k: common["data"][k] for k in ("max_prompt_length", "max_response_length")}}
+    prompt_contrast = instructions(cfg.contrast == "prompt")  # SCIT and LoRRA read v under the two instructions
     if stage == "sft":
-        covered = common | _section(cfg, "sft", "tokenizer") | {"model": cfg.model}
+        # SFT reads every pair (or sft.path), never the split between step 1 and collect/align
+        unsplit = {k: v for k, v in common["data"].items() if k not in ("align_fraction", "share_pairs")}
+        covered = common | (lengths if cfg.sft.path else {"data": unsplit})
+        covered |= _section(cfg, "sft", "tokenizer") | {"model": cfg.model}
         inputs = {
             "model": _path_fp(cfg.model, memo, cfg.revision_of(cfg.model)),
             "tokenizer": _path_fp(cfg.tokenizer, memo, cfg.revision_of(cfg.tokenizer)),
@@ -210,7 +219,8 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
             backbone = _path_fp(backbone, memo, cfg.revision_of(backbone))
         inputs = {"backbone": backbone, "data": data()}
     elif stage == "instruct":
-        covered = common | _section(cfg, "method", "instructions", "instruct") | {"finetune": cfg.finetune}
+        covered = common | _section(cfg, "method", "instruct") | {"finetune": cfg.finetune}
+        covered |= instructions(cfg.instruct_method == "scit")
         inputs = {"base": _base_fp(cfg, memo), "data": data()}
         if cfg.method == "dpo":
             covered |= _section(cfg, "dpo")
@@ -218,11 +228,11 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
             covered |= _section(cfg, "ppo") | {"reward": {"max_length": cfg.reward.max_length}}
             inputs["reward"] = _reward_fp(cfg, cfg.ppo.reward_model, memo)
     elif stage == "collect":
-        covered = common | _section(cfg, "method", "instructions", "window", "include_boundary", "collect")
+        covered = common | _section(cfg, "method", "window", "include_boundary", "collect") | prompt_contrast
         covered["layers"] = resolved_layers(cfg)
         inputs = {"instruct": _step1_fp(cfg, memo), "data": data()}
     elif stage == "align":
-        covered = common | _section(cfg, "method", "instructions", "window", "include_boundary", "alpha", "align")
+        covered = common | _section(cfg, "method", "window", "include_boundary", "alpha", "align") | prompt_contrast
         covered["layers"] = resolved_layers(cfg)
         inputs = {"instruct": _step1_fp(cfg, memo)}
         if cfg.align.targets == "cache":
@@ -234,12 +244,14 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
         covered = _section(cfg, "method", "dtype", "trust_remote_code")
         inputs = {"policy": _step1_fp(cfg, memo), "align": _fresh_fp(cfg, "align", memo)}
     elif stage == "generate":
-        covered = _section(cfg, "generate", "data", "seed", "method", "instructions", "dtype", "trust_remote_code")
+        covered = _section(cfg, "generate", "seed", "method", "dtype", "trust_remote_code") | lengths
+        covered |= instructions(cfg.method == "hir")  # HIR answers under the preferred instruction
         g = cfg.generate.model
         model = _path_fp(g, memo, cfg.revision_of(g)) if g else _final_fp(cfg, memo)
         inputs = {"model": model, "prompts": _path_fp(cfg.generate.prompts, memo)}
     elif stage == "evaluate":
-        covered = _section(cfg, "evaluate", "data", "seed", "method", "instructions", "dtype", "trust_remote_code")
+        covered = _section(cfg, "evaluate", "seed", "method", "dtype", "trust_remote_code") | lengths
+        covered |= instructions(cfg.method == "hir")
         inputs = {
             "model": _final_fp(cfg, memo),
             "reference": _base_fp(cfg, memo) if cfg.method != "sft" else None,  # KL drift is measured from it
@@ -247,6 +259,8 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
             "neutral_prompts": _path_fp(cfg.evaluate.neutral_prompts, memo),
             "reward_model": _evaluation_reward_fp(cfg, memo),
         }
+        if inputs["reward_model"] is not None:  # the judge reads this many tokens of each reply
+            covered["reward"] = {"max_length": cfg.reward.max_length}
     else:
         raise RahfError(f"unknown stage {stage!r}")
     return fingerprint({"stage": stage, "config": covered, "inputs": inputs}), covered, inputs
