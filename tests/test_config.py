@@ -175,6 +175,20 @@ def test_train_numbers_in_compare_overrides_reach_the_trainer_as_numbers(base, t
     assert training_args(TrainingArguments, tuned, tmp_path, tuned.align.train).learning_rate == 0.001
 
 
+def test_numbers_in_train_mappings_reach_the_trainer_as_numbers(base, tmp_path):
+    """YAML 1.1 reads `1e-5` as text; inside lr_scheduler_kwargs no field type says it is a number."""
+    from transformers import TrainingArguments
+
+    from rahf.training import training_args
+
+    override = parse_overrides(["align.train.lr_scheduler_kwargs={min_lr: 1e-5, note: 1e-5x}"])
+    assert override["align"]["train"]["lr_scheduler_kwargs"]["min_lr"] == "1e-5"  # as YAML 1.1 reads it
+    cfg = load_config(None, with_(base, align__train=override["align"]["train"] | {"learning_rate": "1e-3"}))
+    args = training_args(TrainingArguments, cfg, tmp_path, cfg.align.train)
+    assert args.lr_scheduler_kwargs == {"min_lr": 1e-5, "note": "1e-5x"}
+    assert args.learning_rate == 1e-3
+
+
 def test_home_folder_in_output_dir_expands(base, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_config(None, with_(base, output_dir="~/runs/x")).output_dir == str(tmp_path / "runs" / "x")

@@ -633,6 +633,19 @@ def _enums(kinds: tuple) -> set[type]:
     return {k for k in kinds if isinstance(k, type) and issubclass(k, Enum)}
 
 
+_YAML11_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-5: a string to YAML 1.1, a number to 1.2
+
+
+def _numbers_read(value: Any) -> Any:
+    """A mapping inside `train:` (lr_scheduler_kwargs, model_init_kwargs) with numbers that YAML 1.1 left as text
+    (`min_lr: 1e-5`) read as numbers: no field type says what they are, and a scheduler would divide by the text."""
+    if isinstance(value, dict):
+        return {k: _numbers_read(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers_read(v) for v in value]
+    return float(value) if isinstance(value, str) and _YAML11_FLOAT_TEXT.fullmatch(value.strip()) else value
+
+
 def _train_value(key: str, value: Any, hint: Any) -> Any:
     """A `train:` value as its field's type takes it, else a ConfigError naming the key: YAML 1.1 reads `1e-3` as a
     string, which the optimizer would refuse only once the model has loaded; an int field refuses 1.5 and a float
@@ -656,7 +669,7 @@ def _train_value(key: str, value: Any, hint: Any) -> Any:
         if type(value) not in origins:
             raise ConfigError(f"{key}: expected {_expected(kinds)}, got {KIND_NAMES[type(value)]}")
         if isinstance(value, dict):
-            return value
+            return _numbers_read(value)
         return [_train_value(f"{key}[{i}]", v, item[0]) for i, v in enumerate(value)]
     if isinstance(value, str) and (enums or (literals and str not in kinds)):
         names = [str(m.value) for e in enums for m in e] + [str(a) for a in literals]
