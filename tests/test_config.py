@@ -189,6 +189,20 @@ def test_numbers_in_train_mappings_reach_the_trainer_as_numbers(base, tmp_path):
     assert args.learning_rate == 1e-3
 
 
+def test_report_to_names_an_installed_logger(base, monkeypatch):
+    from transformers import integrations
+
+    monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    assert error_of(None, with_(base, align__train={"report_to": "wandb"})) == (
+        "align.train.report_to: wandb is not installed here; install it or drop it"
+    )
+    assert error_of(None, with_(base, sft__train={"report_to": ["tensorboard", "wandbb"]})).startswith(
+        "sft.train.report_to: unknown logger 'wandbb' (known: all, none, "
+    )
+    for fine in ("none", "all", ["tensorboard"]):
+        load_config(None, with_(base, align__train={"report_to": fine}))
+
+
 def test_home_folder_in_output_dir_expands(base, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_config(None, with_(base, output_dir="~/runs/x")).output_dir == str(tmp_path / "runs" / "x")

@@ -752,7 +752,24 @@ def _check_train(cfg: RahfConfig) -> None:
         settings = getattr(cfg, section)
         settings.train = train_arguments(section, settings.train, cls)
         _refuse_unused_train(section, settings.train, scit=section == "instruct" and cfg.instruct_method == "scit")
+        _check_report_to(section, settings.train.get("report_to"))
         _build_arguments(section, settings.train, cls)
+
+
+def _check_report_to(section: str, value: str | list[str] | None) -> None:
+    """Each logger `report_to` names must be installed: the Trainer would refuse it only once the earlier stages
+    have trained."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in [value] if isinstance(value, str) else value or []:
+        if name in ("all", "none"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(["all", "none", *INTEGRATION_TO_CALLBACK])
+            raise ConfigError(f"{section}.train.report_to: unknown logger {name!r} (known: {known})")
+        if name not in get_available_reporting_integrations():
+            raise ConfigError(f"{section}.train.report_to: {name} is not installed here; install it or drop it")
 
 
 # `*.train` fields a stage would accept and then ignore or crash on, with the reason
