@@ -850,6 +850,27 @@ def test_model_folders_without_config_or_tokenizer_and_output_inside_the_model_a
         with pytest.raises(RahfError, match=message):
             pipeline.preflight(cfg)
         assert not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for key in ("generate.model", "evaluate.judge_model", "ppo.reward_model", "reward.model"):
+        settings = run_settings(
+            tiny_model_dir, pairs_file, tmp_path / "out", "scit", **{key.replace(".", "__"): str(empty)}
+        )
+        with pytest.raises(RahfError, match=rf"^{key}: .*empty holds no config.json or adapter_config.json"):
+            pipeline.preflight(load_config(None, settings))
+        shutil.copy(tiny_model_dir / "config.json", empty)
+        with pytest.raises(RahfError, match=rf"^{key}: .*empty holds no tokenizer files"):
+            pipeline.preflight(load_config(None, settings))
+        (empty / "config.json").unlink()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_cannot_be_read_stops_the_run_before_anything_is_written(pairs_file, tmp_path):
+    """A Hub id that is neither reachable nor cached (offline here), with no layers to check at load time."""
+    cfg = load_config(None, run_settings("nobody/no-such-model", pairs_file, tmp_path / "out", "dpo", layers=None))
+    with pytest.raises(ConfigError, match=r"^model: cannot read the config of 'nobody/no-such-model'"):
+        pipeline.preflight(cfg)
+    assert not (tmp_path / "out").exists()
 
 
 def test_leftovers_of_a_killed_stage_are_removed_and_a_running_ones_kept(tmp_path, capsys):

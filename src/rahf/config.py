@@ -796,7 +796,8 @@ def _refuse_unused_train(section: str, values: dict[str, Any], scit: bool) -> No
         )
 
 
-def _get(cfg: RahfConfig, dotted: str) -> Any:
+def get_dotted(cfg: RahfConfig, dotted: str) -> Any:
+    """The value of a dotted key ("align.lora.r") of `cfg`."""
     node: Any = cfg
     for key in dotted.split("."):
         node = getattr(node, key)
@@ -806,7 +807,7 @@ def _get(cfg: RahfConfig, dotted: str) -> Any:
 def _check_ranges(cfg: RahfConfig) -> None:
     """Every key of RANGES (each item of a list) lies in its range."""
     for key, allowed in RANGES.items():
-        value = _get(cfg, key)
+        value = get_dotted(cfg, key)
         for name, v in [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]:
             if v is not None and v not in allowed:
                 raise ConfigError(f"{name}: must be {allowed}, got {v}")
@@ -862,13 +863,13 @@ def _as_checked(mapping: dict, node: Any) -> dict:
 def _check_config(cfg: RahfConfig, stage: str | None) -> None:
     """Every check of `validate` on one config, its compare.overrides aside."""
     for dotted, allowed in CHOICES.items():
-        value = _get(cfg, dotted)
+        value = get_dotted(cfg, dotted)
         if value not in allowed:
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(str(a) for a in allowed)}")
     if not cfg.model:
         raise ConfigError("model: required (a hub id or a local folder)")
     for key in MODEL_KEYS:
-        value = _get(cfg, key)
+        value = get_dotted(cfg, key)
         if value and _looks_local(value) and not Path(value).exists():
             raise ConfigError(f"{key}: {value} does not exist; give a local model folder or a Hub id like org/name")
     if cfg.revision is not None:
@@ -964,7 +965,7 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
 
 def _check_revisions(cfg: RahfConfig) -> None:
     """Each `revisions` entry pins a Hub id that a model key of this config names, to a non-empty revision."""
-    named = {str(_get(cfg, key)) for key in MODEL_KEYS if _get(cfg, key)}
+    named = {str(get_dotted(cfg, key)) for key in MODEL_KEYS if get_dotted(cfg, key)}
     for repo, rev in cfg.revisions.items():
         where = f"revisions.{repo}"
         if not str(rev).strip():

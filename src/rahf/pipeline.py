@@ -359,22 +359,30 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def check_model_folders(cfg: RahfConfig) -> None:
-    """A local `model` (and `tokenizer`) folder must hold a model config and tokenizer files, and must not hold
-    `output_dir` (the run's own artifacts would change the model's fingerprint under it)."""
+    """Every local model folder the config names must hold a model config and tokenizer files (`tokenizer`: the
+    tokenizer only; `model`: no tokenizer when `tokenizer` is set), and must not hold `output_dir` (the run's own
+    artifacts would change the model's fingerprint under it). `model` must be readable, also as a Hub id."""
+    from .config import MODEL_KEYS, get_dotted, model_num_layers
+
     out = Path(cfg.output_dir).resolve()
-    for key, value in (("model", cfg.model), ("tokenizer", cfg.tokenizer)):
-        folder = Path(value).expanduser() if value else None
+    for key in MODEL_KEYS:
+        value = get_dotted(cfg, key)
+        folder = Path(value).expanduser() if value and value != "minilm" else None
         if folder is None or not folder.is_dir():
             continue  # a Hub id, or unset
         if out == folder.resolve() or folder.resolve() in out.parents:
             raise ConfigError(f"output_dir: {cfg.output_dir} lies inside {key} ({value}); write the run elsewhere")
-        if key == "model" and not (folder / "config.json").is_file():
-            raise ConfigError(f"model: {value} holds no config.json; give a folder saved with save_pretrained")
-        if (key == "tokenizer" or not cfg.tokenizer) and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        configs = ("config.json",) if key == "model" else ("config.json", "adapter_config.json")  # or a PEFT adapter
+        if key != "tokenizer" and not any((folder / c).is_file() for c in configs):
+            raise ConfigError(
+                f"{key}: {value} holds no {' or '.join(configs)}; give a folder saved with save_pretrained"
+            )
+        if (key != "model" or not cfg.tokenizer) and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
             raise ConfigError(
                 f"{key}: {value} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...); save the "
                 "tokenizer there with tokenizer.save_pretrained" + (" or set tokenizer" if key == "model" else "")
             )
+    model_num_layers(cfg)  # a Hub id that cannot be read (misspelt, or not cached offline) stops the run here
 
 
 def check_upstream(cfg: RahfConfig, planned: list[str]) -> None:
