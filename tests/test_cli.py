@@ -237,6 +237,24 @@ def test_instruction_room_is_not_checked_for_methods_without_instructions(tmp_pa
         preflight(load_config(None, settings | {"method": "scit"}))
 
 
+@pytest.mark.parametrize("method", ["dual", "rlhf-ppo", "dpo", "sft"])
+def test_prompt_room_is_checked_for_every_method_before_anything_trains(
+    tmp_path, tiny_model_dir, pairs_file, capsys, method
+):
+    out = tmp_path / "out"
+    stages = "[reward, instruct]" if method == "rlhf-ppo" else "[sft]" if method == "sft" else "[instruct]"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\nmethod: {method}\nstages: {stages}\n"
+        f"data:\n  path: {pairs_file}\n  max_prompt_length: 2\noutput_dir: {out}\n"
+    )
+    assert main(["run", str(cfg)]) == 2
+    assert one_line_error(capsys.readouterr().err) == (
+        "data.max_prompt_length=2 leaves no room for the query after the template; raise it"
+    )
+    assert nothing_written(out)
+
+
 @pytest.mark.parametrize("command", ["run", "instruct", "compare", "demo"])
 def test_several_launched_processes_are_refused_before_any_work(tmp_path, tiny_model_dir, pairs_file, capsys,
                                                                  monkeypatch, command):  # fmt: skip

@@ -74,12 +74,12 @@ def check_compare(cfg: RahfConfig) -> None:
         from .generate import read_prompts
 
         read_prompts(cfg.evaluate.neutral_prompts)
-    from .pipeline import INSTRUCTED, check_instruction_room, preflight
+    from .pipeline import INSTRUCTED, check_prompt_room, preflight
 
     stages = [s for s in ("sft", "reward", "instruct", "collect", "align") if s != "sft" or "sft" in cfg.stages]
     preflight(variant(cfg, stages=stages))
     if cfg.method not in INSTRUCTED and any(m in INSTRUCTED for m in method_names(cfg)):
-        check_instruction_room(cfg)
+        check_prompt_room(cfg, instructed=True)
 
 
 def _load(cfg: RahfConfig, d: Deployed):

@@ -350,8 +350,8 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
         sft_examples(cfg)
     if "generate" in stages and cfg.generate.prompts:
         read_prompts(cfg.generate.prompts)
-    if cfg.method in INSTRUCTED and any(s in stages for s in _PROMPTED):
-        check_instruction_room(cfg)
+    if any(s != "merge" for s in stages):  # every other stage builds prompts
+        check_prompt_room(cfg, instructed=cfg.method in INSTRUCTED and any(s in stages for s in _PROMPTED))
     check_positions(cfg, stages)
 
 
@@ -398,8 +398,9 @@ INSTRUCTED = ("scit", "lorra", "hir")  # methods whose prompts carry the instruc
 _PROMPTED = ("instruct", "collect", "align", "generate", "evaluate")  # stages that build those prompts
 
 
-def check_instruction_room(cfg: RahfConfig) -> None:
-    """A one-word query must fit data.max_prompt_length beside each instruction, else every prompt fails later.
+def check_prompt_room(cfg: RahfConfig, instructed: bool) -> None:
+    """A one-word query must fit data.max_prompt_length (beside each instruction when `instructed`), else every
+    prompt fails later, maybe after earlier stages have trained.
 
     Best effort: a tokenizer that cannot be loaded here is left for the stage itself to report.
     """
@@ -411,7 +412,7 @@ def check_instruction_room(cfg: RahfConfig) -> None:
         tokenizer = load_tokenizer(source, cfg.trust_remote_code, cfg.revision_of(source))
     except (OSError, ValueError):
         return
-    systems = [cfg.instructions.preferred, cfg.instructions.dispreferred]
+    systems = [cfg.instructions.preferred, cfg.instructions.dispreferred] if instructed else [None]
     truncate_prompt(tokenizer, [{"role": "user", "content": "why"}], systems, cfg.data.max_prompt_length)
 
 

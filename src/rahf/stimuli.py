@@ -251,9 +251,14 @@ def _fit_prompt(
                 f"data.max_prompt_length={max_length}; shorten that message or raise data.max_prompt_length"
             )
         if not turns[0]["content"]:
+            instructed = any(s is not None for s in systems)
             raise ConfigError(
-                f"data.max_prompt_length={max_length} leaves no room for the query after the instruction and "
-                "template; raise it or shorten the instructions"
+                f"data.max_prompt_length={max_length} leaves no room for the query after the "
+                + (
+                    "instruction and template; raise it or shorten the instructions"
+                    if instructed
+                    else "template; raise it"
+                )
             )
 
 
