@@ -713,3 +713,17 @@ def test_paths_in_compare_overrides_resolve_against_the_config_folder(base, tmp_
     path.write_text(yaml.safe_dump(with_(base, compare__overrides={"dual": {"data": {"path": "other.jsonl"}}})))
     cfg = load_config(path)
     assert cfg.compare.overrides["dual"] == {"data": {"path": str(proj.resolve() / "other.jsonl")}}
+
+
+@pytest.mark.parametrize(
+    ("compare", "message"),
+    [
+        ({"methods": []}, "compare.methods: list at least one method"),
+        ({"methods": ["sft", "dual", "rahf-dual"]}, "compare.methods: rahf-dual is listed twice"),
+        ({"seeds": [0, 1, 0]}, "compare.seeds: 0 is listed twice; a repeat is the same run again"),
+        ({"label_noise": [0.0, 0.2, 0.2]}, "compare.label_noise: 0.2 is listed twice"),
+    ],
+)
+def test_compare_lists_name_each_method_seed_and_noise_level_once(base, compare, message):
+    """A repeated seed would count the same replies twice and give a zero-width interval over seeds."""
+    assert error_of(None, with_(base, compare=compare)).startswith(message)

@@ -926,10 +926,23 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
             raise ConfigError(
                 f"compare.methods[{i}]: unknown method {method!r} (known: {', '.join([*METHODS, *ALIASES])})"
             )
+    if not cfg.compare.methods:
+        raise ConfigError("compare.methods: list at least one method")
+    named = [ALIASES.get(m, m) for m in cfg.compare.methods]
+    if len(set(named)) < len(named):
+        twice = next(m for i, m in enumerate(cfg.compare.methods) if ALIASES.get(m, m) in named[:i])
+        raise ConfigError(f"compare.methods: {twice} is listed twice (under its name or an alias); keep one")
     if not cfg.compare.seeds:
         raise ConfigError("compare.seeds: list at least one seed")
     if not cfg.compare.label_noise:
         raise ConfigError("compare.label_noise: list at least one level (0 for the labels as given)")
+    for key in ("seeds", "label_noise"):
+        values = getattr(cfg.compare, key)
+        if len(set(values)) < len(values):
+            twice = next(v for i, v in enumerate(values) if v in values[:i])
+            raise ConfigError(
+                f"compare.{key}: {twice} is listed twice; a repeat is the same run again, not another sample"
+            )
     if cfg.compare.noise_seeds is not None and not 1 <= cfg.compare.noise_seeds <= len(cfg.compare.seeds):
         raise ConfigError(f"compare.noise_seeds: must be between 1 and len(compare.seeds)={len(cfg.compare.seeds)}")
     if cfg.ppo.rollout_size % cfg.ppo.minibatch_size:
