@@ -899,3 +899,10 @@ def test_align_trains_on_one_device_when_several_gpus_are_visible(scit_run, tmp_
     assert training_args(TrainingArguments, cfg, tmp_path, train).n_gpu == 1
     train_align(cfg, tmp_path / "align", LAYERS, 1.0)
     assert (tmp_path / "align" / "adapter_config.json").is_file()
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RahfError, match=r"^output_dir: cannot create .*file/run .*; choose another output_dir"):
+        with atomic_dir(tmp_path / "file" / "run" / "collect", "collect", "0", {}):
+            pass

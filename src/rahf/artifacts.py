@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .errors import RahfError
+
 MANIFEST = "rahf_manifest.json"
 _PACKAGES = ("rahf", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "safetensors")
 LARGE_FILE = 64 << 20  # bytes; weight files above this are fingerprinted without reading them in full
@@ -183,7 +185,10 @@ def atomic_dir(
     is read from the environment.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only or virtual file system (/proc): said before the stage starts
+        raise RahfError(f"output_dir: cannot create {final.parent} ({e.strerror}); choose another output_dir") from None
     _remove_leftovers(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()
