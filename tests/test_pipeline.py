@@ -903,6 +903,6 @@ def test_align_trains_on_one_device_when_several_gpus_are_visible(scit_run, tmp_
 
 def test_an_output_folder_that_cannot_be_made_is_a_user_error(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(RahfError, match=r"^output_dir: cannot create .*file/run .*; choose another output_dir"):
-        with atomic_dir(tmp_path / "file" / "run" / "collect", "collect", "0", {}):
-            pass
+    message = r"^output_dir: cannot create .*file/run .*; choose another output_dir"
+    with pytest.raises(RahfError, match=message), atomic_dir(tmp_path / "file" / "run" / "collect", "collect", "0", {}):
+        pass
