@@ -208,21 +208,35 @@ def test_a_malformed_prompts_file_stops_run_before_any_training(tmp_path, tiny_m
     assert nothing_written(out)
 
 
-@pytest.mark.parametrize("method", ["scit", "lorra", "hir"])
-def test_instructions_that_leave_no_room_for_the_query_stop_run_before_any_training(
-    tmp_path, tiny_model_dir, pairs_file, capsys, method
+INSTRUCTION_ROOM = "instruction and template; raise it or shorten the instructions"
+
+
+@pytest.mark.parametrize(
+    ("method", "stages", "length", "after"),
+    [
+        ("scit", "[sft, instruct, collect, align]", 12, INSTRUCTION_ROOM),
+        ("lorra", "[sft, instruct, collect, align]", 12, INSTRUCTION_ROOM),
+        ("hir", "[sft, instruct, collect, align]", 12, INSTRUCTION_ROOM),
+        ("dual", "[instruct]", 2, "template; raise it"),
+        ("rlhf-ppo", "[reward, instruct]", 2, "template; raise it"),
+        ("dpo", "[instruct]", 2, "template; raise it"),
+        ("sft", "[sft]", 2, "template; raise it"),
+    ],
+)
+def test_a_prompt_budget_that_leaves_no_room_for_the_query_stops_run_before_any_training(
+    tmp_path, tiny_model_dir, pairs_file, capsys, method, stages, length, after
 ):
-    """The instruction budget is checked up front, not after SFT has trained and step 1's model has loaded."""
+    """The prompt budget (beside the instructions, for the methods that have them) is checked up front, not after
+    SFT or a reward model has trained and step 1's model has loaded."""
     out = tmp_path / "out"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
-        f"model: {tiny_model_dir}\nmethod: {method}\nstages: [sft, instruct, collect, align]\n"
-        f"data:\n  path: {pairs_file}\n  max_prompt_length: 12\noutput_dir: {out}\n"
+        f"model: {tiny_model_dir}\nmethod: {method}\nstages: {stages}\n"
+        f"data:\n  path: {pairs_file}\n  max_prompt_length: {length}\noutput_dir: {out}\n"
     )
     assert main(["run", str(cfg)]) == 2
     assert one_line_error(capsys.readouterr().err) == (
-        "data.max_prompt_length=12 leaves no room for the query after the instruction and template; "
-        "raise it or shorten the instructions"
+        f"data.max_prompt_length={length} leaves no room for the query after the {after}"
     )
     assert nothing_written(out)
 
@@ -235,24 +249,6 @@ def test_instruction_room_is_not_checked_for_methods_without_instructions(tmp_pa
     preflight(load_config(None, settings | {"method": "dual"}))  # Dual's prompts carry no instruction
     with pytest.raises(Exception, match="leaves no room for the query"):
         preflight(load_config(None, settings | {"method": "scit"}))
-
-
-@pytest.mark.parametrize("method", ["dual", "rlhf-ppo", "dpo", "sft"])
-def test_prompt_room_is_checked_for_every_method_before_anything_trains(
-    tmp_path, tiny_model_dir, pairs_file, capsys, method
-):
-    out = tmp_path / "out"
-    stages = "[reward, instruct]" if method == "rlhf-ppo" else "[sft]" if method == "sft" else "[instruct]"
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        f"model: {tiny_model_dir}\nmethod: {method}\nstages: {stages}\n"
-        f"data:\n  path: {pairs_file}\n  max_prompt_length: 2\noutput_dir: {out}\n"
-    )
-    assert main(["run", str(cfg)]) == 2
-    assert one_line_error(capsys.readouterr().err) == (
-        "data.max_prompt_length=2 leaves no room for the query after the template; raise it"
-    )
-    assert nothing_written(out)
 
 
 @pytest.mark.parametrize("command", ["run", "instruct", "compare", "demo"])
