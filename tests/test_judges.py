@@ -257,6 +257,39 @@ def prefers_polite(body, n):
     return 200, "A is kind, B is not. [[A]]" if "polite" in answers(body)["A"] else "B is kind. [[B]]"
 
 
+def test_llm_judge_strips_the_keys_line_end_and_refuses_a_broken_key_without_showing_it(stub, llm, monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET_KEY + "\r\n")  # as a .env file or a mounted secret holds it
+    llm.chat([{"role": "user", "content": "hi"}])
+    assert stub.requests[-1]["auth"] == f"Bearer {SECRET_KEY}"
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET_KEY + "\nsecond line")
+    with pytest.raises(JudgeError, match=r"\$JUDGE_TEST_KEY holds whitespace or a non-ASCII character") as e:
+        llm.chat([{"role": "user", "content": "hi"}])
+    assert SECRET_KEY not in str(e.value) and len(stub.requests) == 1
+
+
+def test_llm_judge_does_not_follow_a_redirect_with_the_key(stub, llm):
+    """urllib would send the Authorization header on to the other host."""
+    other = Stub()
+    try:
+
+        class Redirect(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.send_response(302)
+                self.send_header("Location", other.url + "/chat/completions")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        stub.server.RequestHandlerClass = Redirect
+        with pytest.raises(JudgeError, match=r"redirects to http://127\.0\.0\.1:\d+/v1/chat/completions \(HTTP 302\)"):
+            llm.chat([{"role": "user", "content": "hi"}])
+        assert other.requests == []
+    finally:
+        other.close()
+
+
 def test_llm_judge_asks_both_orders_and_agrees_with_a_consistent_judge(stub, llm):
     stub.policy = prefers_polite
     assert llm.compare(SKY, POLITE, RUDE) == 1.0

@@ -295,7 +295,9 @@ class LLMJudge:
 
     def chat(self, messages: list[Message]) -> str:
         """The reply text of one greedy chat completion, retrying rate limits, server errors and lost connections."""
-        key = os.environ.get(self.api_key_env) or None
+        key = (os.environ.get(self.api_key_env) or "").strip() or None  # a .env file's newline is not the key's
+        if key and not all(33 <= ord(c) < 127 for c in key):  # http.client would refuse it, key and all, unredacted
+            raise JudgeError(f"LLM judge: ${self.api_key_env} holds whitespace or a non-ASCII character; fix the key")
         headers = {"Content-Type": "application/json"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
@@ -306,12 +308,18 @@ class LLMJudge:
             self.calls += 1
             request = urllib.request.Request(url, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _OPENER.open(request, timeout=self.timeout) as response:
                     raw = response.read().decode("utf-8", "replace")
                 break
             except urllib.error.HTTPError as e:
                 excerpt = _redact(e.read().decode("utf-8", "replace"), key)[:300]  # redact before cutting
                 problem = f"HTTP {e.code} from {shown}: {excerpt}"
+                if 300 <= e.code < 400:
+                    where = redacted(e.headers.get("Location", "?"))
+                    raise JudgeError(
+                        f"LLM judge request failed: {shown} redirects to {where} (HTTP {e.code}); the key is sent "
+                        "to evaluate.llm.base_url only, so set base_url to where the API is"
+                    ) from None
                 if e.code not in _RETRY_STATUS:
                     raise JudgeError(f"LLM judge request failed: {problem}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
@@ -329,6 +337,17 @@ class LLMJudge:
         if not isinstance(content, str):  # the chat-completions reply's content is a string (or null)
             raise JudgeError(f"LLM judge got no chat completion from {shown}: {_redact(raw, key)[:300]!r}")
         return content
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse redirects: urllib would send the Authorization header on to the new host (and turn the POST into a
+    GET); the 3xx then comes back as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def _redact(text: str, key: str | None) -> str:
