@@ -87,6 +87,24 @@ def test_reward_model_text_uses_chat_template_when_present(reward_model):
     assert len(judge.score_many([PROMPT], [BEST])) == 1
 
 
+@pytest.mark.parametrize("template", [None, "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"])
+def test_a_long_text_loses_its_beginning_but_keeps_its_bos(reward_model, template):
+    """With a chat template the BOS is part of the text; left truncation must not cut it off (the tokenizer adds
+    it after truncation without one), so long and short texts are read alike."""
+    from rahf.demo.tiny import build_tokenizer
+
+    model, tok = reward_model
+    tok = build_tokenizer(tok.get_vocab())
+    tok.chat_template = template
+    judge = RewardModelJudge(model, tok, max_length=12)
+    long = " ".join([BEST] * 6)
+    full = tok(judge.text(PROMPT, long), add_special_tokens=template is None)["input_ids"]
+    ids = judge.encode(PROMPT, long)
+    assert len(full) > 12 and len(ids) == 12 and ids[0] == tok.bos_token_id
+    assert ids[1:] == full[-11:]
+    assert RewardModelJudge(model, tok, max_length=512).encode(PROMPT, long) == full  # a text that fits: whole
+
+
 def test_reward_model_batch_scores_equal_single_scores(reward_model):
     judge = RewardModelJudge(*reward_model, batch_size=2)  # 5 items: two full batches and one partial
     batched = judge.score_many([PROMPT] * len(REPLIES), REPLIES)

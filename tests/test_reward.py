@@ -9,7 +9,7 @@ from rahf.demo.task import make_task, vocabulary
 from rahf.demo.tiny import save_tiny
 from rahf.judges import RewardModelJudge
 from rahf.metrics import pairwise_accuracy
-from rahf.reward import _encode, evaluate_reward_model, train_reward_model
+from rahf.reward import evaluate_reward_model, train_reward_model
 
 N_TRAIN = 250
 TRAIN = {"num_train_epochs": 3, "learning_rate": 1e-3, "per_device_train_batch_size": 16, "logging_steps": 50}
@@ -56,7 +56,7 @@ def test_saved_reward_model_reloads_with_same_scores(trained, pairs):
 def test_training_inputs_match_judge_tokenization(trained, pairs):
     judge, _ = trained
     p = pairs[0]
-    ids = _encode(judge, p.prompt, p.chosen)
+    ids = judge.encode(p.prompt, p.chosen)
     expected = judge.tokenizer(judge.text(p.prompt, p.chosen))["input_ids"]  # the tiny tokenizer has no template
     assert ids == expected
     assert ids[-1] != judge.tokenizer.eos_token_id  # no EOS appended: the judge scores without one

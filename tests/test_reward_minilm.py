@@ -15,7 +15,7 @@ from rahf.data import PreferencePair
 from rahf.demo.task import make_task
 from rahf.errors import ConfigError
 from rahf.judges import RewardModelJudge
-from rahf.reward import _encode, evaluate_reward_model, resolve_backbone, train_reward_model
+from rahf.reward import evaluate_reward_model, resolve_backbone, train_reward_model
 
 N_TRAIN = 250
 MAX_LENGTH = 64
@@ -83,12 +83,12 @@ def test_minilm_inputs_are_one_cls_text_sep_with_left_truncation(trained, pairs)
     judge, _, _ = trained
     tok = judge.tokenizer
     p = pairs[0]
-    ids = _encode(judge, p.prompt, p.chosen)
+    ids = judge.encode(p.prompt, p.chosen)
     assert ids == tok(judge.text(p.prompt, p.chosen))["input_ids"]  # no chat template: plain Human/Assistant text
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
     assert ids.count(tok.cls_token_id) == 1 and ids.count(tok.sep_token_id) == 1
     long = "blah " * 200 + p.chosen
-    cut = _encode(judge, p.prompt, long)
+    cut = judge.encode(p.prompt, long)
     assert len(cut) == MAX_LENGTH
     assert cut[0] == tok.cls_token_id and cut[-1] == tok.sep_token_id  # the start is cut, [CLS] stays
     assert cut[1:-1] == tok(judge.text(p.prompt, long), add_special_tokens=False)["input_ids"][-(MAX_LENGTH - 2) :]
@@ -97,9 +97,9 @@ def test_minilm_inputs_are_one_cls_text_sep_with_left_truncation(trained, pairs)
 
 
 def test_trainer_feeds_the_judge_encodings_unchanged(trained, pairs):
-    """No re-tokenization, no added BOS/EOS: each training sequence once (one epoch), as `_encode` made it."""
+    """No re-tokenization, no added BOS/EOS: each training sequence once (one epoch), as `judge.encode` made it."""
     judge, _, fed = trained
-    expected = Counter(tuple(_encode(judge, p.prompt, r)) for p in pairs[:N_TRAIN] for r in (p.chosen, p.rejected))
+    expected = Counter(tuple(judge.encode(p.prompt, r)) for p in pairs[:N_TRAIN] for r in (p.chosen, p.rejected))
     assert Counter(fed) == expected
 
 

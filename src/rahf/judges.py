@@ -165,33 +165,41 @@ class RewardModelJudge:
                 parts.append(("Human: " if m["role"] == "user" else "Assistant: ") + m["content"])
         return "\n\n".join([*parts, "Assistant: " + response])
 
+    def encode(self, prompt: Sequence[Message], response: str) -> list[int]:
+        """Token ids the model reads for (prompt, response), at most `max_length`: a long text loses its beginning
+        but keeps a leading BOS, which a chat template writes into the text and the tokenizer otherwise adds
+        after truncation (the model was trained with it in front of every text)."""
+        tok, text = self.tokenizer, self.text(prompt, response)
+        if not self._has_template:
+            saved = tok.truncation_side
+            tok.truncation_side = "left"
+            try:
+                return tok(text, truncation=True, max_length=self.max_length)["input_ids"]
+            finally:
+                tok.truncation_side = saved
+        ids = tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own special tokens
+        if len(ids) <= self.max_length:
+            return ids
+        keep = int(tok.bos_token_id is not None and ids[0] == tok.bos_token_id)
+        return ids[:keep] + ids[len(ids) - self.max_length + keep :]
+
     def score_many(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> list[float]:
-        """Reward of each (prompt, response), in batches of `batch_size`."""
+        """Reward of each (prompt, response), in batches of `batch_size` (padded on the right)."""
         if len(prompts) != len(responses):
             raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(responses)} responses")
-        texts = [self.text(p, r) for p, r in zip(prompts, responses)]
-        tok = self.tokenizer
-        saved = tok.truncation_side, tok.padding_side
-        tok.truncation_side, tok.padding_side = "left", "right"
+        encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
         scores: list[float] = []
-        try:
-            with torch.no_grad():
-                for i in range(0, len(texts), self.batch_size):
-                    enc = tok(
-                        texts[i : i + self.batch_size],
-                        add_special_tokens=not self._has_template,  # templates write their own BOS
-                        truncation=True,
-                        max_length=self.max_length,
-                        padding=True,
-                        return_tensors="pt",
-                    )
-                    logits = self.model(
-                        input_ids=enc["input_ids"].to(self.model.device),
-                        attention_mask=enc["attention_mask"].to(self.model.device),
-                    ).logits
-                    scores += logits[:, 0].float().tolist()
-        finally:
-            tok.truncation_side, tok.padding_side = saved
+        with torch.no_grad():
+            for i in range(0, len(encoded), self.batch_size):
+                batch = encoded[i : i + self.batch_size]
+                ids = torch.full((len(batch), max(map(len, batch))), self.tokenizer.pad_token_id)
+                mask = torch.zeros_like(ids)
+                for row, seq in enumerate(batch):
+                    ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+                logits = self.model(
+                    input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)
+                ).logits
+                scores += logits[:, 0].float().tolist()
         broken = next((i for i, x in enumerate(scores) if not math.isfinite(x)), None)
         if broken is not None:  # a NaN would compare as a tie and skew every win rate silently
             raise JudgeError(f"the reward model scored reply {broken} as {scores[broken]}; check its weights and dtype")

