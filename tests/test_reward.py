@@ -75,3 +75,25 @@ def test_evaluate_reward_model_matches_hand_computed_metrics(trained, pairs):
     assert result["mean_margin"] == pytest.approx(sum(c - r for c, r in zip(chosen, rejected)) / len(chosen))
     with pytest.raises(ValueError):
         evaluate_reward_model(judge, [])
+
+
+def test_a_16_bit_backbone_trains_in_float32_and_is_saved_in_the_runs_dtype(tmp_path, pairs, monkeypatch):
+    """A bf16 checkpoint trained as stored would round most updates away (lr 1e-5 on weights near 1)."""
+    import torch
+    import trl
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    base = save_tiny(tmp_path / "base", vocabulary(), hidden=32, layers=2, heads=2)
+    AutoModelForCausalLM.from_pretrained(base).to(torch.bfloat16).save_pretrained(base)
+    trained_in = []
+    real = trl.RewardTrainer.__init__
+    monkeypatch.setattr(
+        trl.RewardTrainer,
+        "__init__",
+        lambda self, model, **kw: trained_in.append(model.dtype) or real(self, model, **kw),
+    )
+    train = {"max_steps": 2, "learning_rate": 1e-5, "per_device_train_batch_size": 4}
+    for dtype in ("float32", "bfloat16"):
+        train_reward_model(pairs[:8], str(base), tmp_path / dtype, train=train, dtype=dtype)
+        assert AutoModelForSequenceClassification.from_pretrained(tmp_path / dtype).dtype == getattr(torch, dtype)
+    assert trained_in == [torch.float32, torch.float32]

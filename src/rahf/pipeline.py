@@ -477,14 +477,15 @@ def _sft(cfg: RahfConfig, out: Path) -> dict:
 
 def _reward(cfg: RahfConfig, out: Path) -> dict:
     from .reward import resolve_backbone, train_reward_model
-    from .training import load_data, split_pairs
+    from .training import load_data, split_pairs, train_dtype
 
     step1, _ = split_pairs(cfg, load_data(cfg))
     backbone = resolve_backbone(cfg.reward.model, base_model_path(cfg))
     r = cfg.reward
     judge = train_reward_model(
-        step1, backbone, out, r.train, cfg.seed, cfg.trust_remote_code, r.max_length, cfg.revision_of(backbone)
-    )
+        step1, backbone, out, r.train, cfg.seed, cfg.trust_remote_code, r.max_length, cfg.revision_of(backbone),
+        cfg.dtype, train_dtype(cfg, full=True),
+    )  # fmt: skip
     stats: dict = {"n_pairs": len(step1), "backbone": backbone}
     if cfg.evaluate.pairs:  # how well it ranks held-out pairs, recorded in the manifest
         from .data import load_pairs

@@ -54,17 +54,21 @@ def train_reward_model(
     trust_remote_code: bool = False,
     max_length: int = 512,
     revision: str | None = None,
+    dtype: str = "float32",
+    train_dtype: str = "float32",
 ) -> RewardModelJudge:
     """Fine-tune `backbone` with a one-label head on `pairs` (Bradley-Terry loss), save it to `out`, return its judge.
 
     `backbone` is a path or Hub id (see `resolve_backbone`). `train` overrides RewardConfig fields (learning_rate,
-    num_train_epochs, per_device_train_batch_size, ...).
+    num_train_epochs, per_device_train_batch_size, ...). The weights train in `train_dtype` whatever the
+    checkpoint's own (float32 master weights: a bf16 checkpoint trained as stored would lose most updates, see
+    `rahf.training.train_dtype`), with bf16 autocast on CUDA when `dtype` is bfloat16, and are saved in `dtype`.
     """
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from .models import load_tokenizer
+    from .models import load_tokenizer, torch_dtype
 
     if not pairs:
         raise ValueError("train_reward_model needs at least one preference pair")
@@ -72,7 +76,7 @@ def train_reward_model(
     set_seed(seed)  # the new score head starts from a seeded random init
     tokenizer = load_tokenizer(backbone, trust_remote_code=trust_remote_code, revision=revision)
     model = AutoModelForSequenceClassification.from_pretrained(
-        backbone, num_labels=1, revision=revision, trust_remote_code=trust_remote_code
+        backbone, num_labels=1, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype(train_dtype)
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders find each text's last token by it
     judge = RewardModelJudge(model, tokenizer, max_length=max_length)
@@ -87,7 +91,7 @@ def train_reward_model(
         "report_to": "none",
         "save_strategy": "no",
         "use_cpu": not torch.cuda.is_available(),
-        "bf16": torch.cuda.is_available(),  # TRL's default bf16 autocast is slow and coarse on a CPU
+        "bf16": dtype == "bfloat16" and torch.cuda.is_available(),  # TRL's default bf16 is slow and coarse on a CPU
         "seed": seed,
         "data_seed": seed,
         "disable_tqdm": True,
@@ -97,7 +101,7 @@ def train_reward_model(
     trainer = RewardTrainer(model=model, args=RewardConfig(**values), train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # drop mixed-precision hooks
-    model.save_pretrained(out)
+    model.to(torch_dtype(dtype)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return RewardModelJudge(model, tokenizer, max_length=max_length)
 
