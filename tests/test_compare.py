@@ -135,7 +135,7 @@ def test_report_states_the_paired_standing_from_results(tmp_path):
     results = {"methods": ["hir", "rahf-scit"], "summary": summarize(runs), "paired": paired(runs), "runs": runs}
     report = write_report(results | {"seconds": 1.0}, tmp_path).read_text()
     assert "- rahf-scit vs hir: +0.080 (95% interval +0.026 to +0.134 over prompts: better)" in report
-    assert "| rahf-scit | 0.480 | 0.000 | 0.385-0.577 | 100 | 1 |" in report  # summary numbers, as in results.json
+    assert "| rahf-scit | 0.480 | - | 0.385-0.577 | 100 | 1 |" in report  # summary numbers, as in results.json
     assert results["summary"]["0"]["rahf-scit"]["ci95"] == [0.3846, 0.5768]
 
 

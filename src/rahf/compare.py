@@ -345,10 +345,11 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
             n = sum(m["win_rate"]["n"] for m in ms)
             pooled = sum(m["win_rate"]["win_rate"] * m["win_rate"]["n"] for m in ms) / n
             mean = sum(rates) / len(rates)
-            sd = math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1)) if len(rates) > 1 else 0.0
+            # the spread over seeds; none with one seed (0 would read as "no training variance")
+            sd = math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1)) if len(rates) > 1 else None
             row = {
                 "win_rate": round(mean, 4),
-                "seed_sd": round(sd, 4),
+                "seed_sd": None if sd is None else round(sd, 4),
                 "pooled_win_rate": round(pooled, 4),
                 "ci95": [round(x, 4) for x in _pooled_interval(ms, pooled, n)],
                 "n": n,

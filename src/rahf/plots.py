@@ -105,10 +105,10 @@ def reward_vs_temperature(
 def layer_strength(
     stats: Mapping[str, Mapping[int, float]],
     path: str | Path,
-    ylabel: str = "mean |v|",
+    ylabel: str = "mean ‖v‖ (L2 norm per token)",
     title: str = "Strength of the preference difference v per layer",
 ) -> Path:
-    """One line per method of a per-layer statistic (mean |v|, or |v| / |o|) against layer index.
+    """One line per method of a per-layer statistic (mean L2 norm of v per token, or ‖v‖ / ‖o‖) against layer index.
 
     `stats`: {method: {layer: value}}.
     """

@@ -166,7 +166,7 @@ def write_report(results: dict, out: Path) -> Path:
     if strength:
         plots.layer_strength(strength, out / "layer_strength.png")
         lines += ["## Strength of the preference difference v per layer (first run)", ""]
-        lines += ["| method | layer | mean abs v | mean abs o | abs v / abs o |", "|---|---|---|---|---|"]
+        lines += ["| method | layer | mean ‖v‖ per token | mean ‖o‖ per token | ‖v‖ / ‖o‖ |", "|---|---|---|---|---|"]
         for name, m in first["methods"].items():
             for layer, s in m.get("per_layer", {}).items():
                 lines.append(f"| {name} | {layer} | {s['v_norm']:.3f} | {s['o_norm']:.3f} | {s['v_over_o']:.3f} |")
