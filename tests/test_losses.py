@@ -256,3 +256,32 @@ def test_alignment_trains_the_base_without_dropout_but_keeps_loras():
     drops = [(n, m.p) for n, m in peft.named_modules() if isinstance(m, torch.nn.Dropout)]
     assert any("lora_dropout" in n for n, _ in drops)
     assert all(p == (0.1 if "lora_dropout" in n else 0.0) for n, p in drops)
+
+
+def test_dual_step1_defaults_are_the_authors_schedule_and_a_setting_overrides_them(
+    monkeypatch, tiny_model_dir, pairs_file, tmp_path
+):
+    """Two SFTs of 3 epochs with a cosine schedule (the authors' Dual step 1); `instruct.train` wins."""
+    from conftest import run_settings
+    from trl import SFTConfig
+
+    from rahf.config import load_config
+    from rahf.instruct import dual
+
+    made = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(cls, cfg, out, overrides, **defaults):
+        made.append(dual_training_args(cls, cfg, out, overrides, **defaults))
+        raise Captured
+
+    dual_training_args = dual.training_args
+    monkeypatch.setattr(dual, "training_args", capture)
+    for train, schedule in (({}, "cosine"), ({"lr_scheduler_type": "linear"}, "linear")):
+        settings = run_settings(tiny_model_dir, pairs_file, tmp_path, "dual", instruct__train=train)
+        with pytest.raises(Captured):
+            dual.train_dual(load_config(None, settings), str(tiny_model_dir), [], tmp_path)
+        assert isinstance(made[-1], SFTConfig) and made[-1].lr_scheduler_type.value == schedule
+        assert made[-1].num_train_epochs == 3

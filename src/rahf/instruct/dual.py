@@ -29,7 +29,12 @@ def train_dual(
     from peft import get_peft_model
     from trl import SFTConfig
 
-    defaults = {"learning_rate": step1_learning_rate(cfg.finetune), "num_train_epochs": 3, "max_length": None}
+    defaults = {  # the authors' two SFTs: 3 epochs, cosine schedule
+        "learning_rate": step1_learning_rate(cfg.finetune),
+        "num_train_epochs": 3,
+        "lr_scheduler_type": "cosine",
+        "max_length": None,
+    }
     revision = cfg.revision_of(base)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code, revision)
     check_eos_token(cfg.instruct.train.get("eos_token"), tokenizer, "instruct")
