@@ -336,7 +336,8 @@ def _pooled_interval(ms: list[dict], pooled: float, n: int) -> tuple[float, floa
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
-    """Per noise level and method: seed mean and spread of the win rate, pooled interval, other means."""
+    """Per noise level and method: seed mean and spread of the win rate, pooled interval, other means (unrounded:
+    a value rounded here and again in a table can read 0.001 off the same value shown elsewhere)."""
     summary: dict[str, dict[str, dict]] = {}
     for level, by_method in _by_level(runs).items():
         summary[level] = {}
@@ -348,26 +349,24 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
             # the spread over seeds; none with one seed (0 would read as "no training variance")
             sd = math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1)) if len(rates) > 1 else None
             row = {
-                "win_rate": round(mean, 4),
-                "seed_sd": None if sd is None else round(sd, 4),
-                "pooled_win_rate": round(pooled, 4),
-                "ci95": [round(x, 4) for x in _pooled_interval(ms, pooled, n)],
+                "win_rate": mean,
+                "seed_sd": sd,
+                "pooled_win_rate": pooled,
+                "ci95": list(_pooled_interval(ms, pooled, n)),
                 "n": n,
                 "seeds": len(ms),
             }
             for key in ("judge_score", "chosen_cross_entropy", "chosen_perplexity", "kl_per_token"):
                 values = [m[key] for m in ms if m.get(key) is not None]
                 if values:
-                    row[key] = round(sum(values) / len(values), 4)
+                    row[key] = sum(values) / len(values)
             for key in ("likelihood_auc", "likelihood_accuracy"):
                 values = [m[key] for m in ms if m.get(key) is not None]
                 if values:
-                    row[key] = round(sum(values) / len(values), 4)
+                    row[key] = sum(values) / len(values)
             curves = [m["reward_by_temperature"] for m in ms if m.get("reward_by_temperature")]
             if curves:
-                row["reward_by_temperature"] = {
-                    t: round(sum(c[t]["mean"] for c in curves) / len(curves), 4) for t in curves[0]
-                }
+                row["reward_by_temperature"] = {t: sum(c[t]["mean"] for c in curves) / len(curves) for t in curves[0]}
             summary[level][name] = row
     return summary
 
@@ -402,10 +401,10 @@ def paired(runs: list[dict], targets: tuple[str, ...] = ("rahf-scit", "rahf-dual
                     else:
                         low = high = None
                     diff, over = per_seed[0], "prompts"
-                ci = None if low is None else [round(low, 4), round(high, 4)]
+                ci = None if low is None else [low, high]
                 rows[f"{a} vs {b}"] = {
-                    "diff": round(diff, 4),
-                    "per_seed": [round(d, 4) for d in per_seed],
+                    "diff": diff,
+                    "per_seed": list(per_seed),
                     "ci95": ci,
                     "over": over,
                 }
