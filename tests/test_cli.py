@@ -58,6 +58,21 @@ def test_bad_override_exits_2(tmp_path, tiny_model_dir, pairs_file, capsys):
     assert nothing_written(out)
 
 
+def test_overrides_may_follow_a_flag(tmp_path, tiny_model_dir, pairs_file, capsys):
+    """`rahf run c.yaml --force alpha=3` applies alpha=3 (argparse alone would refuse it); an unknown flag is refused."""
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\n")
+    assert main(["run", str(cfg), "--force", "alpha=inf"]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith("alpha:")
+    assert main(["instruct", str(cfg), "--method", "dual", "layers=[7]"]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith("layers:")
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(cfg), "--force", "alpha=1", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus\n" in capsys.readouterr().err
+    assert nothing_written(out)
+
+
 def test_missing_config_file_exits_2(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert one_line_error(capsys.readouterr().err).startswith("config file not found")

@@ -191,7 +191,15 @@ def _one_process(command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse ends CONFIG [key=value ...] at the first flag; overrides after it (`run c.yaml --force alpha=3`)
+    # come back unparsed and join the others
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        flags = [x for x in rest if x.startswith("-")] if hasattr(args, "items") else rest
+        if flags:
+            parser.error(f"unrecognized arguments: {' '.join(flags)}")
+        args.items += rest
     try:
         if args.func in (_cmd_stage, _cmd_run, _cmd_compare, _cmd_demo):
             _one_process(args.command)
