@@ -168,13 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="rahf-demo", help="output folder (default: rahf-demo)")
     d.add_argument("--quick", action="store_true", help="a smaller version for tests (about 2 minutes)")
     d.add_argument("--label-noise", type=float, default=0.0, help="fraction of training pairs with labels swapped")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="draws another task, model and training run (default: 0)")
     d.set_defaults(func=_cmd_demo)
 
     data = sub.add_parser("data", help="inspect preference data")
     dsub = data.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="format, number of pairs and problems of a data file")
-    dc.add_argument("path")
+    dc.add_argument("path", help="a JSONL(.gz), JSON(.gz) or parquet file, or a `datasets` save_to_disk folder")
     dc.add_argument("--format", default="auto", help="auto | trl-standard | trl-conversational | hh | ultrafeedback")
     dc.set_defaults(func=_cmd_data_check)
     return p
