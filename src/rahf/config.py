@@ -235,8 +235,8 @@ class RahfConfig:
     model: str = ""  # HF hub id or local folder of the (SFT) causal LM
     tokenizer: str | None = None  # defaults to `model`
     revision: str | None = None  # branch, tag or commit of a Hub `model` (and its tokenizer); null = default branch
-    # branch, tag or commit of any other Hub model this config names (reward.model, evaluate.judge_model,
-    # ppo.reward_model, generate.model), by its id: {OpenAssistant/reward-model-deberta-v3-large-v2: <commit>}
+    # branch, tag or commit of any other Hub model this config names (tokenizer, reward.model,
+    # evaluate.judge_model, ppo.reward_model, generate.model), by its id: {org/reward-model: <commit>}
     revisions: dict[str, str] = field(default_factory=dict)
     method: str = "scit"  # scit | dual | lorra, or a baseline: dpo | rlhf-ppo | sft | preferred-sft | hir
     output_dir: str = "runs/rahf"
