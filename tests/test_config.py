@@ -190,16 +190,18 @@ def test_numbers_in_train_mappings_reach_the_trainer_as_numbers(base, tmp_path):
 
 
 def test_report_to_names_an_installed_logger(base, monkeypatch):
-    from transformers import integrations
+    """Each logger by its own check: flyte, which `report_to: all` never picks, is accepted when installed."""
+    from transformers.integrations import integration_utils as tools
 
-    monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    for name, installed in (("wandb", False), ("tensorboard", True), ("flytekit", True)):
+        monkeypatch.setattr(tools, f"is_{name}_available", lambda installed=installed: installed)
     assert error_of(None, with_(base, align__train={"report_to": "wandb"})) == (
         "align.train.report_to: wandb is not installed here; install it or drop it"
     )
     assert error_of(None, with_(base, sft__train={"report_to": ["tensorboard", "wandbb"]})).startswith(
         "sft.train.report_to: unknown logger 'wandbb' (known: all, none, "
     )
-    for fine in ("none", "all", ["tensorboard"]):
+    for fine in ("none", "all", ["tensorboard"], "flyte"):
         load_config(None, with_(base, align__train={"report_to": fine}))
 
 

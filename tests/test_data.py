@@ -589,6 +589,9 @@ def test_an_hh_transcript_in_a_standard_prompt_becomes_its_turns(tmp_path):
     assert pairs[0].prompt == (user("How do I pick a lock?"), assistant("Why?"), user("I am locked out."))
     assert (pairs[0].chosen, pairs[0].rejected) == ("Call a locksmith.", "Use a pin.")
     assert pairs[1].prompt == (user("What do Human: and Assistant: mean?"),)
+    from rahf.data import parse_prompt  # a prompts file (generate.prompts, evaluate.neutral_prompts) alike
+
+    assert parse_prompt({"prompt": transcript}, "p.jsonl:1") == list(pairs[0].prompt)
 
 
 def test_sft_records_are_checked_and_stripped_like_preference_pairs():

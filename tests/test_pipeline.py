@@ -865,12 +865,28 @@ def test_model_folders_without_config_or_tokenizer_and_output_inside_the_model_a
     assert not (tmp_path / "out").exists()
 
 
-def test_a_model_that_cannot_be_read_stops_the_run_before_anything_is_written(pairs_file, tmp_path):
-    """A Hub id that is neither reachable nor cached (offline here), with no layers to check at load time."""
-    cfg = load_config(None, run_settings("nobody/no-such-model", pairs_file, tmp_path / "out", "dpo", layers=None))
+def test_a_model_that_cannot_be_read_stops_the_run_before_anything_is_written(pairs_file, tmp_path, tiny_model_dir):
+    """A Hub id that is neither reachable nor cached (offline here), with no layers to check at load time; a stage
+    that does not read `model` (generate with its own model, a reward model on another backbone) still runs."""
+    settings = run_settings("nobody/no-such-model", pairs_file, tmp_path / "out", "dpo", layers=None)
     with pytest.raises(ConfigError, match=r"^model: cannot read the config of 'nobody/no-such-model'"):
-        pipeline.preflight(cfg)
+        pipeline.preflight(load_config(None, settings))
     assert not (tmp_path / "out").exists()
+    own = {"model": str(tiny_model_dir), "prompts": str(pairs_file)}
+    pipeline.preflight(load_config(None, settings | {"stages": [], "generate": own}), "generate")
+    backbone = load_config(None, settings | {"stages": ["reward"], "reward": {"model": str(tiny_model_dir)}})
+    pipeline.preflight(backbone)
+
+
+def test_the_prompt_budget_is_checked_only_for_stages_that_fit_prompts_with_this_runs_tokenizer(
+    pairs_file, tmp_path, tiny_model_dir
+):
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "dpo", data__max_prompt_length=2)
+    with pytest.raises(ConfigError, match="data.max_prompt_length=2 leaves no room for the query"):
+        pipeline.preflight(load_config(None, settings))
+    pipeline.preflight(load_config(None, settings | {"stages": ["reward"]}))  # the reward model reads whole texts
+    own = {"model": str(tiny_model_dir), "prompts": str(pairs_file)}  # its own tokenizer, checked as it loads
+    pipeline.preflight(load_config(None, settings | {"stages": [], "generate": own}), "generate")
 
 
 def test_leftovers_of_a_killed_stage_are_removed_and_a_running_ones_kept(tmp_path, capsys):
@@ -883,6 +899,18 @@ def test_leftovers_of_a_killed_stage_are_removed_and_a_running_ones_kept(tmp_pat
         pass
     assert not dead.exists() and live.exists() and other.exists() and (tmp_path / "collect" / MANIFEST).is_file()
     assert "left by an interrupted run" in capsys.readouterr().out
+
+
+def test_the_reward_model_trains_on_one_device_when_several_gpus_are_visible(tmp_path, tiny_model_dir, monkeypatch):
+    """TRL's RewardTrainer refuses nn.DataParallel, which the Trainer would use for every visible GPU."""
+    from rahf.reward import train_reward_model
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    pairs = [PreferencePair(({"role": "user", "content": r["prompt"]},), r["chosen"], r["rejected"], "t") for r in
+             standard_records(4, seed=0)]  # fmt: skip
+    train = {"use_cpu": False, "max_steps": 1, "per_device_train_batch_size": 2}
+    train_reward_model(pairs, str(tiny_model_dir), tmp_path / "rm", train=train)
+    assert (tmp_path / "rm" / "config.json").is_file()
 
 
 def test_align_trains_on_one_device_when_several_gpus_are_visible(scit_run, tmp_path, monkeypatch):

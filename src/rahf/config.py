@@ -759,16 +759,19 @@ def _check_train(cfg: RahfConfig) -> None:
 def _check_report_to(section: str, value: str | list[str] | None) -> None:
     """Each logger `report_to` names must be installed: the Trainer would refuse it only once the earlier stages
     have trained."""
-    from transformers.integrations import get_available_reporting_integrations
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.integrations import integration_utils as tools
 
+    # each logger's own check (get_available_reporting_integrations lists what "all" picks: never flyte, nor
+    # azure_ml beside mlflow)
+    check = {"azure_ml": "azureml", "comet_ml": "comet", "flyte": "flytekit"}
     for name in [value] if isinstance(value, str) else value or []:
         if name in ("all", "none"):
             continue
-        if name not in INTEGRATION_TO_CALLBACK:
-            known = ", ".join(["all", "none", *INTEGRATION_TO_CALLBACK])
+        if name not in tools.INTEGRATION_TO_CALLBACK:
+            known = ", ".join(["all", "none", *tools.INTEGRATION_TO_CALLBACK])
             raise ConfigError(f"{section}.train.report_to: unknown logger {name!r} (known: {known})")
-        if name not in get_available_reporting_integrations():
+        available = getattr(tools, f"is_{check.get(name, name)}_available", None)
+        if available is not None and not available():
             raise ConfigError(f"{section}.train.report_to: {name} is not installed here; install it or drop it")
 
 

@@ -187,7 +187,7 @@ def parse_prompt(record: object, src: str) -> list[Message]:
     if not isinstance(prompt, (str, list)) or not prompt:
         raise _error(src, fmt, "field 'prompt' must be a non-empty string or message list")
     if isinstance(prompt, str):
-        return [{"role": "user", "content": _no_surrogate(prompt, "field 'prompt'", src, fmt)}]
+        return list(_standard_prompt(_no_surrogate(prompt, "field 'prompt'", src, fmt), src, fmt))
     return list(_check_prompt(_messages(record, "prompt", src, fmt), "prompt", src, fmt))
 
 

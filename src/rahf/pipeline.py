@@ -24,7 +24,7 @@ from .artifacts import (
     read_manifest,
     redacted,
 )
-from .config import METHOD_STAGES, RahfConfig, resolved_layers
+from .config import METHOD_STAGES, RahfConfig, model_num_layers, resolved_layers
 from .errors import ConfigError, RahfError, UpstreamError
 
 FOLDERS = {
@@ -328,8 +328,12 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     from .training import load_data, split_pairs
 
     check_model_folders(cfg)
-    check_upstream(cfg, [stage] if stage else active_stages(cfg))
     stages = [*active_stages(cfg), *([stage] if stage else [])]
+    if any(s in stages for s in ("sft", "instruct", "collect", "align")) or (
+        "reward" in stages and cfg.reward.model is None
+    ):  # a stage that reads `model`'s config: a Hub id that cannot be read (misspelt, not cached offline) stops here
+        model_num_layers(cfg)
+    check_upstream(cfg, [stage] if stage else active_stages(cfg))
     sft = stage_dir(cfg, "sft")
     reads_base = any(s in stages for s in ("reward", "instruct")) or cfg.method in ("lorra", "sft")
     if "sft" not in stages and reads_base and (sft / MANIFEST).is_file():
@@ -350,7 +354,9 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
         sft_examples(cfg)
     if "generate" in stages and cfg.generate.prompts:
         read_prompts(cfg.generate.prompts)
-    if any(s != "merge" for s in stages):  # every other stage builds prompts
+    # the stages that fit prompts to data.max_prompt_length with this run's tokenizer (`generate.model` has its own)
+    fitting = [s for s in stages if s in ("sft", "instruct", "collect", "align", "evaluate")]
+    if fitting or ("generate" in stages and not cfg.generate.model):
         check_prompt_room(cfg, instructed=cfg.method in INSTRUCTED and any(s in stages for s in _PROMPTED))
     check_positions(cfg, stages)
 
@@ -361,8 +367,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def check_model_folders(cfg: RahfConfig) -> None:
     """Every local model folder the config names must hold a model config and tokenizer files (`tokenizer`: the
     tokenizer only; `model`: no tokenizer when `tokenizer` is set), and must not hold `output_dir` (the run's own
-    artifacts would change the model's fingerprint under it). `model` must be readable, also as a Hub id."""
-    from .config import MODEL_KEYS, get_dotted, model_num_layers
+    artifacts would change the model's fingerprint under it)."""
+    from .config import MODEL_KEYS, get_dotted
 
     out = Path(cfg.output_dir).resolve()
     for key in MODEL_KEYS:
@@ -382,7 +388,6 @@ def check_model_folders(cfg: RahfConfig) -> None:
                 f"{key}: {value} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...); save the "
                 "tokenizer there with tokenizer.save_pretrained" + (" or set tokenizer" if key == "model" else "")
             )
-    model_num_layers(cfg)  # a Hub id that cannot be read (misspelt, or not cached offline) stops the run here
 
 
 def check_upstream(cfg: RahfConfig, planned: list[str]) -> None:

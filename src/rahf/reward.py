@@ -69,6 +69,7 @@ def train_reward_model(
     from trl import RewardConfig, RewardTrainer
 
     from .models import load_tokenizer, torch_dtype
+    from .training import one_device
 
     if not pairs:
         raise ValueError("train_reward_model needs at least one preference pair")
@@ -98,7 +99,8 @@ def train_reward_model(
         "max_length": max_length,
     }
     values.update(train or {})
-    trainer = RewardTrainer(model=model, args=RewardConfig(**values), train_dataset=dataset, processing_class=tokenizer)
+    args = one_device(RewardConfig(**values))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # drop mixed-precision hooks
     model.to(torch_dtype(dtype)).save_pretrained(out)

@@ -30,9 +30,12 @@ def training_args(cls, cfg: RahfConfig, out: Path, overrides: dict[str, Any], **
     }
     values.update(defaults)
     values.update(train_arguments("train", overrides, cls))  # validated at load; here numbers are read as such
-    args = cls(**values)
-    # one process trains on one device: with several GPUs visible the Trainer would wrap the model in
-    # nn.DataParallel, which hides the decoder blocks the alignment loss reads (and splits nothing rahf needs)
+    return one_device(cls(**values))
+
+
+def one_device(args):
+    """`args` for one process on one device: with several GPUs visible the Trainer would wrap the model in
+    nn.DataParallel, which hides the decoder blocks the alignment loss reads (and TRL's RewardTrainer refuses)."""
     if args.n_gpu > 1:
         args._n_gpu = 1
     return args
