@@ -189,17 +189,12 @@ class RewardModelJudge:
             raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(responses)} responses")
         encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
         scores: list[float] = []
+        from .collect import pad_batch
+
         with torch.no_grad():
             for i in range(0, len(encoded), self.batch_size):
-                batch = encoded[i : i + self.batch_size]
-                ids = torch.full((len(batch), max(map(len, batch))), self.tokenizer.pad_token_id)
-                mask = torch.zeros_like(ids)
-                for row, seq in enumerate(batch):
-                    ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
-                logits = self.model(
-                    input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)
-                ).logits
-                scores += logits[:, 0].float().tolist()
+                ids, mask = pad_batch(encoded[i : i + self.batch_size], self.tokenizer.pad_token_id, self.model.device)
+                scores += self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
         broken = next((i for i, x in enumerate(scores) if not math.isfinite(x)), None)
         if broken is not None:  # a NaN would compare as a tie and skew every win rate silently
             raise JudgeError(f"the reward model scored reply {broken} as {scores[broken]}; check its weights and dtype")

@@ -369,11 +369,12 @@ def check_model_folders(cfg: RahfConfig) -> None:
     tokenizer only; `model`: no tokenizer when `tokenizer` is set), and must not hold `output_dir` (the run's own
     artifacts would change the model's fingerprint under it)."""
     from .config import MODEL_KEYS, get_dotted
+    from .reward import MINILM
 
     out = Path(cfg.output_dir).resolve()
     for key in MODEL_KEYS:
         value = get_dotted(cfg, key)
-        folder = Path(value).expanduser() if value and value != "minilm" else None
+        folder = Path(value).expanduser() if value and value != MINILM else None
         if folder is None or not folder.is_dir():
             continue  # a Hub id, or unset
         if out == folder.resolve() or folder.resolve() in out.parents:
