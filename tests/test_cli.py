@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import N_PAIRS, standard_records, write_jsonl
 
 from rahf.cli import main
@@ -430,3 +431,15 @@ def test_position_limit_is_the_configured_count_and_only_for_learned_tables():
     assert learned_position_limit(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=24)) == 24
     llama = LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2)
     assert learned_position_limit(llama) is None
+    # RoBERTa as a decoder numbers positions from padding_idx + 1: 20 rows read 18 tokens, not 20
+    from transformers import RobertaConfig, RobertaForCausalLM
+
+    roberta = RobertaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=20, pad_token_id=1, is_decoder=True,
+    )  # fmt: skip
+    assert learned_position_limit(roberta) == 18
+    model = RobertaForCausalLM(roberta).eval()
+    model(input_ids=torch.full((1, 18), 5))
+    with pytest.raises((IndexError, RuntimeError), match="out of"):
+        model(input_ids=torch.full((1, 19), 5))

@@ -63,16 +63,21 @@ def test_final_model_of_the_step1_baselines(scit_run, dual_run):
     assert pipeline.final_model(variant(dual_run, method="preferred-sft"))[1] == "preferred"
 
 
-def test_summarize_averages_seeds_and_pools_the_interval():
+def test_summarize_pools_the_seeds_verdicts_with_their_interval(tmp_path):
     def run(seed, rate, n):
         return {"noise": 0.0, "seed": seed, "methods": {"m": {"win_rate": {"win_rate": rate, "n": n}}}}
 
     s = summarize([run(0, 0.5, 100), run(1, 0.7, 300)])["0"]["m"]
-    assert s["win_rate"] == pytest.approx(0.6)
+    # the rate shown is the one its interval is about: all 400 verdicts pooled, not the seed mean 0.6, which
+    # lies outside Wilson(0.65, 400) = [0.602, 0.695]
+    assert s["win_rate"] == pytest.approx((50 + 210) / 400)
     assert s["seed_sd"] == pytest.approx(math.sqrt(0.02), abs=1e-4)  # sample sd of 0.5 and 0.7 (rounded)
-    assert s["pooled_win_rate"] == pytest.approx((50 + 210) / 400, abs=1e-4)
     assert s["n"] == 400 and s["seeds"] == 2
-    assert s["ci95"][0] < 0.65 < s["ci95"][1]
+    assert s["ci95"] == pytest.approx([0.6021, 0.6951], abs=1e-4)
+    summary = {"0": {"m": s}}  # the report and its bar plot take it (a mean outside its interval was refused)
+    runs = [_run(0, {"m": (0.5, None)}, n=100), _run(1, {"m": (0.7, None)}, n=300)]
+    write_report({"methods": ["m"], "summary": summary, "paired": paired(runs), "runs": runs, "seconds": 1}, tmp_path)
+    assert "| m | 0.650 | 0.141 | 0.602-0.695 | 400 | 2 |" in (tmp_path / "report.md").read_text()
 
 
 def _run(seed: int, methods: dict[str, tuple[float, list[float] | None]], n: int = 800) -> dict:
@@ -93,7 +98,7 @@ def test_summarize_counts_replies_to_one_prompt_as_correlated():
     # 4 prompts x 2 replies per seed, 2 seeds; every reply gets its prompt's verdict: n = 16 verdicts, 4 prompts
     pp = [1.0, 1.0, 0.0, 1.0]
     s = summarize([_run(0, {"m": (0.75, pp)}, n=8), _run(1, {"m": (0.75, pp)}, n=8)])["0"]["m"]
-    assert s["n"] == 16 and s["pooled_win_rate"] == 0.75
+    assert s["n"] == 16 and s["win_rate"] == 0.75
     assert s["ci95"] == pytest.approx(wilson_interval(0.75, 4))  # as wide as 4 verdicts, not 16
 
 
@@ -183,7 +188,10 @@ def compared(tmp_path_factory, tiny_model_dir):
             "validation": str(val),
             "layer_sets": [[1], [2]],
             "alphas": [1.0],
-            "overrides": {"dual": {"collect": {"difference": "normalized"}, "compare": {"alphas": [0.5, 2.0]}}},
+            "overrides": {
+                "dual": {"collect": {"difference": "normalized"}, "compare": {"alphas": [0.5, 2.0]}},
+                "scit": {"instructions": {"preferred": "be kind ."}},
+            },
         },
     }
     settings["align"]["train"]["max_steps"] = 3
@@ -224,6 +232,10 @@ def test_compare_shares_step1_models_and_chooses_on_validation(compared):
     first = results["runs"][0]["methods"]
     assert first["hir"]["model"] == first["rahf-scit"]["model"].replace("merged", "instruct")
     assert first["preferred-sft"]["adapter"] == "preferred"
+    # hir is prompted with the instruction its (SCIT step-1) model was trained with: scit's override
+    assert first["hir"]["system"] == "be kind ." and "system" not in first["rahf-scit"]
+    scit_manifest = json.loads((Path(first["hir"]["model"]) / "rahf_manifest.json").read_text())
+    assert scit_manifest["config"]["instructions"]["preferred"] == "be kind ."
     for name in ("rahf-scit", "rahf-dual", "lorra"):
         sel = first[name]["selection"]
         best = max(sel["sweep"], key=lambda r: r["val_win_rate"])
@@ -279,6 +291,13 @@ def test_reward_then_evaluate_from_the_command_line(tmp_path, tiny_model_dir, pa
     assert metrics["chosen_perplexity"] == pytest.approx(math.exp(metrics["chosen_cross_entropy"]))
     for key in ("pairwise_accuracy", "accuracy", "precision", "recall", "f1", "auc_roc"):
         assert 0 <= metrics["likelihood_classifier"]["log_likelihood"][key] <= 1
+    judged = tmp_path / "out" / "evaluation" / "generations.jsonl"  # the replies behind the win rate, exportable
+    assert [(r["index"], r["sample"]) for r in map(json.loads, judged.read_text().splitlines())] == [
+        (i, k) for i in range(6) for k in range(2)
+    ]
+    out = tmp_path / "model_outputs.json"
+    assert main(["export", str(judged), "--format", "alpaca-eval", "--out", str(out), "--sample", "1"]) == 0
+    assert len(json.loads(out.read_text())) == 6
 
 
 def test_compare_and_stage_errors_are_one_line_exit_2(tmp_path, tiny_model_dir, pairs_file, capsys):

@@ -34,6 +34,24 @@ def test_task_pairs_are_ordered_and_noise_flips_them():
     assert not test_prompts & {p["prompt"] for p in clean.pairs}
 
 
+def test_the_base_model_is_rebuilt_for_another_seed_or_scale_only(tmp_path):
+    """`rahf demo --seed 1` into a folder that holds seed 0's run trained on seed 0's random model."""
+    from rahf.demo.run import FULL, QUICK, base_model
+
+    path = tmp_path / "base"
+    weights = path / "model.safetensors"
+    base_model(path, QUICK, 0)
+    seed0, stamp = weights.read_bytes(), weights.stat().st_mtime_ns
+    base_model(path, QUICK, 0)
+    assert weights.stat().st_mtime_ns == stamp  # kept: the stages built on it stay fresh
+    base_model(path, QUICK, 1)
+    assert weights.read_bytes() != seed0
+    base_model(path, QUICK, 0)
+    assert weights.read_bytes() == seed0  # the same seed draws the same model
+    base_model(path, FULL, 0)
+    assert json.loads((path / "config.json").read_text())["hidden_size"] == FULL.hidden
+
+
 @pytest.mark.slow
 def test_quick_demo_writes_results_and_report(tmp_path):
     results = run_demo(tmp_path / "demo", quick=True)

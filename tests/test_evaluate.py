@@ -499,6 +499,12 @@ def test_evaluate_policy_scores_its_win_rate_replies_at_their_temperature(
     assert drawn_at == [1.0, 0.0, 0.5]  # the sweep draws again at 0 and 0.5 only
     replies = [json.loads(line)["response"] for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
     assert rewards.calls[-1][1] == replies
+    from rahf.export import read_generations  # the file is exportable: each reply numbered by prompt and sample
+
+    second = read_generations(tmp_path / "gen.jsonl", sample=1)
+    assert [(g["index"], g["prompt"], g["response"]) for g in second] == [
+        (i, list(p.prompt), replies[2 * i + 1]) for i, p in enumerate(pairs[:3])
+    ]
     assert out["reward_by_temperature"]["1.0"]["mean"] == pytest.approx(
         statistics.fmean(len(r.split()) for r in replies)
     )

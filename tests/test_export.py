@@ -11,6 +11,7 @@ import pytest
 from rahf import export
 from rahf.export import (
     lm_eval_command,
+    next_turn_prompts,
     read_generations,
     to_alpaca_eval,
     to_mt_bench,
@@ -92,7 +93,7 @@ def test_alpaca_eval_prompt_must_end_with_user():
 def test_mt_bench_exact_lines(generations_file: Path, tmp_path: Path):
     gens = read_generations(generations_file)
     out = tmp_path / "answers.jsonl"
-    write_mt_bench(out, gens, "rahf-dpo", question_ids=[81, 82], now=1700000000.5)
+    write_mt_bench(out, gens, "rahf-dpo", question_id_offset=81, now=1700000000.5)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     ids = [line["answer_id"] for line in lines]
     assert lines == [
@@ -124,13 +125,48 @@ def test_mt_bench_answer_id_deterministic(generations_file: Path):
     assert to_mt_bench(gens[:1], "other", now=1.0)[0]["answer_id"] != first[0]["answer_id"]
 
 
-def test_mt_bench_length_mismatch(generations_file: Path, tmp_path: Path):
-    gens = read_generations(generations_file)
-    with pytest.raises(ValueError, match="1 question ids for 2 generations"):
-        to_mt_bench(gens, "m", question_ids=[81])
-    with pytest.raises(ValueError, match="3 question ids for 2 generations"):
-        write_mt_bench(tmp_path / "a.jsonl", gens, "m", question_ids=[81, 82, 83])
-    assert not (tmp_path / "a.jsonl").exists()
+def test_mt_bench_joins_each_questions_turns_into_one_record(generations_file: Path, tmp_path: Path):
+    """FastChat's judge reads turns[1] of every MT-Bench answer: the second turn's reply, generated from a prompt
+    quoting the first turn and its reply, goes into the same record as that first turn."""
+    first = read_generations(generations_file)
+    follow = tmp_path / "turn2.jsonl"
+    follow.write_text("".join(json.dumps(r) + "\n" for r in next_turn_prompts(first, ["Another?", "And 3+3?"])))
+    assert json.loads(follow.read_text().splitlines()[1])["prompt"] == [
+        *PROMPTS[1], {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}
+    ]  # fmt: skip
+    second = [
+        {"index": i, "prompt": r["prompt"], "response": reply}
+        for i, (r, reply) in enumerate(zip(map(json.loads, follow.read_text().splitlines()), ["Blue.", "6"]))
+    ]
+    records = to_mt_bench(first + second[::-1], "m", question_id_offset=81, now=1.0)  # any order after turn 1
+    assert [(r["question_id"], r["choices"][0]["turns"]) for r in records] == [
+        (81, ["Red.", "Blue."]),
+        (82, ["4", "6"]),
+    ]
+    assert records[0]["answer_id"] != to_mt_bench(first, "m", 81, now=1.0)[0]["answer_id"]
+    with pytest.raises(ValueError, match="generation 1: its prompt continues a conversation \\(turn 2\\)"):
+        to_mt_bench(first[:1] + second, "m")  # question 82's first turn missing
+    stale = {**second[0], "prompt": [*PROMPTS[0], {"role": "assistant", "content": "Green."}, *PROMPTS[1]]}
+    with pytest.raises(ValueError, match="generation 0: .*earlier turns"):
+        to_mt_bench([*first, stale], "m")  # quotes a first reply the model did not give
+    with pytest.raises(ValueError, match="same question_id"):
+        to_mt_bench(first + first, "m")  # two first-turn files, both numbered from 0
+    with pytest.raises(ValueError, match="generation 0: .*user and assistant turns"):
+        to_mt_bench([{**first[0], "prompt": [*PROMPTS[0], *PROMPTS[1]]}], "m")
+    with pytest.raises(ValueError, match="1 next-turn questions for 2 generations"):
+        next_turn_prompts(first, ["x"])
+
+
+def test_files_with_several_replies_per_prompt_need_a_sample(tmp_path: Path):
+    """`rahf evaluate` writes evaluate.samples replies per prompt: one is chosen for export, never all of them."""
+    path = tmp_path / "gold.jsonl"
+    rows = [{"index": i // 2, "sample": i % 2, "prompt": PROMPTS[i // 2], "response": f"r{i}"} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="2 replies per prompt .*--sample K \\(0..1\\)"):
+        read_generations(path)
+    assert [g["response"] for g in read_generations(path, sample=1)] == ["r1", "r3"]
+    with pytest.raises(ValueError, match="no reply numbered sample 2"):
+        read_generations(path, sample=2)
 
 
 def test_atomic_write_leaves_no_temp_files(generations_file: Path, tmp_path: Path, monkeypatch):
@@ -178,6 +214,12 @@ def test_lm_eval_command_cpu_and_cuda():
     ]  # fmt: skip
 
 
+def test_lm_eval_refuses_a_path_with_a_comma():
+    """lm_eval splits --model_args at commas: `pretrained=runs/layers=8,10/merged` would not parse."""
+    with pytest.raises(ValueError, match="splits --model_args at commas"):
+        lm_eval_command("runs/layers=8,10/merged")
+
+
 def test_export_command_writes_files_and_prints_the_lm_eval_call(generations_file, tmp_path, tiny_model_dir, capsys):
     from rahf.cli import main
 
@@ -206,7 +248,18 @@ def test_export_command_multiturn_question_ids_and_missing_folder(tmp_path, caps
     assert main(["export", str(gens), "--format", "alpaca-eval", "--out", str(out), "--allow-multiturn"]) == 0
     assert json.loads(out.read_text())[0]["instruction"].startswith("Human: Hi\n\nAssistant: Hello!")
     answers = tmp_path / "m.jsonl"
-    assert main(["export", str(gens), "--format", "mt-bench", "--out", str(answers), "--question-id-offset", "81"]) == 0
+    assert main(["export", str(gens), "--format", "mt-bench", "--out", str(answers)]) == 2
+    assert "its prompt continues a conversation (turn 2)" in capsys.readouterr().err  # turn 1 not given
+    first = tmp_path / "turn1.jsonl"
+    first.write_text(json.dumps({"index": 0, "prompt": MULTITURN["prompt"][:1], "response": "Hello!"}) + "\n")
+    argv = ["export", str(first), str(gens), "--format", "mt-bench", "--out", str(answers)]
+    assert main([*argv, "--question-id-offset", "81"]) == 0
     assert json.loads(answers.read_text())["question_id"] == 81
+    assert json.loads(answers.read_text())["choices"] == [{"index": 0, "turns": ["Hello!", "No."]}]
+    assert "1 with 2 turn(s)" in capsys.readouterr().out
+    assert main(["export", str(first), "--format", "mt-bench", "--out", str(answers)]) == 0
+    assert "second turn" in capsys.readouterr().err  # one turn only: FastChat's turn-2 judgment would fail
+    assert main(["export", str(first), str(gens), "--format", "alpaca-eval", "--out", str(out)]) == 2
+    assert "several source files" in capsys.readouterr().err
     assert main(["export", str(gens), "--format", "mt-bench", "--out", str(tmp_path / "no" / "m.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -153,6 +153,58 @@ def test_generation_stops_at_the_chat_templates_end_of_turn(model, tokenizer):
     assert len(reply.split()) == 2 and "yellow" not in reply and len(steps) == 3
 
 
+def test_generation_stops_where_the_checkpoint_says_too(model, tokenizer):
+    """A checkpoint's generation config may list more stop tokens than EOS and the end of turn (Llama 3.1's
+    <|eom_id|>): `model.generate` and servers stop there, so the judged reply must end there too."""
+    extra, yellow = tokenizer.convert_tokens_to_ids("whatever"), tokenizer.convert_tokens_to_ids("yellow")
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, extra]
+    steps = []
+
+    def force(_module, _inputs, logits):  # step 2 emits the shipped stop token; anything after it "yellow"
+        steps.append(1)
+        logits[:, -1, extra if len(steps) == 2 else yellow] += 100.0
+        return logits
+
+    model.lm_head.register_forward_hook(force)
+    reply = generate(model, tokenizer, [PROMPT], max_new_tokens=6, temperature=0.0, progress=False)[0]
+    assert reply == "yellow" and len(steps) == 2  # the stop token ends the reply and is not part of it
+
+
+def test_special_tokens_the_model_emits_inside_a_reply_stay_in_its_text(model, tokenizer):
+    """A BOS or pad in the middle of a reply is a broken reply: the judge must see it, not a cleaned-up text."""
+    from rahf.demo.task import Fact, gold_score
+
+    words = "of course ! <s> it <pad> is yellow . hope this helps ! </s>".split()
+    plan = [tokenizer.convert_tokens_to_ids(w) for w in words]
+    steps = []
+
+    def force(_module, _inputs, logits):
+        logits[:, -1, plan[min(len(steps), len(plan) - 1)]] += 100.0
+        steps.append(1)
+        return logits
+
+    model.lm_head.register_forward_hook(force)
+    reply = generate(model, tokenizer, [PROMPT], max_new_tokens=20, temperature=0.0, progress=False)[0]
+    assert reply == "of course ! <s> it <pad> is yellow . hope this helps !"  # the closing </s> is not text
+    assert gold_score(Fact("mia", "banana"), reply) == -1  # malformed, where the cleaned text scored 4
+
+
+def test_a_saved_model_keeps_the_stop_tokens_it_shipped_with(model, tokenizer, tmp_path):
+    import copy
+
+    from transformers import GenerationConfig
+
+    from rahf.models import save_model
+
+    extra = tokenizer.convert_tokens_to_ids("whatever")
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, extra]
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }} <unk> {% endfor %}"
+    save_model(model, chat, tmp_path / "chat")
+    stops = GenerationConfig.from_pretrained(tmp_path / "chat").eos_token_id
+    assert stops == sorted([chat.eos_token_id, chat.unk_token_id, extra])
+
+
 def test_a_saved_model_lists_the_end_of_turn_among_its_stop_tokens(model, tokenizer, tmp_path):
     import copy
 

@@ -3,6 +3,8 @@ where checkpoints go, and trainer arguments that would otherwise be ignored or u
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import run_settings
@@ -165,3 +167,73 @@ def test_a_bfloat16_full_fine_tune_trains_float32_master_weights_and_saves_bfloa
     big = [k for k, v in before.items() if v.dim() == 2 and "embed" not in k]  # the blocks' matrices
     moved = sum((after[k] != before[k]).sum().item() for k in big) / sum(before[k].numel() for k in big)
     assert moved < 0.4 if pure else moved > 0.85, moved  # measured: 0.30 and 0.93
+
+
+def test_scit_trains_each_reply_under_its_own_instruction_with_the_configured_smoothing(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch
+):
+    """The chosen reply is the `match` of p+ and the rejected one of p-; the loss puts the matching instruction's
+    score first and uses `instruct.label_smoothing` (not the trainer's default, which equals the config's)."""
+    from transformers import Trainer
+
+    from rahf.instruct.scit import mean_response_logprob, scit_loss, train_scit
+    from rahf.models import load_tokenizer
+    from rahf.stimuli import build_variants
+    from rahf.training import load_data
+
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "scit", instruct__train=ONE_STEP, instruct__label_smoothing=0.35)
+    pairs = load_data(cfg)[:2]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    systems = {"pos": cfg.instructions.preferred, "neg": cfg.instructions.dispreferred}
+    seen = {}
+
+    def fake_train(self):  # what train_scit hands the Trainer, and its loss on one batch
+        seen["smoothing"] = self.label_smoothing
+        seen["examples"] = list(self.train_dataset)
+        batch = self.data_collator(seen["examples"])
+        with torch.no_grad():
+            seen["loss"] = self.compute_loss(self.model, batch).item()
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            lp = mean_response_logprob(logits, batch["input_ids"], batch["response_mask"])
+        seen["want"] = scit_loss(lp[:4], lp[4:], 0.35).mean().item()  # 2 pairs: 4 sequences per side
+        seen["swapped"] = scit_loss(lp[4:], lp[:4], 0.35).mean().item()
+        seen["default_eps"] = scit_loss(lp[:4], lp[4:], 0.2).mean().item()
+
+    monkeypatch.setattr(Trainer, "train", fake_train)
+    train_scit(cfg, str(tiny_model_dir), pairs, tmp_path / "out")
+    assert seen["smoothing"] == 0.35
+    for pair, (chosen, rejected) in zip(pairs, zip(seen["examples"][::2], seen["examples"][1::2])):
+        lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
+        y_plus = build_variants(tokenizer, pair.prompt, pair.chosen, systems, *lengths)
+        y_minus = build_variants(tokenizer, pair.prompt, pair.rejected, systems, *lengths)
+        assert (chosen["match"], chosen["other"]) == (y_plus["pos"], y_plus["neg"])
+        assert (rejected["match"], rejected["other"]) == (y_minus["neg"], y_minus["pos"])
+    assert seen["loss"] == pytest.approx(seen["want"], abs=1e-6)
+    # the untrained model scores a reply almost alike under both instructions, yet far beyond that tolerance
+    assert abs(seen["want"] - seen["swapped"]) > 1e-5 and abs(seen["want"] - seen["default_eps"]) > 1e-5
+
+
+def test_dual_trains_the_preferred_side_on_chosen_and_the_dispreferred_on_rejected_replies(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch
+):
+    from rahf.instruct import dual
+    from rahf.training import load_data
+
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "dual", instruct__train=ONE_STEP)
+    pairs = load_data(cfg)[:3]
+    trained_on = {}
+
+    def fake_train(model, tokenizer, data, args):  # the replies each side's SFT would learn
+        replies = []
+        for row in data:
+            start = next(i for i, t in enumerate(row["labels"]) if t != -100)
+            replies.append(tokenizer.decode(row["input_ids"][start:]))
+        trained_on[Path(args.output_dir).name] = replies
+        return model, []
+
+    monkeypatch.setattr(dual, "train_sft_model", fake_train)
+    dual.train_dual(cfg, str(tiny_model_dir), pairs, tmp_path / "out")
+    for side, reply in (("preferred", "chosen"), ("dispreferred", "rejected")):
+        assert len(trained_on[side]) == 3
+        for text, pair in zip(trained_on[side], pairs):
+            assert text.startswith(getattr(pair, reply)), (side, text)

@@ -56,6 +56,32 @@ def test_token_rewards_penalise_kl_and_add_the_score_at_the_last_token():
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 2.95], [-0.1, 0.05 - 1.0, 0.0]]))
 
 
+def test_clipped_policy_loss_takes_the_pessimistic_bound():
+    """clip 0.2; ratios 1.5, 0.5, 0.9 (log-probs against old ones of 0) with advantages 1, -1, 1; a padded token."""
+    new = torch.log(torch.tensor([[1.5, 0.5, 0.9, 50.0]]))
+    advantages = torch.tensor([[1.0, -1.0, 1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    loss, clipped = ppo.clipped_policy_loss(new, torch.zeros_like(new), advantages, mask, clip=0.2)
+    # token 1: max(-1.5, -1.2) = -1.2; token 2: max(0.5, 0.8) = 0.8; token 3: inside the clip, -0.9
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 0.9) / 3, abs=1e-6)
+    assert clipped.item() == pytest.approx(2 / 3)
+
+
+def test_clipped_value_loss_takes_the_larger_error():
+    """Old values 0, clip 0.2: new values 1 and -0.5 against returns 0.5 (kept: 0.2 and -0.2); a padded token."""
+    values, returns = torch.tensor([[1.0, -0.5, 3.0]]), torch.tensor([[0.5, 0.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss = ppo.clipped_value_loss(values, torch.zeros_like(values), returns, mask, clip=0.2)
+    # token 1: max(0.5^2, 0.3^2) = 0.25; token 2: max(1^2, 0.7^2) = 1
+    assert loss.item() == pytest.approx(0.5 * (0.25 + 1.0) / 2)
+
+
+def test_missing_eos_penalty_lowers_the_score_of_unfinished_replies_only():
+    scores, has_eos = torch.tensor([1.0, 2.0, -1.0]), torch.tensor([True, False, False])
+    torch.testing.assert_close(ppo.penalized_scores(scores, has_eos, 0.5), torch.tensor([1.0, 1.5, -1.5]))
+    assert ppo.penalized_scores(scores, has_eos, None) is scores
+
+
 def test_response_mask_keeps_tokens_up_to_the_first_stop_token():
     responses = torch.tensor([[5, 3, 3, 0], [5, 6, 7, 8], [3, 5, 3, 0], [5, 9, 3, 0]])
     assert ppo.response_mask(responses, [3]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]
@@ -156,6 +182,20 @@ def _logits(model, tokenizer) -> torch.Tensor:
     ids = tokenizer(["human : mia asks : what color is a banana ? assistant : it is yellow ."], return_tensors="pt")
     with torch.no_grad():
         return model(**ids.to(model.device)).logits
+
+
+def test_the_loop_rewards_the_penalized_score(tmp_path, monkeypatch, tiny_model_dir, pairs_file, reward_model_dir):
+    """With `missing_eos_penalty`, the per-token rewards carry each reply's score less the penalty when it has no
+    stop token (the random model's replies of at most 2 tokens hardly ever end)."""
+    rollouts, rewarded = [], []
+    rollout, token_rewards = ppo._rollout, ppo.token_rewards
+    monkeypatch.setattr(ppo, "_rollout", lambda *a: rollouts.append(rollout(*a)) or rollouts[-1])
+    monkeypatch.setattr(ppo, "token_rewards", lambda *a: rewarded.append(a[3]) or token_rewards(*a))
+    settings = PPO | {"steps": 1, "max_new_tokens": 2, "temperature": 1.0, "missing_eos_penalty": 4.0}
+    _train(tmp_path, monkeypatch, tiny_model_dir, pairs_file, reward_model_dir, **settings)
+    [r], [scores] = rollouts, rewarded
+    assert int(r["has_eos"].sum()) < len(scores)
+    torch.testing.assert_close(scores, r["scores"] - 4.0 * (~r["has_eos"]).float())
 
 
 def test_saved_lora_policy_reloads_with_the_trained_logits(lora_run, tiny_model_dir):

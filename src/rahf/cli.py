@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .errors import ConfigError, RahfError
@@ -86,24 +87,36 @@ def _cmd_export(args) -> None:
 
     from . import export
 
+    if len(args.source) > 1 and args.format != "mt-bench":
+        raise RahfError(
+            f"export: several source files are read only by --format mt-bench (one per turn), not {args.format}"
+        )
     if args.format == "lm-eval":
         from .models import default_device
 
-        if not (Path(args.source) / "config.json").is_file():
-            raise RahfError(f"{args.source}: not a model folder (no config.json); give a run's merged/ folder")
-        print(shlex.join(export.lm_eval_command(args.source, device=default_device())))
+        if not (Path(args.source[0]) / "config.json").is_file():
+            raise RahfError(f"{args.source[0]}: not a model folder (no config.json); give a run's merged/ folder")
+        print(shlex.join(export.lm_eval_command(args.source[0], device=default_device())))
         return
     if not args.out:
         raise RahfError(f"--out: required for --format {args.format} (the file to write)")
     if not Path(args.out).resolve().parent.is_dir():
         raise RahfError(f"--out: the folder {Path(args.out).resolve().parent} does not exist; create it first")
-    generations = export.read_generations(args.source)
+    generations = [g for source in args.source for g in export.read_generations(source, args.sample)]
     if args.format == "alpaca-eval":
         export.write_alpaca_eval(args.out, generations, args.name, args.allow_multiturn)
-    else:
-        ids = [g["index"] + args.question_id_offset for g in generations]
-        export.write_mt_bench(args.out, generations, args.name, ids)
-    print(f"wrote {len(generations)} {args.format} records to {args.out}")
+        print(f"wrote {len(generations)} alpaca-eval records to {args.out}")
+        return
+    records = export.write_mt_bench(args.out, generations, args.name, args.question_id_offset)
+    turns = Counter(len(r["choices"][0]["turns"]) for r in records)
+    counts = ", ".join(f"{n} with {t} turn(s)" for t, n in sorted(turns.items()))
+    print(f"wrote {len(records)} mt-bench records to {args.out} ({counts})")
+    if 1 in turns:
+        print(
+            "note: MT-Bench judges each question's second turn too and needs its reply: generate it from prompts "
+            "that hold the first turn and the reply (rahf.export.next_turn_prompts) and pass both files",
+            file=sys.stderr,
+        )
 
 
 def _cmd_data_check(args) -> None:
@@ -151,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_compare)
 
     e = sub.add_parser("export", help="generations for AlpacaEval or MT-Bench; the lm-evaluation-harness command")
-    e.add_argument("source", help="a `rahf generate` JSONL, or with --format lm-eval a merged model folder")
+    e.add_argument(
+        "source", nargs="+",
+        help="a `rahf generate` JSONL (mt-bench: one per turn, first turns first), or with --format lm-eval a merged "
+        "model folder",
+    )  # fmt: skip
     e.add_argument("--format", required=True, choices=("alpaca-eval", "mt-bench", "lm-eval"))
     e.add_argument("--out", help="file to write (alpaca-eval: model_outputs.json; mt-bench: <model_id>.jsonl)")
     e.add_argument("--name", default="rahf", help="generator / model id recorded in the records (default: rahf)")
@@ -160,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--question-id-offset", type=int, default=0,
-        help="mt-bench: question_id = generation index + this (MT-Bench numbers its questions from 81)",
+        help="mt-bench: question_id = the first turn's generation index + this (MT-Bench numbers its questions from 81)",
+    )  # fmt: skip
+    e.add_argument(
+        "--sample", type=int, default=None,
+        help="which reply of each prompt to export from a file with several (evaluate.samples > 1), from 0",
     )  # fmt: skip
     e.set_defaults(func=_cmd_export)
 

@@ -225,7 +225,7 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
             deployed[method] = (
                 Deployed(inst, "preferred", None)
                 if host == "dual"
-                else Deployed(inst, None, cfg.instructions.preferred)
+                else Deployed(inst, None, hcfg.instructions.preferred)  # the instruction it was trained with
             )
         elif method in ("dpo", "rlhf-ppo"):
             mcfg = method_cfg(method, ["instruct"])
@@ -261,7 +261,8 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
             base, model, tokenizer, pairs, judge, reward_judge=reward_judge, reference=reference, system=d.system,
             neutral_prompts=neutral, generations=run_dir / "generations" / f"{DISPLAY.get(method, method)}.jsonl",
         )  # fmt: skip
-        metrics[DISPLAY.get(method, method)] = m | extras.get(method, {}) | {"model": d.path, "adapter": d.adapter}
+        deployed_as = {"model": d.path, "adapter": d.adapter} | ({"system": d.system} if d.system else {})
+        metrics[DISPLAY.get(method, method)] = m | extras.get(method, {}) | deployed_as
         timings[f"evaluate {method}"] = round(time.time() - t, 1)
         name = DISPLAY.get(method, method)
         print(f"[compare] noise {noise:g} seed {seed} {name}: win rate {m['win_rate']['win_rate']:.3f}", flush=True)
@@ -336,8 +337,10 @@ def _pooled_interval(ms: list[dict], pooled: float, n: int) -> tuple[float, floa
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
-    """Per noise level and method: seed mean and spread of the win rate, pooled interval, other means (unrounded:
-    a value rounded here and again in a table can read 0.001 off the same value shown elsewhere)."""
+    """Per noise level and method: the win rate of all seeds' verdicts pooled (the seed mean when every seed
+    judged as many replies, as `run_compare`'s do) with its 95% interval, the spread over seeds, and the seed
+    means of the other measurements (unrounded: a value rounded here and again in a table can read 0.001 off
+    the same value shown elsewhere)."""
     summary: dict[str, dict[str, dict]] = {}
     for level, by_method in _by_level(runs).items():
         summary[level] = {}
@@ -345,13 +348,12 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
             rates = [m["win_rate"]["win_rate"] for m in ms]
             n = sum(m["win_rate"]["n"] for m in ms)
             pooled = sum(m["win_rate"]["win_rate"] * m["win_rate"]["n"] for m in ms) / n
-            mean = sum(rates) / len(rates)
+            mean = sum(rates) / len(rates)  # for the spread only: the rate shown is the one its interval is about
             # the spread over seeds; none with one seed (0 would read as "no training variance")
             sd = math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1)) if len(rates) > 1 else None
             row = {
-                "win_rate": mean,
+                "win_rate": pooled,
                 "seed_sd": sd,
-                "pooled_win_rate": pooled,
                 "ci95": list(_pooled_interval(ms, pooled, n)),
                 "n": n,
                 "seeds": len(ms),

@@ -418,7 +418,10 @@ def evaluate_policy(
     if generations is not None:
         path = Path(generations)
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [{"prompt": p, "response": r} for p, r in zip(prompts, replies)]
+        rows = [
+            {"index": i // e.samples, "sample": i % e.samples, "prompt": p, "response": r}
+            for i, (p, r) in enumerate(zip(prompts, replies))
+        ]  # the layout of `rahf generate`'s file, so `rahf export --sample K` reads it
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     if reward_judge is not None and e.temperatures:
         out["reward_by_temperature"] = reward_by_temperature(
@@ -482,8 +485,9 @@ def neutral_prompts(cfg, pairs: Sequence[PreferencePair]) -> list[list[Message]]
     return [list(p.prompt) for p in pairs]
 
 
-def evaluate_run(cfg) -> dict:
-    """`rahf evaluate`: the run's final model (as its method deploys it) measured on `evaluate.pairs`."""
+def evaluate_run(cfg, generations=None) -> dict:
+    """`rahf evaluate`: the run's final model (as its method deploys it) measured on `evaluate.pairs`; the
+    judged replies go to `generations` (a path) when given."""
     from .data import load_pairs
     from .models import load_tokenizer
     from .pipeline import base_model_path, final_model, stage_dir
@@ -500,4 +504,4 @@ def evaluate_run(cfg) -> dict:
     reference = load_stage_model(base_model_path(cfg), cfg) if cfg.method != "sft" else model
     pairs = load_pairs(e.pairs, limit=e.limit)[0]
     neutral = neutral_prompts(cfg, pairs)
-    return evaluate_policy(cfg, model, tokenizer, pairs, judge, reward_judge, reference, system, neutral)
+    return evaluate_policy(cfg, model, tokenizer, pairs, judge, reward_judge, reference, system, neutral, generations)

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Message
-from .stimuli import prompt_ids, stop_ids
+from .models import reply_stop_ids
+from .stimuli import prompt_ids
 
 # Logits processors a checkpoint's generation_config would add (Qwen2.5-Instruct ships repetition_penalty 1.05,
 # top_k 20), and transformers' own top_k=50 default: all off, so a reply comes from the model's own distribution.
@@ -81,7 +82,7 @@ def sample_ids(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     out: list[list[int]] = [[] for _ in encoded]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = stop_ids(tokenizer)
+    stops = reply_stop_ids(model, tokenizer)
     model.eval()
     for b0 in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         idx = order[b0 : b0 + batch_size]
@@ -124,7 +125,17 @@ def generate(
     """One response per prompt; `system` prepends an instruction (e.g. for HIR)."""
     encoded = [prompt_ids(tokenizer, p, max_prompt_length, system) for p in prompts]
     replies = sample_ids(model, tokenizer, encoded, max_new_tokens, temperature, top_p, batch_size, seed, progress)
-    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
+    stops = reply_stop_ids(model, tokenizer)
+    return [reply_text(tokenizer, r, stops) for r in replies]
+
+
+def reply_text(tokenizer, ids: Sequence[int], stops: Sequence[int]) -> str:
+    """A reply's text without the stop token that ends it. Special tokens the model emitted inside the reply
+    (a BOS, a pad, a turn marker) stay in the text, so a judge sees the reply as it was generated."""
+    ids = list(ids)
+    if ids and ids[-1] in stops:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=False).strip()
 
 
 def read_prompts(path: str | Path) -> list[list[Message]]:

@@ -60,18 +60,29 @@ def load_model(
     return model
 
 
+def reply_stop_ids(model, tokenizer) -> list[int]:
+    """Tokens that end a reply: the tokenizer's EOS and end-of-turn token (`stop_ids`) and every stop token the
+    checkpoint's generation config lists (Llama 3.1's `<|eom_id|>`, Phi-3.5's three), where `generate` and servers
+    stop too, so replies are judged as they are deployed."""
+    generation = getattr(model, "generation_config", None)
+    shipped = getattr(generation, "eos_token_id", None)
+    shipped = [] if shipped is None else [shipped] if isinstance(shipped, int) else list(shipped)
+    return sorted(set(stop_ids(tokenizer)) | set(shipped))
+
+
 def save_model(model, tokenizer, out, dtype: str | None = None) -> None:
     """Save a model (or adapter) and its tokenizer in HF format; plain generation stops where replies end.
 
-    When the chat template closes turns with a token other than EOS, the saved generation config lists both,
-    so `generate` (and servers reading generation_config.json) stop at the end of the turn it was trained on.
+    When the chat template closes turns with a token other than EOS, the saved generation config lists both (with
+    the stop tokens it listed before), so `generate` (and servers reading generation_config.json) stop at the end
+    of the turn it was trained on.
     Sampling flags a checkpoint ships without `do_sample` (temperature 0.6, ...) are saved back as shipped:
     transformers refuses to save such a config once anything in it changed, as the stop tokens (or a
     trainer's pad token) just did. `dtype` casts the weights first (float32 master weights saved as trained for).
     """
     if dtype is not None:
         model.to(torch_dtype(dtype))
-    stops = stop_ids(tokenizer)
+    stops = reply_stop_ids(model, tokenizer)
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         if len(stops) > 1:
@@ -94,15 +105,17 @@ def learned_position_limit(config, trust_remote_code: bool = False) -> int | Non
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     words = model.get_input_embeddings()
+    # RoBERTa-family tables number positions from padding_idx + 1, so that many rows are never read
     tables = [
-        m.num_embeddings
+        m.num_embeddings - (0 if m.padding_idx is None else m.padding_idx + 1)
         for name, m in model.named_modules()
         if isinstance(m, nn.Embedding) and m is not words and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
     ]
     if not tables:
         return None
-    # OPT and BioGPT offset positions by 2, so the configured count, not the table's rows, is the limit
-    return getattr(config.get_text_config(decoder=True), "max_position_embeddings", None) or min(tables)
+    # OPT and BioGPT offset positions by 2 in a table 2 rows longer, so there the configured count is the limit
+    configured = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+    return min([*tables, configured] if configured else tables)
 
 
 def num_layers(config) -> int:

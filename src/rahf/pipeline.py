@@ -591,7 +591,7 @@ def _evaluate(cfg: RahfConfig, out: Path) -> dict:
 
     from .evaluate import evaluate_run
 
-    metrics = evaluate_run(cfg)
+    metrics = evaluate_run(cfg, generations=out / "generations.jsonl")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return {"win_rate": metrics.get("win_rate", {}).get("win_rate")}
 

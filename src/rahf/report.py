@@ -12,9 +12,9 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def win_rate_table(summary: dict[str, dict]) -> list[str]:
-    """Win rate against the chosen responses: seed mean, seed spread, pooled 95% interval."""
+    """Win rate against the chosen responses: all seeds' verdicts pooled, with its 95% interval and the seed spread."""
     lines = [
-        "| method | win rate (seed mean) | seed sd | pooled 95% interval | n | seeds |",
+        "| method | win rate (seeds pooled) | seed sd | 95% interval | n | seeds |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in summary.items():
@@ -113,8 +113,9 @@ def write_report(results: dict, out: Path) -> Path:
         ),
         "Win rate = the judge's verdict of each sampled response against the pair's chosen response, ties half.",
         (
-            "Pooled 95% interval = Wilson interval of all seeds' verdicts, with the replies to one prompt counted as "
-            "correlated (effective sample size from the design effect); the seed sd shows training randomness."
+            "The win rate and its 95% interval pool all seeds' verdicts (Wilson interval, with the replies to one "
+            "prompt counted as correlated: effective sample size from the design effect); the seed sd shows "
+            "training randomness."
         ),
         "",
         f"## Win rate against the chosen responses (label noise {base_level})",
@@ -156,7 +157,7 @@ def write_report(results: dict, out: Path) -> Path:
             for name in main
         }
         plots.noise_sweep(rows, out / "noise_sweep.png")
-        lines += ["## Label noise", "", "Win rate (seed mean) with a fraction p of training pairs flipped.", ""]
+        lines += ["## Label noise", "", "Win rate (seeds pooled) with a fraction p of training pairs flipped.", ""]
         lines += [*noise_table(summary), "", "![noise](noise_sweep.png)", ""]
     strength = {
         name: {int(layer): s["v_norm"] for layer, s in m["per_layer"].items()}

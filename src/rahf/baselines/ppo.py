@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from ..config import RahfConfig
 from ..data import Message
 from ..errors import DataError
-from ..generate import decoding
+from ..generate import decoding, reply_text
 from ..judges import RewardModelJudge
-from ..models import load_model, load_tokenizer, save_model
-from ..stimuli import prompt_ids, stop_ids
+from ..models import load_model, load_tokenizer, reply_stop_ids, save_model
+from ..stimuli import prompt_ids
 from ..training import lora_config, train_dtype
 
 
@@ -54,6 +54,29 @@ def token_rewards(
     last = mask.sum(1).long() - 1
     rewards[torch.arange(len(rewards), device=rewards.device), last] += scores
     return rewards
+
+
+def penalized_scores(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Reward-model scores less `penalty` for each response that ran out of tokens before its stop token."""
+    return scores if penalty is None else scores - penalty * (~has_eos).float()
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's pessimistic surrogate, mean over response tokens, and the share of tokens where the clip binds."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    losses = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    return masked_mean(torch.max(losses, clipped), mask), masked_mean((clipped > losses).float(), mask)
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> torch.Tensor:
+    """Half the larger of the squared errors of the new values and of the values kept within `clip` of the old."""
+    kept = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (kept - returns) ** 2), mask)
 
 
 def gae(
@@ -139,7 +162,7 @@ def _rollout(
     cfg: RahfConfig,
 ) -> dict:
     """Sample, score and evaluate one batch of prompts: the tensors a PPO step needs."""
-    s, device, stops = cfg.ppo, next(policy.parameters()).device, stop_ids(tokenizer)
+    s, device, stops = cfg.ppo, next(policy.parameters()).device, reply_stop_ids(policy, tokenizer)
     ids, attn = _left_pad(encoded, tokenizer.pad_token_id)
     ids, attn, start = ids.to(device), attn.to(device), ids.shape[1]
     chunks = []
@@ -157,7 +180,7 @@ def _rollout(
     mask = response_mask(responses, stops)
     width = int(mask.sum(1).max())  # drop the columns that are padding in every response
     responses, mask = responses[:, :width], mask[:, :width]
-    texts = [tokenizer.decode(r[m > 0], skip_special_tokens=True).strip() for r, m in zip(responses, mask)]
+    texts = [reply_text(tokenizer, r[m > 0].tolist(), stops) for r, m in zip(responses, mask)]  # as evaluated
     scores = torch.tensor(judge.score_many(prompts, texts), device=device)
     has_eos = (torch.isin(responses, torch.tensor(stops, device=device)) & (mask > 0)).any(1)
 
@@ -208,9 +231,7 @@ def ppo_loop(
         idx = next(batches)
         r = _rollout(policy, ref, head, tokenizer, judge, [prompts[i] for i in idx], [encoded[i] for i in idx], cfg)
         mask = r["mask"]
-        scores = r["scores"]
-        if s.missing_eos_penalty is not None:
-            scores = scores - s.missing_eos_penalty * (~r["has_eos"]).float()
+        scores = penalized_scores(r["scores"], r["has_eos"], s.missing_eos_penalty)
         rewards = token_rewards(r["logprobs"], r["ref_logprobs"], mask, scores, s.kl_coef)
         advantages, returns = gae(rewards, r["values"], mask, s.gamma, s.lam)
         advantages = whiten(advantages, mask)
@@ -220,20 +241,16 @@ def ppo_loop(
             for mb in torch.randperm(len(mask), device=device).split(s.minibatch_size):
                 m = mask[mb]
                 logprobs, values = forward(policy, head, r["ids"][mb], r["attn"][mb], r["start"], s.temperature)
-                ratio = torch.exp(logprobs - r["logprobs"][mb])
-                pg_losses = -advantages[mb] * ratio
-                pg_clipped = -advantages[mb] * ratio.clamp(1 - s.clip_range, 1 + s.clip_range)
-                policy_loss = masked_mean(torch.max(pg_losses, pg_clipped), m)
-                old_values = r["values"][mb]
-                values_clipped = old_values + (values - old_values).clamp(-s.clip_range_value, s.clip_range_value)
-                value_losses = torch.max((values - returns[mb]) ** 2, (values_clipped - returns[mb]) ** 2)
-                value_loss = 0.5 * masked_mean(value_losses, m)
+                policy_loss, clip_fraction = clipped_policy_loss(
+                    logprobs, r["logprobs"][mb], advantages[mb], m, s.clip_range
+                )
+                value_loss = clipped_value_loss(values, r["values"][mb], returns[mb], m, s.clip_range_value)
                 optimizer.zero_grad()
                 (policy_loss + s.vf_coef * value_loss).backward()
                 optimizer.step()
                 stats["policy_loss"].append(policy_loss.item())
                 stats["value_loss"].append(value_loss.item())
-                stats["clip_fraction"].append(masked_mean((pg_clipped > pg_losses).float(), m).item())
+                stats["clip_fraction"].append(clip_fraction.item())
 
         entry = {
             "step": step,

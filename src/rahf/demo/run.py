@@ -12,6 +12,7 @@ label-noise sweep (`rahf compare DIR/compare.yaml`).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,19 @@ def _gold_extras(generations: Path, items: list[dict], samples: int) -> dict:
     }
 
 
+def base_model(path: Path, scale: Scale, seed: int) -> Path:
+    """The demo's random tiny model at `path`, built again when the folder holds one of another seed or scale
+    (another `--seed` or `--quick` into the same `--out`); kept otherwise, so a rerun's stages stay fresh."""
+    built = {"seed": seed, "hidden": scale.hidden, "layers": scale.n_layers, "heads": 4}
+    stamp = path / "demo_base.json"
+    if (path / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == built:
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    save_tiny(path, vocabulary(), hidden=scale.hidden, layers=scale.n_layers, heads=4, seed=seed)
+    stamp.write_text(json.dumps(built))
+    return path
+
+
 def run_demo(out: Path, quick: bool = False, label_noise: float = 0.0, seed: int = 0) -> dict:
     """Run the demo into `out`; writes report.md, results.json and compare.yaml and returns the results."""
     from ..compare import run_compare
@@ -176,8 +190,7 @@ def run_demo(out: Path, quick: bool = False, label_noise: float = 0.0, seed: int
     _write_jsonl(data_dir / "pairs.jsonl", [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in task.pairs])
     for name, items in (("validation", task.validation), ("test", task.test)):
         _write_jsonl(data_dir / f"{name}.jsonl", [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in items])
-    if not (out / "base" / "config.json").is_file():
-        save_tiny(out / "base", vocabulary(), hidden=scale.hidden, layers=scale.n_layers, heads=4, seed=seed)
+    base_model(out / "base", scale, seed)
     settings = demo_config(out, data_dir, scale, seed, label_noise)
     sweep = demo_config(out / "compare", data_dir, scale, 0, 0.0)
     sweep["model"] = str(out / "base")
