@@ -443,3 +443,23 @@ def test_position_limit_is_the_configured_count_and_only_for_learned_tables():
     model(input_ids=torch.full((1, 18), 5))
     with pytest.raises((IndexError, RuntimeError), match="out of"):
         model(input_ids=torch.full((1, 19), 5))
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_half_written_stage(
+    tmp_path, tiny_model_dir, pairs_file, capsys, monkeypatch
+):
+    from rahf import pipeline
+    from rahf.cli import main
+
+    def interrupted(cfg, tmp):
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(pipeline._STAGES, "sft", interrupted)
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\nmethod: sft\n")
+    assert main(["sft", str(cfg)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "rahf: interrupted; the stage that was running left nothing behind"
+    assert nothing_written(out)

@@ -146,6 +146,22 @@ def test_report_states_the_paired_standing_from_results(tmp_path):
     assert results["summary"]["0"]["rahf-scit"]["ci95"] == pytest.approx([0.3846, 0.5768], abs=1e-4)
 
 
+def test_report_sections_about_one_run_show_the_main_tables_noise_level(tmp_path):
+    """With `label_noise: [0.4, 0]` the first run is a noisy one; the per-run sections show noise 0's and say so."""
+
+    def run(noise, alpha):
+        r = _run(0, {"rahf-scit": (0.5, None)}, n=100) | {"noise": noise}
+        sweep = [{"layers": [2], "alpha": alpha, "val_win_rate": 0.5, "final_loss": 0.1}]
+        r["methods"]["rahf-scit"]["selection"] = {"layers": [2], "alpha": alpha, "sweep": sweep}
+        return r
+
+    runs = [run(0.4, 9.0), run(0.0, 3.0)]
+    results = {"methods": ["rahf-scit"], "summary": summarize(runs), "paired": paired(runs), "runs": runs}
+    report = write_report(results | {"seconds": 1}, tmp_path).read_text()
+    assert "## Layers and alpha chosen on validation pairs (noise 0, seed 0)" in report
+    assert "| rahf-scit | [2] | 3.0 |" in report and "| 9.0 |" not in report
+
+
 def test_report_shows_how_many_llm_judge_replies_had_no_verdict(tmp_path):
     runs = [_run(s, {"rahf-scit": (0.5, None), "hir": (0.4, None)}, n=100) for s in (0, 1)]
     for run, unparsed in zip(runs, (3, 4)):
@@ -268,7 +284,7 @@ def _yaml(path, mapping) -> str:
     return str(path)
 
 
-def test_reward_then_evaluate_from_the_command_line(tmp_path, tiny_model_dir, pairs_file):
+def test_reward_then_evaluate_from_the_command_line(tmp_path, tiny_model_dir, pairs_file, capsys):
     """`rahf reward` then `rahf evaluate` with the reward-model judge: metrics.json holds every measurement."""
     from rahf.cli import main
 
@@ -283,8 +299,12 @@ def test_reward_then_evaluate_from_the_command_line(tmp_path, tiny_model_dir, pa
     assert main(["reward", cfg]) == 0
     heldout = json.loads((tmp_path / "out" / "reward" / "rahf_manifest.json").read_text())["heldout"]
     assert 0 <= heldout["pairwise_accuracy"] <= 1 and 0 <= heldout["auc_roc"] <= 1
+    capsys.readouterr()
     assert main(["evaluate", cfg]) == 0
     metrics = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
+    w = metrics["win_rate"]
+    summary = f"evaluate (reward-model judge): win rate {w['win_rate']:.3f} (95% interval {w['ci95'][0]:.3f}-"
+    assert summary in capsys.readouterr().out
     assert metrics["win_rate"]["n"] == 12 and 0 <= metrics["win_rate"]["win_rate"] <= 1
     assert set(metrics["reward_by_temperature"]) == {"0.0", "0.5"}
     assert metrics["kl_per_token"] == pytest.approx(0.0, abs=1e-6)  # sft is its own reference
@@ -298,6 +318,56 @@ def test_reward_then_evaluate_from_the_command_line(tmp_path, tiny_model_dir, pa
     out = tmp_path / "model_outputs.json"
     assert main(["export", str(judged), "--format", "alpaca-eval", "--out", str(out), "--sample", "1"]) == 0
     assert len(json.loads(out.read_text())) == 6
+
+
+def test_a_judge_that_cannot_judge_stops_the_run_before_training(
+    tmp_path, tiny_model_dir, pairs_file, tokenizer, capsys, monkeypatch
+):
+    """An outside judge that is no reward model, a gold judge on other questions, an LLM judge of OpenAI's API
+    without a key: one line and exit 2 before any stage runs, for `rahf run` and `rahf compare` alike."""
+    from rahf.cli import main
+
+    other = write_jsonl(tmp_path / "hh.jsonl", [{"prompt": "how do I bake bread?", "chosen": "a", "rejected": "b"}])
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit") | {
+        "stages": ["instruct", "collect", "align", "merge", "evaluate"]
+    }
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cases = [
+        ({"judge_model": str(tiny_model_dir)}, "evaluate.judge_model: ", "is not a reward model"),
+        ({"judge_model": "nobody/no-such-model"}, "evaluate.judge_model: cannot read the config", ""),
+        (
+            {"judge": "gold", "pairs": str(other)},
+            "evaluate.judge: gold judges only the built-in demo task",
+            "hh.jsonl:1",
+        ),
+        ({"judge": "llm"}, "evaluate.llm.api_key_env: $OPENAI_API_KEY is not set", ""),
+    ]
+    for i, (evaluate, message, detail) in enumerate(cases):
+        config = _yaml(tmp_path / f"{i}.yaml", settings | {"evaluate": {"pairs": str(pairs_file)} | evaluate})
+        for command in ("run", "compare"):
+            assert main([command, config]) == 2, (command, evaluate)
+            err = capsys.readouterr().err.strip()
+            assert message in err and detail in err and len(err.splitlines()) == 1, err
+            assert not (tmp_path / "out").exists()
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    scorer = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1, architectures=None)
+    reward_model_dir = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_config(scorer).save_pretrained(reward_model_dir)
+    tokenizer.save_pretrained(reward_model_dir)
+    ppo = settings | {"method": "rlhf-ppo", "stages": ["instruct"], "ppo": {"reward_model": str(tiny_model_dir)}}
+    assert main(["run", _yaml(tmp_path / "ppo.yaml", ppo)]) == 2
+    assert "ppo.reward_model: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+    ok = {"judge_model": str(reward_model_dir), "judge": "reward-model", "pairs": str(pairs_file)}
+    from rahf.config import load_config
+    from rahf.evaluate import check_judge
+
+    check_judge(load_config(None, settings | {"evaluate": ok}), [str(pairs_file)])  # a reward model passes
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    check_judge(load_config(None, settings | {"evaluate": {"judge": "llm", "pairs": str(pairs_file)}}), [])
+    local = {"judge": "llm", "pairs": str(pairs_file), "llm": {"base_url": "http://localhost:8000/v1"}}
+    monkeypatch.delenv("OPENAI_API_KEY")
+    check_judge(load_config(None, settings | {"evaluate": local}), [str(pairs_file)])  # a local server: no key
 
 
 def test_compare_and_stage_errors_are_one_line_exit_2(tmp_path, tiny_model_dir, pairs_file, capsys):
@@ -351,4 +421,5 @@ def test_rlhf_ppo_run_trains_its_reward_model_first(tmp_path, tiny_model_dir, pa
     assert pipeline.final_model(cfg) == (str(tmp_path / "out" / "instruct"), None, None)
     pipeline.run(load_config(None, settings | {"reward": {"max_length": 40, "train": train}}))
     out = capsys.readouterr().out
-    assert "reward: inputs changed" in out and "instruct: inputs changed" in out
+    assert "(changed: reward.max_length); recomputing" in out  # the reward model, then PPO, which reads it
+    assert "(changed: reward.max_length, reward contents); recomputing" in out

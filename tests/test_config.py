@@ -729,3 +729,16 @@ def test_paths_in_compare_overrides_resolve_against_the_config_folder(base, tmp_
 def test_compare_lists_name_each_method_seed_and_noise_level_once(base, compare, message):
     """A repeated seed would count the same replies twice and give a zero-width interval over seeds."""
     assert error_of(None, with_(base, compare=compare)).startswith(message)
+
+
+def test_a_missing_relative_path_says_where_it_was_looked_for(base, tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    config = tmp_path / "runs" / "c.yaml"
+    config.write_text(yaml.safe_dump(base | {"evaluate": {"pairs": "heldout.jsonl"}}))
+    assert error_of(config) == (
+        f"evaluate.pairs: file not found: heldout.jsonl (neither beside the config nor in the current folder, "
+        f"{tmp_path})"
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rahf import export
+from rahf import artifacts
 from rahf.export import (
     lm_eval_command,
     next_turn_prompts,
@@ -182,7 +182,7 @@ def test_atomic_write_leaves_no_temp_files(generations_file: Path, tmp_path: Pat
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export.os, "replace", fail)
+    monkeypatch.setattr(artifacts.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_mt_bench(out / "answers.jsonl", gens, "changed", now=2.0)
     assert sorted(p.name for p in out.iterdir()) == ["answers.jsonl", "model_outputs.json"]

@@ -545,6 +545,9 @@ def test_merged_model_equals_policy_with_adapter(finished_run):
         base = pipeline.load_policy(cfg)(**inputs).logits
     torch.testing.assert_close(m, a, atol=1e-4, rtol=1e-4)
     assert (a - base).abs().max() > 1e-3  # the comparison is not vacuous: the adapter changes the logits
+    # Dual's align adapter sits on the preferred adapter merged into the base: its model card says how to load it
+    card = (pipeline.stage_dir(cfg, "align") / "README.md").read_text()
+    assert ("merge `../instruct/preferred` into the base first" in card) == (cfg.method == "dual")
 
 
 # ---------------------------------------------------------------- freshness
@@ -576,10 +579,13 @@ def test_fresh_stages_are_skipped_and_alpha_redoes_only_align_and_merge(
     assert manifest_mtimes(cfg) == before
 
     cfg3 = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit", alpha=3.0))
+    status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg3).splitlines())
+    assert status["align"].startswith("stale") and status["align"].endswith("(changed: alpha)")
     pipeline.run(cfg3)
     text = capsys.readouterr().out
     assert stage_lines(text) == {"instruct": "fresh", "collect": "fresh", "align": "ran", "merge": "ran"}
-    assert "align: inputs changed" in text
+    assert "align: " in text and "was made with other settings (changed: alpha); recomputing" in text
+    assert "merge: " in text and "(changed: align contents); recomputing" in text
     after = manifest_mtimes(cfg3)
     assert after["instruct"] == before["instruct"] and after["collect"] == before["collect"]
     assert after["align"] != before["align"] and after["merge"] != before["merge"]
@@ -703,6 +709,21 @@ def test_fingerprints_cover_what_a_stage_reads_and_nothing_else(
     own = with_overrides(sft, {"sft": {"path": str(pairs_file)}})
     assert not stale(own, "sft", {"data": {"label_noise": 0.1, "limit": 3}})
     assert stale(own, "sft", {"data": {"max_response_length": 12}})
+
+    # what a trainer logs, shows or checkpoints on the way, how generation batches, how collect groups rows: no
+    # retraining; what it trains with: retraining
+    quiet = {"logging_steps": 7, "disable_tqdm": False, "report_to": "none", "save_strategy": "steps", "save_steps": 3}
+    assert not stale(sft, "sft", {"sft": {"train": quiet}})
+    assert stale(sft, "sft", {"sft": {"train": {"learning_rate": 1e-3}}})
+    for stage in ("instruct", "collect", "align", "merge"):
+        assert not stale(scit_run, stage, {"instruct": {"train": quiet}}), stage
+        assert not stale(scit_run, stage, {"collect": {"shard_size": 3}}), stage
+    assert not stale(scit_run, "align", {"align": {"train": quiet}})
+    assert stale(scit_run, "align", {"align": {"train": {"max_steps": 2}}})
+    assert stale(scit_run, "collect", {"collect": {"batch_size": 3}})  # padding can move the cached floats
+    generating = with_overrides(evaluating, {"generate": {"model": str(tiny_model_dir), "prompts": str(pairs_file)}})
+    assert not stale(generating, "generate", {"generate": {"batch_size": 3}})
+    assert stale(generating, "generate", {"generate": {"temperature": 0.5}})
 
 
 def test_model_loading_settings_are_fingerprinted(tiny_model_dir, pairs_file, tmp_path):

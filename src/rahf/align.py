@@ -244,5 +244,18 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
     trainer.train()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if (Path(step1_path(cfg)) / "preferred" / "adapter_config.json").is_file():  # Dual's preferred model is an adapter
+        with (out / "README.md").open("a") as f:  # PEFT's model card: loading this adapter alone is wrong
+            f.write(DUAL_ADAPTER_NOTE)
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return trainer.state.log_history
+
+
+DUAL_ADAPTER_NOTE = """
+## Loading this adapter (RAHF-Dual)
+
+It was trained on Dual's preferred model: the base model that `adapter_config.json` names *with the adapter
+`../instruct/preferred` merged into it*. Loaded on the base alone (`AutoPeftModelForCausalLM` on this folder)
+it gives another model. Use `../merged/`, or merge `../instruct/preferred` into the base first and load this
+adapter on the result.
+"""

@@ -168,6 +168,25 @@ def is_fresh(path: str | os.PathLike, fp: str) -> bool:
         return False
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` via a temp file in the same folder and `os.replace`, so readers (and a rerun after a kill) never
+    see a partial file.
+
+    The temp file is opened as any new file is (mode from the umask), not by `mkstemp`, whose 0600 would keep
+    benchmark files from an evaluation run under another user."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{time.time_ns()}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def atomic_dir(
     final: str | os.PathLike,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_dir, fingerprint, fingerprint_path, is_fresh, read_manifest
+from .artifacts import atomic_dir, fingerprint, fingerprint_path, is_fresh, read_manifest, write_text_atomic
 from .config import ALIASES, RahfConfig, resolved_layers, with_overrides
 from .data import PreferencePair, load_pairs
 from .errors import ConfigError
@@ -70,6 +70,12 @@ def check_compare(cfg: RahfConfig) -> None:
     load_pairs(cfg.evaluate.pairs)
     if cfg.compare.validation:
         load_pairs(cfg.compare.validation)
+    from .evaluate import check_judge, check_reward_model
+
+    check_judge(cfg, [cfg.evaluate.pairs, *([cfg.compare.validation] if cfg.compare.validation else [])])
+    if "rlhf-ppo" in method_names(cfg) and cfg.ppo.reward_model:
+        rm = cfg.ppo.reward_model
+        check_reward_model("ppo.reward_model", rm, cfg.revision_of(rm), cfg.trust_remote_code)
     if cfg.evaluate.neutral_prompts:
         from .generate import read_prompts
 
@@ -437,7 +443,7 @@ def run_compare(cfg: RahfConfig) -> dict:
                 "config": cfg.to_dict(),
                 "seconds": round(time.time() - t0, 1),
             }
-            (out / "results.json").write_text(json.dumps(results, indent=2))  # progress survives an interruption
+            write_text_atomic(out / "results.json", json.dumps(results, indent=2))  # progress survives a kill
     write_report(results, out)
     print(f"[compare] wrote {out / 'report.md'} and {out / 'results.json'} in {time.time() - t0:.0f}s", flush=True)
     return results

@@ -483,6 +483,13 @@ def load_config(
     return cfg
 
 
+def _where(path: str) -> str:
+    """A missing path as the user should look for it: a relative one was not found beside the config either."""
+    if Path(path).is_absolute():
+        return path
+    return f"{path} (neither beside the config nor in the current folder, {Path.cwd()})"
+
+
 def _resolve_paths(cfg: RahfConfig, base: Path) -> None:
     def local(value: str | None, model: bool = False) -> str | None:
         """A path next to the config (it exists there or starts with "."; for a file, its first folder exists
@@ -903,7 +910,7 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
         if not cfg.data.path:
             raise ConfigError("data.path: required (a preference-pair file or folder)")
         if not Path(cfg.data.path).exists():
-            raise ConfigError(f"data.path: file not found: {cfg.data.path}")
+            raise ConfigError(f"data.path: file not found: {_where(cfg.data.path)}")
     for key, value in (
         ("sft.path", cfg.sft.path),
         ("generate.prompts", cfg.generate.prompts),
@@ -912,7 +919,7 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
         ("compare.validation", cfg.compare.validation),
     ):
         if value is not None and not Path(value).exists():
-            raise ConfigError(f"{key}: file not found: {value}")
+            raise ConfigError(f"{key}: file not found: {_where(value)}")
     if "evaluate" in [*cfg.stages, stage] and not cfg.evaluate.pairs:
         raise ConfigError("evaluate.pairs: required when the evaluate stage runs (held-out preference pairs)")
     if "generate" in [*cfg.stages, stage] and not cfg.generate.prompts:

@@ -461,6 +461,68 @@ def reward_judge_for(cfg, path: str | None):
     )
 
 
+def check_reward_model(key: str, name: str, revision: str | None, trust_remote_code: bool) -> None:
+    """`name` (the value of config key `key`) must be a readable reward model: a sequence classifier with one
+    output label. Checked on its config.json before anything trains; a PEFT adapter folder is left to loading."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from .errors import ConfigError
+
+    if (Path(name).expanduser() / "adapter_config.json").is_file():
+        return
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        at = f" at revision {revision!r}" if revision else ""
+        raise ConfigError(f"{key}: cannot read the config of {name!r}{at} ({str(e).splitlines()[0]})") from None
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    if not classifier or config.num_labels != 1:
+        kind = ", ".join(config.architectures or ["no architectures"])
+        raise ConfigError(
+            f"{key}: {name} is not a reward model (a sequence classifier with one output label; this is {kind} "
+            f"with {config.num_labels} labels); give one trained with `rahf reward` or TRL's RewardTrainer"
+        )
+
+
+def check_judge(cfg, prompt_files: Sequence[str]) -> None:
+    """Problems `cfg.evaluate`'s judge would meet only after training, found before it: an outside reward model
+    that is not one, the gold judge on questions it cannot read, an LLM judge of OpenAI's API without a key.
+    `prompt_files`: the pairs it will judge (held-out, validation)."""
+    import os
+    from urllib.parse import urlsplit
+
+    from .data import load_pairs
+    from .errors import ConfigError
+    from .judges import GoldJudge
+
+    e = cfg.evaluate
+    if e.judge_model:
+        check_reward_model("evaluate.judge_model", e.judge_model, cfg.revision_of(e.judge_model), cfg.trust_remote_code)
+    if e.judge == "gold":
+        for path in prompt_files:
+            for pair in load_pairs(path)[0]:
+                try:
+                    GoldJudge.fact(pair.prompt)
+                except ValueError as err:
+                    raise ConfigError(
+                        f"evaluate.judge: gold judges only the built-in demo task's questions; {pair.source}: {err}; "
+                        "judge with reward-model or llm"
+                    ) from None
+    if e.judge == "llm":
+        key = (os.environ.get(e.llm.api_key_env) or "").strip()
+        if key and not all(33 <= ord(c) < 127 for c in key):
+            raise ConfigError(
+                f"evaluate.llm.api_key_env: ${e.llm.api_key_env} holds whitespace or a non-ASCII character"
+            )
+        if not key and urlsplit(e.llm.base_url).hostname == "api.openai.com":
+            raise ConfigError(
+                f"evaluate.llm.api_key_env: ${e.llm.api_key_env} is not set, and {e.llm.base_url} needs a key; export "
+                "it, or point evaluate.llm.base_url at a server that needs none"
+            )
+
+
 def run_judge(cfg, reward_judge=None) -> Judge:
     """The judge `evaluate.judge` names; the reward-model judge is `reward_judge` (loaded once by the caller)."""
     from .errors import RahfError

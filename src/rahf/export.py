@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from .artifacts import write_text_atomic
 from .data import Message, read_jsonl
 from .errors import DataError
 
@@ -30,24 +30,6 @@ Fields: `model_dir`, `dtype` (float32 on CPU, bfloat16 on CUDA), `tasks` (comma-
 """
 
 _ROLE_LABELS = {"system": "System", "user": "Human", "assistant": "Assistant"}
-
-
-def _write_atomic(path: str | Path, text: str) -> None:
-    """Write `text` via a temp file in the same folder and `os.replace`, so readers never see a partial file.
-
-    The temp file is opened as any new file is (mode from the umask), not by `mkstemp`, whose 0600 would keep the
-    benchmark files from an evaluation run under another user."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{time.time_ns()}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_record(record: object) -> str | None:
@@ -128,7 +110,7 @@ def write_alpaca_eval(
 ) -> None:
     """Write `to_alpaca_eval` output atomically as a JSON list."""
     entries = to_alpaca_eval(generations, generator, allow_multiturn)
-    _write_atomic(path, json.dumps(entries, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(path, json.dumps(entries, indent=2, ensure_ascii=False) + "\n")
 
 
 def _answer_id(model_id: str, question_id: int, turns: list[str]) -> str:
@@ -230,7 +212,7 @@ def write_mt_bench(
 ) -> list[dict]:
     """Write `to_mt_bench` output atomically as JSONL (FastChat's `model_answer/<model_id>.jsonl`); returns it."""
     records = to_mt_bench(generations, model_id, question_id_offset, now)
-    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records
 
 

@@ -263,7 +263,34 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
             covered["reward"] = {"max_length": cfg.reward.max_length}
     else:
         raise RahfError(f"unknown stage {stage!r}")
+    covered = _results_only(covered)
     return fingerprint({"stage": stage, "config": covered, "inputs": inputs}), covered, inputs
+
+
+# Settings that change what a stage logs, shows or keeps on the way, never what it makes: changing them leaves its
+# artifact fresh (a logging tweak must not retrain a 7B model). Trainer checkpoints are removed after each stage;
+# sampled replies depend on their prompt's place and the seed, not on the batch they share; shards only group rows.
+NEUTRAL_TRAIN_KEYS = frozenset(
+    {
+        "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "logging_nan_inf_filter",
+        "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm", "report_to", "run_name", "project",
+        "trackio_space_id", "save_strategy", "save_steps", "save_total_limit", "save_only_model",
+    }
+)  # fmt: skip
+NEUTRAL_KEYS = {"generate": {"batch_size"}, "collect": {"shard_size"}}
+
+
+def _results_only(covered: dict) -> dict:
+    """`covered` without the settings of NEUTRAL_TRAIN_KEYS and NEUTRAL_KEYS."""
+    out = dict(covered)
+    for section, value in covered.items():
+        if not isinstance(value, dict):
+            continue
+        value = {k: v for k, v in value.items() if k not in NEUTRAL_KEYS.get(section, ())}
+        if isinstance(value.get("train"), dict):
+            value["train"] = {k: v for k, v in value["train"].items() if k not in NEUTRAL_TRAIN_KEYS}
+        out[section] = value
+    return out
 
 
 def load_policy(cfg: RahfConfig):
@@ -304,7 +331,8 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
         print(f"[rahf] {stage}: up to date ({out})", flush=True)
         return out
     if out.exists() and not force:
-        print(f"[rahf] {stage}: inputs changed since {out} was made; recomputing", flush=True)
+        changes = _changes(out, covered, inputs)
+        print(f"[rahf] {stage}: {out} was made with other settings ({changes}); recomputing", flush=True)
     print(f"[rahf] {stage}: running -> {out}", flush=True)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -345,9 +373,17 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     if any(s in stages for s in ("reward", "instruct", "collect", "align")) or ("sft" in stages and not cfg.sft.path):
         split_pairs(cfg, load_data(cfg))
     if "evaluate" in stages:
+        from .evaluate import check_judge
+
         load_pairs(cfg.evaluate.pairs)
         if cfg.evaluate.neutral_prompts:
             read_prompts(cfg.evaluate.neutral_prompts)
+        check_judge(cfg, [cfg.evaluate.pairs])
+    if "instruct" in stages and cfg.method == "rlhf-ppo" and cfg.ppo.reward_model:
+        from .evaluate import check_reward_model
+
+        rm = cfg.ppo.reward_model
+        check_reward_model("ppo.reward_model", rm, cfg.revision_of(rm), cfg.trust_remote_code)
     if "sft" in stages and cfg.sft.path:
         from .sft import sft_examples
 
@@ -593,6 +629,13 @@ def _evaluate(cfg: RahfConfig, out: Path) -> dict:
 
     metrics = evaluate_run(cfg, generations=out / "generations.jsonl")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    w = metrics["win_rate"]
+    line = f"win rate {w['win_rate']:.3f} (95% interval {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}, {w['n']} replies)"
+    if metrics.get("judge_score") is not None:
+        line += f", judge score {metrics['judge_score']:.3f}"
+    if metrics.get("kl_per_token") is not None:
+        line += f", KL/token vs {base_model_path(cfg)} {metrics['kl_per_token']:.4f}"
+    print(f"[rahf] evaluate ({cfg.evaluate.judge} judge): {line}", flush=True)
     return {"win_rate": metrics.get("win_rate", {}).get("win_rate")}
 
 
@@ -616,11 +659,13 @@ def describe(cfg: RahfConfig) -> str:
     lines = []
     for stage in active_stages(cfg):
         out = stage_dir(cfg, stage)
+        note = ""
         try:
-            fp, _ = stage_fingerprint(cfg, stage)
+            fp, covered, inputs = _stage_inputs(cfg, stage, {})
             state = "fresh" if is_fresh(out, fp) else ("stale" if out.exists() else "missing")
+            note = read_manifest(out).get("created", "") if state == "fresh" else ""
+            note = f"({_changes(out, covered, inputs)})" if state == "stale" else note
         except UpstreamError as e:
             state = f"waiting for {e.stage}"
-        made = read_manifest(out).get("created", "") if state == "fresh" else ""
-        lines.append(f"{stage:9s} {state:20s} {out} {made}")
+        lines.append(f"{stage:9s} {state:20s} {out} {note}".rstrip())
     return "\n".join(lines)

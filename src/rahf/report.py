@@ -103,7 +103,9 @@ def write_report(results: dict, out: Path) -> Path:
     summary = results["summary"]
     base_level = "0" if "0" in summary else min(summary, key=float)
     main = summary[base_level]
-    first = results["runs"][0]
+    # the sections about one run show the first seed at the noise level of the main table
+    first = next((r for r in results["runs"] if float(r["noise"]) == float(base_level)), results["runs"][0])
+    run_label = f"noise {float(first['noise']):g}, seed {first['seed']}"
     lines = [
         "# rahf compare report",
         "",
@@ -166,7 +168,7 @@ def write_report(results: dict, out: Path) -> Path:
     }
     if strength:
         plots.layer_strength(strength, out / "layer_strength.png")
-        lines += ["## Strength of the preference difference v per layer (first run)", ""]
+        lines += [f"## Strength of the preference difference v per layer ({run_label})", ""]
         lines += ["| method | layer | mean ‖v‖ per token | mean ‖o‖ per token | ‖v‖ / ‖o‖ |", "|---|---|---|---|---|"]
         for name, m in first["methods"].items():
             for layer, s in m.get("per_layer", {}).items():
@@ -174,7 +176,7 @@ def write_report(results: dict, out: Path) -> Path:
         lines += ["", "![layers](layer_strength.png)", ""]
     selection = [(n, m["selection"]) for n, m in first["methods"].items() if m.get("selection")]
     if selection:
-        lines += ["## Layers and alpha chosen on validation pairs (first run)", ""]
+        lines += [f"## Layers and alpha chosen on validation pairs ({run_label})", ""]
         lines += ["| method | layers | alpha | validation win rate | final alignment loss |", "|---|---|---|---|---|"]
         for name, sel in selection:
             for row in sel["sweep"]:
@@ -190,7 +192,7 @@ def write_report(results: dict, out: Path) -> Path:
     losses = {k: v for k, v in histories.items() if any("loss" in r for r in v)}
     if losses:
         plots.training_curves(losses, out / "training_curves.png")
-        lines += ["## Training curves (first run)", "", "![training](training_curves.png)", ""]
+        lines += [f"## Training curves ({run_label})", "", "![training](training_curves.png)", ""]
     scores = {k: v for k, v in histories.items() if any("score" in r for r in v)}
     if scores:  # PPO logs the reward-model score and KL of each rollout instead of a loss
         plots.training_curves(scores, out / "ppo_score.png", key="score")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from ..artifacts import write_text_atomic
 from ..config import load_config
 from ..report import RAHF_VS_STEP1
 from .task import INSTRUCTIONS, DemoData, Fact, gold_score, make_task, vocabulary
@@ -220,8 +221,8 @@ def run_demo(out: Path, quick: bool = False, label_noise: float = 0.0, seed: int
     chosen = [gold_score(Fact(**it["fact"]), it["chosen"]) for it in task.test]
     results["task"]["chosen_mean_gold_score"] = round(sum(chosen) / len(chosen), 4)
     results["timings_s"] = run["timings_s"] | {"total": round(time.time() - t0, 1)}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(demo_header(results) + (out / "report.md").read_text())
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(out / "report.md", demo_header(results) + (out / "report.md").read_text())
     print(
         f"[demo] wrote {out / 'report.md'} and {out / 'results.json'} in {results['timings_s']['total']}s", flush=True
     )
