@@ -363,6 +363,10 @@ def test_a_judge_that_cannot_judge_stops_the_run_before_training(
     from rahf.evaluate import check_judge
 
     check_judge(load_config(None, settings | {"evaluate": ok}), [str(pairs_file)])  # a reward model passes
+    config = json.loads((reward_model_dir / "config.json").read_text())  # a custom class (ArmoRM's kind) too
+    custom = {"architectures": ["LlamaRewardModel"], "auto_map": {"AutoModelForSequenceClassification": "m.Rm"}}
+    (reward_model_dir / "config.json").write_text(json.dumps(config | custom))
+    check_judge(load_config(None, settings | {"evaluate": ok}), [str(pairs_file)])
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     check_judge(load_config(None, settings | {"evaluate": {"judge": "llm", "pairs": str(pairs_file)}}), [])
     local = {"judge": "llm", "pairs": str(pairs_file), "llm": {"base_url": "http://localhost:8000/v1"}}

@@ -167,6 +167,9 @@ def test_files_with_several_replies_per_prompt_need_a_sample(tmp_path: Path):
     assert [g["response"] for g in read_generations(path, sample=1)] == ["r1", "r3"]
     with pytest.raises(ValueError, match="no reply numbered sample 2"):
         read_generations(path, sample=2)
+    single = tmp_path / "turn2.jsonl"  # one reply per prompt (rahf generate): read whole, as the next turn's file
+    single.write_text("".join(json.dumps(r | {"sample": 0}) + "\n" for r in rows[::2]))
+    assert [g["response"] for g in read_generations(single, sample=1)] == ["r0", "r2"]
 
 
 def test_atomic_write_leaves_no_temp_files(generations_file: Path, tmp_path: Path, monkeypatch):

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rahf: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the stage being written was removed on the way out (atomic_dir)
-        print("rahf: interrupted; the stage that was running left nothing behind", file=sys.stderr)
+        print("rahf: interrupted; the stage being written was removed, finished stages are kept", file=sys.stderr)
         return 130
     return 0
 

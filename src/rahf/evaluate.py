@@ -463,21 +463,27 @@ def reward_judge_for(cfg, path: str | None):
 
 def check_reward_model(key: str, name: str, revision: str | None, trust_remote_code: bool) -> None:
     """`name` (the value of config key `key`) must be a readable reward model: a sequence classifier with one
-    output label. Checked on its config.json before anything trains; a PEFT adapter folder is left to loading."""
-    from pathlib import Path
-
+    output label. Checked on its config.json before anything trains; a PEFT adapter (folder or Hub id) is left to
+    loading, and a config naming no architecture, or a custom class it maps to AutoModelForSequenceClassification
+    (`auto_map`), is judged by its label count alone."""
     from transformers import AutoConfig
+    from transformers.utils.peft_utils import find_adapter_config_file
 
     from .errors import ConfigError
 
-    if (Path(name).expanduser() / "adapter_config.json").is_file():
-        return
+    try:
+        if find_adapter_config_file(name, revision=revision) is not None:
+            return
+    except (OSError, ValueError):
+        pass  # not an adapter that can be found: read as a model below, which says what is wrong
     try:
         config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         at = f" at revision {revision!r}" if revision else ""
         raise ConfigError(f"{key}: cannot read the config of {name!r}{at} ({str(e).splitlines()[0]})") from None
-    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    architectures = config.architectures or []
+    custom = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
+    classifier = not architectures or custom or any(a.endswith("ForSequenceClassification") for a in architectures)
     if not classifier or config.num_labels != 1:
         kind = ", ".join(config.architectures or ["no architectures"])
         raise ConfigError(

@@ -58,7 +58,8 @@ def read_generations(path: str | Path, sample: int | None = None) -> list[dict]:
     """Records of a generations JSONL file; a malformed line raises DataError (a ValueError) naming `file:line`.
 
     `rahf evaluate` and `rahf compare` write `evaluate.samples` replies per prompt, numbered by `sample`; such a
-    file needs `sample` to say which reply of each prompt to keep (a `rahf generate` record counts as sample 0).
+    file needs `sample` to say which reply of each prompt to keep. A file with one reply per prompt (`rahf
+    generate`'s) is read whole, whatever `sample` says, so one `--sample` serves files of both kinds.
     """
     out = []
     for source, record in read_jsonl(path):
@@ -72,7 +73,7 @@ def read_generations(path: str | Path, sample: int | None = None) -> list[dict]:
             f"{path}: {per_prompt} replies per prompt (evaluate.samples); choose which to export with --sample K "
             f"(0..{per_prompt - 1})"
         )
-    if sample is not None:
+    if per_prompt > 1:
         out = [r for r in out if r.get("sample", 0) == sample]
         if not out:
             raise DataError(f"{path}: no reply numbered sample {sample}")
@@ -151,7 +152,8 @@ def _conversations(generations: Sequence[dict]) -> list[list[dict]]:
                 raise DataError(
                     f"generation {g['index']}: its prompt continues a conversation (turn {len(turns) // 2 + 1}) "
                     "whose earlier turns, with the replies it quotes, are not among the generations: export the "
-                    "earlier turns' generations too, before this one"
+                    "earlier turns' generations too, before this one (an MT-Bench question starts with one user "
+                    "message; a dialogue prompt such as HH's is not one)"
                 )
             conversation = candidates.pop(0)
         conversation.append(g)

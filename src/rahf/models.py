@@ -8,6 +8,7 @@ so the top layer is the raw block output (transformers 5 applies the final norm 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -96,6 +97,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_NOT_TEXT = re.compile(r"vision|visual|image|audio|speech|video|vit\b", re.IGNORECASE)
+
+
 def learned_position_limit(config, trust_remote_code: bool = False) -> int | None:
     """The longest sequence a model with a learned table of absolute positions (GPT-2, OPT, GPT-Neo, BioGPT) can
     read; None for rotary, ALiBi or sinusoidal positions, which have no table to run off. Built on the meta
@@ -105,11 +109,15 @@ def learned_position_limit(config, trust_remote_code: bool = False) -> int | Non
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     words = model.get_input_embeddings()
+    # the language model's tables only (a multimodal model's vision or audio tower has its own, for patches);
     # RoBERTa-family tables number positions from padding_idx + 1, so that many rows are never read
     tables = [
         m.num_embeddings - (0 if m.padding_idx is None else m.padding_idx + 1)
         for name, m in model.named_modules()
-        if isinstance(m, nn.Embedding) and m is not words and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
+        if isinstance(m, nn.Embedding)
+        and m is not words
+        and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
+        and not _NOT_TEXT.search(name)
     ]
     if not tables:
         return None

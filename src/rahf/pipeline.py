@@ -91,7 +91,7 @@ def _fresh_fp(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> str:
     if key not in memo:
         path = require_artifact(cfg, stage)
         fp, covered, inputs = _stage_inputs(cfg, stage, memo)
-        if not is_fresh(path, fp):
+        if not _current(path, fp):
             what = "collect cache" if stage == "collect" else f"{stage} artifact"
             raise UpstreamError(
                 f"{path}: the {what} was made with other settings ({_changes(path, covered, inputs)}); "
@@ -108,7 +108,8 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
         manifest = read_manifest(path)
     except (OSError, ValueError):
         return "its manifest is unreadable"
-    old, new = _flat(manifest.get("config", {})), _flat(redacted(json.loads(json.dumps(covered, default=str))))
+    old = _flat(_results_only(manifest.get("config", {})))
+    new = _flat(redacted(json.loads(json.dumps(covered, default=str))))
     keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     made_from = manifest.get("inputs", {})
     keys += [f"{name} contents" for name in sorted(inputs) if name in made_from and made_from[name] != inputs[name]]
@@ -267,9 +268,9 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
     return fingerprint({"stage": stage, "config": covered, "inputs": inputs}), covered, inputs
 
 
-# Settings that change what a stage logs, shows or keeps on the way, never what it makes: changing them leaves its
-# artifact fresh (a logging tweak must not retrain a 7B model). Trainer checkpoints are removed after each stage;
-# sampled replies depend on their prompt's place and the seed, not on the batch they share; shards only group rows.
+# Settings of a `*.train` mapping that change what a trainer logs, shows or checkpoints on the way, never the weights
+# it makes (transformers 5 / TRL 1 read them only for logs and checkpoints, which are removed after each stage):
+# changing them leaves an artifact fresh, as a logging tweak must not retrain a 7B model.
 NEUTRAL_TRAIN_KEYS = frozenset(
     {
         "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "logging_nan_inf_filter",
@@ -277,19 +278,29 @@ NEUTRAL_TRAIN_KEYS = frozenset(
         "trackio_space_id", "save_strategy", "save_steps", "save_total_limit", "save_only_model",
     }
 )  # fmt: skip
-NEUTRAL_KEYS = {"generate": {"batch_size"}, "collect": {"shard_size"}}
+
+
+def _current(path: Path, fp: str) -> bool:
+    """`path` holds a finished artifact for fingerprint `fp`: its manifest's, or, for one made before the settings
+    of NEUTRAL_TRAIN_KEYS left fingerprints, the one its recorded settings and inputs give without them."""
+    if is_fresh(path, fp):
+        return True
+    try:
+        m = read_manifest(path)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(m.get("config"), dict) or not isinstance(m.get("inputs"), dict):
+        return False
+    return fingerprint({"stage": m.get("stage"), "config": _results_only(m["config"]), "inputs": m["inputs"]}) == fp
 
 
 def _results_only(covered: dict) -> dict:
-    """`covered` without the settings of NEUTRAL_TRAIN_KEYS and NEUTRAL_KEYS."""
+    """`covered` without the settings of NEUTRAL_TRAIN_KEYS in its `*.train` mappings."""
     out = dict(covered)
     for section, value in covered.items():
-        if not isinstance(value, dict):
-            continue
-        value = {k: v for k, v in value.items() if k not in NEUTRAL_KEYS.get(section, ())}
-        if isinstance(value.get("train"), dict):
-            value["train"] = {k: v for k, v in value["train"].items() if k not in NEUTRAL_TRAIN_KEYS}
-        out[section] = value
+        if isinstance(value, dict) and isinstance(value.get("train"), dict):
+            train = {k: v for k, v in value["train"].items() if k not in NEUTRAL_TRAIN_KEYS}
+            out[section] = value | {"train": train}
     return out
 
 
@@ -327,7 +338,7 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
     """Run one stage unless its artifact is fresh (or `force`); returns the artifact folder."""
     fp, covered, inputs = _stage_inputs(cfg, stage, {})
     out = stage_dir(cfg, stage)
-    if not force and is_fresh(out, fp):
+    if not force and _current(out, fp):
         print(f"[rahf] {stage}: up to date ({out})", flush=True)
         return out
     if out.exists() and not force:
@@ -633,7 +644,7 @@ def _evaluate(cfg: RahfConfig, out: Path) -> dict:
     line = f"win rate {w['win_rate']:.3f} (95% interval {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}, {w['n']} replies)"
     if metrics.get("judge_score") is not None:
         line += f", judge score {metrics['judge_score']:.3f}"
-    if metrics.get("kl_per_token") is not None:
+    if metrics.get("kl_per_token") is not None and cfg.method != "sft":  # the SFT model is its own reference
         line += f", KL/token vs {base_model_path(cfg)} {metrics['kl_per_token']:.4f}"
     print(f"[rahf] evaluate ({cfg.evaluate.judge} judge): {line}", flush=True)
     return {"win_rate": metrics.get("win_rate", {}).get("win_rate")}
@@ -662,7 +673,7 @@ def describe(cfg: RahfConfig) -> str:
         note = ""
         try:
             fp, covered, inputs = _stage_inputs(cfg, stage, {})
-            state = "fresh" if is_fresh(out, fp) else ("stale" if out.exists() else "missing")
+            state = "fresh" if _current(out, fp) else ("stale" if out.exists() else "missing")
             note = read_manifest(out).get("created", "") if state == "fresh" else ""
             note = f"({_changes(out, covered, inputs)})" if state == "stale" else note
         except UpstreamError as e:
