@@ -12,7 +12,7 @@ from conftest import run_settings, standard_records, write_jsonl
 from rahf import pipeline
 from rahf.compare import paired, run_compare, summarize
 from rahf.config import METHOD_STAGES, load_config
-from rahf.data import PreferencePair
+from rahf.data import PreferencePair, load_pairs
 from rahf.metrics import wilson_interval
 from rahf.report import standing, write_report
 from rahf.training import flip_labels
@@ -261,6 +261,31 @@ def test_compare_shares_step1_models_and_chooses_on_validation(compared):
         assert {r["alpha"] for r in sel["sweep"]} == alphas and len(sel["sweep"]) == 2 * len(alphas)
     kl = first["sft"]["kl_per_token"]
     assert kl == pytest.approx(0.0, abs=1e-6)  # the SFT model against itself
+
+
+def test_a_selection_is_reused_when_only_align_logging_settings_change(compared, monkeypatch):
+    """Choosing layers and alpha trains one alignment per candidate: a logging tweak must not redo them all."""
+    from rahf import align
+    from rahf.artifacts import read_manifest
+    from rahf.compare import _select, candidates
+    from rahf.config import with_overrides
+    from rahf.judges import GoldJudge
+
+    cfg, results = compared
+    run = Path(cfg.output_dir) / "noise-0" / "seed-0" / "scit"
+    mcfg = load_config(None, read_manifest(run / "collect")["run_config"])
+    validation = load_pairs(cfg.compare.validation)[0]
+
+    def trains(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(align, "train_align", trains)
+    quiet = with_overrides(mcfg, {"align": {"train": {"logging_steps": 3, "disable_tqdm": False}}})
+    _, selection = _select(quiet, candidates(quiet), validation, GoldJudge(), "gold:None")
+    assert selection == results["runs"][0]["methods"]["rahf-scit"]["selection"]
+    faster = with_overrides(mcfg, {"align": {"train": {"learning_rate": 0.5}}})
+    with pytest.raises(AssertionError, match="trained again"):
+        _select(faster, candidates(faster), validation, GoldJudge(), "gold:None")
 
 
 def test_noisy_labels_train_ppos_reward_model_but_not_the_judges(compared):

@@ -113,7 +113,7 @@ def _select(
     from .evaluate import win_rate_against_chosen
     from .generate import generate
     from .models import load_tokenizer
-    from .pipeline import load_policy, require_artifact
+    from .pipeline import load_policy, require_artifact, results_only
 
     out = Path(mcfg.output_dir) / "merged"
     val_fp = fingerprint_path(mcfg.compare.validation) if mcfg.compare.validation else None
@@ -123,8 +123,10 @@ def _select(
         chooses["reward_max_length"] = mcfg.reward.max_length
     covered = {"grid": grid, "align": mcfg.to_dict()["align"], "evaluate": chooses}
     inputs = {"collect": fingerprint_path(require_artifact(mcfg, "collect")), "validation": val_fp, "judge": judge_fp}
+    earlier = fingerprint(inputs | covered)  # as a selection made while align's logging settings counted
+    covered = results_only(covered)  # align.train's logging, progress and checkpoint settings change no choice
     fp = fingerprint(inputs | covered)
-    if is_fresh(out, fp):
+    if is_fresh(out, fp) or is_fresh(out, earlier):
         return Deployed(str(out)), read_manifest(out)["selection"]
     tokenizer = None
     sweep, best = [], None

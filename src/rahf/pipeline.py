@@ -108,7 +108,7 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
         manifest = read_manifest(path)
     except (OSError, ValueError):
         return "its manifest is unreadable"
-    old = _flat(_results_only(manifest.get("config", {})))
+    old = _flat(results_only(manifest.get("config", {})))
     new = _flat(redacted(json.loads(json.dumps(covered, default=str))))
     keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     made_from = manifest.get("inputs", {})
@@ -264,7 +264,7 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
             covered["reward"] = {"max_length": cfg.reward.max_length}
     else:
         raise RahfError(f"unknown stage {stage!r}")
-    covered = _results_only(covered)
+    covered = results_only(covered)
     return fingerprint({"stage": stage, "config": covered, "inputs": inputs}), covered, inputs
 
 
@@ -291,10 +291,10 @@ def _current(path: Path, fp: str) -> bool:
         return False
     if not isinstance(m.get("config"), dict) or not isinstance(m.get("inputs"), dict):
         return False
-    return fingerprint({"stage": m.get("stage"), "config": _results_only(m["config"]), "inputs": m["inputs"]}) == fp
+    return fingerprint({"stage": m.get("stage"), "config": results_only(m["config"]), "inputs": m["inputs"]}) == fp
 
 
-def _results_only(covered: dict) -> dict:
+def results_only(covered: dict) -> dict:
     """`covered` without the settings of NEUTRAL_TRAIN_KEYS in its `*.train` mappings."""
     out = dict(covered)
     for section, value in covered.items():
