@@ -13,6 +13,7 @@ from rahf import pipeline
 from rahf.compare import paired, run_compare, summarize
 from rahf.config import METHOD_STAGES, load_config
 from rahf.data import PreferencePair, load_pairs
+from rahf.errors import ConfigError
 from rahf.metrics import wilson_interval
 from rahf.report import standing, write_report
 from rahf.training import flip_labels
@@ -392,8 +393,13 @@ def test_a_judge_that_cannot_judge_stops_the_run_before_training(
     custom = {"architectures": ["LlamaRewardModel"], "auto_map": {"AutoModelForSequenceClassification": "m.Rm"}}
     (reward_model_dir / "config.json").write_text(json.dumps(config | custom))
     check_judge(load_config(None, settings | {"evaluate": ok}), [str(pairs_file)])
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    check_judge(load_config(None, settings | {"evaluate": {"judge": "llm", "pairs": str(pairs_file)}}), [])
+    llm = load_config(None, settings | {"evaluate": {"judge": "llm", "pairs": str(pairs_file)}})
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-te st")
+    with pytest.raises(ConfigError, match=r"OPENAI_API_KEY holds whitespace") as refused:
+        check_judge(llm, [])
+    assert "te st" not in str(refused.value)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test\n")  # as a .env file leaves it
+    check_judge(llm, [])
     local = {"judge": "llm", "pairs": str(pairs_file), "llm": {"base_url": "http://localhost:8000/v1"}}
     monkeypatch.delenv("OPENAI_API_KEY")
     check_judge(load_config(None, settings | {"evaluate": local}), [str(pairs_file)])  # a local server: no key

@@ -496,12 +496,11 @@ def check_judge(cfg, prompt_files: Sequence[str]) -> None:
     """Problems `cfg.evaluate`'s judge would meet only after training, found before it: an outside reward model
     that is not one, the gold judge on questions it cannot read, an LLM judge of OpenAI's API without a key.
     `prompt_files`: the pairs it will judge (held-out, validation)."""
-    import os
     from urllib.parse import urlsplit
 
     from .data import load_pairs
     from .errors import ConfigError
-    from .judges import GoldJudge
+    from .judges import GoldJudge, JudgeError, api_key
 
     e = cfg.evaluate
     if e.judge_model:
@@ -517,11 +516,10 @@ def check_judge(cfg, prompt_files: Sequence[str]) -> None:
                         "judge with reward-model or llm"
                     ) from None
     if e.judge == "llm":
-        key = (os.environ.get(e.llm.api_key_env) or "").strip()
-        if key and not all(33 <= ord(c) < 127 for c in key):
-            raise ConfigError(
-                f"evaluate.llm.api_key_env: ${e.llm.api_key_env} holds whitespace or a non-ASCII character"
-            )
+        try:
+            key = api_key(e.llm.api_key_env)
+        except JudgeError as err:
+            raise ConfigError(f"evaluate.llm.api_key_env: {err}") from None
         if not key and urlsplit(e.llm.base_url).hostname == "api.openai.com":
             raise ConfigError(
                 f"evaluate.llm.api_key_env: ${e.llm.api_key_env} is not set, and {e.llm.base_url} needs a key; export "

@@ -97,6 +97,16 @@ class GoldJudge:
         return _verdict(gold_score(fact, a), gold_score(fact, b))
 
 
+def api_key(env: str) -> str | None:
+    """The API key in environment variable `env`, stripped (a .env file's newline is not the key's); None when unset.
+    A key with inner whitespace or a non-ASCII character raises JudgeError without showing it (http.client would
+    refuse it with the key in its message)."""
+    key = (os.environ.get(env) or "").strip() or None
+    if key and not all(33 <= ord(c) < 127 for c in key):
+        raise JudgeError(f"LLM judge: ${env} holds whitespace or a non-ASCII character; fix the key")
+    return key
+
+
 class RewardModelJudge:
     """A reward model (sequence classification, one label) scoring prompt plus reply; higher wins.
 
@@ -298,9 +308,7 @@ class LLMJudge:
 
     def chat(self, messages: list[Message]) -> str:
         """The reply text of one greedy chat completion, retrying rate limits, server errors and lost connections."""
-        key = (os.environ.get(self.api_key_env) or "").strip() or None  # a .env file's newline is not the key's
-        if key and not all(33 <= ord(c) < 127 for c in key):  # http.client would refuse it, key and all, unredacted
-            raise JudgeError(f"LLM judge: ${self.api_key_env} holds whitespace or a non-ASCII character; fix the key")
+        key = api_key(self.api_key_env)
         headers = {"Content-Type": "application/json"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
