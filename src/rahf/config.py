@@ -1007,19 +1007,23 @@ def _check_revisions(cfg: RahfConfig) -> None:
             raise ConfigError(f"{where}: {rev!r} contradicts revision: {cfg.revision!r}; set one of them")
 
 
-def model_num_layers(cfg: RahfConfig) -> int:
-    """Layer count from the model's config.json (no weights are read)."""
+def model_config(key: str, name: str, revision: str | None, trust_remote_code: bool):
+    """The transformers config of model `name` (the value of config key `key`); one that cannot be read (a
+    misspelt id, a Hub model not cached offline) is a ConfigError naming the key."""
     from transformers import AutoConfig
 
-    from .models import num_layers
-
     try:
-        revision = cfg.revision_of(cfg.model)
-        mc = AutoConfig.from_pretrained(cfg.model, revision=revision, trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         at = f" at revision {revision!r}" if revision else ""
-        raise ConfigError(f"model: cannot read the config of {cfg.model!r}{at} ({str(e).splitlines()[0]})") from None
-    return num_layers(mc)
+        raise ConfigError(f"{key}: cannot read the config of {name!r}{at} ({str(e).splitlines()[0]})") from None
+
+
+def model_num_layers(cfg: RahfConfig) -> int:
+    """Layer count from the model's config.json (no weights are read)."""
+    from .models import num_layers
+
+    return num_layers(model_config("model", cfg.model, cfg.revision_of(cfg.model), cfg.trust_remote_code))
 
 
 def resolved_layers(cfg: RahfConfig) -> list[int]:

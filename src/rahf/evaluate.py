@@ -466,9 +466,9 @@ def check_reward_model(key: str, name: str, revision: str | None, trust_remote_c
     output label. Checked on its config.json before anything trains; a PEFT adapter (folder or Hub id) is left to
     loading, and a config naming no architecture, or a custom class it maps to AutoModelForSequenceClassification
     (`auto_map`), is judged by its label count alone."""
-    from transformers import AutoConfig
     from transformers.utils.peft_utils import find_adapter_config_file
 
+    from .config import model_config
     from .errors import ConfigError
 
     try:
@@ -476,11 +476,7 @@ def check_reward_model(key: str, name: str, revision: str | None, trust_remote_c
             return
     except (OSError, ValueError):
         pass  # not an adapter that can be found: read as a model below, which says what is wrong
-    try:
-        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        at = f" at revision {revision!r}" if revision else ""
-        raise ConfigError(f"{key}: cannot read the config of {name!r}{at} ({str(e).splitlines()[0]})") from None
+    config = model_config(key, name, revision, trust_remote_code)
     architectures = config.architectures or []
     custom = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
     classifier = not architectures or custom or any(a.endswith("ForSequenceClassification") for a in architectures)
