@@ -259,3 +259,20 @@ def test_defaults_and_dpo_settings_reach_trl(
     assert args.bf16 is False and args.max_length is None  # fp32 on CPU; rahf has already cut the sequences
     assert args.beta == 0.3 and args.loss_type == ["ipo"]
     assert run.logs[-1]["step"] == N_TRAIN // BATCH  # one epoch
+
+
+def test_full_bf16_dpo_on_cpu_starts_at_zero_reward(tmp_path_factory, tiny_model_dir, data_file, pairs):
+    """A bf16 full fine-tune trains float32 master weights (no autocast on CPU): its reference must compute in
+    float32 too, or the implicit rewards are not 0 before the first update."""
+    run = _train(
+        tmp_path_factory,
+        tiny_model_dir,
+        data_file,
+        pairs,
+        "full",
+        {"max_steps": 1, "logging_steps": 1},
+        dtype="bfloat16",
+    )
+    assert run.trainer.ref_model.dtype == torch.float32  # (the policy is cast to bf16 only when saved)
+    first = next(e for e in run.logs if "rewards/margins" in e)
+    assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margins"] == 0

@@ -39,3 +39,40 @@ def test_decoder_blocks_of_a_multimodal_model_are_its_language_models(tokenizer)
         states = model(**ids, output_hidden_states=True).hidden_states
         captured = forward_capture(model, [1, 2], ids["input_ids"], ids["attention_mask"])
     assert all(torch.equal(captured[layer], states[layer]) for layer in (1, 2))
+
+
+@pytest.mark.parametrize(
+    ("targets", "max_layer", "expected"),
+    [
+        (None, 2, {f"model.language_model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}),
+        (
+            ["q_proj", "lm_head"],
+            None,
+            {f"model.language_model.layers.{i}.self_attn.q_proj" for i in (0, 1, 2)} | {"lm_head"},
+        ),
+    ],
+)
+def test_lora_stays_in_the_language_model(tokenizer, targets, max_layer, expected):
+    """The vision tower has q_proj/v_proj and `layers` too: LoRA there would train nothing on text."""
+    from peft import get_peft_model
+
+    from rahf.config import LoraSettings
+    from rahf.training import lora_config
+
+    model = tiny_gemma3(len(tokenizer))
+    peft_model = get_peft_model(model, lora_config(model, LoraSettings(target_modules=targets), max_layer=max_layer))
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == expected
+
+
+def test_a_text_model_adapter_config_names_no_exclusions(tokenizer):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rahf.config import LoraSettings
+    from rahf.training import lora_config
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    assert lora_config(model, LoraSettings(), max_layer=1).exclude_modules is None

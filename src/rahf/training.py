@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,8 @@ def lora_config(
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         targets = ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= names else None
     kwargs: dict[str, Any] = {}
+    if outside := _outside_language_model(model):
+        kwargs["exclude_modules"] = outside
     if max_layer is not None:
         kwargs["layers_to_transform"] = list(range(max_layer))
         blocks = decoder_blocks(model)
@@ -135,6 +138,22 @@ def lora_config(
         revision=revision,
         **kwargs,
     )
+
+
+def _outside_language_model(model) -> str | None:
+    """A regex for the modules outside the language model and its output layer (a vision tower, a projector),
+    None when there are none: LoRA there would train nothing on text, yet grow the adapter."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT matches the inner names
+    names = {id(m): n for n, m in model.named_modules()}
+    decoder = names.get(id(model.get_decoder())) if hasattr(model, "get_decoder") else None
+    if not decoder:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    kept = re.escape(decoder) + r"(\..+)?" + (f"|{re.escape(names[id(head)])}" if id(head) in names else "")
+    leaves = (n for n, m in model.named_modules() if n and next(m.children(), None) is None)
+    if all(re.fullmatch(kept, n) for n in leaves):
+        return None
+    return f"(?!(?:{kept})$).+"
 
 
 def load_stage_model(path: str | Path, cfg: RahfConfig, adapter: str | None = None, device: str | None = None):

@@ -221,7 +221,7 @@ def ppo_loop(
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=s.learning_rate)
+    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)  # no decay: TRL's PPO default
     policy.eval()  # no dropout: the ratio must compare the same function before and after updates
     encoded = [prompt_ids(tokenizer, p, cfg.data.max_prompt_length) for p in prompts]
     batches = _prompt_batches(len(prompts), s.rollout_size, cfg.seed)
