@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import N_PAIRS, standard_records, write_jsonl
+import yaml
+from conftest import N_PAIRS, run_settings, standard_records, write_jsonl
 
 from rahf.cli import main
+from rahf.config import load_config
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -467,3 +469,85 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_half_written_stage(
     err = capsys.readouterr().err.strip()
     assert err == "rahf: interrupted; the stage being written was removed, finished stages are kept"
     assert nothing_written(out)
+
+
+@pytest.fixture(scope="module")
+def hybrid_dir(tmp_path_factory, vocab) -> Path:
+    """A tiny Qwen3.5 text model: blocks 0-2 linear attention (no q_proj/v_proj), block 3 full attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rahf.demo.tiny import build_tokenizer
+
+    tok = build_tokenizer(vocab)
+    folder = tmp_path_factory.mktemp("qwen35") / "model"
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "head_dim": 16}
+    config = AutoConfig.for_model(
+        "qwen3_5_text", vocab_size=len(tok), num_attention_heads=2, num_key_value_heads=1, **sizes, **ids
+    )
+    assert config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["instruct.lora.target_modules=[qproj]"],
+            (
+                "instruct.lora.target_modules: qproj matches no module in the model's blocks; set "
+                "instruct.lora.target_modules to names of their layers: q_proj, k_proj, v_proj, o_proj, gate_proj"
+            ),
+        ),
+        (  # PEFT adapts q_proj and passes over the misspelt name in silence
+            ["align.lora.target_modules=[q_proj,vproj]"],
+            "align.lora.target_modules: 'vproj' matches no module in blocks 0..1;",
+        ),
+        (["method=dpo", "dpo.lora.target_modules=[lm_heads]"], "dpo.lora.target_modules: lm_heads matches no"),
+        (["method=rlhf-ppo", "ppo.lora.target_modules=[x]"], "ppo.lora.target_modules: x matches no"),
+    ],
+)
+def test_lora_targets_the_model_lacks_exit_2(tmp_path, tiny_model_dir, pairs_file, capsys, overrides, message):
+    """A LoRA target PEFT cannot find would stop its stage with a traceback, after earlier stages trained."""
+    out = tmp_path / "out"
+    settings = run_settings(tiny_model_dir, pairs_file, out, "scit", instruct__finetune="lora")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(settings | {"stages": ["sft", "reward", "instruct", "collect", "align"]}))
+    assert main(["run", str(cfg), *overrides]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert message in error, error
+    assert nothing_written(out)
+
+
+def test_lora_on_a_hybrid_model_names_its_layers_or_notes_the_blocks_left_out(tmp_path, hybrid_dir, pairs_file, capsys):
+    """Qwen3.5 has q_proj/v_proj only in its full-attention blocks (every 4th): align under layer 2 would adapt
+    nothing; under layer 4 it adapts one of four blocks, which the run says before training."""
+    out = tmp_path / "out"
+    settings = run_settings(hybrid_dir, pairs_file, out, "scit") | {"stages": ["instruct", "collect", "align"]}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(settings | {"layers": [1, 2]}))
+    assert main(["run", str(cfg)]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert error.startswith("align.lora.target_modules: unset (q_proj, v_proj, else PEFT's choice)")
+    assert (
+        "no module in blocks 0..1; set align.lora.target_modules to names of their layers: out_proj, in_proj_qkv"
+        in error
+    )
+    assert nothing_written(out)
+
+    cfg.write_text(yaml.safe_dump(settings | {"layers": [4], "stages": ["align"]}))
+    from rahf import pipeline
+
+    pipeline.check_lora(load_config(cfg), ["align"])
+    printed = capsys.readouterr().out
+    assert "align.lora adapts 1 of 4 blocks (q_proj, v_proj): block(s) 0, 1, 2 have none of these modules" in printed
+    cfg.write_text(
+        yaml.safe_dump(
+            settings
+            | {"layers": [4], "align": settings["align"] | {"lora": {"target_modules": ["q_proj", "in_proj_qkv"]}}}
+        )
+    )
+    pipeline.check_lora(load_config(cfg), ["align"])
+    assert capsys.readouterr().out == ""

@@ -100,14 +100,20 @@ def default_device() -> str:
 _NOT_TEXT = re.compile(r"vision|visual|image|audio|speech|video|vit\b", re.IGNORECASE)
 
 
+def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of transformers `config` on the meta device: its modules and shapes, no weights read or
+    allocated (a 70B model builds in a fraction of a second)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def learned_position_limit(config, trust_remote_code: bool = False) -> int | None:
     """The longest sequence a model with a learned table of absolute positions (GPT-2, OPT, GPT-Neo, BioGPT) can
     read; None for rotary, ALiBi or sinusoidal positions, which have no table to run off. Built on the meta
     device: no weights are read or allocated."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(config, trust_remote_code)
     words = model.get_input_embeddings()
     # the language model's tables only (a multimodal model's vision or audio tower has its own, for patches);
     # RoBERTa-family tables number positions from padding_idx + 1, so that many rows are never read

@@ -406,6 +406,7 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     if fitting or ("generate" in stages and not cfg.generate.model):
         check_prompt_room(cfg, instructed=cfg.method in INSTRUCTED and any(s in stages for s in _PROMPTED))
     check_positions(cfg, stages)
+    check_lora(cfg, stages)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -504,6 +505,36 @@ def check_positions(cfg: RahfConfig, stages: list[str]) -> None:
                 f"{keys}: {length} tokens exceed the {limit} positions of {cfg.model} (a learned position "
                 "table, max_position_embeddings); lower them to fit"
             )
+
+
+def check_lora(cfg: RahfConfig, stages: list[str]) -> None:
+    """Every LoRA adapter the stages train must find its target modules in the model (checked on a meta-device
+    copy), else PEFT stops the stage with a traceback, maybe after earlier stages trained. Best effort, as
+    check_positions."""
+    from .config import model_config
+    from .models import meta_model
+    from .training import check_lora_targets
+
+    adapters = []
+    if "instruct" in stages:
+        section = {"dpo": cfg.dpo, "rlhf-ppo": cfg.ppo}.get(cfg.instruct_method)
+        if section is None and cfg.finetune == "lora":
+            adapters.append(("instruct.lora", cfg.instruct.lora, None))
+        elif section is not None and section.finetune == "lora":
+            adapters.append(("dpo.lora" if section is cfg.dpo else "ppo.lora", section.lora, None))
+    if "align" in stages:
+        adapters.append(("align.lora", cfg.align.lora, max(resolved_layers(cfg))))
+    if not adapters:
+        return
+    config = model_config("model", cfg.model, cfg.revision_of(cfg.model), cfg.trust_remote_code)
+    for key, settings, max_layer in adapters:
+        try:
+            model = meta_model(config, cfg.trust_remote_code)
+        except Exception:  # noqa: BLE001  (an architecture that cannot be built on the meta device: left to the stage)
+            return
+        note = check_lora_targets(model, settings, key, max_layer)
+        if note:
+            print(f"[rahf] note: {note}", flush=True)
 
 
 def active_stages(cfg: RahfConfig) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 
 from .config import LoraSettings, RahfConfig, train_arguments
 from .data import PreferencePair, load_pairs
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .models import decoder_blocks, default_device, load_model
 
 
@@ -137,6 +137,45 @@ def lora_config(
         task_type=task_type,
         revision=revision,
         **kwargs,
+    )
+
+
+def check_lora_targets(model, settings: LoraSettings, key: str, max_layer: int | None = None) -> str | None:
+    """Stop (ConfigError naming `key`) when LoRA with `settings` would adapt no module of `model` (a meta-device
+    copy serves: nothing is computed), or when a name listed in `target_modules` matches none, which PEFT
+    passes over in silence while another name matches. Returns a note when some of the covered blocks get no
+    adapter (hybrid models: q_proj/v_proj only in their attention blocks); None otherwise."""
+    from peft import get_peft_model
+
+    blocks = decoder_blocks(model)
+    covered = list(range(max_layer)) if max_layer is not None else list(range(len(blocks)))
+    where = f"blocks 0..{covered[-1]}" if max_layer is not None else "the model's blocks"
+    linear = dict.fromkeys(
+        n.rsplit(".", 1)[-1]
+        for i in covered
+        for n, m in blocks[i].named_modules()
+        if n and getattr(getattr(m, "weight", None), "ndim", 0) == 2 and next(m.children(), None) is None
+    )
+    fix = f"set {key}.target_modules to names of their layers: {', '.join(linear) or 'none found'}"
+    try:
+        adapted = get_peft_model(model, lora_config(model, settings, max_layer))
+    except ValueError:
+        targets = settings.target_modules or ["q_proj", "v_proj"]
+        named = ", ".join(targets) if settings.target_modules else "unset (q_proj, v_proj, else PEFT's choice), which"
+        verb = "matches" if len(targets) == 1 else "match"
+        raise ConfigError(f"{key}.target_modules: {named} {verb} no module in {where}; {fix}") from None
+    names = [n for n, m in adapted.get_base_model().named_modules() if hasattr(m, "lora_A")]
+    for target in settings.target_modules or []:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            raise ConfigError(f"{key}.target_modules: {target!r} matches no module in {where}; {fix}")
+    empty = [i for i in covered if not any(hasattr(m, "lora_A") for m in decoder_blocks(adapted)[i].modules())]
+    if not empty:
+        return None
+    kinds = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+    return (
+        f"{key} adapts {len(covered) - len(empty)} of {len(covered)} blocks ({kinds}): "
+        f"block(s) {', '.join(map(str, empty))} have none of these modules: add theirs to {key}.target_modules "
+        "to train them too"
     )
 
 
