@@ -550,6 +550,48 @@ def test_merged_model_equals_policy_with_adapter(finished_run):
     assert ("merge `../instruct/preferred` into the base first" in card) == (cfg.method == "dual")
 
 
+@pytest.fixture(scope="module")
+def scit_lora_run(tmp_path_factory, tiny_model_dir, pairs_file):
+    """A finished SCIT run whose step 1 is a LoRA adapter (instruct.finetune: lora)."""
+    out = tmp_path_factory.mktemp("run-scit-lora") / "out"
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit", instruct__finetune="lora"))
+    pipeline.run(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize(("run", "step1"), [("scit_lora_run", "instruct"), ("dual_run", "instruct/preferred")])
+def test_an_adapter_trained_on_a_step1_adapter_says_how_to_load_it(request, tiny_model_dir, run, step1):
+    """The alignment adapter's config names the step-1 adapter's base only: its model card and its manifest say
+    to merge the step-1 adapter first, and that recipe gives merged/'s logits, while the adapter alone does not."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = request.getfixturevalue(run)
+    align = pipeline.stage_dir(cfg, "align")
+    assert f"merge `../{step1}` into the base first" in (align / "README.md").read_text()
+    recipe = json.loads((align / MANIFEST).read_text())["adapter_base"]
+    assert recipe == {
+        "model": str(tiny_model_dir),
+        "merge_first": str(pipeline.stage_dir(cfg, "instruct") / step1.removeprefix("instruct").strip("/")),
+    }
+    model = AutoModelForCausalLM.from_pretrained(recipe["model"])
+    model = PeftModel.from_pretrained(model, recipe["merge_first"]).merge_and_unload()
+    model = PeftModel.from_pretrained(model, str(align)).eval()
+    ids = torch.tensor([[5, 9, 14, 22, 7, 3]])
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(str(pipeline.stage_dir(cfg, "merge")))(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        alone = AutoPeftModelForCausalLM.from_pretrained(str(align))(ids).logits
+    assert (alone - expected).abs().max() > 1e-3
+
+
+def test_an_adapter_on_a_plain_step1_model_names_it(scit_run):
+    align = pipeline.stage_dir(scit_run, "align")
+    recipe = json.loads((align / MANIFEST).read_text())["adapter_base"]
+    assert recipe == {"model": str(pipeline.stage_dir(scit_run, "instruct"))}
+    assert "into the base first" not in (align / "README.md").read_text()
+
+
 # ---------------------------------------------------------------- freshness
 
 

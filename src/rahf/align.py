@@ -244,18 +244,29 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
     trainer.train()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    if (Path(step1_path(cfg)) / "preferred" / "adapter_config.json").is_file():  # Dual's preferred model is an adapter
+    if step1 := step1_adapter(cfg):  # the policy was a step-1 adapter merged into its base
         with (out / "README.md").open("a") as f:  # PEFT's model card: loading this adapter alone is wrong
-            f.write(DUAL_ADAPTER_NOTE)
+            f.write(ADAPTER_NOTE.format(step1=Path("..", *step1.parts[-2 if cfg.method == "dual" else -1 :])))
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return trainer.state.log_history
 
 
-DUAL_ADAPTER_NOTE = """
-## Loading this adapter (RAHF-Dual)
+def step1_adapter(cfg) -> Path | None:
+    """The step-1 PEFT adapter that `load_policy` merges into its base (SCIT's with `instruct.finetune: lora`,
+    Dual's preferred one), or None when step 3 trains a plain model. The alignment adapter's config names only
+    that base, so loading it needs this adapter merged first."""
+    from .pipeline import step1_path
 
-It was trained on Dual's preferred model: the base model that `adapter_config.json` names *with the adapter
-`../instruct/preferred` merged into it*. Loaded on the base alone (`AutoPeftModelForCausalLM` on this folder)
-it gives another model. Use `../merged/`, or merge `../instruct/preferred` into the base first and load this
-adapter on the result.
+    if cfg.method == "lorra":
+        return None
+    folder = Path(step1_path(cfg)) / ("preferred" if cfg.method == "dual" else "")
+    return folder if (folder / "adapter_config.json").is_file() else None
+
+
+ADAPTER_NOTE = """
+## Loading this adapter
+
+It was trained on the step-1 model: the base model that `adapter_config.json` names *with the adapter
+`{step1}` merged into it*. Loaded on the base alone (`AutoPeftModelForCausalLM` on this folder) it gives
+another model. Use `../merged/`, or merge `{step1}` into the base first and load this adapter on the result.
 """

@@ -619,13 +619,14 @@ def _collect(cfg: RahfConfig, out: Path) -> dict:
 
 
 def _align(cfg: RahfConfig, out: Path) -> dict:
-    from .align import train_align
+    from .align import step1_adapter, train_align
 
     layers = resolved_layers(cfg)
     train_align(cfg, out, layers, cfg.alpha)
     base = {"model": str(step1_path(cfg))}
-    if cfg.method == "dual":
-        base["merge_first"] = "preferred"
+    if adapter := step1_adapter(cfg):  # the adapter's config names the step-1 adapter's base: merge this first
+        base = {"model": json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]}
+        base["merge_first"] = str(adapter)
     return {"layers": layers, "alpha": cfg.alpha, "adapter_base": base}
 
 
