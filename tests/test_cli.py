@@ -14,6 +14,7 @@ from conftest import N_PAIRS, run_settings, standard_records, write_jsonl
 
 from rahf.cli import main
 from rahf.config import load_config
+from rahf.errors import ConfigError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -530,7 +531,7 @@ def test_lora_on_a_hybrid_model_names_its_layers_or_notes_the_blocks_left_out(tm
     cfg.write_text(yaml.safe_dump(settings | {"layers": [1, 2]}))
     assert main(["run", str(cfg)]) == 2
     error = one_line_error(capsys.readouterr().err)
-    assert error.startswith("align.lora.target_modules: unset (q_proj, v_proj, else PEFT's choice)")
+    assert error.startswith("align.lora.target_modules: q_proj, v_proj (the default) match no module in blocks 0..1")
     assert (
         "no module in blocks 0..1; set align.lora.target_modules to names of their layers: out_proj, in_proj_qkv"
         in error
@@ -551,3 +552,24 @@ def test_lora_on_a_hybrid_model_names_its_layers_or_notes_the_blocks_left_out(tm
     )
     pipeline.check_lora(load_config(cfg), ["align"])
     assert capsys.readouterr().out == ""
+
+
+def test_lora_unset_on_an_architecture_peft_has_no_default_for_says_so():
+    """Phi-3 fuses q, k and v in qkv_proj, and PEFT knows no default targets for it."""
+    from transformers import Phi3Config
+
+    from rahf.config import LoraSettings
+    from rahf.models import meta_model
+    from rahf.training import check_lora_targets
+
+    config = Phi3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match="^instruct.lora.target_modules: unset, and PEFT has no default for phi3 "
+        "models; set instruct.lora.target_modules to names of their layers: o_proj, qkv_proj, ",
+    ):
+        check_lora_targets(meta_model(config), LoraSettings(), "instruct.lora")
+    assert check_lora_targets(meta_model(config), LoraSettings(target_modules=["qkv_proj"]), "instruct.lora") is None

@@ -157,13 +157,17 @@ def check_lora_targets(model, settings: LoraSettings, key: str, max_layer: int |
         if n and getattr(getattr(m, "weight", None), "ndim", 0) == 2 and next(m.children(), None) is None
     )
     fix = f"set {key}.target_modules to names of their layers: {', '.join(linear) or 'none found'}"
+    config = lora_config(model, settings, max_layer)
     try:
-        adapted = get_peft_model(model, lora_config(model, settings, max_layer))
+        adapted = get_peft_model(model, config)
     except ValueError:
-        targets = settings.target_modules or ["q_proj", "v_proj"]
-        named = ", ".join(targets) if settings.target_modules else "unset (q_proj, v_proj, else PEFT's choice), which"
-        verb = "matches" if len(targets) == 1 else "match"
-        raise ConfigError(f"{key}.target_modules: {named} {verb} no module in {where}; {fix}") from None
+        if config.target_modules is None:  # no q_proj/v_proj, and PEFT knows no default for the architecture
+            problem = f"unset, and PEFT has no default for {model.config.model_type} models"
+        else:
+            targets = sorted(config.target_modules)
+            named = ", ".join(targets) + (" (the default)" if settings.target_modules is None else "")
+            problem = f"{named} {'matches' if len(targets) == 1 else 'match'} no module in {where}"
+        raise ConfigError(f"{key}.target_modules: {problem}; {fix}") from None
     names = [n for n, m in adapted.get_base_model().named_modules() if hasattr(m, "lora_A")]
     for target in settings.target_modules or []:
         if not any(n == target or n.endswith("." + target) for n in names):
