@@ -601,6 +601,9 @@ def test_pure_dtype_needs_a_16_bit_dtype_and_only_then_enters_fingerprints(base)
     from rahf.pipeline import stage_fingerprint
 
     assert error_of(None, with_(base, pure_dtype=True)).startswith("pure_dtype: applies to a 16-bit dtype only")
+    # AdamW's second moment underflows in float16 (to 0 below |g| ~ 3e-3), so a later step divides by eps alone
+    fp16 = error_of(None, with_(base, pure_dtype=True, dtype="float16"))
+    assert fp16.startswith("pure_dtype: float16 weights trained by AdamW jump") and "use dtype: bfloat16" in fp16
     fp32 = stage_fingerprint(load_config(None, with_(base, method="scit")), "instruct")[1]
     assert "pure_dtype" not in fp32  # float32 runs keep the fingerprints they had
     bf16 = [load_config(None, with_(base, dtype="bfloat16") | extra) for extra in ({}, {"pure_dtype": True})]

@@ -261,16 +261,17 @@ def test_defaults_and_dpo_settings_reach_trl(
     assert run.logs[-1]["step"] == N_TRAIN // BATCH  # one epoch
 
 
-def test_full_bf16_dpo_on_cpu_starts_at_zero_reward(tmp_path_factory, tiny_model_dir, data_file, pairs):
-    """A bf16 full fine-tune trains float32 master weights (no autocast on CPU): its reference must compute in
-    float32 too, or the implicit rewards are not 0 before the first update."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_full_bf16_dpo_starts_at_zero_reward(tmp_path_factory, tiny_model_dir, data_file, pairs, autocast):
+    """A bf16 full fine-tune trains float32 master weights: its reference must hold float32 weights too, or the
+    implicit rewards are not 0 before the first update, with or without bf16 autocast (`dpo.train.bf16`)."""
     run = _train(
         tmp_path_factory,
         tiny_model_dir,
         data_file,
         pairs,
         "full",
-        {"max_steps": 1, "logging_steps": 1},
+        {"max_steps": 1, "logging_steps": 1, "bf16": autocast},
         dtype="bfloat16",
     )
     assert run.trainer.ref_model.dtype == torch.float32  # (the policy is cast to bf16 only when saved)

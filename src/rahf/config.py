@@ -971,6 +971,11 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
         )
     if cfg.pure_dtype and cfg.dtype == "float32":
         raise ConfigError("pure_dtype: applies to a 16-bit dtype only; set dtype: bfloat16 (or float16) or drop it")
+    if cfg.pure_dtype and cfg.dtype == "float16":  # AdamW keeps its second moment in the weights' dtype
+        raise ConfigError(
+            "pure_dtype: float16 weights trained by AdamW jump (its second moment underflows to 0 in float16 and "
+            "a step divides by eps alone); use dtype: bfloat16 with pure_dtype, or drop pure_dtype"
+        )
     if cfg.window > cfg.data.max_response_length:
         raise ConfigError(
             f"window: {cfg.window} exceeds data.max_response_length={cfg.data.max_response_length}; lower one"

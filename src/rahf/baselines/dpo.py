@@ -88,9 +88,10 @@ def train_dpo(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path
     }
     # training_args sets bf16 explicitly (only for bfloat16 runs on CUDA); DPOConfig alone would default it on.
     args = training_args(DPOConfig, cfg, out, cfg.dpo.train, **defaults)
-    # A full fine-tune's reference computes in the policy's precision (its float32 master weights unless
-    # autocast runs both in 16 bits), so that their log-ratios are 0 before the first step.
-    ref_dtype = cfg.dtype if args.bf16 or args.fp16 else train_dtype(cfg, True)
+    # A full fine-tune's reference holds the policy's weights in the policy's dtype (its float32 master weights
+    # for a 16-bit run, as TRL's own copy would), so that their log-ratios are 0 before the first step: a 16-bit
+    # reference differs from float32 weights under autocast too (norms and softmax run in float32 there).
+    ref_dtype = train_dtype(cfg, True)
     trainer = _dpo_trainer(
         model=model,
         ref_model=None if lora else load_model(base, ref_dtype, cfg.trust_remote_code, revision=revision),
