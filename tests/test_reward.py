@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rahf.data import PreferencePair
@@ -46,6 +48,8 @@ def test_reward_model_learns_held_out_preferences(trained, pairs):
 
 def test_saved_reward_model_reloads_with_same_scores(trained, pairs):
     judge, out = trained
+    log = json.loads((out / "log_history.json").read_text())  # its training log is kept, as every training stage's
+    assert log[-1]["step"] == 48 and log[-1]["train_loss"] < 0.69  # 3 epochs of 16 batches, below chance (ln 2)
     loaded = RewardModelJudge.from_pretrained(str(out))
     sample = pairs[N_TRAIN:]
     prompts = [p.prompt for p in sample]

@@ -9,6 +9,7 @@ encoder such as the bundled all-MiniLM-L6-v2 ("minilm"; a BERT whose head reads 
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,6 +106,7 @@ def train_reward_model(
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # drop mixed-precision hooks
     model.to(torch_dtype(dtype)).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))  # as every training stage
     return RewardModelJudge(model, tokenizer, max_length=max_length)
 
 
