@@ -65,7 +65,7 @@ def test_every_stage_leaves_a_fresh_manifest(finished_run):
         assert fingerprint({"stage": stage, "config": covered, "inputs": manifest["inputs"]}) == fp
         assert manifest["run_config"] == json.loads(json.dumps(cfg.to_dict()))
     leftovers = [p.name for p in Path(cfg.output_dir).iterdir() if p.name.startswith(".")]
-    assert leftovers == []  # no temporary folders left behind
+    assert leftovers == [".rahf.lock"]  # no temporary folders left behind: only the run's (released) lock
     instruct = read_manifest(pipeline.stage_dir(cfg, "instruct"))
     assert instruct["n_pairs"] == N_PAIRS // 2 and instruct["method"] == cfg.method
     align = read_manifest(pipeline.stage_dir(cfg, "align"))
@@ -855,6 +855,59 @@ def test_a_stale_upstream_artifact_is_an_error_never_reused(scit_run, tiny_model
         "align": "ran",
         "merge": "ran",
     }
+
+
+def test_an_artifact_that_lost_a_file_is_stale_never_read(scit_run, tiny_model_dir, pairs_file, tmp_path, capsys):
+    """A collect shard deleted or cut short (a full disk, a stray rm) would leave align a part of the data."""
+    out = tmp_path / "copy"
+    shutil.copytree(scit_run.output_dir, out)
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+    collect = pipeline.stage_dir(cfg, "collect")
+    listed = read_manifest(collect)["files"]
+    assert set(listed) == {p.name for p in collect.iterdir() if p.name != MANIFEST} and all(listed.values())
+    shard = min(collect.glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg).splitlines())
+    assert status["collect"].startswith("stale") and status["collect"].endswith(
+        f"(files lost or cut short: {shard.name})"
+    )
+    with pytest.raises(RahfError, match=rf"the collect cache has files lost or cut short: {shard.name}; run `rahf"):
+        pipeline.run_stage(cfg, "align", force=True)
+    capsys.readouterr()
+    pipeline.run(cfg)
+    text = capsys.readouterr().out
+    assert f"has files lost or cut short: {shard.name}; recomputing" in text
+    assert stage_lines(text) == {"instruct": "fresh", "collect": "ran", "align": "ran", "merge": "ran"}
+    shard.unlink()  # the stage wrote it again: now lose it entirely
+    status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg).splitlines())
+    assert status["collect"].endswith(f"(files lost or cut short: {shard.name})")
+
+
+def test_a_second_process_on_the_same_output_dir_stops_before_writing(scit_run, tiny_model_dir, pairs_file, tmp_path):
+    """Two runs on one folder would each replace the other's artifacts; the second stops at once, naming the first."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "copy"
+    shutil.copytree(scit_run.output_dir, out)
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit", alpha=3.0))
+    code = f"import time\nfrom rahf.artifacts import output_lock\nwith output_lock({str(out)!r}):\n"
+    code += "    print('held', flush=True)\n    time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = manifest_mtimes(cfg)
+        message = rf"output_dir: {out} is being written by another rahf run \(pid {holder.pid}\); wait for it"
+        with pytest.raises(RahfError, match=message):
+            pipeline.run(cfg)
+        with pytest.raises(RahfError, match=message):
+            pipeline.run_stage(cfg, "align")
+        assert manifest_mtimes(cfg) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    pipeline.run(cfg)  # the lock went with its process, even killed
+    assert read_manifest(pipeline.stage_dir(cfg, "align"))["alpha"] == 3.0
 
 
 def test_an_sft_folder_the_run_does_not_use_is_pointed_out(tiny_model_dir, pairs_file, tmp_path, capsys):

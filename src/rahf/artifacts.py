@@ -161,11 +161,19 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def is_fresh(path: str | os.PathLike, fp: str) -> bool:
-    """True when `path` holds a finished artifact made from inputs with fingerprint `fp`."""
+    """True when `path` holds a finished artifact made from inputs with fingerprint `fp`, with every file it was
+    written with still there at its size (a deleted collect shard would otherwise leave align a part of the data)."""
     try:
-        return read_manifest(path)["fingerprint"] == fp
+        return read_manifest(path)["fingerprint"] == fp and files_intact(path)
     except (OSError, ValueError, KeyError):
         return False
+
+
+def files_intact(path: str | os.PathLike) -> bool:
+    """Every file the manifest of `path` lists exists with the size it was written with (manifests made before
+    the list was kept pass)."""
+    listed = read_manifest(path).get("files", {})
+    return all((f := Path(path) / name).is_file() and f.stat().st_size == size for name, size in listed.items())
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -213,6 +221,7 @@ def atomic_dir(
     tmp.mkdir()
     try:
         yield tmp
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         manifest = {
             "stage": stage,
             "fingerprint": fp,
@@ -223,6 +232,7 @@ def atomic_dir(
             **({} if inputs is None else {"inputs": inputs}),
             **({} if run_config is None else {"run_config": redacted(run_config)}),
             **(extra or {}),
+            "files": files,  # name -> bytes: an artifact missing one of them is not fresh
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         if final.exists():
@@ -235,6 +245,57 @@ def atomic_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_HELD: dict[Path, tuple[object, int]] = {}  # output folders this process has locked: (open file, depth)
+
+
+@contextmanager
+def output_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold `folder/.rahf.lock` while this process writes artifacts there, so a second rahf process on the same
+    folder stops at once (one line, exit 2) instead of replacing artifacts under the first. Re-entrant within a
+    process; released when the process ends, even when killed. Where advisory locks do not exist (Windows,
+    some network file systems) it does nothing."""
+    folder = Path(folder).resolve()
+    if folder in _HELD:
+        handle, depth = _HELD[folder]
+        _HELD[folder] = (handle, depth + 1)
+    else:
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = (folder / ".rahf.lock").open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RahfError(
+                f"output_dir: {folder} is being written by another rahf run ({holder}); wait for it to end, "
+                "or give this run another output_dir"
+            ) from None
+        except OSError:  # no locking on this file system: go on unguarded, as before
+            handle.close()
+            yield
+            return
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        _HELD[folder] = (handle, 1)
+    try:
+        yield
+    finally:
+        handle, depth = _HELD[folder]
+        if depth > 1:
+            _HELD[folder] = (handle, depth - 1)
+        else:
+            del _HELD[folder]
+            handle.close()
 
 
 def _remove_leftovers(final: Path) -> None:

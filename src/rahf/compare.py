@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_dir, fingerprint, fingerprint_path, is_fresh, read_manifest, write_text_atomic
+from .artifacts import (
+    atomic_dir,
+    fingerprint,
+    fingerprint_path,
+    is_fresh,
+    output_lock,
+    read_manifest,
+    write_text_atomic,
+)
 from .config import ALIASES, RahfConfig, resolved_layers, with_overrides
 from .data import PreferencePair, load_pairs
 from .errors import ConfigError
@@ -424,9 +432,14 @@ def paired(runs: list[dict], targets: tuple[str, ...] = ("rahf-scit", "rahf-dual
 
 def run_compare(cfg: RahfConfig) -> dict:
     """Run every (noise, seed) and write results.json, report.md and the plots into `cfg.output_dir`."""
+    check_compare(cfg)
+    with output_lock(cfg.output_dir):
+        return _run_compare(cfg)
+
+
+def _run_compare(cfg: RahfConfig) -> dict:
     from .report import write_report
 
-    check_compare(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods = method_names(cfg)

@@ -18,9 +18,11 @@ from .artifacts import (
     MANIFEST,
     artifact_identity,
     atomic_dir,
+    files_intact,
     fingerprint,
     fingerprint_path,
     is_fresh,
+    output_lock,
     read_manifest,
     redacted,
 )
@@ -93,11 +95,9 @@ def _fresh_fp(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> str:
         fp, covered, inputs = _stage_inputs(cfg, stage, memo)
         if not _current(path, fp):
             what = "collect cache" if stage == "collect" else f"{stage} artifact"
-            raise UpstreamError(
-                f"{path}: the {what} was made with other settings ({_changes(path, covered, inputs)}); "
-                f"run `rahf {stage}` (or `rahf run`) again",
-                stage,
-            )
+            changes = _changes(path, covered, inputs)
+            why = f"has {changes}" if changes.startswith("files") else f"was made with other settings ({changes})"
+            raise UpstreamError(f"{path}: the {what} {why}; run `rahf {stage}` (or `rahf run`) again", stage)
         memo[key] = artifact_identity(path)
     return memo[key]
 
@@ -108,6 +108,10 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
         manifest = read_manifest(path)
     except (OSError, ValueError):
         return "its manifest is unreadable"
+    if not files_intact(path):
+        listed = manifest.get("files", {})
+        gone = [n for n, size in listed.items() if not (f := path / n).is_file() or f.stat().st_size != size]
+        return f"files lost or cut short: {', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}"
     old = _flat(results_only(manifest.get("config", {})))
     new = _flat(redacted(json.loads(json.dumps(covered, default=str))))
     keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
@@ -289,7 +293,7 @@ def _current(path: Path, fp: str) -> bool:
         m = read_manifest(path)
     except (OSError, ValueError):
         return False
-    if not isinstance(m.get("config"), dict) or not isinstance(m.get("inputs"), dict):
+    if not isinstance(m.get("config"), dict) or not isinstance(m.get("inputs"), dict) or not files_intact(path):
         return False
     return fingerprint({"stage": m.get("stage"), "config": results_only(m["config"]), "inputs": m["inputs"]}) == fp
 
@@ -338,22 +342,24 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
     """Run one stage unless its artifact is fresh (or `force`); returns the artifact folder."""
     fp, covered, inputs = _stage_inputs(cfg, stage, {})
     out = stage_dir(cfg, stage)
-    if not force and _current(out, fp):
-        print(f"[rahf] {stage}: up to date ({out})", flush=True)
+    with output_lock(cfg.output_dir):  # a second process on this folder stops here, before it writes
+        if not force and _current(out, fp):
+            print(f"[rahf] {stage}: up to date ({out})", flush=True)
+            return out
+        if out.exists() and not force:
+            changes = _changes(out, covered, inputs)
+            why = f"has {changes}" if changes.startswith("files") else f"was made with other settings ({changes})"
+            print(f"[rahf] {stage}: {out} {why}; recomputing", flush=True)
+        print(f"[rahf] {stage}: running -> {out}", flush=True)
+        torch.manual_seed(cfg.seed)
+        t0 = time.time()
+        extra: dict = {}
+        with atomic_dir(out, stage, fp, covered, extra, inputs, cfg.to_dict()) as tmp:
+            extra.update(_STAGES[stage](cfg, tmp) or {})
+            extra["seconds"] = round(time.time() - t0, 2)
+            shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+        print(f"[rahf] {stage}: done in {time.time() - t0:.1f}s", flush=True)
         return out
-    if out.exists() and not force:
-        changes = _changes(out, covered, inputs)
-        print(f"[rahf] {stage}: {out} was made with other settings ({changes}); recomputing", flush=True)
-    print(f"[rahf] {stage}: running -> {out}", flush=True)
-    torch.manual_seed(cfg.seed)
-    t0 = time.time()
-    extra: dict = {}
-    with atomic_dir(out, stage, fp, covered, extra, inputs, cfg.to_dict()) as tmp:
-        extra.update(_STAGES[stage](cfg, tmp) or {})
-        extra["seconds"] = round(time.time() - t0, 2)
-        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
-    print(f"[rahf] {stage}: done in {time.time() - t0:.1f}s", flush=True)
-    return out
 
 
 def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
@@ -548,8 +554,9 @@ def run(cfg: RahfConfig, force: bool = False) -> None:
     skipped = [s for s in cfg.stages if s not in METHOD_STAGES[cfg.method]]
     if skipped:
         print(f"[rahf] method {cfg.method} has no {', '.join(skipped)} stage; skipping", flush=True)
-    for stage in active_stages(cfg):
-        run_stage(cfg, stage, force=force)
+    with output_lock(cfg.output_dir):  # for the whole run: another process cannot slip in between stages
+        for stage in active_stages(cfg):
+            run_stage(cfg, stage, force=force)
 
 
 def _sft(cfg: RahfConfig, out: Path) -> dict:
