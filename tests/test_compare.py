@@ -437,6 +437,19 @@ def test_compare_and_stage_errors_are_one_line_exit_2(tmp_path, tiny_model_dir, 
     }
     assert main(["compare", _yaml(tmp_path / "g.yaml", bad)]) == 2
     assert "data.max_prompt_length=4 leaves no room for the query" in capsys.readouterr().err
+    # every compared method's LoRA targets are checked, with its overrides, not only the config's own method's
+    compared = settings | {"evaluate": {"pairs": str(pairs_file)}, "compare": {"methods": ["scit", "dual"]}}
+    bad = compared | {"instruct": settings["instruct"] | {"lora": {"target_modules": ["nope"]}}}
+    assert main(["compare", _yaml(tmp_path / "h.yaml", bad)]) == 2  # scit's step 1 is a full fine-tune: dual's
+    assert "instruct.lora.target_modules: nope matches no module" in capsys.readouterr().err
+    bad = compared | {
+        "compare": compared["compare"] | {"overrides": {"dual": {"align": {"lora": {"target_modules": ["x"]}}}}}
+    }
+    assert main(["compare", _yaml(tmp_path / "i.yaml", bad)]) == 2
+    assert "align.lora.target_modules: x matches no module in blocks 0..1" in capsys.readouterr().err
+    bad = compared | {"compare": {"methods": ["dpo"]}, "dpo": {"lora": {"target_modules": ["y"]}}}
+    assert main(["compare", _yaml(tmp_path / "j.yaml", bad)]) == 2
+    assert "dpo.lora.target_modules: y matches no module" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

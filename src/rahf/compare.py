@@ -94,6 +94,23 @@ def check_compare(cfg: RahfConfig) -> None:
     preflight(variant(cfg, stages=stages))
     if cfg.method not in INSTRUCTED and any(m in INSTRUCTED for m in method_names(cfg)):
         check_prompt_room(cfg, instructed=True)
+    check_compared_lora(cfg)
+
+
+def check_compared_lora(cfg: RahfConfig) -> None:
+    """The LoRA adapters of every compared method, with its compare.overrides, find their target modules (preflight
+    saw only the config's own `method`)."""
+    from .pipeline import check_lora
+
+    overrides = {ALIASES.get(m, m): (o, f"compare.overrides.{m}.") for m, o in cfg.compare.overrides.items()}
+    for method in method_names(cfg):
+        host = {"hir": "scit", "preferred-sft": "dual"}.get(method, method)
+        tuned = with_overrides(cfg, *overrides[host]) if host in overrides else cfg
+        if method in ("scit", "dual", "lorra"):
+            layers = sorted({layer for layer_set, _ in candidates(tuned) for layer in layer_set})
+            check_lora(variant(tuned, method=method, layers=layers), ["align"] + (["instruct"] * (method != "lorra")))
+        elif method != "sft":
+            check_lora(variant(tuned, method=host), ["instruct"])
 
 
 def _load(cfg: RahfConfig, d: Deployed):
