@@ -108,7 +108,8 @@ def check_compared_lora(cfg: RahfConfig) -> None:
         tuned = with_overrides(cfg, *overrides[host]) if host in overrides else cfg
         if method in ("scit", "dual", "lorra"):
             layers = sorted({layer for layer_set, _ in candidates(tuned) for layer in layer_set})
-            check_lora(variant(tuned, method=method, layers=layers), ["align"] + (["instruct"] * (method != "lorra")))
+            stages = ["align"] if method == "lorra" else ["instruct", "align"]
+            check_lora(variant(tuned, method=method, layers=layers), stages)
         elif method != "sft":
             check_lora(variant(tuned, method=host), ["instruct"])
 
