@@ -169,11 +169,16 @@ def is_fresh(path: str | os.PathLike, fp: str) -> bool:
         return False
 
 
-def files_intact(path: str | os.PathLike) -> bool:
-    """Every file the manifest of `path` lists exists with the size it was written with (manifests made before
-    the list was kept pass)."""
+def lost_files(path: str | os.PathLike) -> list[str]:
+    """The files the manifest of `path` lists that are gone or no longer of the size they were written with
+    (none for manifests made before the list was kept)."""
     listed = read_manifest(path).get("files", {})
-    return all((f := Path(path) / name).is_file() and f.stat().st_size == size for name, size in listed.items())
+    return [n for n, size in listed.items() if not (f := Path(path) / n).is_file() or f.stat().st_size != size]
+
+
+def files_intact(path: str | os.PathLike) -> bool:
+    """Every file the manifest of `path` lists is there, at its size."""
+    return not lost_files(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

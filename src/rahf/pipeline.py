@@ -22,6 +22,7 @@ from .artifacts import (
     fingerprint,
     fingerprint_path,
     is_fresh,
+    lost_files,
     output_lock,
     read_manifest,
     redacted,
@@ -95,8 +96,7 @@ def _fresh_fp(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> str:
         fp, covered, inputs = _stage_inputs(cfg, stage, memo)
         if not _current(path, fp):
             what = "collect cache" if stage == "collect" else f"{stage} artifact"
-            changes = _changes(path, covered, inputs)
-            why = f"has {changes}" if changes.startswith("files") else f"was made with other settings ({changes})"
+            why = _why_stale(path, covered, inputs)
             raise UpstreamError(f"{path}: the {what} {why}; run `rahf {stage}` (or `rahf run`) again", stage)
         memo[key] = artifact_identity(path)
     return memo[key]
@@ -108,9 +108,7 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
         manifest = read_manifest(path)
     except (OSError, ValueError):
         return "its manifest is unreadable"
-    if not files_intact(path):
-        listed = manifest.get("files", {})
-        gone = [n for n, size in listed.items() if not (f := path / n).is_file() or f.stat().st_size != size]
+    if gone := lost_files(path):
         return f"files lost or cut short: {', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}"
     old = _flat(results_only(manifest.get("config", {})))
     new = _flat(redacted(json.loads(json.dumps(covered, default=str))))
@@ -118,6 +116,12 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
     made_from = manifest.get("inputs", {})
     keys += [f"{name} contents" for name in sorted(inputs) if name in made_from and made_from[name] != inputs[name]]
     return f"changed: {', '.join(keys)}" if keys else "its inputs changed"
+
+
+def _why_stale(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
+    """`_changes` as the end of a sentence about the artifact at `path`."""
+    changes = _changes(path, covered, inputs)
+    return f"has {changes}" if changes.startswith("files") else f"was made with other settings ({changes})"
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -347,9 +351,7 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
             print(f"[rahf] {stage}: up to date ({out})", flush=True)
             return out
         if out.exists() and not force:
-            changes = _changes(out, covered, inputs)
-            why = f"has {changes}" if changes.startswith("files") else f"was made with other settings ({changes})"
-            print(f"[rahf] {stage}: {out} {why}; recomputing", flush=True)
+            print(f"[rahf] {stage}: {out} {_why_stale(out, covered, inputs)}; recomputing", flush=True)
         print(f"[rahf] {stage}: running -> {out}", flush=True)
         torch.manual_seed(cfg.seed)
         t0 = time.time()
