@@ -6,7 +6,9 @@ model, with the two models' difference applied exactly at inference instead of t
 - `cd`: contrastive decoding at the output, p ~ p+^(1+a) / p-^a (the difference used at the logits);
 - `steer-raw`: at one layer, h <- h+ + a (h+ - h-) on every position from the last prompt token on
   (the RAHF-Dual target, imposed exactly);
-- `steer-normalized`: the same with v = rms(h+) (h+/rms(h+) - h-/rms(h-)) (`collect.difference: normalized`).
+- `steer-normalized`: the same with v = rms(h+) (h+/rms(h+) - h-/rms(h-)) (`collect.difference: normalized`);
+- `steer-spherical`: h+ rotated away from h- on the sphere of its own rms, by alpha times the angle between
+  them (geodesic extrapolation: the state keeps its scale, so the next RMSNorm does not shrink it).
 
 It prints the gold win rate against the chosen replies (ties half) and the share of malformed replies.
 
@@ -16,6 +18,7 @@ prints the mean probability of the preferred choice under each distribution abov
 trained RAHF-Dual, with the mean s = rms((1+a)u+ - a u-), u = h/rms(h), at the last layer: the factor
 by which the final RMSNorm shrinks the extrapolated state there.
 Usage: python benchmarks/dual_oracle.py DIR [--layers 3 4] [--alphas 0 0.25 0.5 1] [--samples 4] [--decisions]
+       [--modes steer-raw steer-normalized] [--instruct OTHER_DUAL_INSTRUCT_DIR]
 """
 
 from __future__ import annotations
@@ -26,13 +29,22 @@ from pathlib import Path
 
 import torch
 
-from rahf.collect import difference, normalized_difference
+from rahf.collect import _rms, difference, normalized_difference
 from rahf.config import RahfConfig
 from rahf.demo.task import Fact, gold_score, judge
 from rahf.instruct.dual import SIDES
 from rahf.models import decoder_blocks, load_tokenizer
 from rahf.stimuli import prompt_ids
 from rahf.training import load_stage_model
+
+
+def spherical_target(plus: torch.Tensor, minus: torch.Tensor, alpha: float) -> torch.Tensor:
+    """h+ rotated by alpha * angle(h+, h-) away from h-, in their plane, at h+'s rms."""
+    up, um = plus / _rms(plus), minus / _rms(minus)
+    cos = (up * um).mean(-1, keepdim=True).clamp(-1, 1)
+    away = up * cos - um  # tangent at u+, pointing away from u-
+    turn = alpha * torch.arccos(cos)
+    return _rms(plus) * (torch.cos(turn) * up + torch.sin(turn) * away / _rms(away))
 
 
 class DualPair:
@@ -75,6 +87,9 @@ class DualPair:
         def edit(h: torch.Tensor) -> torch.Tensor:
             h = h.clone()
             plus, minus = h[:, start:], minus_h[:, start:]
+            if mode == "steer-spherical":
+                h[:, start:] = spherical_target(plus, minus, alpha)
+                return h
             diff = difference if mode == "steer-raw" else normalized_difference  # o = h+ for Dual, as in collect
             h[:, start:] = plus + alpha * diff(plus, plus, minus)
             return h
@@ -154,6 +169,13 @@ def main() -> None:
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["steer-raw", "steer-normalized"],
+        choices=["steer-raw", "steer-normalized", "steer-spherical"],
+    )
+    ap.add_argument("--instruct", type=Path, help="another Dual step-1 artifact (default: the demo's)")
     ap.add_argument("--decisions", action="store_true", help="probabilities at the task's decision points instead")
     args = ap.parse_args()
 
@@ -168,7 +190,7 @@ def main() -> None:
     run = args.demo_dir / f"noise-{results['label_noise']:g}" / f"seed-{seed}"
     sft = args.demo_dir / f"seed-{seed}" / "sft"
     tok = load_tokenizer(str(sft))
-    pair = DualPair(run / "dual" / "instruct")
+    pair = DualPair(args.instruct or run / "dual" / "instruct")
     if args.decisions:
         from transformers import AutoModelForCausalLM
 
@@ -178,7 +200,7 @@ def main() -> None:
     prompts = [prompt_ids(tok, [{"role": "user", "content": it["prompt"]}], 48) for it in items]
     prompts = [p for p in prompts for _ in range(args.samples)]
     print("| mode | layer | alpha | win rate | malformed |\n|---|---|---|---|---|")
-    plans = [("cd", 0)] + [(m, layer) for m in ("steer-raw", "steer-normalized") for layer in args.layers]
+    plans = [("cd", 0)] + [(m, layer) for m in args.modes for layer in args.layers]
     for mode, layer in plans:
         for alpha in args.alphas:
             if alpha == 0.0 and (mode, layer) != plans[0]:

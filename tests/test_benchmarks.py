@@ -53,3 +53,23 @@ def test_every_variant_is_a_valid_config_that_sets_its_overrides(demo_dir, tmp_p
             assert cfg.evaluate.pairs == str(demo_dir / "data" / "validation.jsonl")
             for dotted, value in extra.items():
                 assert _value(cfg, dotted) == value, (name, label, dotted)
+
+
+def test_spherical_target_rotates_h_plus_away_from_h_minus_by_alpha_times_their_angle():
+    import math
+
+    import torch
+
+    oracle = _script("dual_oracle")
+    plus = torch.tensor([[2.0, 0.0, 0.0, 0.0]])  # rms 1
+    minus = torch.tensor([[0.0, 5.0, 0.0, 0.0]])  # 90 degrees away, another scale
+    assert torch.allclose(oracle.spherical_target(plus, minus, 0.0), plus)
+    # half of 90 degrees past h+, away from h-: (cos 45, -sin 45) at h+'s norm
+    half = oracle.spherical_target(plus, minus, 0.5)
+    assert torch.allclose(half, torch.tensor([[2 * math.cos(math.pi / 4), -2 * math.sin(math.pi / 4), 0.0, 0.0]]))
+    # a small angle: the same direction as the normalized linear target, but h+'s scale kept
+    minus = torch.tensor([[3.0, 0.3, 0.0, 0.0]])
+    turned = oracle.spherical_target(plus, minus, 1.0)
+    theta = math.atan2(0.3, 3.0)
+    assert torch.allclose(turned, torch.tensor([[2 * math.cos(theta), -2 * math.sin(theta), 0.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(turned.norm(), plus.norm())
