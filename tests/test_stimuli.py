@@ -561,3 +561,116 @@ def test_prompts_follow_a_changed_bos_setting_of_the_same_tokenizer():
     assert with_bos[0] == tok.bos_token_id
     tok.add_bos_token = False
     assert render_prompt(tok, msgs) == with_bos[1:]
+
+
+# ---------------------------------------------------------------- reasoning blocks, channels and dates in templates
+
+QWEN3 = (  # writes an empty reasoning block before the last reply
+    "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n{{ m['content'] }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+R1 = (  # opens a reasoning block in the generation prompt that a finished turn does not write
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|Assistant|>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}"
+)
+HARMONY = (  # gpt-oss: a channel header before the reply, and no channel tags allowed inside it
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "{% if '<|channel|>' in m['content'] %}{{ raise_exception('channel tags in content') }}{% endif %}"
+    "<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}<|return|>"
+    "{% else %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+FLAGGED = (  # SmolLM3: a "/no_think" flag in the system message is read and removed from the text written
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'].replace('/no_think', '').strip() }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DATED = (  # Llama 3.2 and gpt-oss print today's date; Llama 3.2 also trims the reply
+    "<|im_start|>system\nToday: {{ strftime_now('%d %b %Y') }}<|im_end|>\n{% for m in messages %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def templated(template: str, special=(), plain=()):
+    tok = byte_bpe(chat_template=template)
+    tok.add_special_tokens({"additional_special_tokens": list(special)})
+    tok.add_tokens(list(plain))  # Qwen3's think tags are added tokens, but not special ones
+    return tok
+
+
+def test_a_reasoning_block_the_template_writes_is_trained_and_left_out_of_the_reply_text():
+    from rahf.generate import reply_text
+    from rahf.stimuli import reply_content, stop_ids
+
+    tok = templated(QWEN3, plain=["<think>", "</think>"])
+    s = build_variants(tok, [user(QUERY)], RESPONSE, SYSTEMS, 128, 64)["plain"]
+    reply = list(s.input_ids[s.response_start :])
+    assert tok.decode(reply) == f"<think>\n\n</think>\n\n{RESPONSE}<|im_end|>"  # what the model learns to write
+    assert reply_text(tok, reply, stop_ids(tok)) == RESPONSE  # what judges, reward models and the JSONL get
+    assert reply_content(tok, "<think>\nmia asks about a banana.\n</think>\n\nyellow .") == "yellow ."
+    assert reply_content(tok, "<think>\nno end to the reasoning") == "<think>\nno end to the reasoning"
+
+
+def test_a_reasoning_block_the_generation_prompt_opens_is_closed_before_the_reply():
+    from rahf.generate import reply_text
+    from rahf.stimuli import stop_ids
+
+    tok = templated(R1, special=["<|User|>", "<|Assistant|>"], plain=["<think>", "</think>"])
+    s = build_variants(tok, [user(QUERY)], RESPONSE, SYSTEMS, 128, 64)["plain"]
+    prompt = tok.decode(list(s.input_ids[: s.response_start]))
+    assert prompt.endswith("<|Assistant|><think>\n")  # as generation renders it
+    assert tok.decode(list(s.input_ids[s.response_start :])) == f"\n</think>\n\n{RESPONSE}</s>"
+    assert reply_text(tok, list(s.input_ids[s.response_start :]), stop_ids(tok)) == RESPONSE
+
+
+def test_a_channel_header_is_trained_and_a_reward_model_with_that_template_can_read_the_reply():
+    from rahf.generate import reply_text
+    from rahf.stimuli import reply_header, stop_ids
+
+    tok = templated(HARMONY, special=["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>"])
+    assert reply_header(tok) == "<|channel|>final<|message|>"
+    reply = response_ids(tok, RESPONSE, 64)
+    assert tok.decode(reply) == f"<|channel|>final<|message|>{RESPONSE}<|return|>"
+    assert stop_ids(tok) == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|return|>")})
+    text = reply_text(tok, reply, stop_ids(tok))
+    assert text == RESPONSE
+    conversation = [user(QUERY), {"role": "assistant", "content": text}]  # as a reward model scores it
+    assert tok.apply_chat_template(conversation, tokenize=False).endswith(tok.decode(reply))
+
+
+def test_an_instruction_whose_flag_the_template_removes_still_goes_in_the_system_message():
+    tok = templated(FLAGGED)
+    text = tok.decode(render_prompt(tok, [user(QUERY)], system=f"{POS} /no_think"))
+    assert text == f"<|im_start|>system\n{POS}<|im_end|>\n<|im_start|>user\n{QUERY}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_reply_tokens_do_not_change_when_the_date_a_template_prints_does(monkeypatch):
+    import datetime as dt
+
+    import transformers.utils.chat_template_utils as templates
+
+    import rahf.stimuli
+
+    day = {"now": dt.datetime(2026, 3, 1, 23, 59)}
+
+    class Clock(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return day["now"]
+
+    class Today(dt.date):
+        @classmethod
+        def today(cls):
+            return day["now"].date()
+
+    monkeypatch.setattr(templates, "datetime", Clock)
+    monkeypatch.setattr(rahf.stimuli, "date", Today, raising=False)
+    tok = templated(DATED)
+    before = response_ids(tok, " " + RESPONSE, 64), render_prompt(tok, [user(QUERY)])
+    day["now"] = dt.datetime(2026, 3, 2, 0, 1)  # two minutes later, in the same process
+    after = response_ids(tok, " " + RESPONSE, 64), render_prompt(tok, [user(QUERY)])
+    assert before[0] == after[0] == ids_of(tok, RESPONSE) + [tok.convert_tokens_to_ids("<|im_end|>")]  # trimmed
+    assert "01 Mar 2026" in tok.decode(before[1]) and "02 Mar 2026" in tok.decode(after[1])

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .data import Message
 from .models import reply_stop_ids
-from .stimuli import prompt_ids
+from .stimuli import prompt_ids, reply_content
 
 # Logits processors a checkpoint's generation_config would add (Qwen2.5-Instruct ships repetition_penalty 1.05,
 # top_k 20), and transformers' own top_k=50 default: all off, so a reply comes from the model's own distribution.
@@ -130,12 +130,13 @@ def generate(
 
 
 def reply_text(tokenizer, ids: Sequence[int], stops: Sequence[int]) -> str:
-    """A reply's text without the stop token that ends it. Special tokens the model emitted inside the reply
-    (a BOS, a pad, a turn marker) stay in the text, so a judge sees the reply as it was generated."""
+    """A reply's text without the stop token that ends it, nor the header the chat template writes before every
+    reply (`rahf.stimuli.reply_content`: Qwen3's think block, gpt-oss's channel). Special tokens the model
+    emitted inside the reply (a BOS, a pad, a turn marker) stay in the text, so a judge sees it as generated."""
     ids = list(ids)
     if ids and ids[-1] in stops:
         ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=False).strip()
+    return reply_content(tokenizer, tokenizer.decode(ids, skip_special_tokens=False).strip())
 
 
 def read_prompts(path: str | Path) -> list[list[Message]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 from .data import Message
@@ -79,6 +80,23 @@ def _prepended_ids(tokenizer) -> list[int]:
     return list(_probed("prepended", tokenizer, settings, probe))
 
 
+_SYSTEM_PROBE = "rahf-system-probe"
+
+
+def _renders_system(tokenizer) -> bool:
+    """Whether the chat template writes a system message's text, probed with a neutral one: templates that
+    rewrite flags inside it (SmolLM3 removes "/no_think") still count as keeping it."""
+
+    def probe() -> bool:
+        try:
+            text = _chat_text(tokenizer, [{"role": "system", "content": _SYSTEM_PROBE}, *_PROBE], "the probe prompt")
+        except DataError:
+            return False
+        return _SYSTEM_PROBE in text
+
+    return _probed("renders system", tokenizer, (tokenizer.chat_template,), probe)
+
+
 def _chat_text(tokenizer, messages: Sequence[Message], where: str) -> str:
     """The chat template's text for `messages` plus the assistant tag; a template that refuses them raises DataError."""
     try:
@@ -104,14 +122,11 @@ def render_prompt(
         where = source or f"the prompt beginning {msgs[0]['content'][:40]!r}"
         if not system:
             text = _chat_text(tokenizer, msgs, where)
-        else:
-            try:
-                text = _chat_text(tokenizer, [{"role": "system", "content": system}, *msgs], where)
-            except DataError:
-                text = None
-            if text is None or system.strip() not in text:  # the template refuses or drops a system role:
-                first = {**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}  # fold it into the first turn
-                text = _chat_text(tokenizer, [first, *msgs[1:]], where)
+        elif _renders_system(tokenizer):
+            text = _chat_text(tokenizer, [{"role": "system", "content": system}, *msgs], where)
+        else:  # the template refuses or drops a system role: fold the instruction into the first turn
+            first = {**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}
+            text = _chat_text(tokenizer, [first, *msgs[1:]], where)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = _plain_prompt(messages, system)
     return _prepended_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -160,8 +175,9 @@ def response_ids(tokenizer, response: str, max_length: int) -> list[int]:
 
     The tokens are those one tokenization of a whole conversation gives the reply after the assistant tag,
     as the chat template writes it (a leading space some templates put there; no SentencePiece word marker
-    where the tag ends a line). They depend only on the tag, so every variant of a pair shares them. When
-    the template's text or tokens do not extend the prompt's, the reply is tokenized on its own.
+    where the tag ends a line; a header such as Qwen3's empty think block). They depend only on the tag, so
+    every variant of a pair shares them. When the template writes no continuation of the prompt, the reply
+    is tokenized on its own.
     """
     eot = end_of_turn_id(tokenizer)
     ids = _reply_in_context(tokenizer, response)
@@ -173,16 +189,44 @@ def response_ids(tokenizer, response: str, max_length: int) -> list[int]:
     return (ids + [eot])[:max_length]
 
 
-def _reply_in_context(tokenizer, response: str) -> list[int] | None:
-    """The reply's ids within one tokenization of a one-turn conversation, or None where that is not a
-    continuation of the prompt's own text and ids (the template rewrites the prompt, or tokens merge across it)."""
+_OPEN_THINK, _CLOSE_THINK = "<think>", "</think>"
+
+
+def _reply_tail(prompt: str, whole: str) -> str | None:
+    """The text a finished one-turn conversation `whole` has after the generation prompt `prompt`, or None.
+
+    A prompt that opens a reasoning block the finished turn does not write (DeepSeek-R1 ends its generation
+    prompt with "<think>\n") gets the block closed empty first, as Qwen3 writes a turn without reasoning, so
+    the model learns to close it before the reply instead of answering inside it.
+    """
+    if whole.startswith(prompt):
+        return whole[len(prompt) :]
+    head = prompt[: prompt.rfind(_OPEN_THINK)]
+    if _OPEN_THINK in prompt and _CLOSE_THINK not in prompt[len(head) :] and whole.startswith(head):
+        return f"\n{_CLOSE_THINK}\n\n" + whole[len(head) :]
+    return None
+
+
+def _probe_texts(tokenizer) -> tuple[str, list[int]]:
+    """The probe prompt's text and ids, rendered again when the template or the date it may print changes."""
     template = getattr(tokenizer, "chat_template", None)
 
-    def probe() -> tuple[str, list[int]]:  # the probe prompt's text and ids
+    def probe() -> tuple[str, list[int]]:
         text = _chat_text(tokenizer, _PROBE, "the probe prompt") if template else _plain_prompt(_PROBE, None)
         return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    prompt, head = _probed("probe prompt", tokenizer, (template,), probe)
+    return _probed("probe prompt", tokenizer, (template, date.today()), probe)  # gpt-oss, Llama 3.2 print the date
+
+
+def _reply_in_context(tokenizer, response: str) -> list[int] | None:
+    """The ids that follow the prompt's ids in a one-turn conversation whose reply is `response`, as the chat
+    template writes it (`_reply_tail`), or None where the template writes no such continuation of the prompt.
+
+    They are the reply's ids within one tokenization of the whole conversation when that extends the prompt's
+    ids, else the continuation's text tokenized after them (Qwen3-Thinking's "\n" + "\n" would merge).
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    prompt, head = _probe_texts(tokenizer)
     if template:
         try:
             whole = tokenizer.apply_chat_template([*_PROBE, {"role": "assistant", "content": response}], tokenize=False)
@@ -190,10 +234,42 @@ def _reply_in_context(tokenizer, response: str) -> list[int] | None:
             return None
     else:
         whole = f"{prompt} {response}"
-    if not whole.startswith(prompt):
+    tail = _reply_tail(prompt, whole)
+    if tail is None:
         return None
-    ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
-    return ids[len(head) :] if ids[: len(head)] == head else None
+    if whole.startswith(prompt):
+        ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
+        if ids[: len(head)] == head:
+            return ids[len(head) :]
+    return tokenizer(tail, add_special_tokens=False)["input_ids"]
+
+
+def reply_header(tokenizer) -> str:
+    """What the chat template writes between the assistant tag and every reply's text (Qwen3's empty
+    "<think>\n\n</think>\n\n", gpt-oss's "<|channel|>final<|message|>"), stripped; "" for most templates."""
+
+    def probe() -> str:
+        prompt, _ = _probe_texts(tokenizer)
+        try:
+            whole = tokenizer.apply_chat_template([*_PROBE, {"role": "assistant", "content": _MARK}], tokenize=False)
+        except Exception:  # noqa: BLE001 (as in _reply_in_context)
+            return ""
+        tail = _reply_tail(prompt, whole) or ""
+        return tail.split(_MARK, 1)[0].strip() if _MARK in tail else ""
+
+    template = getattr(tokenizer, "chat_template", None)
+    return _probed("reply header", tokenizer, (template, date.today()), probe) if template else ""
+
+
+def reply_content(tokenizer, text: str) -> str:
+    """A generated reply's answer: without the template's `reply_header` (which training teaches the model to
+    write) and, after a template's reasoning block, without the reasoning the model wrote in it."""
+    header = reply_header(tokenizer)
+    if header and _CLOSE_THINK in header and _CLOSE_THINK in text:
+        return text.split(_CLOSE_THINK, 1)[1].strip()
+    if header and text.startswith(header):
+        return text[len(header) :].strip()
+    return text
 
 
 def _drop_leading_tokens(tokenizer, text: str, n: int) -> str:
