@@ -785,6 +785,7 @@ def test_fingerprints_cover_what_a_stage_reads_and_nothing_else(
     # what a trainer logs, shows or checkpoints on the way: no retraining; what it trains with, and batch sizes
     # (in bfloat16 the padding of a batch moves the numbers): retraining
     quiet = {"logging_steps": 7, "disable_tqdm": False, "report_to": "none", "save_strategy": "steps", "save_steps": 3}
+    quiet |= {"dataloader_num_workers": 1, "dataloader_pin_memory": False}
     assert not stale(sft, "sft", {"sft": {"train": quiet}})
     assert stale(sft, "sft", {"sft": {"train": {"learning_rate": 1e-3}}})
     for stage in ("instruct", "collect", "align", "merge"):

@@ -276,14 +276,16 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
     return fingerprint({"stage": stage, "config": covered, "inputs": inputs}), covered, inputs
 
 
-# Settings of a `*.train` mapping that change what a trainer logs, shows or checkpoints on the way, never the weights
-# it makes (transformers 5 / TRL 1 read them only for logs and checkpoints, which are removed after each stage):
-# changing them leaves an artifact fresh, as a logging tweak must not retrain a 7B model.
+# Settings of a `*.train` mapping that change what a trainer logs, shows or checkpoints on the way, or how worker
+# processes load the batches the main process samples, never the weights it makes (transformers 5 / TRL 1 read them
+# only for logs, checkpoints, which are removed after each stage, and data loading): changing them leaves an
+# artifact fresh, as a logging tweak must not retrain a 7B model.
 NEUTRAL_TRAIN_KEYS = frozenset(
     {
         "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "logging_nan_inf_filter",
         "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm", "report_to", "run_name", "project",
         "trackio_space_id", "save_strategy", "save_steps", "save_total_limit", "save_only_model",
+        "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
     }
 )  # fmt: skip
 
