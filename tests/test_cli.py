@@ -573,3 +573,23 @@ def test_lora_unset_on_an_architecture_peft_has_no_default_for_says_so():
     ):
         check_lora_targets(meta_model(config), LoraSettings(), "instruct.lora")
     assert check_lora_targets(meta_model(config), LoraSettings(target_modules=["qkv_proj"]), "instruct.lora") is None
+
+
+def test_a_stage_command_without_the_method_its_upstream_was_made_for_says_which_to_pass(
+    dual_run, tiny_model_dir, pairs_file, tmp_path, capsys
+):
+    """`rahf instruct --method dual` then a plain `rahf collect` (the config says scit): the error names the method,
+    and `--method dual` on the next command builds on what is there."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(dual_run.output_dir, out)
+    settings = run_settings(tiny_model_dir, pairs_file, out, "scit")
+    cfg = tmp_path / "scit.yaml"
+    cfg.write_text(yaml.safe_dump(settings))
+    assert main(["collect", str(cfg), "--skip-fresh"]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "the instruct artifact was made for method dual, and this run's method is scit: pass `--method dual`" in err
+    assert main(["status", str(cfg), "--method", "dual"]) == 0
+    status = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert status["instruct"].startswith("fresh") and status["collect"].startswith("fresh")

@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from .config import METHODS
 from .errors import ConfigError, RahfError
 
 STAGE_HELP = {
@@ -141,22 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="all configured stages in order, skipping fresh ones")
     r.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]", help=config_help)
     r.add_argument("--force", action="store_true", help="recompute every stage even when fresh")
+    _method_option(r)
     r.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("status", help="which stages are fresh, stale or missing")
     s.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]", help=config_help)
+    _method_option(s)
     s.set_defaults(func=_cmd_status)
 
     for stage, text in STAGE_HELP.items():
         sp = sub.add_parser(stage, help=text)
         sp.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]", help=config_help)
         sp.add_argument("--skip-fresh", action="store_true", help="do nothing when the artifact is up to date")
-        if stage == "instruct":
-            sp.add_argument(
-                "--method",
-                choices=("scit", "dual", "preferred-sft", "hir", "dpo", "rlhf-ppo"),
-                help="overrides the config's method",
-            )
+        _method_option(
+            sp, ("scit", "dual", "preferred-sft", "hir", "dpo", "rlhf-ppo") if stage == "instruct" else METHODS
+        )
         sp.set_defaults(func=_cmd_stage)
 
     c = sub.add_parser("compare", help="the configured methods over several seeds (and label-noise levels), one report")
@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--format", default="auto", help="auto | trl-standard | trl-conversational | hh | ultrafeedback")
     dc.set_defaults(func=_cmd_data_check)
     return p
+
+
+def _method_option(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS) -> None:
+    """`--method M`, the same as the override `method=M`: every command of one run must name the same method."""
+    parser.add_argument("--method", choices=methods, help="overrides the config's method (the same as method=...)")
 
 
 def _one_process(command: str) -> None:

@@ -97,6 +97,14 @@ def _fresh_fp(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> str:
         if not _current(path, fp):
             what = "collect cache" if stage == "collect" else f"{stage} artifact"
             why = _why_stale(path, covered, inputs)
+            made = _made_with_method(path)
+            if made and made != cfg.method:  # most often a stage command run without the `--method` the last one had
+                raise UpstreamError(
+                    f"{path}: the {what} was made for method {made}, and this run's method is {cfg.method}: pass "
+                    f"`--method {made}` (or method={made}) to build on it, or run `rahf {stage}` for {cfg.method} "
+                    "(it replaces that artifact)",
+                    stage,
+                )
             raise UpstreamError(f"{path}: the {what} {why}; run `rahf {stage}` (or `rahf run`) again", stage)
         memo[key] = artifact_identity(path)
     return memo[key]
@@ -116,6 +124,13 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
     made_from = manifest.get("inputs", {})
     keys += [f"{name} contents" for name in sorted(inputs) if name in made_from and made_from[name] != inputs[name]]
     return f"changed: {', '.join(keys)}" if keys else "its inputs changed"
+
+
+def _made_with_method(path: Path) -> str | None:
+    try:
+        return read_manifest(path).get("config", {}).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _why_stale(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
