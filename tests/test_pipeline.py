@@ -548,6 +548,9 @@ def test_merged_model_equals_policy_with_adapter(finished_run):
     # Dual's align adapter sits on the preferred adapter merged into the base: its model card says how to load it
     card = (pipeline.stage_dir(cfg, "align") / "README.md").read_text()
     assert ("merge `../instruct/preferred` into the base first" in card) == (cfg.method == "dual")
+    if cfg.method == "dual":  # first thing after the card's metadata, above PEFT's placeholders
+        body = card.split("\n---\n", 1)[1] if card.startswith("---\n") else card
+        assert body.startswith("## Loading this adapter") and card.count("## Loading this adapter") == 1
 
 
 @pytest.fixture(scope="module")

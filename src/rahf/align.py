@@ -245,8 +245,9 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if step1 := step1_adapter(cfg):  # the policy was a step-1 adapter merged into its base
-        with (out / "README.md").open("a") as f:  # PEFT's model card: loading this adapter alone is wrong
-            f.write(ADAPTER_NOTE.format(step1=Path("..", *step1.parts[-2 if cfg.method == "dual" else -1 :])))
+        note = ADAPTER_NOTE.format(step1=Path("..", *step1.parts[-2 if cfg.method == "dual" else -1 :]))
+        _card_note(out / "README.md", note)  # PEFT's model card: loading this adapter alone is wrong
+        print(f"[rahf] align: {' '.join(note.strip().split(chr(10), 1)[1].split())}", flush=True)
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return trainer.state.log_history
 
@@ -261,6 +262,16 @@ def step1_adapter(cfg) -> Path | None:
         return None
     folder = Path(step1_path(cfg)) / ("preferred" if cfg.method == "dual" else "")
     return folder if (folder / "adapter_config.json").is_file() else None
+
+
+def _card_note(card: Path, note: str) -> None:
+    """`note` at the top of a model card, after its YAML metadata block (PEFT's card is 200 lines of placeholders)."""
+    text = card.read_text() if card.is_file() else ""
+    head, body = "", text
+    if text.startswith("---\n") and "\n---\n" in text[4:]:
+        end = text.index("\n---\n", 4) + len("\n---\n")
+        head, body = text[:end], text[end:]
+    card.write_text(head + note.strip() + "\n\n" + body.lstrip("\n"))
 
 
 ADAPTER_NOTE = """
