@@ -468,7 +468,7 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_half_written_stage(
     cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\nmethod: sft\n")
     assert main(["sft", str(cfg)]) == 130
     err = capsys.readouterr().err.strip()
-    assert err == "rahf: interrupted; the stage being written was removed, finished stages are kept"
+    assert err == f"rahf: interrupted; {out / 'sft'} (half-written) was removed, finished stages are kept"
     assert [p.name for p in out.iterdir()] == [".rahf.lock"]  # only the (released) lock of the run
 
 

@@ -471,3 +471,26 @@ def test_rlhf_ppo_run_trains_its_reward_model_first(tmp_path, tiny_model_dir, pa
     out = capsys.readouterr().out
     assert "(changed: reward.max_length); recomputing" in out  # the reward model, then PPO, which reads it
     assert "(changed: reward.max_length, reward contents); recomputing" in out
+
+
+def test_the_report_marks_a_tied_choice_of_layers_and_alpha_and_tabulates_timings(tmp_path):
+    sweep = [
+        {"layers": [2, 3], "alpha": 2.0, "val_win_rate": 0.292, "final_loss": 0.5},
+        {"layers": [2, 3], "alpha": 5.0, "val_win_rate": 0.292, "final_loss": 0.9},
+        {"layers": [3], "alpha": 2.0, "val_win_rate": 0.25, "final_loss": 0.4},
+    ]
+    runs = [_run(0, {"m": (0.5, None)}) | {"timings_s": {"sft": 12.34, "train m": 3.0}}]
+    runs[0]["methods"]["m"]["selection"] = {"layers": [2, 3], "alpha": 2.0, "sweep": sweep}
+    write_report(
+        {"methods": ["m"], "summary": summarize(runs), "paired": paired(runs), "runs": runs, "seconds": 1}, tmp_path
+    )
+    report = (tmp_path / "report.md").read_text()
+    assert "| m | [2, 3] | 2.0 | 0.292 **(chosen: tied, the first in the grid's order)** | 0.5000 |" in report
+    assert "| m | [2, 3] | 5.0 | 0.292 | 0.9000 |" in report
+    assert "| noise | seed | sft | train m | total |\n|---|---|---|---|---|\n| 0 | 0 | 12.3 | 3.0 | 15.3 |" in report
+
+    sweep[1]["val_win_rate"] = 0.29  # no tie
+    write_report(
+        {"methods": ["m"], "summary": summarize(runs), "paired": paired(runs), "runs": runs, "seconds": 1}, tmp_path
+    )
+    assert "| m | [2, 3] | 2.0 | 0.292 **(chosen)** | 0.5000 |" in (tmp_path / "report.md").read_text()

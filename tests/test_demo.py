@@ -62,6 +62,17 @@ def test_quick_demo_writes_results_and_report(tmp_path):
         assert r["ci95"][0] <= r["win_rate"] <= r["ci95"][1]
     report = (tmp_path / "demo" / "report.md").read_text()
     assert all(f"| {m} |" in report for m in METHODS) and "alpha" in report
+    assert report.startswith("# rahf demo\n\n**`--quick` is a smoke test")  # its numbers are not to be compared
     assert (tmp_path / "demo" / "win_rate.png").is_file()
     sweep = (tmp_path / "demo" / "compare.yaml").read_text()
     assert "noise_seeds: 1" in sweep and "- 0.4" in sweep
+
+
+def test_only_a_quick_demo_report_says_its_numbers_are_a_smoke_test():
+    from rahf.demo.run import demo_header
+
+    row = {"win_rate": 0.3, "ci95": [0.2, 0.4], "mean_gold_score": 1.0, "unparseable": 0.1, "n": 800}
+    task = {"chosen_mean_gold_score": 2.7, "n_test_prompts": 200, "samples_per_prompt": 4, "label_noise": 0.0}
+    for quick in (False, True):
+        header = demo_header({"methods": {"sft": row}, "task": task | {"quick": quick}})
+        assert ("smoke test" in header) == quick and "| sft | 0.300 | 0.200-0.400 |" in header

@@ -249,9 +249,11 @@ def atomic_dir(
             tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        ABANDONED.append(final)
         raise
 
 
+ABANDONED: list[Path] = []  # artifacts whose writing stopped half-way (their temporary folder removed), in order
 _HELD: dict[Path, tuple[object, int]] = {}  # output folders this process has locked: (open file, depth)
 
 

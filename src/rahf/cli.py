@@ -6,9 +6,11 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
+from .artifacts import ABANDONED
 from .config import METHODS
 from .errors import ConfigError, RahfError
 
@@ -221,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     # argparse ends CONFIG [key=value ...] at the first flag; overrides after it (`run c.yaml --force alpha=3`)
     # come back unparsed and join the others
     args, rest = parser.parse_known_args(argv)
+    ABANDONED.clear()
+    # TRL and PEFT still use these transformers-5 names (rahf's own settings say activation_checkpointing); a
+    # notice about library internals that the user cannot act on would open every run
+    warnings.filterwarnings(
+        "ignore", r"`(is_)?gradient_checkpointing` is deprecated", FutureWarning
+    )  # what an interrupt leaves half-written is named for this command only
     if rest:
         flags = [x for x in rest if x.startswith("-")] if hasattr(args, "items") else rest
         if flags:
@@ -240,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rahf: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the stage being written was removed on the way out (atomic_dir)
-        print("rahf: interrupted; the stage being written was removed, finished stages are kept", file=sys.stderr)
+        what = f"{ABANDONED[0]} (half-written) was removed" if ABANDONED else "nothing half-written was left"
+        print(f"rahf: interrupted; {what}, finished stages are kept", file=sys.stderr)
         return 130
     return 0
 

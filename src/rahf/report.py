@@ -179,8 +179,16 @@ def write_report(results: dict, out: Path) -> Path:
         lines += [f"## Layers and alpha chosen on validation pairs ({run_label})", ""]
         lines += ["| method | layers | alpha | validation win rate | final alignment loss |", "|---|---|---|---|---|"]
         for name, sel in selection:
+            chosen = [r for r in sel["sweep"] if r["layers"] == sel["layers"] and r["alpha"] == sel["alpha"]]
+            best = chosen[0].get("val_win_rate") if chosen else None
+            tied = sum(r.get("val_win_rate") == best for r in sel["sweep"]) > 1 and best is not None
             for row in sel["sweep"]:
-                mark = " **(chosen)**" if row["layers"] == sel["layers"] and row["alpha"] == sel["alpha"] else ""
+                picked = row["layers"] == sel["layers"] and row["alpha"] == sel["alpha"]
+                mark = (
+                    (" **(chosen: tied, the first in the grid's order)**" if tied else " **(chosen)**")
+                    if picked
+                    else ""
+                )
                 lines.append(
                     f"| {name} | {row['layers']} | {row['alpha']} | {_fmt(row.get('val_win_rate'))}{mark} "
                     f"| {_fmt(row.get('final_loss'), 4)} |"
@@ -214,8 +222,12 @@ def write_report(results: dict, out: Path) -> Path:
             )
         lines.append("")
     lines += ["## Time per run (s)", ""]
+    steps = list(dict.fromkeys(step for run in results["runs"] for step in run["timings_s"]))
+    lines += ["| noise | seed | " + " | ".join(steps) + " | total |", "|---|---|" + "---|" * (len(steps) + 1)]
     for run in results["runs"]:
-        lines.append(f"- noise {run['noise']:g}, seed {run['seed']}: {run['timings_s']}")
+        t = run["timings_s"]
+        cells = [f"{t[step]:.1f}" if step in t else "–" for step in steps]
+        lines.append(f"| {run['noise']:g} | {run['seed']} | " + " | ".join(cells) + f" | {sum(t.values()):.1f} |")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

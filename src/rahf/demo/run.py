@@ -229,12 +229,19 @@ def run_demo(out: Path, quick: bool = False, label_noise: float = 0.0, seed: int
     return results
 
 
+QUICK_NOTE = (
+    "**`--quick` is a smoke test of the whole pipeline on a model trained for seconds: its numbers say nothing "
+    "about the methods. Run `rahf demo` without `--quick` to compare them.**"
+)
+
+
 def demo_header(results: dict) -> str:
     """The task, and the gold-judged table with RAHF against its own step-1 model."""
     m, task = results["methods"], results["task"]
     lines = [
         "# rahf demo",
         "",
+        *([QUICK_NOTE, ""] if task["quick"] else []),
         (
             "Task: 'NAME asks : what color is a OBJ ?'; a reply is an opener, an answer and a closing. Gold score = "
             "2 x correct colour + polite opener + polite closing (-1 if malformed); chosen test replies average "

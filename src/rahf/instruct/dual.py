@@ -50,6 +50,7 @@ def train_dual(
         # checkpoints go under out/checkpoints, which the pipeline removes, not into the side's model folder
         side_defaults = defaults | {"output_dir": str(out / "checkpoints" / side)}
         args = training_args(SFTConfig, cfg, out, cfg.instruct.train, **side_defaults)
+        print(f"[rahf] instruct: the {side} model, on the {'chosen' if side == 'preferred' else 'rejected'} replies")
         model, logs[side] = train_sft_model(model, tokenizer, data, args)
         if cfg.finetune == "full":
             save_model(model, tokenizer, out / side, cfg.dtype)
