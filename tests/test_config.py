@@ -514,6 +514,23 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, tiny_model_d
     assert cfg.output_dir == str(proj.resolve() / "runs" / "x")
     assert Path(cfg.generate.prompts).resolve() == (proj / "prompts.jsonl").resolve()
 
+    # on the command line, paths are the shell's: relative to the current folder, even where the config's
+    # folder has the same names
+    (elsewhere / "model").symlink_to(tiny_model_dir, target_is_directory=True)
+    (elsewhere / "data").mkdir()
+    (elsewhere / "data" / "pairs.jsonl").write_bytes(Path(pairs_file).read_bytes())
+    typed = [
+        "model=./model",
+        "data.path=data/pairs.jsonl",
+        "output_dir=runs/y",
+        "generate.prompts=../proj/prompts.jsonl",
+    ]
+    cfg = load_config("../proj/c.yaml", typed)
+    assert cfg.model == str(elsewhere.resolve() / "model")
+    assert cfg.data.path == str(elsewhere.resolve() / "data" / "pairs.jsonl")
+    assert cfg.output_dir == str(elsewhere.resolve() / "runs" / "y")
+    assert Path(cfg.generate.prompts).resolve() == (proj / "prompts.jsonl").resolve()
+
 
 def test_hub_ids_stay_hub_ids_and_dot_paths_resolve(tmp_path, pairs_file, monkeypatch):
     proj = tmp_path / "proj"

@@ -478,7 +478,7 @@ def load_config(
     if isinstance(raw.get("method"), str):
         raw["method"] = ALIASES.get(raw["method"], raw["method"])
     cfg = _build(RahfConfig, raw, "")
-    _resolve_paths(cfg, base)
+    _resolve_paths(cfg, base, set(_dotted(overrides or {})))
     validate(cfg, stage, base)
     return cfg
 
@@ -490,37 +490,54 @@ def _where(path: str) -> str:
     return f"{path} (neither beside the config nor in the current folder, {Path.cwd()})"
 
 
-def _resolve_paths(cfg: RahfConfig, base: Path) -> None:
-    def local(value: str | None, model: bool = False) -> str | None:
+def _dotted(tree: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping's leaves."""
+    return [
+        k
+        for key, v in tree.items()
+        for k in (_dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])
+    ]
+
+
+def _resolve_paths(cfg: RahfConfig, base: Path, typed: set[str] = frozenset()) -> None:
+    """Relative paths against the config's folder `base`, or against the current folder for the keys in `typed`
+    (given on the command line, where a shell completes paths from the current folder)."""
+
+    def local(key: str, model: bool = False) -> str | None:
         """A path next to the config (it exists there or starts with "."; for a file, its first folder exists
         there), else as given: a model name that is not there stays a Hub id even beside a folder of its org."""
+        node, name = _node(cfg, key)
+        value = getattr(node, name)
         if not value:
             return value
         value = os.path.expanduser(value)
         if Path(value).is_absolute():
             return value
-        candidate = base / value
-        near = not model and (base / Path(value).parts[0]).is_dir()
+        root = Path.cwd() if key in typed else base
+        candidate = root / value
+        near = not model and (root / Path(value).parts[0]).is_dir()
         if candidate.exists() or value.startswith(".") or near:
             return str(candidate)
         return value
 
-    cfg.model = local(cfg.model, model=True) or ""
-    cfg.tokenizer = local(cfg.tokenizer, model=True)
-    cfg.data.path = local(cfg.data.path) or ""
-    cfg.sft.path = local(cfg.sft.path)
-    cfg.generate.prompts = local(cfg.generate.prompts)
-    cfg.generate.model = local(cfg.generate.model, model=True)
-    cfg.evaluate.pairs = local(cfg.evaluate.pairs)
-    cfg.evaluate.judge_model = local(cfg.evaluate.judge_model, model=True)
-    cfg.ppo.reward_model = local(cfg.ppo.reward_model, model=True)
-    cfg.evaluate.neutral_prompts = local(cfg.evaluate.neutral_prompts)
-    cfg.compare.validation = local(cfg.compare.validation)
-    if cfg.reward.model != "minilm":
-        cfg.reward.model = local(cfg.reward.model, model=True)
+    models = ["model", "tokenizer", "generate.model", "evaluate.judge_model", "ppo.reward_model"]
+    models += ["reward.model"] if cfg.reward.model != "minilm" else []
+    files = ["data.path", "sft.path", "generate.prompts", "evaluate.pairs", "evaluate.neutral_prompts"]
+    for key in [*models, *files, "compare.validation"]:
+        node, name = _node(cfg, key)
+        setattr(node, name, local(key, model=key in models))
     cfg.output_dir = os.path.expanduser(cfg.output_dir)
     if not Path(cfg.output_dir).is_absolute():
-        cfg.output_dir = str(base / cfg.output_dir)
+        cfg.output_dir = str((Path.cwd() if "output_dir" in typed else base) / cfg.output_dir)
+
+
+def _node(cfg: RahfConfig, key: str) -> tuple[Any, str]:
+    """The object holding a dotted key's value, and the key's last name."""
+    *parents, name = key.split(".")
+    node = cfg
+    for part in parents:
+        node = getattr(node, part)
+    return node, name
 
 
 def with_overrides(cfg: RahfConfig, mapping: dict[str, Any], where: str = "") -> RahfConfig:
