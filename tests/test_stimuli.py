@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections import Counter
 from contextlib import contextmanager
 
 import pytest
@@ -674,3 +675,21 @@ def test_reply_tokens_do_not_change_when_the_date_a_template_prints_does(monkeyp
     after = response_ids(tok, " " + RESPONSE, 64), render_prompt(tok, [user(QUERY)])
     assert before[0] == after[0] == ids_of(tok, RESPONSE) + [tok.convert_tokens_to_ids("<|im_end|>")]  # trimmed
     assert "01 Mar 2026" in tok.decode(before[1]) and "02 Mar 2026" in tok.decode(after[1])
+
+
+def test_a_tally_counts_sequences_and_what_the_length_limits_cut():
+    from rahf.stimuli import tally
+
+    tok = byte_bpe(chat_template=CHATML)
+    short = len(response_ids(tok, RESPONSE, 999))  # the reply's tokens with its end of turn
+    prompt_len = len(render_prompt(tok, [user(QUERY)], POS))
+    with tally() as outer:
+        build_variants(tok, [user(QUERY)], RESPONSE, SYSTEMS, 128, 64)  # nothing cut
+        with tally() as inner:
+            build_variants(tok, [user(QUERY)], RESPONSE, SYSTEMS, prompt_len - 2, 64)  # p+ must lose 2 tokens
+            build_variants(tok, [user(QUERY)], RESPONSE, {"plain": None}, 128, short - 1)  # the end of turn goes
+            build_variants(tok, [user(QUERY)], " ", {"plain": None}, 128, 64)
+    assert inner == {"sequences": 3, "prompts cut": 1, "replies cut": 1, "replies empty": 1}
+    assert outer == inner + Counter(sequences=1)
+    build_variants(tok, [user(QUERY)], RESPONSE, SYSTEMS, prompt_len - 2, 64)  # no tally open: nothing counted
+    assert outer["sequences"] == 4

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from .artifacts import (
 )
 from .config import METHOD_STAGES, RahfConfig, model_num_layers, resolved_layers
 from .errors import ConfigError, RahfError, UpstreamError
+from .stimuli import tally
 
 FOLDERS = {
     "sft": "sft",
@@ -374,11 +376,28 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
         t0 = time.time()
         extra: dict = {}
         with atomic_dir(out, stage, fp, covered, extra, inputs, cfg.to_dict()) as tmp:
-            extra.update(_STAGES[stage](cfg, tmp) or {})
+            with tally() as counts:
+                extra.update(_STAGES[stage](cfg, tmp) or {})
             extra["seconds"] = round(time.time() - t0, 2)
+            if counts:
+                extra["sequences"] = dict(counts)
+                print(f"[rahf] {stage}: {_sequence_summary(cfg, counts)}", flush=True)
             shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
         print(f"[rahf] {stage}: done in {time.time() - t0:.1f}s", flush=True)
         return out
+
+
+def _sequence_summary(cfg: RahfConfig, counts: Counter) -> str:
+    """What the length limits and the data did to a stage's sequences, e.g. "600 sequences built; 212 prompts lost
+    their beginning to data.max_prompt_length=64"."""
+    d = cfg.data
+    parts = [
+        f"{counts['prompts cut']} prompts lost their beginning to data.max_prompt_length={d.max_prompt_length}",
+        f"{counts['replies cut']} replies were cut to data.max_response_length={d.max_response_length}",
+        f"{counts['replies empty']} replies are empty",
+    ]
+    said = [p for p in parts if not p.startswith("0 ")]
+    return f"{counts['sequences']} sequences built" + (f"; {'; '.join(said)}" if said else ", none cut")
 
 
 def preflight(cfg: RahfConfig, stage: str | None = None) -> None:

@@ -14,7 +14,9 @@ variant. A template that refuses or drops a system message gets the instruction 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -355,12 +357,38 @@ def build_variants(
     """
     instructed = list(dict.fromkeys(s for s in systems.values() if s is not None))
     ids: dict[str | None, list[int]] = {}
+    kept = []  # the messages each truncation kept
     if instructed:
-        ids |= zip(instructed, _fit_prompt(tokenizer, prompt, instructed, max_prompt_length, source)[1])
+        msgs, rendered = _fit_prompt(tokenizer, prompt, instructed, max_prompt_length, source)
+        ids |= zip(instructed, rendered)
+        kept.append(msgs)
     if None in systems.values():
-        ids[None] = _fit_prompt(tokenizer, prompt, [None], max_prompt_length, source)[1][0]
-    resp = response_ids(tokenizer, response, max_response_length)
+        msgs, rendered = _fit_prompt(tokenizer, prompt, [None], max_prompt_length, source)
+        ids[None] = rendered[0]
+        kept.append(msgs)
+    whole = response_ids(tokenizer, response, 2**62)
+    resp = whole[:max_response_length]
+    for counts in _TALLIES:
+        counts["sequences"] += 1
+        counts["prompts cut"] += any(m != [dict(x) for x in prompt] for m in kept)
+        counts["replies cut"] += len(whole) > max_response_length
+        counts["replies empty"] += not response.strip()
     return {name: Stimulus(tuple(ids[system] + resp), len(ids[system])) for name, system in systems.items()}
+
+
+_TALLIES: list[Counter] = []  # the open `tally` counters
+
+
+@contextmanager
+def tally() -> Iterator[Counter]:
+    """A Counter of the pairs' sequences `build_variants` makes while it is open: "sequences", and how many had
+    their prompt cut to fit (its beginning lost), their reply cut, or an empty reply. A stage reports them."""
+    counts: Counter = Counter()
+    _TALLIES.append(counts)
+    try:
+        yield counts
+    finally:
+        _TALLIES.remove(counts)
 
 
 def prompt_ids(
