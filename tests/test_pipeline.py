@@ -908,11 +908,17 @@ def test_a_second_process_on_the_same_output_dir_stops_before_writing(scit_run, 
         with pytest.raises(RahfError, match=message):
             pipeline.run_stage(cfg, "align")
         assert manifest_mtimes(cfg) == before
+        assert (
+            pipeline.describe(cfg)
+            .splitlines()[0]
+            .startswith(f"note: a rahf run (pid {holder.pid}) is writing {out} now")
+        )
     finally:
         holder.kill()
         holder.wait()
     pipeline.run(cfg)  # the lock went with its process, even killed
     assert read_manifest(pipeline.stage_dir(cfg, "align"))["alpha"] == 3.0
+    assert "note" not in pipeline.describe(cfg)
 
 
 def test_an_sft_folder_the_run_does_not_use_is_pointed_out(tiny_model_dir, pairs_file, tmp_path, capsys):
@@ -924,6 +930,7 @@ def test_an_sft_folder_the_run_does_not_use_is_pointed_out(tiny_model_dir, pairs
     (tmp_path / "out" / "sft" / MANIFEST).write_text("{}")
     pipeline.preflight(cfg, "instruct")
     assert "stages does not list sft, so this run starts from model" in capsys.readouterr().out
+    assert "stages does not list sft, so this run starts from model" in pipeline.describe(cfg)  # `rahf status` too
     pipeline.preflight(cfg, "sft")
     assert "note" not in capsys.readouterr().out
 

@@ -257,6 +257,26 @@ ABANDONED: list[Path] = []  # artifacts whose writing stopped half-way (their te
 _HELD: dict[Path, tuple[object, int]] = {}  # output folders this process has locked: (open file, depth)
 
 
+def lock_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds `output_lock` on `folder` ("pid 123"), when another process does; None otherwise."""
+    folder = Path(folder).resolve()
+    lock = folder / ".rahf.lock"
+    if folder in _HELD or not lock.is_file():
+        return None
+    try:
+        import fcntl
+
+        with lock.open() as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "another process"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except (ImportError, OSError):
+        return None
+    return None
+
+
 @contextmanager
 def output_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold `folder/.rahf.lock` while this process writes artifacts there, so a second rahf process on the same

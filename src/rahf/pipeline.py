@@ -23,6 +23,7 @@ from .artifacts import (
     fingerprint,
     fingerprint_path,
     is_fresh,
+    lock_holder,
     lost_files,
     output_lock,
     read_manifest,
@@ -417,14 +418,8 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     ):  # a stage that reads `model`'s config: a Hub id that cannot be read (misspelt, not cached offline) stops here
         model_num_layers(cfg)
     check_upstream(cfg, [stage] if stage else active_stages(cfg))
-    sft = stage_dir(cfg, "sft")
-    reads_base = any(s in stages for s in ("reward", "instruct")) or cfg.method in ("lorra", "sft")
-    if "sft" not in stages and reads_base and (sft / MANIFEST).is_file():
-        print(
-            f"[rahf] note: {sft} exists, but stages does not list sft, so this run starts from model "
-            f"({cfg.model}); add sft to stages to start from it",
-            flush=True,
-        )
+    if note := unused_sft_note(cfg, stages):
+        print(f"[rahf] note: {note}", flush=True)
     if any(s in stages for s in ("reward", "instruct", "collect", "align")) or ("sft" in stages and not cfg.sft.path):
         split_pairs(cfg, load_data(cfg))
     if "evaluate" in stages:
@@ -739,12 +734,28 @@ _STAGES = {
 }
 
 
+def unused_sft_note(cfg: RahfConfig, stages: list[str]) -> str | None:
+    """Why a run that finds an `sft/` it does not list in `stages` starts from `model` instead, or None."""
+    sft = stage_dir(cfg, "sft")
+    reads_base = any(s in stages for s in ("reward", "instruct")) or cfg.method in ("lorra", "sft")
+    if "sft" not in stages and reads_base and (sft / MANIFEST).is_file():
+        return f"{sft} exists, but stages does not list sft, so this run starts from model ({cfg.model}); add sft to stages to start from it"
+    return None
+
+
 def describe(cfg: RahfConfig) -> str:
-    """One line per stage: fresh, stale, missing, or waiting for the upstream stage it reads.
+    """One line per stage: fresh, stale, missing, or waiting for the upstream stage it reads; notes first (a run
+    writing the folder now, an `sft/` the stages leave unused).
 
     Any other problem (an unreadable model or data file) is raised, so the user sees what it is.
     """
     lines = []
+    if holder := lock_holder(cfg.output_dir):
+        lines.append(
+            f"note: a rahf run ({holder}) is writing {cfg.output_dir} now: what it builds shows as missing or stale until it is done"
+        )
+    if note := unused_sft_note(cfg, active_stages(cfg)):
+        lines.append(f"note: {note}")
     for stage in active_stages(cfg):
         out = stage_dir(cfg, stage)
         note = ""
