@@ -3,6 +3,7 @@ where checkpoints go, and trainer arguments that would otherwise be ignored or u
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,19 @@ def test_dual_trains_the_preferred_side_on_chosen_and_the_dispreferred_on_reject
         assert len(trained_on[side]) == 3
         for text, pair in zip(trained_on[side], pairs):
             assert text.startswith(getattr(pair, reply)), (side, text)
+
+
+def test_scit_logs_its_loss_split_into_nll_and_contrast(scit_run):
+    import json
+
+    from rahf import pipeline
+
+    rows = json.loads((pipeline.stage_dir(scit_run, "instruct") / "log_history.json").read_text())
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2  # max_steps 2, logging every step
+    for r in steps:
+        assert r["nll"] > 0 and r["contrast"] > 0
+        assert r["nll"] + r["contrast"] == pytest.approx(r["loss"], abs=1e-3)
+        assert 0.0 <= r["contrast_accuracy"] <= 1.0
+        # the smoothed contrast is smallest at margin log(0.8 / 0.2); -(0.8 log c + 0.2 log(1 - c)) >= its minimum
+        assert r["contrast"] >= -(0.8 * math.log(0.8) + 0.2 * math.log(0.2)) - 1e-6

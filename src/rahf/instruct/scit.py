@@ -9,6 +9,7 @@ taken on the same response token ids, located in each sequence by its own prompt
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -82,9 +83,16 @@ def _trainer_class():
     from transformers import Trainer
 
     class SCITTrainer(Trainer):
-        """Trainer whose loss is the SCIT objective (set `label_smoothing` after construction)."""
+        """Trainer whose loss is the SCIT objective (set `label_smoothing` after construction). Its logs split the
+        loss into `nll` (mean response NLL per token under the matching instruction) and `contrast`, with
+        `contrast_accuracy` (share of sequences likelier under the matching instruction) and `logprob_margin`
+        (mean per-token log-probability matching minus opposite), averaged since the last log as TRL's DPO does."""
 
         label_smoothing: float = 0.2
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._parts: dict[str, list[float]] = defaultdict(list)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logits = model(
@@ -92,8 +100,21 @@ def _trainer_class():
             ).logits
             lp = mean_response_logprob(logits, inputs["input_ids"], inputs["response_mask"])
             b = lp.shape[0] // 2
-            loss = scit_loss(lp[:b], lp[b:], self.label_smoothing).mean()
+            match, other = lp[:b], lp[b:]
+            loss = scit_loss(match, other, self.label_smoothing).mean()
+            if model.training:
+                with torch.no_grad():
+                    d = (match - other).float()
+                    self._parts["nll"].append(-match.mean().item())
+                    self._parts["contrast"].append((loss + match.mean()).item())
+                    self._parts["contrast_accuracy"].append((d > 0).float().mean().item())
+                    self._parts["logprob_margin"].append(d.mean().item())
             return (loss, {"logits": logits}) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            logs.update({k: sum(v) / len(v) for k, v in self._parts.items() if v})
+            self._parts.clear()
+            super().log(logs, start_time)
 
     return SCITTrainer
 
