@@ -402,6 +402,7 @@ def test_win_rate_against_chosen_groups_samples_by_pair(pairs):
         "n_prompts": 2,
         "n_eff": 4.0,
         "per_prompt": [0.75, 0.5],
+        "verdicts": [1.0, 0.5, 0.0, 1.0],
     }
 
 
@@ -497,7 +498,12 @@ def test_evaluate_policy_scores_its_win_rate_replies_at_their_temperature(
         generations=tmp_path / "gen.jsonl",
     )  # fmt: skip
     assert drawn_at == [1.0, 0.0, 0.5]  # the sweep draws again at 0 and 0.5 only
-    replies = [json.loads(line)["response"] for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    replies = [r["response"] for r in rows]
+    # each reply carries the verdict the win rate counted (and the judge's score when it gives one)
+    assert [statistics.fmean(r["verdict"] for r in rows[i : i + 2]) for i in (0, 2, 4)] == out["verdicts_per_prompt"]
+    if "judge_score" in out:
+        assert statistics.fmean(r["judge_score"] for r in rows) == pytest.approx(out["judge_score"])
     assert rewards.calls[-1][1] == replies
     from rahf.export import read_generations  # the file is exportable: each reply numbered by prompt and sample
 

@@ -341,7 +341,7 @@ def win_rate_against_chosen(
 ) -> dict:
     """Win rate of generated responses against the pairs' chosen responses.
 
-    Returns {win_rate, ci95: [lo, hi], n, n_prompts, n_eff, per_prompt}. `responses` hold `samples`
+    Returns {win_rate, ci95: [lo, hi], n, n_prompts, n_eff, per_prompt, verdicts (one per response)}. `responses` hold `samples`
     responses per pair, grouped by pair in order. A tie counts half, and verdicts between 0 and 1 other
     than a tie (an LLM judge asked in both orders gives 0.25 or 0.75) count as the fraction of a win they
     are. The interval is the 95% Wilson interval of `rahf.metrics.clustered_wilson`: the replies to one
@@ -371,6 +371,7 @@ def win_rate_against_chosen(
         "n_prompts": len(pairs),
         "n_eff": round(n_eff, 1),
         "per_prompt": per_prompt,
+        "verdicts": outcomes,
     }
 
 
@@ -406,11 +407,12 @@ def evaluate_policy(
     before = (getattr(judge, "calls", 0), getattr(judge, "unparsed", 0))
     wins = win_rate_against_chosen(judge, pairs, replies, e.samples)
     out: dict = {
-        "win_rate": {k: v for k, v in wins.items() if k != "per_prompt"},
+        "win_rate": {k: v for k, v in wins.items() if k not in ("per_prompt", "verdicts")},
         "verdicts_per_prompt": wins["per_prompt"],
     }
     if hasattr(judge, "unparsed"):  # an LLM judge's replies without a verdict count as ties: say how many
         out["judge_unparsed"] = {"calls": judge.calls - before[0], "unparsed": judge.unparsed - before[1]}
+    scores = None
     if hasattr(judge, "score"):
         scores = judge.score_many(prompts, replies) if hasattr(judge, "score_many") else None
         scores = scores or [judge.score(p, r) for p, r in zip(prompts, replies)]
@@ -419,9 +421,10 @@ def evaluate_policy(
         path = Path(generations)
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = [
-            {"index": i // e.samples, "sample": i % e.samples, "prompt": p, "response": r}
-            for i, (p, r) in enumerate(zip(prompts, replies))
-        ]  # the layout of `rahf generate`'s file, so `rahf export --sample K` reads it
+            {"index": i // e.samples, "sample": i % e.samples, "prompt": p, "response": r, "verdict": v}
+            | ({} if scores is None else {"judge_score": scores[i]})
+            for i, (p, r, v) in enumerate(zip(prompts, replies, wins["verdicts"]))
+        ]  # the layout of `rahf generate`'s file, so `rahf export --sample K` reads it; with each reply's verdict
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     if reward_judge is not None and e.temperatures:
         out["reward_by_temperature"] = reward_by_temperature(
