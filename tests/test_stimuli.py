@@ -693,3 +693,31 @@ def test_a_tally_counts_sequences_and_what_the_length_limits_cut():
     assert outer == inner + Counter(sequences=1)
     build_variants(tok, [user(QUERY)], RESPONSE, SYSTEMS, prompt_len - 2, 64)  # no tally open: nothing counted
     assert outer["sequences"] == 4
+
+
+ONE_SYSTEM = (  # Mistral-Instruct: an optional system message first, then strictly user/assistant turns
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- for message in loop_messages %}{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After the optional system message, roles must alternate') }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}{%- if loop.first and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- else %}{{- message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+)
+
+
+def test_an_instruction_joins_a_pairs_own_system_message_where_the_template_allows_only_one():
+    tok = byte_bpe(chat_template=ONE_SYSTEM)
+    prompt = [{"role": "system", "content": "be brief ."}, user(QUERY)]
+    assert tok.decode(render_prompt(tok, [user(QUERY)], system=POS)) == f"[INST] {POS}\n\n{QUERY} [/INST]"
+    assert tok.decode(render_prompt(tok, prompt, system=POS)) == f"[INST] {POS}\n\nbe brief .\n\n{QUERY} [/INST]"
+
+
+def test_a_reply_that_only_mentions_the_closing_think_tag_keeps_its_text():
+    from rahf.stimuli import reply_content
+
+    tok = templated(QWEN3, plain=["<think>", "</think>"])
+    said = "close the reasoning with </think> and then answer ."
+    assert reply_content(tok, said) == said
+    assert reply_content(tok, f"<think>\nhm\n</think>\n\n{said}") == said

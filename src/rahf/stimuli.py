@@ -122,13 +122,15 @@ def render_prompt(
     if getattr(tokenizer, "chat_template", None):
         msgs = list(messages)
         where = source or f"the prompt beginning {msgs[0]['content'][:40]!r}"
-        if not system:
-            text = _chat_text(tokenizer, msgs, where)
-        elif _renders_system(tokenizer):
-            text = _chat_text(tokenizer, [{"role": "system", "content": system}, *msgs], where)
-        else:  # the template refuses or drops a system role: fold the instruction into the first turn
-            first = {**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}
-            text = _chat_text(tokenizer, [first, *msgs[1:]], where)
+        text = None
+        if system and _renders_system(tokenizer):
+            try:
+                text = _chat_text(tokenizer, [{"role": "system", "content": system}, *msgs], where)
+            except DataError:  # one system message allowed (Mistral, Llama 2), and the pair brings its own
+                pass
+        if system and text is None:  # the template refuses or drops a system role: fold it into the first turn
+            msgs = [{**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}, *msgs[1:]]
+        text = text or _chat_text(tokenizer, msgs, where)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = _plain_prompt(messages, system)
     return _prepended_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -220,16 +222,11 @@ def _probe_texts(tokenizer) -> tuple[str, list[int]]:
     return _probed("probe prompt", tokenizer, (template, date.today()), probe)  # gpt-oss, Llama 3.2 print the date
 
 
-def _reply_in_context(tokenizer, response: str) -> list[int] | None:
-    """The ids that follow the prompt's ids in a one-turn conversation whose reply is `response`, as the chat
-    template writes it (`_reply_tail`), or None where the template writes no such continuation of the prompt.
-
-    They are the reply's ids within one tokenization of the whole conversation when that extends the prompt's
-    ids, else the continuation's text tokenized after them (Qwen3-Thinking's "\n" + "\n" would merge).
-    """
-    template = getattr(tokenizer, "chat_template", None)
-    prompt, head = _probe_texts(tokenizer)
-    if template:
+def _continuation(tokenizer, response: str) -> tuple[str, str] | None:
+    """(the one-turn conversation's whole text, `_reply_tail`'s continuation of the probe prompt) for a reply
+    `response`, or None where the template writes no finished assistant turn continuing the prompt."""
+    prompt, _ = _probe_texts(tokenizer)
+    if getattr(tokenizer, "chat_template", None):
         try:
             whole = tokenizer.apply_chat_template([*_PROBE, {"role": "assistant", "content": response}], tokenize=False)
         except Exception:  # noqa: BLE001 (a template that renders no finished assistant turn)
@@ -237,8 +234,20 @@ def _reply_in_context(tokenizer, response: str) -> list[int] | None:
     else:
         whole = f"{prompt} {response}"
     tail = _reply_tail(prompt, whole)
-    if tail is None:
+    return None if tail is None else (whole, tail)
+
+
+def _reply_in_context(tokenizer, response: str) -> list[int] | None:
+    """The ids that follow the prompt's ids in a one-turn conversation whose reply is `response`, as the chat
+    template writes it (`_reply_tail`), or None where the template writes no such continuation of the prompt.
+
+    They are the reply's ids within one tokenization of the whole conversation when that extends the prompt's
+    ids, else the continuation's text tokenized after them (Qwen3-Thinking's "\n" + "\n" would merge).
+    """
+    found = _continuation(tokenizer, response)
+    if found is None:
         return None
+    (whole, tail), (prompt, head) = found, _probe_texts(tokenizer)
     if whole.startswith(prompt):
         ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
         if ids[: len(head)] == head:
@@ -251,13 +260,8 @@ def reply_header(tokenizer) -> str:
     "<think>\n\n</think>\n\n", gpt-oss's "<|channel|>final<|message|>"), stripped; "" for most templates."""
 
     def probe() -> str:
-        prompt, _ = _probe_texts(tokenizer)
-        try:
-            whole = tokenizer.apply_chat_template([*_PROBE, {"role": "assistant", "content": _MARK}], tokenize=False)
-        except Exception:  # noqa: BLE001 (as in _reply_in_context)
-            return ""
-        tail = _reply_tail(prompt, whole) or ""
-        return tail.split(_MARK, 1)[0].strip() if _MARK in tail else ""
+        found = _continuation(tokenizer, _MARK)
+        return found[1].split(_MARK, 1)[0].strip() if found and _MARK in found[1] else ""
 
     template = getattr(tokenizer, "chat_template", None)
     return _probed("reply header", tokenizer, (template, date.today()), probe) if template else ""
@@ -267,7 +271,8 @@ def reply_content(tokenizer, text: str) -> str:
     """A generated reply's answer: without the template's `reply_header` (which training teaches the model to
     write) and, after a template's reasoning block, without the reasoning the model wrote in it."""
     header = reply_header(tokenizer)
-    if header and _CLOSE_THINK in header and _CLOSE_THINK in text:
+    opened = not header.startswith(_OPEN_THINK) or text.startswith(_OPEN_THINK)  # R1: the prompt opened it
+    if _CLOSE_THINK in header and _CLOSE_THINK in text and opened:
         return text.split(_CLOSE_THINK, 1)[1].strip()
     if header and text.startswith(header):
         return text[len(header) :].strip()
