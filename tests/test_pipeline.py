@@ -344,7 +344,7 @@ def test_collect_shards_hold_windows_at_the_target_layers(finished_run):
     tok = tokenizer_of(cfg)
     examples = align_examples(cfg, tok)
     assert len(examples) == 2 * (N_PAIRS // 2) == manifest["n_sequences"]  # chosen and rejected of each pair
-    assert manifest["sequences"]["sequences"] == manifest["n_sequences"]  # the stage's tally of what it built
+    assert manifest["examples"]["examples"] == manifest["n_sequences"]  # the stage's tally: a reply, a sequence
     shards = [load_file(str(folder / name)) for name in manifest["shards"]]
     assert len(shards) == 1
     t = shards[0]

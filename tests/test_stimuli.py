@@ -689,10 +689,10 @@ def test_a_tally_counts_sequences_and_what_the_length_limits_cut():
             build_variants(tok, [user(QUERY)], RESPONSE, SYSTEMS, prompt_len - 2, 64)  # p+ must lose 2 tokens
             build_variants(tok, [user(QUERY)], RESPONSE, {"plain": None}, 128, short - 1)  # the end of turn goes
             build_variants(tok, [user(QUERY)], " ", {"plain": None}, 128, 64)
-    assert inner == {"sequences": 3, "prompts cut": 1, "replies cut": 1, "replies empty": 1}
-    assert outer == inner + Counter(sequences=1)
+    assert inner == {"examples": 3, "prompt cut": 1, "reply cut": 1, "reply empty": 1}
+    assert outer == inner + Counter(examples=1)
     build_variants(tok, [user(QUERY)], RESPONSE, SYSTEMS, prompt_len - 2, 64)  # no tally open: nothing counted
-    assert outer["sequences"] == 4
+    assert outer["examples"] == 4
 
 
 ONE_SYSTEM = (  # Mistral-Instruct: an optional system message first, then strictly user/assistant turns

@@ -381,7 +381,7 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
                 extra.update(_STAGES[stage](cfg, tmp) or {})
             extra["seconds"] = round(time.time() - t0, 2)
             if counts:
-                extra["sequences"] = dict(counts)
+                extra["examples"] = dict(counts)
                 print(f"[rahf] {stage}: {_sequence_summary(cfg, counts)}", flush=True)
             shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
         print(f"[rahf] {stage}: done in {time.time() - t0:.1f}s", flush=True)
@@ -389,16 +389,18 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
 
 
 def _sequence_summary(cfg: RahfConfig, counts: Counter) -> str:
-    """What the length limits and the data did to a stage's sequences, e.g. "600 sequences built; 212 prompts lost
-    their beginning to data.max_prompt_length=64"."""
+    """What the length limits and the data did to a stage's examples, e.g. "600 examples (a prompt and one reply)
+    built; in 212 the prompt lost its beginning to data.max_prompt_length=64"."""
     d = cfg.data
     parts = [
-        f"{counts['prompts cut']} prompts lost their beginning to data.max_prompt_length={d.max_prompt_length}",
-        f"{counts['replies cut']} replies were cut to data.max_response_length={d.max_response_length}",
-        f"{counts['replies empty']} replies are empty",
+        (counts["prompt cut"], f"the prompt lost its beginning to data.max_prompt_length={d.max_prompt_length}"),
+        (counts["reply cut"], f"the reply was cut to data.max_response_length={d.max_response_length}"),
+        (counts["reply empty"], "the reply is empty"),
     ]
-    said = [p for p in parts if not p.startswith("0 ")]
-    return f"{counts['sequences']} sequences built" + (f"; {'; '.join(said)}" if said else ", none cut")
+    said = [f"in {n} {what}" for n, what in parts if n]
+    return f"{counts['examples']} examples (a prompt and one reply) built" + (
+        f"; {'; '.join(said)}" if said else ", none cut"
+    )
 
 
 def preflight(cfg: RahfConfig, stage: str | None = None) -> None:

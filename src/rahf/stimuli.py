@@ -374,10 +374,10 @@ def build_variants(
     whole = response_ids(tokenizer, response, 2**62)
     resp = whole[:max_response_length]
     for counts in _TALLIES:
-        counts["sequences"] += 1
-        counts["prompts cut"] += any(m != [dict(x) for x in prompt] for m in kept)
-        counts["replies cut"] += len(whole) > max_response_length
-        counts["replies empty"] += not response.strip()
+        counts["examples"] += 1
+        counts["prompt cut"] += any(m != [dict(x) for x in prompt] for m in kept)
+        counts["reply cut"] += len(whole) > max_response_length
+        counts["reply empty"] += not response.strip()
     return {name: Stimulus(tuple(ids[system] + resp), len(ids[system])) for name, system in systems.items()}
 
 
@@ -386,8 +386,9 @@ _TALLIES: list[Counter] = []  # the open `tally` counters
 
 @contextmanager
 def tally() -> Iterator[Counter]:
-    """A Counter of the pairs' sequences `build_variants` makes while it is open: "sequences", and how many had
-    their prompt cut to fit (its beginning lost), their reply cut, or an empty reply. A stage reports them."""
+    """A Counter of the examples (a prompt with one reply, in all its instruction variants) `build_variants` makes
+    while it is open: "examples", and in how many the prompt was cut to fit (its beginning lost), the reply was
+    cut, or the reply is empty. A stage reports them."""
     counts: Counter = Counter()
     _TALLIES.append(counts)
     try:
