@@ -589,7 +589,17 @@ def test_a_stage_command_without_the_method_its_upstream_was_made_for_says_which
     cfg.write_text(yaml.safe_dump(settings))
     assert main(["collect", str(cfg), "--skip-fresh"]) == 2
     err = one_line_error(capsys.readouterr().err)
-    assert "the instruct artifact was made for method dual, and this run's method is scit: pass `--method dual`" in err
+    assert "this run's method is scit, and the instruct artifact was made for method dual (stages: sft, " in err
+    assert "): pass `--method dual` to build on it, or run `rahf instruct` for scit" in err
+    shutil.rmtree(out / "merged")  # an artifact of the run it meant is missing: the same hint
+    settings["generate"] = {"prompts": str(pairs_file)}
+    cfg.write_text(yaml.safe_dump(settings))
+    assert main(["generate", str(cfg)]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert err.endswith(
+        "the instruct artifact there was made for method dual (stages: sft, reward, instruct, collect, "
+        "align, merge, generate, evaluate): pass `--method dual` to build on it"
+    )
     assert main(["status", str(cfg), "--method", "dual"]) == 0
     status = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
     assert status["instruct"].startswith("fresh") and status["collect"].startswith("fresh")

@@ -83,8 +83,15 @@ def require_artifact(cfg: RahfConfig, stage: str) -> Path:
     path = stage_dir(cfg, stage)
     if not (path / MANIFEST).is_file():
         how = f"`rahf {stage}` (or `rahf run`)" if stage in cfg.stages else f"`rahf {stage}`, or add {stage} to stages"
-        raise UpstreamError(f"{path}: no finished {stage} artifact; run {how} first", stage)
+        made = _made_with_method(stage_dir(cfg, "instruct"))  # often: step 1 was run with another --method
+        other = f"; {_method_hint(made, 'the instruct artifact there')}" if made and made != cfg.method else ""
+        raise UpstreamError(f"{path}: no finished {stage} artifact; run {how} first{other}", stage)
     return path
+
+
+def _method_hint(made: str, what: str) -> str:
+    """Which `--method` builds on an artifact made for method `made`, and that method's stages."""
+    return f"{what} was made for method {made} (stages: {', '.join(METHOD_STAGES[made])}): pass `--method {made}` to build on it"
 
 
 def _fresh_fp(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> str:
@@ -103,9 +110,8 @@ def _fresh_fp(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> str:
             made = _made_with_method(path)
             if made and made != cfg.method:  # most often a stage command run without the `--method` the last one had
                 raise UpstreamError(
-                    f"{path}: the {what} was made for method {made}, and this run's method is {cfg.method}: pass "
-                    f"`--method {made}` (or method={made}) to build on it, or run `rahf {stage}` for {cfg.method} "
-                    "(it replaces that artifact)",
+                    f"{path}: this run's method is {cfg.method}, and {_method_hint(made, f'the {what}')}, or run "
+                    f"`rahf {stage}` for {cfg.method} (it replaces that artifact)",
                     stage,
                 )
             raise UpstreamError(f"{path}: the {what} {why}; run `rahf {stage}` (or `rahf run`) again", stage)
