@@ -1091,3 +1091,26 @@ def test_an_output_folder_that_cannot_be_made_is_a_user_error(tmp_path):
     message = r"^output_dir: cannot create .*file/run .*; choose another output_dir"
     with pytest.raises(RahfError, match=message), atomic_dir(tmp_path / "file" / "run" / "collect", "collect", "0", {}):
         pass
+
+
+def test_a_lock_held_for_an_instant_does_not_turn_a_run_away(tmp_path, monkeypatch):
+    """`rahf status` tests the lock by holding a shared one for an instant; a run starting then waits, not fails."""
+    import fcntl
+
+    from rahf.artifacts import output_lock
+
+    real, busy = fcntl.flock, {"left": 3}
+
+    def flock(handle, op):
+        if op & fcntl.LOCK_EX and busy["left"]:
+            busy["left"] -= 1
+            raise BlockingIOError
+        return real(handle, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with output_lock(tmp_path):
+        assert busy["left"] == 0
+    busy["left"] = 10**6  # held all along: refused
+    with pytest.raises(RahfError, match="is being written by another rahf run"):
+        with output_lock(tmp_path / "other"):
+            pass

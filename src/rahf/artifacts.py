@@ -257,6 +257,18 @@ ABANDONED: list[Path] = []  # artifacts whose writing stopped half-way (their te
 _HELD: dict[Path, tuple[object, int]] = {}  # output folders this process has locked: (open file, depth)
 
 
+def _flock_soon(handle, fcntl) -> None:
+    """Take the exclusive lock, trying for up to a second: `lock_holder` (`rahf status`) holds a shared one for
+    an instant, which must not turn a run away. BlockingIOError when a run holds it all that time."""
+    for _ in range(50):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.02)
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def lock_holder(folder: str | os.PathLike) -> str | None:
     """Who holds `output_lock` on `folder` ("pid 123"), when another process does; None otherwise."""
     folder = Path(folder).resolve()
@@ -296,7 +308,7 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
         folder.mkdir(parents=True, exist_ok=True)
         handle = (folder / ".rahf.lock").open("a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_soon(handle, fcntl)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
