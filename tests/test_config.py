@@ -530,6 +530,12 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, tiny_model_d
     assert cfg.data.path == str(elsewhere.resolve() / "data" / "pairs.jsonl")
     assert cfg.output_dir == str(elsewhere.resolve() / "runs" / "y")
     assert Path(cfg.generate.prompts).resolve() == (proj / "prompts.jsonl").resolve()
+    # a per-method override typed on the command line too, even where the config's folder has that file
+    cfg = load_config("../proj/c.yaml", ["compare.overrides.scit.data.path=data/pairs.jsonl"])
+    assert cfg.compare.overrides["scit"]["data"]["path"] == str(elsewhere.resolve() / "data" / "pairs.jsonl")
+    # a typed file that is not there is looked for, and named, in the current folder only
+    with pytest.raises(ConfigError, match=rf"^data.path: file not found: {elsewhere.resolve() / 'nope.jsonl'}$"):
+        load_config("../proj/c.yaml", ["data.path=nope.jsonl"])
 
 
 def test_hub_ids_stay_hub_ids_and_dot_paths_resolve(tmp_path, pairs_file, monkeypatch):

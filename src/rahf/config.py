@@ -478,8 +478,9 @@ def load_config(
     if isinstance(raw.get("method"), str):
         raw["method"] = ALIASES.get(raw["method"], raw["method"])
     cfg = _build(RahfConfig, raw, "")
-    _resolve_paths(cfg, base, set(_dotted(overrides or {})))
-    validate(cfg, stage, base)
+    typed = set(flatten(overrides or {}))
+    _resolve_paths(cfg, base, typed)
+    validate(cfg, stage, base, typed)
     return cfg
 
 
@@ -490,13 +491,15 @@ def _where(path: str) -> str:
     return f"{path} (neither beside the config nor in the current folder, {Path.cwd()})"
 
 
-def _dotted(tree: dict, prefix: str = "") -> list[str]:
-    """The dotted keys of a nested mapping's leaves."""
-    return [
-        k
-        for key, v in tree.items()
-        for k in (_dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])
-    ]
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested mapping as {dotted key: leaf value} (an empty mapping is a leaf)."""
+    out: dict = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _resolve_paths(cfg: RahfConfig, base: Path, typed: set[str] = frozenset()) -> None:
@@ -506,13 +509,14 @@ def _resolve_paths(cfg: RahfConfig, base: Path, typed: set[str] = frozenset()) -
     def local(key: str, model: bool = False) -> str | None:
         """A path next to the config (it exists there or starts with "."; for a file, its first folder exists
         there), else as given: a model name that is not there stays a Hub id even beside a folder of its org."""
-        node, name = _node(cfg, key)
-        value = getattr(node, name)
+        value = get_dotted(cfg, key)
         if not value:
             return value
         value = os.path.expanduser(value)
         if Path(value).is_absolute():
             return value
+        if key in typed and not model:  # a file typed in a shell is where the shell is
+            return str(Path.cwd() / value)
         root = Path.cwd() if key in typed else base
         candidate = root / value
         near = not model and (root / Path(value).parts[0]).is_dir()
@@ -524,20 +528,11 @@ def _resolve_paths(cfg: RahfConfig, base: Path, typed: set[str] = frozenset()) -
     models += ["reward.model"] if cfg.reward.model != "minilm" else []
     files = ["data.path", "sft.path", "generate.prompts", "evaluate.pairs", "evaluate.neutral_prompts"]
     for key in [*models, *files, "compare.validation"]:
-        node, name = _node(cfg, key)
-        setattr(node, name, local(key, model=key in models))
+        parent, _, name = key.rpartition(".")
+        setattr(get_dotted(cfg, parent) if parent else cfg, name, local(key, model=key in models))
     cfg.output_dir = os.path.expanduser(cfg.output_dir)
     if not Path(cfg.output_dir).is_absolute():
         cfg.output_dir = str((Path.cwd() if "output_dir" in typed else base) / cfg.output_dir)
-
-
-def _node(cfg: RahfConfig, key: str) -> tuple[Any, str]:
-    """The object holding a dotted key's value, and the key's last name."""
-    *parents, name = key.split(".")
-    node = cfg
-    for part in parents:
-        node = getattr(node, part)
-    return node, name
 
 
 def with_overrides(cfg: RahfConfig, mapping: dict[str, Any], where: str = "") -> RahfConfig:
@@ -845,12 +840,15 @@ def _looks_local(value: str) -> bool:
     return Path(value).is_absolute() or value.startswith((".", "~")) or value.count("/") > 1
 
 
-def validate(cfg: RahfConfig, stage: str | None = None, base: Path | None = None) -> None:
+def validate(
+    cfg: RahfConfig, stage: str | None = None, base: Path | None = None, typed: set[str] = frozenset()
+) -> None:
     """Checks that need no model weights (the layer count is read from the model's config only), of the config and
     of each method's config in `rahf compare` (`compare.overrides` merged in).
 
     `stage` is the one stage a `rahf <stage>` command runs, which `stages` need not list. `base` is the folder that
-    relative paths in `compare.overrides` resolve against (the config's; default: the current folder).
+    relative paths in `compare.overrides` resolve against (the config's; default: the current folder), except the
+    dotted keys in `typed` (given on the command line), which resolve against the current folder.
     """
     _check_config(cfg, stage)
     for method, mapping in cfg.compare.overrides.items():
@@ -869,7 +867,8 @@ def validate(cfg: RahfConfig, stage: str | None = None, base: Path | None = None
         if not isinstance(mapping.get("compare", {}), dict) or set(mapping.get("compare", {})) - own_grid:
             raise ConfigError(f"compare.overrides.{method}.compare: only layer_sets and alphas may differ per method")
         tuned = with_overrides(cfg, mapping | {"method": ALIASES.get(method, method)}, f"compare.overrides.{method}: ")
-        _resolve_paths(tuned, base or Path.cwd())
+        prefix = f"compare.overrides.{method}."
+        _resolve_paths(tuned, base or Path.cwd(), {k.removeprefix(prefix) for k in typed if k.startswith(prefix)})
         try:
             _check_config(tuned, stage)
         except ConfigError as e:

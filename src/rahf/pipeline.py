@@ -29,7 +29,7 @@ from .artifacts import (
     read_manifest,
     redacted,
 )
-from .config import METHOD_STAGES, RahfConfig, model_num_layers, resolved_layers
+from .config import METHOD_STAGES, RahfConfig, flatten, model_num_layers, resolved_layers
 from .errors import ConfigError, RahfError, UpstreamError
 from .stimuli import tally
 
@@ -127,8 +127,8 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
         return "its manifest is unreadable"
     if gone := lost_files(path):
         return f"files lost or cut short: {', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}"
-    old = _flat(results_only(manifest.get("config", {})))
-    new = _flat(redacted(json.loads(json.dumps(covered, default=str))))
+    old = flatten(results_only(manifest.get("config", {})))
+    new = flatten(redacted(json.loads(json.dumps(covered, default=str))))
     keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     made_from = manifest.get("inputs", {})
     keys += [f"{name} contents" for name in sorted(inputs) if name in made_from and made_from[name] != inputs[name]]
@@ -146,17 +146,6 @@ def _why_stale(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
     """`_changes` as the end of a sentence about the artifact at `path`."""
     changes = _changes(path, covered, inputs)
     return f"has {changes}" if changes.startswith("files") else f"was made with other settings ({changes})"
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """A nested mapping as {dotted key: leaf value}."""
-    out: dict = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _path_fp(path: str | Path | None, memo: dict[str, str | None], revision: str | None = None) -> str | None:
