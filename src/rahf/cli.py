@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from .artifacts import ABANDONED
-from .config import METHODS
+from .config import ALIASES, METHODS, flatten
 from .errors import ConfigError, RahfError
 
 STAGE_HELP = {
@@ -47,7 +47,10 @@ def _load(args) -> RahfConfig:  # noqa: F821
         raise RahfError(f"unexpected argument {extra[0]!r}: give the config file first, then key=value overrides")
     if getattr(args, "method", None):
         overrides = overrides + [f"method={args.method}"]
-    return load_config(path, overrides, stage=args.command if args.command in STAGE_HELP else None)
+    cfg = load_config(path, overrides, stage=args.command if args.command in STAGE_HELP else None)
+    for key in (k for k in flatten(cfg.to_dict()) if k.endswith(".train.gradient_checkpointing")):
+        print(f"[rahf] note: {key}: transformers 5 calls it activation_checkpointing; the old name goes in v6")
+    return cfg
 
 
 def _cmd_stage(args) -> None:
@@ -156,9 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(stage, help=text)
         sp.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]", help=config_help)
         sp.add_argument("--skip-fresh", action="store_true", help="do nothing when the artifact is up to date")
-        _method_option(
-            sp, ("scit", "dual", "preferred-sft", "hir", "dpo", "rlhf-ppo") if stage == "instruct" else METHODS
-        )
+        step1 = ("scit", "dual", "preferred-sft", "hir", "dpo", "rlhf-ppo", *ALIASES)
+        _method_option(sp, step1 if stage == "instruct" else (*METHODS, *ALIASES))
         sp.set_defaults(func=_cmd_stage)
 
     c = sub.add_parser("compare", help="the configured methods over several seeds (and label-noise levels), one report")
@@ -203,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _method_option(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS) -> None:
+def _method_option(parser: argparse.ArgumentParser, methods: tuple[str, ...] = (*METHODS, *ALIASES)) -> None:
     """`--method M`, the same as the override `method=M`: every command of one run must name the same method."""
     parser.add_argument("--method", choices=methods, help="overrides the config's method (the same as method=...)")
 
@@ -223,12 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     # argparse ends CONFIG [key=value ...] at the first flag; overrides after it (`run c.yaml --force alpha=3`)
     # come back unparsed and join the others
     args, rest = parser.parse_known_args(argv)
-    ABANDONED.clear()
-    # TRL and PEFT still use these transformers-5 names (rahf's own settings say activation_checkpointing); a
-    # notice about library internals that the user cannot act on would open every run
-    warnings.filterwarnings(
-        "ignore", r"`(is_)?gradient_checkpointing` is deprecated", FutureWarning
-    )  # what an interrupt leaves half-written is named for this command only
+    ABANDONED.clear()  # what an interrupt leaves half-written is named for this command only
+    # TRL and PEFT still use these transformers-5 names: a notice about library internals would open every run
+    # (a config that sets the old name itself is told by `_load`)
+    warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing` is deprecated", FutureWarning)
     if rest:
         flags = [x for x in rest if x.startswith("-")] if hasattr(args, "items") else rest
         if flags:
