@@ -269,6 +269,12 @@ def _flock_soon(handle, fcntl) -> None:
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def _holder(handle) -> str:
+    """What the lock file says of the process holding it ("pid 123")."""
+    handle.seek(0)
+    return handle.read().strip() or "another process"
+
+
 def lock_holder(folder: str | os.PathLike) -> str | None:
     """Who holds `output_lock` on `folder` ("pid 123"), when another process does; None otherwise."""
     folder = Path(folder).resolve()
@@ -282,7 +288,7 @@ def lock_holder(folder: str | os.PathLike) -> str | None:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return handle.read().strip() or "another process"
+                return _holder(handle)
             fcntl.flock(handle, fcntl.LOCK_UN)
     except (ImportError, OSError):
         return None
@@ -310,8 +316,7 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
         try:
             _flock_soon(handle, fcntl)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = _holder(handle)
             handle.close()
             raise RahfError(
                 f"output_dir: {folder} is being written by another rahf run ({holder}); wait for it to end, "

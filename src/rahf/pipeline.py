@@ -377,13 +377,13 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
             extra["seconds"] = round(time.time() - t0, 2)
             if counts:
                 extra["examples"] = dict(counts)
-                print(f"[rahf] {stage}: {_sequence_summary(cfg, counts)}", flush=True)
+                print(f"[rahf] {stage}: {_examples_summary(cfg, counts)}", flush=True)
             shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
         print(f"[rahf] {stage}: done in {time.time() - t0:.1f}s", flush=True)
         return out
 
 
-def _sequence_summary(cfg: RahfConfig, counts: Counter) -> str:
+def _examples_summary(cfg: RahfConfig, counts: Counter) -> str:
     """What the length limits and the data did to a stage's examples, e.g. "600 examples (a prompt and one reply)
     built; in 212 the prompt lost its beginning to data.max_prompt_length=64"."""
     d = cfg.data
