@@ -14,7 +14,7 @@ from rahf.compare import paired, run_compare, summarize
 from rahf.config import METHOD_STAGES, load_config
 from rahf.data import PreferencePair, load_pairs
 from rahf.errors import ConfigError
-from rahf.metrics import wilson_interval
+from rahf.metrics import crossed_mean_interval, wilson_interval
 from rahf.report import standing, write_report
 from rahf.training import flip_labels
 
@@ -122,6 +122,27 @@ def test_paired_differences_use_the_seeds_spread_not_overlapping_pooled_interval
             "per seed +0.220 / -0.100 / +0.060)"
         )
     ]
+
+
+def test_paired_differences_over_seeds_count_the_prompts_too():
+    # On 6 prompts x 3 replies, RAHF turns one loss into a tie on the same prompt in both seeds: the two seeds'
+    # differences are equal (1/36), so a t interval over them alone would have zero width and call it "better".
+    # Seeds and prompts both random: the interval is the prompts' one (crossed_mean_interval) and includes 0.
+    hir, rahf = [0.0] * 6, [0.5 / 3] + [0.0] * 5
+    runs = [_run(seed, {"rahf-scit": (1 / 36, rahf), "hir": (0.0, hir)}, n=18) for seed in (0, 1)]
+    row = paired(runs)["0"]["rahf-scit vs hir"]
+    assert row["over"] == "seeds and prompts" and row["diff"] == pytest.approx(1 / 36)
+    assert row["ci95"] == pytest.approx(list(crossed_mean_interval([rahf, rahf])[1:]))
+    assert row["ci95"][0] < 0 < row["ci95"][1]
+    assert "over seeds and prompts: not distinguishable" in standing(paired(runs)["0"])[0]
+
+
+def test_summary_perplexity_is_that_of_the_mean_cross_entropy():
+    runs = [_run(seed, {"m": (0.5, None)}) for seed in (0, 1)]
+    for run, ce in zip(runs, (2.0, 4.0)):
+        run["methods"]["m"] |= {"chosen_cross_entropy": ce, "chosen_perplexity": math.exp(ce)}
+    row = summarize(runs)["0"]["m"]
+    assert row["chosen_cross_entropy"] == 3.0 and row["chosen_perplexity"] == pytest.approx(math.exp(3.0))
 
 
 def test_paired_differences_with_one_seed_pair_the_prompts():
@@ -238,7 +259,7 @@ def test_compare_reports_every_method_seed_and_noise_level(compared):
         results["paired"]["0"]["rahf-dual vs preferred-sft"],
         results["paired"]["0.5"]["rahf-scit vs hir"],
     )
-    assert at_zero["over"] == "seeds" and len(at_zero["per_seed"]) == 2 and at_half["over"] == "prompts"
+    assert at_zero["over"] == "seeds and prompts" and len(at_zero["per_seed"]) == 2 and at_half["over"] == "prompts"
     assert f"- rahf-dual vs preferred-sft: {at_zero['diff']:+.3f} (95% interval" in report
     for png in ("win_rate.png", "reward_by_temperature.png", "noise_sweep.png", "layer_strength.png"):
         assert (cfg_path.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

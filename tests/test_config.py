@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from rahf.config import load_config, parse_overrides
@@ -608,10 +609,42 @@ def test_train_values_are_checked_in_every_section(base, section, method, train,
     [
         ("align", "scit", {"eval_strategy": "steps"}, "align.train.eval_strategy: no stage holds out evaluation"),
         ("sft", "scit", {"load_best_model_at_end": True}, "sft.train.load_best_model_at_end: no stage holds out"),
-        ("instruct", "scit", {"resume_from_checkpoint": "ckpt"}, "instruct.train.resume_from_checkpoint: a stage"),
+        (
+            "instruct",
+            "scit",
+            {"resume_from_checkpoint": "ckpt"},
+            "instruct.train.resume_from_checkpoint: rahf resumes a stage by itself",
+        ),
         ("sft", "scit", {"chat_template_path": "t.jinja"}, "sft.train.chat_template_path: rahf tokenizes the data"),
         ("instruct", "dual", {"packing": True}, "instruct.train.packing: set instruct.train.max_length too"),
         ("instruct", "hir", {"label_smoothing_factor": 0.1}, "instruct.train.label_smoothing_factor: the SCIT loss"),
+        ("align", "dual", {"label_smoothing_factor": 0.1}, "align.train.label_smoothing_factor: the alignment loss"),
+        ("instruct", "scit", {"remove_unused_columns": True}, "instruct.train.remove_unused_columns: rahf's collator"),
+        ("align", "scit", {"remove_unused_columns": True}, "align.train.remove_unused_columns: rahf's collator"),
+        (
+            "instruct",
+            "scit",
+            {"train_sampling_strategy": "group_by_length"},
+            "instruct.train.train_sampling_strategy: group_by_length measures",
+        ),
+        (
+            "align",
+            "dual",
+            {"train_sampling_strategy": "group_by_length"},
+            "align.train.train_sampling_strategy: group_by_length measures",
+        ),
+        (
+            "reward",
+            "scit",
+            {"max_length": 24},
+            "reward.train.max_length: rahf cuts the texts itself (long prompts lose their beginning); set reward.max_length instead (TRL's limit would drop longer pairs)",
+        ),
+        (
+            "dpo",
+            "dpo",
+            {"max_length": 16},
+            "dpo.train.max_length: rahf cuts the texts itself (long prompts lose their beginning); set data.max_prompt_length and data.max_response_length instead",
+        ),
     ],
 )
 def test_train_values_a_stage_would_ignore_or_crash_on_are_refused(base, section, method, train, start):
@@ -634,9 +667,20 @@ def test_pure_dtype_needs_a_16_bit_dtype_and_only_then_enters_fingerprints(base)
     assert mixed[1]["pure_dtype"] is False and pure[1]["pure_dtype"] is True and mixed[0] != pure[0]
 
 
+def test_fp16_is_refused_where_no_gpu_would_apply_it(base, monkeypatch):
+    msg = error_of(None, with_(base, method="scit", sft__train={"fp16": True}))
+    assert msg.startswith("sft.train.fp16: float16 mixed precision needs a CUDA GPU and none is visible"), msg
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    from rahf.config import _refuse_unused_train
+
+    _refuse_unused_train("sft", {"fp16": True}, scit=False, own_batches=False)  # with a GPU it is the user's call
+
+
 def test_train_values_that_change_nothing_are_accepted(base):
     train = {"eval_strategy": "no", "load_best_model_at_end": False, "label_smoothing_factor": 0.0}
     load_config(None, with_(base, method="scit", instruct__train=train))
+    load_config(None, with_(base, method="scit", instruct__train={"remove_unused_columns": False}))
+    load_config(None, with_(base, method="dual", instruct__train={"train_sampling_strategy": "group_by_length"}))
     load_config(None, with_(base, method="dual", instruct__train={"label_smoothing_factor": 0.1}))  # SFTTrainer's
 
 

@@ -188,7 +188,7 @@ def test_scit_trains_each_reply_under_its_own_instruction_with_the_configured_sm
     systems = {"pos": cfg.instructions.preferred, "neg": cfg.instructions.dispreferred}
     seen = {}
 
-    def fake_train(self):  # what train_scit hands the Trainer, and its loss on one batch
+    def fake_train(self, resume_from_checkpoint=None):  # what train_scit hands the Trainer, and its loss on one batch
         seen["smoothing"] = self.label_smoothing
         seen["examples"] = list(self.train_dataset)
         batch = self.data_collator(seen["examples"])
@@ -224,7 +224,7 @@ def test_dual_trains_the_preferred_side_on_chosen_and_the_dispreferred_on_reject
     pairs = load_data(cfg)[:3]
     trained_on = {}
 
-    def fake_train(model, tokenizer, data, args):  # the replies each side's SFT would learn
+    def fake_train(model, tokenizer, data, args, stage="sft"):  # the replies each side's SFT would learn
         replies = []
         for row in data:
             start = next(i for i, t in enumerate(row["labels"]) if t != -100)

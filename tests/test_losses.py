@@ -70,6 +70,17 @@ def test_alignment_loss_sends_no_gradient_to_padded_positions():
     assert torch.allclose(h.grad[0, 0], torch.tensor([-0.2, -0.8 / 3]), atol=1e-6)
 
 
+def test_alignment_loss_of_accumulated_micro_batches_adds_up_to_the_whole_batch():
+    # the two rows as two micro-batches of 2 and 1 real tokens: each divided by the step's 3 tokens, they add up to
+    # (5 + 1) / 3 + 10 / 3 = 16 / 3, the loss of both rows in one batch (each divided by its own count: 3 + 10)
+    parts = [
+        alignment_loss({1: H1[i : i + 1]}, {1: T1[i : i + 1]}, MASK[i : i + 1], "tokens", tokens=3) for i in (0, 1)
+    ]
+    assert sum(parts).item() == pytest.approx(alignment_loss({1: H1}, {1: T1}, MASK, "tokens").item(), abs=1e-6)
+    own = [alignment_loss({1: H1[i : i + 1]}, {1: T1[i : i + 1]}, MASK[i : i + 1], "tokens") for i in (0, 1)]
+    assert [x.item() for x in own] == pytest.approx([3.0, 10.0])
+
+
 def test_alignment_loss_all_masked_row_does_not_divide_by_zero():
     loss = alignment_loss({1: H1}, {1: T1}, torch.zeros(2, 2, dtype=torch.long), "tokens")
     assert loss.item() == 0.0

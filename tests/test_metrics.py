@@ -13,6 +13,7 @@ from rahf.metrics import (
     auc_roc,
     classification_metrics,
     clustered_wilson,
+    crossed_mean_interval,
     mean_interval,
     pairwise_accuracy,
     perplexity,
@@ -77,7 +78,36 @@ def test_clustered_wilson_by_hand():
     rate, low, high, n_eff = clustered_wilson([1.0, 0.0, 1.0], [3, 3, 3])
     assert rate == pytest.approx(2 / 3) and n_eff == pytest.approx(3.0)
     assert (low, high) == pytest.approx(wilson_interval(2 / 3, 3), abs=1e-12)
-    assert clustered_wilson([1.0, 1.0], [5, 5])[1:] == (*wilson_interval(1.0, 10), 10.0)  # no spread: deff 1
+    # every verdict alike (rate 0 or 1) or a single prompt: the design effect cannot be estimated, so the interval
+    # is that of one verdict per prompt, never that of independent replies
+    assert clustered_wilson([1.0, 1.0], [5, 5])[1:] == (*wilson_interval(1.0, 2), 2.0)
+    assert clustered_wilson([0.0] * 6, [6] * 6)[1:] == pytest.approx((0.0, 0.390334, 6.0), abs=1e-6)
+    assert clustered_wilson([0.5], [8])[1:] == (*wilson_interval(0.5, 1), 1.0)
+    assert clustered_wilson([1.0, 0.0], [1, 1])[3] == 2.0  # one reply per prompt: plain Wilson, as before
+
+
+def test_crossed_mean_interval_by_hand():
+    # seeds x prompts [[1, 0, 0.5], [0.5, 0, 0.5]]: mean 2.5/6; seed means 0.5, 1/3; prompt means 0.75, 0, 0.5
+    # MS_seed = 3 * ((1/12)^2 + (1/12)^2) / 1 = 1/24; MS_prompt = 2 * ((1/3)^2 + (5/12)^2 + (1/12)^2) / 2 = 7/24;
+    # residuals (cell - seed mean - prompt mean + mean) 1/6, -1/12, -1/12 / -1/6, 1/12, 1/12: MS_resid =
+    # (2/36 + 4/144) / 2 = 1/24. Var = (1/24 + 7/24 - 1/24) / 6 = 7/144; Satterthwaite
+    # df = (7/24)^2 / ((1/24)^2 / 1 + (7/24)^2 / 2 + (1/24)^2 / 2) = 49 / 26.5 = 1.85 -> 1: t 12.7062
+    mean, low, high = crossed_mean_interval([[1, 0, 0.5], [0.5, 0, 0.5]])
+    half = 12.7062 * math.sqrt(7 / 144)
+    assert (mean, low, high) == pytest.approx((2.5 / 6, 2.5 / 6 - half, 2.5 / 6 + half))
+    # two seeds that differ on the same one prompt of six by the same amount: seeds agree exactly, so a t
+    # interval over the seeds has zero width; this one is the prompts' (no seed or interaction term): t(5 df)
+    d = 1 / 6
+    mean, low, high = crossed_mean_interval([[d, 0, 0, 0, 0, 0]] * 2)
+    sd = math.sqrt((d - d / 6) ** 2 + 5 * (d / 6) ** 2) / math.sqrt(5)  # of the 6 prompt means
+    assert (low, high) == pytest.approx((d / 6 - 2.5706 * sd / math.sqrt(6), d / 6 + 2.5706 * sd / math.sqrt(6)))
+    assert low < 0 < high
+
+
+@pytest.mark.parametrize("table", [[], [[0.1, 0.2]], [[0.1], [0.2]], [[0.1, 0.2], [0.3]], [[0.1, math.nan]] * 2])
+def test_crossed_mean_interval_rejects_bad_input(table):
+    with pytest.raises(ValueError):
+        crossed_mean_interval(table)
 
 
 @pytest.mark.parametrize(

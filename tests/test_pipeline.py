@@ -921,6 +921,17 @@ def test_a_second_process_on_the_same_output_dir_stops_before_writing(scit_run, 
     assert "note" not in pipeline.describe(cfg)
 
 
+def test_instruct_train_settings_a_baseline_does_not_read_are_pointed_out(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """DPO trains step 1 with dpo.train: the instruct.train of run_settings would be silently ignored."""
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "dpo"))
+    pipeline.preflight(cfg, "instruct")
+    assert (
+        "note: instruct.train is not read by method dpo, whose step 1 trains with dpo.train" in capsys.readouterr().out
+    )
+    pipeline.preflight(with_overrides(cfg, {"method": "scit"}), "instruct")
+    assert "note" not in capsys.readouterr().out
+
+
 def test_an_sft_folder_the_run_does_not_use_is_pointed_out(tiny_model_dir, pairs_file, tmp_path, capsys):
     """After `rahf sft`, a config whose stages omit sft starts step 1 from `model`: say so, not silently."""
     cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit"))
@@ -1086,6 +1097,32 @@ def test_align_trains_on_one_device_when_several_gpus_are_visible(scit_run, tmp_
     assert (tmp_path / "align" / "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("norm", ["tokens", "authors"])
+def test_gradient_accumulation_equals_one_larger_batch(scit_run, tmp_path, norm):
+    """2 micro-batches of 2 sequences make the step of one batch of 4: with plain SGD at lr 1 the adapter moves by
+    minus the gradient, so equal weights mean equal gradients. A window of 24 gives the sequences windows of
+    different lengths (what `loss_norm: tokens` must weigh across micro-batches, not within each)."""
+    from safetensors.torch import load_file
+
+    from rahf.align import train_align
+
+    def adapter(batch: int, accumulate: int) -> dict[str, torch.Tensor]:
+        train = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulate, "max_steps": 1,
+                 "optim": "sgd", "learning_rate": 1.0, "lr_scheduler_type": "constant", "disable_tqdm": True}  # fmt: skip
+        settings = {"window": 24, "align": {"targets": "online", "loss_norm": norm, "train": train}}
+        cfg = with_overrides(scit_run, settings)
+        windows = {e.plain.window(cfg.window, cfg.include_boundary)[1] for e in align_examples(cfg, tokenizer_of(cfg))}
+        assert len(windows) > 1, windows  # the test needs windows of different lengths
+        out = tmp_path / f"{norm}-{batch}x{accumulate}"
+        train_align(cfg, out, LAYERS, 1.0)
+        return load_file(out / "adapter_model.safetensors")
+
+    one, two = adapter(4, 1), adapter(2, 2)
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_an_output_folder_that_cannot_be_made_is_a_user_error(tmp_path):
     (tmp_path / "file").write_text("")
     message = r"^output_dir: cannot create .*file/run .*; choose another output_dir"
@@ -1111,6 +1148,32 @@ def test_a_lock_held_for_an_instant_does_not_turn_a_run_away(tmp_path, monkeypat
     with output_lock(tmp_path):
         assert busy["left"] == 0
     busy["left"] = 10**6  # held all along: refused
-    with pytest.raises(RahfError, match="is being written by another rahf run"):
-        with output_lock(tmp_path / "other"):
-            pass
+    with pytest.raises(RahfError, match="is being written by another rahf run"), output_lock(tmp_path / "other"):
+        pass
+
+
+def test_a_stage_train_seed_seeds_that_stage_data_order_and_adapter_init(scit_run, tmp_path):
+    """`align.train.seed` (as TRL users write it) seeds that stage, data order and LoRA init included, instead of
+    being overridden by the run's `seed`; without it the run's seed applies."""
+    from safetensors.torch import load_file
+    from transformers import TrainingArguments
+
+    from rahf.align import train_align
+    from rahf.training import training_args
+
+    args = training_args(TrainingArguments, scit_run, tmp_path, {"seed": 7})
+    assert (args.seed, args.data_seed) == (7, 7)
+    args = training_args(TrainingArguments, scit_run, tmp_path, {"seed": 7, "data_seed": 3})
+    assert (args.seed, args.data_seed) == (7, 3)
+    assert training_args(TrainingArguments, scit_run, tmp_path, {}).data_seed == scit_run.seed
+
+    def init(seed: int | None) -> torch.Tensor:  # learning rate 0: the saved adapter is its initialisation
+        train = {"max_steps": 1, "learning_rate": 0.0, "disable_tqdm": True} | ({} if seed is None else {"seed": seed})
+        out = tmp_path / f"seed-{seed}-{len(list(tmp_path.iterdir()))}"
+        train_align(with_overrides(scit_run, {"align": {"train": train}}), out, LAYERS, 1.0)
+        return load_file(out / "adapter_model.safetensors")[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        ]
+
+    assert torch.equal(init(1), init(1)) and not torch.equal(init(1), init(2))
+    assert torch.equal(init(None), init(scit_run.seed))

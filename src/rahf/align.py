@@ -27,20 +27,24 @@ def alignment_loss(
     mask: torch.Tensor,
     norm: str = "tokens",
     width: int | None = None,
+    tokens: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """Mean over layers of the per-token L2 distance `||h - target||` on window tokens.
 
     `hidden`/`targets`: layer -> [B, W, H]; `mask`: [B, W], 1 on real window tokens. With
-    `norm="tokens"` the mean runs over real tokens only. With `"authors"` the sum is divided by
-    B * `width` (the configured window; None: the batch's W), as the original code padded every
-    response to that fixed length: short responses weigh less, and the scale is the same in every batch.
+    `norm="tokens"` the mean runs over real tokens only: the sum is divided by `tokens` (the real tokens of
+    every micro-batch of an accumulated step, so that accumulation equals one larger batch; None: this
+    batch's). With `"authors"` the sum is divided by B * `width` (the configured window; None: the batch's W),
+    as the original code padded every response to that fixed length: short responses weigh less, and the
+    scale is the same in every batch.
     """
     losses = []
     m = mask.to(torch.float32)
     slots = m.shape[0] * (width if width is not None else m.shape[1])
+    count = (m.sum() if tokens is None else torch.as_tensor(tokens, dtype=torch.float32, device=m.device)).clamp(min=1)
     for layer, h in hidden.items():
         dist = torch.linalg.vector_norm((h.float() - targets[layer].float()) * m[..., None], dim=-1)
-        losses.append(dist.sum() / (m.sum().clamp(min=1) if norm == "tokens" else slots))
+        losses.append(dist.sum() / (count if norm == "tokens" else slots))
     return torch.stack(losses).mean()
 
 
@@ -159,9 +163,17 @@ def batch_targets(inputs: dict, alpha: float, reader: TargetReader | None) -> di
 
 
 def align_batch_loss(
-    model, inputs: dict, layers: list[int], alpha: float, norm: str, reader=None, width: int | None = None
+    model,
+    inputs: dict,
+    layers: list[int],
+    alpha: float,
+    norm: str,
+    reader=None,
+    width: int | None = None,
+    tokens: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
-    """The alignment loss of the (adapter-enabled) `model` on one collated batch (`width`: see alignment_loss)."""
+    """The alignment loss of the (adapter-enabled) `model` on one collated batch (`width`, `tokens`: see
+    alignment_loss)."""
     device = next(model.parameters()).device
     if reader is not None:
         was_training = model.training
@@ -176,7 +188,7 @@ def align_batch_loss(
     starts = inputs["win_start"].to(device)
     hidden = {layer: gather_windows(h, starts, span) for layer, h in hs.items()}
     mask = inputs["win_mask"].to(device)
-    return alignment_loss(hidden, {k: t.to(device) for k, t in targets.items()}, mask, norm, width or span)
+    return alignment_loss(hidden, {k: t.to(device) for k, t in targets.items()}, mask, norm, width or span, tokens)
 
 
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -204,8 +216,20 @@ def align_trainer_class():
         width: int | None = None  # the configured window, the fixed denominator of `loss_norm: authors`
         reader: TargetReader | None = None
 
+        @property
+        def loss_is_scaled_for_ga(self) -> bool:
+            """`loss_norm: tokens` divides by the real tokens of the whole accumulated step (num_items_in_batch), so
+            the Trainer must not divide again; `authors` divides each micro-batch by its slots, and the Trainer
+            averages the micro-batches, as for one larger batch."""
+            return self.norm == "tokens"
+
+        def _get_num_items_in_batch(self, batch_samples: list, device):
+            """The real window tokens of every micro-batch of one optimiser step (the Trainer counts `labels`)."""
+            return sum(int(b["win_mask"].sum()) for b in batch_samples) if self.norm == "tokens" else None
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = align_batch_loss(model, inputs, self.layers, self.alpha, self.norm, self.reader, self.width)
+            tokens = num_items_in_batch if self.norm == "tokens" else None
+            loss = align_batch_loss(model, inputs, self.layers, self.alpha, self.norm, self.reader, self.width, tokens)
             return (loss, {}) if return_outputs else loss
 
         def _prepare_inputs(self, inputs):  # tensors move inside the loss; `examples` are not tensors
@@ -222,11 +246,14 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
     from .collect import examples_for
     from .models import load_tokenizer
     from .pipeline import load_policy, require_artifact, step1_path, target_reader
-    from .training import ListDataset, load_data, lora_config, split_pairs, training_args
+    from .training import ListDataset, load_data, lora_config, run_trainer, split_pairs, training_args
 
     revision = cfg.revision_of(step1_path(cfg))  # LoRRA's policy may be the Hub model itself
     tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code, revision)
     policy = without_dropout(load_policy(cfg))
+    defaults = {"learning_rate": 3e-4, "lr_scheduler_type": "constant", "num_train_epochs": 1}
+    args = training_args(TrainingArguments, cfg, out, cfg.align.train, **defaults)
+    torch.manual_seed(args.seed)  # the adapter's random init comes before the Trainer seeds anything
     model = get_peft_model(policy, lora_config(policy, cfg.align.lora, max_layer=max(layers), revision=revision))
     if cfg.align.targets == "cache":
         dataset, reader = CachedTargets(require_artifact(cfg, "collect"), layers), None
@@ -236,12 +263,10 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
         dataset = ListDataset(examples_for(tokenizer, pairs, cfg))
         collator = OnlineCollator(tokenizer.pad_token_id, cfg.window, cfg.include_boundary)
         reader = target_reader(cfg, layers, tokenizer.pad_token_id, policy=model)
-    defaults = {"learning_rate": 3e-4, "lr_scheduler_type": "constant", "num_train_epochs": 1}
-    args = training_args(TrainingArguments, cfg, out, cfg.align.train, **defaults)
     trainer = align_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.layers, trainer.alpha, trainer.norm, trainer.reader = layers, alpha, cfg.align.loss_norm, reader
     trainer.width = cfg.window
-    trainer.train()
+    run_trainer(trainer, "align")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if step1 := step1_adapter(cfg):  # the policy was a step-1 adapter merged into its base

@@ -396,6 +396,8 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
                 values = [m[key] for m in ms if m.get(key) is not None]
                 if values:
                     row[key] = sum(values) / len(values)
+            if "chosen_cross_entropy" in row:  # every seed scores the same tokens: the perplexity of them all, which
+                row["chosen_perplexity"] = math.exp(row["chosen_cross_entropy"])  # a mean of exponentials is not
             for key in ("likelihood_auc", "likelihood_accuracy"):
                 values = [m[key] for m in ms if m.get(key) is not None]
                 if values:
@@ -413,11 +415,13 @@ def paired(runs: list[dict], targets: tuple[str, ...] = ("rahf-scit", "rahf-dual
     Methods of one run answer the same prompts, so they are compared run by run (seed by seed), never by
     whether their separate intervals overlap. Returns {level: {"A vs B": {diff, per_seed, ci95, over}}}:
     diff is the mean over seeds of A's win rate minus B's, per_seed those differences. With several seeds
-    the 95% interval is Student's t over the seeds' differences (over = "seeds": training randomness
-    included); with one seed it is Student's t over the per-prompt differences of mean verdicts (over =
-    "prompts": the evaluation's noise only), and None without per-prompt verdicts.
+    the 95% interval treats seeds and prompts both as random (`crossed_mean_interval` over the seeds x prompts
+    table of per-prompt differences of mean verdicts; over = "seeds and prompts": training randomness and the
+    choice of prompts), or is Student's t over the seeds' differences without per-prompt verdicts (over =
+    "seeds"); with one seed it is Student's t over the per-prompt differences (over = "prompts": the
+    evaluation's noise only), and None without per-prompt verdicts.
     """
-    from .metrics import mean_interval
+    from .metrics import crossed_mean_interval, mean_interval
 
     out: dict[str, dict[str, dict]] = {}
     for level, runs_at in _runs_by_level(runs).items():
@@ -427,13 +431,16 @@ def paired(runs: list[dict], targets: tuple[str, ...] = ("rahf-scit", "rahf-dual
             for b in [x for x in names if x != a]:
                 both = [r["methods"] for r in runs_at if a in r["methods"] and b in r["methods"]]
                 per_seed = [m[a]["win_rate"]["win_rate"] - m[b]["win_rate"]["win_rate"] for m in both]
-                if len(per_seed) > 1:
+                table = [_prompt_differences(m[a], m[b]) for m in both]
+                if len(per_seed) > 1 and all(table) and len({len(t) for t in table}) == 1 and len(table[0]) > 1:
+                    _, low, high = crossed_mean_interval(table)
+                    diff, over = math.fsum(per_seed) / len(per_seed), "seeds and prompts"
+                elif len(per_seed) > 1:
                     diff, low, high = mean_interval(per_seed)
                     over = "seeds"
                 else:
-                    va, vb = both[0][a].get("verdicts_per_prompt"), both[0][b].get("verdicts_per_prompt")
-                    if va and vb and len(va) == len(vb):
-                        _, low, high = mean_interval([x - y for x, y in zip(va, vb)])
+                    if table[0]:
+                        _, low, high = mean_interval(table[0])
                     else:
                         low = high = None
                     diff, over = per_seed[0], "prompts"
@@ -446,6 +453,12 @@ def paired(runs: list[dict], targets: tuple[str, ...] = ("rahf-scit", "rahf-dual
                 }
         out[level] = rows
     return out
+
+
+def _prompt_differences(a: dict, b: dict) -> list[float] | None:
+    """Per prompt, the mean verdict of method `a` minus that of `b` in one run; None without per-prompt verdicts."""
+    va, vb = a.get("verdicts_per_prompt"), b.get("verdicts_per_prompt")
+    return [x - y for x, y in zip(va, vb)] if va and vb and len(va) == len(vb) else None
 
 
 def run_compare(cfg: RahfConfig) -> dict:

@@ -770,7 +770,8 @@ def _check_train(cfg: RahfConfig) -> None:
     ):
         settings = getattr(cfg, section)
         settings.train = train_arguments(section, settings.train, cls)
-        _refuse_unused_train(section, settings.train, scit=section == "instruct" and cfg.instruct_method == "scit")
+        scit = section == "instruct" and cfg.instruct_method == "scit"
+        _refuse_unused_train(section, settings.train, scit=scit, own_batches=scit or section == "align")
         _check_report_to(section, settings.train.get("report_to"))
         _build_arguments(section, settings.train, cls)
 
@@ -798,14 +799,21 @@ def _check_report_to(section: str, value: str | list[str] | None) -> None:
 _UNUSED_TRAIN = {
     "eval_strategy": "no stage holds out evaluation data (the evaluate stage measures the result); leave it at no",
     "load_best_model_at_end": "no stage holds out evaluation data; leave it false",
-    "resume_from_checkpoint": "a stage always trains from its start (a killed stage leaves nothing behind)",
+    "resume_from_checkpoint": "rahf resumes a stage by itself: with save_strategy steps (or epoch) an interrupted "
+    "stage keeps its checkpoints, and running it again with the same settings resumes from the newest",
     "chat_template_path": "rahf tokenizes the data before TRL would apply it, so training and the saved tokenizer "
     "would disagree; give a tokenizer folder with that template as `tokenizer` instead",
 }
 
 
-def _refuse_unused_train(section: str, values: dict[str, Any], scit: bool) -> None:
-    """Refuse `*.train` fields the stage would silently ignore, or accept here and crash on once earlier stages ran."""
+def _refuse_unused_train(section: str, values: dict[str, Any], scit: bool, own_batches: bool) -> None:
+    """Refuse `*.train` fields the stage would silently ignore, or accept here and crash on once earlier stages ran.
+
+    `own_batches`: the stage feeds the Trainer rahf's own examples and collator (SCIT's step 1, align), whose
+    fields the model does not take and which carry no `input_ids` column to measure lengths by.
+    """
+    import torch
+
     for key, why in _UNUSED_TRAIN.items():
         if values.get(key) not in (None, False, "no"):
             raise ConfigError(f"{section}.train.{key}: {why}")
@@ -815,6 +823,28 @@ def _refuse_unused_train(section: str, values: dict[str, Any], scit: bool) -> No
         raise ConfigError(
             "instruct.train.label_smoothing_factor: the SCIT loss reads no labels the Trainer could smooth; set "
             "instruct.label_smoothing (the smoothing of its instruction contrast) instead"
+        )
+    if section == "align" and values.get("label_smoothing_factor"):
+        raise ConfigError("align.train.label_smoothing_factor: the alignment loss reads no labels; leave it at 0")
+    if own_batches and values.get("remove_unused_columns"):
+        raise ConfigError(
+            f"{section}.train.remove_unused_columns: rahf's collator reads fields the model does not take; leave it false"
+        )
+    if own_batches and values.get("train_sampling_strategy") == "group_by_length":
+        raise ConfigError(
+            f"{section}.train.train_sampling_strategy: group_by_length measures an `input_ids` column this stage's "
+            "examples do not have; use random or sequential"
+        )
+    if values.get("fp16") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{section}.train.fp16: float16 mixed precision needs a CUDA GPU and none is visible, so it would train "
+            "in float32; drop it (bf16 works on a CPU)"
+        )
+    if section in ("reward", "dpo") and values.get("max_length") is not None:
+        own = "reward.max_length" if section == "reward" else "data.max_prompt_length and data.max_response_length"
+        raise ConfigError(
+            f"{section}.train.max_length: rahf cuts the texts itself (long prompts lose their beginning); set {own} "
+            f"instead (TRL's limit would {'drop longer pairs' if section == 'reward' else 'train on pairs with empty replies'})"
         )
 
 

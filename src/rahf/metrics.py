@@ -67,7 +67,11 @@ def clustered_wilson(
     rate = sum(m * x for x, m in zip(means, sizes)) / n
     n_eff = float(n)
     independent = rate * (1 - rate) / n
-    if max(sizes) > 1 and independent > 0:
+    if max(sizes) > 1 and (len(means) == 1 or independent == 0):
+        # the design effect cannot be estimated (one cluster; or every verdict alike, a rate of 0 or 1): take the
+        # most it can be, so that the interval claims no more than one verdict per cluster would show
+        n_eff = float(len(means))
+    elif max(sizes) > 1:
         clustered = sum((m * (x - rate)) ** 2 for x, m in zip(means, sizes)) / (n * n)
         n_eff = n / max(1.0, clustered / independent)
     low, high = wilson_interval(rate, n_eff, z)
@@ -109,6 +113,42 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float | None, float |
         return mean, None, None
     sd = math.sqrt(math.fsum((x - mean) ** 2 for x in values) / (len(values) - 1))
     half = t_975(len(values) - 1) * sd / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def crossed_mean_interval(table: Sequence[Sequence[float]]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of a seeds x prompts table of differences with its 95% interval, seeds and
+    prompts both random (two-way crossed random effects, one value per cell).
+
+    Var(mean) = s2_seed / S + s2_prompt / P + s2_resid / (S P), estimated from the ANOVA mean squares as
+    (MS_seed + MS_prompt - MS_resid) / (S P), never below MS_seed / (S P) or MS_prompt / (S P) (each estimates a
+    part of it), with Satterthwaite's degrees of freedom. A t interval over the S seed means alone ignores that
+    every seed is judged on the same prompts: seeds that happen to agree would give it zero width.
+    """
+    rows = [list(r) for r in table]
+    seeds, prompts = len(rows), len(rows[0]) if rows else 0
+    if seeds < 2 or prompts < 2 or any(len(r) != prompts for r in rows):
+        raise ValueError("crossed_mean_interval needs at least 2 seeds and 2 prompts, the same prompts in every seed")
+    if any(math.isnan(x) for r in rows for x in r):
+        raise ValueError("crossed_mean_interval got NaN")
+    mean = math.fsum(x for r in rows for x in r) / (seeds * prompts)
+    by_seed = [math.fsum(r) / prompts for r in rows]
+    by_prompt = [math.fsum(r[j] for r in rows) / seeds for j in range(prompts)]
+    ms_seed = prompts * math.fsum((x - mean) ** 2 for x in by_seed) / (seeds - 1)
+    ms_prompt = seeds * math.fsum((x - mean) ** 2 for x in by_prompt) / (prompts - 1)
+    resid = math.fsum(
+        (rows[i][j] - by_seed[i] - by_prompt[j] + mean) ** 2 for i in range(seeds) for j in range(prompts)
+    )
+    df_resid = (seeds - 1) * (prompts - 1)
+    ms_resid = resid / df_resid
+    terms = [(ms_seed, seeds - 1), (ms_prompt, prompts - 1)]
+    combined = ms_seed + ms_prompt - ms_resid
+    if combined >= max(ms_seed, ms_prompt):
+        spread = ms_seed**2 / (seeds - 1) + ms_prompt**2 / (prompts - 1) + ms_resid**2 / df_resid
+        df = combined**2 / spread if spread > 0 else float(prompts - 1)
+    else:
+        combined, df = max(terms)
+    half = t_975(max(1, math.floor(df))) * math.sqrt(combined / (seeds * prompts))
     return mean, mean - half, mean + half
 
 

@@ -28,6 +28,7 @@ from .artifacts import (
     output_lock,
     read_manifest,
     redacted,
+    write_text_atomic,
 )
 from .config import METHOD_STAGES, RahfConfig, flatten, model_num_layers, resolved_layers
 from .errors import ConfigError, RahfError, UpstreamError
@@ -291,8 +292,8 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
 
 # Settings of a `*.train` mapping that change what a trainer logs, shows or checkpoints on the way, or how worker
 # processes load the batches the main process samples, never the weights it makes (transformers 5 / TRL 1 read them
-# only for logs, checkpoints, which are removed after each stage, and data loading): changing them leaves an
-# artifact fresh, as a logging tweak must not retrain a 7B model.
+# only for logs, checkpoints and data loading): changing them leaves an artifact fresh, as a logging tweak must not
+# retrain a 7B model, and leaves an interrupted stage's checkpoints resumable.
 NEUTRAL_TRAIN_KEYS = frozenset(
     {
         "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "logging_nan_inf_filter",
@@ -358,7 +359,14 @@ def target_reader(cfg: RahfConfig, layers: list[int], pad_id: int, policy=None):
 
 
 def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
-    """Run one stage unless its artifact is fresh (or `force`); returns the artifact folder."""
+    """Run one stage unless its artifact is fresh (or `force`); returns the artifact folder.
+
+    A training stage's Trainer checkpoints (`<stage>.train.save_strategy`) go to `<artifact>.checkpoints/` beside
+    the artifact, tagged with the stage's fingerprint: a run killed part-way leaves them there, and running the
+    stage again with the same inputs and settings resumes from the newest; any other run discards them.
+    """
+    from .training import CHECKPOINTS
+
     fp, covered, inputs = _stage_inputs(cfg, stage, {})
     out = stage_dir(cfg, stage)
     with output_lock(cfg.output_dir):  # a second process on this folder stops here, before it writes
@@ -368,19 +376,80 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
         if out.exists() and not force:
             print(f"[rahf] {stage}: {out} {_why_stale(out, covered, inputs)}; recomputing", flush=True)
         print(f"[rahf] {stage}: running -> {out}", flush=True)
+        saves = _checkpoint_folder(cfg, stage, fp, force)
         torch.manual_seed(cfg.seed)
         t0 = time.time()
         extra: dict = {}
-        with atomic_dir(out, stage, fp, covered, extra, inputs, cfg.to_dict()) as tmp:
-            with tally() as counts:
-                extra.update(_STAGES[stage](cfg, tmp) or {})
-            extra["seconds"] = round(time.time() - t0, 2)
-            if counts:
-                extra["examples"] = dict(counts)
-                print(f"[rahf] {stage}: {_examples_summary(cfg, counts)}", flush=True)
-            shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+        if saves is not None and (resumed := resume_points(saves)):  # `seconds` then counts this run's part only
+            extra["resumed_from"] = {str(c.relative_to(saves)): step for c, step, _ in resumed}
+        token = CHECKPOINTS.set(saves)
+        try:
+            with atomic_dir(out, stage, fp, covered, extra, inputs, cfg.to_dict()) as tmp:
+                with tally() as counts:
+                    extra.update(_STAGES[stage](cfg, tmp) or {})
+                extra["seconds"] = round(time.time() - t0, 2)
+                if counts:
+                    extra["examples"] = dict(counts)
+                    print(f"[rahf] {stage}: {_examples_summary(cfg, counts)}", flush=True)
+                shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+        except BaseException:
+            if saves is not None and (kept := resume_points(saves)):
+                where = "; ".join(f"{c} (step {step} of {total})" for c, step, total in kept)
+                print(f"[rahf] {stage}: kept {where}: running this stage again with the same settings resumes there")
+            elif saves is not None:
+                shutil.rmtree(saves, ignore_errors=True)
+            raise
+        finally:
+            CHECKPOINTS.reset(token)
+        if saves is not None:
+            shutil.rmtree(saves, ignore_errors=True)
         print(f"[rahf] {stage}: done in {time.time() - t0:.1f}s", flush=True)
         return out
+
+
+TRAINING_STAGES = ("sft", "reward", "instruct", "align")  # the stages that train with a (TRL) Trainer
+CHECKPOINT_TAG = "rahf-checkpoints.json"
+
+
+def checkpoint_folder(cfg: RahfConfig, stage: str) -> Path:
+    """Where the Trainer of `stage` checkpoints: beside its artifact, so that it outlives an interrupted run."""
+    out = stage_dir(cfg, stage)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, force: bool) -> Path | None:
+    """The checkpoint folder of a training stage about to run, tagged with its fingerprint (before training, so a
+    killed process leaves it tagged): kept when an interrupted run with this fingerprint left it, else emptied."""
+    if stage not in TRAINING_STAGES:
+        return None
+    saves = checkpoint_folder(cfg, stage)
+    if saves.exists() and (force or _checkpoint_fingerprint(saves) != fp):
+        if resume_points(saves):
+            why = "--force" if force else "other inputs or settings"
+            print(f"[rahf] {stage}: discarding the checkpoints in {saves} (made with {why})", flush=True)
+        shutil.rmtree(saves)
+    saves.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(saves / CHECKPOINT_TAG, json.dumps({"stage": stage, "fingerprint": fp}))
+    return saves
+
+
+def _checkpoint_fingerprint(saves: Path) -> str | None:
+    """The fingerprint of the stage run that made the checkpoints in `saves`, or None when it is not recorded."""
+    try:
+        return json.loads((saves / CHECKPOINT_TAG).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def resume_points(saves: Path) -> list[tuple[Path, int, int]]:
+    """(checkpoint, step, steps in all) of each training in `saves` (Dual's two sides each have a sub-folder) that
+    a run can resume from."""
+    from .training import checkpoint_step, last_checkpoint
+
+    if not saves.is_dir():
+        return []
+    folders = [saves, *sorted(p for p in saves.iterdir() if p.is_dir() and not p.name.startswith("checkpoint-"))]
+    return [(c, *(checkpoint_step(c) or (0, 0))) for f in folders if (c := last_checkpoint(f)) is not None]
 
 
 def _examples_summary(cfg: RahfConfig, counts: Counter) -> str:
@@ -417,6 +486,9 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     check_upstream(cfg, [stage] if stage else active_stages(cfg))
     if note := unused_sft_note(cfg, stages):
         print(f"[rahf] note: {note}", flush=True)
+    if cfg.method in ("dpo", "rlhf-ppo") and cfg.instruct.train and "instruct" in stages:
+        reads = "dpo.train" if cfg.method == "dpo" else "the ppo section"
+        print(f"[rahf] note: instruct.train is not read by method {cfg.method}, whose step 1 trains with {reads}")
     if any(s in stages for s in ("reward", "instruct", "collect", "align")) or ("sft" in stages and not cfg.sft.path):
         split_pairs(cfg, load_data(cfg))
     if "evaluate" in stages:
@@ -761,6 +833,10 @@ def describe(cfg: RahfConfig) -> str:
             state = "fresh" if _current(out, fp) else ("stale" if out.exists() else "missing")
             note = read_manifest(out).get("created", "") if state == "fresh" else ""
             note = f"({_changes(out, covered, inputs)})" if state == "stale" else note
+            saves = checkpoint_folder(cfg, stage)
+            if state != "fresh" and _checkpoint_fingerprint(saves) == fp and (kept := resume_points(saves)):
+                steps = "; ".join(f"{c.relative_to(saves)}, step {step} of {total}" for c, step, total in kept)
+                note = f"{note} (interrupted: running it again resumes from {steps})".strip()
         except UpstreamError as e:
             state = f"waiting for {e.stage}"
         lines.append(f"{stage:9s} {state:20s} {out} {note}".rstrip())

@@ -129,8 +129,9 @@ def write_report(results: dict, out: Path) -> Path:
         "## Where RAHF stands",
         "",
         (
-            "Paired differences of win rate (same prompts): the interval is Student's t over the seeds' differences, "
-            "or over the prompts' differences when there is one seed."
+            "Paired differences of win rate (same prompts): with several seeds the interval counts seeds and prompts "
+            "both as random (two-way random effects on the per-prompt differences); with one seed it is Student's t "
+            "over the prompts' differences."
         ),
         "",
         *standing(results.get("paired", {}).get(base_level, {})),

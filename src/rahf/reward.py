@@ -70,11 +70,12 @@ def train_reward_model(
     from trl import RewardConfig, RewardTrainer
 
     from .models import load_tokenizer, torch_dtype
-    from .training import one_device
+    from .training import checkpoint_dir, one_device, run_trainer
 
     if not pairs:
         raise ValueError("train_reward_model needs at least one preference pair")
     out = Path(out)
+    seed = (train or {}).get("seed", seed)  # `reward.train.seed` seeds this stage instead of the run's seed
     set_seed(seed)  # the new score head starts from a seeded random init
     tokenizer = load_tokenizer(backbone, trust_remote_code=trust_remote_code, revision=revision)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -89,7 +90,7 @@ def train_reward_model(
         }
     )
     values: dict[str, Any] = {
-        "output_dir": str(out / "checkpoints"),
+        "output_dir": str(checkpoint_dir(out)),
         "report_to": "none",
         "save_strategy": "no",
         "use_cpu": not torch.cuda.is_available(),
@@ -102,7 +103,7 @@ def train_reward_model(
     values.update(train or {})
     args = one_device(RewardConfig(**values))
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
+    run_trainer(trainer, "reward")
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # drop mixed-precision hooks
     model.to(torch_dtype(dtype)).save_pretrained(out)
     tokenizer.save_pretrained(out)

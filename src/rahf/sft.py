@@ -10,7 +10,7 @@ from .data import is_jsonl, load_pairs, parse_completion, read_jsonl
 from .errors import ConfigError
 from .models import load_model, load_tokenizer, save_model
 from .stimuli import build_variants
-from .training import load_data, train_dtype, training_args
+from .training import load_data, run_trainer, train_dtype, training_args
 
 
 def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str, str]]:
@@ -51,12 +51,13 @@ def check_eos_token(eos_token: str | None, tokenizer, section: str) -> None:
         )
 
 
-def train_sft_model(model, tokenizer, dataset, args):
-    """Run TRL's SFTTrainer on a pre-tokenized dataset; returns the trained model (PEFT-wrapped if given one)."""
+def train_sft_model(model, tokenizer, dataset, args, stage: str = "sft"):
+    """Run TRL's SFTTrainer on a pre-tokenized dataset (resuming from a checkpoint in `args.output_dir`); returns
+    the trained model (PEFT-wrapped if given one) and the training logs."""
     from trl import SFTTrainer
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
+    run_trainer(trainer, stage)
     return trainer.model, trainer.state.log_history
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +19,66 @@ from .models import decoder_blocks, default_device, load_model
 
 
 def training_args(cls, cfg: RahfConfig, out: Path, overrides: dict[str, Any], **defaults):
-    """`cls` (TrainingArguments or a TRL config) with rahf's defaults, then the stage's `train:` overrides."""
+    """`cls` (TrainingArguments or a TRL config) with rahf's defaults, then the stage's `train:` overrides.
+
+    The run's `seed` seeds the stage (data order too) unless its `train:` sets `seed` (and `data_seed`)."""
+    user = train_arguments("train", overrides, cls)  # validated at load; here numbers are read as such
+    seed = user.get("seed", cfg.seed)
     values: dict[str, Any] = {
-        "output_dir": str(out / "checkpoints"),
+        "output_dir": str(checkpoint_dir(out)),
         "report_to": "none",
         "save_strategy": "no",
         "logging_steps": 10,
-        "seed": cfg.seed,
-        "data_seed": cfg.seed,
+        "seed": seed,
+        "data_seed": seed,
         "use_cpu": not torch.cuda.is_available(),
         "bf16": cfg.dtype == "bfloat16" and torch.cuda.is_available(),
         "remove_unused_columns": False,
     }
     values.update(defaults)
-    values.update(train_arguments("train", overrides, cls))  # validated at load; here numbers are read as such
+    values.update(user)
     return one_device(cls(**values))
+
+
+# Where a stage's Trainer checkpoints: `pipeline.run_stage` points it at a folder beside the artifact that outlives
+# an interrupted run, so that running the stage again resumes; unset (library calls), the stage's own folder.
+CHECKPOINTS: ContextVar[Path | None] = ContextVar("rahf_checkpoints", default=None)
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """The folder the Trainer of the stage writing `out` saves its checkpoints in (`save_strategy` other than no)."""
+    return CHECKPOINTS.get() or out / "checkpoints"
+
+
+def last_checkpoint(folder: str | Path) -> Path | None:
+    """The newest checkpoint in `folder` that a Trainer can resume from: `trainer_state.json` is written last, so a
+    checkpoint cut short by a kill lacks it (or holds it cut short), and one saved with `save_only_model` holds no
+    optimizer state."""
+    found = []
+    for path in Path(folder).glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and (path / "optimizer.pt").is_file() and checkpoint_step(path) is not None:
+            found.append((int(step), path))
+    return max(found)[1] if found else None
+
+
+def checkpoint_step(checkpoint: Path) -> tuple[int, int] | None:
+    """(step reached, steps in all) that `checkpoint`'s trainer state records; None when it has no readable one."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        return int(state["global_step"]), int(state["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_trainer(trainer, stage: str) -> None:
+    """`trainer.train()`, resumed from the newest checkpoint an interrupted run of this stage left in its
+    `output_dir` (run_stage keeps that folder only for the same inputs and settings)."""
+    last = last_checkpoint(trainer.args.output_dir)
+    if last is not None:
+        step, total = checkpoint_step(last) or (0, 0)
+        print(f"[rahf] {stage}: resuming from {last} (step {step} of {total})", flush=True)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
 
 
 def one_device(args):

@@ -21,7 +21,7 @@ from ..config import RahfConfig
 from ..data import PreferencePair
 from ..models import load_model, load_tokenizer, save_model
 from ..stimuli import build_variants
-from ..training import lora_config, train_dtype, training_args
+from ..training import lora_config, run_trainer, train_dtype, training_args
 
 if TYPE_CHECKING:
     import datasets
@@ -101,7 +101,7 @@ def train_dpo(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path
         # A peft_config, not a PeftModel: TRL then takes the adapter-disabled policy as the reference.
         peft_config=lora_config(model, cfg.dpo.lora, revision=revision) if lora else None,
     )
-    trainer.train()
+    run_trainer(trainer, "instruct")
     save_model(trainer.model, tokenizer, out, None if lora else cfg.dtype)
     logs = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))

@@ -17,7 +17,7 @@ from ..config import RahfConfig
 from ..data import PreferencePair
 from ..models import load_model, load_tokenizer, save_model
 from ..sft import check_eos_token, tokenized_sft_dataset, train_sft_model
-from ..training import lora_config, step1_learning_rate, train_dtype, training_args
+from ..training import checkpoint_dir, lora_config, step1_learning_rate, train_dtype, training_args
 
 SIDES = ("preferred", "dispreferred")
 
@@ -44,14 +44,14 @@ def train_dual(
         examples = [(list(p.prompt), p.chosen if side == "preferred" else p.rejected, p.source) for p in pairs]
         data = tokenized_sft_dataset(tokenizer, examples, cfg.data.max_prompt_length, cfg.data.max_response_length)
         model = load_model(base, train_dtype(cfg, cfg.finetune == "full"), cfg.trust_remote_code, revision=revision)
-        if cfg.finetune == "lora":
-            torch.manual_seed(cfg.seed)  # each adapter's random init, made before its Trainer seeds anything
-            model = get_peft_model(model, lora_config(model, cfg.instruct.lora, revision=revision))
-        # checkpoints go under out/checkpoints, which the pipeline removes, not into the side's model folder
-        side_defaults = defaults | {"output_dir": str(out / "checkpoints" / side)}
+        # each side checkpoints in its own sub-folder, not into the side's model folder
+        side_defaults = defaults | {"output_dir": str(checkpoint_dir(out) / side)}
         args = training_args(SFTConfig, cfg, out, cfg.instruct.train, **side_defaults)
+        if cfg.finetune == "lora":
+            torch.manual_seed(args.seed)  # each adapter's random init, made before its Trainer seeds anything
+            model = get_peft_model(model, lora_config(model, cfg.instruct.lora, revision=revision))
         print(f"[rahf] instruct: the {side} model, on the {'chosen' if side == 'preferred' else 'rejected'} replies")
-        model, logs[side] = train_sft_model(model, tokenizer, data, args)
+        model, logs[side] = train_sft_model(model, tokenizer, data, args, stage=f"instruct ({side})")
         if cfg.finetune == "full":
             save_model(model, tokenizer, out / side, cfg.dtype)
         else:

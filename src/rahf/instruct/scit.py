@@ -19,7 +19,7 @@ from ..config import RahfConfig
 from ..data import PreferencePair
 from ..models import load_model, load_tokenizer, save_model
 from ..stimuli import build_variants
-from ..training import ListDataset, lora_config, step1_learning_rate, train_dtype, training_args
+from ..training import ListDataset, lora_config, run_trainer, step1_learning_rate, train_dtype, training_args
 
 
 def scit_loss(match_lp: torch.Tensor, other_lp: torch.Tensor, eps: float) -> torch.Tensor:
@@ -127,11 +127,11 @@ def train_scit(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Pat
     revision = cfg.revision_of(base)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code, revision)
     model = load_model(base, train_dtype(cfg, cfg.finetune == "full"), cfg.trust_remote_code, revision=revision)
-    if cfg.finetune == "lora":
-        torch.manual_seed(cfg.seed)  # the adapter's random init comes before the Trainer seeds anything
-        model = get_peft_model(model, lora_config(model, cfg.instruct.lora, revision=revision))
     lr = step1_learning_rate(cfg.finetune)
     args = training_args(TrainingArguments, cfg, out, cfg.instruct.train, learning_rate=lr, num_train_epochs=2)
+    if cfg.finetune == "lora":
+        torch.manual_seed(args.seed)  # the adapter's random init comes before the Trainer seeds anything
+        model = get_peft_model(model, lora_config(model, cfg.instruct.lora, revision=revision))
     trainer = _trainer_class()(
         model=model,
         args=args,
@@ -140,6 +140,6 @@ def train_scit(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Pat
         processing_class=tokenizer,
     )
     trainer.label_smoothing = cfg.instruct.label_smoothing
-    trainer.train()
+    run_trainer(trainer, "instruct")
     save_model(trainer.model, tokenizer, out, cfg.dtype if cfg.finetune == "full" else None)
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))

@@ -1,0 +1,224 @@
+"""A training stage killed part-way resumes from its newest checkpoint and ends with the weights of a run that
+was never interrupted; other settings, `--force` or a finished stage leave no checkpoint behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_settings
+from safetensors.torch import load_file
+from transformers import Trainer
+
+from rahf import pipeline
+from rahf.config import load_config
+from rahf.training import last_checkpoint
+
+SAVING = {"save_strategy": "steps", "save_steps": 2}
+
+
+def config(tiny_model_dir, pairs_file, out, method, **extra):
+    settings = run_settings(tiny_model_dir, pairs_file, out, method, **({"stages": ["instruct"]} | extra))
+    settings["instruct"]["train"] |= {"max_steps": 6, **SAVING}
+    settings["align"]["train"] |= {"max_steps": 6, **SAVING}
+    return load_config(None, settings)
+
+
+def interrupt_at(monkeypatch, call: int) -> None:
+    """Make the `call`-th optimiser step of this process (counted over every Trainer) raise KeyboardInterrupt."""
+    original, calls = Trainer.training_step, [0]
+
+    def step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+
+
+def count_steps(monkeypatch) -> list[int]:
+    """A list whose one item counts the optimiser steps this process takes from now on."""
+    original, calls = Trainer.training_step, [0]
+
+    def step(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+    return calls
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    files = sorted(folder.rglob("*.safetensors"))
+    assert files
+    return {f"{f.relative_to(folder)}:{k}": v for f in files for k, v in load_file(f).items()}
+
+
+def assert_same_weights(a, b) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("method", ["scit", "dual"])
+def test_an_interrupted_step1_resumes_and_matches_an_uninterrupted_run(
+    method, tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
+):
+    # Dual trains its preferred side (steps 1-6) and then the dispreferred one: stop in the middle of each method's
+    # last training, after a checkpoint at step 2 or 4
+    stop = {"scit": 5, "dual": 6 + 3}[method]
+    cfg = config(tiny_model_dir, pairs_file, tmp_path / "run", method)
+    saves = pipeline.checkpoint_folder(cfg, "instruct")
+    with monkeypatch.context() as m:
+        interrupt_at(m, stop)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(cfg)
+    out = capsys.readouterr().out
+    assert not pipeline.stage_dir(cfg, "instruct").exists()
+    kept = {"scit": ["checkpoint-4"], "dual": ["dispreferred/checkpoint-2", "preferred/checkpoint-6"]}[method]
+    assert sorted(str(c.relative_to(saves)) for c, _, _ in pipeline.resume_points(saves)) == kept
+    assert "running this stage again with the same settings resumes there" in out
+    status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg).splitlines())
+    resumes = {
+        "scit": "checkpoint-4, step 4 of 6",
+        "dual": "dispreferred/checkpoint-2, step 2 of 6; preferred/checkpoint-6, step 6 of 6",
+    }[method]
+    assert status["instruct"].endswith(f"(interrupted: running it again resumes from {resumes})")
+
+    with monkeypatch.context() as m:
+        steps = count_steps(m)
+        pipeline.run(cfg)
+    assert steps == [{"scit": 6 - 4, "dual": 6 - 2}[method]]  # only the steps after the newest checkpoints
+    out = capsys.readouterr().out
+    for checkpoint in kept:
+        stage = "instruct" if method == "scit" else f"instruct ({checkpoint.split('/')[0]})"
+        assert f"[rahf] {stage}: resuming from {saves / checkpoint}" in out
+    assert not saves.exists()  # a finished stage leaves no checkpoints
+    manifest = json.loads((pipeline.stage_dir(cfg, "instruct") / "rahf_manifest.json").read_text())
+    assert manifest["resumed_from"] == {"scit": {"checkpoint-4": 4}, "dual": {k: int(k[-1]) for k in kept}}[method]
+    assert json.loads((pipeline.stage_dir(cfg, "instruct") / "log_history.json").read_text())
+
+    whole = config(tiny_model_dir, pairs_file, tmp_path / "whole", method)
+    pipeline.run(whole)
+    assert_same_weights(pipeline.stage_dir(cfg, "instruct"), pipeline.stage_dir(whole, "instruct"))
+
+
+def test_an_interrupted_alignment_resumes_and_matches_an_uninterrupted_run(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
+):
+    stages = ["instruct", "collect", "align"]
+    cfg = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit", stages=stages)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 6 + 3)  # instruct's 6 steps, then align's third
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(cfg)
+    assert last_checkpoint(pipeline.checkpoint_folder(cfg, "align")).name == "checkpoint-2"
+    assert not pipeline.checkpoint_folder(cfg, "instruct").exists()
+    with monkeypatch.context() as m:
+        steps = count_steps(m)
+        pipeline.run(cfg)
+    assert steps == [6 - 2]
+    assert "[rahf] align: resuming from" in capsys.readouterr().out
+
+    whole = config(tiny_model_dir, pairs_file, tmp_path / "whole", "scit", stages=stages)
+    pipeline.run(whole)
+    assert_same_weights(pipeline.stage_dir(cfg, "align"), pipeline.stage_dir(whole, "align"))
+
+
+def test_checkpoints_of_other_settings_or_with_force_are_discarded(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
+):
+    cfg = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit")
+    saves = pipeline.checkpoint_folder(cfg, "instruct")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 5)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(cfg)
+    assert last_checkpoint(saves) is not None
+    capsys.readouterr()
+
+    other = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit", instruct__label_smoothing=0.1)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)  # checkpoint-2 of the new settings
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(other)
+    out = capsys.readouterr().out
+    assert f"discarding the checkpoints in {saves} (made with other inputs or settings)" in out
+    assert "resuming" not in out and last_checkpoint(saves).name == "checkpoint-2"
+
+    pipeline.run_stage(other, "instruct", force=True)
+    out = capsys.readouterr().out
+    assert "(made with --force)" in out and "resuming" not in out
+    assert not saves.exists()
+
+
+def test_changing_only_how_often_checkpoints_are_saved_still_resumes(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
+):
+    cfg = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 5)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(cfg)
+    capsys.readouterr()
+    fewer = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit", instruct__train__save_steps=3)
+    pipeline.run(fewer)
+    assert "resuming from" in capsys.readouterr().out
+
+
+def test_a_stage_without_checkpoints_leaves_no_folder(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "run", "scit", stages=["instruct"])
+    cfg = load_config(None, settings)  # save_strategy: no (the default)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(cfg)
+    assert not pipeline.checkpoint_folder(cfg, "instruct").exists()
+    pipeline.run(cfg)
+    assert not pipeline.checkpoint_folder(cfg, "instruct").exists()
+
+
+def test_last_checkpoint_skips_one_cut_short_and_one_without_optimizer_state(tmp_path):
+    for step, files in (
+        (2, ["trainer_state.json", "optimizer.pt"]),
+        (4, ["optimizer.pt"]),
+        (6, ["trainer_state.json"]),
+    ):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert last_checkpoint(tmp_path / "nothing") is None
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_trl_baselines_resume_too(stage, tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
+    """DPO (a LoRA that TRL builds from a peft_config) and the reward model (a new score head) resume as well."""
+
+    def cfg_in(out):
+        train = {"max_steps": 4, "per_device_train_batch_size": 4, "disable_tqdm": True, **SAVING}
+        if stage == "dpo":
+            settings = run_settings(tiny_model_dir, pairs_file, out, "dpo", stages=["instruct"], dpo__train=train)
+            settings["dpo"]["lora"] = {"r": 4, "alpha": 8.0, "dropout": 0.0}
+        else:
+            settings = run_settings(tiny_model_dir, pairs_file, out, "scit", stages=["reward"], reward__train=train)
+        return load_config(None, settings)
+
+    folder = "instruct" if stage == "dpo" else "reward"
+    cfg = cfg_in(tmp_path / "run")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(cfg)
+    with monkeypatch.context() as m:
+        steps = count_steps(m)
+        pipeline.run(cfg)
+    assert steps == [4 - 2] and f"[rahf] {folder}: resuming from" in capsys.readouterr().out
+    whole = cfg_in(tmp_path / "whole")
+    pipeline.run(whole)
+    assert_same_weights(pipeline.stage_dir(cfg, folder), pipeline.stage_dir(whole, folder))
