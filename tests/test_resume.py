@@ -181,16 +181,18 @@ def test_a_stage_without_checkpoints_leaves_no_folder(tiny_model_dir, pairs_file
     assert not pipeline.checkpoint_folder(cfg, "instruct").exists()
 
 
-def test_last_checkpoint_skips_one_cut_short_and_one_without_optimizer_state(tmp_path):
+def test_last_checkpoint_skips_those_cut_short_and_one_without_optimizer_state(tmp_path):
+    state = '{"global_step": 2, "max_steps": 6}'
     for step, files in (
-        (2, ["trainer_state.json", "optimizer.pt"]),
-        (4, ["optimizer.pt"]),
-        (6, ["trainer_state.json"]),
+        (2, {"trainer_state.json": state, "optimizer.pt": ""}),
+        (4, {"optimizer.pt": ""}),  # killed before its trainer state was written
+        (6, {"trainer_state.json": state}),  # save_only_model
+        (8, {"trainer_state.json": '{"glob', "optimizer.pt": ""}),  # killed while writing its trainer state
     ):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        for name in files:
-            (folder / name).write_text("{}")
+        for name, text in files.items():
+            (folder / name).write_text(text)
     (tmp_path / "checkpoint-x").mkdir()
     assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     assert last_checkpoint(tmp_path / "nothing") is None
