@@ -169,16 +169,19 @@ def test_changing_only_how_often_checkpoints_are_saved_still_resumes(
     assert "resuming from" in capsys.readouterr().out
 
 
-def test_a_stage_without_checkpoints_leaves_no_folder(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+def test_a_stage_without_checkpoints_makes_no_folder(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "run", "scit", stages=["instruct"])
     cfg = load_config(None, settings)  # save_strategy: no (the default)
-    with monkeypatch.context() as m:
-        interrupt_at(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.run(cfg)
-    assert not pipeline.checkpoint_folder(cfg, "instruct").exists()
+    folder, seen = pipeline.checkpoint_folder(cfg, "instruct"), []
+    original = Trainer.training_step
+
+    def step(self, *args, **kwargs):  # not even while it trains: a killed process would leave it behind
+        seen.append(folder.exists())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", step)
     pipeline.run(cfg)
-    assert not pipeline.checkpoint_folder(cfg, "instruct").exists()
+    assert seen and not any(seen) and not folder.exists()
 
 
 def test_last_checkpoint_skips_those_cut_short_and_one_without_optimizer_state(tmp_path):

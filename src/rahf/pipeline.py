@@ -418,8 +418,10 @@ def checkpoint_folder(cfg: RahfConfig, stage: str) -> Path:
 
 
 def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, force: bool) -> Path | None:
-    """The checkpoint folder of a training stage about to run, tagged with its fingerprint (before training, so a
-    killed process leaves it tagged): kept when an interrupted run with this fingerprint left it, else emptied."""
+    """The checkpoint folder of a training stage about to run: the one an interrupted run with this fingerprint
+    left (any other is removed), or a new one, tagged with the fingerprint before training (so that a killed
+    process leaves it tagged), when the stage's Trainer saves checkpoints; None when there is nothing to resume
+    and nothing will be saved."""
     if stage not in TRAINING_STAGES:
         return None
     saves = checkpoint_folder(cfg, stage)
@@ -428,8 +430,12 @@ def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, force: bool) -> Pat
             why = "--force" if force else "other inputs or settings"
             print(f"[rahf] {stage}: discarding the checkpoints in {saves} (made with {why})", flush=True)
         shutil.rmtree(saves)
-    saves.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(saves / CHECKPOINT_TAG, json.dumps({"stage": stage, "fingerprint": fp}))
+    if not saves.exists():
+        section = {"instruct": "dpo" if cfg.method == "dpo" else "instruct"}.get(stage, stage)
+        if getattr(cfg, section).train.get("save_strategy", "no") == "no":
+            return None
+        saves.mkdir(parents=True)
+        write_text_atomic(saves / CHECKPOINT_TAG, json.dumps({"stage": stage, "fingerprint": fp}))
     return saves
 
 
