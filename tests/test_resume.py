@@ -1,5 +1,6 @@
-"""A training stage killed part-way resumes from its newest checkpoint and ends with the weights of a run that
-was never interrupted; other settings, `--force` or a finished stage leave no checkpoint behind."""
+"""A stage killed part-way resumes from its newest checkpoint (collect: after its finished shards) and ends with
+the weights of a run that was never interrupted; other settings, `--force` or a finished stage leave no
+checkpoint behind."""
 
 from __future__ import annotations
 
@@ -227,3 +228,69 @@ def test_trl_baselines_resume_too(stage, tiny_model_dir, pairs_file, tmp_path, m
     whole = cfg_in(tmp_path / "whole")
     pipeline.run(whole)
     assert_same_weights(pipeline.stage_dir(cfg, folder), pipeline.stage_dir(whole, folder))
+
+
+def interrupt_reader_at(monkeypatch, call: int) -> list[int]:
+    """Make the `call`-th batch collect reads raise KeyboardInterrupt (0: never); returns the count of batches read."""
+    from rahf.collect import TargetReader
+
+    original, calls = TargetReader.__call__, [0]
+
+    def read(self, batch):
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(TargetReader, "__call__", read)
+    return calls
+
+
+def test_an_interrupted_collect_keeps_its_finished_shards_and_matches_an_uninterrupted_run(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
+):
+    shards = {"collect__shard_size": 4, "collect__batch_size": 2}  # 2 batches a shard
+    cfg = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit", stages=["instruct", "collect"], **shards)
+    saves = pipeline.checkpoint_folder(cfg, "collect")
+    pipeline.run_stage(cfg, "instruct")
+    with monkeypatch.context() as m:
+        interrupt_reader_at(m, 6)  # in the third shard
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_stage(cfg, "collect")
+    out = capsys.readouterr().out
+    assert not pipeline.stage_dir(cfg, "collect").exists()
+    assert sorted(p.name for p in saves.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert f"kept 2 finished shards in {saves}" in out
+    status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg).splitlines())
+    assert status["collect"].endswith("(interrupted: running it again resumes from 2 finished shards)")
+
+    (saves / "shard-00001.safetensors").write_bytes(b"cut short")  # not a shard: computed again
+    with monkeypatch.context() as m:
+        calls = interrupt_reader_at(m, 0)
+        pipeline.run(cfg)
+    total = json.loads((pipeline.stage_dir(cfg, "collect") / "rahf_manifest.json").read_text())
+    assert calls[0] == total["n_sequences"] // 2 - 2  # shard 0's two batches were not read again
+    assert "collect: resuming after the shards an interrupted run left" in capsys.readouterr().out
+    assert total["resumed_from"] == {"shards": 2} and not saves.exists()
+
+    whole = config(tiny_model_dir, pairs_file, tmp_path / "whole", "scit", stages=["instruct", "collect"], **shards)
+    pipeline.run(whole)
+    assert_same_weights(pipeline.stage_dir(cfg, "collect"), pipeline.stage_dir(whole, "collect"))
+    again = json.loads((pipeline.stage_dir(whole, "collect") / "rahf_manifest.json").read_text())
+    assert again["shards"] == total["shards"] and again["n_tokens"] == total["n_tokens"]
+    for layer, stats in again["per_layer"].items():
+        assert stats == pytest.approx(total["per_layer"][layer], rel=1e-9)
+
+    # other settings discard the shards of an interrupted run
+    settings = {"stages": ["instruct", "collect"], **shards}
+    other = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit", window=3, **settings)
+    with monkeypatch.context() as m:
+        interrupt_reader_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_stage(other, "collect")
+    assert len(list(saves.glob("shard-*"))) == 1
+    capsys.readouterr()
+    pipeline.run_stage(config(tiny_model_dir, pairs_file, tmp_path / "run", "scit", window=5, **settings), "collect")
+    out = capsys.readouterr().out
+    assert f"discarding the checkpoints in {saves} (made with other inputs or settings)" in out
+    assert "resuming" not in out and not saves.exists()

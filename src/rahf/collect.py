@@ -12,10 +12,13 @@ last one and each sequence after its window). Shards are safetensors with ragged
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors
 import torch
 from tqdm.auto import tqdm
 
@@ -184,11 +187,16 @@ def stored(t: torch.Tensor, dtype_name: str, what: str, layer: int) -> torch.Ten
     return cast
 
 
-def write_cache(reader: TargetReader, examples: list[Example], out: Path, hidden: int) -> dict:
+def write_cache(
+    reader: TargetReader, examples: list[Example], out: Path, hidden: int, saves: Path | None = None
+) -> dict:
     """Compute targets batch by batch and write them as shards; returns per-layer statistics.
 
     Each batch's rows go straight into the shard's preallocated tensors in the cache dtype, so collect holds one
-    shard (at most `SHARD_BYTES`) and one batch in float32, whatever the window, the layers and the width.
+    shard (at most `SHARD_BYTES`) and one batch in float32, whatever the window, the layers and the width. With
+    `saves` (a folder that outlives an interrupted run of the same inputs and settings), each finished shard is
+    written there first, and the shards already there are kept instead of computed again; all move to `out` at
+    the end.
     """
     from safetensors.torch import save_file
 
@@ -205,8 +213,21 @@ def write_cache(reader: TargetReader, examples: list[Example], out: Path, hidden
     shards = []
     windows = [e.plain.window(cfg.window, cfg.include_boundary) for e in examples]
     token_bytes = 2 * hidden * len(layers) * dtype.itemsize
+    folder = saves if saves is not None else out
     bar = tqdm(total=len(examples), desc="collect", unit="seq")
-    for part in shard_ranges([w[1] for w in windows], cfg.collect.shard_size, token_bytes):
+    parts = shard_ranges([w[1] for w in windows], cfg.collect.shard_size, token_bytes)
+    for part in parts:
+        name = f"shard-{len(shards):05d}.safetensors"
+        if (kept := _kept_shard(folder / name, len(part), layers)) is not None:
+            if not shards:
+                print(f"[rahf] collect: resuming after the shards an interrupted run left in {folder}", flush=True)
+            for layer in layers:
+                for what in ("o", "v"):
+                    stats[layer][f"{what}_norm"] += kept["norms"][str(layer)][what]
+            n_tokens += kept["tokens"]
+            shards.append(name)
+            bar.update(len(part))
+            continue
         chunk, chunk_windows = examples[part.start : part.stop], windows[part.start : part.stop]
         lens = torch.tensor([len(e.plain.input_ids) for e in chunk])
         tensors = {
@@ -221,6 +242,7 @@ def write_cache(reader: TargetReader, examples: list[Example], out: Path, hidden
         for layer in layers:
             tensors[f"o.{layer}"] = torch.empty(n, hidden, dtype=dtype)
             tensors[f"v.{layer}"] = torch.empty(n, hidden, dtype=dtype)
+        norms = {str(layer): {"o": 0.0, "v": 0.0} for layer in layers}
         for b0 in range(0, len(chunk), cfg.collect.batch_size):
             batch = chunk[b0 : b0 + cfg.collect.batch_size]
             rows = slice(int(offsets[b0]), int(offsets[b0 + len(batch)]))
@@ -228,14 +250,22 @@ def write_cache(reader: TargetReader, examples: list[Example], out: Path, hidden
             for layer in layers:
                 for what, got in (("o", o), ("v", v)):
                     block = torch.cat(got[layer])
-                    stats[layer][f"{what}_norm"] += block.norm(dim=-1).sum().item()
+                    norms[str(layer)][what] += block.norm(dim=-1).sum().item()
                     tensors[f"{what}.{layer}"][rows] = stored(block, cfg.collect.dtype, what, layer).cpu()
             bar.update(len(batch))
+        for layer in layers:
+            for what in ("o", "v"):
+                stats[layer][f"{what}_norm"] += norms[str(layer)][what]
         n_tokens += n
-        name = f"shard-{len(shards):05d}.safetensors"
-        save_file(tensors, str(out / name), metadata={"layers": ",".join(map(str, layers))})
+        meta = {"sequences": len(part), "tokens": n, "norms": norms}
+        part_file = folder / (name + ".part")  # renamed when complete: a shard cut short by a kill is never kept
+        save_file(tensors, str(part_file), metadata={"layers": ",".join(map(str, layers)), "rahf": json.dumps(meta)})
+        os.replace(part_file, folder / name)
         shards.append(name)
     bar.close()
+    if saves is not None:
+        for name in shards:
+            os.replace(saves / name, out / name)
     per_layer = {
         str(layer): {k: val / max(n_tokens, 1) for k, val in s.items()}
         | {"v_over_o": s["v_norm"] / max(s["o_norm"], 1e-12)}
@@ -248,3 +278,26 @@ def write_cache(reader: TargetReader, examples: list[Example], out: Path, hidden
         "n_tokens": n_tokens,
         "per_layer": per_layer,
     }
+
+
+def _kept_shard(path: Path, sequences: int, layers: list[int]) -> dict | None:
+    """The statistics a complete shard at `path` records, when it holds the `sequences` and `layers` planned for it
+    (an interrupted run of the same settings wrote it); None when there is none."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        kept = json.loads(meta["rahf"])
+        if kept["sequences"] != sequences or meta["layers"] != ",".join(map(str, layers)):
+            return None
+        return kept
+    except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError):
+        return None
+
+
+def collected_shards(saves: Path) -> int:
+    """How many finished shards an interrupted collect left in `saves`."""
+    return len(list(saves.glob("shard-*.safetensors"))) if saves.is_dir() else 0

@@ -30,6 +30,7 @@ from .artifacts import (
     redacted,
     write_text_atomic,
 )
+from .collect import collected_shards
 from .config import METHOD_STAGES, RahfConfig, flatten, model_num_layers, resolved_layers
 from .errors import ConfigError, RahfError, UpstreamError
 from .stimuli import tally
@@ -382,6 +383,8 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
         extra: dict = {}
         if saves is not None and (resumed := resume_points(saves)):  # `seconds` then counts this run's part only
             extra["resumed_from"] = {str(c.relative_to(saves)): step for c, step, _ in resumed}
+        elif saves is not None and (shards := collected_shards(saves)):
+            extra["resumed_from"] = {"shards": shards}
         token = CHECKPOINTS.set(saves)
         try:
             with atomic_dir(out, stage, fp, covered, extra, inputs, cfg.to_dict()) as tmp:
@@ -393,9 +396,10 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
                     print(f"[rahf] {stage}: {_examples_summary(cfg, counts)}", flush=True)
                 shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
         except BaseException:
-            if saves is not None and (kept := resume_points(saves)):
-                where = "; ".join(f"{c} (step {step} of {total})" for c, step, total in kept)
-                print(f"[rahf] {stage}: kept {where}: running this stage again with the same settings resumes there")
+            if saves is not None and (kept := _kept_work(saves)):
+                print(
+                    f"[rahf] {stage}: kept {kept} in {saves}: running this stage again with the same settings resumes there"
+                )
             elif saves is not None:
                 shutil.rmtree(saves, ignore_errors=True)
             raise
@@ -408,11 +412,13 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
 
 
 TRAINING_STAGES = ("sft", "reward", "instruct", "align")  # the stages that train with a (TRL) Trainer
+RESUMABLE_STAGES = (*TRAINING_STAGES, "collect")  # collect keeps the shards it finished
 CHECKPOINT_TAG = "rahf-checkpoints.json"
 
 
 def checkpoint_folder(cfg: RahfConfig, stage: str) -> Path:
-    """Where the Trainer of `stage` checkpoints: beside its artifact, so that it outlives an interrupted run."""
+    """Where the Trainer of `stage` checkpoints (collect: its finished shards): beside its artifact, so that it
+    outlives an interrupted run."""
     out = stage_dir(cfg, stage)
     return out.with_name(out.name + ".checkpoints")
 
@@ -420,19 +426,19 @@ def checkpoint_folder(cfg: RahfConfig, stage: str) -> Path:
 def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, force: bool) -> Path | None:
     """The checkpoint folder of a training stage about to run: the one an interrupted run with this fingerprint
     left (any other is removed), or a new one, tagged with the fingerprint before training (so that a killed
-    process leaves it tagged), when the stage's Trainer saves checkpoints; None when there is nothing to resume
-    and nothing will be saved."""
-    if stage not in TRAINING_STAGES:
+    process leaves it tagged), when the stage's Trainer saves checkpoints (collect always keeps its shards); None
+    when there is nothing to resume and nothing will be saved."""
+    if stage not in RESUMABLE_STAGES:
         return None
     saves = checkpoint_folder(cfg, stage)
     if saves.exists() and (force or _checkpoint_fingerprint(saves) != fp):
-        if resume_points(saves):
+        if _kept_work(saves):
             why = "--force" if force else "other inputs or settings"
             print(f"[rahf] {stage}: discarding the checkpoints in {saves} (made with {why})", flush=True)
         shutil.rmtree(saves)
     if not saves.exists():
         section = {"instruct": "dpo" if cfg.method == "dpo" else "instruct"}.get(stage, stage)
-        if getattr(cfg, section).train.get("save_strategy", "no") == "no":
+        if stage != "collect" and getattr(cfg, section).train.get("save_strategy", "no") == "no":
             return None
         saves.mkdir(parents=True)
         write_text_atomic(saves / CHECKPOINT_TAG, json.dumps({"stage": stage, "fingerprint": fp}))
@@ -445,6 +451,13 @@ def _checkpoint_fingerprint(saves: Path) -> str | None:
         return json.loads((saves / CHECKPOINT_TAG).read_text()).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _kept_work(saves: Path) -> str:
+    """What an interrupted run left in `saves` to resume from, in words ("" when nothing)."""
+    if shards := collected_shards(saves):
+        return f"{shards} finished shard{'s' * (shards != 1)}"
+    return "; ".join(f"{c.relative_to(saves)}, step {step} of {total}" for c, step, total in resume_points(saves))
 
 
 def resume_points(saves: Path) -> list[tuple[Path, int, int]]:
@@ -723,14 +736,14 @@ def _instruct(cfg: RahfConfig, out: Path) -> dict:
 def _collect(cfg: RahfConfig, out: Path) -> dict:
     from .collect import examples_for, write_cache
     from .models import load_tokenizer
-    from .training import load_data, split_pairs
+    from .training import CHECKPOINTS, load_data, split_pairs
 
     layers = resolved_layers(cfg)
     tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code, cfg.revision_of(step1_path(cfg)))
     _, pairs = split_pairs(cfg, load_data(cfg))
     reader = target_reader(cfg, layers, tokenizer.pad_token_id)
     width = reader.plus.config.get_text_config(decoder=True).hidden_size  # a multimodal model's: its LM's
-    return write_cache(reader, examples_for(tokenizer, pairs, cfg), out, width)
+    return write_cache(reader, examples_for(tokenizer, pairs, cfg), out, width, saves=CHECKPOINTS.get())
 
 
 def _align(cfg: RahfConfig, out: Path) -> dict:
@@ -840,9 +853,8 @@ def describe(cfg: RahfConfig) -> str:
             note = read_manifest(out).get("created", "") if state == "fresh" else ""
             note = f"({_changes(out, covered, inputs)})" if state == "stale" else note
             saves = checkpoint_folder(cfg, stage)
-            if state != "fresh" and _checkpoint_fingerprint(saves) == fp and (kept := resume_points(saves)):
-                steps = "; ".join(f"{c.relative_to(saves)}, step {step} of {total}" for c, step, total in kept)
-                note = f"{note} (interrupted: running it again resumes from {steps})".strip()
+            if state != "fresh" and _checkpoint_fingerprint(saves) == fp and (kept := _kept_work(saves)):
+                note = f"{note} (interrupted: running it again resumes from {kept})".strip()
         except UpstreamError as e:
             state = f"waiting for {e.stage}"
         lines.append(f"{stage:9s} {state:20s} {out} {note}".rstrip())
