@@ -812,3 +812,16 @@ def test_a_missing_relative_path_says_where_it_was_looked_for(base, tmp_path, mo
         f"evaluate.pairs: file not found: heldout.jsonl (neither beside the config nor in the current folder, "
         f"{tmp_path})"
     )
+
+
+def test_an_adapter_dropout_that_training_switches_off_is_refused(base):
+    assert error_of(None, with_(base, ppo__lora={"dropout": 0.1})).startswith(
+        "ppo.lora.dropout: rahf's PPO runs the policy without dropout"
+    )
+    assert error_of(None, with_(base, dpo__lora={"dropout": 0.1})).startswith(
+        "dpo.lora.dropout: TRL's DPO turns every dropout off"
+    )
+    cfg = load_config(None, with_(base, dpo__lora={"dropout": 0.1}, dpo__train={"disable_dropout": False}))
+    assert cfg.dpo.lora.dropout == 0.1
+    cfg = load_config(None, base)
+    assert cfg.dpo.lora.dropout == cfg.ppo.lora.dropout == 0.0

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RahfError
+from .hubfiles import download, is_hub_file
 
 MANIFEST = "rahf_manifest.json"
 _PACKAGES = ("rahf", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "safetensors")
@@ -84,7 +85,11 @@ def _hash_file(path: Path, h: hashlib._Hash) -> None:
 
 def fingerprint_path(path: str | os.PathLike, revision: str | None = None) -> str:
     """Content hash of a file or folder; a stage artifact contributes its identity (`artifact_identity`); a Hub id
-    the commit that `revision` (default: the default branch) points to."""
+    the commit that `revision` (default: the default branch) points to; an HF URI the content of the file it names."""
+    if is_hub_file(path):
+        h = hashlib.sha256()
+        _hash_file(download(str(path)), h)
+        return h.hexdigest()
     p = Path(path)
     if (p / MANIFEST).is_file():
         return artifact_identity(p)

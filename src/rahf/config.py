@@ -22,7 +22,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .artifacts import secret_key
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+from .hubfiles import download, is_hub_file
 
 # The authors' instruction strings (preferred, dispreferred).
 GOOD_INSTRUCTION = (
@@ -145,7 +146,8 @@ class DPOSettings:
     beta: float = 0.1
     loss_type: str = "sigmoid"  # any trl.DPOConfig loss_type
     finetune: str = "lora"  # lora | full
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=16, alpha=32.0))
+    # TRL's DPO turns every dropout off (`train.disable_dropout`, default true), the adapter's too
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=16, alpha=32.0, dropout=0.0))
     train: dict[str, Any] = field(default_factory=dict)  # trl.DPOConfig fields
 
 
@@ -169,7 +171,8 @@ class PPOSettings:
     missing_eos_penalty: float | None = None  # subtracted from the score of rollouts that stop without EOS
     reward_model: str | None = None  # reward model folder; default: this run's `reward` artifact
     finetune: str = "lora"  # lora | full
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=16, alpha=32.0))
+    # no dropout: rollouts and updates score tokens with the same network, so the first update's ratio is 1
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=16, alpha=32.0, dropout=0.0))
 
 
 @dataclass
@@ -484,6 +487,17 @@ def load_config(
     return cfg
 
 
+def _check_file(key: str, path: str) -> None:
+    """A data file that is not there stops the run before anything loads; an HF URI's file is downloaded here."""
+    if is_hub_file(path):
+        try:
+            download(path)
+        except DataError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    elif not Path(path).exists():
+        raise ConfigError(f"{key}: file not found: {_where(path)}")
+
+
 def _where(path: str) -> str:
     """A missing path as the user should look for it: a relative one was not found beside the config either."""
     if Path(path).is_absolute():
@@ -510,7 +524,7 @@ def _resolve_paths(cfg: RahfConfig, base: Path, typed: set[str] = frozenset()) -
         """A path next to the config (it exists there or starts with "."; for a file, its first folder exists
         there), else as given: a model name that is not there stays a Hub id even beside a folder of its org."""
         value = get_dotted(cfg, key)
-        if not value:
+        if not value or is_hub_file(value):
             return value
         value = os.path.expanduser(value)
         if Path(value).is_absolute():
@@ -776,6 +790,20 @@ def _check_train(cfg: RahfConfig) -> None:
         _build_arguments(section, settings.train, cls)
 
 
+def _check_dropout(cfg: RahfConfig) -> None:
+    """An adapter dropout that training would switch off is refused rather than recorded as if it applied."""
+    if cfg.ppo.lora.dropout:
+        raise ConfigError(
+            "ppo.lora.dropout: rahf's PPO runs the policy without dropout (rollouts and updates must score tokens "
+            "with the same network); leave it at 0"
+        )
+    if cfg.dpo.lora.dropout and cfg.dpo.train.get("disable_dropout", True):
+        raise ConfigError(
+            "dpo.lora.dropout: TRL's DPO turns every dropout off, the adapter's too (dpo.train.disable_dropout: "
+            "true, its default); set dpo.train.disable_dropout: false to train with it, or leave it at 0"
+        )
+
+
 def _check_report_to(section: str, value: str | list[str] | None) -> None:
     """Each logger `report_to` names must be installed: the Trainer would refuse it only once the earlier stages
     have trained."""
@@ -955,8 +983,7 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
     if needs_data:
         if not cfg.data.path:
             raise ConfigError("data.path: required (a preference-pair file or folder)")
-        if not Path(cfg.data.path).exists():
-            raise ConfigError(f"data.path: file not found: {_where(cfg.data.path)}")
+        _check_file("data.path", cfg.data.path)
     for key, value in (
         ("sft.path", cfg.sft.path),
         ("generate.prompts", cfg.generate.prompts),
@@ -964,8 +991,8 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
         ("evaluate.neutral_prompts", cfg.evaluate.neutral_prompts),
         ("compare.validation", cfg.compare.validation),
     ):
-        if value is not None and not Path(value).exists():
-            raise ConfigError(f"{key}: file not found: {_where(value)}")
+        if value is not None:
+            _check_file(key, value)
     if "evaluate" in [*cfg.stages, stage] and not cfg.evaluate.pairs:
         raise ConfigError("evaluate.pairs: required when the evaluate stage runs (held-out preference pairs)")
     if "generate" in [*cfg.stages, stage] and not cfg.generate.prompts:
@@ -977,6 +1004,7 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
         )
     _check_ranges(cfg)
     _check_train(cfg)
+    _check_dropout(cfg)
     for i, method in enumerate(cfg.compare.methods):
         if ALIASES.get(method, method) not in METHODS:
             raise ConfigError(

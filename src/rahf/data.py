@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from rahf.errors import DataError
+from rahf.hubfiles import is_hub_file, local_file
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -368,8 +369,8 @@ def _limit_line(text: str, e: ValueError | RecursionError) -> int:
 
 
 def read_jsonl(path: str | os.PathLike, shown: str | None = None) -> Iterator[tuple[str, object]]:
-    """(`file:line`, record) for each non-blank line of a JSONL(.gz) file; bad JSON raises DataError there."""
-    path, shown = Path(path), shown or str(path)
+    """(`file:line`, record) for each non-blank line of a JSONL(.gz) file (or HF URI); bad JSON raises DataError there."""
+    path, shown = Path(local_file(path)), shown or os.fspath(path)
     lineno = 0
     try:
         with _open_text(path) as f:
@@ -470,13 +471,13 @@ def _read_dataset(path: Path, shown: str) -> Iterator[tuple[str, object]]:
 def is_jsonl(path: str | os.PathLike) -> bool:
     """Whether the data loader reads `path` as JSON Lines: a file named *.jsonl or *.jsonl.gz, in any case."""
     p = Path(path)
-    return not p.is_dir() and p.name.lower().endswith((".jsonl", ".jsonl.gz"))
+    return (is_hub_file(path) or not p.is_dir()) and p.name.lower().endswith((".jsonl", ".jsonl.gz"))
 
 
 def _read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
-    """(source, record) for every record in the file, choosing the reader by suffix."""
+    """(source, record) for every record in the file (or the file an HF URI names), choosing the reader by suffix."""
     shown = os.fspath(path)
-    p = Path(path)
+    p = Path(local_file(path))
     if not p.exists():
         raise DataError(f"data file not found: {shown}")
     name = p.name.lower()
