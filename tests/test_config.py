@@ -825,3 +825,11 @@ def test_an_adapter_dropout_that_training_switches_off_is_refused(base):
     assert cfg.dpo.lora.dropout == 0.1
     cfg = load_config(None, base)
     assert cfg.dpo.lora.dropout == cfg.ppo.lora.dropout == 0.0
+
+
+def test_a_partial_lora_mapping_keeps_its_sections_defaults(base):
+    cfg = load_config(None, with_(base, instruct__lora={"dropout": 0.1}, dpo__lora={"target_modules": ["q_proj"]}))
+    assert (cfg.instruct.lora.r, cfg.instruct.lora.alpha, cfg.instruct.lora.dropout) == (16, 32.0, 0.1)
+    assert (cfg.dpo.lora.r, cfg.dpo.lora.alpha, cfg.dpo.lora.dropout) == (16, 32.0, 0.0)
+    cfg = load_config(None, with_(base, ppo__lora={"r": 4}, align__lora={"alpha": 4}))
+    assert (cfg.ppo.lora.r, cfg.ppo.lora.alpha) == (4, 32.0) and (cfg.align.lora.r, cfg.align.lora.alpha) == (8, 4.0)

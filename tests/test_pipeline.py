@@ -451,6 +451,34 @@ def test_align_lowers_the_distance_on_held_out_pairs(finished_run, heldout_recor
     assert after < 0.6 * before, (before, after)
 
 
+def test_target_fit_says_how_far_align_moved_the_states(finished_run, heldout_records):
+    """The identity adapter has moved nothing (reached 0, all the distance left); the trained one moved the states
+    part of the way along v, on its own data (the manifest) and on held-out pairs alike."""
+    from rahf.align import target_fit
+
+    cfg = finished_run
+    tok = tokenizer_of(cfg)
+    ds = CachedTargets(pipeline.stage_dir(cfg, "collect"), LAYERS)
+    cached = CachedCollator(tok.pad_token_id)([ds[i] for i in range(len(ds))])
+    for f in target_fit(fresh_policy(cfg), [cached], LAYERS, cfg.alpha).values():
+        assert f["reached"] == pytest.approx(0, abs=1e-5) and f["distance_left"] == pytest.approx(1, rel=1e-5)
+    manifest = json.loads((pipeline.stage_dir(cfg, "align") / "rahf_manifest.json").read_text())
+    again = target_fit(trained_policy(cfg), [cached], LAYERS, cfg.alpha)  # all at once, not in training's batches
+    for layer, f in manifest["target_fit"].items():
+        assert f == pytest.approx(again[layer], rel=1e-5)
+    held = [
+        PreferencePair(({"role": "user", "content": r["prompt"]},), r["chosen"], r["rejected"], "held")
+        for r in heldout_records
+    ]
+    batch = OnlineCollator(tok.pad_token_id, cfg.window, cfg.include_boundary)(examples_for(tok, held, cfg))
+    model = trained_policy(cfg)
+    reader = pipeline.target_reader(cfg, LAYERS, tok.pad_token_id, policy=model)
+    for fit in (manifest["target_fit"], target_fit(model, [batch], LAYERS, cfg.alpha, reader)):
+        assert set(fit) == {str(layer) for layer in LAYERS}
+        for f in fit.values():
+            assert 0.2 < f["reached"] < 1.2 and 0 < f["cosine"] <= 1 and f["distance_left"] < 0.9, fit
+
+
 def test_untrained_lora_loss_is_alpha_times_mean_v_norm(finished_run):
     """With the identity adapter h = o, so the loss is alpha * mean ||v|| over real window tokens and layers."""
     cfg = finished_run

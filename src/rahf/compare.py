@@ -163,6 +163,7 @@ def _select(
         tokenizer = tokenizer or load_tokenizer(str(work), mcfg.trust_remote_code)
         model = PeftModel.from_pretrained(load_policy(mcfg), str(work)).merge_and_unload().eval()
         row: dict[str, Any] = {"layers": layers, "alpha": alpha, "final_loss": _last(logs, "train_loss")}
+        row["target_fit"] = json.loads((work / "target_fit.json").read_text())
         if validation is not None and len(grid) > 1:
             e = mcfg.evaluate
             prompts = [list(p.prompt) for p in validation for _ in range(e.samples)]

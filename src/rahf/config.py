@@ -315,13 +315,21 @@ def _build(cls, values: dict[str, Any], prefix: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(values).__name__}")
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(fields))})")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            value = _field_default(fields[key]) | value  # a partial mapping keeps this field's own defaults
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _field_default(f: dataclasses.Field) -> dict[str, Any]:
+    """The default of a dataclass-typed field as a mapping (`dpo.lora` defaults to r 16, not LoraSettings' r 8)."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
 
 
 def _coerce(hint, value, key: str):

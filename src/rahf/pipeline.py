@@ -755,7 +755,8 @@ def _align(cfg: RahfConfig, out: Path) -> dict:
     if adapter := step1_adapter(cfg):  # the adapter's config names the step-1 adapter's base: merge this first
         base = {"model": json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]}
         base["merge_first"] = str(adapter)
-    return {"layers": layers, "alpha": cfg.alpha, "adapter_base": base}
+    fit = json.loads((out / "target_fit.json").read_text())
+    return {"layers": layers, "alpha": cfg.alpha, "adapter_base": base, "target_fit": fit}
 
 
 def _merge(cfg: RahfConfig, out: Path) -> dict:

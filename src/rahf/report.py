@@ -7,6 +7,13 @@ from pathlib import Path
 RAHF_VS_STEP1 = (("rahf-scit", "hir"), ("rahf-dual", "preferred-sft"))  # each variant and its own step-1 model
 
 
+def _reached(fit: dict | None) -> str:
+    """`target_fit`'s share of the asked shift reached, per layer ("L2 0.85, L3 0.91"); - when not measured."""
+    if not fit:
+        return "-"
+    return ", ".join(f"L{layer} {_fmt(f['reached'], 2)}" for layer, f in fit.items())
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -178,7 +185,10 @@ def write_report(results: dict, out: Path) -> Path:
     selection = [(n, m["selection"]) for n, m in first["methods"].items() if m.get("selection")]
     if selection:
         lines += [f"## Layers and alpha chosen on validation pairs ({run_label})", ""]
-        lines += ["| method | layers | alpha | validation win rate | final alignment loss |", "|---|---|---|---|---|"]
+        lines += [
+            "| method | layers | alpha | validation win rate | final alignment loss | shift reached per layer |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, sel in selection:
             chosen = [r for r in sel["sweep"] if r["layers"] == sel["layers"] and r["alpha"] == sel["alpha"]]
             best = chosen[0].get("val_win_rate") if chosen else None
@@ -192,7 +202,7 @@ def write_report(results: dict, out: Path) -> Path:
                 )
                 lines.append(
                     f"| {name} | {row['layers']} | {row['alpha']} | {_fmt(row.get('val_win_rate'))}{mark} "
-                    f"| {_fmt(row.get('final_loss'), 4)} |"
+                    f"| {_fmt(row.get('final_loss'), 4)} | {_reached(row.get('target_fit'))} |"
                 )
         lines.append("")
     histories = {
