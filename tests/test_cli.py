@@ -609,3 +609,20 @@ def test_a_stage_command_without_the_method_its_upstream_was_made_for_says_which
     assert capsys.readouterr().out.startswith(
         "[rahf] note: align.train.gradient_checkpointing: transformers 5 calls it activation_checkpointing"
     )
+
+
+def test_a_generate_model_longer_than_its_position_table_exits_2(
+    tmp_path, gpt2_dir, tiny_model_dir, pairs_file, capsys
+):
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "what color is a banana ?"}])
+    cfg.write_text(
+        f"model: {tiny_model_dir}\nmethod: sft\nstages: [generate]\noutput_dir: {out}\ndata:\n  path: {pairs_file}\n"
+        f"  max_prompt_length: 32\ngenerate:\n  prompts: {prompts}\n  model: {gpt2_dir}\n  max_new_tokens: 33\n"
+    )
+    assert main(["generate", str(cfg)]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith(
+        f"data.max_prompt_length + generate.max_new_tokens: 65 tokens exceed the 64 positions of {gpt2_dir}"
+    )
+    assert nothing_written(out)

@@ -266,3 +266,18 @@ def test_export_command_multiturn_question_ids_and_missing_folder(tmp_path, caps
     assert "several source files" in capsys.readouterr().err
     assert main(["export", str(gens), "--format", "mt-bench", "--out", str(tmp_path / "no" / "m.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_export_refuses_a_folder_as_out_and_an_empty_generations_file(generations_file, tmp_path, capsys):
+    from rahf.cli import main
+
+    for out in (str(tmp_path), f"{tmp_path / 'new'}/"):
+        assert main(["export", str(generations_file), "--format", "alpaca-eval", "--out", out]) == 2
+        assert f"--out: {out} is a folder; give the file to write" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "model_outputs.json"
+    assert main(["export", str(empty), "--format", "alpaca-eval", "--out", str(out)]) == 2
+    assert f"{empty}: holds no generations" in capsys.readouterr().err
+    assert not out.exists()

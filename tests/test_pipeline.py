@@ -566,6 +566,7 @@ def test_merged_model_equals_policy_with_adapter(finished_run):
     assert lora_b and any(p.abs().max() > 1e-4 for p in lora_b)  # training moved the adapter off identity
     merged = AutoModelForCausalLM.from_pretrained(str(pipeline.stage_dir(cfg, "merge"))).eval()
     assert not hasattr(merged, "peft_config")
+    assert merged.config.use_cache  # the trainers turned it off; a plain forward should return its KV cache
     batch = OnlineCollator(tok.pad_token_id, cfg.window, True)(align_examples(cfg, tok)[:4])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():

@@ -612,7 +612,8 @@ def test_a_reasoning_block_the_template_writes_is_trained_and_left_out_of_the_re
     assert tok.decode(reply) == f"<think>\n\n</think>\n\n{RESPONSE}<|im_end|>"  # what the model learns to write
     assert reply_text(tok, reply, stop_ids(tok)) == RESPONSE  # what judges, reward models and the JSONL get
     assert reply_content(tok, "<think>\nmia asks about a banana.\n</think>\n\nyellow .") == "yellow ."
-    assert reply_content(tok, "<think>\nno end to the reasoning") == "<think>\nno end to the reasoning"
+    assert reply_content(tok, "<think>\nno end to the reasoning") == ""  # cut off while reasoning: no answer
+    assert reply_content(tok, "yellow .") == "yellow ."  # a reply without the block is all answer
 
 
 def test_a_reasoning_block_the_generation_prompt_opens_is_closed_before_the_reply():
@@ -638,6 +639,12 @@ def test_a_channel_header_is_trained_and_a_reward_model_with_that_template_can_r
     assert stop_ids(tok) == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|return|>")})
     text = reply_text(tok, reply, stop_ids(tok))
     assert text == RESPONSE
+    from rahf.stimuli import reply_content
+
+    analysis = "<|channel|>analysis<|message|>mia asks about a banana .<|end|><|start|>assistant"
+    assert reply_content(tok, f"{analysis}<|channel|>final<|message|>yellow .") == "yellow ."
+    assert reply_content(tok, analysis) == ""  # stopped before the final channel: no answer
+    assert reply_content(tok, "yellow .") == "yellow ."
     conversation = [user(QUERY), {"role": "assistant", "content": text}]  # as a reward model scores it
     assert tok.apply_chat_template(conversation, tokenize=False).endswith(tok.decode(reply))
 

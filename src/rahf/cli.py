@@ -106,6 +106,8 @@ def _cmd_export(args) -> None:
         return
     if not args.out:
         raise RahfError(f"--out: required for --format {args.format} (the file to write)")
+    if Path(args.out).is_dir() or args.out.endswith(("/", os.sep)):
+        raise RahfError(f"--out: {args.out} is a folder; give the file to write (e.g. {Path(args.out) / 'out.json'})")
     if not Path(args.out).resolve().parent.is_dir():
         raise RahfError(f"--out: the folder {Path(args.out).resolve().parent} does not exist; create it first")
     generations = [g for source in args.source for g in export.read_generations(source, args.sample)]

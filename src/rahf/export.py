@@ -67,6 +67,8 @@ def read_generations(path: str | Path, sample: int | None = None) -> list[dict]:
         if problem:
             raise DataError(f"{source}: {problem}")
         out.append(record)
+    if not out:
+        raise DataError(f"{path}: holds no generations; export a file that `rahf generate` or `rahf evaluate` wrote")
     per_prompt = max(Counter(r["index"] for r in out).values(), default=1)
     if per_prompt > 1 and sample is None:
         raise DataError(

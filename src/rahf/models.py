@@ -83,6 +83,9 @@ def save_model(model, tokenizer, out, dtype: str | None = None) -> None:
     """
     if dtype is not None:
         model.to(torch_dtype(dtype))
+    for config in {id(c): c for c in (model.config, model.config.get_text_config(decoder=True))}.values():
+        if getattr(config, "use_cache", None) is False:  # trainers turn the KV cache off; inference wants it
+            config.use_cache = True
     stops = reply_stop_ids(model, tokenizer)
     generation = getattr(model, "generation_config", None)
     if generation is not None:

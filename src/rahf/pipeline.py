@@ -600,36 +600,44 @@ def check_prompt_room(cfg: RahfConfig, instructed: bool) -> None:
 def check_positions(cfg: RahfConfig, stages: list[str]) -> None:
     """The longest sequence a stage builds must fit a learned position table (GPT-2, OPT), else the stage fails
     deep inside with an IndexError. Best effort: a config that cannot be read here is left to the stage."""
-    from transformers import AutoConfig
-
-    from .models import learned_position_limit
-
-    try:
-        config = AutoConfig.from_pretrained(
-            cfg.model, revision=cfg.revision_of(cfg.model), trust_remote_code=cfg.trust_remote_code
-        )
-        limit = learned_position_limit(config, cfg.trust_remote_code)
-    # an unreadable config, or an architecture that cannot be built on the meta device: a check, not a gate
-    except Exception:  # noqa: BLE001
-        return
-    if limit is None:
-        return
     p = cfg.data.max_prompt_length
+    generates = {"data.max_prompt_length + generate.max_new_tokens": p + cfg.generate.max_new_tokens}
+    if "generate" in stages and cfg.generate.model:  # `rahf generate` runs that model instead of the run's
+        _fits(cfg, cfg.generate.model, generates)
     needs = {}
     if any(s in stages for s in ("sft", "instruct", "collect", "align", "evaluate")):  # training, likelihoods
         needs["data.max_prompt_length + data.max_response_length"] = p + cfg.data.max_response_length
-    if "generate" in stages:
-        needs["data.max_prompt_length + generate.max_new_tokens"] = p + cfg.generate.max_new_tokens
+    if "generate" in stages and not cfg.generate.model:
+        needs |= generates
     if "evaluate" in stages:
         needs["data.max_prompt_length + evaluate.max_new_tokens"] = p + cfg.evaluate.max_new_tokens
     if cfg.method == "rlhf-ppo" and "instruct" in stages:
         needs["data.max_prompt_length + ppo.max_new_tokens"] = p + cfg.ppo.max_new_tokens
     if "reward" in stages and cfg.reward.model is None:  # a reward model on this model's architecture
         needs["reward.max_length"] = cfg.reward.max_length
+    _fits(cfg, cfg.model, needs)
+
+
+def _fits(cfg: RahfConfig, model: str, needs: dict[str, int]) -> None:
+    """Each length in `needs` (keys -> tokens) must fit `model`'s learned position table, if it has one."""
+    from transformers import AutoConfig
+
+    from .models import learned_position_limit
+
+    if not needs:
+        return
+    try:
+        config = AutoConfig.from_pretrained(
+            model, revision=cfg.revision_of(model), trust_remote_code=cfg.trust_remote_code
+        )
+        limit = learned_position_limit(config, cfg.trust_remote_code)
+    # an unreadable config, or an architecture that cannot be built on the meta device: a check, not a gate
+    except Exception:  # noqa: BLE001
+        return
     for keys, length in needs.items():
-        if length > limit:
+        if limit is not None and length > limit:
             raise ConfigError(
-                f"{keys}: {length} tokens exceed the {limit} positions of {cfg.model} (a learned position "
+                f"{keys}: {length} tokens exceed the {limit} positions of {model} (a learned position "
                 "table, max_position_embeddings); lower them to fit"
             )
 

@@ -269,14 +269,27 @@ def reply_header(tokenizer) -> str:
 
 def reply_content(tokenizer, text: str) -> str:
     """A generated reply's answer: without the template's `reply_header` (which training teaches the model to
-    write) and, after a template's reasoning block, without the reasoning the model wrote in it."""
+    write) and, after a template's reasoning block, without the reasoning the model wrote in it; with a channel
+    header (gpt-oss), what follows the last one, after any other channel the model wrote first. A reply that
+    stops inside its reasoning block, or in another channel before the answer's, has no answer: ""."""
     header = reply_header(tokenizer)
-    opened = not header.startswith(_OPEN_THINK) or text.startswith(_OPEN_THINK)  # R1: the prompt opened it
-    if _CLOSE_THINK in header and _CLOSE_THINK in text and opened:
-        return text.split(_CLOSE_THINK, 1)[1].strip()
-    if header and text.startswith(header):
-        return text[len(header) :].strip()
+    if _CLOSE_THINK in header:
+        opened = not header.startswith(_OPEN_THINK) or text.startswith(_OPEN_THINK)  # R1: the prompt opened it
+        if opened and _CLOSE_THINK in text:
+            return text.split(_CLOSE_THINK, 1)[1].strip()
+        return "" if text.startswith(_OPEN_THINK) else text
+    if header and header in text:
+        return text.rsplit(header, 1)[1].strip()
+    if header and (lead := _lead_token(tokenizer, header)) and text.startswith(lead):
+        return ""
     return text
+
+
+def _lead_token(tokenizer, header: str) -> str | None:
+    """The added token `header` starts with (gpt-oss's "<|channel|>"), which opens any channel; None if none."""
+    ids = tokenizer(header, add_special_tokens=False)["input_ids"]
+    first = tokenizer.convert_ids_to_tokens(ids[0]) if ids else None
+    return first if first in tokenizer.get_added_vocab() else None
 
 
 def _drop_leading_tokens(tokenizer, text: str, n: int) -> str:
