@@ -242,3 +242,18 @@ def test_a_checkpoint_shipping_sampling_flags_without_do_sample_still_saves(tiny
     saved = GenerationConfig.from_pretrained(tmp_path / "out")
     assert saved.eos_token_id == sorted([chat.eos_token_id, chat.unk_token_id])
     assert (saved.temperature, saved.top_p, saved.do_sample) == (0.6, 0.9, None)
+
+
+def test_prompts_are_read_from_any_file_the_data_loader_reads(tmp_path):
+    import datasets
+
+    from rahf.generate import read_prompts
+
+    rows = [{"prompt": "hi"}, {"prompt": [{"role": "user", "content": "what color is a lime ?"}]}]
+    want = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "what color is a lime ?"}]]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    assert read_prompts(tmp_path / "p.json") == want
+    datasets.Dataset.from_list([{"prompt": "hi"}, {"prompt": "what color is a lime ?"}]).to_parquet(
+        tmp_path / "p.parquet"
+    )
+    assert read_prompts(tmp_path / "p.parquet") == [want[0], [{"role": "user", "content": "what color is a lime ?"}]]

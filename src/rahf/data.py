@@ -474,7 +474,7 @@ def is_jsonl(path: str | os.PathLike) -> bool:
     return (is_hub_file(path) or not p.is_dir()) and p.name.lower().endswith((".jsonl", ".jsonl.gz"))
 
 
-def _read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
+def read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     """(source, record) for every record in the file (or the file an HF URI names), choosing the reader by suffix."""
     shown = os.fspath(path)
     p = Path(local_file(path))
@@ -510,7 +510,7 @@ def load_pairs(
         raise ValueError(f"limit must be a positive number of pairs or None, got {limit}")
     fmt = None if format == "auto" else format
     pairs: list[PreferencePair] = []
-    for src, record in _read_records(path):
+    for src, record in read_records(path):
         if not isinstance(record, dict):
             raise DataError(f"{src}: a record must be a JSON object, got {_type_name(record)}")
         if fmt is None:

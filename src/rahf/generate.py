@@ -140,14 +140,14 @@ def reply_text(tokenizer, ids: Sequence[int], stops: Sequence[int]) -> str:
 
 
 def read_prompts(path: str | Path) -> list[list[Message]]:
-    """Prompts from JSONL records with `prompt` (a string, or messages ending with a user message) or from any
-    preference-data file. Prompts are checked as preference data's are: a bad one raises DataError at `file:line`."""
-    from .data import is_jsonl, load_pairs, parse_prompt, read_jsonl
+    """Prompts from records with `prompt` (a string, or messages ending with a user message), in any file the data
+    loader reads (JSONL, JSON, parquet, ...), or from any preference-data file. Prompts are checked as preference
+    data's are: a bad one raises DataError at `file:line`."""
+    from .data import load_pairs, parse_prompt, read_records
 
-    if is_jsonl(path):  # the data loader's rule: *.jsonl or *.jsonl.gz, in any case
-        records = list(read_jsonl(path))
-        if records and isinstance(records[0][1], dict) and "prompt" in records[0][1] and "chosen" not in records[0][1]:
-            return [parse_prompt(rec, source) for source, rec in records]
+    records = list(read_records(path))
+    if records and isinstance(records[0][1], dict) and "prompt" in records[0][1] and "chosen" not in records[0][1]:
+        return [parse_prompt(rec, source) for source, rec in records]
     return [list(pair.prompt) for pair in load_pairs(path)[0]]
 
 
