@@ -217,6 +217,7 @@ def compared(tmp_path_factory, tiny_model_dir):
             "samples": 2,
             "max_new_tokens": 8,
             "temperatures": [0.0, 1.0],
+            "llm": {"base_url": "https://llm.example/v1?api_key=QUERYSECRET"},  # unused (gold judge), never written
         },
         "compare": {
             "methods": EIGHT,
@@ -235,6 +236,12 @@ def compared(tmp_path_factory, tiny_model_dir):
     settings["align"]["train"]["max_steps"] = 3
     cfg = load_config(None, settings)
     return cfg, run_compare(cfg)
+
+
+def test_compare_writes_no_credential_the_config_holds(compared):
+    cfg, results = compared
+    assert results["config"]["evaluate"]["llm"]["base_url"] == "https://llm.example/v1?api_key=<redacted>"
+    assert "QUERYSECRET" not in (Path(cfg.output_dir) / "results.json").read_text()
 
 
 def test_compare_reports_every_method_seed_and_noise_level(compared):
@@ -296,6 +303,7 @@ def test_a_selection_is_reused_when_only_align_logging_settings_change(compared,
     cfg, results = compared
     run = Path(cfg.output_dir) / "noise-0" / "seed-0" / "scit"
     mcfg = load_config(None, read_manifest(run / "collect")["run_config"])
+    mcfg = with_overrides(mcfg, {"evaluate": {"llm": cfg.to_dict()["evaluate"]["llm"]}})  # redacted in the manifest
     validation = load_pairs(cfg.compare.validation)[0]
 
     def trains(*args, **kwargs):

@@ -833,3 +833,21 @@ def test_a_partial_lora_mapping_keeps_its_sections_defaults(base):
     assert (cfg.dpo.lora.r, cfg.dpo.lora.alpha, cfg.dpo.lora.dropout) == (16, 32.0, 0.0)
     cfg = load_config(None, with_(base, ppo__lora={"r": 4}, align__lora={"alpha": 4}))
     assert (cfg.ppo.lora.r, cfg.ppo.lora.alpha) == (4, 32.0) and (cfg.align.lora.r, cfg.align.lora.alpha) == (8, 4.0)
+
+
+@pytest.mark.parametrize(
+    ("llm", "says"),
+    [
+        ({"api_key_env": "sk-proj-ABCDEF123456"}, "evaluate.llm.api_key_env: must be the name of an environment"),
+        ({"base_url": "https://alice:S3cretPW@llm.example/v1"}, "evaluate.llm.base_url: holds credentials"),
+    ],
+)
+def test_a_credential_in_the_llm_judges_settings_is_refused_without_repeating_it(base, llm, says):
+    msg = error_of(None, with_(base, evaluate__llm=llm))
+    assert msg.startswith(says) and "ABCDEF" not in msg and "S3cretPW" not in msg
+
+
+def test_a_train_key_that_yaml_reads_as_no_name_is_refused(base):
+    assert error_of(None, with_(base, instruct__train={True: 1})).startswith(
+        "instruct.train: key True is not a field name; quote it"
+    )

@@ -109,6 +109,10 @@ def test_save_to_disk_dataset_and_train_split(tmp_path):
     with pytest.raises(DataError, match=r"splits \['test', 'validation'\]"):
         load_pairs(tmp_path / "nosplit")
 
+    datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=r"empty: holds no records$"):
+        load_pairs(tmp_path / "empty")
+
 
 def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(DataError, match=r"^data file not found: .*nope\.jsonl$"):

@@ -903,18 +903,44 @@ def test_an_artifact_that_lost_a_file_is_stale_never_read(scit_run, tiny_model_d
     shard.write_bytes(shard.read_bytes()[:-100])
     status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg).splitlines())
     assert status["collect"].startswith("stale") and status["collect"].endswith(
-        f"(files lost or cut short: {shard.name})"
+        f"(files lost, cut short or changed: {shard.name})"
     )
-    with pytest.raises(RahfError, match=rf"the collect cache has files lost or cut short: {shard.name}; run `rahf"):
+    with pytest.raises(
+        RahfError, match=rf"the collect cache has files lost, cut short or changed: {shard.name}; run `rahf"
+    ):
         pipeline.run_stage(cfg, "align", force=True)
     capsys.readouterr()
     pipeline.run(cfg)
     text = capsys.readouterr().out
-    assert f"has files lost or cut short: {shard.name}; recomputing" in text
+    assert f"has files lost, cut short or changed: {shard.name}; recomputing" in text
     assert stage_lines(text) == {"instruct": "fresh", "collect": "ran", "align": "ran", "merge": "ran"}
     shard.unlink()  # the stage wrote it again: now lose it entirely
     status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg).splitlines())
-    assert status["collect"].endswith(f"(files lost or cut short: {shard.name})")
+    assert status["collect"].endswith(f"(files lost, cut short or changed: {shard.name})")
+
+
+def test_an_artifact_with_other_weights_of_the_same_size_in_place_is_stale(
+    scit_run, tiny_model_dir, pairs_file, tmp_path
+):
+    """Weights copied over a finished stage's own (another model's, of the same shape) make it stale, and its
+    downstream with it; a manifest that is not a JSON object reads as unreadable, not as a crash."""
+    out = tmp_path / "copy"
+    shutil.copytree(scit_run.output_dir, out)
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+    weights = pipeline.stage_dir(cfg, "instruct") / "model.safetensors"
+    other = tiny_model_dir / "model.safetensors"
+    assert weights.stat().st_size == other.stat().st_size and weights.read_bytes() != other.read_bytes()
+    shutil.copyfile(other, weights)
+    status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg).splitlines())
+    assert (
+        status["instruct"]
+        == f"stale                {weights.parent} (files lost, cut short or changed: model.safetensors)"
+    )
+    assert all(status[s].startswith("waiting for instruct") for s in ("collect", "align", "merge"))
+    shutil.copytree(Path(scit_run.output_dir) / "instruct", weights.parent, dirs_exist_ok=True)  # its own weights back
+    (pipeline.stage_dir(cfg, "align") / MANIFEST).write_text("[]")
+    status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg).splitlines())
+    assert status["align"].endswith("(its manifest is unreadable)")
 
 
 def test_a_second_process_on_the_same_output_dir_stops_before_writing(scit_run, tiny_model_dir, pairs_file, tmp_path):
@@ -1060,6 +1086,17 @@ def test_model_folders_without_config_or_tokenizer_and_output_inside_the_model_a
             pipeline.preflight(load_config(None, settings))
         (empty / "config.json").unlink()
     assert not (tmp_path / "out").exists()
+    # config and tokenizer, but no weights, or weights cut short
+    for f in tiny_model_dir.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, bare)
+    cfg = load_config(None, run_settings(bare, pairs_file, tmp_path / "out", "scit"))
+    with pytest.raises(RahfError, match=r"^model: .*bare holds no weights \(model.safetensors, ...\)"):
+        pipeline.preflight(cfg)
+    (bare / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes()[:-64])
+    with pytest.raises(RahfError, match=r"^model: .*model.safetensors is not a readable safetensors file"):
+        pipeline.preflight(cfg)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_model_that_cannot_be_read_stops_the_run_before_anything_is_written(pairs_file, tmp_path, tiny_model_dir):
@@ -1073,6 +1110,17 @@ def test_a_model_that_cannot_be_read_stops_the_run_before_anything_is_written(pa
     pipeline.preflight(load_config(None, settings | {"stages": [], "generate": own}), "generate")
     backbone = load_config(None, settings | {"stages": ["reward"], "reward": {"model": str(tiny_model_dir)}})
     pipeline.preflight(backbone)
+    # the other models a stage loads are read as early
+    local = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "sft", layers=None)
+    for key, stages, extra in (
+        ("generate.model", ["generate"], {"generate": {"model": "nobody/gen", "prompts": str(pairs_file)}}),
+        ("reward.model", ["reward"], {"reward": {"model": "nobody/rm"}}),
+    ):
+        with pytest.raises(ConfigError, match=rf"^{key}: cannot read the config of 'nobody/"):
+            pipeline.preflight(load_config(None, local | {"stages": stages} | extra))
+    with pytest.raises(ConfigError, match=r"^tokenizer: cannot load 'nobody/tok'"):
+        pipeline.preflight(load_config(None, local | {"stages": ["sft"], "tokenizer": "nobody/tok"}))
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_prompt_budget_is_checked_only_for_stages_that_fit_prompts_with_this_runs_tokenizer(

@@ -137,7 +137,7 @@ def fingerprint(payload: Any) -> str:
 
 def secret_key(name: str) -> bool:
     """Whether a config key names a credential (hub_token, api_key, password), not a tokenizer's special token."""
-    return bool(_SECRET_KEY.search(name)) and name.lower() not in SPECIAL_TOKENS
+    return bool(_SECRET_KEY.search(str(name))) and str(name).lower() not in SPECIAL_TOKENS
 
 
 def redacted(value: Any) -> Any:
@@ -161,8 +161,11 @@ def artifact_identity(path: str | os.PathLike) -> str:
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of the artifact folder `path`."""
-    return json.loads((Path(path) / MANIFEST).read_text())
+    """The manifest of the artifact folder `path`; ValueError when it is not a JSON object."""
+    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{Path(path) / MANIFEST}: not a manifest (a JSON object)")  # noqa: TRY004 (read as unreadable)
+    return manifest
 
 
 def is_fresh(path: str | os.PathLike, fp: str) -> bool:
@@ -175,10 +178,37 @@ def is_fresh(path: str | os.PathLike, fp: str) -> bool:
 
 
 def lost_files(path: str | os.PathLike) -> list[str]:
-    """The files the manifest of `path` lists that are gone or no longer of the size they were written with
-    (none for manifests made before the list was kept)."""
-    listed = read_manifest(path).get("files", {})
-    return [n for n, size in listed.items() if not (f := Path(path) / n).is_file() or f.stat().st_size != size]
+    """The files the manifest of `path` lists that are gone, no longer of the size they were written with, or whose
+    first and last MiB changed (a file copied over another of the same size; none for manifests made before the
+    lists were kept)."""
+    manifest = read_manifest(path)
+    listed, digests = manifest.get("files", {}), manifest.get("file_digests", {})
+    return [
+        n
+        for n, size in listed.items()
+        if not (f := Path(path) / n).is_file()
+        or f.stat().st_size != size
+        or (n in digests and file_digest(f) != digests[n])
+    ]
+
+
+_ENDS_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}  # per process, as _FILE_DIGESTS
+
+
+def file_digest(path: Path) -> str:
+    """A digest of a written file's size and its first and last MiB: read in an instant however large the file,
+    and different for any other weights or shard of the same size."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    if key not in _ENDS_DIGESTS:
+        h = hashlib.sha256(str(stat.st_size).encode())
+        with path.open("rb") as f:
+            h.update(f.read(1 << 20))
+            if stat.st_size > 1 << 20:
+                f.seek(-min(1 << 20, stat.st_size - (1 << 20)), os.SEEK_END)
+                h.update(f.read())
+        _ENDS_DIGESTS[key] = h.hexdigest()
+    return _ENDS_DIGESTS[key]
 
 
 def files_intact(path: str | os.PathLike) -> bool:
@@ -231,7 +261,9 @@ def atomic_dir(
     tmp.mkdir()
     try:
         yield tmp
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        written = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in written}
+        digests = {str(f.relative_to(tmp)): file_digest(f) for f in written}
         manifest = {
             "stage": stage,
             "fingerprint": fp,
@@ -243,6 +275,7 @@ def atomic_dir(
             **({} if run_config is None else {"run_config": redacted(run_config)}),
             **(extra or {}),
             "files": files,  # name -> bytes: an artifact missing one of them is not fresh
+            "file_digests": digests,  # name -> `file_digest`: nor one with another file in its place
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         if final.exists():

@@ -26,6 +26,7 @@ from .artifacts import (
     is_fresh,
     output_lock,
     read_manifest,
+    redacted,
     write_text_atomic,
 )
 from .config import ALIASES, RahfConfig, resolved_layers, with_overrides
@@ -487,7 +488,7 @@ def _run_compare(cfg: RahfConfig) -> dict:
                 "summary": summarize(runs),
                 "paired": paired(runs),
                 "runs": runs,
-                "config": cfg.to_dict(),
+                "config": redacted(cfg.to_dict()),  # as manifests have it: no credential reaches a file
                 "seconds": round(time.time() - t0, 1),
             }
             write_text_atomic(out / "results.json", json.dumps(results, indent=2))  # progress survives a kill

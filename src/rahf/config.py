@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -745,6 +746,8 @@ def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]
     known = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in values.items():
+        if not isinstance(key, str):  # YAML 1.1 reads yes/on/no/off and numbers as such
+            raise ConfigError(f"{section}.train: key {key!r} is not a field name; quote it if it is meant as one")
         if secret_key(key):  # hub_token; not eos_token or pad_token
             raise ConfigError(
                 f"{section}.train.{key}: the config is copied into every artifact manifest, so it must hold no "
@@ -796,6 +799,21 @@ def _check_train(cfg: RahfConfig) -> None:
         _refuse_unused_train(section, settings.train, scit=scit, own_batches=scit or section == "align")
         _check_report_to(section, settings.train.get("report_to"))
         _build_arguments(section, settings.train, cls)
+
+
+def _check_llm(cfg: RahfConfig) -> None:
+    """The LLM judge's key stays in the environment: the config (copied into manifests) names the variable only."""
+    llm = cfg.evaluate.llm
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", llm.api_key_env):
+        raise ConfigError(
+            "evaluate.llm.api_key_env: must be the name of an environment variable (letters, digits, _) that holds "
+            "the key, not the key itself; export the key (e.g. OPENAI_API_KEY=...) and name that variable"
+        )
+    if urlsplit(llm.base_url).username is not None or urlsplit(llm.base_url).password is not None:
+        raise ConfigError(
+            "evaluate.llm.base_url: holds credentials (user:password@), which would be written to every manifest; "
+            "drop them and put the key in the environment variable evaluate.llm.api_key_env names"
+        )
 
 
 def _check_dropout(cfg: RahfConfig) -> None:
@@ -1013,6 +1031,7 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
     _check_ranges(cfg)
     _check_train(cfg)
     _check_dropout(cfg)
+    _check_llm(cfg)
     for i, method in enumerate(cfg.compare.methods):
         if ALIASES.get(method, method) not in METHODS:
             raise ConfigError(
@@ -1101,7 +1120,7 @@ def model_config(key: str, name: str, revision: str | None, trust_remote_code: b
 
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:  # TypeError: a field of the wrong type (strict configs)
         at = f" at revision {revision!r}" if revision else ""
         raise ConfigError(f"{key}: cannot read the config of {name!r}{at} ({str(e).splitlines()[0]})") from None
 

@@ -449,6 +449,11 @@ def _read_dataset(path: Path, shown: str) -> Iterator[tuple[str, object]]:
     import datasets
 
     try:
+        if path.is_dir() and json.loads((path / "state.json").read_text()).get("_data_files") == []:
+            return  # an empty Dataset saved with save_to_disk: no records (datasets cannot load it back)
+    except (OSError, ValueError, AttributeError):
+        pass  # not a single saved Dataset (a DatasetDict, or no dataset at all): load_from_disk says which
+    try:
         if path.is_dir():
             ds = _quiet_datasets(lambda: datasets.load_from_disk(str(path)))
         else:

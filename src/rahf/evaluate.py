@@ -497,6 +497,7 @@ def check_judge(cfg, prompt_files: Sequence[str]) -> None:
     `prompt_files`: the pairs it will judge (held-out, validation)."""
     from urllib.parse import urlsplit
 
+    from .artifacts import redacted
     from .data import load_pairs
     from .errors import ConfigError
     from .judges import GoldJudge, JudgeError, api_key
@@ -521,7 +522,7 @@ def check_judge(cfg, prompt_files: Sequence[str]) -> None:
             raise ConfigError(f"evaluate.llm.api_key_env: {err}") from None
         if not key and urlsplit(e.llm.base_url).hostname == "api.openai.com":
             raise ConfigError(
-                f"evaluate.llm.api_key_env: ${e.llm.api_key_env} is not set, and {e.llm.base_url} needs a key; export "
+                f"evaluate.llm.api_key_env: ${e.llm.api_key_env} is not set, and {redacted(e.llm.base_url)} needs a key; export "
                 "it, or point evaluate.llm.base_url at a server that needs none"
             )
 

@@ -128,7 +128,7 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
     except (OSError, ValueError):
         return "its manifest is unreadable"
     if gone := lost_files(path):
-        return f"files lost or cut short: {', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}"
+        return f"files lost, cut short or changed: {', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}"
     old = flatten(results_only(manifest.get("config", {})))
     new = flatten(redacted(json.loads(json.dumps(covered, default=str))))
     keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
@@ -502,6 +502,7 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
         "reward" in stages and cfg.reward.model is None
     ):  # a stage that reads `model`'s config: a Hub id that cannot be read (misspelt, not cached offline) stops here
         model_num_layers(cfg)
+    check_model_ids(cfg, stages)
     check_upstream(cfg, [stage] if stage else active_stages(cfg))
     if note := unused_sft_note(cfg, stages):
         print(f"[rahf] note: {note}", flush=True)
@@ -536,6 +537,24 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     check_lora(cfg, stages)
 
 
+def check_model_ids(cfg: RahfConfig, stages: list[str]) -> None:
+    """The other models the stages load (`generate.model`, `reward.model`, `tokenizer`) must be readable: a misspelt
+    Hub id, or one not cached offline, stops the run here rather than after the earlier stages trained."""
+    from .config import model_config
+    from .models import load_tokenizer
+    from .reward import MINILM
+
+    if "generate" in stages and cfg.generate.model:
+        model_config("generate.model", cfg.generate.model, cfg.revision_of(cfg.generate.model), cfg.trust_remote_code)
+    if "reward" in stages and cfg.reward.model not in (None, MINILM):
+        model_config("reward.model", cfg.reward.model, cfg.revision_of(cfg.reward.model), cfg.trust_remote_code)
+    if "sft" in stages and cfg.tokenizer:
+        try:
+            load_tokenizer(cfg.tokenizer, cfg.trust_remote_code, cfg.revision_of(cfg.tokenizer))
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"tokenizer: cannot load {cfg.tokenizer!r} ({str(e).splitlines()[0]})") from None
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
@@ -564,6 +583,29 @@ def check_model_folders(cfg: RahfConfig) -> None:
                 f"{key}: {value} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...); save the "
                 "tokenizer there with tokenizer.save_pretrained" + (" or set tokenizer" if key == "model" else "")
             )
+        if key != "tokenizer":
+            _check_weights(key, value, folder)
+
+
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
+
+
+def _check_weights(key: str, value: str, folder: Path) -> None:
+    """A model folder must hold weights, and each safetensors file a header that covers the whole file (one cut
+    short by a full disk or an interrupted copy fails here, not in the middle of a run)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted({f for pattern in _WEIGHTS for f in folder.glob(pattern)})
+    if not files:
+        raise ConfigError(f"{key}: {value} holds no weights (model.safetensors, ...); save the model there again")
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{key}: {f} is not a readable safetensors file ({e}); save the model again") from None
 
 
 def check_upstream(cfg: RahfConfig, planned: list[str]) -> None:

@@ -10,6 +10,7 @@ Series keep the order of the input mappings, so the caller controls legend order
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -30,7 +31,12 @@ def _color(i: int) -> str:
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI, metadata=_METADATA)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed when complete: never a half-written plot
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI, metadata=_METADATA)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .artifacts import write_text_atomic
+
 RAHF_VS_STEP1 = (("rahf-scit", "hir"), ("rahf-dual", "preferred-sft"))  # each variant and its own step-1 model
 
 
@@ -240,5 +242,5 @@ def write_report(results: dict, out: Path) -> Path:
         cells = [f"{t[step]:.1f}" if step in t else "–" for step in steps]
         lines.append(f"| {run['noise']:g} | {run['seed']} | " + " | ".join(cells) + f" | {sum(t.values()):.1f} |")
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
