@@ -400,6 +400,10 @@ def gpt2_dir(tmp_path_factory, vocab) -> Path:
             ["method=sft", "stages=[generate]", "generate.max_new_tokens=33"],
             "data.max_prompt_length + generate.max_new_tokens: 65",
         ),
+        (  # a generate.model with its own table, beside a model without one (LLaMA)
+            ["model={tiny}", "generate.model={gpt2}", "method=sft", "stages=[generate]", "generate.max_new_tokens=33"],
+            "data.max_prompt_length + generate.max_new_tokens: 65 tokens exceed the 64 positions of {gpt2}",
+        ),
         (
             ["method=rlhf-ppo", "stages=[reward,instruct]", "reward.max_length=56", "ppo.max_new_tokens=40"],
             "+ ppo.max_new_tokens: 72 tokens",
@@ -407,9 +411,11 @@ def gpt2_dir(tmp_path_factory, vocab) -> Path:
     ],
 )
 def test_sequences_longer_than_a_learned_position_table_exit_2(
-    tmp_path, gpt2_dir, pairs_file, capsys, overrides, message
+    tmp_path, gpt2_dir, tiny_model_dir, pairs_file, capsys, overrides, message
 ):
     """GPT-2 indexes a table of n_positions rows: a longer sequence would end a stage in an IndexError."""
+    overrides = [o.format(tiny=tiny_model_dir, gpt2=gpt2_dir) for o in overrides]
+    message = message.format(gpt2=gpt2_dir)
     out = tmp_path / "out"
     cfg = tmp_path / "c.yaml"
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "what color is a banana ?"}])
@@ -609,20 +615,3 @@ def test_a_stage_command_without_the_method_its_upstream_was_made_for_says_which
     assert capsys.readouterr().out.startswith(
         "[rahf] note: align.train.gradient_checkpointing: transformers 5 calls it activation_checkpointing"
     )
-
-
-def test_a_generate_model_longer_than_its_position_table_exits_2(
-    tmp_path, gpt2_dir, tiny_model_dir, pairs_file, capsys
-):
-    out = tmp_path / "out"
-    cfg = tmp_path / "c.yaml"
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "what color is a banana ?"}])
-    cfg.write_text(
-        f"model: {tiny_model_dir}\nmethod: sft\nstages: [generate]\noutput_dir: {out}\ndata:\n  path: {pairs_file}\n"
-        f"  max_prompt_length: 32\ngenerate:\n  prompts: {prompts}\n  model: {gpt2_dir}\n  max_new_tokens: 33\n"
-    )
-    assert main(["generate", str(cfg)]) == 2
-    assert one_line_error(capsys.readouterr().err).startswith(
-        f"data.max_prompt_length + generate.max_new_tokens: 65 tokens exceed the 64 positions of {gpt2_dir}"
-    )
-    assert nothing_written(out)
