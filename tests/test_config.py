@@ -839,6 +839,8 @@ def test_a_partial_lora_mapping_keeps_its_sections_defaults(base):
     ("llm", "says"),
     [
         ({"api_key_env": "sk-proj-ABCDEF123456"}, "evaluate.llm.api_key_env: must be the name of an environment"),
+        ({"api_key_env": "hf_AbCdEF123456"}, "evaluate.llm.api_key_env: must be the name of an environment"),
+        ({"base_url": "http://[::1"}, "evaluate.llm.base_url: not a valid URL"),
         ({"base_url": "https://alice:S3cretPW@llm.example/v1"}, "evaluate.llm.base_url: holds credentials"),
     ],
 )

@@ -101,6 +101,7 @@ def test_a_run_on_a_hub_file_keeps_the_uri_and_is_fresh_after_it(hub, tmp_path, 
     [
         ("hf://datasets/org/prefs/missing.jsonl", "cannot download (EntryNotFoundError: 404 Client Error."),
         ("hf://datasets/org/prefs", "names no file in the repository; write hf://datasets/ORG/NAME"),
+        ("hf://datasets/org/prefs/data/", "names no file in the repository; write hf://datasets/ORG/NAME"),
         ("hf://spaces/org/app/pairs.jsonl", "names a space; data files are read from dataset (or model) repositories"),
     ],
 )

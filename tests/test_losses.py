@@ -323,5 +323,8 @@ def test_target_fit_against_hand_computed_shares(monkeypatch):
     assert fit["reached"] == pytest.approx(54 / 120)
     assert fit["cosine"] == pytest.approx(2 / 3)
     assert fit["distance_left"] == pytest.approx((5 + math.sqrt(8) + 3) / 16)
+    against = align.target_fit(torch.nn.Linear(1, 1), [batch], [5], alpha=-2.0)["5"]
+    assert against["cosine"] == pytest.approx(-2 / 3)  # the same shift, measured against what alpha -2 asks
+    assert against["reached"] == pytest.approx(-54 / 120)
     nothing_asked = align.target_fit(torch.nn.Linear(1, 1), [batch], [5], alpha=0.0)["5"]
-    assert nothing_asked["reached"] is None and nothing_asked["distance_left"] is None  # alpha 0 asks for no shift
+    assert nothing_asked == {"reached": None, "cosine": None, "distance_left": None}  # alpha 0 asks for no shift

@@ -479,6 +479,20 @@ def test_target_fit_says_how_far_align_moved_the_states(finished_run, heldout_re
             assert 0.2 < f["reached"] < 1.2 and 0 < f["cosine"] <= 1 and f["distance_left"] < 0.9, fit
 
 
+def test_an_adapter_dropout_that_training_switches_off_is_left_out_of_fingerprints():
+    """PPO runs its policy without dropout and TRL's DPO turns it off by default: artifacts made while the default
+    dropout was 0.05 stay fresh under 0."""
+    from rahf.pipeline import results_only
+
+    def dpo(dropout, **train):
+        return {"dpo": {"beta": 0.1, "lora": {"r": 16, "dropout": dropout}, "train": train}}
+
+    assert results_only(dpo(0.05)) == results_only(dpo(0.0)) == {"dpo": {"beta": 0.1, "lora": {"r": 16}, "train": {}}}
+    assert results_only(dpo(0.05, disable_dropout=False)) != results_only(dpo(0.0, disable_dropout=False))
+    ppo = {"ppo": {"steps": 2, "lora": {"r": 16, "dropout": 0.05}}}
+    assert results_only(ppo) == {"ppo": {"steps": 2, "lora": {"r": 16}}}
+
+
 def test_untrained_lora_loss_is_alpha_times_mean_v_norm(finished_run):
     """With the identity adapter h = o, so the loss is alpha * mean ||v|| over real window tokens and layers."""
     cfg = finished_run
@@ -1121,6 +1135,16 @@ def test_a_model_that_cannot_be_read_stops_the_run_before_anything_is_written(pa
     with pytest.raises(ConfigError, match=r"^tokenizer: cannot load 'nobody/tok'"):
         pipeline.preflight(load_config(None, local | {"stages": ["sft"], "tokenizer": "nobody/tok"}))
     assert not (tmp_path / "out").exists()
+    # a PEFT adapter as generate.model is merged into its base as it loads: that base is what must be readable
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    own = {"stages": ["generate"], "generate": {"model": str(adapter), "prompts": str(pairs_file)}}
+    pipeline.preflight(load_config(None, local | own))
 
 
 def test_the_prompt_budget_is_checked_only_for_stages_that_fit_prompts_with_this_runs_tokenizer(

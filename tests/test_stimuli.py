@@ -626,6 +626,10 @@ def test_a_reasoning_block_the_generation_prompt_opens_is_closed_before_the_repl
     assert prompt.endswith("<|Assistant|><think>\n")  # as generation renders it
     assert tok.decode(list(s.input_ids[s.response_start :])) == f"\n</think>\n\n{RESPONSE}</s>"
     assert reply_text(tok, list(s.input_ids[s.response_start :]), stop_ids(tok)) == RESPONSE
+    from rahf.stimuli import reply_content
+
+    assert reply_content(tok, "mia asks about a banana, so") == ""  # cut off in the block the prompt opened
+    assert reply_content(tok, "mia asks.\n</think>\n\nyellow .") == "yellow ."
 
 
 def test_a_channel_header_is_trained_and_a_reward_model_with_that_template_can_read_the_reply():

@@ -173,7 +173,7 @@ def target_fit(model, batches, layers: list[int], alpha: float, reader: TargetRe
 
     With shift = h - o (what the adapter changed) and asked = alpha * v (what the target asks):
     `reached` = sum <shift, asked> / sum |asked|^2, the share of the asked shift achieved along its direction
-    (1: all of it); `cosine` = mean cos(shift, v) over tokens that moved, how well its direction follows v;
+    (1: all of it); `cosine` = mean cos(shift, asked) over tokens that moved, how well its direction follows;
     `distance_left` = sum |h - target| / sum |asked|, the distance still to go as a share of the distance at the
     start (the adapter starts as the identity: h = o). The loss alone mixes all three.
     """
@@ -195,8 +195,8 @@ def target_fit(model, batches, layers: list[int], alpha: float, reader: TargetRe
             h = gather_windows(hs[layer], starts, mask.shape[1]).float()[mask]
             base, vv = o[layer].to(device).float()[mask], v[layer].to(device).float()[mask]
             shift, asked = h - base, alpha * vv
-            moved = (shift.norm(dim=-1) > 0) & (vv.norm(dim=-1) > 0)
-            cos = torch.nn.functional.cosine_similarity(shift[moved], vv[moved], dim=-1)
+            moved = (shift.norm(dim=-1) > 0) & (asked.norm(dim=-1) > 0)
+            cos = torch.nn.functional.cosine_similarity(shift[moved], asked[moved], dim=-1)
             sums[layer] += torch.tensor(
                 [
                     (shift * asked).sum().item(),

@@ -804,12 +804,17 @@ def _check_train(cfg: RahfConfig) -> None:
 def _check_llm(cfg: RahfConfig) -> None:
     """The LLM judge's key stays in the environment: the config (copied into manifests) names the variable only."""
     llm = cfg.evaluate.llm
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", llm.api_key_env):
+    if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", llm.api_key_env):  # a key (sk-..., hf_..., AIza...) never fits
         raise ConfigError(
-            "evaluate.llm.api_key_env: must be the name of an environment variable (letters, digits, _) that holds "
-            "the key, not the key itself; export the key (e.g. OPENAI_API_KEY=...) and name that variable"
+            "evaluate.llm.api_key_env: must be the name of an environment variable (capitals, digits, _) that "
+            "holds the key, not the key itself; export the key (e.g. OPENAI_API_KEY=...) and name that variable"
         )
-    if urlsplit(llm.base_url).username is not None or urlsplit(llm.base_url).password is not None:
+    try:
+        url = urlsplit(llm.base_url)
+        credentials = url.username is not None or url.password is not None
+    except ValueError as e:
+        raise ConfigError(f"evaluate.llm.base_url: not a valid URL ({e}); e.g. https://api.openai.com/v1") from None
+    if credentials:
         raise ConfigError(
             "evaluate.llm.base_url: holds credentials (user:password@), which would be written to every manifest; "
             "drop them and put the key in the environment variable evaluate.llm.api_key_env names"

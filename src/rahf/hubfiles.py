@@ -38,7 +38,7 @@ def check_uri(uri: str) -> tuple[str, str, str | None, str]:
         raise DataError(f"{uri}: not a valid HF URI ({e}); write {_FORMAT}") from None
     if ref.type not in ("dataset", "model"):
         raise DataError(f"{uri}: names a {ref.type}; data files are read from dataset (or model) repositories")
-    if not ref.path_in_repo or ref.path_in_repo.endswith("/"):
+    if not ref.path_in_repo or uri.endswith("/"):
         raise DataError(f"{uri}: names no file in the repository; write {_FORMAT}")
     return ref.type, ref.id, ref.revision, ref.path_in_repo
 

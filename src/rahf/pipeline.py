@@ -320,12 +320,18 @@ def _current(path: Path, fp: str) -> bool:
 
 
 def results_only(covered: dict) -> dict:
-    """`covered` without the settings of NEUTRAL_TRAIN_KEYS in its `*.train` mappings."""
+    """`covered` without the settings of NEUTRAL_TRAIN_KEYS in its `*.train` mappings, nor an adapter dropout that
+    training switches off (PPO's always, DPO's unless `dpo.train.disable_dropout: false`)."""
     out = dict(covered)
     for section, value in covered.items():
         if isinstance(value, dict) and isinstance(value.get("train"), dict):
             train = {k: v for k, v in value["train"].items() if k not in NEUTRAL_TRAIN_KEYS}
             out[section] = value | {"train": train}
+    for section in ("dpo", "ppo"):
+        value = out.get(section)
+        off = section == "ppo" or (isinstance(value, dict) and (value.get("train") or {}).get("disable_dropout", True))
+        if off and isinstance(value, dict) and isinstance(value.get("lora"), dict):
+            out[section] = value | {"lora": {k: v for k, v in value["lora"].items() if k != "dropout"}}
     return out
 
 
@@ -545,7 +551,12 @@ def check_model_ids(cfg: RahfConfig, stages: list[str]) -> None:
     from .reward import MINILM
 
     if "generate" in stages and cfg.generate.model:
-        model_config("generate.model", cfg.generate.model, cfg.revision_of(cfg.generate.model), cfg.trust_remote_code)
+        name, revision = cfg.generate.model, cfg.revision_of(cfg.generate.model)
+        adapter = Path(name).expanduser() / "adapter_config.json"
+        if adapter.is_file():  # a PEFT adapter, merged into its base as it loads: that base must be readable
+            settings = json.loads(adapter.read_text())
+            name, revision = settings.get("base_model_name_or_path"), settings.get("revision")
+        model_config("generate.model", name, revision, cfg.trust_remote_code)
     if "reward" in stages and cfg.reward.model not in (None, MINILM):
         model_config("reward.model", cfg.reward.model, cfg.revision_of(cfg.reward.model), cfg.trust_remote_code)
     if "sft" in stages and cfg.tokenizer:

@@ -274,10 +274,10 @@ def reply_content(tokenizer, text: str) -> str:
     stops inside its reasoning block, or in another channel before the answer's, has no answer: ""."""
     header = reply_header(tokenizer)
     if _CLOSE_THINK in header:
-        opened = not header.startswith(_OPEN_THINK) or text.startswith(_OPEN_THINK)  # R1: the prompt opened it
-        if opened and _CLOSE_THINK in text:
+        by_prompt = not header.startswith(_OPEN_THINK)  # R1: the generation prompt opened the block
+        if (by_prompt or text.startswith(_OPEN_THINK)) and _CLOSE_THINK in text:
             return text.split(_CLOSE_THINK, 1)[1].strip()
-        return "" if text.startswith(_OPEN_THINK) else text
+        return "" if by_prompt or text.startswith(_OPEN_THINK) else text
     if header and header in text:
         return text.rsplit(header, 1)[1].strip()
     if header and (lead := _lead_token(tokenizer, header)) and text.startswith(lead):
