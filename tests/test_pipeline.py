@@ -454,7 +454,7 @@ def test_align_lowers_the_distance_on_held_out_pairs(finished_run, heldout_recor
 def test_target_fit_says_how_far_align_moved_the_states(finished_run, heldout_records):
     """The identity adapter has moved nothing (reached 0, all the distance left); the trained one moved the states
     part of the way along v, on its own data (the manifest) and on held-out pairs alike."""
-    from rahf.align import target_fit
+    from rahf.diagnostics import target_fit
 
     cfg = finished_run
     tok = tokenizer_of(cfg)
@@ -491,6 +491,17 @@ def test_an_adapter_dropout_that_training_switches_off_is_left_out_of_fingerprin
     assert results_only(dpo(0.05, disable_dropout=False)) != results_only(dpo(0.0, disable_dropout=False))
     ppo = {"ppo": {"steps": 2, "lora": {"r": 16, "dropout": 0.05}}}
     assert results_only(ppo) == {"ppo": {"steps": 2, "lora": {"r": 16}}}
+
+
+def test_collect_records_the_probe_accuracy_of_vs_direction_per_layer(finished_run):
+    from rahf.diagnostics import probe_accuracy
+
+    collect = pipeline.stage_dir(finished_run, "collect")
+    per_layer = read_manifest(collect)["per_layer"]
+    again = probe_accuracy(CachedTargets(collect, LAYERS), LAYERS)
+    assert set(again) == {str(layer) for layer in LAYERS}
+    for layer, accuracy in again.items():
+        assert per_layer[layer]["probe_accuracy"] == accuracy and 0 <= accuracy <= 1
 
 
 def test_untrained_lora_loss_is_alpha_times_mean_v_norm(finished_run):
