@@ -493,17 +493,6 @@ def test_an_adapter_dropout_that_training_switches_off_is_left_out_of_fingerprin
     assert results_only(ppo) == {"ppo": {"steps": 2, "lora": {"r": 16}}}
 
 
-def test_collect_records_the_probe_accuracy_of_vs_direction_per_layer(finished_run):
-    from rahf.diagnostics import probe_accuracy
-
-    collect = pipeline.stage_dir(finished_run, "collect")
-    per_layer = read_manifest(collect)["per_layer"]
-    again = probe_accuracy(CachedTargets(collect, LAYERS), LAYERS)
-    assert set(again) == {str(layer) for layer in LAYERS}
-    for layer, accuracy in again.items():
-        assert per_layer[layer]["probe_accuracy"] == accuracy and 0 <= accuracy <= 1
-
-
 def test_untrained_lora_loss_is_alpha_times_mean_v_norm(finished_run):
     """With the identity adapter h = o, so the loss is alpha * mean ||v|| over real window tokens and layers."""
     cfg = finished_run

@@ -1,55 +1,14 @@
-"""Representation diagnostics: how well the target layers encode the preference before alignment (`probe_accuracy`,
-from the collect cache) and how far the alignment adapter moved the hidden states towards their targets after it
+"""Representation diagnostics: how far the alignment adapter moved the hidden states towards their targets
 (`target_fit`). The training loss alone mixes direction, reach and what is left.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 
 from .align import batch_ov, gather_windows
 from .collect import TargetReader
 from .models import forward_capture
-
-PROBE_PAIRS = 1024  # pairs `probe_accuracy` reads from the cache, spread over it
-
-
-def probe_accuracy(items: Sequence[dict], layers: list[int], max_pairs: int = PROBE_PAIRS) -> dict[str, float] | None:
-    """Per layer, the share of held-out pairs whose chosen reply the preference direction ranks first.
-
-    `items`: collected sequences as `CachedTargets` gives them, a pair's chosen reply then its rejected one
-    (`collect.responses: both`). The pairs are split in two halves; each half's direction d = the mean of `v` over
-    its window tokens scores the other half's replies by the mean of <o, d> over their windows; a pair counts 1
-    when its chosen reply scores higher, 0.5 on a tie, pooled over both halves. 0.5 is chance: a
-    layer whose states the direction does not order by preference gives RAHF's target little to build on.
-    None with fewer than 2 pairs.
-    """
-    n_pairs = len(items) // 2
-    if n_pairs < 2:
-        return None
-    picks = sorted({i * n_pairs // min(n_pairs, max_pairs) for i in range(min(n_pairs, max_pairs))})
-    halves = (picks[0::2], picks[1::2])
-    directions = []
-    for half in halves:  # each half's mean v per layer
-        total = {layer: 0.0 for layer in layers}
-        tokens = 0
-        for pair in half:
-            for item in (items[2 * pair], items[2 * pair + 1]):
-                tokens += item["v"][layers[0]].shape[0]
-                for layer in layers:
-                    total[layer] = total[layer] + item["v"][layer].float().sum(0)
-        directions.append({layer: total[layer] / max(tokens, 1) for layer in layers})
-    wins = {layer: 0.0 for layer in layers}
-    for half, d in zip(halves, reversed(directions)):  # each half scored by the other's direction
-        for pair in half:
-            chosen, rejected = items[2 * pair], items[2 * pair + 1]
-            for layer in layers:
-                a = chosen["o"][layer].float().mean(0) @ d[layer]
-                b = rejected["o"][layer].float().mean(0) @ d[layer]
-                wins[layer] += 1.0 if a > b else 0.5 if a == b else 0.0
-    return {str(layer): wins[layer] / len(picks) for layer in layers}
 
 
 @torch.no_grad()

@@ -795,9 +795,7 @@ def _instruct(cfg: RahfConfig, out: Path) -> dict:
 
 
 def _collect(cfg: RahfConfig, out: Path) -> dict:
-    from .align import CachedTargets
     from .collect import examples_for, write_cache
-    from .diagnostics import probe_accuracy
     from .models import load_tokenizer
     from .training import CHECKPOINTS, load_data, split_pairs
 
@@ -806,16 +804,7 @@ def _collect(cfg: RahfConfig, out: Path) -> dict:
     _, pairs = split_pairs(cfg, load_data(cfg))
     reader = target_reader(cfg, layers, tokenizer.pad_token_id)
     width = reader.plus.config.get_text_config(decoder=True).hidden_size  # a multimodal model's: its LM's
-    stats = write_cache(reader, examples_for(tokenizer, pairs, cfg), out, width, saves=CHECKPOINTS.get())
-    if cfg.collect.responses == "both" and (probe := probe_accuracy(CachedTargets(out, layers), layers)):
-        for layer, accuracy in probe.items():
-            stats["per_layer"][layer]["probe_accuracy"] = accuracy
-            print(
-                f"[rahf] collect: layer {layer}: the preference direction ranks the chosen reply first in "
-                f"{accuracy:.2f} of held-out pairs (0.5: chance)",
-                flush=True,
-            )
-    return stats
+    return write_cache(reader, examples_for(tokenizer, pairs, cfg), out, width, saves=CHECKPOINTS.get())
 
 
 def _align(cfg: RahfConfig, out: Path) -> dict:

@@ -179,21 +179,10 @@ def write_report(results: dict, out: Path) -> Path:
     if strength:
         plots.layer_strength(strength, out / "layer_strength.png")
         lines += [f"## Strength of the preference difference v per layer ({run_label})", ""]
-        lines += [
-            "| method | layer | mean ‖v‖ per token | mean ‖o‖ per token | ‖v‖ / ‖o‖ | probe accuracy of v's direction |",
-            "|---|---|---|---|---|---|",
-        ]
+        lines += ["| method | layer | mean ‖v‖ per token | mean ‖o‖ per token | ‖v‖ / ‖o‖ |", "|---|---|---|---|---|"]
         for name, m in first["methods"].items():
             for layer, s in m.get("per_layer", {}).items():
-                lines.append(
-                    f"| {name} | {layer} | {s['v_norm']:.3f} | {s['o_norm']:.3f} | {s['v_over_o']:.3f} "
-                    f"| {_fmt(s.get('probe_accuracy'))} |"
-                )
-        probe = (
-            "Probe accuracy: the share of the collected pairs whose chosen reply scores higher than the rejected one "
-            "along the mean of v over the other half of the pairs (0.5: chance), in the states alignment starts from."
-        )
-        lines += ["", probe]
+                lines.append(f"| {name} | {layer} | {s['v_norm']:.3f} | {s['o_norm']:.3f} | {s['v_over_o']:.3f} |")
         lines += ["", "![layers](layer_strength.png)", ""]
     selection = [(n, m["selection"]) for n, m in first["methods"].items() if m.get("selection")]
     if selection:
