@@ -76,3 +76,21 @@ def test_a_text_model_adapter_config_names_no_exclusions(tokenizer):
     )
     model = AutoModelForCausalLM.from_config(config)
     assert lora_config(model, LoraSettings(), max_layer=1).exclude_modules is None
+
+
+def test_files_that_cannot_be_loaded_are_one_line_naming_them(tmp_path, tiny_model_dir):
+    import shutil
+
+    from rahf.errors import LoadError
+    from rahf.models import load_model, load_tokenizer
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # cut short after the checks before a run
+    with pytest.raises(LoadError, match=rf"^{broken}: cannot load the model \(\w+: .+\)$") as caught:
+        load_model(str(broken), device="cpu")
+    assert "\n" not in str(caught.value)
+    (broken / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(LoadError, match=rf"^{broken}: cannot load the tokenizer \(\w+: "):
+        load_tokenizer(str(broken))

@@ -15,6 +15,10 @@ class DataError(RahfError, ValueError):
     """A data file is missing, unreadable, or holds a malformed record."""
 
 
+class LoadError(RahfError):
+    """A model or tokenizer whose files cannot be loaded (missing, cut short, unreadable)."""
+
+
 class UpstreamError(RahfError):
     """An artifact a stage reads is missing or was made from other settings: run `stage` first."""
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, LoadError
 from .stimuli import stop_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,6 +26,19 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+@contextmanager
+def _loading(what: str, path: str) -> Iterator[None]:
+    """Files that cannot be loaded (missing, cut short, unreadable: what the up-front checks cannot see) end a
+    stage in one line naming them, not a traceback from inside transformers."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise LoadError(f"{path}: cannot load the {what} ({type(e).__name__}: {reason})") from None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
     """A tokenizer with EOS ([SEP] for encoders without one) and a pad token (EOS when it has none).
 
@@ -33,7 +46,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    with _loading("tokenizer", path):
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None and tok.sep_token_id is not None:  # encoders (BERT) end every text with [SEP]
         tok.eos_token = tok.sep_token
     if tok.pad_token_id is None:
@@ -53,9 +67,10 @@ def load_model(
     """A causal LM in eval mode on `device` (CUDA when available unless told otherwise), at `revision` of a Hub repo."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, revision=revision, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
-    )
+    with _loading("model", path):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        )
     model.to(device or default_device())
     model.eval()
     return model

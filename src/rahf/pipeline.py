@@ -32,7 +32,7 @@ from .artifacts import (
 )
 from .collect import collected_shards
 from .config import METHOD_STAGES, RahfConfig, flatten, model_num_layers, resolved_layers
-from .errors import ConfigError, RahfError, UpstreamError
+from .errors import ConfigError, LoadError, RahfError, UpstreamError
 from .stimuli import tally
 
 FOLDERS = {
@@ -562,8 +562,8 @@ def check_model_ids(cfg: RahfConfig, stages: list[str]) -> None:
     if "sft" in stages and cfg.tokenizer:
         try:
             load_tokenizer(cfg.tokenizer, cfg.trust_remote_code, cfg.revision_of(cfg.tokenizer))
-        except (OSError, ValueError, TypeError) as e:
-            raise ConfigError(f"tokenizer: cannot load {cfg.tokenizer!r} ({str(e).splitlines()[0]})") from None
+        except LoadError as e:
+            raise ConfigError(f"tokenizer: {e}") from None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -644,7 +644,7 @@ def check_prompt_room(cfg: RahfConfig, instructed: bool) -> None:
     try:
         source = cfg.tokenizer or cfg.model
         tokenizer = load_tokenizer(source, cfg.trust_remote_code, cfg.revision_of(source))
-    except (OSError, ValueError):
+    except LoadError:
         return
     systems = [cfg.instructions.preferred, cfg.instructions.dispreferred] if instructed else [None]
     truncate_prompt(tokenizer, [{"role": "user", "content": "why"}], systems, cfg.data.max_prompt_length)
