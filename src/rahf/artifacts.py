@@ -52,6 +52,11 @@ def versions() -> dict[str, str]:
 _FILE_DIGESTS: dict[tuple[str, int, int, int, int], bytes] = {}
 
 
+def _stat_key(path: Path, stat: os.stat_result) -> tuple[str, int, int, int, int]:
+    """What identifies one version of a file within a process: any write changes its change time."""
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
+
 def _hash_file(path: Path, h: hashlib._Hash) -> None:
     """Feed `path` into `h`: its name, size and a digest of every byte.
 
@@ -65,7 +70,7 @@ def _hash_file(path: Path, h: hashlib._Hash) -> None:
     """
     stat = path.stat()
     h.update(f"{path.name}:{stat.st_size}".encode())
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    key = _stat_key(path, stat)
     if key in _FILE_DIGESTS:
         h.update(_FILE_DIGESTS[key])
         return
@@ -199,7 +204,7 @@ def file_digest(path: Path) -> str:
     """A digest of a written file's size and its first and last MiB: read in an instant however large the file,
     and different for any other weights or shard of the same size."""
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    key = _stat_key(path, stat)
     if key not in _ENDS_DIGESTS:
         h = hashlib.sha256(str(stat.st_size).encode())
         with path.open("rb") as f:

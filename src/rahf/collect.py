@@ -198,8 +198,6 @@ def write_cache(
     written there first, and the shards already there are kept instead of computed again; all move to `out` at
     the end.
     """
-    from safetensors.torch import save_file
-
     cfg, layers = reader.cfg, reader.layers
     dtype = DTYPES[cfg.collect.dtype]
     size = cache_bytes(examples, cfg, layers, hidden)
@@ -215,52 +213,22 @@ def write_cache(
     token_bytes = 2 * hidden * len(layers) * dtype.itemsize
     folder = saves if saves is not None else out
     bar = tqdm(total=len(examples), desc="collect", unit="seq")
-    parts = shard_ranges([w[1] for w in windows], cfg.collect.shard_size, token_bytes)
-    for part in parts:
+    resumed = False
+    for part in shard_ranges([w[1] for w in windows], cfg.collect.shard_size, token_bytes):
         name = f"shard-{len(shards):05d}.safetensors"
-        if (kept := _kept_shard(folder / name, len(part), layers)) is not None:
-            if not shards:
+        meta = _kept_shard(folder / name, len(part), layers)
+        if meta is None:
+            chunk, chunk_windows = examples[part.start : part.stop], windows[part.start : part.stop]
+            meta = _write_shard(reader, chunk, chunk_windows, folder / name, hidden, bar)
+        else:
+            if not resumed:
                 print(f"[rahf] collect: resuming after the shards an interrupted run left in {folder}", flush=True)
-            for layer in layers:
-                for what in ("o", "v"):
-                    stats[layer][f"{what}_norm"] += kept["norms"][str(layer)][what]
-            n_tokens += kept["tokens"]
-            shards.append(name)
+                resumed = True
             bar.update(len(part))
-            continue
-        chunk, chunk_windows = examples[part.start : part.stop], windows[part.start : part.stop]
-        lens = torch.tensor([len(e.plain.input_ids) for e in chunk])
-        tensors = {
-            "input_ids": torch.tensor([t for e in chunk for t in e.plain.input_ids], dtype=torch.int64),
-            "seq_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]),
-            "win_start": torch.tensor([w[0] for w in chunk_windows], dtype=torch.int64),
-            "win_len": torch.tensor([w[1] for w in chunk_windows], dtype=torch.int64),
-        }
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), tensors["win_len"].cumsum(0)])
-        tensors["win_offsets"] = offsets
-        n = int(offsets[-1])
-        for layer in layers:
-            tensors[f"o.{layer}"] = torch.empty(n, hidden, dtype=dtype)
-            tensors[f"v.{layer}"] = torch.empty(n, hidden, dtype=dtype)
-        norms = {str(layer): {"o": 0.0, "v": 0.0} for layer in layers}
-        for b0 in range(0, len(chunk), cfg.collect.batch_size):
-            batch = chunk[b0 : b0 + cfg.collect.batch_size]
-            rows = slice(int(offsets[b0]), int(offsets[b0 + len(batch)]))
-            o, v = reader(batch)
-            for layer in layers:
-                for what, got in (("o", o), ("v", v)):
-                    block = torch.cat(got[layer])
-                    norms[str(layer)][what] += block.norm(dim=-1).sum().item()
-                    tensors[f"{what}.{layer}"][rows] = stored(block, cfg.collect.dtype, what, layer).cpu()
-            bar.update(len(batch))
         for layer in layers:
             for what in ("o", "v"):
-                stats[layer][f"{what}_norm"] += norms[str(layer)][what]
-        n_tokens += n
-        meta = {"sequences": len(part), "tokens": n, "norms": norms}
-        part_file = folder / (name + ".part")  # renamed when complete: a shard cut short by a kill is never kept
-        save_file(tensors, str(part_file), metadata={"layers": ",".join(map(str, layers)), "rahf": json.dumps(meta)})
-        os.replace(part_file, folder / name)
+                stats[layer][f"{what}_norm"] += meta["norms"][str(layer)][what]
+        n_tokens += meta["tokens"]
         shards.append(name)
     bar.close()
     if saves is not None:
@@ -280,15 +248,54 @@ def write_cache(
     }
 
 
+def _write_shard(
+    reader: TargetReader, chunk: list[Example], windows: list[tuple[int, int]], path: Path, hidden: int, bar
+) -> dict:
+    """Compute the targets of `chunk` batch by batch into preallocated tensors in the cache dtype and write them to
+    `path` (as `path.part`, renamed when complete: a shard cut short by a kill is never kept); returns what its
+    metadata records: sequences, tokens and per-layer norm sums."""
+    from safetensors.torch import save_file
+
+    cfg, layers = reader.cfg, reader.layers
+    dtype = DTYPES[cfg.collect.dtype]
+    lens = torch.tensor([len(e.plain.input_ids) for e in chunk])
+    tensors = {
+        "input_ids": torch.tensor([t for e in chunk for t in e.plain.input_ids], dtype=torch.int64),
+        "seq_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]),
+        "win_start": torch.tensor([w[0] for w in windows], dtype=torch.int64),
+        "win_len": torch.tensor([w[1] for w in windows], dtype=torch.int64),
+    }
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), tensors["win_len"].cumsum(0)])
+    tensors["win_offsets"] = offsets
+    n = int(offsets[-1])
+    for layer in layers:
+        tensors[f"o.{layer}"] = torch.empty(n, hidden, dtype=dtype)
+        tensors[f"v.{layer}"] = torch.empty(n, hidden, dtype=dtype)
+    norms = {str(layer): {"o": 0.0, "v": 0.0} for layer in layers}
+    for b0 in range(0, len(chunk), cfg.collect.batch_size):
+        batch = chunk[b0 : b0 + cfg.collect.batch_size]
+        rows = slice(int(offsets[b0]), int(offsets[b0 + len(batch)]))
+        o, v = reader(batch)
+        for layer in layers:
+            for what, got in (("o", o), ("v", v)):
+                block = torch.cat(got[layer])
+                norms[str(layer)][what] += block.norm(dim=-1).sum().item()
+                tensors[f"{what}.{layer}"][rows] = stored(block, cfg.collect.dtype, what, layer).cpu()
+        bar.update(len(batch))
+    meta = {"sequences": len(chunk), "tokens": n, "norms": norms}
+    part = path.with_name(path.name + ".part")
+    save_file(tensors, str(part), metadata={"layers": ",".join(map(str, layers)), "rahf": json.dumps(meta)})
+    os.replace(part, path)
+    return meta
+
+
 def _kept_shard(path: Path, sequences: int, layers: list[int]) -> dict | None:
     """The statistics a complete shard at `path` records, when it holds the `sequences` and `layers` planned for it
     (an interrupted run of the same settings wrote it); None when there is none."""
-    from safetensors import safe_open
-
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safetensors.safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         kept = json.loads(meta["rahf"])
         if kept["sequences"] != sequences or meta["layers"] != ",".join(map(str, layers)):

@@ -287,9 +287,13 @@ def reply_content(tokenizer, text: str) -> str:
 
 def _lead_token(tokenizer, header: str) -> str | None:
     """The added token `header` starts with (gpt-oss's "<|channel|>"), which opens any channel; None if none."""
-    ids = tokenizer(header, add_special_tokens=False)["input_ids"]
-    first = tokenizer.convert_ids_to_tokens(ids[0]) if ids else None
-    return first if first in tokenizer.get_added_vocab() else None
+
+    def probe() -> str | None:
+        ids = tokenizer(header, add_special_tokens=False)["input_ids"]
+        first = tokenizer.convert_ids_to_tokens(ids[0]) if ids else None
+        return first if first in tokenizer.get_added_vocab() else None
+
+    return _probed("header lead", tokenizer, (header,), probe)  # once, not once per judged reply
 
 
 def _drop_leading_tokens(tokenizer, text: str, n: int) -> str:
