@@ -270,10 +270,10 @@ def test_instruction_room_is_not_checked_for_methods_without_instructions(tmp_pa
         preflight(load_config(None, settings | {"method": "scit"}))
 
 
-@pytest.mark.parametrize("command", ["run", "instruct", "compare", "demo"])
-def test_several_launched_processes_are_refused_before_any_work(tmp_path, tiny_model_dir, pairs_file, capsys,
-                                                                 monkeypatch, command):  # fmt: skip
-    """Under torchrun / `accelerate launch --num_processes 2` every process would write the same artifacts."""
+@pytest.mark.parametrize("command", ["compare", "demo"])
+def test_compare_and_demo_refuse_several_launched_processes_before_any_work(tmp_path, tiny_model_dir, pairs_file,
+                                                                           capsys, monkeypatch, command):  # fmt: skip
+    """They run many small runs back to back; under torchrun every process would write the same folders."""
     out = tmp_path / "out"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\n")
@@ -281,11 +281,26 @@ def test_several_launched_processes_are_refused_before_any_work(tmp_path, tiny_m
     argv = [command, "--out", str(out)] if command == "demo" else [command, str(cfg)]
     assert main(argv) == 2
     assert one_line_error(capsys.readouterr().err) == (
-        f"`rahf {command}` was launched as 2 processes (WORLD_SIZE=2), and rahf runs in one process: "
-        "start it as `rahf ...` (one process uses one GPU)"
+        f"`rahf {command}` was launched as 2 processes (WORLD_SIZE=2) and runs in one: start it as "
+        f"`rahf {command} ...` (`rahf run` and the stage commands are the ones that use several processes)"
     )
     assert nothing_written(out)
     assert main(["data", "check", str(pairs_file)]) == 0  # read-only commands are not affected
+
+
+def test_several_machines_are_refused_before_any_work(tmp_path, tiny_model_dir, pairs_file, capsys, monkeypatch):
+    """Process 0 writes the artifacts the others read, so every process must be on one machine."""
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\n")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert main(["run", str(cfg)]) == 2
+    assert one_line_error(capsys.readouterr().err) == (
+        "launched on several machines (4 processes, 2 on this one): rahf runs its processes on one machine; "
+        "launch it there with --num_processes set to its devices"
+    )
+    assert nothing_written(out)
 
 
 def valid_config(folder: Path, tiny_model_dir: Path, pairs_file: Path, name: str = "c.yaml") -> Path:

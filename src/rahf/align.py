@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .collect import Example, TargetReader, pad_batch, window_end
+from .distributed import is_main
 from .errors import RahfError
 from .models import forward_capture
 
@@ -179,16 +180,18 @@ def align_batch_loss(
 ) -> torch.Tensor:
     """The alignment loss of the (adapter-enabled) `model` on one collated batch (`width`, `tokens`: see
     alignment_loss)."""
+    inner = getattr(model, "module", model)  # the model inside DistributedDataParallel (several processes)
     device = next(model.parameters()).device
     if reader is not None:
-        was_training = model.training
-        model.eval()  # targets as collect computes them: no dropout, adapter off
-        with model.disable_adapter():
+        was_training = inner.training
+        inner.eval()  # targets as collect computes them: no dropout, adapter off
+        with inner.disable_adapter():
             targets = batch_targets(inputs, alpha, reader)
-        model.train(was_training)
+        inner.train(was_training)
     else:
         targets = batch_targets(inputs, alpha, None)
-    hs = forward_capture(model, layers, inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
+    ids, attention = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
+    hs = forward_capture(model, layers, ids, attention, inner=inner)
     span = inputs["win_mask"].shape[1]  # this batch's longest window; `width` stays the configured one
     starts = inputs["win_start"].to(device)
     hidden = {layer: gather_windows(h, starts, span) for layer, h in hs.items()}
@@ -229,12 +232,20 @@ def align_trainer_class():
             return self.norm == "tokens"
 
         def _get_num_items_in_batch(self, batch_samples: list, device):
-            """The real window tokens of every micro-batch of one optimiser step (the Trainer counts `labels`)."""
-            return sum(int(b["win_mask"].sum()) for b in batch_samples) if self.norm == "tokens" else None
+            """The real window tokens of every micro-batch of one optimiser step, on every process (the Trainer
+            counts `labels`)."""
+            if self.norm != "tokens":
+                return None
+            tokens = sum(int(b["win_mask"].sum()) for b in batch_samples)
+            if self.args.world_size > 1:
+                tokens = int(self.accelerator.gather(torch.tensor([tokens], device=device)).sum())
+            return tokens
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             tokens = num_items_in_batch if self.norm == "tokens" else None
             loss = align_batch_loss(model, inputs, self.layers, self.alpha, self.norm, self.reader, self.width, tokens)
+            if tokens is not None and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # DDP averages gradients over processes; the sum is over all tokens
             return (loss, {}) if return_outputs else loss
 
         def _prepare_inputs(self, inputs):  # tensors move inside the loss; `examples` are not tensors
@@ -257,7 +268,9 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
     revision = cfg.revision_of(step1_path(cfg))  # LoRRA's policy may be the Hub model itself
     tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code, revision)
     policy = without_dropout(load_policy(cfg))
+    # several processes: every adapter weight shapes the target layers, so DDP need not look for unused ones
     defaults = {"learning_rate": 3e-4, "lr_scheduler_type": "constant", "num_train_epochs": 1}
+    defaults["ddp_find_unused_parameters"] = False
     args = training_args(TrainingArguments, cfg, out, cfg.align.train, **defaults)
     torch.manual_seed(args.seed)  # the adapter's random init comes before the Trainer seeds anything
     model = get_peft_model(policy, lora_config(policy, cfg.align.lora, max_layer=max(layers), revision=revision))
@@ -273,6 +286,8 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
     trainer.layers, trainer.alpha, trainer.norm, trainer.reader = layers, alpha, cfg.align.loss_norm, reader
     trainer.width = cfg.window
     run_trainer(trainer, "align")
+    if not is_main():  # launched as several processes, process 0 measures and writes
+        return trainer.state.log_history
     fit = target_fit(model, fit_batches(dataset, collator, args.per_device_train_batch_size), layers, alpha, reader)
     (out / "target_fit.json").write_text(json.dumps(fit, indent=1))
     for layer, f in fit.items():

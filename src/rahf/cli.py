@@ -213,13 +213,29 @@ def _method_option(parser: argparse.ArgumentParser, methods: tuple[str, ...] = (
 
 
 def _one_process(command: str) -> None:
-    """Stages write shared artifact folders from a single process; several (torchrun, accelerate launch) would race."""
+    """`compare` and `demo` run many small runs back to back in one process; several would race on their folders."""
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:
         raise RahfError(
-            f"`rahf {command}` was launched as {world} processes (WORLD_SIZE={world}), and rahf runs in one process: "
-            "start it as `rahf ...` (one process uses one GPU)"
+            f"`rahf {command}` was launched as {world} processes (WORLD_SIZE={world}) and runs in one: start it as "
+            f"`rahf {command} ...` (`rahf run` and the stage commands are the ones that use several processes)"
         )
+
+
+def _processes() -> None:
+    """Join the other processes of a launch (`accelerate launch`, `torchrun`); only process 0 prints progress."""
+    from . import distributed
+
+    distributed.setup()
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" once, from process 0
+        datasets.disable_progress_bars()
+        warnings.filterwarnings("ignore")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,15 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     ABANDONED.clear()  # what an interrupt leaves half-written is named for this command only
     # TRL and PEFT still use these transformers-5 names: a notice about library internals would open every run
     # (a config that sets the old name itself is told by `_load`)
-    warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing` is deprecated", FutureWarning)
+    warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated", FutureWarning)
     if rest:
         flags = [x for x in rest if x.startswith("-")] if hasattr(args, "items") else rest
         if flags:
             parser.error(f"unrecognized arguments: {' '.join(flags)}")
         args.items += rest
     try:
-        if args.func in (_cmd_stage, _cmd_run, _cmd_compare, _cmd_demo):
+        if args.func in (_cmd_compare, _cmd_demo):
             _one_process(args.command)
+        elif args.func in (_cmd_stage, _cmd_run):
+            _processes()
         args.func(args)
         sys.stdout.flush()  # a reader that left early (`rahf status c.yaml | head -1`) shows here, not at exit
     except BrokenPipeError:
@@ -247,11 +265,19 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except RahfError as e:
-        print(f"rahf: error: {e}", file=sys.stderr)
+        from . import distributed
+
+        if distributed.is_main():
+            print(f"rahf: error: {e}", file=sys.stderr)
+        elif distributed.WORKING:  # checks before the work are the same on every process: process 0 tells them
+            print(f"rahf: error (process {distributed.rank()}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the stage being written was removed on the way out (atomic_dir)
+        from .distributed import is_main
+
         what = f"{ABANDONED[0]} (half-written) was removed" if ABANDONED else "nothing half-written was left"
-        print(f"rahf: interrupted; {what}, finished stages are kept", file=sys.stderr)
+        if is_main():  # the only process that writes
+            print(f"rahf: interrupted; {what}, finished stages are kept", file=sys.stderr)
         return 130
     return 0
 

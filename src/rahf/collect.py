@@ -22,6 +22,7 @@ import safetensors
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import RahfConfig
 from .data import PreferencePair
 from .errors import RahfError
@@ -196,7 +197,8 @@ def write_cache(
     shard (at most `SHARD_BYTES`) and one batch in float32, whatever the window, the layers and the width. With
     `saves` (a folder that outlives an interrupted run of the same inputs and settings), each finished shard is
     written there first, and the shards already there are kept instead of computed again; all move to `out` at
-    the end.
+    the end. Launched as several processes, each computes every world_size()-th shard into `saves`, and process 0
+    alone returns the statistics (the others: {}).
     """
     cfg, layers = reader.cfg, reader.layers
     dtype = DTYPES[cfg.collect.dtype]
@@ -206,31 +208,40 @@ def write_cache(
         f"{size / 2**20:.1f} MiB of targets ({cfg.collect.dtype})",
         flush=True,
     )
-    stats = {layer: {"v_norm": 0.0, "o_norm": 0.0} for layer in layers}
-    n_tokens = 0
-    shards = []
     windows = [e.plain.window(cfg.window, cfg.include_boundary) for e in examples]
     token_bytes = 2 * hidden * len(layers) * dtype.itemsize
-    folder = saves if saves is not None else out
-    bar = tqdm(total=len(examples), desc="collect", unit="seq")
+    # several processes share the shards out, so each gets at least one
+    per_shard = max(1, min(cfg.collect.shard_size, -(-len(examples) // distributed.world_size())))
+    parts = shard_ranges([w[1] for w in windows], per_shard, token_bytes)
+    shards = [f"shard-{k:05d}.safetensors" for k in range(len(parts))]
+    mine = distributed.my_share(parts)
+    folder = saves if saves is not None else out  # the processes share `saves` (run_stage always gives one then)
+    bar = tqdm(total=sum(len(parts[k]) for k in mine), desc="collect", unit="seq", disable=not distributed.is_main())
     resumed = False
-    for part in shard_ranges([w[1] for w in windows], cfg.collect.shard_size, token_bytes):
-        name = f"shard-{len(shards):05d}.safetensors"
-        meta = _kept_shard(folder / name, len(part), layers)
-        if meta is None:
+    for k in mine:
+        part = parts[k]
+        if _kept_shard(folder / shards[k], len(part), layers) is None:
             chunk, chunk_windows = examples[part.start : part.stop], windows[part.start : part.stop]
-            meta = _write_shard(reader, chunk, chunk_windows, folder / name, hidden, bar)
+            _write_shard(reader, chunk, chunk_windows, folder / shards[k], hidden, bar)
         else:
             if not resumed:
                 print(f"[rahf] collect: resuming after the shards an interrupted run left in {folder}", flush=True)
                 resumed = True
             bar.update(len(part))
+    bar.close()
+    distributed.wait()  # every process has written its shards
+    if not distributed.is_main():
+        return {}
+    stats = {layer: {"v_norm": 0.0, "o_norm": 0.0} for layer in layers}
+    n_tokens = 0
+    for name, part in zip(shards, parts):
+        meta = _kept_shard(folder / name, len(part), layers)
+        if meta is None:
+            raise RahfError(f"collect: {folder / name} is missing or unreadable after it was written")
         for layer in layers:
             for what in ("o", "v"):
                 stats[layer][f"{what}_norm"] += meta["norms"][str(layer)][what]
         n_tokens += meta["tokens"]
-        shards.append(name)
-    bar.close()
     if saves is not None:
         for name in shards:
             os.replace(saves / name, out / name)

@@ -73,11 +73,14 @@ def sample_ids(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = False,
+    streams: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Reply token ids for prompt ids (left-padded batches of similar length), through the first stop token.
 
-    Sampled replies come from `SeededSampler`: each is fixed by `seed` and its prompt's index alone.
+    Sampled replies come from `SeededSampler`: each is fixed by `seed` and its prompt's index alone (`streams[i]`
+    for prompt i when given: its index in the whole prompt file, for a process that generates for part of it).
     """
+    streams = range(len(encoded)) if streams is None else streams
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     out: list[list[int]] = [[] for _ in encoded]
@@ -92,7 +95,9 @@ def sample_ids(
         for r, i in enumerate(idx):
             ids[r, width - len(encoded[i]) :] = torch.tensor(list(encoded[i]), dtype=torch.long)
             attn[r, width - len(encoded[i]) :] = 1
-        sampler = [] if temperature == 0 else [SeededSampler(temperature, top_p, seed, idx, device)]
+        sampler = (
+            [] if temperature == 0 else [SeededSampler(temperature, top_p, seed, [streams[i] for i in idx], device)]
+        )
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
@@ -121,10 +126,13 @@ def generate(
     system: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    streams: Sequence[int] | None = None,
 ) -> list[str]:
-    """One response per prompt; `system` prepends an instruction (e.g. for HIR)."""
+    """One response per prompt; `system` prepends an instruction (e.g. for HIR); `streams`: see `sample_ids`."""
     encoded = [prompt_ids(tokenizer, p, max_prompt_length, system) for p in prompts]
-    replies = sample_ids(model, tokenizer, encoded, max_new_tokens, temperature, top_p, batch_size, seed, progress)
+    replies = sample_ids(
+        model, tokenizer, encoded, max_new_tokens, temperature, top_p, batch_size, seed, progress, streams
+    )
     stops = reply_stop_ids(model, tokenizer)
     return [reply_text(tokenizer, r, stops) for r in replies]
 

@@ -8,6 +8,7 @@ so the top layer is the raw block output (transformers 5 applies the final norm 
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -96,6 +97,10 @@ def save_model(model, tokenizer, out, dtype: str | None = None) -> None:
     transformers refuses to save such a config once anything in it changed, as the stop tokens (or a
     trainer's pad token) just did. `dtype` casts the weights first (float32 master weights saved as trained for).
     """
+    from .distributed import is_main
+
+    if not is_main():  # launched as several processes, process 0 writes
+        return
     if dtype is not None:
         model.to(torch_dtype(dtype))
     for config in {id(c): c for c in (model.config, model.config.get_text_config(decoder=True))}.values():
@@ -218,12 +223,25 @@ def capture(model: nn.Module, layers: Sequence[int], stop: bool = True) -> Itera
 
 
 def forward_capture(
-    model: nn.Module, layers: Sequence[int], input_ids: torch.Tensor, attention_mask: torch.Tensor, stop: bool = True
+    model: nn.Module,
+    layers: Sequence[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    stop: bool = True,
+    inner: nn.Module | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Hidden states `[batch, seq, hidden]` at each target layer for one forward pass."""
-    with capture(model, layers, stop=stop) as out:
+    """Hidden states `[batch, seq, hidden]` at each target layer for one forward pass.
+
+    `inner` is the model that `model` wraps (DistributedDataParallel), whose blocks are hooked. A wrapper runs to
+    the end, since its gradient sync is armed only when its forward returns, with logits for one position only.
+    """
+    inner = model if inner is None else inner
+    wrapped = inner is not model
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    kwargs = {"logits_to_keep": 1} if wrapped and "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    with capture(inner, layers, stop=stop and not wrapped) as out:
         try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         except _StopForward:
             pass
     return dict(out)

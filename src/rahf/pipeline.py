@@ -6,15 +6,18 @@ other (a changed config key, data file or upstream artifact changes the fingerpr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .artifacts import (
     MANIFEST,
     artifact_identity,
@@ -371,32 +374,45 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
     A training stage's Trainer checkpoints (`<stage>.train.save_strategy`) go to `<artifact>.checkpoints/` beside
     the artifact, tagged with the stage's fingerprint: a run killed part-way leaves them there, and running the
     stage again with the same inputs and settings resumes from the newest; any other run discards them.
+
+    Launched as several processes, process 0 decides and writes the artifact; the others join the stages that split
+    their work (`PARALLEL_STAGES`), writing only into a scratch folder, and wait for it through the others.
     """
+    if distributed.world_size() > 1 and stage not in PARALLEL_STAGES:
+        distributed.on_main(lambda: _run_stage(cfg, stage, force, together=False))
+        return stage_dir(cfg, stage)
+    return _run_stage(cfg, stage, force, together=distributed.world_size() > 1)
+
+
+def _run_stage(cfg: RahfConfig, stage: str, force: bool, together: bool) -> Path:
+    """`run_stage`; `together`: every process runs the stage's work, process 0 alone writes the artifact."""
     from .training import CHECKPOINTS
 
     fp, covered, inputs = _stage_inputs(cfg, stage, {})
     out = stage_dir(cfg, stage)
-    with output_lock(cfg.output_dir):  # a second process on this folder stops here, before it writes
-        if not force and _current(out, fp):
-            print(f"[rahf] {stage}: up to date ({out})", flush=True)
+    main = distributed.is_main()
+    with output_lock(cfg.output_dir) if main else contextlib.nullcontext():  # a second run stops here
+        plan = _plan(cfg, stage, out, fp, covered, inputs, force) if main else None
+        if together:
+            plan = distributed.share(plan)
+        if plan is None:
             return out
-        if out.exists() and not force:
-            print(f"[rahf] {stage}: {out} {_why_stale(out, covered, inputs)}; recomputing", flush=True)
-        print(f"[rahf] {stage}: running -> {out}", flush=True)
-        saves = _checkpoint_folder(cfg, stage, fp, force)
+        saves = Path(plan["saves"]) if plan["saves"] else None
         torch.manual_seed(cfg.seed)
+        if not main:
+            _scratch_run(cfg, stage, saves)
+            distributed.wait()  # process 0 has written the artifact
+            return out
         t0 = time.time()
-        extra: dict = {}
-        if saves is not None and (resumed := resume_points(saves)):  # `seconds` then counts this run's part only
-            extra["resumed_from"] = {str(c.relative_to(saves)): step for c, step, _ in resumed}
-        elif saves is not None and (shards := collected_shards(saves)):
-            extra["resumed_from"] = {"shards": shards}
+        extra: dict = dict(plan["extra"])
         token = CHECKPOINTS.set(saves)
         try:
             with atomic_dir(out, stage, fp, covered, extra, inputs, cfg.to_dict()) as tmp:
                 with tally() as counts:
                     extra.update(_STAGES[stage](cfg, tmp) or {})
                 extra["seconds"] = round(time.time() - t0, 2)
+                if together:
+                    extra["processes"] = distributed.world_size()
                 if counts:
                     extra["examples"] = dict(counts)
                     print(f"[rahf] {stage}: {_examples_summary(cfg, counts)}", flush=True)
@@ -414,10 +430,43 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
         if saves is not None:
             shutil.rmtree(saves, ignore_errors=True)
         print(f"[rahf] {stage}: done in {time.time() - t0:.1f}s", flush=True)
+        if together:
+            distributed.wait()
         return out
 
 
+def _plan(cfg: RahfConfig, stage: str, out: Path, fp: str, covered: dict, inputs: dict, force: bool) -> dict | None:
+    """None when `stage`'s artifact is fresh; otherwise what running it needs: its checkpoint folder (made or kept
+    here) and the manifest's note of what it resumes from."""
+    if not force and _current(out, fp):
+        print(f"[rahf] {stage}: up to date ({out})", flush=True)
+        return None
+    if out.exists() and not force:
+        print(f"[rahf] {stage}: {out} {_why_stale(out, covered, inputs)}; recomputing", flush=True)
+    print(f"[rahf] {stage}: running -> {out}", flush=True)
+    saves = _checkpoint_folder(cfg, stage, fp, force)
+    extra: dict = {}
+    if saves is not None and (resumed := resume_points(saves)):  # `seconds` then counts this run's part only
+        extra["resumed_from"] = {str(c.relative_to(saves)): step for c, step, _ in resumed}
+    elif saves is not None and (shards := collected_shards(saves)):
+        extra["resumed_from"] = {"shards": shards}
+    return {"saves": str(saves) if saves is not None else None, "extra": extra}
+
+
+def _scratch_run(cfg: RahfConfig, stage: str, saves: Path | None) -> None:
+    """A process other than 0 does its part of `stage`; what it writes besides the shared checkpoints is dropped."""
+    from .training import CHECKPOINTS
+
+    token = CHECKPOINTS.set(saves)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"rahf-{stage}-") as tmp:
+            _STAGES[stage](cfg, Path(tmp))
+    finally:
+        CHECKPOINTS.reset(token)
+
+
 TRAINING_STAGES = ("sft", "reward", "instruct", "align")  # the stages that train with a (TRL) Trainer
+PARALLEL_STAGES = (*TRAINING_STAGES, "collect", "generate")  # those that split their work over several processes
 RESUMABLE_STAGES = (*TRAINING_STAGES, "collect")  # collect keeps the shards it finished
 CHECKPOINT_TAG = "rahf-checkpoints.json"
 
@@ -504,6 +553,11 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
 
     check_model_folders(cfg)
     stages = [*active_stages(cfg), *([stage] if stage else [])]
+    if distributed.world_size() > 1 and cfg.method == "rlhf-ppo" and "instruct" in stages:
+        raise ConfigError(
+            f"method rlhf-ppo: its PPO training runs in one process, and this launch started {distributed.world_size()}; "
+            "run it as `rahf instruct CONFIG` without the launcher, then the other stages as you like"
+        )
     if any(s in stages for s in ("sft", "instruct", "collect", "align")) or (
         "reward" in stages and cfg.reward.model is None
     ):  # a stage that reads `model`'s config: a Hub id that cannot be read (misspelt, not cached offline) stops here
@@ -541,6 +595,7 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
         check_prompt_room(cfg, instructed=cfg.method in INSTRUCTED and any(s in stages for s in _PROMPTED))
     check_positions(cfg, stages)
     check_lora(cfg, stages)
+    distributed.WORKING[:] = [True]  # from here on, a problem one process meets may not be the others'
 
 
 def check_model_ids(cfg: RahfConfig, stages: list[str]) -> None:
@@ -736,7 +791,7 @@ def run(cfg: RahfConfig, force: bool = False) -> None:
     skipped = [s for s in cfg.stages if s not in METHOD_STAGES[cfg.method]]
     if skipped:
         print(f"[rahf] method {cfg.method} has no {', '.join(skipped)} stage; skipping", flush=True)
-    with output_lock(cfg.output_dir):  # for the whole run: another process cannot slip in between stages
+    with output_lock(cfg.output_dir) if distributed.is_main() else contextlib.nullcontext():  # for the whole run
         for stage in active_stages(cfg):
             run_stage(cfg, stage, force=force)
 
@@ -812,6 +867,8 @@ def _align(cfg: RahfConfig, out: Path) -> dict:
 
     layers = resolved_layers(cfg)
     train_align(cfg, out, layers, cfg.alpha)
+    if not distributed.is_main():
+        return {}
     base = {"model": str(step1_path(cfg))}
     if adapter := step1_adapter(cfg):  # the adapter's config names the step-1 adapter's base: merge this first
         base = {"model": json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]}
@@ -839,10 +896,11 @@ def _generate(cfg: RahfConfig, out: Path) -> dict:
     prompts = read_prompts(g.prompts)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, cfg.revision_of(model_path))
     model = load_stage_model(model_path, cfg, adapter=adapter)
-    responses = generate(
+    mine = distributed.my_share(prompts)  # every prompt, in one process
+    replies = generate(
         model,
         tokenizer,
-        prompts,
+        [prompts[i] for i in mine],
         g.max_new_tokens,
         g.temperature,
         g.top_p,
@@ -850,7 +908,13 @@ def _generate(cfg: RahfConfig, out: Path) -> dict:
         cfg.data.max_prompt_length,
         system=system,
         seed=cfg.seed,
+        progress=distributed.is_main(),
+        streams=mine,
     )
+    responses = [""] * len(prompts)
+    for indices, texts in distributed.gather((mine, replies)):
+        for i, text in zip(indices, texts):
+            responses[i] = text
     write_generations(out / "generations.jsonl", prompts, responses)
     return {"n": len(responses), "model": model_path, "adapter": adapter, "settings": dataclasses.asdict(g)}
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .data import PreferencePair
+from .distributed import is_main
 from .errors import ConfigError
 from .judges import RewardModelJudge
 from .metrics import classification_metrics, pairwise_accuracy
@@ -105,7 +106,8 @@ def train_reward_model(
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     run_trainer(trainer, "reward")
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # drop mixed-precision hooks
-    model.to(torch_dtype(dtype)).save_pretrained(out)
+    if is_main():  # launched as several processes, process 0 writes
+        model.to(torch_dtype(dtype)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))  # as every training stage
     return RewardModelJudge(model, tokenizer, max_length=max_length)

@@ -15,6 +15,7 @@ import torch
 
 from ..config import RahfConfig
 from ..data import PreferencePair
+from ..distributed import is_main
 from ..models import load_model, load_tokenizer, save_model
 from ..sft import check_eos_token, tokenized_sft_dataset, train_sft_model
 from ..training import checkpoint_dir, lora_config, step1_learning_rate, train_dtype, training_args
@@ -54,6 +55,6 @@ def train_dual(
         model, logs[side] = train_sft_model(model, tokenizer, data, args, stage=f"instruct ({side})")
         if cfg.finetune == "full":
             save_model(model, tokenizer, out / side, cfg.dtype)
-        else:
+        elif is_main():  # launched as several processes, process 0 writes
             model.save_pretrained(out / side)
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))

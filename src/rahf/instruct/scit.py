@@ -112,7 +112,11 @@ def _trainer_class():
             return (loss, {"logits": logits}) if return_outputs else loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            logs.update({k: sum(v) / len(v) for k, v in self._parts.items() if v})
+            parts = {k: sum(v) / len(v) for k, v in self._parts.items() if v}
+            if parts and self.args.world_size > 1:  # every process logs: the mean over them, as the loss is
+                means = self.accelerator.reduce(torch.tensor(list(parts.values()), device=self.args.device), "mean")
+                parts = dict(zip(parts, means.tolist()))
+            logs.update(parts)
             self._parts.clear()
             super().log(logs, start_time)
 

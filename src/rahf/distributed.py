@@ -1,0 +1,98 @@
+"""Several processes on one machine (`accelerate launch`, `torchrun`): one data-parallel worker per device.
+
+The training stages split every batch over the processes (the Trainer's DistributedDataParallel), collect and
+generate split their sequences, and process 0 alone writes artifacts and runs the stages that do not split
+(merge, evaluate) while the others wait. The processes meet only when work went well: a process that fails
+exits, and the launcher stops the others, so no process is left waiting for a message that cannot come.
+Waiting goes through a side channel (gloo, 7-day timeout) so that a long stage on process 0 does not trip the
+training group's 30-minute watchdog. Hand-written because accelerate's helpers all use the training group.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from .errors import RahfError
+
+T = TypeVar("T")
+_SIDE: list[Any] = []  # the side-channel process group, once `setup` made it
+WORKING: list[bool] = []  # set once the checks before any work have passed (errors after it may differ by process)
+
+
+def world_size() -> int:
+    """How many processes the launcher started (1 without a launcher)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def rank() -> int:
+    """This process's number, 0 for the one that writes artifacts."""
+    value = os.environ.get("RANK", "0")
+    return int(value) if value.isdigit() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup() -> None:
+    """Join the launcher's process group and open the side channel; nothing to do in one process.
+
+    Several machines are refused: artifacts are written by process 0 into a folder the others read."""
+    if world_size() == 1 or _SIDE:
+        return
+    local = os.environ.get("LOCAL_WORLD_SIZE", str(world_size()))
+    if local != str(world_size()):
+        raise RahfError(
+            f"launched on several machines ({world_size()} processes, {local} on this one): rahf runs its processes "
+            "on one machine; launch it there with --num_processes set to its devices"
+        )
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(minutes=30))  # the Trainer's default
+    _SIDE.append(dist.new_group(backend="gloo", timeout=timedelta(days=7)))
+
+
+def wait() -> None:
+    """Return once every process got here (process 0 has finished what the others wait for)."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier(group=_SIDE[0])
+
+
+def share(value: T | None) -> T:
+    """Process 0's `value`, on every process (the others pass None)."""
+    if world_size() == 1:
+        return value  # type: ignore[return-value]
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_SIDE[0])
+    return box[0]
+
+
+def gather(value: T) -> list[T]:
+    """Every process's `value`, in process order, on every process."""
+    if world_size() == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value, group=_SIDE[0])
+    return out
+
+
+def on_main(work: Callable[[], T]) -> T:
+    """`work()` on process 0; the others wait for it and get its result."""
+    return share(work() if is_main() else None)
+
+
+def my_share(items: Sequence[T]) -> list[int]:
+    """The indices of `items` this process handles: every world_size()-th, from its rank on."""
+    return list(range(rank(), len(items), world_size()))

@@ -1,0 +1,136 @@
+"""`rahf run` launched as two processes (`accelerate launch`, gloo on the CPU) gives the artifacts one process gives
+with the same global batch, writes each artifact once, and reads as fresh to either."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_settings, standard_records, write_jsonl
+from safetensors.torch import load_file
+
+from rahf.pipeline import FOLDERS
+
+STAGES = ["sft", "instruct", "collect", "align", "merge", "generate"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(processes: int, config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`rahf run config` as `processes` processes (accelerate launch) or as one plain process."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "rahf.cli", "run", str(config), *overrides]
+    if processes > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+        ]
+        launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command = [*launcher, "--main_process_port", str(free_port()), *command[1:]]
+    return subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=600)
+
+
+def cache_tensors(collect: Path) -> dict[str, torch.Tensor]:
+    """The cache's tensors over all shards, in sequence order (the shards may be cut differently)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for shard in sorted(collect.glob("shard-*.safetensors")):
+        for key, t in load_file(shard).items():
+            if key == "input_ids" or key[:2] in ("o.", "v."):
+                parts.setdefault(key, []).append(t)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys() and a
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def config_files(tmp_path_factory, tiny_model_dir, pairs_file) -> Path:
+    folder = tmp_path_factory.mktemp("launch")
+    prompts = write_jsonl(folder / "prompts.jsonl", [{"prompt": r["prompt"]} for r in standard_records(10, seed=5)])
+    for method in ("scit", "dual"):
+        cfg = run_settings(tiny_model_dir, pairs_file, folder / "unused", method)
+        cfg["stages"] = STAGES
+        cfg["sft"] = {"train": {"per_device_train_batch_size": 4, "disable_tqdm": True, "max_steps": 2}}
+        cfg["instruct"]["train"]["per_device_train_batch_size"] = 2
+        cfg["instruct"]["lora"] = {"dropout": 0.0}  # dropout masks differ with the number of processes
+        cfg["align"]["train"] |= {"per_device_train_batch_size": 2, "max_steps": 8}
+        cfg["generate"] = {"prompts": str(prompts), "max_new_tokens": 8, "temperature": 1.0, "batch_size": 3}
+        (folder / f"{method}.yaml").write_text(yaml.safe_dump(cfg))
+    return folder
+
+
+# one process with twice the per-process batch of two processes: the same global batches, in the same order
+SAME_BATCHES = [f"{s}.train.per_device_train_batch_size={n}" for s, n in (("sft", 8), ("instruct", 4), ("align", 4))]
+
+
+@pytest.mark.parametrize(
+    ("method", "targets", "step1"),
+    [
+        ("scit", "cache", "instruct/model.safetensors"),
+        ("dual", "online", "instruct/preferred/adapter_model.safetensors"),
+    ],
+)
+def test_two_processes_train_what_one_process_trains(config_files, tmp_path, method, targets, step1):
+    config = config_files / f"{method}.yaml"
+    two, one = tmp_path / "two", tmp_path / "one"
+    launched = launch(2, config, f"output_dir={two}", f"align.targets={targets}")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    single = launch(1, config, f"output_dir={one}", f"align.targets={targets}", *SAME_BATCHES)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    for stage in STAGES:  # each stage printed once (process 0), and its manifest says how many processes ran it
+        assert launched.stdout.count(f"[rahf] {stage}: running") == 1
+        manifest = json.loads((two / FOLDERS[stage] / "rahf_manifest.json").read_text())
+        assert manifest.get("processes") == (None if stage == "merge" else 2)
+    assert "rahf: error" not in launched.stderr
+
+    assert_close(load_file(two / "sft/model.safetensors"), load_file(one / "sft/model.safetensors"), 1e-6)
+    assert_close(load_file(two / step1), load_file(one / step1), 1e-6)
+    assert_close(cache_tensors(two / "collect"), cache_tensors(one / "collect"), 1e-6)
+    assert len(list((two / "collect").glob("shard-*.safetensors"))) == 2  # one shard each
+    adapter = "align/adapter_model.safetensors"
+    assert_close(load_file(two / adapter), load_file(one / adapter), 1e-4)
+    assert (two / "align/target_fit.json").is_file() and not list(two.glob("*.checkpoints"))
+    replies = [(two / "generations/generations.jsonl").read_text(), (one / "generations/generations.jsonl").read_text()]
+    assert replies[0] == replies[1] and replies[0].count("\n") == 10
+
+    again = launch(2, config, f"output_dir={two}", f"align.targets={targets}")  # fresh for any number of processes
+    assert again.returncode == 0 and again.stdout.count("up to date") == len(STAGES), again.stdout[-2000:]
+    once = launch(1, config, f"output_dir={two}", f"align.targets={targets}")
+    assert once.returncode == 0 and once.stdout.count("up to date") == len(STAGES), once.stdout[-2000:]
+
+
+def test_a_bad_config_is_told_once_by_process_zero(config_files, tmp_path):
+    launched = launch(2, config_files / "scit.yaml", f"output_dir={tmp_path / 'out'}", "alpha=nan")
+    assert launched.returncode != 0
+    assert launched.stderr.count("rahf: error: alpha:") == 1, launched.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_ppo_is_refused_under_several_processes(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    from rahf import pipeline
+    from rahf.config import load_config
+    from rahf.errors import ConfigError
+
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "rlhf-ppo"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="method rlhf-ppo: its PPO training runs in one process"):
+        pipeline.preflight(cfg)
