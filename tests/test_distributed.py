@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,22 +28,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(processes: int, config: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`rahf run config` as `processes` processes (accelerate launch) or as one plain process."""
+LAUNCHER = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"]
+
+
+def launch(processes: int, config: Path, *overrides: str, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`rahf run config` (through `script` when given) as `processes` processes (accelerate launch) or as one."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "rahf.cli", "run", str(config), *overrides]
+    entry = [str(script)] if script else ["-m", "rahf.cli"]
+    command = [*entry, "run", str(config), *overrides]
     if processes > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-        ]
-        launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        command = [*launcher, "--main_process_port", str(free_port()), *command[1:]]
-    return subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=600)
+        port = ["--main_process_port", str(free_port()), "--dynamo_backend", "no"]
+        command = [*LAUNCHER, "--num_processes", str(processes), *port, *command]
+    return subprocess.run([sys.executable, *command], check=False, capture_output=True, text=True, env=env, timeout=600)
 
 
 def cache_tensors(collect: Path) -> dict[str, torch.Tensor]:
@@ -125,7 +122,7 @@ def test_a_bad_config_is_told_once_by_process_zero(config_files, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_ppo_is_refused_under_several_processes(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+def test_ppo_training_is_refused_under_several_processes(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
     from rahf import pipeline
     from rahf.config import load_config
     from rahf.errors import ConfigError
@@ -134,3 +131,57 @@ def test_ppo_is_refused_under_several_processes(tmp_path, tiny_model_dir, pairs_
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="method rlhf-ppo: its PPO training runs in one process"):
         pipeline.preflight(cfg)
+    with pytest.raises(ConfigError, match="method rlhf-ppo: its PPO training runs in one process"):
+        pipeline.preflight(cfg, "instruct")
+    # the stages that do not train the policy may be launched (a fresh instruct is not trained again either)
+    assert not pipeline._will_train_ppo(cfg, "reward") and not pipeline._will_train_ppo(cfg, "generate")
+
+
+FAILING = """import os, sys
+import rahf.collect
+from rahf.errors import RahfError
+
+def fail(*args, **kwargs):
+    raise RahfError("collect: o at layer 2 is not finite in float16 (on process 1 only)")
+
+if os.environ["RANK"] == "1":
+    rahf.collect._write_shard = fail
+from rahf.cli import main
+sys.exit(main())
+"""
+
+
+def test_when_one_process_fails_each_says_so_in_one_line(config_files, tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    out = tmp_path / "out"
+    launched = launch(2, config_files / "scit.yaml", f"output_dir={out}", "stages=[instruct,collect]", script=script)
+    assert launched.returncode != 0
+    lines = re.findall(r"rahf: error.*", launched.stderr)  # after process 0's progress bar, on one stderr
+    assert lines[0] == "rahf: error (process 1): collect: o at layer 2 is not finite in float16 (on process 1 only)"
+    assert lines[1].startswith("rahf: error: another process stopped, so process 0 stops too (")
+    assert len(lines) == 2 and "Traceback" not in launched.stderr.split("rahf: error")[1]
+    assert (out / "instruct").is_dir() and not (out / "collect").exists()
+
+
+def test_a_process_started_alone_is_process_zero_whatever_its_environment(monkeypatch):
+    from rahf import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")  # left over from a launcher, or set for something else
+    assert distributed.rank() == 0 and distributed.is_main() and distributed.world_size() == 1
+
+
+def test_the_process_group_takes_the_stages_ddp_settings(tmp_path, tiny_model_dir, pairs_file):
+    from rahf.config import load_config
+    from rahf.errors import ConfigError
+    from rahf.training import process_group_settings
+
+    def settings(**extra):
+        return load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit", **extra))
+
+    assert process_group_settings(settings()) == (1800, None)
+    longer = settings(align__train__ddp_timeout=7200, sft__train={"ddp_timeout": 600, "ddp_backend": "gloo"})
+    assert process_group_settings(longer) == (7200, "gloo")
+    with pytest.raises(ConfigError, match=r"\*\.train\.ddp_backend: the stages name gloo and nccl; one launch uses"):
+        process_group_settings(settings(sft__train={"ddp_backend": "gloo"}, dpo__train={"ddp_backend": "nccl"}))

@@ -5,6 +5,7 @@ checkpoint behind."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -265,13 +266,15 @@ def test_an_interrupted_collect_keeps_its_finished_shards_and_matches_an_uninter
     assert status["collect"].endswith("(interrupted: running it again resumes from 2 finished shards)")
 
     (saves / "shard-00001.safetensors").write_bytes(b"cut short")  # not a shard: computed again
+    # the right number of sequences, but not those planned for it (another cut of the data): computed again too
+    shutil.copy(saves / "shard-00000.safetensors", saves / "shard-00002.safetensors")
     with monkeypatch.context() as m:
         calls = interrupt_reader_at(m, 0)
         pipeline.run(cfg)
     total = json.loads((pipeline.stage_dir(cfg, "collect") / "rahf_manifest.json").read_text())
     assert calls[0] == total["n_sequences"] // 2 - 2  # shard 0's two batches were not read again
-    assert "collect: resuming after the shards an interrupted run left" in capsys.readouterr().out
-    assert total["resumed_from"] == {"shards": 2} and not saves.exists()
+    assert f"collect: keeping 1 of 4 shards an interrupted run left in {saves}" in capsys.readouterr().out
+    assert total["resumed_from"] == {"shards": 3} and not saves.exists()
 
     whole = config(tiny_model_dir, pairs_file, tmp_path / "whole", "scit", stages=["instruct", "collect"], **shards)
     pipeline.run(whole)
@@ -293,4 +296,20 @@ def test_an_interrupted_collect_keeps_its_finished_shards_and_matches_an_uninter
     pipeline.run_stage(config(tiny_model_dir, pairs_file, tmp_path / "run", "scit", window=5, **settings), "collect")
     out = capsys.readouterr().out
     assert f"discarding the checkpoints in {saves} (made with other inputs or settings)" in out
-    assert "resuming" not in out and not saves.exists()
+    assert "keeping" not in out and not saves.exists()
+
+    # shards that another number of processes cut are discarded too
+    with monkeypatch.context() as m:
+        interrupt_reader_at(m, 6)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_stage(cfg, "collect")
+    tag = json.loads((saves / pipeline.CHECKPOINT_TAG).read_text())
+    assert tag["processes"] == 1
+    (saves / pipeline.CHECKPOINT_TAG).write_text(json.dumps(tag | {"processes": 2}))
+    status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg).splitlines())
+    assert status["collect"].endswith("(interrupted: running it again as 2 processes resumes from 2 finished shards)")
+    capsys.readouterr()
+    pipeline.run_stage(cfg, "collect")
+    out = capsys.readouterr().out
+    assert f"discarding the checkpoints in {saves} (made with 2 processes, and this run has 1)" in out
+    assert "keeping" not in out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .artifacts import ABANDONED
 from .config import ALIASES, METHODS, flatten
-from .errors import ConfigError, RahfError
+from .errors import ConfigError, DataError, RahfError
 
 STAGE_HELP = {
     "sft": "step 0: supervised fine-tuning (TRL SFTTrainer, loss on responses only)",
@@ -58,6 +58,7 @@ def _cmd_stage(args) -> None:
     from .config import METHOD_STAGES
 
     cfg = _load(args)
+    _join_processes(cfg)
     if args.command not in METHOD_STAGES[cfg.method]:
         raise RahfError(
             f"method {cfg.method} has no {args.command} stage (its stages: {', '.join(METHOD_STAGES[cfg.method])})"
@@ -71,9 +72,18 @@ def _cmd_run(args) -> None:
     from .config import STAGES
 
     cfg = _load(args)
+    _join_processes(cfg)
     if not cfg.stages:
         raise ConfigError(f"stages: empty, so there is nothing to run; list at least one of {', '.join(STAGES)}")
     pipeline.run(cfg, force=args.force)
+
+
+def _join_processes(cfg) -> None:
+    """Join the other processes of a launch (nothing to do in one process), with the stages' DDP settings."""
+    from .distributed import setup
+    from .training import process_group_settings
+
+    setup(*process_group_settings(cfg))
 
 
 def _cmd_status(args) -> None:
@@ -222,11 +232,10 @@ def _one_process(command: str) -> None:
         )
 
 
-def _processes() -> None:
-    """Join the other processes of a launch (`accelerate launch`, `torchrun`); only process 0 prints progress."""
+def _quiet_other_processes() -> None:
+    """Under a launcher (`accelerate launch`, `torchrun`), only process 0 prints progress."""
     from . import distributed
 
-    distributed.setup()
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
         import datasets
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.func in (_cmd_compare, _cmd_demo):
             _one_process(args.command)
         elif args.func in (_cmd_stage, _cmd_run):
-            _processes()
+            _quiet_other_processes()
         args.func(args)
         sys.stdout.flush()  # a reader that left early (`rahf status c.yaml | head -1`) shows here, not at exit
     except BrokenPipeError:
@@ -269,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if distributed.is_main():
             print(f"rahf: error: {e}", file=sys.stderr)
-        elif distributed.WORKING:  # checks before the work are the same on every process: process 0 tells them
+        elif distributed.WORKING and not isinstance(e, (ConfigError, DataError)):  # those, every process meets
             print(f"rahf: error (process {distributed.rank()}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the stage being written was removed on the way out (atomic_dir)

@@ -214,20 +214,20 @@ def write_cache(
     per_shard = max(1, min(cfg.collect.shard_size, -(-len(examples) // distributed.world_size())))
     parts = shard_ranges([w[1] for w in windows], per_shard, token_bytes)
     shards = [f"shard-{k:05d}.safetensors" for k in range(len(parts))]
-    mine = distributed.my_share(parts)
     folder = saves if saves is not None else out  # the processes share `saves` (run_stage always gives one then)
+    kept = {k for k, part in enumerate(parts) if _kept_shard(folder / shards[k], part, layers) is not None}
+    distributed.wait()  # every process has looked before any writes
+    if kept:
+        print(
+            f"[rahf] collect: keeping {len(kept)} of {len(parts)} shards an interrupted run left in {folder}",
+            flush=True,
+        )
+    mine = [k for k in distributed.my_share(parts) if k not in kept]
     bar = tqdm(total=sum(len(parts[k]) for k in mine), desc="collect", unit="seq", disable=not distributed.is_main())
-    resumed = False
     for k in mine:
         part = parts[k]
-        if _kept_shard(folder / shards[k], len(part), layers) is None:
-            chunk, chunk_windows = examples[part.start : part.stop], windows[part.start : part.stop]
-            _write_shard(reader, chunk, chunk_windows, folder / shards[k], hidden, bar)
-        else:
-            if not resumed:
-                print(f"[rahf] collect: resuming after the shards an interrupted run left in {folder}", flush=True)
-                resumed = True
-            bar.update(len(part))
+        chunk, chunk_windows = examples[part.start : part.stop], windows[part.start : part.stop]
+        _write_shard(reader, chunk, chunk_windows, part.start, folder / shards[k], hidden, bar)
     bar.close()
     distributed.wait()  # every process has written its shards
     if not distributed.is_main():
@@ -235,7 +235,7 @@ def write_cache(
     stats = {layer: {"v_norm": 0.0, "o_norm": 0.0} for layer in layers}
     n_tokens = 0
     for name, part in zip(shards, parts):
-        meta = _kept_shard(folder / name, len(part), layers)
+        meta = _kept_shard(folder / name, part, layers)
         if meta is None:
             raise RahfError(f"collect: {folder / name} is missing or unreadable after it was written")
         for layer in layers:
@@ -260,11 +260,17 @@ def write_cache(
 
 
 def _write_shard(
-    reader: TargetReader, chunk: list[Example], windows: list[tuple[int, int]], path: Path, hidden: int, bar
-) -> dict:
-    """Compute the targets of `chunk` batch by batch into preallocated tensors in the cache dtype and write them to
-    `path` (as `path.part`, renamed when complete: a shard cut short by a kill is never kept); returns what its
-    metadata records: sequences, tokens and per-layer norm sums."""
+    reader: TargetReader,
+    chunk: list[Example],
+    windows: list[tuple[int, int]],
+    start: int,
+    path: Path,
+    hidden: int,
+    bar,
+) -> None:
+    """Compute the targets of `chunk` (the sequences from `start` on) batch by batch into preallocated tensors in
+    the cache dtype and write them to `path` (as `path.part`, renamed when complete: a shard cut short by a kill is
+    never kept), with metadata recording where it starts, its sequences, tokens and per-layer norm sums."""
     from safetensors.torch import save_file
 
     cfg, layers = reader.cfg, reader.layers
@@ -293,23 +299,23 @@ def _write_shard(
                 norms[str(layer)][what] += block.norm(dim=-1).sum().item()
                 tensors[f"{what}.{layer}"][rows] = stored(block, cfg.collect.dtype, what, layer).cpu()
         bar.update(len(batch))
-    meta = {"sequences": len(chunk), "tokens": n, "norms": norms}
+    meta = {"start": start, "sequences": len(chunk), "tokens": n, "norms": norms}
     part = path.with_name(path.name + ".part")
     save_file(tensors, str(part), metadata={"layers": ",".join(map(str, layers)), "rahf": json.dumps(meta)})
     os.replace(part, path)
-    return meta
 
 
-def _kept_shard(path: Path, sequences: int, layers: list[int]) -> dict | None:
-    """The statistics a complete shard at `path` records, when it holds the `sequences` and `layers` planned for it
-    (an interrupted run of the same settings wrote it); None when there is none."""
+def _kept_shard(path: Path, sequences: range, layers: list[int]) -> dict | None:
+    """The statistics a complete shard at `path` records, when it holds the `sequences` (indices) and `layers`
+    planned for it (an interrupted run of the same settings wrote it); None when there is none."""
     if not path.is_file():
         return None
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         kept = json.loads(meta["rahf"])
-        if kept["sequences"] != sequences or meta["layers"] != ",".join(map(str, layers)):
+        planned = (sequences.start, len(sequences), ",".join(map(str, layers)))
+        if (kept.get("start"), kept["sequences"], meta["layers"]) != planned:
             return None
         return kept
     except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError):

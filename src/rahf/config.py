@@ -769,11 +769,15 @@ def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]
 def _build_arguments(section: str, values: dict[str, Any], cls) -> None:
     """Build `cls` from a checked `train:` mapping as its stage will, so that the library's own rules (step
     combinations, ...) refuse a value now rather than after the earlier stages have trained. The build writes
-    nothing and sets up the CPU only, so CUDA is not touched; its warnings come again when the stage runs."""
+    nothing and sets up the CPU only, in one process, so neither CUDA nor a launch's process group is touched; its
+    warnings come again when the stage runs."""
+    from .distributed import alone
+
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), alone():
             warnings.simplefilter("ignore")
-            cls(**{"report_to": "none", "save_strategy": "no"} | values | {"use_cpu": True})
+            built = {k: v for k, v in values.items() if k != "ddp_backend"}  # the launch's group's (distributed.setup)
+            cls(**{"report_to": "none", "save_strategy": "no"} | built | {"use_cpu": True})
     except (ValueError, TypeError) as e:
         problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         named = next((k for k in values if re.search(rf"\b{re.escape(k)}\b", problem)), None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -29,19 +30,21 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    """This process's number, 0 for the one that writes artifacts."""
+    """This process's number, 0 for the one that writes artifacts (and for a process started alone)."""
     value = os.environ.get("RANK", "0")
-    return int(value) if value.isdigit() else 0
+    return int(value) if value.isdigit() and world_size() > 1 else 0
 
 
 def is_main() -> bool:
     return rank() == 0
 
 
-def setup() -> None:
+def setup(timeout: int = 1800, backend: str | None = None) -> None:
     """Join the launcher's process group and open the side channel; nothing to do in one process.
 
-    Several machines are refused: artifacts are written by process 0 into a folder the others read."""
+    `timeout` (seconds) and `backend` are the training group's: the Trainer finds the group made here and keeps
+    it, so they come from the stages' `ddp_timeout` and `ddp_backend`. Several machines are refused: artifacts
+    are written by process 0 into a folder the others read."""
     if world_size() == 1 or _SIDE:
         return
     local = os.environ.get("LOCAL_WORLD_SIZE", str(world_size()))
@@ -53,9 +56,34 @@ def setup() -> None:
     import torch
     import torch.distributed as dist
     from accelerate import PartialState
+    from accelerate.state import AcceleratorState
 
-    PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(minutes=30))  # the Trainer's default
+    AcceleratorState._reset_state(reset_partial_state=True)  # as each TrainingArguments does; the group stays
+    PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout), backend=backend)
     _SIDE.append(dist.new_group(backend="gloo", timeout=timedelta(days=7)))
+
+
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def alone():
+    """Within it, this process looks started alone (the launcher's variables hidden): building TrainingArguments to
+    check a config then sets up no process group, which `setup` makes afterwards with the config's settings."""
+    hidden = {k: os.environ.pop(k) for k in LAUNCHER_VARIABLES if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
+@contextmanager
+def _told_once():
+    """A process that stopped breaks the others' pending exchange: they say so in one line (its own is above)."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo: "Connection closed by peer", "Broken pipe", ...
+        raise RahfError(f"another process stopped, so process {rank()} stops too ({str(e).splitlines()[0]})") from None
 
 
 def wait() -> None:
@@ -63,7 +91,8 @@ def wait() -> None:
     if world_size() > 1:
         import torch.distributed as dist
 
-        dist.barrier(group=_SIDE[0])
+        with _told_once():
+            dist.barrier(group=_SIDE[0])
 
 
 def share(value: T | None) -> T:
@@ -73,7 +102,8 @@ def share(value: T | None) -> T:
     import torch.distributed as dist
 
     box = [value]
-    dist.broadcast_object_list(box, src=0, group=_SIDE[0])
+    with _told_once():
+        dist.broadcast_object_list(box, src=0, group=_SIDE[0])
     return box[0]
 
 
@@ -84,7 +114,8 @@ def gather(value: T) -> list[T]:
     import torch.distributed as dist
 
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, value, group=_SIDE[0])
+    with _told_once():
+        dist.all_gather_object(out, value, group=_SIDE[0])
     return out
 
 

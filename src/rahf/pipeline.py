@@ -486,9 +486,13 @@ def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, force: bool) -> Pat
     if stage not in RESUMABLE_STAGES:
         return None
     saves = checkpoint_folder(cfg, stage)
-    if saves.exists() and (force or _checkpoint_fingerprint(saves) != fp):
+    processes = distributed.world_size()  # the batch of a step, and collect's shards, depend on it
+    made_by = _checkpoint_tag(saves).get("processes", 1)
+    if saves.exists() and (force or _checkpoint_tag(saves).get("fingerprint") != fp or made_by != processes):
         if _kept_work(saves):
             why = "--force" if force else "other inputs or settings"
+            if not force and _checkpoint_tag(saves).get("fingerprint") == fp:
+                why = f"{made_by} process{'es' * (made_by != 1)}, and this run has {processes}"
             print(f"[rahf] {stage}: discarding the checkpoints in {saves} (made with {why})", flush=True)
         shutil.rmtree(saves)
     if not saves.exists():
@@ -496,16 +500,19 @@ def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, force: bool) -> Pat
         if stage != "collect" and getattr(cfg, section).train.get("save_strategy", "no") == "no":
             return None
         saves.mkdir(parents=True)
-        write_text_atomic(saves / CHECKPOINT_TAG, json.dumps({"stage": stage, "fingerprint": fp}))
+        tag = {"stage": stage, "fingerprint": fp, "processes": processes}
+        write_text_atomic(saves / CHECKPOINT_TAG, json.dumps(tag))
     return saves
 
 
-def _checkpoint_fingerprint(saves: Path) -> str | None:
-    """The fingerprint of the stage run that made the checkpoints in `saves`, or None when it is not recorded."""
+def _checkpoint_tag(saves: Path) -> dict:
+    """What the stage run that made the checkpoints in `saves` recorded: its fingerprint and number of processes
+    (none recorded: one); {} when there is no readable tag."""
     try:
-        return json.loads((saves / CHECKPOINT_TAG).read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
+        tag = json.loads((saves / CHECKPOINT_TAG).read_text())
+    except (OSError, ValueError):
+        return {}
+    return tag if isinstance(tag, dict) else {}
 
 
 def _kept_work(saves: Path) -> str:
@@ -553,7 +560,7 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
 
     check_model_folders(cfg)
     stages = [*active_stages(cfg), *([stage] if stage else [])]
-    if distributed.world_size() > 1 and cfg.method == "rlhf-ppo" and "instruct" in stages:
+    if distributed.world_size() > 1 and cfg.method == "rlhf-ppo" and _will_train_ppo(cfg, stage):
         raise ConfigError(
             f"method rlhf-ppo: its PPO training runs in one process, and this launch started {distributed.world_size()}; "
             "run it as `rahf instruct CONFIG` without the launcher, then the other stages as you like"
@@ -596,6 +603,18 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     check_positions(cfg, stages)
     check_lora(cfg, stages)
     distributed.WORKING[:] = [True]  # from here on, a problem one process meets may not be the others'
+
+
+def _will_train_ppo(cfg: RahfConfig, stage: str | None) -> bool:
+    """Whether this command trains rlhf-ppo's policy: `rahf instruct`, or a run whose instruct stage is not fresh."""
+    if stage is not None:
+        return stage == "instruct"
+    if "instruct" not in active_stages(cfg):
+        return False
+    try:
+        return not _current(stage_dir(cfg, "instruct"), stage_fingerprint(cfg, "instruct")[0])
+    except RahfError:  # an upstream stage not made yet: this run makes it, then trains
+        return True
 
 
 def check_model_ids(cfg: RahfConfig, stages: list[str]) -> None:
@@ -979,8 +998,10 @@ def describe(cfg: RahfConfig) -> str:
             note = read_manifest(out).get("created", "") if state == "fresh" else ""
             note = f"({_changes(out, covered, inputs)})" if state == "stale" else note
             saves = checkpoint_folder(cfg, stage)
-            if state != "fresh" and _checkpoint_fingerprint(saves) == fp and (kept := _kept_work(saves)):
-                note = f"{note} (interrupted: running it again resumes from {kept})".strip()
+            tag = _checkpoint_tag(saves)
+            if state != "fresh" and tag.get("fingerprint") == fp and (kept := _kept_work(saves)):
+                launched = f" as {tag['processes']} processes" if tag.get("processes", 1) != 1 else ""
+                note = f"{note} (interrupted: running it again{launched} resumes from {kept})".strip()
         except UpstreamError as e:
             state = f"waiting for {e.stage}"
         lines.append(f"{stage:9s} {state:20s} {out} {note}".rstrip())

@@ -71,7 +71,7 @@ def train_reward_model(
     from trl import RewardConfig, RewardTrainer
 
     from .models import load_tokenizer, torch_dtype
-    from .training import checkpoint_dir, one_device, run_trainer
+    from .training import checkpoint_dir, one_device, one_process, run_trainer
 
     if not pairs:
         raise ValueError("train_reward_model needs at least one preference pair")
@@ -102,7 +102,7 @@ def train_reward_model(
         "max_length": max_length,
     }
     values.update(train or {})
-    args = one_device(RewardConfig(**values))
+    args = one_device(RewardConfig(**one_process(values)))
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     run_trainer(trainer, "reward")
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # drop mixed-precision hooks

@@ -14,6 +14,7 @@ import torch
 
 from .config import LoraSettings, RahfConfig, train_arguments
 from .data import PreferencePair, load_pairs
+from .distributed import world_size
 from .errors import ConfigError, DataError
 from .models import decoder_blocks, default_device, load_model
 
@@ -37,7 +38,7 @@ def training_args(cls, cfg: RahfConfig, out: Path, overrides: dict[str, Any], **
     }
     values.update(defaults)
     values.update(user)
-    return one_device(cls(**values))
+    return one_device(cls(**one_process(values)))
 
 
 # Where a stage's Trainer checkpoints: `pipeline.run_stage` points it at a folder beside the artifact that outlives
@@ -79,6 +80,23 @@ def run_trainer(trainer, stage: str) -> None:
         step, total = checkpoint_step(last) or (0, 0)
         print(f"[rahf] {stage}: resuming from {last} (step {step} of {total})", flush=True)
     trainer.train(resume_from_checkpoint=str(last) if last else None)
+
+
+def process_group_settings(cfg: RahfConfig) -> tuple[int, str | None]:
+    """(timeout in seconds, backend) of the process group a launch joins before any Trainer: the largest
+    `ddp_timeout` of the stages' `train:` mappings (the Trainer's default, 1800), and the `ddp_backend` they name."""
+    trains = [cfg.sft.train, cfg.instruct.train, cfg.dpo.train, cfg.reward.train, cfg.align.train]
+    timeout = max(int(t.get("ddp_timeout", 1800)) for t in trains)
+    backends = sorted({t["ddp_backend"] for t in trains if t.get("ddp_backend")})
+    if len(backends) > 1:
+        raise ConfigError(f"*.train.ddp_backend: the stages name {' and '.join(backends)}; one launch uses one backend")
+    return timeout, backends[0] if backends else None
+
+
+def one_process(values: dict[str, Any]) -> dict[str, Any]:
+    """Trainer arguments without `ddp_backend` when this process was started alone: the Trainer would try to make a
+    process group of that backend for one process, and fail."""
+    return values if world_size() > 1 else {k: v for k, v in values.items() if k != "ddp_backend"}
 
 
 def one_device(args):
