@@ -42,16 +42,6 @@ def launch(processes: int, config: Path, *overrides: str, script: Path | None = 
     return subprocess.run([sys.executable, *command], check=False, capture_output=True, text=True, env=env, timeout=600)
 
 
-def cache_tensors(collect: Path) -> dict[str, torch.Tensor]:
-    """The cache's tensors over all shards, in sequence order (the shards may be cut differently)."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    for shard in sorted(collect.glob("shard-*.safetensors")):
-        for key, t in load_file(shard).items():
-            if key == "input_ids" or key[:2] in ("o.", "v."):
-                parts.setdefault(key, []).append(t)
-    return {k: torch.cat(v) for k, v in parts.items()}
-
-
 def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
     assert a.keys() == b.keys() and a
     for key, value in a.items():
@@ -69,6 +59,7 @@ def config_files(tmp_path_factory, tiny_model_dir, pairs_file) -> Path:
         cfg["instruct"]["train"]["per_device_train_batch_size"] = 2
         cfg["instruct"]["lora"] = {"dropout": 0.0}  # dropout masks differ with the number of processes
         cfg["align"]["train"] |= {"per_device_train_batch_size": 2, "max_steps": 8}
+        cfg["collect"]["shard_size"] = 4  # 4 shards, dealt to the processes in turn
         cfg["generate"] = {"prompts": str(prompts), "max_new_tokens": 8, "temperature": 1.0, "batch_size": 3}
         (folder / f"{method}.yaml").write_text(yaml.safe_dump(cfg))
     return folder
@@ -101,8 +92,10 @@ def test_two_processes_train_what_one_process_trains(config_files, tmp_path, met
 
     assert_close(load_file(two / "sft/model.safetensors"), load_file(one / "sft/model.safetensors"), 1e-6)
     assert_close(load_file(two / step1), load_file(one / step1), 1e-6)
-    assert_close(cache_tensors(two / "collect"), cache_tensors(one / "collect"), 1e-6)
-    assert len(list((two / "collect").glob("shard-*.safetensors"))) == 2  # one shard each
+    shards = sorted(p.name for p in (one / "collect").glob("shard-*.safetensors"))
+    assert len(shards) == 4 and sorted(p.name for p in (two / "collect").glob("shard-*.safetensors")) == shards
+    for shard in shards:  # the same cut, the same tensors
+        assert_close(load_file(two / "collect" / shard), load_file(one / "collect" / shard), 1e-6)
     adapter = "align/adapter_model.safetensors"
     assert_close(load_file(two / adapter), load_file(one / adapter), 1e-4)
     assert (two / "align/target_fit.json").is_file() and not list(two.glob("*.checkpoints"))
@@ -185,3 +178,18 @@ def test_the_process_group_takes_the_stages_ddp_settings(tmp_path, tiny_model_di
     assert process_group_settings(longer) == (7200, "gloo")
     with pytest.raises(ConfigError, match=r"\*\.train\.ddp_backend: the stages name gloo and nccl; one launch uses"):
         process_group_settings(settings(sft__train={"ddp_backend": "gloo"}, dpo__train={"ddp_backend": "nccl"}))
+
+
+def test_the_launchers_mixed_precision_and_compile_backend_are_not_applied_unasked(monkeypatch):
+    """`accelerate launch` exports them from its flags or config file, and the Trainer would apply them to every
+    stage without the config (or its fingerprints) saying so."""
+    from rahf.distributed import drop_launcher_settings
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    note = (
+        "the launcher's ACCELERATE_MIXED_PRECISION=bf16 is not used; mixed precision: rahf trains in `dtype` "
+        "(set dtype: bfloat16, or a stage's train.bf16 / train.fp16)"
+    )
+    assert drop_launcher_settings() == [note]
+    assert "ACCELERATE_MIXED_PRECISION" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" not in os.environ

@@ -80,9 +80,11 @@ def _cmd_run(args) -> None:
 
 def _join_processes(cfg) -> None:
     """Join the other processes of a launch (nothing to do in one process), with the stages' DDP settings."""
-    from .distributed import setup
+    from .distributed import drop_launcher_settings, setup
     from .training import process_group_settings
 
+    for note in drop_launcher_settings():
+        print(f"[rahf] note: {note}", flush=True)
     setup(*process_group_settings(cfg))
 
 
@@ -262,10 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(flags)}")
         args.items += rest
     try:
+        _quiet_other_processes()
         if args.func in (_cmd_compare, _cmd_demo):
             _one_process(args.command)
-        elif args.func in (_cmd_stage, _cmd_run):
-            _quiet_other_processes()
         args.func(args)
         sys.stdout.flush()  # a reader that left early (`rahf status c.yaml | head -1`) shows here, not at exit
     except BrokenPipeError:

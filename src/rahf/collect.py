@@ -197,8 +197,8 @@ def write_cache(
     shard (at most `SHARD_BYTES`) and one batch in float32, whatever the window, the layers and the width. With
     `saves` (a folder that outlives an interrupted run of the same inputs and settings), each finished shard is
     written there first, and the shards already there are kept instead of computed again; all move to `out` at
-    the end. Launched as several processes, each computes every world_size()-th shard into `saves`, and process 0
-    alone returns the statistics (the others: {}).
+    the end. Launched as several processes, each computes every world_size()-th shard into `saves` (with fewer
+    shards than processes, some wait), and process 0 alone returns the statistics (the others: {}).
     """
     cfg, layers = reader.cfg, reader.layers
     dtype = DTYPES[cfg.collect.dtype]
@@ -210,9 +210,8 @@ def write_cache(
     )
     windows = [e.plain.window(cfg.window, cfg.include_boundary) for e in examples]
     token_bytes = 2 * hidden * len(layers) * dtype.itemsize
-    # several processes share the shards out, so each gets at least one
-    per_shard = max(1, min(cfg.collect.shard_size, -(-len(examples) // distributed.world_size())))
-    parts = shard_ranges([w[1] for w in windows], per_shard, token_bytes)
+    # the same cut for any number of processes, so that the cache (and what is built on it) does not depend on it
+    parts = shard_ranges([w[1] for w in windows], cfg.collect.shard_size, token_bytes)
     shards = [f"shard-{k:05d}.safetensors" for k in range(len(parts))]
     folder = saves if saves is not None else out  # the processes share `saves` (run_stage always gives one then)
     kept = {k for k, part in enumerate(parts) if _kept_shard(folder / shards[k], part, layers) is not None}

@@ -77,6 +77,25 @@ def alone():
         os.environ.update(hidden)
 
 
+# what `accelerate launch` passes on from its flags or config file, and the Trainer would apply to every stage unasked
+LAUNCHER_SETTINGS = {
+    "ACCELERATE_MIXED_PRECISION": "mixed precision: rahf trains in `dtype` (set dtype: bfloat16, or a stage's "
+    "train.bf16 / train.fp16)",
+    "ACCELERATE_DYNAMO_BACKEND": "torch.compile backend: set a stage's train.torch_compile to compile",
+}
+
+
+def drop_launcher_settings() -> list[str]:
+    """Remove the launcher's mixed precision and compile backend from the environment, so that the stages train as
+    the config says (and as its fingerprints record); returns a note for each one that was set."""
+    notes = []
+    for name, what in LAUNCHER_SETTINGS.items():
+        value = os.environ.pop(name, None)
+        if value is not None and value.lower() != "no":
+            notes.append(f"the launcher's {name}={value} is not used; {what}")
+    return notes
+
+
 @contextmanager
 def _told_once():
     """A process that stopped breaks the others' pending exchange: they say so in one line (its own is above)."""
