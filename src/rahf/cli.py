@@ -226,8 +226,9 @@ def _method_option(parser: argparse.ArgumentParser, methods: tuple[str, ...] = (
 
 def _one_process(command: str) -> None:
     """`compare` and `demo` run many small runs back to back in one process; several would race on their folders."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:
+    from .distributed import world_size
+
+    if (world := world_size()) > 1:
         raise RahfError(
             f"`rahf {command}` was launched as {world} processes (WORLD_SIZE={world}) and runs in one: start it as "
             f"`rahf {command} ...` (`rahf run` and the stage commands are the ones that use several processes)"

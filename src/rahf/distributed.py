@@ -5,7 +5,7 @@ generate split their sequences, and process 0 alone writes artifacts and runs th
 (merge, evaluate) while the others wait. The processes meet only when work went well: a process that fails
 exits, and the launcher stops the others, so no process is left waiting for a message that cannot come.
 Waiting goes through a side channel (gloo, 7-day timeout) so that a long stage on process 0 does not trip the
-training group's 30-minute watchdog. Hand-written because accelerate's helpers all use the training group.
+training group's timeout (`ddp_timeout`, 30 minutes by default). Hand-written because accelerate's helpers all use the training group.
 """
 
 from __future__ import annotations
