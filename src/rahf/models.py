@@ -8,6 +8,7 @@ so the top layer is the raw block output (transformers 5 applies the final norm 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Iterator, Sequence
@@ -222,6 +223,12 @@ def capture(model: nn.Module, layers: Sequence[int], stop: bool = True) -> Itera
             h.remove()
 
 
+@functools.cache
+def _keeps_logits(cls: type) -> bool:
+    """Whether the forward of model class `cls` takes `logits_to_keep` (asked once per class: training asks every step)."""
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
 def forward_capture(
     model: nn.Module,
     layers: Sequence[int],
@@ -238,7 +245,7 @@ def forward_capture(
     inner = model if inner is None else inner
     wrapped = inner is not model
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    kwargs = {"logits_to_keep": 1} if wrapped and "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    kwargs = {"logits_to_keep": 1} if wrapped and _keeps_logits(type(base)) else {}
     with capture(inner, layers, stop=stop and not wrapped) as out:
         try:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)

@@ -487,11 +487,12 @@ def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, force: bool) -> Pat
         return None
     saves = checkpoint_folder(cfg, stage)
     processes = distributed.world_size()  # the batch of a step, and collect's shards, depend on it
-    made_by = _checkpoint_tag(saves).get("processes", 1)
-    if saves.exists() and (force or _checkpoint_tag(saves).get("fingerprint") != fp or made_by != processes):
+    tag = _checkpoint_tag(saves)
+    made_by = tag.get("processes", 1)
+    if saves.exists() and (force or tag.get("fingerprint") != fp or made_by != processes):
         if _kept_work(saves):
             why = "--force" if force else "other inputs or settings"
-            if not force and _checkpoint_tag(saves).get("fingerprint") == fp:
+            if not force and tag.get("fingerprint") == fp:
                 why = f"{made_by} process{'es' * (made_by != 1)}, and this run has {processes}"
             print(f"[rahf] {stage}: discarding the checkpoints in {saves} (made with {why})", flush=True)
         shutil.rmtree(saves)
