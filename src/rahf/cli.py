@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.func in (_cmd_compare, _cmd_demo):
             _one_process(args.command)
         args.func(args)
+        from .distributed import finish
+
+        finish()
         sys.stdout.flush()  # a reader that left early (`rahf status c.yaml | head -1`) shows here, not at exit
     except BrokenPipeError:
         # Python's recipe (docs of `signal`, "Note on SIGPIPE"): send the rest of stdout to devnull, so that the

@@ -138,6 +138,17 @@ def gather(value: T) -> list[T]:
     return out
 
 
+def finish() -> None:
+    """Leave the process groups together once every process is done: a process that exits while another still
+    holds its connections can make that one abort on its way out."""
+    if world_size() > 1 and _SIDE:
+        import torch.distributed as dist
+
+        wait()
+        dist.destroy_process_group()
+        _SIDE.clear()
+
+
 def on_main(work: Callable[[], T]) -> T:
     """`work()` on process 0; the others wait for it and get its result."""
     return share(work() if is_main() else None)
