@@ -607,8 +607,8 @@ def test_train_values_are_checked_in_every_section(base, section, method, train,
 @pytest.mark.parametrize(
     ("section", "method", "train", "start"),
     [
-        ("align", "scit", {"eval_strategy": "steps"}, "align.train.eval_strategy: no stage holds out evaluation"),
-        ("sft", "scit", {"load_best_model_at_end": True}, "sft.train.load_best_model_at_end: no stage holds out"),
+        ("align", "scit", {"eval_strategy": "steps"}, "align.train.eval_strategy: no pairs are held out to evaluate"),
+        ("sft", "scit", {"load_best_model_at_end": True}, "sft.train.load_best_model_at_end: no pairs are held out"),
         (
             "instruct",
             "scit",

@@ -80,7 +80,8 @@ def _train(tmp_path_factory, model_dir: Path, data_file: Path, pairs, finetune: 
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dpo, "_dpo_trainer", recording_trainer)
-        run.logs = copy.deepcopy(dpo.train_dpo(cfg, str(model_dir), pairs, out))  # later evaluate() calls append
+        dpo.train_dpo(cfg, str(model_dir), pairs, out)
+        run.logs = copy.deepcopy(run.trainer.state.log_history)  # later evaluate() calls append
     run.recording = False
     return run
 

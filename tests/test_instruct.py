@@ -224,13 +224,13 @@ def test_dual_trains_the_preferred_side_on_chosen_and_the_dispreferred_on_reject
     pairs = load_data(cfg)[:3]
     trained_on = {}
 
-    def fake_train(model, tokenizer, data, args, stage="sft"):  # the replies each side's SFT would learn
+    def fake_train(model, tokenizer, data, args, stage="sft", eval_dataset=None):  # the replies each side learns
         replies = []
         for row in data:
             start = next(i for i, t in enumerate(row["labels"]) if t != -100)
             replies.append(tokenizer.decode(row["input_ids"][start:]))
         trained_on[Path(args.output_dir).name] = replies
-        return model, []
+        return model, [], {}
 
     monkeypatch.setattr(dual, "train_sft_model", fake_train)
     dual.train_dual(cfg, str(tiny_model_dir), pairs, tmp_path / "out")

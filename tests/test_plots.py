@@ -37,6 +37,10 @@ CASES = {
     "reward_vs_temperature": lambda path: reward_vs_temperature(CURVES, path),
     "layer_strength": lambda path: layer_strength(LAYER_STATS, path, ylabel="mean |v| / |o|"),
     "training_curves": lambda path: training_curves(HISTORIES, path),
+    "training_curves_held_out": lambda path: training_curves(
+        {"sft": [{"step": s, "loss": 2.0 / s} | ({"eval_loss": 2.5 / s} if s % 3 == 0 else {}) for s in range(1, 10)]},
+        path,
+    ),
     "training_curves_grad_norm": lambda path: training_curves({"align": HISTORIES["align"]}, path, key="grad_norm"),
     "noise_sweep": lambda path: noise_sweep(NOISE, path),
 }

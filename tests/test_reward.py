@@ -31,7 +31,7 @@ def trained(tmp_path_factory, pairs):
     tmp = tmp_path_factory.mktemp("reward")
     base = save_tiny(tmp / "base", vocabulary(), hidden=32, layers=2, heads=2)
     out = tmp / "rm"
-    judge = train_reward_model(pairs[:N_TRAIN], str(base), out, train=TRAIN, seed=0)
+    judge, _ = train_reward_model(pairs[:N_TRAIN], str(base), out, train=TRAIN, seed=0)
     return judge, out
 
 

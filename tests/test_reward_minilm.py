@@ -67,7 +67,7 @@ def trained(tmp_path_factory, pairs, minilm):
     out = tmp_path_factory.mktemp("reward-minilm") / "rm"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(reward_trainer, "DataCollatorForPreference", Recording)
-        judge = train_reward_model(
+        judge, _ = train_reward_model(
             pairs[:N_TRAIN], resolve_backbone("minilm", "unused"), out, train=TRAIN, seed=0, max_length=MAX_LENGTH
         )
     return judge, out, fed

@@ -248,14 +248,21 @@ def align_trainer_class():
                 loss = loss * self.args.world_size  # DDP averages gradients over processes; the sum is over all tokens
             return (loss, {}) if return_outputs else loss
 
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            """The alignment loss of a held-out batch, its real tokens' mean (its targets read as in training)."""
+            with torch.no_grad():
+                loss = align_batch_loss(model, inputs, self.layers, self.alpha, self.norm, self.reader, self.width)
+            return loss.detach(), None, None
+
         def _prepare_inputs(self, inputs):  # tensors move inside the loss; `examples` are not tensors
             return inputs
 
     return AlignTrainer
 
 
-def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
-    """Train the alignment LoRA on the policy of `cfg`'s run and save the adapter (PEFT format) to `out`."""
+def train_align(cfg, out: Path, layers: list[int], alpha: float) -> dict[str, float]:
+    """Train the alignment LoRA on the policy of `cfg`'s run and save the adapter (PEFT format) to `out`; returns
+    its metrics on the pairs `data.eval_size` holds out ({} when it holds none out)."""
     from peft import get_peft_model
     from transformers import TrainingArguments
 
@@ -263,7 +270,7 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
     from .diagnostics import fit_batches, target_fit
     from .models import load_tokenizer
     from .pipeline import load_policy, require_artifact, step1_path, target_reader
-    from .training import ListDataset, load_data, lora_config, run_trainer, split_pairs, training_args
+    from .training import ListDataset, load_split, lora_config, run_trainer, split_pairs, training_args
 
     revision = cfg.revision_of(step1_path(cfg))  # LoRRA's policy may be the Hub model itself
     tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code, revision)
@@ -274,22 +281,35 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
     args = training_args(TrainingArguments, cfg, out, cfg.align.train, **defaults)
     torch.manual_seed(args.seed)  # the adapter's random init comes before the Trainer seeds anything
     model = get_peft_model(policy, lora_config(policy, cfg.align.lora, max_layer=max(layers), revision=revision))
+    held_out: torch.utils.data.Dataset | None = None
     if cfg.align.targets == "cache":
-        dataset, reader = CachedTargets(require_artifact(cfg, "collect"), layers), None
+        collected = require_artifact(cfg, "collect")
+        dataset, reader = CachedTargets(collected, layers), None
+        if cfg.data.eval_size:  # collect wrote the held-out pairs' targets there
+            held_out = CachedTargets(collected / "eval", layers)
         collator = CachedCollator(tokenizer.pad_token_id)
     else:
-        _, pairs = split_pairs(cfg, load_data(cfg))
+        pairs, held_pairs = load_split(cfg)
+        _, pairs = split_pairs(cfg, pairs)
         dataset = ListDataset(examples_for(tokenizer, pairs, cfg))
+        if held_pairs:
+            held_out = ListDataset(examples_for(tokenizer, held_pairs, cfg))
         collator = OnlineCollator(tokenizer.pad_token_id, cfg.window, cfg.include_boundary)
         reader = target_reader(cfg, layers, tokenizer.pad_token_id, policy=model)
-    trainer = align_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer = align_trainer_class()(
+        model=model, args=args, train_dataset=dataset, eval_dataset=held_out, data_collator=collator
+    )
     trainer.layers, trainer.alpha, trainer.norm, trainer.reader = layers, alpha, cfg.align.loss_norm, reader
     trainer.width = cfg.window
-    run_trainer(trainer, "align")
+    held = run_trainer(trainer, "align")
     if not is_main():  # launched as several processes, process 0 measures and writes
-        return trainer.state.log_history
-    fit = target_fit(model, fit_batches(dataset, collator, args.per_device_train_batch_size), layers, alpha, reader)
+        return held
+    batch = args.per_device_train_batch_size
+    fit = target_fit(model, fit_batches(dataset, collator, batch), layers, alpha, reader)
     (out / "target_fit.json").write_text(json.dumps(fit, indent=1))
+    if held_out is not None:  # how far the adapter moved the held-out pairs' states towards their targets
+        held_fit = target_fit(model, fit_batches(held_out, collator, batch), layers, alpha, reader)
+        (out / "target_fit_eval.json").write_text(json.dumps(held_fit, indent=1))
     for layer, f in fit.items():
         if f["reached"] is not None:
             print(
@@ -304,7 +324,7 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> list[dict]:
         _card_note(out / "README.md", note)  # PEFT's model card: loading this adapter alone is wrong
         print(f"[rahf] align: {' '.join(note.strip().split(chr(10), 1)[1].split())}", flush=True)
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return trainer.state.log_history
+    return held
 
 
 def step1_adapter(cfg) -> Path | None:

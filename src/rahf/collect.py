@@ -189,7 +189,12 @@ def stored(t: torch.Tensor, dtype_name: str, what: str, layer: int) -> torch.Ten
 
 
 def write_cache(
-    reader: TargetReader, examples: list[Example], out: Path, hidden: int, saves: Path | None = None
+    reader: TargetReader,
+    examples: list[Example],
+    out: Path,
+    hidden: int,
+    saves: Path | None = None,
+    desc: str = "collect",
 ) -> dict:
     """Compute targets batch by batch and write them as shards; returns per-layer statistics.
 
@@ -198,13 +203,14 @@ def write_cache(
     `saves` (a folder that outlives an interrupted run of the same inputs and settings), each finished shard is
     written there first, and the shards already there are kept instead of computed again; all move to `out` at
     the end. Launched as several processes, each computes every world_size()-th shard into `saves` (with fewer
-    shards than processes, some wait), and process 0 alone returns the statistics (the others: {}).
+    shards than processes, some wait), and process 0 alone returns the statistics (the others: {}). `desc` names
+    what is collected in the messages and the progress bar.
     """
     cfg, layers = reader.cfg, reader.layers
     dtype = DTYPES[cfg.collect.dtype]
     size = cache_bytes(examples, cfg, layers, hidden)
     print(
-        f"collect: {len(examples)} sequences x {len(layers)} layers x {hidden} dims -> "
+        f"{desc}: {len(examples)} sequences x {len(layers)} layers x {hidden} dims -> "
         f"{size / 2**20:.1f} MiB of targets ({cfg.collect.dtype})",
         flush=True,
     )
@@ -222,7 +228,7 @@ def write_cache(
             flush=True,
         )
     mine = [k for k in distributed.my_share(parts) if k not in kept]
-    bar = tqdm(total=sum(len(parts[k]) for k in mine), desc="collect", unit="seq", disable=not distributed.is_main())
+    bar = tqdm(total=sum(len(parts[k]) for k in mine), desc=desc, unit="seq", disable=not distributed.is_main())
     for k in mine:
         part = parts[k]
         chunk, chunk_windows = examples[part.start : part.stop], windows[part.start : part.stop]

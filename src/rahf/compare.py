@@ -160,7 +160,8 @@ def _select(
     work = Path(mcfg.output_dir) / "sweep"
     for layers, alpha in grid:
         shutil.rmtree(work, ignore_errors=True)
-        logs = train_align(mcfg, work, layers, alpha)
+        train_align(mcfg, work, layers, alpha)
+        logs = json.loads((work / "log_history.json").read_text())
         tokenizer = tokenizer or load_tokenizer(str(work), mcfg.trust_remote_code)
         model = PeftModel.from_pretrained(load_policy(mcfg), str(work)).merge_and_unload().eval()
         row: dict[str, Any] = {"layers": layers, "alpha": alpha, "final_loss": _last(logs, "train_loss")}

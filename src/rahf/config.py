@@ -79,6 +79,9 @@ class DataSettings:
     max_prompt_length: int = 512  # tokens; long prompts lose their beginning, never the assistant tag
     max_response_length: int = 512  # tokens, EOS included
     label_noise: float = 0.0  # fraction of pairs whose chosen/rejected are swapped (seeded), to measure robustness
+    # pairs held out of every training stage and evaluated during training (eval_loss, DPO's reward accuracy, align's
+    # distance to its targets, ...): a fraction below 1, or a number of pairs; 0 = none. Their labels stay as given
+    eval_size: float = 0.0
 
 
 @dataclass
@@ -612,6 +615,7 @@ RANGES: dict[str, Range] = {
     "data.max_prompt_length": AT_LEAST_1,
     "data.max_response_length": AT_LEAST_1,
     "data.label_noise": FRACTION,
+    "data.eval_size": AT_LEAST_0,
     "instruct.label_smoothing": Range(0, 0.5, open_high=True),
     "collect.batch_size": AT_LEAST_1,
     "collect.shard_size": AT_LEAST_1,
@@ -800,9 +804,10 @@ def _check_train(cfg: RahfConfig) -> None:
         settings = getattr(cfg, section)
         settings.train = train_arguments(section, settings.train, cls)
         scit = section == "instruct" and cfg.instruct_method == "scit"
-        _refuse_unused_train(section, settings.train, scit=scit, own_batches=scit or section == "align")
+        held_out = bool(cfg.data.eval_size)
+        _refuse_unused_train(section, settings.train, scit, scit or section == "align", held_out)
         _check_report_to(section, settings.train.get("report_to"))
-        _build_arguments(section, settings.train, cls)
+        _build_arguments(section, (EVAL_DEFAULTS if held_out else {}) | settings.train, cls)
 
 
 def _check_llm(cfg: RahfConfig) -> None:
@@ -858,10 +863,13 @@ def _check_report_to(section: str, value: str | list[str] | None) -> None:
             raise ConfigError(f"{section}.train.report_to: {name} is not installed here; install it or drop it")
 
 
+# What every training stage evaluates by default when `data.eval_size` holds pairs out: ten times in its run
+EVAL_DEFAULTS: dict[str, Any] = {"eval_strategy": "steps", "eval_steps": 0.1}
+
 # `*.train` fields a stage would accept and then ignore or crash on, with the reason
 _UNUSED_TRAIN = {
-    "eval_strategy": "no stage holds out evaluation data (the evaluate stage measures the result); leave it at no",
-    "load_best_model_at_end": "no stage holds out evaluation data; leave it false",
+    "eval_strategy": "no pairs are held out to evaluate on; set data.eval_size (a fraction or a number of pairs)",
+    "load_best_model_at_end": "no pairs are held out to evaluate on; set data.eval_size (a fraction or a number of pairs)",
     "resume_from_checkpoint": "rahf resumes a stage by itself: with save_strategy steps (or epoch) an interrupted "
     "stage keeps its checkpoints, and running it again with the same settings resumes from the newest",
     "chat_template_path": "rahf tokenizes the data before TRL would apply it, so training and the saved tokenizer "
@@ -869,15 +877,20 @@ _UNUSED_TRAIN = {
 }
 
 
-def _refuse_unused_train(section: str, values: dict[str, Any], scit: bool, own_batches: bool) -> None:
+def _refuse_unused_train(
+    section: str, values: dict[str, Any], scit: bool, own_batches: bool, held_out: bool = False
+) -> None:
     """Refuse `*.train` fields the stage would silently ignore, or accept here and crash on once earlier stages ran.
 
     `own_batches`: the stage feeds the Trainer rahf's own examples and collator (SCIT's step 1, align), whose
-    fields the model does not take and which carry no `input_ids` column to measure lengths by.
+    fields the model does not take and which carry no `input_ids` column to measure lengths by. `held_out`:
+    `data.eval_size` holds pairs out, so the evaluation settings have data to read.
     """
     import torch
 
     for key, why in _UNUSED_TRAIN.items():
+        if held_out and key in ("eval_strategy", "load_best_model_at_end"):
+            continue
         if values.get(key) not in (None, False, "no"):
             raise ConfigError(f"{section}.train.{key}: {why}")
     if values.get("packing") and values.get("max_length") is None:
@@ -1010,7 +1023,7 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
     if [s for s in STAGES if s in cfg.stages] != cfg.stages:
         raise ConfigError(f"stages: must be in pipeline order {', '.join(STAGES)}")
     needs_data = any(s in cfg.stages for s in ("reward", "instruct", "collect", "align")) or (
-        "sft" in cfg.stages and not cfg.sft.path
+        "sft" in cfg.stages and (not cfg.sft.path or bool(cfg.data.eval_size))
     )
     taken = next(p for p in (Path(cfg.output_dir), *Path(cfg.output_dir).parents) if p.exists())
     if not taken.is_dir():
@@ -1085,6 +1098,10 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
         raise ConfigError(
             "pure_dtype: float16 weights trained by AdamW jump (its second moment underflows to 0 in float16 and "
             "a step divides by eps alone); use dtype: bfloat16 with pure_dtype, or drop pure_dtype"
+        )
+    if cfg.data.eval_size >= 1 and cfg.data.eval_size != int(cfg.data.eval_size):
+        raise ConfigError(
+            f"data.eval_size: {cfg.data.eval_size} is neither a fraction below 1 nor a whole number of pairs"
         )
     if cfg.window > cfg.data.max_response_length:
         raise ConfigError(

@@ -221,6 +221,8 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
         return _section(cfg, "instructions") if reads else {}
 
     common = _section(cfg, "seed", "dtype", "trust_remote_code", "data")
+    if not cfg.data.eval_size:  # nothing held out: fingerprints as before the setting existed
+        del common["data"]["eval_size"]
     if cfg.dtype != "float32":  # how a 16-bit full fine-tune keeps its weights (float32 runs stay as they were)
         common["pure_dtype"] = cfg.pure_dtype
     lengths = {"data": {k: common["data"][k] for k in ("max_prompt_length", "max_response_length")}}
@@ -235,6 +237,10 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
             "tokenizer": _path_fp(cfg.tokenizer, memo, cfg.revision_of(cfg.tokenizer)),
             "data": _path_fp(cfg.sft.path, memo) if cfg.sft.path else data(),
         }
+        if cfg.sft.path and cfg.data.eval_size:  # evaluated on the pairs held out of `data`
+            held = {k: common["data"][k] for k in ("path", "format", "limit", "eval_size")}
+            covered["data"] = covered["data"] | held
+            inputs["eval_data"] = data()
     elif stage == "reward":
         from .reward import resolve_backbone
 
@@ -577,8 +583,13 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     if cfg.method in ("dpo", "rlhf-ppo") and cfg.instruct.train and "instruct" in stages:
         reads = "dpo.train" if cfg.method == "dpo" else "the ppo section"
         print(f"[rahf] note: instruct.train is not read by method {cfg.method}, whose step 1 trains with {reads}")
-    if any(s in stages for s in ("reward", "instruct", "collect", "align")) or ("sft" in stages and not cfg.sft.path):
+    if any(s in stages for s in ("reward", "instruct", "collect", "align")) or (
+        "sft" in stages and (not cfg.sft.path or cfg.data.eval_size)
+    ):
         split_pairs(cfg, load_data(cfg))
+    if cfg.data.eval_size and cfg.method == "rlhf-ppo" and "instruct" in stages:
+        print("[rahf] note: data.eval_size: rlhf-ppo's PPO loop evaluates nothing during training; the held-out pairs "
+              "are only kept out of its prompts", flush=True)  # fmt: skip
     if "evaluate" in stages:
         from .evaluate import check_judge
 
@@ -819,22 +830,31 @@ def run(cfg: RahfConfig, force: bool = False) -> None:
 def _sft(cfg: RahfConfig, out: Path) -> dict:
     from .sft import run_sft
 
-    run_sft(cfg, out)
-    return {}
+    return _with_eval(cfg, {}, run_sft(cfg, out))
+
+
+def _with_eval(cfg: RahfConfig, stats: dict, metrics: dict) -> dict:
+    """`stats` with a stage's metrics on the pairs `data.eval_size` holds out, when it holds some out."""
+    if not metrics:
+        return stats
+    from .training import load_eval_pairs
+
+    return stats | {"eval": metrics, "n_eval_pairs": len(load_eval_pairs(cfg))}
 
 
 def _reward(cfg: RahfConfig, out: Path) -> dict:
     from .reward import resolve_backbone, train_reward_model
-    from .training import load_data, split_pairs, train_dtype
+    from .training import load_split, split_pairs, train_dtype
 
-    step1, _ = split_pairs(cfg, load_data(cfg))
+    pairs, held_out = load_split(cfg)
+    step1, _ = split_pairs(cfg, pairs)
     backbone = resolve_backbone(cfg.reward.model, base_model_path(cfg))
     r = cfg.reward
-    judge = train_reward_model(
+    judge, metrics = train_reward_model(
         step1, backbone, out, r.train, cfg.seed, cfg.trust_remote_code, r.max_length, cfg.revision_of(backbone),
-        cfg.dtype, train_dtype(cfg, full=True),
+        cfg.dtype, train_dtype(cfg, full=True), held_out,
     )  # fmt: skip
-    stats: dict = {"n_pairs": len(step1), "backbone": backbone}
+    stats: dict = _with_eval(cfg, {"n_pairs": len(step1), "backbone": backbone}, metrics)
     if cfg.evaluate.pairs:  # how well it ranks held-out pairs, recorded in the manifest
         from .data import load_pairs
         from .reward import evaluate_reward_model
@@ -845,56 +865,73 @@ def _reward(cfg: RahfConfig, out: Path) -> dict:
 
 
 def _instruct(cfg: RahfConfig, out: Path) -> dict:
-    from .training import load_data, split_pairs
+    from .training import load_split, split_pairs
 
-    step1, _ = split_pairs(cfg, load_data(cfg))
+    pairs, held_out = load_split(cfg)
+    step1, _ = split_pairs(cfg, pairs)
     base = base_model_path(cfg)
     method = cfg.instruct_method
+    metrics: dict = {}
     if method == "scit":
         from .instruct.scit import train_scit
 
-        train_scit(cfg, base, step1, out)
+        metrics = train_scit(cfg, base, step1, out, held_out)
     elif method == "dual":
         from .instruct.dual import SIDES, train_dual
 
-        train_dual(cfg, base, step1, out, sides=("preferred",) if cfg.method == "preferred-sft" else SIDES)
+        sides = ("preferred",) if cfg.method == "preferred-sft" else SIDES
+        metrics = train_dual(cfg, base, step1, out, sides, held_out)
     elif method == "dpo":
         from .baselines.dpo import train_dpo
 
-        train_dpo(cfg, base, step1, out)
-    else:
+        metrics = train_dpo(cfg, base, step1, out, held_out)
+    else:  # PPO's own loop evaluates nothing on the held-out pairs (preflight says so)
         from .baselines.ppo import train_ppo
 
         train_ppo(cfg, base, reward_model_path(cfg, cfg.ppo.reward_model), [list(p.prompt) for p in step1], out)
-    return {"n_pairs": len(step1), "method": cfg.method, "finetune": cfg.finetune}
+    return _with_eval(cfg, {"n_pairs": len(step1), "method": cfg.method, "finetune": cfg.finetune}, metrics)
 
 
 def _collect(cfg: RahfConfig, out: Path) -> dict:
     from .collect import examples_for, write_cache
     from .models import load_tokenizer
-    from .training import CHECKPOINTS, load_data, split_pairs
+    from .training import CHECKPOINTS, load_split, split_pairs
 
     layers = resolved_layers(cfg)
     tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code, cfg.revision_of(step1_path(cfg)))
-    _, pairs = split_pairs(cfg, load_data(cfg))
+    pairs, held_out = load_split(cfg)
+    _, pairs = split_pairs(cfg, pairs)
     reader = target_reader(cfg, layers, tokenizer.pad_token_id)
     width = reader.plus.config.get_text_config(decoder=True).hidden_size  # a multimodal model's: its LM's
-    return write_cache(reader, examples_for(tokenizer, pairs, cfg), out, width, saves=CHECKPOINTS.get())
+    saves = CHECKPOINTS.get()
+    stats = write_cache(reader, examples_for(tokenizer, pairs, cfg), out, width, saves=saves)
+    if held_out:  # the targets align evaluates on, in eval/
+        held_saves = saves / "eval" if saves is not None else None
+        for folder in (out / "eval", held_saves):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+        examples = examples_for(tokenizer, held_out, cfg)
+        held = write_cache(reader, examples, out / "eval", width, held_saves, desc="collect (data.eval_size)")
+        stats = stats | {"eval": held} if stats else stats  # process 0 alone reports
+    return stats
 
 
 def _align(cfg: RahfConfig, out: Path) -> dict:
     from .align import step1_adapter, train_align
 
     layers = resolved_layers(cfg)
-    train_align(cfg, out, layers, cfg.alpha)
+    metrics = train_align(cfg, out, layers, cfg.alpha)
     if not distributed.is_main():
         return {}
     base = {"model": str(step1_path(cfg))}
     if adapter := step1_adapter(cfg):  # the adapter's config names the step-1 adapter's base: merge this first
         base = {"model": json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]}
         base["merge_first"] = str(adapter)
-    fit = json.loads((out / "target_fit.json").read_text())
-    return {"layers": layers, "alpha": cfg.alpha, "adapter_base": base, "target_fit": fit}
+    stats = {"layers": layers, "alpha": cfg.alpha, "adapter_base": base}
+    stats["target_fit"] = json.loads((out / "target_fit.json").read_text())
+    if (out / "target_fit_eval.json").is_file():
+        stats["target_fit_eval"] = json.loads((out / "target_fit_eval.json").read_text())
+    return _with_eval(cfg, stats, metrics)
 
 
 def _merge(cfg: RahfConfig, out: Path) -> dict:

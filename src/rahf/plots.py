@@ -139,18 +139,19 @@ def layer_strength(
 def training_curves(
     histories: Mapping[str, Sequence[Mapping]], path: str | Path, key: str = "loss", title: str | None = None
 ) -> Path:
-    """One panel per run of `key` against optimiser step, from trainer log dicts (`state.log_history`).
+    """One panel per run of `key` against optimiser step, from trainer log dicts (`state.log_history`), with
+    `eval_<key>` (the held-out pairs of `data.eval_size`) as a dashed line where a run logged it.
 
-    `histories`: {name: [{"step": int, key: float, ...}, ...]}. Entries without `key` (evaluation or
-    summary logs) are skipped, and so are runs left with none (a stage that logs another key); when no
-    run has any, ValueError.
+    `histories`: {name: [{"step": int, key: float, ...}, ...]}. Entries without `key` (summary logs) are
+    skipped, and so are runs left with none (a stage that logs another key); when no run has any, ValueError.
     """
     _require(histories, "histories")
-    series = {}
+    series, held_out = {}, {}
     for name, logs in histories.items():
         points = sorted((log["step"], log[key]) for log in logs if key in log and "step" in log)
         if points:
             series[name] = points
+            held_out[name] = sorted((log["step"], log[f"eval_{key}"]) for log in logs if f"eval_{key}" in log)
     if not series:
         raise ValueError(f"nothing to plot: no entry of histories has both 'step' and {key!r}")
     cols = min(3, len(series))
@@ -165,7 +166,11 @@ def training_curves(
                 [v for _, v in points],
                 color=_color(i),
                 marker="." if len(points) < 30 else None,
+                label="training",
             )
+            if held := held_out[name]:
+                ax.plot([s for s, _ in held], [v for _, v in held], color=_color(i), linestyle="--", label="held out")
+                ax.legend(fontsize=8)
             ax.set_title(str(name), fontsize=10)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("step")

@@ -58,8 +58,11 @@ def train_reward_model(
     revision: str | None = None,
     dtype: str = "float32",
     train_dtype: str = "float32",
-) -> RewardModelJudge:
-    """Fine-tune `backbone` with a one-label head on `pairs` (Bradley-Terry loss), save it to `out`, return its judge.
+    eval_pairs: Sequence[PreferencePair] = (),
+) -> tuple[RewardModelJudge, dict[str, float]]:
+    """Fine-tune `backbone` with a one-label head on `pairs` (Bradley-Terry loss), save it to `out`; returns its
+    judge and its metrics on `eval_pairs`, evaluated during training too (TRL's eval_loss, eval_accuracy, ...; {}
+    without them).
 
     `backbone` is a path or Hub id (see `resolve_backbone`). `train` overrides RewardConfig fields (learning_rate,
     num_train_epochs, per_device_train_batch_size, ...). The weights train in `train_dtype` whatever the
@@ -70,6 +73,7 @@ def train_reward_model(
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
+    from .config import EVAL_DEFAULTS
     from .models import load_tokenizer, torch_dtype
     from .training import checkpoint_dir, one_device, one_process, run_trainer
 
@@ -84,12 +88,15 @@ def train_reward_model(
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders find each text's last token by it
     judge = RewardModelJudge(model, tokenizer, max_length=max_length)
-    dataset = Dataset.from_dict(
-        {
-            "chosen_ids": [judge.encode(p.prompt, p.chosen) for p in pairs],
-            "rejected_ids": [judge.encode(p.prompt, p.rejected) for p in pairs],
-        }
-    )
+
+    def encoded(some: Sequence[PreferencePair]) -> Dataset:
+        return Dataset.from_dict(
+            {
+                "chosen_ids": [judge.encode(p.prompt, p.chosen) for p in some],
+                "rejected_ids": [judge.encode(p.prompt, p.rejected) for p in some],
+            }
+        )
+
     values: dict[str, Any] = {
         "output_dir": str(checkpoint_dir(out)),
         "report_to": "none",
@@ -101,16 +108,24 @@ def train_reward_model(
         "disable_tqdm": True,
         "max_length": max_length,
     }
+    if eval_pairs:
+        values.update(EVAL_DEFAULTS)
     values.update(train or {})
     args = one_device(RewardConfig(**one_process(values)))
-    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    run_trainer(trainer, "reward")
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=encoded(pairs),
+        eval_dataset=encoded(eval_pairs) if eval_pairs else None,
+        processing_class=tokenizer,
+    )
+    held = run_trainer(trainer, "reward")
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # drop mixed-precision hooks
     if is_main():  # launched as several processes, process 0 writes
         model.to(torch_dtype(dtype)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))  # as every training stage
-    return RewardModelJudge(model, tokenizer, max_length=max_length)
+    return RewardModelJudge(model, tokenizer, max_length=max_length), held
 
 
 def evaluate_reward_model(judge: RewardModelJudge, pairs: Sequence[PreferencePair]) -> dict[str, float]:

@@ -6,23 +6,28 @@ import json
 from pathlib import Path
 
 from .config import RahfConfig
-from .data import is_jsonl, load_pairs, parse_completion, read_jsonl
+from .data import PreferencePair, is_jsonl, load_pairs, parse_completion, read_jsonl
 from .errors import ConfigError
 from .models import load_model, load_tokenizer, save_model
 from .stimuli import build_variants
-from .training import load_data, run_trainer, train_dtype, training_args
+from .training import load_data, load_eval_pairs, run_trainer, train_dtype, training_args
 
 
 def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str, str]]:
     """(prompt messages, response, "file:line") of each example: `sft.path` (prompt/completion JSONL or preference
-    data) or the chosen replies of `data`."""
+    data) or the chosen replies of `data` (but those `data.eval_size` holds out)."""
     path = cfg.sft.path
     if path and is_jsonl(path):
         records = list(read_jsonl(path))
         if records and isinstance(records[0][1], dict) and "completion" in records[0][1]:
             return [(*parse_completion(rec, source), source) for source, rec in records]
     pairs = load_pairs(path, "auto")[0] if path else load_data(cfg)
-    return [(list(p.prompt), p.chosen, p.source) for p in pairs]
+    return replies(pairs, "chosen")
+
+
+def replies(pairs: list[PreferencePair], side: str) -> list[tuple[list[dict], str, str]]:
+    """(prompt messages, the `side` reply: chosen or rejected, "file:line") of each pair, as SFT examples."""
+    return [(list(p.prompt), getattr(p, side), p.source) for p in pairs]
 
 
 def tokenized_sft_dataset(tokenizer, examples, max_prompt_length: int, max_response_length: int):
@@ -51,18 +56,22 @@ def check_eos_token(eos_token: str | None, tokenizer, section: str) -> None:
         )
 
 
-def train_sft_model(model, tokenizer, dataset, args, stage: str = "sft"):
-    """Run TRL's SFTTrainer on a pre-tokenized dataset (resuming from a checkpoint in `args.output_dir`); returns
-    the trained model (PEFT-wrapped if given one) and the training logs."""
+def train_sft_model(model, tokenizer, dataset, args, stage: str = "sft", eval_dataset=None):
+    """Run TRL's SFTTrainer on a pre-tokenized dataset (resuming from a checkpoint in `args.output_dir`), evaluated
+    on `eval_dataset` when given; returns the trained model (PEFT-wrapped if given one), the training logs and the
+    held-out metrics ({} without `eval_dataset`)."""
     from trl import SFTTrainer
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    run_trainer(trainer, stage)
-    return trainer.model, trainer.state.log_history
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer
+    )
+    held = run_trainer(trainer, stage)
+    return trainer.model, trainer.state.log_history, held
 
 
-def run_sft(cfg: RahfConfig, out: Path) -> None:
-    """Fine-tune `cfg.model` on dialogue data and save it (HF format) with its tokenizer to `out`."""
+def run_sft(cfg: RahfConfig, out: Path) -> dict[str, float]:
+    """Fine-tune `cfg.model` on dialogue data and save it (HF format) with its tokenizer to `out`; returns the
+    metrics on the chosen replies of the held-out pairs ({} when `data.eval_size` holds none out)."""
     from trl import SFTConfig
 
     args = training_args(SFTConfig, cfg, out, cfg.sft.train, max_length=None, learning_rate=2e-5)
@@ -74,7 +83,11 @@ def run_sft(cfg: RahfConfig, out: Path) -> None:
     )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # `tokenizer` adds tokens (a chat template's)
         model.resize_token_embeddings(len(tokenizer))
-    data = tokenized_sft_dataset(tokenizer, sft_examples(cfg), cfg.data.max_prompt_length, cfg.data.max_response_length)
-    model, logs = train_sft_model(model, tokenizer, data, args)
+    lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
+    data = tokenized_sft_dataset(tokenizer, sft_examples(cfg), *lengths)
+    held_out = load_eval_pairs(cfg)
+    held_data = tokenized_sft_dataset(tokenizer, replies(held_out, "chosen"), *lengths) if held_out else None
+    model, logs, held = train_sft_model(model, tokenizer, data, args, eval_dataset=held_data)
     save_model(model, tokenizer, out, cfg.dtype)
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))
+    return held

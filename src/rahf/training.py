@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import LoraSettings, RahfConfig, train_arguments
+from .config import EVAL_DEFAULTS, LoraSettings, RahfConfig, train_arguments
 from .data import PreferencePair, load_pairs
 from .distributed import world_size
 from .errors import ConfigError, DataError
@@ -36,6 +36,8 @@ def training_args(cls, cfg: RahfConfig, out: Path, overrides: dict[str, Any], **
         "bf16": cfg.dtype == "bfloat16" and torch.cuda.is_available(),
         "remove_unused_columns": False,
     }
+    if cfg.data.eval_size:  # held-out pairs to evaluate on
+        values.update(EVAL_DEFAULTS)
     values.update(defaults)
     values.update(user)
     return one_device(cls(**one_process(values)))
@@ -72,14 +74,36 @@ def checkpoint_step(checkpoint: Path) -> tuple[int, int] | None:
         return None
 
 
-def run_trainer(trainer, stage: str) -> None:
+def run_trainer(trainer, stage: str) -> dict[str, float]:
     """`trainer.train()`, resumed from the newest checkpoint an interrupted run of this stage left in its
-    `output_dir` (run_stage keeps that folder only for the same inputs and settings)."""
+    `output_dir` (run_stage keeps that folder only for the same inputs and settings); returns `held_out_metrics`."""
     last = last_checkpoint(trainer.args.output_dir)
     if last is not None:
         step, total = checkpoint_step(last) or (0, 0)
         print(f"[rahf] {stage}: resuming from {last} (step {step} of {total})", flush=True)
     trainer.train(resume_from_checkpoint=str(last) if last else None)
+    return held_out_metrics(trainer, stage)
+
+
+# evaluation logs that time or count rather than measure the model
+_NOT_MEASURES = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_num_tokens")
+
+
+def held_out_metrics(trainer, stage: str) -> dict[str, float]:
+    """The trained model's metrics on the held-out pairs (`data.eval_size`; {} without them): the evaluation at the
+    last step when one ran there and the model kept is the last one, else a new evaluation. Printed once."""
+    if trainer.eval_dataset is None:
+        return {}
+    state = trainer.state
+    logged = [log for log in state.log_history if "eval_loss" in log]
+    if logged and logged[-1].get("step") == state.global_step and not trainer.args.load_best_model_at_end:
+        metrics = logged[-1]
+    else:
+        metrics = trainer.evaluate()
+    metrics = {k: v for k, v in metrics.items() if k.startswith("eval_") and k not in _NOT_MEASURES}
+    shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    print(f"[rahf] {stage}: on the {len(trainer.eval_dataset)} examples data.eval_size holds out: {shown}", flush=True)
+    return metrics
 
 
 def process_group_settings(cfg: RahfConfig) -> tuple[int, str | None]:
@@ -139,9 +163,36 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 def load_data(cfg: RahfConfig) -> list[PreferencePair]:
-    """The configured pairs, with `data.label_noise` of them swapped (chosen <-> rejected)."""
+    """The configured pairs that train, with `data.label_noise` of them swapped (chosen <-> rejected); the pairs
+    `data.eval_size` holds out are not among them."""
+    return load_split(cfg)[0]
+
+
+def load_eval_pairs(cfg: RahfConfig) -> list[PreferencePair]:
+    """The pairs `data.eval_size` holds out of every training stage, labels as given; [] when it holds none."""
+    return load_split(cfg)[1] if cfg.data.eval_size else []
+
+
+def load_split(cfg: RahfConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(pairs that train, label noise applied; pairs held out for evaluation during training), from one read."""
     pairs, _ = load_pairs(cfg.data.path, cfg.data.format, limit=cfg.data.limit)
-    return flip_labels(pairs, cfg.data.label_noise, cfg.seed)
+    train, held = hold_out(pairs, cfg.data.eval_size, cfg.seed)
+    return flip_labels(train, cfg.data.label_noise, cfg.seed), held
+
+
+def hold_out(pairs: list[PreferencePair], size: float, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(the rest, the held-out pairs): `size` pairs (a fraction below 1, or a count) picked by a seeded shuffle, each
+    side in file order. The held-out pairs keep their labels: label noise is for training, not for measuring."""
+    if not size:
+        return pairs, []
+    k = int(size) if size >= 1 else round(size * len(pairs))
+    if not 0 < k < len(pairs):
+        raise DataError(
+            f"data.eval_size: {size} of {len(pairs)} pairs holds out {k}, leaving "
+            f"{'nothing to evaluate on' if k == 0 else 'no pair to train on'}; change data.eval_size or add pairs"
+        )
+    held = set(random.Random(f"eval-{seed}").sample(range(len(pairs)), k))
+    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
 
 
 def flip_labels(pairs: list[PreferencePair], fraction: float, seed: int) -> list[PreferencePair]:

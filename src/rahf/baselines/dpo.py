@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..config import RahfConfig
 from ..data import PreferencePair
@@ -65,8 +65,11 @@ def _dpo_trainer(**kwargs):
     return PretokenizedDPOTrainer(**kwargs)
 
 
-def train_dpo(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path) -> list[dict[str, Any]]:
-    """Train the causal LM at `base` (also the reference) with DPO on `pairs`; returns the trainer's log history.
+def train_dpo(
+    cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path, eval_pairs: list[PreferencePair] | None = None
+) -> dict[str, float]:
+    """Train the causal LM at `base` (also the reference) with DPO on `pairs`, evaluated on `eval_pairs` (TRL's
+    eval_loss, eval_rewards/accuracies, margins, ...); returns the held-out metrics ({} without `eval_pairs`).
 
     `out` receives the LoRA adapter (or the full model with `dpo.finetune: full`), the tokenizer and
     `log_history.json`, so `rahf.training.load_stage_model(out, cfg)` loads the result.
@@ -77,7 +80,8 @@ def train_dpo(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path
     lora = cfg.dpo.finetune == "lora"
     revision = cfg.revision_of(base)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code, revision)
-    data = dpo_dataset(tokenizer, pairs, cfg.data.max_prompt_length, cfg.data.max_response_length)
+    lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
+    data = dpo_dataset(tokenizer, pairs, *lengths)
     model = load_model(base, train_dtype(cfg, not lora), cfg.trust_remote_code, revision=revision)
     defaults = {
         "learning_rate": 5e-5 if lora else 5e-6,
@@ -97,12 +101,12 @@ def train_dpo(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path
         ref_model=None if lora else load_model(base, ref_dtype, cfg.trust_remote_code, revision=revision),
         args=args,
         train_dataset=data,
+        eval_dataset=dpo_dataset(tokenizer, eval_pairs, *lengths) if eval_pairs else None,
         processing_class=tokenizer,
         # A peft_config, not a PeftModel: TRL then takes the adapter-disabled policy as the reference.
         peft_config=lora_config(model, cfg.dpo.lora, revision=revision) if lora else None,
     )
-    run_trainer(trainer, "instruct")
+    held = run_trainer(trainer, "instruct")
     save_model(trainer.model, tokenizer, out, None if lora else cfg.dtype)
-    logs = trainer.state.log_history
-    (out / "log_history.json").write_text(json.dumps(logs, indent=1))
-    return logs
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return held

@@ -17,16 +17,22 @@ from ..config import RahfConfig
 from ..data import PreferencePair
 from ..distributed import is_main
 from ..models import load_model, load_tokenizer, save_model
-from ..sft import check_eos_token, tokenized_sft_dataset, train_sft_model
+from ..sft import check_eos_token, replies, tokenized_sft_dataset, train_sft_model
 from ..training import checkpoint_dir, lora_config, step1_learning_rate, train_dtype, training_args
 
 SIDES = ("preferred", "dispreferred")
 
 
 def train_dual(
-    cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path, sides: tuple[str, ...] = SIDES
-) -> None:
-    """Train `sides` from `base` (preferred-sft trains only the preferred one); each is saved under `out/<side>`."""
+    cfg: RahfConfig,
+    base: str,
+    pairs: list[PreferencePair],
+    out: Path,
+    sides: tuple[str, ...] = SIDES,
+    eval_pairs: list[PreferencePair] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Train `sides` from `base` (preferred-sft trains only the preferred one); each is saved under `out/<side>`.
+    Each side is evaluated on its replies of `eval_pairs`; returns {side: held-out metrics} ({} without them)."""
     from peft import get_peft_model
     from trl import SFTConfig
 
@@ -40,10 +46,12 @@ def train_dual(
     tokenizer = load_tokenizer(base, cfg.trust_remote_code, revision)
     check_eos_token(cfg.instruct.train.get("eos_token"), tokenizer, "instruct")
     tokenizer.save_pretrained(out)
-    logs = {}
+    logs, held = {}, {}
+    lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
     for side in sides:
-        examples = [(list(p.prompt), p.chosen if side == "preferred" else p.rejected, p.source) for p in pairs]
-        data = tokenized_sft_dataset(tokenizer, examples, cfg.data.max_prompt_length, cfg.data.max_response_length)
+        reply = "chosen" if side == "preferred" else "rejected"
+        data = tokenized_sft_dataset(tokenizer, replies(pairs, reply), *lengths)
+        held_data = tokenized_sft_dataset(tokenizer, replies(eval_pairs, reply), *lengths) if eval_pairs else None
         model = load_model(base, train_dtype(cfg, cfg.finetune == "full"), cfg.trust_remote_code, revision=revision)
         # each side checkpoints in its own sub-folder, not into the side's model folder
         side_defaults = defaults | {"output_dir": str(checkpoint_dir(out) / side)}
@@ -51,10 +59,13 @@ def train_dual(
         if cfg.finetune == "lora":
             torch.manual_seed(args.seed)  # each adapter's random init, made before its Trainer seeds anything
             model = get_peft_model(model, lora_config(model, cfg.instruct.lora, revision=revision))
-        print(f"[rahf] instruct: the {side} model, on the {'chosen' if side == 'preferred' else 'rejected'} replies")
-        model, logs[side] = train_sft_model(model, tokenizer, data, args, stage=f"instruct ({side})")
+        print(f"[rahf] instruct: the {side} model, on the {reply} replies")
+        model, logs[side], metrics = train_sft_model(model, tokenizer, data, args, f"instruct ({side})", held_data)
+        if metrics:
+            held[side] = metrics
         if cfg.finetune == "full":
             save_model(model, tokenizer, out / side, cfg.dtype)
         elif is_main():  # launched as several processes, process 0 writes
             model.save_pretrained(out / side)
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))
+    return held

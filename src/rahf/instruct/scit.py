@@ -86,13 +86,15 @@ def _trainer_class():
         """Trainer whose loss is the SCIT objective (set `label_smoothing` after construction). Its logs split the
         loss into `nll` (mean response NLL per token under the matching instruction) and `contrast`, with
         `contrast_accuracy` (share of sequences likelier under the matching instruction) and `logprob_margin`
-        (mean per-token log-probability matching minus opposite), averaged since the last log as TRL's DPO does."""
+        (mean per-token log-probability matching minus opposite), averaged since the last log as TRL's DPO does.
+        An evaluation logs the same parts of the held-out examples, prefixed `eval_`."""
 
         label_smoothing: float = 0.2
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._parts: dict[str, list[float]] = defaultdict(list)
+            self._eval_parts: dict[str, list[float]] = defaultdict(list)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logits = model(
@@ -102,29 +104,40 @@ def _trainer_class():
             b = lp.shape[0] // 2
             match, other = lp[:b], lp[b:]
             loss = scit_loss(match, other, self.label_smoothing).mean()
-            if model.training:
-                with torch.no_grad():
-                    d = (match - other).float()
-                    self._parts["nll"].append(-match.mean().item())
-                    self._parts["contrast"].append((loss + match.mean()).item())
-                    self._parts["contrast_accuracy"].append((d > 0).float().mean().item())
-                    self._parts["logprob_margin"].append(d.mean().item())
+            with torch.no_grad():
+                d = (match - other).float()
+                parts = self._parts if model.training else self._eval_parts
+                parts["nll"].append(-match.mean().item())
+                parts["contrast"].append((loss + match.mean()).item())
+                parts["contrast_accuracy"].append((d > 0).float().mean().item())
+                parts["logprob_margin"].append(d.mean().item())
             return (loss, {"logits": logits}) if return_outputs else loss
 
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            """The SCIT loss of a held-out batch (its parts recorded for the evaluation's log); no logits kept."""
+            with torch.no_grad():
+                loss = self.compute_loss(model, self._prepare_inputs(inputs))
+            return loss.detach(), None, None
+
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            parts = {k: sum(v) / len(v) for k, v in self._parts.items() if v}
+            held_out = "eval_loss" in logs
+            store = self._eval_parts if held_out else self._parts
+            parts = {k: sum(v) / len(v) for k, v in store.items() if v}
             if parts and self.args.world_size > 1:  # every process logs: the mean over them, as the loss is
                 means = self.accelerator.reduce(torch.tensor(list(parts.values()), device=self.args.device), "mean")
                 parts = dict(zip(parts, means.tolist()))
-            logs.update(parts)
-            self._parts.clear()
+            logs.update({("eval_" if held_out else "") + k: v for k, v in parts.items()})
+            store.clear()
             super().log(logs, start_time)
 
     return SCITTrainer
 
 
-def train_scit(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path) -> None:
-    """Train the SCIT model from `base` and save it to `out` (full model, or a PEFT adapter with finetune=lora)."""
+def train_scit(
+    cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Path, eval_pairs: list[PreferencePair] | None = None
+) -> dict[str, float]:
+    """Train the SCIT model from `base` and save it to `out` (full model, or a PEFT adapter with finetune=lora);
+    returns its metrics on `eval_pairs` ({} without them)."""
     from peft import get_peft_model
     from transformers import TrainingArguments
 
@@ -140,10 +153,12 @@ def train_scit(cfg: RahfConfig, base: str, pairs: list[PreferencePair], out: Pat
         model=model,
         args=args,
         train_dataset=ListDataset(scit_examples(tokenizer, pairs, cfg)),
+        eval_dataset=ListDataset(scit_examples(tokenizer, eval_pairs, cfg)) if eval_pairs else None,
         data_collator=SCITCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
     trainer.label_smoothing = cfg.instruct.label_smoothing
-    run_trainer(trainer, "instruct")
+    held = run_trainer(trainer, "instruct")
     save_model(trainer.model, tokenizer, out, cfg.dtype if cfg.finetune == "full" else None)
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return held
