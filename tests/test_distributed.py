@@ -1,14 +1,19 @@
 """`rahf run` launched as two processes (`accelerate launch`, gloo on the CPU) gives the artifacts one process gives
-with the same global batch, writes each artifact once, and reads as fresh to either."""
+with the same global batch, and the evaluation one process gives, writes each artifact once, and reads as fresh to
+either."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,7 +24,8 @@ from safetensors.torch import load_file
 
 from rahf.pipeline import FOLDERS
 
-STAGES = ["sft", "instruct", "collect", "align", "merge", "generate"]
+STAGES = ["sft", "instruct", "collect", "align", "merge", "generate", "evaluate"]
+JUDGE_KEY = "sk-launch-test-0123456789"
 
 
 def free_port() -> int:
@@ -31,11 +37,13 @@ def free_port() -> int:
 LAUNCHER = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"]
 
 
-def launch(processes: int, config: Path, *overrides: str, script: Path | None = None) -> subprocess.CompletedProcess:
-    """`rahf run config` (through `script` when given) as `processes` processes (accelerate launch) or as one."""
+def launch(
+    processes: int, config: Path, *overrides: str, script: Path | None = None, command: str = "run"
+) -> subprocess.CompletedProcess:
+    """`rahf <command> config` (through `script` when given) as `processes` processes (accelerate launch) or as one."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     entry = [str(script)] if script else ["-m", "rahf.cli"]
-    command = [*entry, "run", str(config), *overrides]
+    command = [*entry, command, str(config), *overrides]
     if processes > 1:
         port = ["--main_process_port", str(free_port()), "--dynamo_backend", "no"]
         command = [*LAUNCHER, "--num_processes", str(processes), *port, *command]
@@ -48,10 +56,61 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
         torch.testing.assert_close(value, b[key], atol=atol, rtol=0, msg=key)
 
 
+class JudgeServer:
+    """An OpenAI-compatible chat API that prefers the longer answer (no verdict for equal lengths); it records the
+    Authorization header of every request."""
+
+    ANSWER = re.compile(r"\[The Start of Assistant ([AB])'s Answer\]\n(.*?)\n\[The End of", re.DOTALL)
+
+    def __init__(self) -> None:
+        self.auth: list[str | None] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.auth.append(self.headers.get("Authorization"))
+                a, b = (len(x) for _, x in sorted(server.ANSWER.findall(body["messages"][-1]["content"])))
+                verdict = "[[A]]" if a > b else "[[B]]" if a < b else "no verdict"
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+
 @pytest.fixture(scope="module")
-def config_files(tmp_path_factory, tiny_model_dir, pairs_file) -> Path:
+def judge_server() -> Iterator[JudgeServer]:
+    server = JudgeServer()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def config_files(tmp_path_factory, tiny_model_dir, pairs_file, heldout_records, tokenizer, judge_server) -> Path:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
     folder = tmp_path_factory.mktemp("launch")
     prompts = write_jsonl(folder / "prompts.jsonl", [{"prompt": r["prompt"]} for r in standard_records(10, seed=5)])
+    heldout = write_jsonl(folder / "heldout.jsonl", heldout_records[:7])  # shares of 4 and 3 prompts
+    torch.manual_seed(0)
+    scorer = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1, architectures=None)
+    AutoModelForSequenceClassification.from_config(scorer).save_pretrained(folder / "rm")
+    tokenizer.save_pretrained(folder / "rm")
+    judges = {  # the reward model judges its share on every process; the LLM judge is asked from process 0 alone
+        "scit": {"judge": "reward-model"},
+        "dual": {"judge": "llm", "llm": {"base_url": judge_server.url, "model": "m", "api_key_env": "RAHF_TEST_KEY"}},
+    }
     for method in ("scit", "dual"):
         cfg = run_settings(tiny_model_dir, pairs_file, folder / "unused", method)
         cfg["stages"] = STAGES
@@ -61,6 +120,10 @@ def config_files(tmp_path_factory, tiny_model_dir, pairs_file) -> Path:
         cfg["align"]["train"] |= {"per_device_train_batch_size": 2, "max_steps": 8}
         cfg["collect"]["shard_size"] = 4  # 4 shards, dealt to the processes in turn
         cfg["generate"] = {"prompts": str(prompts), "max_new_tokens": 8, "temperature": 1.0, "batch_size": 3}
+        cfg["evaluate"] = judges[method] | {
+            "pairs": str(heldout), "judge_model": str(folder / "rm"), "samples": 2, "temperature": 1.0,
+            "temperatures": [0.0, 0.5, 1.0], "max_new_tokens": 8, "batch_size": 3,
+        }  # fmt: skip
         (folder / f"{method}.yaml").write_text(yaml.safe_dump(cfg))
     return folder
 
@@ -76,12 +139,17 @@ SAME_BATCHES = [f"{s}.train.per_device_train_batch_size={n}" for s, n in (("sft"
         ("dual", "online", "instruct/preferred/adapter_model.safetensors"),
     ],
 )
-def test_two_processes_train_what_one_process_trains(config_files, tmp_path, method, targets, step1):
+def test_two_processes_train_and_evaluate_as_one_process_does(
+    config_files, judge_server, tmp_path, monkeypatch, method, targets, step1
+):
     config = config_files / f"{method}.yaml"
+    monkeypatch.setenv("RAHF_TEST_KEY", JUDGE_KEY)
+    judge_server.auth.clear()
     two, one = tmp_path / "two", tmp_path / "one"
     launched = launch(2, config, f"output_dir={two}", f"align.targets={targets}")
     assert launched.returncode == 0, launched.stderr[-3000:]
-    single = launch(1, config, f"output_dir={one}", f"align.targets={targets}", *SAME_BATCHES)
+    trained = f"stages=[{','.join(STAGES[:-1])}]"  # evaluate is compared on the same artifacts below
+    single = launch(1, config, f"output_dir={one}", f"align.targets={targets}", trained, *SAME_BATCHES)
     assert single.returncode == 0, single.stderr[-3000:]
 
     for stage in STAGES:  # each stage printed once (process 0), and its manifest says how many processes ran it
@@ -104,8 +172,21 @@ def test_two_processes_train_what_one_process_trains(config_files, tmp_path, met
 
     again = launch(2, config, f"output_dir={two}", f"align.targets={targets}")  # fresh for any number of processes
     assert again.returncode == 0 and again.stdout.count("up to date") == len(STAGES), again.stdout[-2000:]
+    evaluation = {f.name: f.read_text() for f in (two / "evaluation").glob("*.json*") if f.name != "rahf_manifest.json"}
+    shutil.rmtree(two / "evaluation")  # evaluated again by one process, on the same artifacts
     once = launch(1, config, f"output_dir={two}", f"align.targets={targets}")
-    assert once.returncode == 0 and once.stdout.count("up to date") == len(STAGES), once.stdout[-2000:]
+    assert once.returncode == 0 and once.stdout.count("up to date") == len(STAGES) - 1, once.stdout[-2000:]
+
+    # the same replies, verdicts and numbers: every sum runs over the gathered values in one order, so exactly equal
+    assert sorted(evaluation) == ["generations.jsonl", "metrics.json"] and "[rahf] evaluate: running" in once.stdout
+    assert evaluation["generations.jsonl"].count("\n") == 14  # 7 pairs x 2 samples
+    assert {name: (two / "evaluation" / name).read_text() for name in evaluation} == evaluation
+    metrics = json.loads(evaluation["metrics.json"])
+    assert set(metrics["reward_by_temperature"]) == {"0.0", "0.5", "1.0"} and metrics["kl_per_token"] > 0
+    if method == "dual":  # each comparison asked once, in both orders, by one process: 2 x 14 requests per run
+        assert metrics["judge_unparsed"]["calls"] == 28 and judge_server.auth == [f"Bearer {JUDGE_KEY}"] * 56
+        written = [f.read_bytes() for f in two.rglob("*") if f.is_file()]
+        assert JUDGE_KEY not in launched.stdout + launched.stderr and not any(JUDGE_KEY.encode() in b for b in written)
 
 
 def test_a_bad_config_is_told_once_by_process_zero(config_files, tmp_path):
@@ -155,6 +236,25 @@ def test_when_one_process_fails_each_says_so_in_one_line(config_files, tmp_path)
     assert lines[1].startswith("rahf: error: another process stopped, so process 0 stops too (")
     assert len(lines) == 2 and "Traceback" not in launched.stderr.split("rahf: error")[1]
     assert (out / "instruct").is_dir() and not (out / "collect").exists()
+
+
+def test_split_gives_each_process_its_share_and_every_process_all_results_in_order(monkeypatch):
+    from rahf import distributed
+
+    assert distributed.split(5, lambda mine: [10 * i for i in mine]) == [0, 10, 20, 30, 40]  # one process: all
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    others = {0: [0, 3, 6], 2: [2, 5]}  # what processes 0 and 2 send, as gather brings it
+    monkeypatch.setattr(
+        distributed, "gather", lambda mine: [(others[0], [f"r{i}" for i in others[0]]), mine, (others[2], ["r2", "r5"])]
+    )
+    asked = []
+    assert distributed.split(7, lambda mine: asked.append(mine) or [f"r{i}" for i in mine]) == [
+        f"r{i}" for i in range(7)
+    ]
+    assert asked == [[1, 4]]
+    with pytest.raises(ValueError, match="1 results for 2 items"):
+        distributed.split(7, lambda mine: ["r1"])
 
 
 def test_a_process_started_alone_is_process_zero_whatever_its_environment(monkeypatch):

@@ -443,6 +443,28 @@ def test_win_rate_against_chosen_takes_split_verdicts_and_checks_lengths(pairs):
         win_rate_against_chosen(judge, [], [])
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_win_rate_judges_a_share_per_process_and_asks_an_api_judge_from_process_zero_only(pairs, monkeypatch, rank):
+    """Launched as two processes: a judge that runs in the process (`local`) judges every other reply on each; any
+    other (an LLM judge's API) is asked everything by process 0 and nothing by the others, which get its verdicts."""
+    from rahf import distributed
+    from rahf.judges import GoldJudge, LLMJudge, RewardModelJudge
+
+    assert GoldJudge.local and RewardModelJudge.local and not hasattr(LLMJudge, "local")
+    verdicts = [1.0, 0.0, 0.5, 1.0]
+    responses = ["r0", "r1", "r2", "r3"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    theirs = [1 - rank, 3 - rank]  # the other process's share, as gather brings it
+    monkeypatch.setattr(distributed, "gather", lambda mine: sorted([mine, (theirs, [verdicts[i] for i in theirs])]))
+    monkeypatch.setattr(distributed, "share", lambda value: verdicts if value is None else value)  # process 0's
+    local, remote = ScriptedJudge(dict(zip(responses, verdicts))), ScriptedJudge(dict(zip(responses, verdicts)))
+    local.local = True
+    for judge, asked in ((local, responses[rank::2]), (remote, responses if rank == 0 else [])):
+        assert win_rate_against_chosen(judge, pairs[:2], responses, samples=2)["verdicts"] == verdicts
+        assert [a for _, a, _ in judge.seen] == asked
+
+
 def test_evaluate_policy_reports_an_llm_judges_replies_without_verdict(
     model, tokenizer, pairs, tiny_model_dir, tmp_path
 ):

@@ -1,8 +1,8 @@
 """Several processes on one machine (`accelerate launch`, `torchrun`): one data-parallel worker per device.
 
-The training stages split every batch over the processes (the Trainer's DistributedDataParallel), collect and
-generate split their sequences, and process 0 alone writes artifacts and runs the stages that do not split
-(merge, evaluate) while the others wait. The processes meet only when work went well: a process that fails
+The training stages split every batch over the processes (the Trainer's DistributedDataParallel), collect,
+generate and evaluate split their sequences (`split`), and process 0 alone writes artifacts and runs the stage
+that does not split (merge) while the others wait. The processes meet only when work went well: a process that fails
 exits, and the launcher stops the others, so no process is left waiting for a message that cannot come.
 Waiting goes through a side channel (gloo, 7-day timeout) so that a long stage on process 0 does not trip the
 training group's timeout (`ddp_timeout`, 30 minutes by default). Hand-written because accelerate's helpers all use the training group.
@@ -157,3 +157,18 @@ def on_main(work: Callable[[], T]) -> T:
 def my_share(items: Sequence[T]) -> list[int]:
     """The indices of `items` this process handles: every world_size()-th, from its rank on."""
     return list(range(rank(), len(items), world_size()))
+
+
+def split(count: int, work: Callable[[list[int]], Sequence[T]]) -> list[T]:
+    """The results of `work(indices)` for all of range(count), in index order, on every process: each process runs
+    `work` on its share (`my_share`) and the shares are gathered. In one process, `work(list(range(count)))`.
+
+    Every process must call it with the same `count`; `work` returns one result per index it is given."""
+    mine = my_share(range(count))
+    out: list[Any] = [None] * count
+    for indices, results in gather((mine, list(work(mine)))):
+        if len(results) != len(indices):
+            raise ValueError(f"split: {len(results)} results for {len(indices)} items")
+        for i, result in zip(indices, results):
+            out[i] = result
+    return out

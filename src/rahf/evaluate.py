@@ -8,15 +8,23 @@ files or changes a model; the caller turns the returned dicts into reports.
 
 `system` is the instruction a prompted method (HIR) is deployed with. The model always sees it; a
 reference model never does (see `kl_drift` and `likelihood_classifier`).
+
+Launched as several processes (`rahf.distributed`), every process calls these functions with the same arguments:
+each generates and scores its share of the sequences (every N-th, `distributed.split`) and every process gets all
+of the results, in order, and sums them in that order. A sampled reply depends on `seed` and its place in the list
+alone, and a sequence's scores do not depend on the others in its batch, so the numbers are those of one process
+(exactly, unless a device's kernels round a sequence differently in another batch). Judges that run in the process
+(`local`) judge their share too; any other (an LLM behind an API) is asked from process 0 alone.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from . import distributed
 from .data import Message, PreferencePair
 from .generate import generate, sample_ids
 from .judges import Judge, compare_all
@@ -69,6 +77,11 @@ def _right_padded(
     return ids.to(device), attn.to(device)
 
 
+def _at(items: Sequence, indices: Sequence[int]) -> list:
+    """The items at `indices`, in that order (a process's share of a list)."""
+    return [items[i] for i in indices]
+
+
 def _repeat(items: Sequence, times: int) -> list:
     """Each item `times` times in a row: [a, a, b, b] for times=2."""
     return [x for x in items for _ in range(times)]
@@ -92,20 +105,75 @@ def teacher_forced_logprobs(
         raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(responses)} responses")
     _check_batch_size(batch_size)
     _check_eval(model)
-    stimuli = [
-        build_variants(tokenizer, p, r, {"plain": system}, max_prompt_length, max_response_length)["plain"]
-        for p, r in zip(prompts, responses)
-    ]
-    device = _device(model)
-    out: list[list[float]] = [[] for _ in stimuli]
-    for idx in _batches([len(s.input_ids) for s in stimuli], batch_size):
-        ids, attn = _right_padded([stimuli[i].input_ids for i in idx], _pad_id(tokenizer), device)
-        positions = torch.arange(ids.shape[1], device=device)
-        starts = torch.tensor([stimuli[i].response_start for i in idx], device=device)
-        response_mask = (positions[None, :] >= starts[:, None]).long() * attn
-        for i, lps in zip(idx, response_logprobs(model, ids, attn, response_mask)):
-            out[i] = lps
-    return out
+    device, pad_id = _device(model), _pad_id(tokenizer)
+
+    def score(mine: list[int]) -> list[list[float]]:
+        stimuli = [
+            build_variants(tokenizer, p, r, {"plain": system}, max_prompt_length, max_response_length)["plain"]
+            for p, r in zip(_at(prompts, mine), _at(responses, mine))
+        ]
+        out: list[list[float]] = [[] for _ in stimuli]
+        for idx in _batches([len(s.input_ids) for s in stimuli], batch_size):
+            ids, attn = _right_padded([stimuli[i].input_ids for i in idx], pad_id, device)
+            positions = torch.arange(ids.shape[1], device=device)
+            starts = torch.tensor([stimuli[i].response_start for i in idx], device=device)
+            response_mask = (positions[None, :] >= starts[:, None]).long() * attn
+            for i, lps in zip(idx, response_logprobs(model, ids, attn, response_mask)):
+                out[i] = lps
+        return out
+
+    return distributed.split(len(prompts), score)
+
+
+def _replies(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[Message]],
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    max_prompt_length: int,
+    system: str | None,
+    seed: int,
+) -> list[str]:
+    """`generate`'s reply to each prompt, each process drawing its share: a sampled reply comes from its prompt's
+    own random stream (its index here), so the replies are those one process draws."""
+    return distributed.split(
+        len(prompts),
+        lambda mine: generate(
+            model,
+            tokenizer,
+            _at(prompts, mine),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            batch_size=batch_size,
+            max_prompt_length=max_prompt_length,
+            system=system,
+            seed=seed,
+            progress=False,
+            streams=mine,
+        ),
+    )
+
+
+def _judged(judge, count: int, work: Callable[[list[int]], Sequence[float]]) -> list[float]:
+    """`work(indices)` over range(count) for `judge`: split over the processes when the judge runs in the process
+    (`local`: the gold and reward-model judges, whose verdicts and scores are per item); otherwise on process 0
+    alone and shared, so that a judge behind an API (the LLM judge) gets each request once."""
+    if getattr(judge, "local", False):
+        return distributed.split(count, work)
+    return distributed.on_main(lambda: list(work(list(range(count)))))
+
+
+def _scores(judge, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> list[float]:
+    """The judge's score of each response (through `score_many` when it has one), shared out as `_judged` says."""
+
+    def score(mine: list[int]) -> list[float]:
+        asked, said = _at(prompts, mine), _at(responses, mine)
+        many = judge.score_many(asked, said) if hasattr(judge, "score_many") else None
+        return many or [judge.score(p, r) for p, r in zip(asked, said)]
+
+    return _judged(judge, len(prompts), score)
 
 
 def chosen_perplexity(
@@ -221,21 +289,12 @@ def reward_by_temperature(
     out: dict[str, dict[str, float]] = {}
     for key, t in zip(keys, temperatures):
         batch = _repeat(prompts, samples if t > 0 else 1)
-        responses = (known or {}).get(t) or generate(
-            model,
-            tokenizer,
-            batch,
-            max_new_tokens=max_new_tokens,
-            temperature=t,
-            batch_size=batch_size,
-            max_prompt_length=max_prompt_length,
-            system=system,
-            seed=seed,
-            progress=False,
+        responses = (known or {}).get(t) or _replies(
+            model, tokenizer, batch, max_new_tokens, t, batch_size, max_prompt_length, system, seed
         )
         if len(responses) != len(batch):
             raise ValueError(f"known responses at temperature {t}: {len(responses)} for {len(batch)} prompts")
-        scores = reward_judge.score_many(batch, responses)
+        scores = _scores(reward_judge, batch, responses)
         out[key] = {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "n": len(scores)}
     return out
 
@@ -324,8 +383,13 @@ def kl_drift(
     _check_eval(model, reference)
     model_prompts = _repeat([prompt_ids(tokenizer, p, max_prompt_length, system) for p in prompts], samples)
     reference_prompts = _repeat([prompt_ids(tokenizer, p, max_prompt_length) for p in prompts], samples)
-    responses = sample_ids(model, tokenizer, model_prompts, max_new_tokens, 1.0, 1.0, batch_size, seed)
-    kls = token_kl(model, reference, model_prompts, reference_prompts, responses, _pad_id(tokenizer), batch_size)
+
+    def drift(mine: list[int]) -> list[list[float]]:
+        ours, theirs = _at(model_prompts, mine), _at(reference_prompts, mine)
+        responses = sample_ids(model, tokenizer, ours, max_new_tokens, 1.0, 1.0, batch_size, seed, streams=mine)
+        return token_kl(model, reference, ours, theirs, responses, _pad_id(tokenizer), batch_size)
+
+    kls = distributed.split(len(model_prompts), drift)
     totals = [sum(k) for k in kls]
     n_tokens = sum(len(k) for k in kls)
     return {
@@ -358,7 +422,11 @@ def win_rate_against_chosen(
         )
     prompts = _repeat([p.prompt for p in pairs], samples)
     chosen = _repeat([p.chosen for p in pairs], samples)
-    outcomes = [float(x) for x in compare_all(judge, prompts, list(responses), chosen)]
+    outcomes = _judged(
+        judge,
+        len(prompts),
+        lambda mine: [float(v) for v in compare_all(judge, *(_at(x, mine) for x in (prompts, responses, chosen)))],
+    )
     bad = [x for x in outcomes if not 0.0 <= x <= 1.0]
     if bad:
         raise ValueError(f"judge verdicts must lie in [0, 1]; got {bad[0]!r}")
@@ -393,17 +461,16 @@ def evaluate_policy(
     for paired comparisons between methods; the judge's mean score when it has one); reward-model score
     by temperature (with `reward_judge`); cross-entropy of the chosen responses; the likelihood as a
     chosen-vs-rejected classifier; KL drift from `reference` (the SFT model) on
-    `neutral_prompts`. `generations` (a path) receives the sampled responses as JSONL.
+    `neutral_prompts`. `generations` (a path) receives the sampled responses as JSONL, from process 0 alone.
     """
     import json
     from pathlib import Path
 
     e, lengths = cfg.evaluate, (cfg.data.max_prompt_length, cfg.data.max_response_length)
     prompts = [list(p.prompt) for p in pairs for _ in range(e.samples)]
-    replies = generate(
-        model, tokenizer, prompts, e.max_new_tokens, e.temperature, 1.0, e.batch_size, lengths[0],
-        system=system, seed=cfg.seed, progress=False,
-    )  # fmt: skip
+    replies = _replies(
+        model, tokenizer, prompts, e.max_new_tokens, e.temperature, e.batch_size, lengths[0], system, cfg.seed
+    )
     before = (getattr(judge, "calls", 0), getattr(judge, "unparsed", 0))
     wins = win_rate_against_chosen(judge, pairs, replies, e.samples)
     out: dict = {
@@ -411,13 +478,13 @@ def evaluate_policy(
         "verdicts_per_prompt": wins["per_prompt"],
     }
     if hasattr(judge, "unparsed"):  # an LLM judge's replies without a verdict count as ties: say how many
-        out["judge_unparsed"] = {"calls": judge.calls - before[0], "unparsed": judge.unparsed - before[1]}
+        counted = {"calls": judge.calls - before[0], "unparsed": judge.unparsed - before[1]}
+        out["judge_unparsed"] = {k: sum(c[k] for c in distributed.gather(counted)) for k in counted}  # all processes
     scores = None
     if hasattr(judge, "score"):
-        scores = judge.score_many(prompts, replies) if hasattr(judge, "score_many") else None
-        scores = scores or [judge.score(p, r) for p, r in zip(prompts, replies)]
+        scores = _scores(judge, prompts, replies)
         out["judge_score"] = statistics.fmean(scores)
-    if generations is not None:
+    if generations is not None and distributed.is_main():  # process 0 writes
         path = Path(generations)
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = [

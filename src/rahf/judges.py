@@ -7,6 +7,10 @@ win rates from any judge read the same. Three kinds:
 - `RewardModelJudge`: any Hugging Face sequence-classification model with one output (a reward model).
 - `LLMJudge`: an LLM behind an OpenAI-compatible chat-completions endpoint, asked MT-Bench style in both
   orders so that a preference for the first or second position cancels out.
+
+A judge with `local = True` (gold, reward model) judges in the process, each item on its own: launched as several
+processes, each judges a share of the replies (`rahf.evaluate`). Any other judge is asked from process 0 alone, so
+that an API gets each request once.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -80,6 +84,7 @@ class GoldJudge:
     """The demo task's exact judge; it recovers the question from the last user message."""
 
     name: str = "gold"
+    local: ClassVar[bool] = True  # judges in the process: several processes may each judge a share
 
     @staticmethod
     def fact(prompt: Sequence[Message]) -> Fact:
@@ -115,6 +120,8 @@ class RewardModelJudge:
     `config.pad_token_id` is set to the tokenizer's pad id, by which decoders find each text's last token.
     A non-finite score raises JudgeError.
     """
+
+    local = True  # scores in the process (on its device): several processes may each score a share
 
     def __init__(
         self,

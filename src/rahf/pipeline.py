@@ -472,7 +472,8 @@ def _scratch_run(cfg: RahfConfig, stage: str, saves: Path | None) -> None:
 
 
 TRAINING_STAGES = ("sft", "reward", "instruct", "align")  # the stages that train with a (TRL) Trainer
-PARALLEL_STAGES = (*TRAINING_STAGES, "collect", "generate")  # those that split their work over several processes
+# the stages that split their work over several processes (the others run on process 0 while the rest wait)
+PARALLEL_STAGES = (*TRAINING_STAGES, "collect", "generate", "evaluate")
 RESUMABLE_STAGES = (*TRAINING_STAGES, "collect")  # collect keeps the shards it finished
 CHECKPOINT_TAG = "rahf-checkpoints.json"
 
@@ -953,25 +954,23 @@ def _generate(cfg: RahfConfig, out: Path) -> dict:
     prompts = read_prompts(g.prompts)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, cfg.revision_of(model_path))
     model = load_stage_model(model_path, cfg, adapter=adapter)
-    mine = distributed.my_share(prompts)  # every prompt, in one process
-    replies = generate(
-        model,
-        tokenizer,
-        [prompts[i] for i in mine],
-        g.max_new_tokens,
-        g.temperature,
-        g.top_p,
-        g.batch_size,
-        cfg.data.max_prompt_length,
-        system=system,
-        seed=cfg.seed,
-        progress=distributed.is_main(),
-        streams=mine,
+    responses = distributed.split(  # each process replies to its share of the prompts (every one, in one process)
+        len(prompts),
+        lambda mine: generate(
+            model,
+            tokenizer,
+            [prompts[i] for i in mine],
+            g.max_new_tokens,
+            g.temperature,
+            g.top_p,
+            g.batch_size,
+            cfg.data.max_prompt_length,
+            system=system,
+            seed=cfg.seed,
+            progress=distributed.is_main(),
+            streams=mine,
+        ),
     )
-    responses = [""] * len(prompts)
-    for indices, texts in distributed.gather((mine, replies)):
-        for i, text in zip(indices, texts):
-            responses[i] = text
     write_generations(out / "generations.jsonl", prompts, responses)
     return {"n": len(responses), "model": model_path, "adapter": adapter, "settings": dataclasses.asdict(g)}
 
@@ -982,6 +981,8 @@ def _evaluate(cfg: RahfConfig, out: Path) -> dict:
     from .evaluate import evaluate_run
 
     metrics = evaluate_run(cfg, generations=out / "generations.jsonl")
+    if not distributed.is_main():  # it did its share of the work; process 0 writes and prints
+        return {}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     w = metrics["win_rate"]
     line = f"win rate {w['win_rate']:.3f} (95% interval {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}, {w['n']} replies)"
