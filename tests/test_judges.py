@@ -87,6 +87,21 @@ def test_reward_model_text_uses_chat_template_when_present(reward_model):
     assert len(judge.score_many([PROMPT], [BEST])) == 1
 
 
+def test_a_reward_model_reads_the_template_rahf_saves_for_a_tokenizer_without_one_as_none(reward_model):
+    """The reward stage starts from `sft/`, whose tokenizer carries that template: the texts must not change."""
+    from rahf.demo.tiny import build_tokenizer
+    from rahf.stimuli import plain_chat_template
+
+    model, tok = reward_model
+    saved = build_tokenizer(tok.get_vocab())
+    saved.chat_template = plain_chat_template(saved)
+    chat = [{"role": "system", "content": "be nice ."}, *PROMPT]
+    for judge in (RewardModelJudge(model, saved), RewardModelJudge(model, saved, max_length=6)):
+        plain = RewardModelJudge(model, tok, max_length=judge.max_length)
+        assert judge.text(chat, BEST) == plain.text(chat, BEST)
+        assert judge.encode(chat, BEST) == plain.encode(chat, BEST)
+
+
 @pytest.mark.parametrize("template", [None, "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"])
 def test_a_long_text_loses_its_beginning_but_keeps_its_bos(reward_model, template):
     """With a chat template the BOS is part of the text; left truncation must not cut it off (the tokenizer adds

@@ -94,3 +94,17 @@ def test_files_that_cannot_be_loaded_are_one_line_naming_them(tmp_path, tiny_mod
     (broken / "tokenizer.json").write_text('{"version": ')
     with pytest.raises(LoadError, match=rf"^{broken}: cannot load the tokenizer \(\w+: "):
         load_tokenizer(str(broken))
+
+
+def test_a_tokenizer_with_a_chat_template_is_saved_with_it_untouched(tmp_path, vocab):
+    from rahf.demo.tiny import build_tokenizer
+    from rahf.models import load_tokenizer, save_tokenizer
+    from rahf.stimuli import chat_template
+
+    tok = build_tokenizer(vocab)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    save_tokenizer(tok, tmp_path)
+    saved = load_tokenizer(str(tmp_path))
+    assert saved.chat_template == tok.chat_template == chat_template(saved)
+    messages = [{"role": "user", "content": "mia asks"}]
+    assert saved.apply_chat_template(messages, tokenize=False) == "user : mia asks "

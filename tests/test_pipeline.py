@@ -597,6 +597,18 @@ def test_merged_model_equals_policy_with_adapter(finished_run):
         assert body.startswith("## Loading this adapter") and card.count("## Loading this adapter") == 1
 
 
+def test_the_merged_folder_formats_prompts_as_training_did(finished_run):
+    """The tiny base has no chat template; `merged/` carries one that renders the prompt ids rahf trained on."""
+    from rahf.stimuli import chat_template, prompt_ids
+
+    cfg = finished_run
+    merged = load_tokenizer(str(pipeline.stage_dir(cfg, "merge")))
+    assert merged.chat_template and chat_template(merged) is None
+    prompt = [{"role": "user", "content": "mia asks : what color is a banana ?"}]
+    served = merged.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+    assert served == prompt_ids(load_tokenizer(cfg.model), prompt, cfg.data.max_prompt_length)
+
+
 @pytest.fixture(scope="module")
 def scit_lora_run(tmp_path_factory, tiny_model_dir, pairs_file):
     """A finished SCIT run whose step 1 is a LoRA adapter (instruct.finetune: lora)."""

@@ -732,3 +732,101 @@ def test_a_reply_that_only_mentions_the_closing_think_tag_keeps_its_text():
     said = "close the reasoning with </think> and then answer ."
     assert reply_content(tok, said) == said
     assert reply_content(tok, f"<think>\nhm\n</think>\n\n{said}") == said
+
+
+# ---------------------------------------------------------------- the chat template saved with a model that has none
+
+CONVERSATION = [
+    {"role": "system", "content": "you are rude ."},
+    user(QUERY),
+    {"role": "assistant", "content": "it is yellow ."},
+    user("leo asks : what color is a sky ?"),
+]
+
+
+def saved_and_loaded(tok, folder):
+    """`tok` as rahf saves it with a model and later loads it."""
+    from rahf.models import load_tokenizer, save_tokenizer
+
+    save_tokenizer(tok, folder)
+    return load_tokenizer(str(folder))
+
+
+def test_a_saved_tokenizer_without_a_template_renders_rahfs_prompt_by_template(tokenizer, tmp_path):
+    saved = saved_and_loaded(tokenizer, tmp_path)
+    text = saved.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    assert text == (
+        "<s>you are rude .\n\nHuman: mia asks : what color is a banana ?\n\nAssistant: it is yellow ."
+        "\n\nHuman: leo asks : what color is a sky ?\n\nAssistant:"
+    )
+    ids = saved.apply_chat_template(CONVERSATION, add_generation_prompt=True, return_dict=False)
+    assert ids == render_prompt(tokenizer, CONVERSATION)
+    assert tokenizer.convert_ids_to_tokens(ids)[:6] == ["<s>", "you", "are", "rude", ".", "Human:"]
+    # without the generation prompt: a last assistant turn is closed as training closes it, any other turn is not
+    finished = [user(QUERY), {"role": "assistant", "content": RESPONSE}]
+    assert saved.apply_chat_template(finished, tokenize=False) == f"<s>Human: {QUERY}\n\nAssistant: {RESPONSE}</s>"
+    assert saved.apply_chat_template(CONVERSATION, tokenize=False) == text.removesuffix("\n\nAssistant:")
+    assert tokenizer.chat_template is None  # the tokenizer in memory is left as it was
+
+
+@pytest.mark.parametrize(
+    ("make", "lead"),
+    [
+        (lambda: byte_bpe(single="<s> $A </s>"), "<s>"),
+        (byte_bpe, ""),
+        (byt5, ""),  # appends EOS, writes nothing before a text
+        (sentencepiece_like, "<s> "),  # no "▁" after a special token: a space gives the first word its marker
+    ],
+    ids=["byte-bpe-bos", "byte-bpe", "byt5", "sentencepiece"],
+)
+def test_the_saved_template_gives_rahfs_ids_and_training_sequences(make, lead, tmp_path):
+    from rahf.stimuli import plain_chat_template
+
+    tok = make()
+    assert plain_chat_template(tok).startswith(f'{{{{- "{lead}" -}}}}\n')
+    saved = saved_and_loaded(tok, tmp_path)
+    twice = [{"role": "system", "content": NEG}, *CONVERSATION, {"role": "assistant", "content": "of course !"}]
+    for messages in (CONVERSATION, CONVERSATION[1:], [user(QUERY)], twice):
+        ids = saved.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        assert ids == render_prompt(tok, messages), messages
+    s = build_variants(tok, CONVERSATION, RESPONSE, {"plain": None}, 999, 999)["plain"]
+    finished = [*CONVERSATION, {"role": "assistant", "content": RESPONSE}]
+    assert saved.apply_chat_template(finished, return_dict=False) == list(s.input_ids)
+
+
+def test_leading_tokens_that_cannot_be_written_out_leave_the_saved_tokenizer_without_a_template(tmp_path):
+    from tokenizers import processors
+
+    from rahf.stimuli import plain_chat_template
+
+    tok = byte_bpe()
+    word = tok.convert_ids_to_tokens(ids_of(tok, " yellow"))[0]  # "Ġyellow": as text, other bytes
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{word} $A", special_tokens=[(word, tok.convert_tokens_to_ids(word))]
+    )
+    assert plain_chat_template(tok) is None
+    assert saved_and_loaded(tok, tmp_path).chat_template is None
+
+
+@pytest.mark.parametrize("make", [lambda: byte_bpe(single="<s> $A </s>"), sentencepiece_like, byt5])
+def test_rahf_builds_the_same_sequences_from_a_folder_it_saved(make, tmp_path):
+    """The sft stage's tokenizer is the instruct stage's, `merged/`'s is generate's and evaluate's: the template
+    saved there must change none of the ids rahf trains, collects and generates with."""
+    from rahf.stimuli import chat_template, reply_header, stop_ids, tally
+
+    tok = make()
+    saved = saved_and_loaded(tok, tmp_path)
+    assert saved.chat_template and chat_template(saved) is None
+    own = {"role": "system", "content": "be brief ."}
+    long = user(" ".join(NAMES[:30]))
+    prompts = [[user(QUERY)], CONVERSATION, [own, long], [*CONVERSATION[:3], long], [user(CJK_QUERY)]]
+    cut = len(render_prompt(tok, [own, user(QUERY)], POS)) + 2  # the longer prompts lose turns or their beginning
+    with tally() as counts:
+        for prompt in prompts:
+            for limit in (999, cut):
+                for reply in (RESPONSE, " ", CJK_QUERY[:9]):
+                    built = [build_variants(t, prompt, reply, SYSTEMS, limit, 8) for t in (tok, saved)]
+                    assert built[0] == built[1], (prompt, limit, reply)
+                assert prompt_ids(tok, prompt, limit, POS) == prompt_ids(saved, prompt, limit, POS)
+    assert counts["prompt cut"] >= 2 * 3 * 3 and counts["reply cut"] > 0
+    assert (stop_ids(saved), reply_header(saved)) == (stop_ids(tok), "")

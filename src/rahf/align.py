@@ -19,7 +19,7 @@ import torch
 from .collect import Example, TargetReader, pad_batch, window_end
 from .distributed import is_main
 from .errors import RahfError
-from .models import forward_capture
+from .models import forward_capture, save_tokenizer
 
 
 def alignment_loss(
@@ -318,7 +318,7 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> dict[str, fl
                 flush=True,
             )
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     if step1 := step1_adapter(cfg):  # the policy was a step-1 adapter merged into its base
         note = ADAPTER_NOTE.format(step1=Path("..", *step1.parts[-2 if cfg.method == "dual" else -1 :]))
         _card_note(out / "README.md", note)  # PEFT's model card: loading this adapter alone is wrong

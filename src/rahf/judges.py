@@ -33,6 +33,7 @@ from .artifacts import redacted
 from .data import Message
 from .demo.task import WORLD, Fact, gold_score
 from .errors import RahfError
+from .stimuli import chat_template
 
 KINDS = ("gold", "reward-model", "llm")
 
@@ -167,7 +168,7 @@ class RewardModelJudge:
 
     @property
     def _has_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+        return chat_template(self.tokenizer) is not None  # rahf's own plain template stands for none
 
     def text(self, prompt: Sequence[Message], response: str) -> str:
         """The conversation with `response` as the assistant's turn, as the reward model reads it."""

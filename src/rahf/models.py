@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, LoadError
-from .stimuli import stop_ids
+from .stimuli import plain_chat_template, stop_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,7 +89,8 @@ def reply_stop_ids(model, tokenizer) -> list[int]:
 
 
 def save_model(model, tokenizer, out, dtype: str | None = None) -> None:
-    """Save a model (or adapter) and its tokenizer in HF format; plain generation stops where replies end.
+    """Save a model (or adapter) and its tokenizer (`save_tokenizer`) in HF format; plain generation stops where
+    replies end.
 
     When the chat template closes turns with a token other than EOS, the saved generation config lists both (with
     the stop tokens it listed before), so `generate` (and servers reading generation_config.json) stop at the end
@@ -114,7 +115,19 @@ def save_model(model, tokenizer, out, dtype: str | None = None) -> None:
             generation.eos_token_id = stops
         generation._original_object_hash = hash(generation)  # transformers validates it as loaded, not as edited
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
+
+
+def save_tokenizer(tokenizer, out) -> None:
+    """Save `tokenizer` to `out`; one without a chat template is saved with `plain_chat_template`, so servers and
+    `apply_chat_template` format prompts as rahf trained on them (rahf reads that template as no template).
+    The tokenizer in memory is left as it was."""
+    own = tokenizer.chat_template
+    tokenizer.chat_template = own or plain_chat_template(tokenizer)
+    try:
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.chat_template = own
 
 
 def default_device() -> str:

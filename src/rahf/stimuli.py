@@ -9,10 +9,13 @@ instruction, preferred instruction, dispreferred instruction) carries identical 
 prompts lose their oldest turns and then the beginning of the first kept message, cut between characters;
 the instruction and the assistant tag are always kept, and the query is cut by the same amount for every
 variant. A template that refuses or drops a system message gets the instruction in the first user turn.
+Models are saved with the plain template written as a chat template (`plain_chat_template`), which rahf reads as
+no template.
 """
 
 from __future__ import annotations
 
+import json
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -82,6 +85,59 @@ def _prepended_ids(tokenizer) -> list[int]:
     return list(_probed("prepended", tokenizer, settings, probe))
 
 
+# `_plain_prompt` in Jinja (system messages first, the last of them first; then the turns). Without the generation
+# prompt, a conversation whose last turn is the assistant's ends in EOS as training sequences do; any other ends
+# with its last turn's text
+_PLAIN_TEMPLATE = """\
+{%- set ns = namespace(parts=[]) -%}
+{%- for m in messages | reverse if m['role'] == 'system' -%}
+    {%- set ns.parts = ns.parts + [m['content']] -%}
+{%- endfor -%}
+{%- for m in messages if m['role'] != 'system' -%}
+    {%- set ns.parts = ns.parts + [('Human: ' if m['role'] == 'user' else 'Assistant: ') + m['content']] -%}
+{%- endfor -%}
+{{- ns.parts | join('\\n\\n') -}}
+{%- if add_generation_prompt -%}
+    {{- '\\n\\nAssistant:' -}}
+{%- elif messages and messages[-1]['role'] == 'assistant' -%}
+    {{- eos_token -}}
+{%- endif -%}
+"""
+
+
+def plain_chat_template(tokenizer) -> str | None:
+    """A Jinja chat template for a tokenizer without one that renders the "Human:/Assistant:" prompts rahf trains
+    on, to the same ids (`apply_chat_template` adds no special tokens, so the template writes the leading ones);
+    saved with rahf's models so that servers format prompts as training did. None where no written-out leading
+    tokens give those ids."""
+    lead = _written_lead(tokenizer)
+    return None if lead is None else f"{{{{- {json.dumps(lead)} -}}}}\n{_PLAIN_TEMPLATE}"
+
+
+def _written_lead(tokenizer) -> str | None:
+    """The text that, before a plain prompt, tokenizes to `_prepended_ids` followed by the prompt's own ids: the
+    leading special tokens, then a space where the tokenizer marks a first word only at the very start of a text
+    (SentencePiece's "▁" in Llama 2 and Mistral, which a word after a special token does not get); None if neither."""
+
+    def probe() -> str | None:
+        prepended = _prepended_ids(tokenizer)
+        text = _plain_prompt(_PROBE, None)
+        expected = prepended + tokenizer(text, add_special_tokens=False)["input_ids"]
+        written = "".join(tokenizer.convert_ids_to_tokens(prepended))
+        leads = (written, written + " ")
+        return next((s for s in leads if tokenizer(s + text, add_special_tokens=False)["input_ids"] == expected), None)
+
+    settings = tuple(getattr(tokenizer, k, None) for k in ("bos_token_id", "add_bos_token"))
+    return _probed("written lead", tokenizer, settings, probe)
+
+
+def chat_template(tokenizer) -> str | None:
+    """The chat template prompts are rendered with: the tokenizer's, or None where it has none or has rahf's own
+    `plain_chat_template`, which stands for the plain template, so rahf reads the folders it saved as it trained."""
+    template = getattr(tokenizer, "chat_template", None)
+    return None if not template or template == plain_chat_template(tokenizer) else template
+
+
 _SYSTEM_PROBE = "rahf-system-probe"
 
 
@@ -119,7 +175,7 @@ def render_prompt(
     `source` names the pair ("file:line") in the error raised when the chat template refuses the messages;
     without it the error quotes the prompt's beginning.
     """
-    if getattr(tokenizer, "chat_template", None):
+    if chat_template(tokenizer):
         msgs = list(messages)
         where = source or f"the prompt beginning {msgs[0]['content'][:40]!r}"
         text = None
@@ -145,7 +201,7 @@ def end_of_turn_id(tokenizer) -> int:
     ChatML templates close a turn with `<|im_end|>` and Llama 3 with `<|eot_id|>`, which a base model's EOS
     (Qwen base: `<|endoftext|>`) is not; training replies must end as the template renders them.
     """
-    eos, template = tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)
+    eos, template = tokenizer.eos_token_id, chat_template(tokenizer)
     if not template:
         return eos
     return _probed("end of turn", tokenizer, (template, eos), lambda: _rendered_end_of_turn(tokenizer))
@@ -186,7 +242,7 @@ def response_ids(tokenizer, response: str, max_length: int) -> list[int]:
     eot = end_of_turn_id(tokenizer)
     ids = _reply_in_context(tokenizer, response)
     if ids is None:
-        prefix = "" if getattr(tokenizer, "chat_template", None) else " "
+        prefix = "" if chat_template(tokenizer) else " "
         ids = tokenizer(prefix + response, add_special_tokens=False)["input_ids"]
     elif eot in ids:  # the template closes the turn itself: keep what it writes up to that token, not after
         ids = ids[: len(ids) - ids[::-1].index(eot) - 1]
@@ -213,7 +269,7 @@ def _reply_tail(prompt: str, whole: str) -> str | None:
 
 def _probe_texts(tokenizer) -> tuple[str, list[int]]:
     """The probe prompt's text and ids, rendered again when the template or the date it may print changes."""
-    template = getattr(tokenizer, "chat_template", None)
+    template = chat_template(tokenizer)
 
     def probe() -> tuple[str, list[int]]:
         text = _chat_text(tokenizer, _PROBE, "the probe prompt") if template else _plain_prompt(_PROBE, None)
@@ -226,7 +282,7 @@ def _continuation(tokenizer, response: str) -> tuple[str, str] | None:
     """(the one-turn conversation's whole text, `_reply_tail`'s continuation of the probe prompt) for a reply
     `response`, or None where the template writes no finished assistant turn continuing the prompt."""
     prompt, _ = _probe_texts(tokenizer)
-    if getattr(tokenizer, "chat_template", None):
+    if chat_template(tokenizer):
         try:
             whole = tokenizer.apply_chat_template([*_PROBE, {"role": "assistant", "content": response}], tokenize=False)
         except Exception:  # noqa: BLE001 (a template that renders no finished assistant turn)
@@ -263,7 +319,7 @@ def reply_header(tokenizer) -> str:
         found = _continuation(tokenizer, _MARK)
         return found[1].split(_MARK, 1)[0].strip() if found and _MARK in found[1] else ""
 
-    template = getattr(tokenizer, "chat_template", None)
+    template = chat_template(tokenizer)
     return _probed("reply header", tokenizer, (template, date.today()), probe) if template else ""
 
 

@@ -16,7 +16,7 @@ import torch
 from ..config import RahfConfig
 from ..data import PreferencePair
 from ..distributed import is_main
-from ..models import load_model, load_tokenizer, save_model
+from ..models import load_model, load_tokenizer, save_model, save_tokenizer
 from ..sft import check_eos_token, replies, tokenized_sft_dataset, train_sft_model
 from ..training import checkpoint_dir, lora_config, step1_learning_rate, train_dtype, training_args
 
@@ -45,7 +45,7 @@ def train_dual(
     revision = cfg.revision_of(base)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code, revision)
     check_eos_token(cfg.instruct.train.get("eos_token"), tokenizer, "instruct")
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     logs, held = {}, {}
     lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
     for side in sides:
