@@ -34,8 +34,10 @@ def heldout_config(tmp_path, model, data, method: str, stages: list[str], **extr
     train = {"max_steps": 3, "per_device_train_batch_size": 4, "disable_tqdm": True, "logging_steps": 1}
     settings = run_settings(model, data, tmp_path / method, method, stages=stages, data__eval_size=HELD, **extra)
     for section in ("sft", "reward", "dpo"):
-        settings[section] = {"train": dict(train)}
+        settings.setdefault(section, {})["train"] = dict(train)
     settings["align"]["train"]["max_steps"] = STEPS
+    for section in ("instruct", "reward"):  # batches of 3 leave an uneven last one: metrics must count examples
+        settings[section]["train"]["per_device_eval_batch_size"] = 3
     return load_config(None, settings)
 
 
@@ -148,7 +150,23 @@ def test_scit_held_out_loss_is_its_loss_on_the_held_out_pairs(scit_heldout):
     by_hand = scit_loss(match, other, cfg.instruct.label_smoothing).mean().item()
     final = manifest(cfg, "instruct")["eval"]
     assert final["eval_loss"] == pytest.approx(by_hand, rel=1e-5)
+    assert final["eval_nll"] == pytest.approx(-match.mean().item(), rel=1e-5)
     assert final["eval_contrast_accuracy"] == (match > other).float().mean().item()
+    assert final["eval_logprob_margin"] == pytest.approx((match - other).mean().item(), rel=1e-4, abs=1e-7)
+
+
+def test_reward_reports_the_pairwise_accuracy_of_the_held_out_pairs(scit_heldout):
+    from transformers import AutoModelForSequenceClassification
+
+    from rahf.judges import RewardModelJudge
+    from rahf.models import load_tokenizer
+    from rahf.reward import evaluate_reward_model
+
+    folder = str(pipeline.stage_dir(scit_heldout, "reward"))
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    judge = RewardModelJudge(model, load_tokenizer(folder), max_length=scit_heldout.reward.max_length)
+    exact = evaluate_reward_model(judge, load_eval_pairs(scit_heldout))["pairwise_accuracy"]
+    assert manifest(scit_heldout, "reward")["eval"]["eval_pairwise_accuracy"] == exact
 
 
 def test_align_held_out_loss_is_the_distance_to_the_held_out_targets(scit_heldout):
@@ -199,3 +217,65 @@ def test_dual_and_dpo_report_their_trainers_held_out_metrics(tiny_model_dir, pai
     else:
         assert keys <= final.keys()
         assert all(0 <= log["eval_rewards/accuracies"] <= 1 for log in logs(cfg, "instruct") if "eval_loss" in log)
+
+
+def test_how_often_a_stage_evaluates_changes_neither_weights_nor_fingerprints(scit_heldout, tmp_path):
+    from safetensors.torch import load_file
+
+    from rahf.align import train_align
+
+    def adapter(train: dict) -> tuple[dict, str]:
+        base = scit_heldout.to_dict()
+        align = base["align"] | {"lora": base["align"]["lora"] | {"dropout": 0.3}}  # masks drawn every step
+        cfg = load_config(None, base | {"align": align | {"train": align["train"] | train}})
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        train_align(cfg, out, cfg.layers, cfg.alpha)
+        return load_file(out / "adapter_model.safetensors"), pipeline.stage_fingerprint(cfg, "align")[0]
+
+    never, fp = adapter({"eval_strategy": "no"})
+    often, fp_often = adapter({"eval_steps": 1, "per_device_eval_batch_size": 3, "eval_on_start": True})
+    assert fp_often == fp
+    assert all(torch.equal(never[k], often[k]) for k in never)
+    best = {"load_best_model_at_end": True, "save_strategy": "steps", "save_steps": 0.1}
+    assert (
+        pipeline.stage_fingerprint(
+            load_config(None, scit_heldout.to_dict() | {"align": scit_heldout.to_dict()["align"] | {"train": best}}),
+            "align",
+        )[0]
+        != pipeline.stage_fingerprint(scit_heldout, "align")[0]
+    )
+
+
+def test_sft_leaves_out_sft_path_examples_that_repeat_held_out_pairs(tiny_model_dir, pairs_file, tmp_path, capsys):
+    cfg = heldout_config(tmp_path, tiny_model_dir, pairs_file, "scit", ["sft"], sft__path=str(pairs_file))
+    pipeline.run(cfg)
+    assert f"left out {HELD} examples of sft.path" in capsys.readouterr().out
+    trained = [log for log in logs(cfg, "sft") if "train_loss" in log]
+    assert trained and manifest(cfg, "sft")["examples"]["examples"] == 12 + HELD  # built: 12 to train, 4 to evaluate
+
+
+def test_an_interrupted_collect_keeps_its_shards_while_it_collects_the_held_out_ones(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
+):
+    from rahf import collect
+
+    stages = ["instruct", "collect"]
+    cfg = heldout_config(tmp_path, tiny_model_dir, pairs_file, "scit", stages, collect__shard_size=2)
+    pipeline.run_stage(cfg, "instruct")
+    real = collect.write_cache
+
+    def stopped(*args, desc="collect", **kwargs):
+        if desc != "collect":
+            raise KeyboardInterrupt
+        return real(*args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(collect, "write_cache", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage(cfg, "collect")
+    monkeypatch.setattr(collect, "write_cache", real)
+    saves = pipeline.checkpoint_folder(cfg, "collect")
+    assert collect.collected_shards(saves) == 6  # the 12 training sequences, 2 per shard
+    capsys.readouterr()
+    pipeline.run_stage(cfg, "collect")
+    assert "keeping 6 of 6 shards" in capsys.readouterr().out
+    assert manifest(cfg, "collect")["resumed_from"] == {"shards": 6}

@@ -201,8 +201,9 @@ def write_cache(
     Each batch's rows go straight into the shard's preallocated tensors in the cache dtype, so collect holds one
     shard (at most `SHARD_BYTES`) and one batch in float32, whatever the window, the layers and the width. With
     `saves` (a folder that outlives an interrupted run of the same inputs and settings), each finished shard is
-    written there first, and the shards already there are kept instead of computed again; all move to `out` at
-    the end. Launched as several processes, each computes every world_size()-th shard into `saves` (with fewer
+    written there first, and the shards already there are kept instead of computed again; they stay there for
+    `move_shards` to move to `out` once the stage's whole cache is written (a stage collecting two sets keeps the
+    first while it collects the second). Launched as several processes, each computes every world_size()-th shard into `saves` (with fewer
     shards than processes, some wait), and process 0 alone returns the statistics (the others: {}). `desc` names
     what is collected in the messages and the progress bar.
     """
@@ -247,9 +248,6 @@ def write_cache(
             for what in ("o", "v"):
                 stats[layer][f"{what}_norm"] += meta["norms"][str(layer)][what]
         n_tokens += meta["tokens"]
-    if saves is not None:
-        for name in shards:
-            os.replace(saves / name, out / name)
     per_layer = {
         str(layer): {k: val / max(n_tokens, 1) for k, val in s.items()}
         | {"v_over_o": s["v_norm"] / max(s["o_norm"], 1e-12)}
@@ -327,6 +325,12 @@ def _kept_shard(path: Path, sequences: range, layers: list[int]) -> dict | None:
         return None
 
 
+def move_shards(saves: Path, out: Path, shards: list[str]) -> None:
+    """Move the finished `shards` that `write_cache` left in `saves` to `out` (process 0, once all are written)."""
+    for name in shards:
+        os.replace(saves / name, out / name)
+
+
 def collected_shards(saves: Path) -> int:
-    """How many finished shards an interrupted collect left in `saves`."""
-    return len(list(saves.glob("shard-*.safetensors"))) if saves.is_dir() else 0
+    """How many finished shards an interrupted collect left in `saves` (the held-out set's, in eval/, too)."""
+    return len(list(saves.glob("shard-*.safetensors")) + list(saves.glob("eval/shard-*.safetensors")))

@@ -312,6 +312,14 @@ NEUTRAL_TRAIN_KEYS = frozenset(
         "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
     }
 )  # fmt: skip
+# How often and how a stage evaluates on the held-out pairs (`data.eval_size`): an evaluation puts back the random
+# state it found (`training.leaves_randomness`), so these change the weights only through `load_best_model_at_end`
+NEUTRAL_EVAL_KEYS = frozenset(
+    {
+        "eval_strategy", "eval_steps", "eval_on_start", "eval_delay", "per_device_eval_batch_size",
+        "eval_accumulation_steps", "eval_do_concat_batches", "prediction_loss_only",
+    }
+)  # fmt: skip
 
 
 def _current(path: Path, fp: str) -> bool:
@@ -329,12 +337,15 @@ def _current(path: Path, fp: str) -> bool:
 
 
 def results_only(covered: dict) -> dict:
-    """`covered` without the settings of NEUTRAL_TRAIN_KEYS in its `*.train` mappings, nor an adapter dropout that
-    training switches off (PPO's always, DPO's unless `dpo.train.disable_dropout: false`)."""
+    """`covered` without the settings of NEUTRAL_TRAIN_KEYS (and, unless the best model is kept, NEUTRAL_EVAL_KEYS)
+    in its `*.train` mappings, nor an adapter dropout that training switches off (PPO's always, DPO's unless
+    `dpo.train.disable_dropout: false`)."""
     out = dict(covered)
     for section, value in covered.items():
         if isinstance(value, dict) and isinstance(value.get("train"), dict):
-            train = {k: v for k, v in value["train"].items() if k not in NEUTRAL_TRAIN_KEYS}
+            best = value["train"].get("load_best_model_at_end")  # then when it evaluates picks the weights kept
+            neutral = NEUTRAL_TRAIN_KEYS | (set() if best else NEUTRAL_EVAL_KEYS)
+            train = {k: v for k, v in value["train"].items() if k not in neutral}
             out[section] = value | {"train": train}
     for section in ("dpo", "ppo"):
         value = out.get(section)
@@ -855,6 +866,11 @@ def _reward(cfg: RahfConfig, out: Path) -> dict:
         step1, backbone, out, r.train, cfg.seed, cfg.trust_remote_code, r.max_length, cfg.revision_of(backbone),
         cfg.dtype, train_dtype(cfg, full=True), held_out,
     )  # fmt: skip
+    if metrics and distributed.is_main():  # TRL's eval_accuracy averages batches; this one counts pairs
+        from .reward import evaluate_reward_model
+
+        metrics["eval_pairwise_accuracy"] = evaluate_reward_model(judge, held_out)["pairwise_accuracy"]
+        print(f"[rahf] reward: pairwise accuracy on the held-out pairs {metrics['eval_pairwise_accuracy']:.3f}")
     stats: dict = _with_eval(cfg, {"n_pairs": len(step1), "backbone": backbone}, metrics)
     if cfg.evaluate.pairs:  # how well it ranks held-out pairs, recorded in the manifest
         from .data import load_pairs
@@ -894,7 +910,7 @@ def _instruct(cfg: RahfConfig, out: Path) -> dict:
 
 
 def _collect(cfg: RahfConfig, out: Path) -> dict:
-    from .collect import examples_for, write_cache
+    from .collect import examples_for, move_shards, write_cache
     from .models import load_tokenizer
     from .training import CHECKPOINTS, load_split, split_pairs
 
@@ -906,6 +922,7 @@ def _collect(cfg: RahfConfig, out: Path) -> dict:
     width = reader.plus.config.get_text_config(decoder=True).hidden_size  # a multimodal model's: its LM's
     saves = CHECKPOINTS.get()
     stats = write_cache(reader, examples_for(tokenizer, pairs, cfg), out, width, saves=saves)
+    held: dict = {}
     if held_out:  # the targets align evaluates on, in eval/
         held_saves = saves / "eval" if saves is not None else None
         for folder in (out / "eval", held_saves):
@@ -913,8 +930,13 @@ def _collect(cfg: RahfConfig, out: Path) -> dict:
                 folder.mkdir(parents=True, exist_ok=True)
         examples = examples_for(tokenizer, held_out, cfg)
         held = write_cache(reader, examples, out / "eval", width, held_saves, desc="collect (data.eval_size)")
-        stats = stats | {"eval": held} if stats else stats  # process 0 alone reports
-    return stats
+    if not distributed.is_main():  # process 0 alone moves and reports
+        return {}
+    if saves is not None:  # the finished shards stayed there until the whole cache was written
+        move_shards(saves, out, stats["shards"])
+        if held:
+            move_shards(saves / "eval", out / "eval", held["shards"])
+    return stats | ({"eval": held} if held else {})
 
 
 def _align(cfg: RahfConfig, out: Path) -> dict:

@@ -25,6 +25,20 @@ def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str, str]]:
     return replies(pairs, "chosen")
 
 
+def without_held_out(cfg: RahfConfig, examples: list[tuple[list[dict], str, str]]) -> list[tuple[list[dict], str, str]]:
+    """`sft.path`'s examples but those that repeat a pair `data.eval_size` holds out (its prompt and chosen reply),
+    which SFT would otherwise train on and then be measured on; says how many it left out."""
+    held = {(json.dumps(list(p.prompt), sort_keys=True), p.chosen) for p in load_eval_pairs(cfg)}
+    kept = [e for e in examples if (json.dumps(e[0], sort_keys=True), e[1]) not in held]
+    if len(kept) < len(examples):
+        print(
+            f"[rahf] sft: left out {len(examples) - len(kept)} examples of sft.path that repeat a pair "
+            "data.eval_size holds out",
+            flush=True,
+        )
+    return kept
+
+
 def replies(pairs: list[PreferencePair], side: str) -> list[tuple[list[dict], str, str]]:
     """(prompt messages, the `side` reply: chosen or rejected, "file:line") of each pair, as SFT examples."""
     return [(list(p.prompt), getattr(p, side), p.source) for p in pairs]
@@ -84,8 +98,11 @@ def run_sft(cfg: RahfConfig, out: Path) -> dict[str, float]:
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # `tokenizer` adds tokens (a chat template's)
         model.resize_token_embeddings(len(tokenizer))
     lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
-    data = tokenized_sft_dataset(tokenizer, sft_examples(cfg), *lengths)
+    examples = sft_examples(cfg)
     held_out = load_eval_pairs(cfg)
+    if cfg.sft.path and held_out:
+        examples = without_held_out(cfg, examples)
+    data = tokenized_sft_dataset(tokenizer, examples, *lengths)
     held_data = tokenized_sft_dataset(tokenizer, replies(held_out, "chosen"), *lengths) if held_out else None
     model, logs, held = train_sft_model(model, tokenizer, data, args, eval_dataset=held_data)
     save_model(model, tokenizer, out, cfg.dtype)

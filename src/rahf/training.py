@@ -81,8 +81,33 @@ def run_trainer(trainer, stage: str) -> dict[str, float]:
     if last is not None:
         step, total = checkpoint_step(last) or (0, 0)
         print(f"[rahf] {stage}: resuming from {last} (step {step} of {total})", flush=True)
+    trainer.evaluate = leaves_randomness(trainer.evaluate)  # the Trainer calls self.evaluate
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     return held_out_metrics(trainer, stage)
+
+
+def leaves_randomness(evaluate):
+    """`evaluate` that puts back the random state it found: starting a data loader draws from torch's generator, so
+    an evaluation would otherwise change the dropout masks of every later step, and with them the weights. So
+    how often and how a stage evaluates changes its logs only (pipeline.NEUTRAL_EVAL_KEYS)."""
+    import functools
+
+    import numpy as np
+
+    @functools.wraps(evaluate)
+    def wrapped(*args, **kwargs):
+        states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+        devices = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.random.set_rng_state(states[2])
+            if devices is not None:
+                torch.cuda.set_rng_state_all(devices)
+
+    return wrapped
 
 
 # evaluation logs that time or count rather than measure the model

@@ -79,6 +79,24 @@ class SCITCollator:
         return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
 
 
+def scit_metrics(label_smoothing: float):
+    """`compute_metrics` for the SCIT Trainer: the loss parts as means over the held-out examples, from each one's
+    (matching, opposite) mean log-probability, so that nll + contrast is the evaluation's loss."""
+
+    def metrics(prediction) -> dict[str, float]:
+        lp = torch.as_tensor(prediction.predictions, dtype=torch.float64)
+        match, other = lp[:, 0], lp[:, 1]
+        d = match - other
+        return {
+            "nll": -match.mean().item(),
+            "contrast": (scit_loss(match, other, label_smoothing) + match).mean().item(),
+            "contrast_accuracy": (d > 0).double().mean().item(),
+            "logprob_margin": d.mean().item(),
+        }
+
+    return metrics
+
+
 def _trainer_class():
     from transformers import Trainer
 
@@ -87,14 +105,13 @@ def _trainer_class():
         loss into `nll` (mean response NLL per token under the matching instruction) and `contrast`, with
         `contrast_accuracy` (share of sequences likelier under the matching instruction) and `logprob_margin`
         (mean per-token log-probability matching minus opposite), averaged since the last log as TRL's DPO does.
-        An evaluation logs the same parts of the held-out examples, prefixed `eval_`."""
+        An evaluation logs the same parts as means over the held-out examples (`scit_metrics`), prefixed `eval_`."""
 
         label_smoothing: float = 0.2
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._parts: dict[str, list[float]] = defaultdict(list)
-            self._eval_parts: dict[str, list[float]] = defaultdict(list)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logits = model(
@@ -104,30 +121,32 @@ def _trainer_class():
             b = lp.shape[0] // 2
             match, other = lp[:b], lp[b:]
             loss = scit_loss(match, other, self.label_smoothing).mean()
-            with torch.no_grad():
-                d = (match - other).float()
-                parts = self._parts if model.training else self._eval_parts
-                parts["nll"].append(-match.mean().item())
-                parts["contrast"].append((loss + match.mean()).item())
-                parts["contrast_accuracy"].append((d > 0).float().mean().item())
-                parts["logprob_margin"].append(d.mean().item())
-            return (loss, {"logits": logits}) if return_outputs else loss
+            if model.training:
+                with torch.no_grad():
+                    d = (match - other).float()
+                    self._parts["nll"].append(-match.mean().item())
+                    self._parts["contrast"].append((loss + match.mean()).item())
+                    self._parts["contrast_accuracy"].append((d > 0).float().mean().item())
+                    self._parts["logprob_margin"].append(d.mean().item())
+            return (loss, {"logits": logits, "logprobs": torch.stack([match, other], -1)}) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            """The SCIT loss of a held-out batch (its parts recorded for the evaluation's log); no logits kept."""
+            """The SCIT loss of a held-out batch, and each example's (matching, opposite) mean log-probability for
+            `scit_metrics` (gathered over the processes by the Trainer, which drops the last batch's repeats)."""
             with torch.no_grad():
-                loss = self.compute_loss(model, self._prepare_inputs(inputs))
-            return loss.detach(), None, None
+                loss, outputs = self.compute_loss(model, self._prepare_inputs(inputs), return_outputs=True)
+            logprobs = outputs["logprobs"].detach().float()
+            return loss.detach(), logprobs, torch.zeros(len(logprobs), device=logprobs.device)
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            held_out = "eval_loss" in logs
-            store = self._eval_parts if held_out else self._parts
-            parts = {k: sum(v) / len(v) for k, v in store.items() if v}
+            if "eval_loss" in logs:  # an evaluation's log: the training parts wait for the next training log
+                return super().log(logs, start_time)
+            parts = {k: sum(v) / len(v) for k, v in self._parts.items() if v}
             if parts and self.args.world_size > 1:  # every process logs: the mean over them, as the loss is
                 means = self.accelerator.reduce(torch.tensor(list(parts.values()), device=self.args.device), "mean")
                 parts = dict(zip(parts, means.tolist()))
-            logs.update({("eval_" if held_out else "") + k: v for k, v in parts.items()})
-            store.clear()
+            logs.update(parts)
+            self._parts.clear()
             super().log(logs, start_time)
 
     return SCITTrainer
@@ -156,6 +175,7 @@ def train_scit(
         eval_dataset=ListDataset(scit_examples(tokenizer, eval_pairs, cfg)) if eval_pairs else None,
         data_collator=SCITCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
+        compute_metrics=scit_metrics(cfg.instruct.label_smoothing),
     )
     trainer.label_smoothing = cfg.instruct.label_smoothing
     held = run_trainer(trainer, "instruct")
