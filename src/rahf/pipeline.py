@@ -842,16 +842,19 @@ def run(cfg: RahfConfig, force: bool = False) -> None:
 def _sft(cfg: RahfConfig, out: Path) -> dict:
     from .sft import run_sft
 
-    return _with_eval(cfg, {}, run_sft(cfg, out))
+    return _with_eval(cfg, {}, *run_sft(cfg, out))
 
 
-def _with_eval(cfg: RahfConfig, stats: dict, metrics: dict) -> dict:
-    """`stats` with a stage's metrics on the pairs `data.eval_size` holds out, when it holds some out."""
+def _with_eval(cfg: RahfConfig, stats: dict, metrics: dict, n_pairs: int | None = None) -> dict:
+    """`stats` with a stage's metrics on the `n_pairs` pairs `data.eval_size` holds out (None: read them to count),
+    when it holds some out."""
     if not metrics:
         return stats
-    from .training import load_eval_pairs
+    if n_pairs is None:
+        from .training import load_eval_pairs
 
-    return stats | {"eval": metrics, "n_eval_pairs": len(load_eval_pairs(cfg))}
+        n_pairs = len(load_eval_pairs(cfg))
+    return stats | {"eval": metrics, "n_eval_pairs": n_pairs}
 
 
 def _reward(cfg: RahfConfig, out: Path) -> dict:
@@ -871,7 +874,7 @@ def _reward(cfg: RahfConfig, out: Path) -> dict:
 
         metrics["eval_pairwise_accuracy"] = evaluate_reward_model(judge, held_out)["pairwise_accuracy"]
         print(f"[rahf] reward: pairwise accuracy on the held-out pairs {metrics['eval_pairwise_accuracy']:.3f}")
-    stats: dict = _with_eval(cfg, {"n_pairs": len(step1), "backbone": backbone}, metrics)
+    stats: dict = _with_eval(cfg, {"n_pairs": len(step1), "backbone": backbone}, metrics, len(held_out))
     if cfg.evaluate.pairs:  # how well it ranks held-out pairs, recorded in the manifest
         from .data import load_pairs
         from .reward import evaluate_reward_model
@@ -906,7 +909,8 @@ def _instruct(cfg: RahfConfig, out: Path) -> dict:
         from .baselines.ppo import train_ppo
 
         train_ppo(cfg, base, reward_model_path(cfg, cfg.ppo.reward_model), [list(p.prompt) for p in step1], out)
-    return _with_eval(cfg, {"n_pairs": len(step1), "method": cfg.method, "finetune": cfg.finetune}, metrics)
+    stats = {"n_pairs": len(step1), "method": cfg.method, "finetune": cfg.finetune}
+    return _with_eval(cfg, stats, metrics, len(held_out))
 
 
 def _collect(cfg: RahfConfig, out: Path) -> dict:

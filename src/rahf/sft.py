@@ -10,7 +10,7 @@ from .data import PreferencePair, is_jsonl, load_pairs, parse_completion, read_j
 from .errors import ConfigError
 from .models import load_model, load_tokenizer, save_model
 from .stimuli import build_variants
-from .training import load_data, load_eval_pairs, run_trainer, train_dtype, training_args
+from .training import load_data, load_eval_pairs, load_split, run_trainer, train_dtype, training_args
 
 
 def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str, str]]:
@@ -25,10 +25,12 @@ def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str, str]]:
     return replies(pairs, "chosen")
 
 
-def without_held_out(cfg: RahfConfig, examples: list[tuple[list[dict], str, str]]) -> list[tuple[list[dict], str, str]]:
+def without_held_out(
+    examples: list[tuple[list[dict], str, str]], held_out: list[PreferencePair]
+) -> list[tuple[list[dict], str, str]]:
     """`sft.path`'s examples but those that repeat a pair `data.eval_size` holds out (its prompt and chosen reply),
     which SFT would otherwise train on and then be measured on; says how many it left out."""
-    held = {(json.dumps(list(p.prompt), sort_keys=True), p.chosen) for p in load_eval_pairs(cfg)}
+    held = {(json.dumps(list(p.prompt), sort_keys=True), p.chosen) for p in held_out}
     kept = [e for e in examples if (json.dumps(e[0], sort_keys=True), e[1]) not in held]
     if len(kept) < len(examples):
         print(
@@ -83,9 +85,10 @@ def train_sft_model(model, tokenizer, dataset, args, stage: str = "sft", eval_da
     return trainer.model, trainer.state.log_history, held
 
 
-def run_sft(cfg: RahfConfig, out: Path) -> dict[str, float]:
+def run_sft(cfg: RahfConfig, out: Path) -> tuple[dict[str, float], int]:
     """Fine-tune `cfg.model` on dialogue data and save it (HF format) with its tokenizer to `out`; returns the
-    metrics on the chosen replies of the held-out pairs ({} when `data.eval_size` holds none out)."""
+    metrics on the chosen replies of the held-out pairs and their number ({} and 0 when `data.eval_size` holds
+    none out)."""
     from trl import SFTConfig
 
     args = training_args(SFTConfig, cfg, out, cfg.sft.train, max_length=None, learning_rate=2e-5)
@@ -98,13 +101,15 @@ def run_sft(cfg: RahfConfig, out: Path) -> dict[str, float]:
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # `tokenizer` adds tokens (a chat template's)
         model.resize_token_embeddings(len(tokenizer))
     lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
-    examples = sft_examples(cfg)
-    held_out = load_eval_pairs(cfg)
-    if cfg.sft.path and held_out:
-        examples = without_held_out(cfg, examples)
+    if cfg.sft.path:
+        held_out = load_eval_pairs(cfg)
+        examples = without_held_out(sft_examples(cfg), held_out) if held_out else sft_examples(cfg)
+    else:  # the chosen replies of `data`, read once
+        pairs, held_out = load_split(cfg)
+        examples = replies(pairs, "chosen")
     data = tokenized_sft_dataset(tokenizer, examples, *lengths)
     held_data = tokenized_sft_dataset(tokenizer, replies(held_out, "chosen"), *lengths) if held_out else None
     model, logs, held = train_sft_model(model, tokenizer, data, args, eval_dataset=held_data)
     save_model(model, tokenizer, out, cfg.dtype)
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))
-    return held
+    return held, len(held_out)
