@@ -123,9 +123,30 @@ def test_a_long_text_loses_its_beginning_but_keeps_its_bos(reward_model, templat
 def test_reward_model_batch_scores_equal_single_scores(reward_model):
     judge = RewardModelJudge(*reward_model, batch_size=2)  # 5 items: two full batches and one partial
     batched = judge.score_many([PROMPT] * len(REPLIES), REPLIES)
-    alone = [judge.score(PROMPT, r) for r in REPLIES]
+    alone = [RewardModelJudge(*reward_model).score(PROMPT, r) for r in REPLIES]  # new judges: nothing remembered
     assert batched == pytest.approx(alone, abs=1e-5)
     assert len(set(batched)) == len(REPLIES)  # a random model still tells the replies apart
+
+
+def test_a_reward_model_judge_reads_each_distinct_text_once(reward_model):
+    """An evaluation asks for a reply's score for its verdict, its judge score and its temperature's reward, and for
+    a pair's chosen reply once per sample: each text goes through the model once, in order, whatever the repeats."""
+    model, tok = reward_model
+    judge, read = RewardModelJudge(model, tok, batch_size=2), []
+    hook = model.register_forward_hook(
+        lambda _m, args, kwargs, _out: read.extend(map(tuple, kwargs["input_ids"].tolist())), with_kwargs=True
+    )
+    try:
+        first = judge.score_many([PROMPT] * 5, [BEST, WORST, BEST, MIDDLE, WORST])
+        again = judge.score_many([PROMPT] * 3, [MIDDLE, REPLIES[3], BEST])
+    finally:
+        hook.remove()
+    pad = tok.pad_token_id
+    texts = [tuple(i for i in ids if i != pad) for ids in read]
+    assert texts == [tuple(judge.encode(PROMPT, r)) for r in (BEST, WORST, MIDDLE, REPLIES[3])]
+    fresh = RewardModelJudge(model, tok).score_many([PROMPT] * 4, [BEST, WORST, MIDDLE, REPLIES[3]])
+    assert first == pytest.approx([fresh[0], fresh[1], fresh[0], fresh[2], fresh[1]], abs=1e-5)
+    assert again == pytest.approx([fresh[2], fresh[3], fresh[0]], abs=1e-5)
 
 
 def test_reward_model_compare_follows_score_differences(reward_model):

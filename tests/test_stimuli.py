@@ -725,6 +725,16 @@ def test_an_instruction_joins_a_pairs_own_system_message_where_the_template_allo
     assert tok.decode(render_prompt(tok, prompt, system=POS)) == f"[INST] {POS}\n\nbe brief .\n\n{QUERY} [/INST]"
 
 
+def test_the_plain_layout_puts_the_instruction_first_then_the_pairs_system_messages_in_order(tokenizer):
+    """As a chat template renders [instruction, *messages]: the instruction, then the pair's own system messages."""
+    prompt = [{"role": "system", "content": "be brief ."}, user(QUERY), {"role": "system", "content": "be kind ."}]
+    text = tokenizer.decode(render_prompt(tokenizer, prompt, system=POS), skip_special_tokens=True)
+    assert text == tokenizer.decode(
+        tokenizer(f"{POS}\n\nbe brief .\n\nbe kind .\n\nHuman: {QUERY}\n\nAssistant:")["input_ids"],
+        skip_special_tokens=True,
+    )
+
+
 def test_a_reply_that_only_mentions_the_closing_think_tag_keeps_its_text():
     from rahf.stimuli import reply_content
 

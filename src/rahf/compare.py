@@ -139,7 +139,7 @@ def _select(
     from .align import train_align
     from .evaluate import win_rate_against_chosen
     from .generate import generate
-    from .models import load_tokenizer, save_tokenizer
+    from .models import load_tokenizer, save_model
     from .pipeline import load_policy, require_artifact, results_only
 
     out = Path(mcfg.output_dir) / "merged"
@@ -181,8 +181,7 @@ def _select(
     row, model, logs = best
     selection = {"layers": row["layers"], "alpha": row["alpha"], "sweep": sweep}
     with atomic_dir(out, "merge", fp, covered, {"selection": selection}, inputs, mcfg.to_dict()) as tmp:
-        model.save_pretrained(tmp)
-        save_tokenizer(tokenizer, tmp)
+        save_model(model, tokenizer, tmp)
         (tmp / "log_history.json").write_text(json.dumps(logs, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return Deployed(str(out)), selection

@@ -15,6 +15,7 @@ that an API gets each request once.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import math
@@ -23,6 +24,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
@@ -33,7 +35,7 @@ from .artifacts import redacted
 from .data import Message
 from .demo.task import WORLD, Fact, gold_score
 from .errors import RahfError
-from .stimuli import chat_template
+from .stimuli import chat_template, plain_text
 
 KINDS = ("gold", "reward-model", "llm")
 
@@ -113,6 +115,11 @@ def api_key(env: str) -> str | None:
     return key
 
 
+def _digest(ids: Sequence[int]) -> bytes:
+    """A short key for a token sequence (keys kept for every text a judge scores stay small)."""
+    return hashlib.blake2b(array("q", ids).tobytes(), digest_size=16).digest()
+
+
 class RewardModelJudge:
     """A reward model (sequence classification, one label) scoring prompt plus reply; higher wins.
 
@@ -146,6 +153,7 @@ class RewardModelJudge:
         self.tie_margin = tie_margin
         self.batch_size = batch_size
         self.max_length = max_length
+        self._known: dict[bytes, float] = {}  # score per digest of the token ids read (the model is fixed)
 
     @classmethod
     def from_pretrained(
@@ -175,13 +183,7 @@ class RewardModelJudge:
         if self._has_template:
             messages = [*prompt, {"role": "assistant", "content": response}]
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        parts = []
-        for m in prompt:  # the "Human:/Assistant:" layout of rahf.stimuli
-            if m["role"] == "system":
-                parts.insert(0, m["content"])
-            else:
-                parts.append(("Human: " if m["role"] == "user" else "Assistant: ") + m["content"])
-        return "\n\n".join([*parts, "Assistant: " + response])
+        return plain_text([*prompt, {"role": "assistant", "content": response}])  # the layout of rahf.stimuli
 
     def encode(self, prompt: Sequence[Message], response: str) -> list[int]:
         """Token ids the model reads for (prompt, response), at most `max_length`: a long text loses its beginning
@@ -202,17 +204,27 @@ class RewardModelJudge:
         return ids[:keep] + ids[len(ids) - self.max_length + keep :]
 
     def score_many(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> list[float]:
-        """Reward of each (prompt, response), in batches of `batch_size` (padded on the right)."""
+        """Reward of each (prompt, response), in batches of `batch_size` (padded on the right).
+
+        Each distinct text is scored once per judge: an evaluation asks for the same reply's score up to three
+        times (verdict, judge score, reward at its temperature) and for a pair's chosen reply once per sample.
+        """
         if len(prompts) != len(responses):
             raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(responses)} responses")
         encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
-        scores: list[float] = []
+        keys = [_digest(ids) for ids in encoded]
+        new = {k: ids for k, ids in zip(keys, encoded) if k not in self._known}
+        todo = list(new)
         from .collect import pad_batch
 
         with torch.no_grad():
-            for i in range(0, len(encoded), self.batch_size):
-                ids, mask = pad_batch(encoded[i : i + self.batch_size], self.tokenizer.pad_token_id, self.model.device)
-                scores += self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+            for i in range(0, len(todo), self.batch_size):
+                batch = todo[i : i + self.batch_size]
+                ids, mask = pad_batch([new[k] for k in batch], self.tokenizer.pad_token_id, self.model.device)
+                self._known.update(
+                    zip(batch, self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist())
+                )
+        scores = [self._known[k] for k in keys]
         broken = next((i for i, x in enumerate(scores) if not math.isfinite(x)), None)
         if broken is not None:  # a NaN would compare as a tie and skew every win rate silently
             raise JudgeError(f"the reward model scored reply {broken} as {scores[broken]}; check its weights and dtype")

@@ -123,8 +123,9 @@ def train_reward_model(
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # drop mixed-precision hooks
     if is_main():  # launched as several processes, process 0 writes
         model.to(torch_dtype(dtype)).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))  # as every training stage
+        tokenizer.save_pretrained(out)
+        # as every training stage
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return RewardModelJudge(model, tokenizer, max_length=max_length), held
 
 

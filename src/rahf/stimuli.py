@@ -49,14 +49,18 @@ class Stimulus:
         return (self.response_start - 1 if include_boundary else self.response_start), n
 
 
+def plain_text(messages: Sequence[Message], system: str | None = None) -> str:
+    """The "Human:/Assistant:" layout of a conversation: `system` (the instruction), then the conversation's own
+    system messages in their order, as a chat template renders [instruction, *messages]; then the turns."""
+    systems = [m["content"] for m in messages if m["role"] == "system"]
+    turns = [
+        ("Human: " if m["role"] == "user" else "Assistant: ") + m["content"] for m in messages if m["role"] != "system"
+    ]
+    return "\n\n".join([*([system] if system else []), *systems, *turns])
+
+
 def _plain_prompt(messages: Sequence[Message], system: str | None) -> str:
-    parts = [system] if system else []
-    for m in messages:
-        if m["role"] == "system":
-            parts.insert(0, m["content"])
-        else:
-            parts.append(("Human: " if m["role"] == "user" else "Assistant: ") + m["content"])
-    return "\n\n".join(parts) + "\n\nAssistant:"
+    return plain_text(messages, system) + "\n\nAssistant:"
 
 
 # (what a probe of the tokenizer found, keyed by the settings it depends on) per probe, per tokenizer: every
@@ -85,12 +89,12 @@ def _prepended_ids(tokenizer) -> list[int]:
     return list(_probed("prepended", tokenizer, settings, probe))
 
 
-# `_plain_prompt` in Jinja (system messages first, the last of them first; then the turns). Without the generation
+# `_plain_prompt` in Jinja (system messages first, in their order; then the turns). Without the generation
 # prompt, a conversation whose last turn is the assistant's ends in EOS as training sequences do; any other ends
 # with its last turn's text
 _PLAIN_TEMPLATE = """\
 {%- set ns = namespace(parts=[]) -%}
-{%- for m in messages | reverse if m['role'] == 'system' -%}
+{%- for m in messages if m['role'] == 'system' -%}
     {%- set ns.parts = ns.parts + [m['content']] -%}
 {%- endfor -%}
 {%- for m in messages if m['role'] != 'system' -%}
