@@ -254,6 +254,18 @@ def test_sft_leaves_out_sft_path_examples_that_repeat_held_out_pairs(tiny_model_
     assert trained and manifest(cfg, "sft")["examples"]["examples"] == 12 + HELD  # built: 12 to train, 4 to evaluate
 
 
+def test_an_sft_path_made_only_of_held_out_pairs_is_refused_in_one_line(tiny_model_dir, pairs_file, tmp_path):
+    from rahf.errors import DataError
+    from rahf.sft import replies, without_held_out
+    from rahf.training import load_eval_pairs
+
+    cfg = heldout_config(tmp_path, tiny_model_dir, pairs_file, "scit", ["sft"], sft__path=str(pairs_file))
+    held = load_eval_pairs(cfg)
+    with pytest.raises(DataError, match=f"each of its {HELD} examples repeats a pair data.eval_size holds out"):
+        without_held_out(replies(held, "chosen"), held)
+    assert without_held_out(replies(held[1:], "chosen"), held[:1]) == replies(held[1:], "chosen")
+
+
 def test_an_interrupted_collect_keeps_its_shards_while_it_collects_the_held_out_ones(
     tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
 ):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .config import RahfConfig
 from .data import PreferencePair, is_jsonl, load_pairs, parse_completion, read_jsonl
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .models import load_model, load_tokenizer, save_model
 from .stimuli import build_variants
 from .training import load_data, load_eval_pairs, load_split, run_trainer, train_dtype, training_args
@@ -32,6 +32,11 @@ def without_held_out(
     which SFT would otherwise train on and then be measured on; says how many it left out."""
     held = {(json.dumps(list(p.prompt), sort_keys=True), p.chosen) for p in held_out}
     kept = [e for e in examples if (json.dumps(e[0], sort_keys=True), e[1]) not in held]
+    if examples and not kept:
+        raise DataError(
+            f"sft.path: each of its {len(examples)} examples repeats a pair data.eval_size holds out, which leaves SFT "
+            "nothing to train on; give other SFT data, or hold out fewer pairs (data.eval_size)"
+        )
     if len(kept) < len(examples):
         print(
             f"[rahf] sft: left out {len(examples) - len(kept)} examples of sft.path that repeat a pair "
@@ -95,11 +100,6 @@ def run_sft(cfg: RahfConfig, out: Path) -> tuple[dict[str, float], int]:
     source = cfg.tokenizer or cfg.model
     tokenizer = load_tokenizer(source, cfg.trust_remote_code, cfg.revision_of(source))
     check_eos_token(cfg.sft.train.get("eos_token"), tokenizer, "sft")
-    model = load_model(
-        cfg.model, train_dtype(cfg, full=True), cfg.trust_remote_code, revision=cfg.revision_of(cfg.model)
-    )
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # `tokenizer` adds tokens (a chat template's)
-        model.resize_token_embeddings(len(tokenizer))
     lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
     if cfg.sft.path:
         held_out = load_eval_pairs(cfg)
@@ -109,6 +109,11 @@ def run_sft(cfg: RahfConfig, out: Path) -> tuple[dict[str, float], int]:
         examples = replies(pairs, "chosen")
     data = tokenized_sft_dataset(tokenizer, examples, *lengths)
     held_data = tokenized_sft_dataset(tokenizer, replies(held_out, "chosen"), *lengths) if held_out else None
+    model = load_model(
+        cfg.model, train_dtype(cfg, full=True), cfg.trust_remote_code, revision=cfg.revision_of(cfg.model)
+    )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # `tokenizer` adds tokens (a chat template's)
+        model.resize_token_embeddings(len(tokenizer))
     model, logs, held = train_sft_model(model, tokenizer, data, args, eval_dataset=held_data)
     save_model(model, tokenizer, out, cfg.dtype)
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))
