@@ -659,12 +659,25 @@ def test_an_instruction_whose_flag_the_template_removes_still_goes_in_the_system
     assert text == f"<|im_start|>system\n{POS}<|im_end|>\n<|im_start|>user\n{QUERY}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_reply_tokens_do_not_change_when_the_date_a_template_prints_does(monkeypatch):
+GPT_OSS_DATE = (  # gpt-oss calls strftime_now inside a macro, Llama 3.2 only when no date_string is given
+    "{%- macro preamble() -%}{{- 'Current date: ' + strftime_now('%Y-%m-%d') -}}{%- endmacro -%}"
+    "<|im_start|>system\n{{ preamble() }}{% if not date_string is defined %}{% set date_string = "
+    "strftime_now('%d %B %Y, %A') %}{% endif %} / {{ date_string }}<|im_end|>\n{% for m in messages %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [DATED, GPT_OSS_DATE], ids=["llama-3.2", "gpt-oss"])
+def test_a_template_that_prints_todays_date_prints_the_same_fixed_date_every_day(template, monkeypatch):
+    """Otherwise a run's sequences, cached targets and trained models would depend on the day, which no fingerprint
+    records: collect on one day, align on the next, and the targets belong to other prompts."""
     import datetime as dt
 
     import transformers.utils.chat_template_utils as templates
 
-    import rahf.stimuli
+    from rahf.judges import RewardModelJudge
+    from rahf.stimuli import TEMPLATE_DATE, apply_template
 
     day = {"now": dt.datetime(2026, 3, 1, 23, 59)}
 
@@ -673,19 +686,20 @@ def test_reply_tokens_do_not_change_when_the_date_a_template_prints_does(monkeyp
         def now(cls, tz=None):
             return day["now"]
 
-    class Today(dt.date):
-        @classmethod
-        def today(cls):
-            return day["now"].date()
-
     monkeypatch.setattr(templates, "datetime", Clock)
-    monkeypatch.setattr(rahf.stimuli, "date", Today, raising=False)
-    tok = templated(DATED)
+    tok = templated(template)
+    assert "2026" in tok.apply_chat_template([user(QUERY)], tokenize=False)  # the template does print today
     before = response_ids(tok, " " + RESPONSE, 64), render_prompt(tok, [user(QUERY)])
     day["now"] = dt.datetime(2026, 3, 2, 0, 1)  # two minutes later, in the same process
     after = response_ids(tok, " " + RESPONSE, 64), render_prompt(tok, [user(QUERY)])
-    assert before[0] == after[0] == ids_of(tok, RESPONSE) + [tok.convert_tokens_to_ids("<|im_end|>")]  # trimmed
-    assert "01 Mar 2026" in tok.decode(before[1]) and "02 Mar 2026" in tok.decode(after[1])
+    assert before == after
+    if template == DATED:  # Llama 3.2 trims the reply
+        assert before[0] == ids_of(tok, RESPONSE) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    written = "26 Jul 2024" if template == DATED else "2024-07-26 / 26 July 2024, Friday"
+    assert written in tok.decode(before[1]) and TEMPLATE_DATE == dt.date(2024, 7, 26)
+    assert written in apply_template(tok, [user(QUERY)]) and "2026" not in apply_template(tok, [user(QUERY)])
+    judge_text = RewardModelJudge.text(type("J", (), {"tokenizer": tok, "_has_template": True})(), [user(QUERY)], "x")
+    assert written in judge_text  # a reward model reads the same date
 
 
 def test_a_tally_counts_sequences_and_what_the_length_limits_cut():

@@ -35,7 +35,7 @@ from .artifacts import redacted
 from .data import Message
 from .demo.task import WORLD, Fact, gold_score
 from .errors import RahfError
-from .stimuli import chat_template, plain_text
+from .stimuli import apply_template, chat_template, plain_text
 
 KINDS = ("gold", "reward-model", "llm")
 
@@ -182,7 +182,7 @@ class RewardModelJudge:
         """The conversation with `response` as the assistant's turn, as the reward model reads it."""
         if self._has_template:
             messages = [*prompt, {"role": "assistant", "content": response}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            return apply_template(self.tokenizer, messages)
         return plain_text([*prompt, {"role": "assistant", "content": response}])  # the layout of rahf.stimuli
 
     def encode(self, prompt: Sequence[Message], response: str) -> list[int]:

@@ -15,13 +15,14 @@ no template.
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 from .data import Message
@@ -142,6 +143,30 @@ def chat_template(tokenizer) -> str | None:
     return None if not template or template == plain_chat_template(tokenizer) else template
 
 
+TEMPLATE_DATE = date(2024, 7, 26)
+"""The day a chat template that prints today's date (Llama 3.2, gpt-oss: `strftime_now`) prints instead (Llama 3.1's
+own default): otherwise a run's sequences would change from one day to the next, unseen by any fingerprint."""
+
+_DIRECTIVES = "YymdBbAajHIMSp"
+
+
+@functools.lru_cache(maxsize=8)
+def _pinned(template: str) -> str:
+    """`template` with `strftime_now` defined as a macro giving TEMPLATE_DATE (at midnight) in the usual directives."""
+    if "strftime_now" not in template:
+        return template
+    day = datetime.combine(TEMPLATE_DATE, datetime.min.time())
+    swaps = "".join(f" | replace({json.dumps('%' + d)}, {json.dumps(day.strftime('%' + d))})" for d in _DIRECTIVES)
+    return f"{{%- macro strftime_now(fmt) -%}}{{{{- fmt{swaps} -}}}}{{%- endmacro -%}}{template}"
+
+
+def apply_template(tokenizer, messages: Sequence[Message], **kwargs) -> str:
+    """The text `tokenizer.apply_chat_template` renders for `messages` with its chat template, on TEMPLATE_DATE."""
+    template = chat_template(tokenizer)
+    pinned = {"chat_template": _pinned(template)} if template else {}
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, **pinned, **kwargs)
+
+
 _SYSTEM_PROBE = "rahf-system-probe"
 
 
@@ -162,7 +187,7 @@ def _renders_system(tokenizer) -> bool:
 def _chat_text(tokenizer, messages: Sequence[Message], where: str) -> str:
     """The chat template's text for `messages` plus the assistant tag; a template that refuses them raises DataError."""
     try:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return apply_template(tokenizer, messages, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 (templates raise jinja2's TemplateError or whatever their filters raise)
         roles = ", ".join(m["role"] for m in messages)
         raise DataError(
@@ -215,7 +240,7 @@ def _rendered_end_of_turn(tokenizer) -> int:
     eos = tokenizer.eos_token_id
     turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}]
     try:
-        text = tokenizer.apply_chat_template(turn, tokenize=False)
+        text = apply_template(tokenizer, turn)
     except Exception:  # noqa: BLE001 (a template that renders no such turn: fall back to EOS)
         return eos
     after = text.split(_MARK, 1)[1].lstrip() if _MARK in text else ""
@@ -272,14 +297,14 @@ def _reply_tail(prompt: str, whole: str) -> str | None:
 
 
 def _probe_texts(tokenizer) -> tuple[str, list[int]]:
-    """The probe prompt's text and ids, rendered again when the template or the date it may print changes."""
+    """The probe prompt's text and ids, rendered again when the template changes."""
     template = chat_template(tokenizer)
 
     def probe() -> tuple[str, list[int]]:
         text = _chat_text(tokenizer, _PROBE, "the probe prompt") if template else _plain_prompt(_PROBE, None)
         return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    return _probed("probe prompt", tokenizer, (template, date.today()), probe)  # gpt-oss, Llama 3.2 print the date
+    return _probed("probe prompt", tokenizer, (template,), probe)
 
 
 def _continuation(tokenizer, response: str) -> tuple[str, str] | None:
@@ -288,7 +313,7 @@ def _continuation(tokenizer, response: str) -> tuple[str, str] | None:
     prompt, _ = _probe_texts(tokenizer)
     if chat_template(tokenizer):
         try:
-            whole = tokenizer.apply_chat_template([*_PROBE, {"role": "assistant", "content": response}], tokenize=False)
+            whole = apply_template(tokenizer, [*_PROBE, {"role": "assistant", "content": response}])
         except Exception:  # noqa: BLE001 (a template that renders no finished assistant turn)
             return None
     else:
@@ -324,7 +349,7 @@ def reply_header(tokenizer) -> str:
         return found[1].split(_MARK, 1)[0].strip() if found and _MARK in found[1] else ""
 
     template = chat_template(tokenizer)
-    return _probed("reply header", tokenizer, (template, date.today()), probe) if template else ""
+    return _probed("reply header", tokenizer, (template,), probe) if template else ""
 
 
 def reply_content(tokenizer, text: str) -> str:
