@@ -749,6 +749,43 @@ def test_the_plain_layout_puts_the_instruction_first_then_the_pairs_system_messa
     )
 
 
+LAST_SYSTEM = (  # DeepSeek-R1-Distill: the last system message wins, written before the turns
+    "{% set ns = namespace(system='') %}{% for m in messages if m['role'] == 'system' %}"
+    "{% set ns.system = m['content'] %}{% endfor %}{{ ns.system }}{% for m in messages if m['role'] != 'system' %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+FIRST_SYSTEM = (  # gpt-oss: messages[0], when a system message, becomes the developer message; later ones are skipped
+    "{% if messages[0]['role'] == 'system' %}<|im_start|>developer\n{{ messages[0]['content'] }}<|im_end|>\n"
+    "{% endif %}{% for m in messages if m['role'] != 'system' %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "instructed"),
+    [
+        (ONE_SYSTEM, f"[INST] {POS}\n\nbe brief .\n\n{QUERY} [/INST]"),
+        (LAST_SYSTEM, f"{POS}\n\nbe brief .<|im_start|>user\n{QUERY}<|im_end|>\n<|im_start|>assistant\n"),
+        (FIRST_SYSTEM, f"<|im_start|>developer\n{POS}\n\nbe brief .<|im_end|>\n<|im_start|>user\n{QUERY}<|im_end|>\n"),
+        (USER_ONLY, f"<|im_start|>user\n{POS}\n\n{QUERY}<|im_end|>\n<|im_start|>assistant\n"),
+        (CHATML, f"<|im_start|>system\n{POS}<|im_end|>\n<|im_start|>system\nbe brief .<|im_end|>\n"),
+    ],
+    ids=["refuses-a-second", "keeps-the-last", "keeps-the-first", "drops-system", "keeps-both"],
+)
+def test_an_instruction_and_a_pairs_own_system_message_are_both_kept_whatever_the_template_keeps(template, instructed):
+    """A template that writes one system message silently loses one of two; the instruction then heads the pair's
+    own (or, where no system message is written, the first user turn), and p+ and p- still differ."""
+    tok = byte_bpe(chat_template=template)
+    prompt = [{"role": "system", "content": "be brief ."}, user(QUERY)]
+    v = build_variants(tok, prompt, RESPONSE, {"plain": None, "pos": POS, "neg": NEG}, 512, 64)
+    pos = tok.decode(list(v["pos"].input_ids[: v["pos"].response_start]))
+    assert instructed in pos
+    assert v["pos"].input_ids != v["neg"].input_ids != v["plain"].input_ids
+    assert tok.decode(list(v["neg"].input_ids[: v["neg"].response_start])) == pos.replace(POS, NEG)
+
+
 def test_a_reply_that_only_mentions_the_closing_think_tag_keeps_its_text():
     from rahf.stimuli import reply_content
 

@@ -8,7 +8,8 @@ between prompt and response, a reply starts as the template writes it, and every
 instruction, preferred instruction, dispreferred instruction) carries identical response token ids. Long
 prompts lose their oldest turns and then the beginning of the first kept message, cut between characters;
 the instruction and the assistant tag are always kept, and the query is cut by the same amount for every
-variant. A template that refuses or drops a system message gets the instruction in the first user turn.
+variant. A template that writes one system message gets the instruction at the head of the pair's own, and one
+that refuses or drops system messages gets it in the first user turn.
 Models are saved with the plain template written as a chat template (`plain_chat_template`), which rahf reads as
 no template.
 """
@@ -184,6 +185,32 @@ def _renders_system(tokenizer) -> bool:
     return _probed("renders system", tokenizer, (tokenizer.chat_template,), probe)
 
 
+def _keeps_systems(tokenizer) -> bool:
+    """Whether the chat template writes each of two leading system messages: Mistral refuses a second one,
+    DeepSeek-R1 keeps only the last and gpt-oss only the first."""
+
+    def probe() -> bool:
+        twice = [{"role": "system", "content": f"{_SYSTEM_PROBE}-{k}"} for k in (1, 2)]
+        try:
+            text = _chat_text(tokenizer, [*twice, *_PROBE], "the probe prompt")
+        except DataError:
+            return False
+        return all(m["content"] in text for m in twice)
+
+    return _probed("keeps systems", tokenizer, (tokenizer.chat_template,), probe)
+
+
+def _instructed(tokenizer, msgs: list[Message], system: str) -> list[Message]:
+    """`msgs` with the instruction `system` where the chat template writes it: a system message of its own before
+    the pair's; at the head of the pair's own system message where the template writes only one; at the head of
+    the first user turn where it writes none."""
+    own = next((i for i, m in enumerate(msgs) if m["role"] == "system"), None)
+    if _renders_system(tokenizer) and (own is None or _keeps_systems(tokenizer)):
+        return [{"role": "system", "content": system}, *msgs]
+    at = own if _renders_system(tokenizer) else next((i for i, m in enumerate(msgs) if m["role"] == "user"), 0)
+    return [*msgs[:at], {**msgs[at], "content": f"{system}\n\n{msgs[at]['content']}"}, *msgs[at + 1 :]]
+
+
 def _chat_text(tokenizer, messages: Sequence[Message], where: str) -> str:
     """The chat template's text for `messages` plus the assistant tag; a template that refuses them raises DataError."""
     try:
@@ -207,15 +234,7 @@ def render_prompt(
     if chat_template(tokenizer):
         msgs = list(messages)
         where = source or f"the prompt beginning {msgs[0]['content'][:40]!r}"
-        text = None
-        if system and _renders_system(tokenizer):
-            try:
-                text = _chat_text(tokenizer, [{"role": "system", "content": system}, *msgs], where)
-            except DataError:  # one system message allowed (Mistral, Llama 2), and the pair brings its own
-                pass
-        if system and text is None:  # the template refuses or drops a system role: fold it into the first turn
-            msgs = [{**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}, *msgs[1:]]
-        text = text or _chat_text(tokenizer, msgs, where)
+        text = _chat_text(tokenizer, _instructed(tokenizer, msgs, system) if system else msgs, where)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = _plain_prompt(messages, system)
     return _prepended_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
