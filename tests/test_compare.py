@@ -452,6 +452,22 @@ def test_compare_and_stage_errors_are_one_line_exit_2(tmp_path, tiny_model_dir, 
     }
     assert main(["compare", _yaml(tmp_path / "e.yaml", bad)]) == 2
     assert "compare.validation: required to choose" in capsys.readouterr().err
+    # choosing layers and alpha on the judged prompts: the same file, or one that shares a prompt with it
+    lines = pairs_file.read_text().splitlines()
+    others = [
+        json.dumps(json.loads(line) | {"prompt": f"{k} {json.loads(line)['prompt']}"})
+        for k, line in enumerate(lines[:3])
+    ]
+    (tmp_path / "val.jsonl").write_text("\n".join([*others, lines[-1]]) + "\n")
+    for validation, shared in (
+        (pairs_file, f"{len(lines)} of its {len(lines)}"),
+        (tmp_path / "val.jsonl", "1 of its 4"),
+    ):
+        bad["compare"]["validation"] = str(validation)
+        assert main(["compare", _yaml(tmp_path / "g.yaml", bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"compare.validation: {shared} prompts are also in evaluate.pairs" in err
+    assert not (tmp_path / "out").exists()
     bad = settings | {"compare": {"overrides": {"scit": {"compare": {"seeds": [3]}}}}}
     assert main(["compare", _yaml(tmp_path / "f.yaml", bad)]) == 2
     assert "compare.overrides.scit.compare: only layer_sets and alphas" in capsys.readouterr().err

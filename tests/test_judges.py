@@ -149,6 +149,16 @@ def test_a_reward_model_judge_reads_each_distinct_text_once(reward_model):
     assert again == pytest.approx([fresh[2], fresh[3], fresh[0]], abs=1e-5)
 
 
+def test_a_reply_equal_to_the_chosen_one_ties_with_the_reward_model_judge_whatever_the_batches(reward_model):
+    """Replies and chosen replies are scored in one list, so a reply and its copy would sit in batches padded to
+    other widths, and float rounding could turn their tie into a win or a loss."""
+    judge = RewardModelJudge(*reward_model, batch_size=2)
+    replies = [REPLIES[3], BEST, "of course !", WORST, MIDDLE]
+    chosen = [REPLIES[3], WORST, "of course !", WORST, BEST]
+    verdicts = judge.compare_many([PROMPT] * len(replies), replies, chosen)
+    assert [v for v, a, b in zip(verdicts, replies, chosen) if a == b] == [0.5, 0.5, 0.5]
+
+
 def test_reward_model_compare_follows_score_differences(reward_model):
     judge = RewardModelJudge(*reward_model)
     scores = dict(zip(REPLIES, judge.score_many([PROMPT] * len(REPLIES), REPLIES)))

@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,22 @@ def candidates(cfg: RahfConfig) -> list[tuple[list[int], float]]:
     return [(layers, alpha) for layers in layer_sets for alpha in (cfg.compare.alphas or [cfg.alpha])]
 
 
+def _prompt_key(pair: PreferencePair) -> str:
+    return json.dumps(list(pair.prompt), sort_keys=True)
+
+
+def check_disjoint(validation: Sequence[PreferencePair], judged: Sequence[PreferencePair]) -> None:
+    """Layers and alpha are chosen on `compare.validation`, never on the prompts the methods are judged on."""
+    test = {_prompt_key(p) for p in judged}
+    shared = [p for p in validation if _prompt_key(p) in test]
+    if shared:
+        raise ConfigError(
+            f"compare.validation: {len(shared)} of its {len(validation)} prompts are also in evaluate.pairs (the "
+            f"first: {shared[0].source}), so layers and alpha would be chosen on the prompts the methods are judged "
+            "on; give validation pairs that share no prompt with evaluate.pairs"
+        )
+
+
 def check_compare(cfg: RahfConfig) -> None:
     """Problems a compare run would hit late, reported before any training."""
     if not cfg.evaluate.pairs:
@@ -76,9 +93,9 @@ def check_compare(cfg: RahfConfig) -> None:
     tuned = [with_overrides(cfg, o, f"compare.overrides.{m}.") for m, o in cfg.compare.overrides.items()]
     if any(len(candidates(c)) > 1 for c in [cfg, *tuned]) and not cfg.compare.validation:
         raise ConfigError("compare.validation: required to choose among several compare.layer_sets/alphas")
-    load_pairs(cfg.evaluate.pairs)
+    judged = load_pairs(cfg.evaluate.pairs)[0]
     if cfg.compare.validation:
-        load_pairs(cfg.compare.validation)
+        check_disjoint(load_pairs(cfg.compare.validation)[0], judged)
     from .evaluate import check_judge, check_reward_model
 
     check_judge(cfg, [cfg.evaluate.pairs, *([cfg.compare.validation] if cfg.compare.validation else [])])
