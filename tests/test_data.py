@@ -197,8 +197,18 @@ def test_trl_conversational_implicit_prompt(tmp_path):
 def test_trl_conversational_non_assistant_reply_is_an_error(tmp_path):
     record = {"prompt": [user("Hi")], "chosen": [assistant("a"), user("b")], "rejected": [assistant("c")]}
     path = write_jsonl(tmp_path / "c.jsonl", [record])
-    with pytest.raises(DataError, match=r"c\.jsonl:1: field 'chosen' must hold only assistant messages"):
+    with pytest.raises(DataError, match=r"c\.jsonl:1: field 'chosen': a 'user' message follows the reply where"):
         load_pairs(path)
+    record = {"prompt": [user("Hi")], "chosen": [user("b")], "rejected": [assistant("c")]}
+    with pytest.raises(DataError, match=r"c\.jsonl:1: field 'chosen' must hold only assistant messages"):
+        load_pairs(write_jsonl(path, [record]))
+    # implicit prompts: full conversations that part at the first reply and go on
+    record = {
+        "chosen": [user("Hi"), assistant("Hello!"), user("?"), assistant("Yes.")],
+        "rejected": [user("Hi"), assistant("Go."), user("?"), assistant("No.")],
+    }
+    with pytest.raises(DataError, match=r"end both conversations with the assistant message in which they differ"):
+        load_pairs(write_jsonl(path, [record]))
 
 
 def test_ultrafeedback(tmp_path):
@@ -288,6 +298,15 @@ def test_hh_consecutive_turns_by_one_speaker_become_one_message(tmp_path):
     pairs, _ = load_pairs(write_jsonl(tmp_path / "hh.jsonl", [record]))
     assert pairs[0].prompt == (user("Hi\n\nAnyone?"), assistant("Yes.\n\nSorry."), user("Ok"))
     assert (pairs[0].chosen, pairs[0].rejected) == ("Good.", "Bad.")
+
+
+def test_hh_replies_that_part_inside_a_run_of_assistant_turns_start_at_the_runs_first_tag(tmp_path):
+    """The prompt would otherwise end with an assistant message, which no pair may."""
+    prefix = "\n\nHuman: Can you help me?\n\nAssistant: Sure."
+    record = {"chosen": prefix + "\n\nAssistant: What do you need?", "rejected": prefix + "\n\nAssistant: No."}
+    pairs, _ = load_pairs(write_jsonl(tmp_path / "hh.jsonl", [record]))
+    assert pairs[0].prompt == (user("Can you help me?"),)
+    assert (pairs[0].chosen, pairs[0].rejected) == ("Sure.\n\nAssistant: What do you need?", "Sure.\n\nAssistant: No.")
 
 
 # ---------------------------------------------------------------- detection

@@ -173,7 +173,13 @@ def _check_prompt(prompt: list[Message], key: str, src: str, fmt: str) -> tuple[
 
 def _assistant_text(messages: list[Message], key: str, src: str, fmt: str) -> str:
     """Contents of assistant-only reply messages, joined by blank lines and stripped."""
-    for m in messages:
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" and i and messages[0]["role"] == "assistant":  # more turns after the reply
+            raise _error(
+                src, fmt,
+                f"field {key!r}: a {m['role']!r} message follows the reply where the conversations part; a pair "
+                "trains one reply, so end both conversations with the assistant message in which they differ",
+            )  # fmt: skip
         if m["role"] != "assistant":
             raise _error(src, fmt, f"field {key!r} must hold only assistant messages, got role {m['role']!r}")
     return "\n\n".join(m["content"] for m in messages).strip()
@@ -302,6 +308,10 @@ def _parse_hh(record: dict, src: str) -> PreferencePair:
     cut = chosen.rfind(_HH_ASSISTANT, 0, n)
     if cut < 0:
         raise _error(src, fmt, "fields 'chosen' and 'rejected' differ before their first '\\n\\nAssistant:' turn")
+    # in a run of Assistant turns (one message, as `_hh_messages` merges them), the reply starts at the run's first
+    # tag; its later tags stay in the reply as text, as the turns after a reply do
+    while (before := chosen.rfind(_HH_ASSISTANT, 0, cut)) > chosen.rfind("\n\nHuman:", 0, cut):
+        cut = before
     prompt = _check_prompt(_hh_messages(chosen[:cut], src), "chosen", src, fmt)
     end = cut + len(_HH_ASSISTANT)
     return PreferencePair(prompt, chosen[end:].strip(), rejected[end:].strip(), src)
