@@ -108,3 +108,24 @@ def test_a_tokenizer_with_a_chat_template_is_saved_with_it_untouched(tmp_path, v
     assert saved.chat_template == tok.chat_template == chat_template(saved)
     messages = [{"role": "user", "content": "mia asks"}]
     assert saved.apply_chat_template(messages, tokenize=False) == "user : mia asks "
+
+
+def test_a_model_whose_blocks_pass_parallel_streams_is_refused_before_collect_and_when_read():
+    """Gemma 3n's blocks pass [4, batch, sequence, hidden]: no one state per token to read and steer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rahf.errors import ConfigError
+    from rahf.models import check_one_stream
+
+    config = AutoConfig.for_model(
+        "gemma3n_text", vocab_size=64, hidden_size=32, intermediate_size=[64] * 2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, laurel_rank=4, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=64, num_kv_shared_layers=0, activation_sparsity_pattern=[0.0] * 2,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="gemma3n_text model passes 4 parallel streams of hidden states"):
+        check_one_stream(config)
+    check_one_stream(AutoConfig.for_model("llama", num_hidden_layers=2))  # one stream: accepted
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ConfigError, match=r"layer 1: the block's output has shape \[4, 1, 5, 32\], not \[batch"):
+        forward_capture(model, [1], torch.tensor([[3, 4, 5, 6, 7]]), torch.ones(1, 5, dtype=torch.long))

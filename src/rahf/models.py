@@ -180,6 +180,18 @@ def num_layers(config) -> int:
     raise ConfigError(f"cannot tell the number of layers of model type {config.model_type!r}")
 
 
+def check_one_stream(config) -> None:
+    """Refuse a model whose decoder blocks pass several parallel streams of hidden states ([streams, batch,
+    sequence, hidden]: Gemma 3n's AltUp): it has no one state per token for collect to read and align to steer."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if (streams := getattr(text, "altup_num_inputs", None)) is not None:
+        raise ConfigError(
+            f"model: a {config.model_type} model passes {streams} parallel streams of hidden states between its "
+            "blocks, so collect and align have no one state per token to read and steer; RAHF and LoRRA do not "
+            "support it (the sft, dpo and preferred-sft methods do)"
+        )
+
+
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of any HF causal LM (LLaMA, Mistral, Qwen, GPT-2, GPT-NeoX, ... ; PEFT-wrapped too).
 
@@ -222,6 +234,11 @@ def capture(model: nn.Module, layers: Sequence[int], stop: bool = True) -> Itera
     def make_hook(layer: int):
         def hook(_module, _inputs, output):
             out[layer] = output[0] if isinstance(output, tuple) else output
+            if out[layer].dim() != 3:  # the states of one token, per sequence of the batch: nothing else is read
+                raise ConfigError(
+                    f"layer {layer}: the block's output has shape {list(out[layer].shape)}, not [batch, sequence, "
+                    f"hidden]; rahf cannot read one hidden state per token of a {type(model).__name__}"
+                )
             if stop and layer == last:
                 raise _StopForward
 

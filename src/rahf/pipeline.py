@@ -588,6 +588,11 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
         "reward" in stages and cfg.reward.model is None
     ):  # a stage that reads `model`'s config: a Hub id that cannot be read (misspelt, not cached offline) stops here
         model_num_layers(cfg)
+    if any(s in stages for s in ("collect", "align")):  # they read one hidden state per token
+        from .config import model_config
+        from .models import check_one_stream
+
+        check_one_stream(model_config("model", cfg.model, cfg.revision_of(cfg.model), cfg.trust_remote_code))
     check_model_ids(cfg, stages)
     check_upstream(cfg, [stage] if stage else active_stages(cfg))
     if note := unused_sft_note(cfg, stages):
