@@ -61,6 +61,8 @@ def test_final_model_of_the_step1_baselines(scit_run, dual_run):
         None,
         scit_run.instructions.preferred,
     )
+    hir = pipeline.final_model(variant(scit_run, method="hir"))[2]
+    assert hir.alongside == (scit_run.instructions.dispreferred,)  # its prompts are cut as SCIT cut them
     assert pipeline.final_model(variant(dual_run, method="preferred-sft"))[1] == "preferred"
 
 

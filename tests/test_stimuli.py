@@ -173,6 +173,21 @@ def test_inference_prompt_equals_training_prompt(tokenizer, query, system):
     assert prompt_ids(tokenizer, [user(query)], 20, system) == list(s.input_ids[: s.response_start])
 
 
+def test_hir_prompts_are_cut_as_scit_cut_them_for_both_instructions(tokenizer):
+    """SCIT cuts p+ and p- prompts together, to fit the longer instruction; HIR's inference must cut as training did
+    even where the dispreferred instruction is the longer one."""
+    from rahf.stimuli import Instruction
+
+    short, long = "be kind .", "you are a rude and very unhelpful assistant ."
+    query = [user(" ".join(NAMES[:30]))]
+    trained = build_variants(tokenizer, query, RESPONSE, {"pos": short, "neg": long}, 24, 64)["pos"]
+    hir = Instruction(short, [long])
+    assert hir == short and prompt_ids(tokenizer, query, 24, hir) == list(trained.input_ids[: trained.response_start])
+    assert prompt_ids(tokenizer, query, 24, short) != list(trained.input_ids[: trained.response_start])  # cut alone
+    scored = build_variants(tokenizer, query, RESPONSE, {"x": hir}, 24, 64)["x"]  # as evaluate scores HIR's replies
+    assert scored == trained
+
+
 def test_truncation_keeps_a_leading_system_message_and_drops_the_oldest_turns(tokenizer):
     framing = {"role": "system", "content": "you are rude ."}
     old = [user(" ".join(NAMES[:10])), {"role": "assistant", "content": "of course !"}]

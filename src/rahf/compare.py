@@ -33,6 +33,7 @@ from .artifacts import (
 from .config import ALIASES, RahfConfig, resolved_layers, with_overrides
 from .data import PreferencePair, load_pairs
 from .errors import ConfigError
+from .stimuli import Instruction
 
 DISPLAY = {"scit": "rahf-scit", "dual": "rahf-dual"}  # names in results and reports
 RAHF_LIKE = ("scit", "dual", "lorra")  # methods with collect and align (layers and alpha to choose)
@@ -278,7 +279,9 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
             deployed[method] = (
                 Deployed(inst, "preferred", None)
                 if host == "dual"
-                else Deployed(inst, None, hcfg.instructions.preferred)  # the instruction it was trained with
+                else Deployed(
+                    inst, None, Instruction(hcfg.instructions.preferred, [hcfg.instructions.dispreferred])
+                )  # the instruction it was trained with
             )
         elif method in ("dpo", "rlhf-ppo"):
             mcfg = method_cfg(method, ["instruct"])

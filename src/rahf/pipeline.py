@@ -36,7 +36,7 @@ from .artifacts import (
 from .collect import collected_shards
 from .config import METHOD_STAGES, RahfConfig, flatten, model_num_layers, resolved_layers
 from .errors import ConfigError, LoadError, RahfError, UpstreamError
-from .stimuli import tally
+from .stimuli import Instruction, tally
 
 FOLDERS = {
     "sft": "sft",
@@ -79,7 +79,7 @@ def final_model(cfg: RahfConfig) -> tuple[str, str | None, str | None]:
     if cfg.method == "preferred-sft":
         return instruct, "preferred", None
     if cfg.method == "hir":
-        return instruct, None, cfg.instructions.preferred
+        return instruct, None, Instruction(cfg.instructions.preferred, [cfg.instructions.dispreferred])
     return instruct, None, None  # dpo, rlhf-ppo
 
 

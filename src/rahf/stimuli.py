@@ -466,6 +466,23 @@ def _fit_prompt(
             )
 
 
+class Instruction(str):
+    """An instruction given at inference as SCIT trained with it (HIR): a long prompt is cut to fit `alongside`
+    too, the other instruction SCIT cut its prompts for, so the query loses what it lost in training."""
+
+    alongside: tuple[str, ...] = ()
+
+    def __new__(cls, text: str, alongside: Sequence[str] = ()) -> Instruction:  # noqa: PYI034 (3.10: no Self)
+        made = super().__new__(cls, text)
+        made.alongside = tuple(alongside)
+        return made
+
+
+def _cut_for(systems: Sequence[str | None]) -> list[str | None]:
+    """`systems` and the instructions they were cut alongside in training (`Instruction`), once each."""
+    return list(dict.fromkeys([*systems, *(a for s in systems for a in getattr(s, "alongside", ()))]))
+
+
 def build_variants(
     tokenizer,
     prompt: Sequence[Message],
@@ -485,8 +502,8 @@ def build_variants(
     ids: dict[str | None, list[int]] = {}
     kept = []  # the messages each truncation kept
     if instructed:
-        msgs, rendered = _fit_prompt(tokenizer, prompt, instructed, max_prompt_length, source)
-        ids |= zip(instructed, rendered)
+        msgs, rendered = _fit_prompt(tokenizer, prompt, _cut_for(instructed), max_prompt_length, source)
+        ids |= zip(_cut_for(instructed), rendered)
         kept.append(msgs)
     if None in systems.values():
         msgs, rendered = _fit_prompt(tokenizer, prompt, [None], max_prompt_length, source)
@@ -526,4 +543,4 @@ def prompt_ids(
     source: str | None = None,
 ) -> list[int]:
     """Inference-time prompt ids, truncated like training prompts."""
-    return _fit_prompt(tokenizer, prompt, [system], max_prompt_length, source)[1][0]
+    return _fit_prompt(tokenizer, prompt, _cut_for([system]), max_prompt_length, source)[1][0]
