@@ -151,7 +151,15 @@ def test_checkpoints_of_other_settings_or_with_force_are_discarded(
     assert f"discarding the checkpoints in {saves} (made with other inputs or settings)" in out
     assert "resuming" not in out and last_checkpoint(saves).name == "checkpoint-2"
 
-    pipeline.run_stage(other, "instruct", force=True)
+    with monkeypatch.context() as m:  # a stage command (always forced) resumes an interrupted run of its settings
+        interrupt_at(m, 3)  # step 5, after checkpoint-4
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_stage(other, "instruct", force=True)
+    out = capsys.readouterr().out
+    assert "[rahf] instruct: resuming from" in out and "discarding" not in out
+    assert last_checkpoint(saves).name == "checkpoint-4"
+
+    pipeline.run_stage(other, "instruct", force=True, restart=True)  # `rahf run --force`
     out = capsys.readouterr().out
     assert "(made with --force)" in out and "resuming" not in out
     assert not saves.exists()

@@ -385,23 +385,24 @@ def target_reader(cfg: RahfConfig, layers: list[int], pad_id: int, policy=None):
     return TargetReader(cfg, layers, pad_id, plus, load_stage_model(step1_path(cfg), cfg, adapter="dispreferred"))
 
 
-def run_stage(cfg: RahfConfig, stage: str, force: bool = False) -> Path:
+def run_stage(cfg: RahfConfig, stage: str, force: bool = False, restart: bool = False) -> Path:
     """Run one stage unless its artifact is fresh (or `force`); returns the artifact folder.
 
     A training stage's Trainer checkpoints (`<stage>.train.save_strategy`) go to `<artifact>.checkpoints/` beside
     the artifact, tagged with the stage's fingerprint: a run killed part-way leaves them there, and running the
-    stage again with the same inputs and settings resumes from the newest; any other run discards them.
+    stage again with the same inputs and settings resumes from the newest, forced or not; any other run, or one
+    with `restart` (`rahf run --force`), discards them.
 
     Launched as several processes, process 0 decides and writes the artifact; the others join the stages that split
     their work (`PARALLEL_STAGES`), writing only into a scratch folder, and wait for it through the others.
     """
     if distributed.world_size() > 1 and stage not in PARALLEL_STAGES:
-        distributed.on_main(lambda: _run_stage(cfg, stage, force, together=False))
+        distributed.on_main(lambda: _run_stage(cfg, stage, force, restart, together=False))
         return stage_dir(cfg, stage)
-    return _run_stage(cfg, stage, force, together=distributed.world_size() > 1)
+    return _run_stage(cfg, stage, force, restart, together=distributed.world_size() > 1)
 
 
-def _run_stage(cfg: RahfConfig, stage: str, force: bool, together: bool) -> Path:
+def _run_stage(cfg: RahfConfig, stage: str, force: bool, restart: bool, together: bool) -> Path:
     """`run_stage`; `together`: every process runs the stage's work, process 0 alone writes the artifact."""
     from .training import CHECKPOINTS
 
@@ -409,7 +410,7 @@ def _run_stage(cfg: RahfConfig, stage: str, force: bool, together: bool) -> Path
     out = stage_dir(cfg, stage)
     main = distributed.is_main()
     with output_lock(cfg.output_dir) if main else contextlib.nullcontext():  # a second run stops here
-        plan = _plan(cfg, stage, out, fp, covered, inputs, force) if main else None
+        plan = _plan(cfg, stage, out, fp, covered, inputs, force, restart) if main else None
         if together:
             plan = distributed.share(plan)
         if plan is None:
@@ -452,7 +453,9 @@ def _run_stage(cfg: RahfConfig, stage: str, force: bool, together: bool) -> Path
         return out
 
 
-def _plan(cfg: RahfConfig, stage: str, out: Path, fp: str, covered: dict, inputs: dict, force: bool) -> dict | None:
+def _plan(
+    cfg: RahfConfig, stage: str, out: Path, fp: str, covered: dict, inputs: dict, force: bool, restart: bool
+) -> dict | None:
     """None when `stage`'s artifact is fresh; otherwise what running it needs: its checkpoint folder (made or kept
     here) and the manifest's note of what it resumes from."""
     if not force and _current(out, fp):
@@ -461,7 +464,7 @@ def _plan(cfg: RahfConfig, stage: str, out: Path, fp: str, covered: dict, inputs
     if out.exists() and not force:
         print(f"[rahf] {stage}: {out} {_why_stale(out, covered, inputs)}; recomputing", flush=True)
     print(f"[rahf] {stage}: running -> {out}", flush=True)
-    saves = _checkpoint_folder(cfg, stage, fp, force)
+    saves = _checkpoint_folder(cfg, stage, fp, restart)
     extra: dict = {}
     if saves is not None and (resumed := resume_points(saves)):  # `seconds` then counts this run's part only
         extra["resumed_from"] = {str(c.relative_to(saves)): step for c, step, _ in resumed}
@@ -496,7 +499,7 @@ def checkpoint_folder(cfg: RahfConfig, stage: str) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
-def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, force: bool) -> Path | None:
+def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, restart: bool) -> Path | None:
     """The checkpoint folder of a training stage about to run: the one an interrupted run with this fingerprint
     left (any other is removed), or a new one, tagged with the fingerprint before training (so that a killed
     process leaves it tagged), when the stage's Trainer saves checkpoints (collect always keeps its shards); None
@@ -507,10 +510,10 @@ def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, force: bool) -> Pat
     processes = distributed.world_size()  # the batch of a step, and collect's shards, depend on it
     tag = _checkpoint_tag(saves)
     made_by = tag.get("processes", 1)
-    if saves.exists() and (force or tag.get("fingerprint") != fp or made_by != processes):
+    if saves.exists() and (restart or tag.get("fingerprint") != fp or made_by != processes):
         if _kept_work(saves):
-            why = "--force" if force else "other inputs or settings"
-            if not force and tag.get("fingerprint") == fp:
+            why = "--force" if restart else "other inputs or settings"
+            if not restart and tag.get("fingerprint") == fp:
                 why = f"{made_by} process{'es' * (made_by != 1)}, and this run has {processes}"
             print(f"[rahf] {stage}: discarding the checkpoints in {saves} (made with {why})", flush=True)
         shutil.rmtree(saves)
@@ -841,7 +844,7 @@ def run(cfg: RahfConfig, force: bool = False) -> None:
         print(f"[rahf] method {cfg.method} has no {', '.join(skipped)} stage; skipping", flush=True)
     with output_lock(cfg.output_dir) if distributed.is_main() else contextlib.nullcontext():  # for the whole run
         for stage in active_stages(cfg):
-            run_stage(cfg, stage, force=force)
+            run_stage(cfg, stage, force=force, restart=force)
 
 
 def _sft(cfg: RahfConfig, out: Path) -> dict:
