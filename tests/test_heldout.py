@@ -237,13 +237,17 @@ def test_how_often_a_stage_evaluates_changes_neither_weights_nor_fingerprints(sc
     assert fp_often == fp
     assert all(torch.equal(never[k], often[k]) for k in never)
     best = {"load_best_model_at_end": True, "save_strategy": "steps", "save_steps": 0.1}
-    assert (
-        pipeline.stage_fingerprint(
-            load_config(None, scit_heldout.to_dict() | {"align": scit_heldout.to_dict()["align"] | {"train": best}}),
-            "align",
+
+    def fp_of(train: dict) -> str:
+        base = scit_heldout.to_dict()
+        return pipeline.stage_fingerprint(
+            load_config(None, base | {"align": base["align"] | {"train": train}}), "align"
         )[0]
-        != pipeline.stage_fingerprint(scit_heldout, "align")[0]
-    )
+
+    assert fp_of(best) != pipeline.stage_fingerprint(scit_heldout, "align")[0]
+    # with the best model kept, which steps are saved (and evaluated) decides the weights; logging does not
+    assert fp_of(best | {"save_steps": 0.2}) != fp_of(best)
+    assert fp_of(best | {"logging_steps": 7}) == fp_of(best)
 
 
 def test_sft_leaves_out_sft_path_examples_that_repeat_held_out_pairs(tiny_model_dir, pairs_file, tmp_path, capsys):

@@ -322,6 +322,10 @@ NEUTRAL_EVAL_KEYS = frozenset(
 )  # fmt: skip
 
 
+# Of NEUTRAL_TRAIN_KEYS, those that decide which checkpoints `load_best_model_at_end` can pick from
+BEST_PICKING_KEYS = frozenset({"save_strategy", "save_steps"})
+
+
 def _current(path: Path, fp: str) -> bool:
     """`path` holds a finished artifact for fingerprint `fp`: its manifest's, or, for one made before the settings
     of NEUTRAL_TRAIN_KEYS left fingerprints, the one its recorded settings and inputs give without them."""
@@ -337,14 +341,16 @@ def _current(path: Path, fp: str) -> bool:
 
 
 def results_only(covered: dict) -> dict:
-    """`covered` without the settings of NEUTRAL_TRAIN_KEYS (and, unless the best model is kept, NEUTRAL_EVAL_KEYS)
-    in its `*.train` mappings, nor an adapter dropout that training switches off (PPO's always, DPO's unless
+    """`covered` without the settings of NEUTRAL_TRAIN_KEYS and NEUTRAL_EVAL_KEYS in its `*.train` mappings (with
+    `load_best_model_at_end`, which checkpoint is kept depends on both: then only NEUTRAL_TRAIN_KEYS but
+    BEST_PICKING_KEYS), nor an adapter dropout that training switches off (PPO's always, DPO's unless
     `dpo.train.disable_dropout: false`)."""
     out = dict(covered)
     for section, value in covered.items():
         if isinstance(value, dict) and isinstance(value.get("train"), dict):
-            best = value["train"].get("load_best_model_at_end")  # then when it evaluates picks the weights kept
-            neutral = NEUTRAL_TRAIN_KEYS | (set() if best else NEUTRAL_EVAL_KEYS)
+            # with the best model kept, when the stage evaluates and saves picks the weights it ends with
+            best = value["train"].get("load_best_model_at_end")
+            neutral = NEUTRAL_TRAIN_KEYS - BEST_PICKING_KEYS if best else NEUTRAL_TRAIN_KEYS | NEUTRAL_EVAL_KEYS
             train = {k: v for k, v in value["train"].items() if k not in neutral}
             out[section] = value | {"train": train}
     for section in ("dpo", "ppo"):
