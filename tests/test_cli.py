@@ -630,3 +630,9 @@ def test_a_stage_command_without_the_method_its_upstream_was_made_for_says_which
     assert capsys.readouterr().out.startswith(
         "[rahf] note: align.train.gradient_checkpointing: transformers 5 calls it activation_checkpointing"
     )
+
+
+def test_demo_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "f.txt").write_text("")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "f.txt")]) == 2
+    assert "--out: " in capsys.readouterr().err and (tmp_path / "f.txt").read_text() == ""

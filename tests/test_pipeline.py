@@ -298,6 +298,8 @@ def test_revisions_pin_a_hub_reward_model_for_judging_and_fingerprints(
         ({"org/other": "v2"}, "revisions.org/other: no model key of this config names org/other"),
         ({"org/rm": 3}, "revisions.org/rm: expected str"),
         ("v2", "revisions: expected a mapping"),
+        ({123: "v2"}, "revisions.123: a model id must be a string"),
+        ({None: "v2"}, "revisions.None: a model id must be a string"),
     ],
 )
 def test_revisions_are_refused_where_they_cannot_apply(tiny_model_dir, pairs_file, tmp_path, revisions, message):
@@ -1240,6 +1242,11 @@ def test_an_output_folder_that_cannot_be_made_is_a_user_error(tmp_path):
     (tmp_path / "file").write_text("")
     message = r"^output_dir: cannot create .*file/run .*; choose another output_dir"
     with pytest.raises(RahfError, match=message), atomic_dir(tmp_path / "file" / "run" / "collect", "collect", "0", {}):
+        pass
+    from rahf.artifacts import output_lock
+
+    message = r"^output_dir: cannot write to .*file/run \(Not a directory\); choose another output_dir"
+    with pytest.raises(RahfError, match=message), output_lock(tmp_path / "file" / "run"):  # the run's lock comes first
         pass
 
 

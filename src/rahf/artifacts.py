@@ -354,8 +354,11 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
         except ImportError:
             yield
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = (folder / ".rahf.lock").open("a+")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = (folder / ".rahf.lock").open("a+")
+        except OSError as e:  # a read-only or virtual file system (/proc), a file where the folder should be
+            raise RahfError(f"output_dir: cannot write to {folder} ({e.strerror}); choose another output_dir") from None
         try:
             _flock_soon(handle, fcntl)
         except BlockingIOError:

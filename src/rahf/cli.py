@@ -148,6 +148,8 @@ def _cmd_data_check(args) -> None:
 def _cmd_demo(args) -> None:
     from .demo.run import run_demo
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise RahfError(f"--out: {args.out} is a file; give a folder (it is made when missing)")
     run_demo(Path(args.out), quick=args.quick, label_noise=args.label_noise, seed=args.seed)
 
 

@@ -1123,6 +1123,8 @@ def _check_revisions(cfg: RahfConfig) -> None:
     named = {str(get_dotted(cfg, key)) for key in MODEL_KEYS if get_dotted(cfg, key)}
     for repo, rev in cfg.revisions.items():
         where = f"revisions.{repo}"
+        if not isinstance(repo, str):  # YAML reads 123, null, yes as other types
+            raise ConfigError(f"{where}: a model id must be a string (org/name); quote it")
         if not str(rev).strip():
             raise ConfigError(
                 f"{where}: empty; give a branch, tag or commit, or remove the entry for the default branch"
