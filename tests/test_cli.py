@@ -636,3 +636,14 @@ def test_demo_refuses_an_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "f.txt").write_text("")
     assert main(["demo", "--quick", "--out", str(tmp_path / "f.txt")]) == 2
     assert "--out: " in capsys.readouterr().err and (tmp_path / "f.txt").read_text() == ""
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "instruct"])
+def test_a_stage_command_outside_stages_without_data_path_names_the_key(tiny_model_dir, tmp_path, capsys, stage):
+    settings = {"model": str(tiny_model_dir), "output_dir": str(tmp_path / "out"), "stages": ["generate"]}
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    generate = {"prompts": "p.jsonl", "model": str(tiny_model_dir)}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(settings | {"generate": generate}))
+    assert main([stage, str(tmp_path / "c.yaml")]) == 2
+    assert one_line_error(capsys.readouterr().err) == "data.path: required (a preference-pair file or folder)"
+    assert not (tmp_path / "out").exists()

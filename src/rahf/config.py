@@ -12,7 +12,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -1022,16 +1022,10 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
         raise ConfigError(f"stages: repeated stage {repeated[0]}")
     if [s for s in STAGES if s in cfg.stages] != cfg.stages:
         raise ConfigError(f"stages: must be in pipeline order {', '.join(STAGES)}")
-    needs_data = any(s in cfg.stages for s in ("reward", "instruct", "collect", "align")) or (
-        "sft" in cfg.stages and (not cfg.sft.path or bool(cfg.data.eval_size))
-    )
     taken = next(p for p in (Path(cfg.output_dir), *Path(cfg.output_dir).parents) if p.exists())
     if not taken.is_dir():
         raise ConfigError(f"output_dir: {taken} is a file, not a folder; choose another output_dir")
-    if needs_data:
-        if not cfg.data.path:
-            raise ConfigError("data.path: required (a preference-pair file or folder)")
-        _check_file("data.path", cfg.data.path)
+    check_data_path(cfg, cfg.stages)
     for key, value in (
         ("sft.path", cfg.sft.path),
         ("generate.prompts", cfg.generate.prompts),
@@ -1116,6 +1110,16 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
         bad = [layer for layer in cfg.layers if not 1 <= layer <= n]
         if bad:
             raise ConfigError(f"layers: {bad} out of range; the model has layers 1..{n}")
+
+
+def check_data_path(cfg: RahfConfig, stages: Sequence[str]) -> None:
+    """`data.path` is set and readable when `stages` read it."""
+    if any(s in stages for s in ("reward", "instruct", "collect", "align")) or (
+        "sft" in stages and (not cfg.sft.path or bool(cfg.data.eval_size))
+    ):
+        if not cfg.data.path:
+            raise ConfigError("data.path: required (a preference-pair file or folder)")
+        _check_file("data.path", cfg.data.path)
 
 
 def _check_revisions(cfg: RahfConfig) -> None:

@@ -34,7 +34,7 @@ from .artifacts import (
     write_text_atomic,
 )
 from .collect import collected_shards
-from .config import METHOD_STAGES, RahfConfig, flatten, model_num_layers, resolved_layers
+from .config import METHOD_STAGES, RahfConfig, check_data_path, flatten, model_num_layers, resolved_layers
 from .errors import ConfigError, LoadError, RahfError, UpstreamError
 from .stimuli import Instruction, tally
 
@@ -588,6 +588,7 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
 
     check_model_folders(cfg)
     stages = [*active_stages(cfg), *([stage] if stage else [])]
+    check_data_path(cfg, stages)  # for a stage command not in `stages` too
     if distributed.world_size() > 1 and cfg.method == "rlhf-ppo" and _will_train_ppo(cfg, stage):
         raise ConfigError(
             f"method rlhf-ppo: its PPO training runs in one process, and this launch started {distributed.world_size()}; "
