@@ -429,6 +429,15 @@ def test_overrides_parse_values_as_yaml():
     }
 
 
+def test_a_mapping_override_merges_with_earlier_ones_in_either_order():
+    dotted, mapping = "instruct.train.learning_rate=0.5", "instruct.train={num_train_epochs: 3, learning_rate: 0.1}"
+    assert parse_overrides([dotted, mapping]) == {"instruct": {"train": {"learning_rate": 0.1, "num_train_epochs": 3}}}
+    assert parse_overrides([mapping, dotted]) == {"instruct": {"train": {"learning_rate": 0.5, "num_train_epochs": 3}}}
+    assert (
+        parse_overrides([dotted, "instruct.train={num_train_epochs: 3}"])["instruct"]["train"]["learning_rate"] == 0.5
+    )
+
+
 @pytest.mark.parametrize("item", ["alpha=[1", "layers={a: 1", "instructions.preferred=a: b: c"])
 def test_override_that_is_not_valid_yaml(item):
     with pytest.raises(ConfigError) as e:

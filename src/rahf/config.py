@@ -373,13 +373,16 @@ def _coerce(hint, value, key: str):
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set `dotted` in `tree`; a mapping merges into one already there, as overrides merge into the YAML's, so
+    `a.b=1 'a={c: 2}'` keeps b in either order."""
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {k} is not a mapping")
-    node[keys[-1]] = value
+    last = keys[-1]
+    node[last] = _merge(node[last], value) if isinstance(value, dict) and isinstance(node.get(last), dict) else value
 
 
 class _StrictLoader(yaml.SafeLoader):
