@@ -190,6 +190,30 @@ def test_numbers_in_train_mappings_reach_the_trainer_as_numbers(base, tmp_path):
     assert args.learning_rate == 1e-3
 
 
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"optim": "adamw_bnb_8bit"}, "align.train.optim: adamw_bnb_8bit: You need to install `bitsandbytes`"),
+        (
+            {"lr_scheduler_type": "cosine_with_min_lr"},
+            "align.train.lr_scheduler_type: cosine_with_min_lr: One of min_lr",
+        ),
+        ({"use_liger_kernel": True}, "align.train.use_liger_kernel: liger-kernel is not installed here"),
+        ({"fsdp": "full_shard"}, "align.train.fsdp: FSDP shards a model over several processes, and this run is one"),
+    ],
+)
+def test_optimizers_schedules_and_kernels_the_stage_could_not_make_are_refused_up_front(
+    base, monkeypatch, train, message
+):
+    from transformers import utils
+
+    monkeypatch.setattr(utils, "is_liger_kernel_available", lambda: False)
+    monkeypatch.setattr("transformers.utils.import_utils.is_bitsandbytes_available", lambda: False, raising=False)
+    assert error_of(None, with_(base, align__train=train)).startswith(message)
+    fine = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}
+    load_config(None, with_(base, align__train=fine))
+
+
 def test_report_to_names_an_installed_logger(base, monkeypatch):
     """Each logger by its own check: flyte, which `report_to: all` never picks, is accepted when installed."""
     from transformers.integrations import integration_utils as tools

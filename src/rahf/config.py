@@ -784,11 +784,47 @@ def _build_arguments(section: str, values: dict[str, Any], cls) -> None:
         with warnings.catch_warnings(), alone():
             warnings.simplefilter("ignore")
             built = {k: v for k, v in values.items() if k != "ddp_backend"}  # the launch's group's (distributed.setup)
-            cls(**{"report_to": "none", "save_strategy": "no"} | built | {"use_cpu": True})
+            args = cls(**{"report_to": "none", "save_strategy": "no"} | built | {"use_cpu": True})
     except (ValueError, TypeError) as e:
         problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         named = next((k for k in values if re.search(rf"\b{re.escape(k)}\b", problem)), None)
         raise ConfigError(f"{section}.train{'.' + named if named else ''}: {problem}") from None
+    _check_optimization(section, args)
+    from .distributed import world_size
+
+    if args.fsdp and world_size() == 1:
+        raise ConfigError(
+            f"{section}.train.fsdp: FSDP shards a model over several processes, and this run is one; start it with "
+            "`accelerate launch` or `torchrun`, or drop fsdp"
+        )
+
+
+def _check_optimization(section: str, args) -> None:
+    """The optimizer and learning-rate schedule `args` name, made as the Trainer makes them (on one stand-in
+    parameter), and the Liger kernels: a package that is not installed, or a schedule without the settings it needs,
+    would otherwise stop the stage after the earlier ones have trained."""
+    import torch
+    from transformers import Trainer, get_scheduler
+    from transformers.utils import is_liger_kernel_available
+
+    if args.use_liger_kernel and not is_liger_kernel_available():
+        raise ConfigError(
+            f"{section}.train.use_liger_kernel: liger-kernel is not installed here; install it or drop it"
+        )
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except ImportError as e:  # bitsandbytes, galore-torch, torchao, ...: the optimizers that need a model pass here
+        optim = getattr(args.optim, "value", args.optim)
+        raise ConfigError(f"{section}.train.optim: {optim}: {' '.join(str(e).split())}") from None
+    except ValueError:
+        pass  # GaLore, APOLLO and LOMO need the model itself: left to the stage
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        get_scheduler(args.lr_scheduler_type, optimizer, 1, 10, args.lr_scheduler_kwargs or None)
+    except (ValueError, TypeError) as e:
+        problem = " ".join(str(e).split()) or type(e).__name__
+        schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        raise ConfigError(f"{section}.train.lr_scheduler_type: {schedule}: {problem}") from None
 
 
 def _check_train(cfg: RahfConfig) -> None:
