@@ -182,11 +182,18 @@ def test_numbers_in_train_mappings_reach_the_trainer_as_numbers(base, tmp_path):
 
     from rahf.training import training_args
 
-    override = parse_overrides(["align.train.lr_scheduler_kwargs={min_lr: 1e-5, note: 1e-5x}"])
+    override = parse_overrides(["align.train.lr_scheduler_kwargs={min_lr: 1e-5, num_cycles: 1e-5x}"])
     assert override["align"]["train"]["lr_scheduler_kwargs"]["min_lr"] == "1e-5"  # as YAML 1.1 reads it
-    cfg = load_config(None, with_(base, align__train=override["align"]["train"] | {"learning_rate": "1e-3"}))
+    train = override["align"]["train"] | {"learning_rate": "1e-3", "lr_scheduler_type": "cosine_with_min_lr"}
+    cfg = load_config(None, with_(base, align__train=train | {"lr_scheduler_kwargs": {"min_lr": "1e-5"}}))
     args = training_args(TrainingArguments, cfg, tmp_path, cfg.align.train)
-    assert args.lr_scheduler_kwargs == {"min_lr": 1e-5, "note": "1e-5x"}
+    assert args.lr_scheduler_kwargs == {"min_lr": 1e-5}
+    from rahf.config import train_arguments
+
+    assert train_arguments("align", train, TrainingArguments)["lr_scheduler_kwargs"] == {
+        "min_lr": 1e-5,
+        "num_cycles": "1e-5x",
+    }
     assert args.learning_rate == 1e-3
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .collect import Example, TargetReader, pad_batch, window_end
+from .config import STAGE_SCHEDULES
 from .distributed import is_main
 from .errors import RahfError
 from .models import forward_capture, save_tokenizer
@@ -276,7 +277,7 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> dict[str, fl
     tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code, revision)
     policy = without_dropout(load_policy(cfg))
     # several processes: every adapter weight shapes the target layers, so DDP need not look for unused ones
-    defaults = {"learning_rate": 3e-4, "lr_scheduler_type": "constant", "num_train_epochs": 1}
+    defaults = {"learning_rate": 3e-4, "lr_scheduler_type": STAGE_SCHEDULES["align"], "num_train_epochs": 1}
     defaults["ddp_find_unused_parameters"] = False
     args = training_args(TrainingArguments, cfg, out, cfg.align.train, **defaults)
     torch.manual_seed(args.seed)  # the adapter's random init comes before the Trainer seeds anything

@@ -773,6 +773,10 @@ def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]
     return out
 
 
+# The learning-rate schedule a stage trains with when its `train:` mapping names none (the Trainer's own: linear)
+STAGE_SCHEDULES = {"align": "constant", "dual": "cosine"}  # the authors' step 3 and Dual's two SFTs
+
+
 def _build_arguments(section: str, values: dict[str, Any], cls) -> None:
     """Build `cls` from a checked `train:` mapping as its stage will, so that the library's own rules (step
     combinations, ...) refuse a value now rather than after the earlier stages have trained. The build writes
@@ -846,7 +850,9 @@ def _check_train(cfg: RahfConfig) -> None:
         held_out = bool(cfg.data.eval_size)
         _refuse_unused_train(section, settings.train, scit, scit or section == "align", held_out)
         _check_report_to(section, settings.train.get("report_to"))
-        _build_arguments(section, (EVAL_DEFAULTS if held_out else {}) | settings.train, cls)
+        schedule = STAGE_SCHEDULES.get("dual" if section == "instruct" and not scit else section)
+        stage_defaults = {"lr_scheduler_type": schedule} if schedule else {}
+        _build_arguments(section, stage_defaults | (EVAL_DEFAULTS if held_out else {}) | settings.train, cls)
 
 
 def _check_llm(cfg: RahfConfig) -> None:

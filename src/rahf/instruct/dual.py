@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RahfConfig
+from ..config import STAGE_SCHEDULES, RahfConfig
 from ..data import PreferencePair
 from ..distributed import is_main
 from ..models import load_model, load_tokenizer, save_model, save_tokenizer
@@ -39,7 +39,7 @@ def train_dual(
     defaults = {  # the authors' two SFTs: 3 epochs, cosine schedule
         "learning_rate": step1_learning_rate(cfg.finetune),
         "num_train_epochs": 3,
-        "lr_scheduler_type": "cosine",
+        "lr_scheduler_type": STAGE_SCHEDULES["dual"],
         "max_length": None,
     }
     revision = cfg.revision_of(base)
