@@ -777,6 +777,31 @@ def test_missing_upstream_artifact_is_a_user_error(tiny_model_dir, pairs_file, t
     assert not (tmp_path / "empty" / "collect").exists()
 
 
+def test_the_instruct_fingerprint_covers_what_its_method_reads_and_nothing_else(scit_run):
+    from rahf.compare import variant
+
+    def fp(cfg, **over) -> str:
+        return pipeline.stage_fingerprint(with_overrides(cfg, over), "instruct")[0]
+
+    scit, dpo, dual = scit_run, variant(scit_run, method="dpo"), variant(scit_run, method="dual")
+    assert fp(variant(scit, method="hir")) == fp(scit)  # HIR is SCIT's step-1 model
+    assert fp(scit, instruct={"lora": {"r": 4}}) == fp(scit)  # a full fine-tune trains no adapter
+    assert fp(scit, instruct={"finetune": "full"}) == fp(scit)  # SCIT's default, written out
+    assert fp(scit, instruct={"label_smoothing": 0.1}) != fp(scit)
+    assert fp(scit, instruct={"finetune": "lora", "lora": {"r": 4}}) != fp(scit, instruct={"finetune": "lora"})
+    assert fp(dual, instruct={"label_smoothing": 0.1}) == fp(dual)  # Dual's two SFTs have no contrast
+    assert fp(dual, instruct={"lora": {"r": 4}}) != fp(dual)
+    unread = {"train": {"learning_rate": 0.5}, "label_smoothing": 0.1, "lora": {"r": 4}}
+    assert fp(dpo, instruct=unread) == fp(dpo)  # DPO trains with dpo.*
+    assert fp(dpo, dpo={"beta": 0.2}) != fp(dpo)
+    # an artifact whose manifest records the settings in full (made before) is still fresh
+    path = pipeline.stage_dir(scit, "instruct")
+    recorded = read_manifest(path)["config"] | {"method": "hir"}
+    recorded["instruct"] = recorded["instruct"] | {"lora": {"r": 16}, "finetune": None}  # as earlier manifests hold
+    covered = pipeline.read_only("instruct", pipeline.results_only(recorded))
+    assert covered == pipeline.stage_fingerprint(scit, "instruct")[1]
+
+
 def test_online_align_fingerprint_covers_the_collect_settings_it_reads(scit_run):
     online = with_overrides(scit_run, {"align": {"targets": "online"}})
     fp = pipeline.stage_fingerprint(online, "align")[0]

@@ -132,7 +132,7 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
         return "its manifest is unreadable"
     if gone := lost_files(path):
         return f"files lost, cut short or changed: {', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}"
-    old = flatten(results_only(manifest.get("config", {})))
+    old = flatten(read_only(str(manifest.get("stage")), results_only(manifest.get("config", {}))))
     new = flatten(redacted(json.loads(json.dumps(covered, default=str))))
     keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     made_from = manifest.get("inputs", {})
@@ -296,8 +296,25 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
             covered["reward"] = {"max_length": cfg.reward.max_length}
     else:
         raise RahfError(f"unknown stage {stage!r}")
-    covered = results_only(covered)
+    covered = read_only(stage, results_only(covered))
     return fingerprint({"stage": stage, "config": covered, "inputs": inputs}), covered, inputs
+
+
+def read_only(stage: str, covered: dict) -> dict:
+    """The instruct stage's `covered` settings without those its method does not read, so changing them retrains
+    nothing: HIR trains SCIT's step 1; DPO and PPO read their own sections, not `instruct`; a full fine-tune reads no
+    `instruct.lora`, Dual no `label_smoothing` (the resolved `finetune` stands for `instruct.finetune`). Applied to
+    a manifest's recorded settings as well, so artifacts made before keep their fingerprints."""
+    if stage != "instruct":
+        return covered
+    out = covered | ({"method": "scit"} if covered.get("method") == "hir" else {})
+    if out.get("method") in ("dpo", "rlhf-ppo"):
+        return {k: v for k, v in out.items() if k not in ("instruct", "finetune")}
+    unread = {"finetune"} | ({"lora"} if out.get("finetune") == "full" else set())
+    unread |= set() if out.get("method") == "scit" else {"label_smoothing"}
+    if isinstance(out.get("instruct"), dict):
+        out["instruct"] = {k: v for k, v in out["instruct"].items() if k not in unread}
+    return out
 
 
 # Settings of a `*.train` mapping that change what a trainer logs, shows or checkpoints on the way, or how worker
@@ -337,7 +354,8 @@ def _current(path: Path, fp: str) -> bool:
         return False
     if not isinstance(m.get("config"), dict) or not isinstance(m.get("inputs"), dict) or not files_intact(path):
         return False
-    return fingerprint({"stage": m.get("stage"), "config": results_only(m["config"]), "inputs": m["inputs"]}) == fp
+    config = read_only(str(m.get("stage")), results_only(m["config"]))
+    return fingerprint({"stage": m.get("stage"), "config": config, "inputs": m["inputs"]}) == fp
 
 
 def results_only(covered: dict) -> dict:
