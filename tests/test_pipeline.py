@@ -802,6 +802,24 @@ def test_the_instruct_fingerprint_covers_what_its_method_reads_and_nothing_else(
     assert covered == pipeline.stage_fingerprint(scit, "instruct")[1]
 
 
+def test_a_stale_stage_names_what_changed_apart_from_what_it_now_reads_or_no_longer_reads(scit_run):
+    from rahf.compare import variant
+
+    def status(cfg) -> dict[str, str]:
+        return dict(line.split(maxsplit=1) for line in pipeline.describe(cfg).splitlines())
+
+    online = status(with_overrides(scit_run, {"align": {"targets": "online"}}))["align"]
+    assert online.endswith("(changed: align.targets; now also reads: collect.difference, collect.responses)")
+    dual = status(variant(scit_run, method="dual"))["instruct"]
+    assert dual.endswith(
+        "(changed: finetune, method; now also reads: instruct.lora.alpha, instruct.lora.dropout, instruct.lora.r, "
+        "instruct.lora.target_modules; "
+        "no longer reads: instruct.label_smoothing, instructions.dispreferred, instructions.preferred)"
+    )
+    added = status(with_overrides(scit_run, {"align": {"train": {"max_grad_norm": 0.5}}}))["align"]
+    assert added.endswith("(changed: align.train.max_grad_norm)")  # a train setting given is a change
+
+
 def test_online_align_fingerprint_covers_the_collect_settings_it_reads(scit_run):
     online = with_overrides(scit_run, {"align": {"targets": "online"}})
     fp = pipeline.stage_fingerprint(online, "align")[0]

@@ -134,10 +134,20 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
         return f"files lost, cut short or changed: {', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}"
     old = flatten(read_only(str(manifest.get("stage")), results_only(manifest.get("config", {}))))
     new = flatten(redacted(json.loads(json.dumps(covered, default=str))))
-    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    # a setting on one side only was set or unset where settings are free-form (`*.train`, `revisions`); elsewhere
+    # every setting has a value, so it is one the stage now reads or no longer reads (align's online targets read
+    # collect.*), which came with another change
+    set_or_unset = {k for k in old.keys() ^ new.keys() if ".train." in f".{k}" or k.startswith("revisions.")}
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and (k in old) == (k in new)]
+    keys = sorted([*keys, *set_or_unset])
     made_from = manifest.get("inputs", {})
     keys += [f"{name} contents" for name in sorted(inputs) if name in made_from and made_from[name] != inputs[name]]
-    return f"changed: {', '.join(keys)}" if keys else "its inputs changed"
+    parts = [f"changed: {', '.join(keys)}"] if keys else []
+    if came := sorted(new.keys() - old.keys() - set_or_unset):
+        parts.append(f"now also reads: {', '.join(came)}")
+    if went := sorted(old.keys() - new.keys() - set_or_unset):
+        parts.append(f"no longer reads: {', '.join(went)}")
+    return "; ".join(parts) or "its inputs changed"
 
 
 def _made_with_method(path: Path) -> str | None:
