@@ -182,7 +182,7 @@ def _select(
         logs = json.loads((work / "log_history.json").read_text())
         tokenizer = tokenizer or load_tokenizer(str(work), mcfg.trust_remote_code)
         model = PeftModel.from_pretrained(load_policy(mcfg), str(work)).merge_and_unload().eval()
-        row: dict[str, Any] = {"layers": layers, "alpha": alpha, "final_loss": _last(logs, "train_loss")}
+        row: dict[str, Any] = {"layers": layers, "alpha": alpha, "final_loss": _last(logs, "loss")}
         row["target_fit"] = json.loads((work / "target_fit.json").read_text())
         if validation is not None and len(grid) > 1:
             e = mcfg.evaluate

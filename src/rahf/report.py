@@ -188,7 +188,7 @@ def write_report(results: dict, out: Path) -> Path:
     if selection:
         lines += [f"## Layers and alpha chosen on validation pairs ({run_label})", ""]
         lines += [
-            "| method | layers | alpha | validation win rate | final alignment loss | shift reached per layer |",
+            "| method | layers | alpha | validation win rate | alignment loss at the end | shift reached per layer |",
             "|---|---|---|---|---|---|",
         ]
         for name, sel in selection:
