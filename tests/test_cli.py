@@ -647,3 +647,16 @@ def test_a_stage_command_outside_stages_without_data_path_names_the_key(tiny_mod
     assert main([stage, str(tmp_path / "c.yaml")]) == 2
     assert one_line_error(capsys.readouterr().err) == "data.path: required (a preference-pair file or folder)"
     assert not (tmp_path / "out").exists()
+
+
+def test_fsdp_in_one_process_is_refused_before_training_but_status_reads_the_config(
+    tiny_model_dir, pairs_file, tmp_path, capsys
+):
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit")
+    settings["align"] = settings.get("align", {}) | {"train": {"fsdp": "full_shard"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(settings))
+    assert main(["status", str(tmp_path / "c.yaml")]) == 0
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "c.yaml")]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith("align.train.fsdp: FSDP shards a model over several")
+    assert not (tmp_path / "out" / "instruct").exists()

@@ -206,7 +206,6 @@ def test_numbers_in_train_mappings_reach_the_trainer_as_numbers(base, tmp_path):
             "align.train.lr_scheduler_type: cosine_with_min_lr: One of min_lr",
         ),
         ({"use_liger_kernel": True}, "align.train.use_liger_kernel: liger-kernel is not installed here"),
-        ({"fsdp": "full_shard"}, "align.train.fsdp: FSDP shards a model over several processes, and this run is one"),
     ],
 )
 def test_optimizers_schedules_and_kernels_the_stage_could_not_make_are_refused_up_front(

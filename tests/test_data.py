@@ -628,3 +628,30 @@ def test_sft_records_are_checked_and_stripped_like_preference_pairs():
         parse_completion({"prompt": "q", "completion": 3}, "s.jsonl:3")
     with pytest.raises(DataError, match=r"^s\.jsonl:4: a record must be a JSON object, got list"):
         parse_completion(["q", "a"], "s.jsonl:4")
+
+
+def test_a_parquet_file_replaced_in_place_is_read_anew_and_limit_reads_no_more(tmp_path):
+    """`datasets` would cache a parquet file by path and modification time: a copy with the old time read stale."""
+    import os
+
+    import pandas as pd
+
+    path = tmp_path / "pairs.parquet"
+    for chosen in ("good-A", "good-B"):
+        pd.DataFrame([{"prompt": "q", "chosen": chosen, "rejected": "bad"}] * 3).to_parquet(path)
+        os.utime(path, (1_000_000, 1_000_000))
+        assert {p.chosen for p in load_pairs(path)[0]} == {chosen}
+    assert len(load_pairs(path, limit=2)[0]) == 2
+
+
+def test_a_dataset_saved_with_a_format_reads_as_rows(tmp_path):
+    import datasets
+
+    rows = {"prompt": ["q"], "chosen": ["a"], "rejected": ["b"]}
+    datasets.Dataset.from_dict(rows).with_format("numpy").save_to_disk(str(tmp_path / "ds"))
+    assert load_pairs(tmp_path / "ds")[0][0].chosen == "a"
+
+
+def test_a_file_name_too_long_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="cannot be read"):
+        load_pairs(tmp_path / ("x" * 300 + ".jsonl"))

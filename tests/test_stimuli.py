@@ -801,6 +801,40 @@ def test_an_instruction_and_a_pairs_own_system_message_are_both_kept_whatever_th
     assert tok.decode(list(v["neg"].input_ids[: v["neg"].response_start])) == pos.replace(POS, NEG)
 
 
+@pytest.mark.parametrize(
+    ("template", "prompt"),
+    [
+        (LAST_SYSTEM, [{"role": "system", "content": "be brief ."}, {"role": "system", "content": "be kind ."}]),
+        (
+            FIRST_SYSTEM,
+            [user("hi ."), {"role": "assistant", "content": "ok ."}, {"role": "system", "content": "be kind ."}],
+        ),
+    ],
+    ids=["keeps-the-last-of-two", "keeps-a-leading-one-only"],
+)
+def test_the_instruction_goes_where_the_template_keeps_it(template, prompt):
+    tok = byte_bpe(chat_template=template)
+    v = build_variants(tok, [*prompt, user(QUERY)], RESPONSE, {"pos": POS, "neg": NEG}, 512, 64)
+    assert POS in tok.decode(list(v["pos"].input_ids)) and v["pos"].input_ids != v["neg"].input_ids
+
+
+def test_a_tokenizer_with_several_named_chat_templates_renders_with_its_default():
+    tok = byte_bpe(chat_template=None)
+    tok.chat_template = {"default": CHATML, "tool_use": CHATML}
+    ids = render_prompt(tok, [user(QUERY)], POS)
+    assert f"<|im_start|>system\n{POS}<|im_end|>" in tok.decode(ids)
+
+
+def test_the_template_earlier_versions_saved_is_read_as_none(tokenizer):
+    from rahf.stimuli import _SYSTEMS_IN_ORDER, _SYSTEMS_REVERSED, chat_template, plain_chat_template
+
+    tokenizer.chat_template = plain_chat_template(tokenizer).replace(_SYSTEMS_IN_ORDER, _SYSTEMS_REVERSED)
+    try:
+        assert chat_template(tokenizer) is None
+    finally:
+        tokenizer.chat_template = None
+
+
 def test_a_reply_that_only_mentions_the_closing_think_tag_keeps_its_text():
     from rahf.stimuli import reply_content
 

@@ -94,7 +94,7 @@ def check_compare(cfg: RahfConfig) -> None:
     tuned = [with_overrides(cfg, o, f"compare.overrides.{m}.") for m, o in cfg.compare.overrides.items()]
     if any(len(candidates(c)) > 1 for c in [cfg, *tuned]) and not cfg.compare.validation:
         raise ConfigError("compare.validation: required to choose among several compare.layer_sets/alphas")
-    judged = load_pairs(cfg.evaluate.pairs)[0]
+    judged = load_pairs(cfg.evaluate.pairs, limit=cfg.evaluate.limit)[0]  # the pairs compare judges
     if cfg.compare.validation:
         check_disjoint(load_pairs(cfg.compare.validation)[0], judged)
     from .evaluate import check_judge, check_reward_model

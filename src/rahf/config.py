@@ -794,13 +794,6 @@ def _build_arguments(section: str, values: dict[str, Any], cls) -> None:
         named = next((k for k in values if re.search(rf"\b{re.escape(k)}\b", problem)), None)
         raise ConfigError(f"{section}.train{'.' + named if named else ''}: {problem}") from None
     _check_optimization(section, args)
-    from .distributed import world_size
-
-    if args.fsdp and world_size() == 1:
-        raise ConfigError(
-            f"{section}.train.fsdp: FSDP shards a model over several processes, and this run is one; start it with "
-            "`accelerate launch` or `torchrun`, or drop fsdp"
-        )
 
 
 def _check_optimization(section: str, args) -> None:
@@ -820,8 +813,10 @@ def _check_optimization(section: str, args) -> None:
     except ImportError as e:  # bitsandbytes, galore-torch, torchao, ...: the optimizers that need a model pass here
         optim = getattr(args.optim, "value", args.optim)
         raise ConfigError(f"{section}.train.optim: {optim}: {' '.join(str(e).split())}") from None
-    except ValueError:
-        pass  # GaLore, APOLLO and LOMO need the model itself: left to the stage
+    except ValueError as e:  # GaLore, APOLLO and LOMO need the model itself: left to the stage
+        if "install" in str(e).lower():  # grokadamw, anyprecision, ... say so in a ValueError
+            optim = getattr(args.optim, "value", args.optim)
+            raise ConfigError(f"{section}.train.optim: {optim}: {' '.join(str(e).split())}") from None
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     try:
         get_scheduler(args.lr_scheduler_type, optimizer, 1, 10, args.lr_scheduler_kwargs or None)

@@ -463,14 +463,13 @@ def _read_dataset(path: Path, shown: str) -> Iterator[tuple[str, object]]:
             return  # an empty Dataset saved with save_to_disk: no records (datasets cannot load it back)
     except (OSError, ValueError, AttributeError):
         pass  # not a single saved Dataset (a DatasetDict, or no dataset at all): load_from_disk says which
+    if not path.is_dir():
+        yield from _read_parquet(path, shown)
+        return
     try:
-        if path.is_dir():
-            ds = _quiet_datasets(lambda: datasets.load_from_disk(str(path)))
-        else:
-            ds = _quiet_datasets(lambda: datasets.Dataset.from_parquet(str(path)))
+        ds = _quiet_datasets(lambda: datasets.load_from_disk(str(path)))
     except Exception as e:  # noqa: BLE001 (datasets/pyarrow raise many types for unreadable input)
-        kind = "a dataset saved with save_to_disk" if path.is_dir() else "a readable parquet file"
-        raise DataError(f"{shown}: not {kind} ({type(e).__name__}: {e})") from None
+        raise DataError(f"{shown}: not a dataset saved with save_to_disk ({type(e).__name__}: {e})") from None
     if isinstance(ds, datasets.DatasetDict):
         splits = list(ds)
         if "train" in ds:
@@ -479,8 +478,23 @@ def _read_dataset(path: Path, shown: str) -> Iterator[tuple[str, object]]:
             ds = ds[splits[0]]
         else:
             raise DataError(f"{shown}: holds splits {splits} and none is 'train'; save the split to use on its own")
-    for i, record in enumerate(ds):
+    for i, record in enumerate(ds.with_format(None)):  # rows as dicts whatever format it was saved with
         yield f"{shown}:row {i}", record
+
+
+def _read_parquet(path: Path, shown: str) -> Iterator[tuple[str, object]]:
+    """Rows of a parquet file, read batch by batch with pyarrow: `datasets` would first convert the whole file into
+    its cache, which it names by path and modification time only, so a file replaced in place could be read stale."""
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                yield f"{shown}:row {row}", record
+                row += 1
+    except Exception as e:  # noqa: BLE001 (pyarrow raises many types for unreadable input)
+        raise DataError(f"{shown}: not a readable parquet file ({type(e).__name__}: {e})") from None
 
 
 def is_jsonl(path: str | os.PathLike) -> bool:
@@ -493,7 +507,11 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     """(source, record) for every record in the file (or the file an HF URI names), choosing the reader by suffix."""
     shown = os.fspath(path)
     p = Path(local_file(path))
-    if not p.exists():
+    try:
+        found = p.exists()
+    except OSError as e:  # a name too long for the file system
+        raise DataError(f"{shown}: cannot be read ({e.strerror})") from None
+    if not found:
         raise DataError(f"data file not found: {shown}")
     name = p.name.lower()
     if p.is_dir() or name.endswith(".parquet"):

@@ -50,7 +50,7 @@ def download(uri: str) -> Path:
 
     repo_type, repo_id, revision, filename = check_uri(uri)
     try:
-        return Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision))
+        local = Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision))
     # a missing repository, file or revision, a gated or private repository, no network: the Hub library's errors
     # are of many types (not all OSErrors); each becomes one line
     except Exception as e:  # noqa: BLE001
@@ -60,3 +60,6 @@ def download(uri: str) -> Path:
             "(a folder cannot be read: name one file) and the revision, set HF_TOKEN for a private or gated "
             "repository, or run once with network to cache it for HF_HUB_OFFLINE=1"
         ) from None
+    if local.is_dir():  # offline, the Hub library hands back a cached folder instead of refusing it
+        raise DataError(f"{uri}: names a folder in the repository; a data key reads one file: name it")
+    return local

@@ -151,8 +151,9 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
 
 
 def _made_with_method(path: Path) -> str | None:
-    try:
-        return read_manifest(path).get("config", {}).get("method")
+    try:  # the run's own method: `config` records HIR's step 1 as SCIT's (`read_only`)
+        manifest = read_manifest(path)
+        return manifest.get("run_config", {}).get("method") or manifest.get("config", {}).get("method")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -617,6 +618,14 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     check_model_folders(cfg)
     stages = [*active_stages(cfg), *([stage] if stage else [])]
     check_data_path(cfg, stages)  # for a stage command not in `stages` too
+    trains = {"sft": cfg.sft, "instruct": cfg.dpo if cfg.method == "dpo" else cfg.instruct, "reward": cfg.reward}
+    for name, section in (trains | {"align": cfg.align}).items():
+        if name in stages and section.train.get("fsdp") and distributed.world_size() == 1:
+            where = "dpo" if section is cfg.dpo else name
+            raise ConfigError(
+                f"{where}.train.fsdp: FSDP shards a model over several processes, and this run is one; start it with "
+                "`accelerate launch` or `torchrun`, or drop fsdp"
+            )
     if distributed.world_size() > 1 and cfg.method == "rlhf-ppo" and _will_train_ppo(cfg, stage):
         raise ConfigError(
             f"method rlhf-ppo: its PPO training runs in one process, and this launch started {distributed.world_size()}; "

@@ -94,6 +94,8 @@ def _prepended_ids(tokenizer) -> list[int]:
 # `_plain_prompt` in Jinja (system messages first, in their order; then the turns). Without the generation
 # prompt, a conversation whose last turn is the assistant's ends in EOS as training sequences do; any other ends
 # with its last turn's text
+_SYSTEMS_IN_ORDER = "{%- for m in messages if m['role'] == 'system' -%}"
+_SYSTEMS_REVERSED = "{%- for m in messages | reverse if m['role'] == 'system' -%}"  # as saved before: read as ours
 _PLAIN_TEMPLATE = """\
 {%- set ns = namespace(parts=[]) -%}
 {%- for m in messages if m['role'] == 'system' -%}
@@ -139,9 +141,13 @@ def _written_lead(tokenizer) -> str | None:
 
 def chat_template(tokenizer) -> str | None:
     """The chat template prompts are rendered with: the tokenizer's, or None where it has none or has rahf's own
-    `plain_chat_template`, which stands for the plain template, so rahf reads the folders it saved as it trained."""
+    `plain_chat_template` (or the one earlier versions saved, which ordered system messages in reverse), which stands
+    for the plain template, so rahf reads the folders it saved as it trained."""
     template = getattr(tokenizer, "chat_template", None)
-    return None if not template or template == plain_chat_template(tokenizer) else template
+    if not template:
+        return None
+    own = plain_chat_template(tokenizer)
+    return None if own and template in (own, own.replace(_SYSTEMS_IN_ORDER, _SYSTEMS_REVERSED)) else template
 
 
 TEMPLATE_DATE = date(2024, 7, 26)
@@ -164,7 +170,7 @@ def _pinned(template: str) -> str:
 def apply_template(tokenizer, messages: Sequence[Message], **kwargs) -> str:
     """The text `tokenizer.apply_chat_template` renders for `messages` with its chat template, on TEMPLATE_DATE."""
     template = chat_template(tokenizer)
-    pinned = {"chat_template": _pinned(template)} if template else {}
+    pinned = {"chat_template": _pinned(template)} if isinstance(template, str) else {}  # a dict: several, named
     return tokenizer.apply_chat_template(list(messages), tokenize=False, **pinned, **kwargs)
 
 
@@ -200,15 +206,29 @@ def _keeps_systems(tokenizer) -> bool:
     return _probed("keeps systems", tokenizer, (tokenizer.chat_template,), probe)
 
 
-def _instructed(tokenizer, msgs: list[Message], system: str) -> list[Message]:
-    """`msgs` with the instruction `system` where the chat template writes it: a system message of its own before
-    the pair's; at the head of the pair's own system message where the template writes only one; at the head of
-    the first user turn where it writes none."""
-    own = next((i for i, m in enumerate(msgs) if m["role"] == "system"), None)
-    if _renders_system(tokenizer) and (own is None or _keeps_systems(tokenizer)):
-        return [{"role": "system", "content": system}, *msgs]
-    at = own if _renders_system(tokenizer) else next((i for i, m in enumerate(msgs) if m["role"] == "user"), 0)
-    return [*msgs[:at], {**msgs[at], "content": f"{system}\n\n{msgs[at]['content']}"}, *msgs[at + 1 :]]
+def _instructed_text(tokenizer, msgs: list[Message], system: str, where: str) -> str:
+    """The chat template's text for `msgs` with the instruction `system` where the template writes it: a system
+    message of its own before the pair's; where the template writes only one system message, at the head of the one
+    it keeps (Mistral, gpt-oss: the first; DeepSeek-R1: the last); where it writes none, at the head of the first user
+    turn. Each place is tried until the text holds the instruction."""
+
+    def heading(at: int) -> list[Message]:
+        return [*msgs[:at], {**msgs[at], "content": f"{system}\n\n{msgs[at]['content']}"}, *msgs[at + 1 :]]
+
+    own = [i for i, m in enumerate(msgs) if m["role"] == "system"]
+    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+    tries: list[list[Message]] = []
+    if _renders_system(tokenizer) and (not own or _keeps_systems(tokenizer)):
+        tries.append([{"role": "system", "content": system}, *msgs])
+    if _renders_system(tokenizer):
+        tries += [heading(i) for i in dict.fromkeys(own[:1] + own[-1:])]
+    tries.append(heading(users[0] if users else 0))
+    texts = []
+    for messages in tries:
+        texts.append(_chat_text(tokenizer, messages, where))
+        if system in texts[-1]:
+            return texts[-1]
+    return texts[0]  # a template that rewrites the instruction's text (SmolLM3's flags): its first place
 
 
 def _chat_text(tokenizer, messages: Sequence[Message], where: str) -> str:
@@ -234,7 +254,7 @@ def render_prompt(
     if chat_template(tokenizer):
         msgs = list(messages)
         where = source or f"the prompt beginning {msgs[0]['content'][:40]!r}"
-        text = _chat_text(tokenizer, _instructed(tokenizer, msgs, system) if system else msgs, where)
+        text = _instructed_text(tokenizer, msgs, system, where) if system else _chat_text(tokenizer, msgs, where)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = _plain_prompt(messages, system)
     return _prepended_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
