@@ -810,11 +810,10 @@ def _check_optimization(section: str, args) -> None:
         )
     try:
         Trainer.get_optimizer_cls_and_kwargs(args)
-    except ImportError as e:  # bitsandbytes, galore-torch, torchao, ...: the optimizers that need a model pass here
-        optim = getattr(args.optim, "value", args.optim)
-        raise ConfigError(f"{section}.train.optim: {optim}: {' '.join(str(e).split())}") from None
-    except ValueError as e:  # GaLore, APOLLO and LOMO need the model itself: left to the stage
-        if "install" in str(e).lower():  # grokadamw, anyprecision, ... say so in a ValueError
+    except (ImportError, ValueError) as e:
+        # a package not installed (bitsandbytes raises ImportError, grokadamw a ValueError saying "install"); other
+        # ValueErrors come from GaLore, APOLLO and LOMO, which need the model itself: left to the stage
+        if isinstance(e, ImportError) or "install" in str(e).lower():
             optim = getattr(args.optim, "value", args.optim)
             raise ConfigError(f"{section}.train.optim: {optim}: {' '.join(str(e).split())}") from None
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

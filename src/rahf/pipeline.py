@@ -534,6 +534,11 @@ def checkpoint_folder(cfg: RahfConfig, stage: str) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
+def train_section(cfg: RahfConfig, stage: str) -> str:
+    """The config section whose `train:` mapping a training stage reads: its own, but DPO's step 1 reads `dpo`."""
+    return "dpo" if stage == "instruct" and cfg.method == "dpo" else stage
+
+
 def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, restart: bool) -> Path | None:
     """The checkpoint folder of a training stage about to run: the one an interrupted run with this fingerprint
     left (any other is removed), or a new one, tagged with the fingerprint before training (so that a killed
@@ -553,8 +558,7 @@ def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, restart: bool) -> P
             print(f"[rahf] {stage}: discarding the checkpoints in {saves} (made with {why})", flush=True)
         shutil.rmtree(saves)
     if not saves.exists():
-        section = {"instruct": "dpo" if cfg.method == "dpo" else "instruct"}.get(stage, stage)
-        if stage != "collect" and getattr(cfg, section).train.get("save_strategy", "no") == "no":
+        if stage != "collect" and getattr(cfg, train_section(cfg, stage)).train.get("save_strategy", "no") == "no":
             return None
         saves.mkdir(parents=True)
         tag = {"stage": stage, "fingerprint": fp, "processes": processes}
@@ -618,13 +622,12 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     check_model_folders(cfg)
     stages = [*active_stages(cfg), *([stage] if stage else [])]
     check_data_path(cfg, stages)  # for a stage command not in `stages` too
-    trains = {"sft": cfg.sft, "instruct": cfg.dpo if cfg.method == "dpo" else cfg.instruct, "reward": cfg.reward}
-    for name, section in (trains | {"align": cfg.align}).items():
-        if name in stages and section.train.get("fsdp") and distributed.world_size() == 1:
-            where = "dpo" if section is cfg.dpo else name
+    for stage_name in ("sft", "reward", "instruct", "align"):
+        section = train_section(cfg, stage_name)
+        if stage_name in stages and getattr(cfg, section).train.get("fsdp") and distributed.world_size() == 1:
             raise ConfigError(
-                f"{where}.train.fsdp: FSDP shards a model over several processes, and this run is one; start it with "
-                "`accelerate launch` or `torchrun`, or drop fsdp"
+                f"{section}.train.fsdp: FSDP shards a model over several processes, and this run is one; start it "
+                "with `accelerate launch` or `torchrun`, or drop fsdp"
             )
     if distributed.world_size() > 1 and cfg.method == "rlhf-ppo" and _will_train_ppo(cfg, stage):
         raise ConfigError(
