@@ -632,6 +632,26 @@ def test_a_stage_command_without_the_method_its_upstream_was_made_for_says_which
     )
 
 
+def test_a_stage_command_after_an_hir_step_1_says_to_pass_method_hir(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """HIR's step 1 is SCIT's (its manifest records SCIT's settings), so `rahf instruct --method hir` then a plain
+    `rahf generate` (the config says scit) finds no merged model: the hint names hir, the method the run was made
+    with, not scit."""
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit")
+    settings["generate"] = {"prompts": str(pairs_file)}
+    cfg = tmp_path / "scit.yaml"
+    cfg.write_text(yaml.safe_dump(settings))
+    assert main(["instruct", str(cfg), "--method", "hir"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(cfg)]) == 2
+    assert one_line_error(capsys.readouterr().err).endswith(
+        "no finished merge artifact; run `rahf merge` (or `rahf run`) first; the instruct artifact there was made for "
+        "method hir (stages: sft, reward, instruct, generate, evaluate): pass `--method hir` to build on it"
+    )
+    assert main(["status", str(cfg), "--method", "hir"]) == 0
+    status = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert status["instruct"].startswith("fresh")  # what `--method hir` builds on
+
+
 def test_demo_refuses_an_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "f.txt").write_text("")
     assert main(["demo", "--quick", "--out", str(tmp_path / "f.txt")]) == 2

@@ -541,3 +541,98 @@ def test_the_report_marks_a_tied_choice_of_layers_and_alpha_and_tabulates_timing
         {"methods": ["m"], "summary": summarize(runs), "paired": paired(runs), "runs": runs, "seconds": 1}, tmp_path
     )
     assert "| m | [2, 3] | 2.0 | 0.292 **(chosen)** | 0.5000 |" in (tmp_path / "report.md").read_text()
+
+
+def test_validation_prompts_overlap_evaluate_pairs_only_within_evaluate_limit(tmp_path, tiny_model_dir, pairs_file):
+    """compare judges the first evaluate.limit pairs: a validation prompt further down that file is judged by no
+    method, one within it is."""
+    from rahf.compare import check_compare
+
+    records = standard_records(10, seed=3)
+    assert len({r["prompt"] for r in records}) == len(records)
+    judged = write_jsonl(tmp_path / "judged.jsonl", records[:6])
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit")
+    settings["evaluate"] = {"pairs": str(judged), "limit": 3}
+    beyond = write_jsonl(tmp_path / "beyond.jsonl", [*records[6:8], records[4]])  # the 5th judged pair: not read
+    check_compare(load_config(None, settings | {"compare": {"validation": str(beyond)}}))
+    within = write_jsonl(tmp_path / "within.jsonl", [*records[6:8], records[2]])  # the 3rd: judged
+    with pytest.raises(ConfigError) as refused:
+        check_compare(load_config(None, settings | {"compare": {"validation": str(within)}}))
+    assert str(refused.value).startswith(
+        f"compare.validation: 1 of its 3 prompts are also in evaluate.pairs (the first: {within}:3), so layers and "
+        "alpha would be chosen on the prompts the methods are judged on"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+# closes assistant turns with <unk>, not EOS (as ChatML's <|im_end|> on a base model's tokenizer)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %} <unk>{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+# an alignment's log as the Trainer writes it: the losses of its steps, an evaluation, the run's mean loss
+ALIGN_LOG = [
+    {"loss": 0.5, "step": 1},
+    {"loss": 0.1, "step": 2},
+    {"loss": 0.25, "step": 3},
+    {"eval_loss": 0.05, "step": 3},
+    {"train_runtime": 0.1, "train_loss": 0.2833, "step": 3},
+]
+
+
+@pytest.fixture(scope="module")
+def chosen_by_compare(tmp_path_factory, tiny_model_dir, pairs_file):
+    """A LoRRA run on a base model with a chat template (collect, align, merge), then compare's choice of layers
+    and alpha on its collect cache, the alignment's log replaced by ALIGN_LOG. Returns the run's config, the folder
+    `rahf merge` wrote and compare's selection (compare's merged model is in the run's `merged/`)."""
+    import shutil
+
+    from rahf import align
+    from rahf.compare import _select, candidates
+    from rahf.judges import GoldJudge
+    from rahf.models import load_tokenizer
+
+    tmp = tmp_path_factory.mktemp("chat-lorra")
+    model = Path(shutil.copytree(tiny_model_dir, tmp / "model"))
+    tokenizer = load_tokenizer(str(model))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model)
+    settings = run_settings(model, pairs_file, tmp / "out", "lorra", stages=["collect", "align", "merge"])
+    settings["align"]["train"]["max_steps"] = 3
+    cfg = load_config(None, settings)
+    pipeline.run(cfg)
+    merge_made = Path(shutil.move(tmp / "out" / "merged", tmp / "merge-made"))
+    real = align.train_align
+
+    def logged(mcfg, work, *args, **kwargs):
+        real(mcfg, work, *args, **kwargs)
+        (Path(work) / "log_history.json").write_text(json.dumps(ALIGN_LOG))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(align, "train_align", logged)
+        _, selection = _select(cfg, candidates(cfg), None, GoldJudge(), "gold:None")
+    return cfg, merge_made, selection
+
+
+def test_compare_reports_the_last_logged_alignment_loss_of_each_candidate(chosen_by_compare, tmp_path):
+    """Not the lowest loss, the evaluation's or the run's mean (train_loss): the loss the alignment ended with."""
+    cfg, _, selection = chosen_by_compare
+    assert [(row["layers"], row["alpha"], row["final_loss"]) for row in selection["sweep"]] == [([1, 2], 5.0, 0.25)]
+    assert json.loads((Path(cfg.output_dir) / "merged" / "log_history.json").read_text()) == ALIGN_LOG
+    runs = [_run(0, {"lorra": (0.5, None)})]
+    runs[0]["methods"]["lorra"]["selection"] = selection
+    results = {"methods": ["lorra"], "summary": summarize(runs), "paired": paired(runs), "runs": runs, "seconds": 1}
+    report = write_report(results, tmp_path).read_text()
+    header = "| method | layers | alpha | validation win rate | alignment loss at the end | shift reached per layer |"
+    assert header in report
+    assert "| lorra | [1, 2] | 5.0 | - **(chosen)** | 0.2500 |" in report
+
+
+def test_compares_merged_model_lists_the_stop_tokens_rahf_merge_saves(chosen_by_compare, tokenizer):
+    """Both save through `save_model`: generation stops at the chat template's end of turn as well as at EOS."""
+    from transformers import GenerationConfig
+
+    cfg, merge_made, _ = chosen_by_compare
+    stops = sorted([tokenizer.eos_token_id, tokenizer.unk_token_id])
+    assert GenerationConfig.from_pretrained(merge_made).eos_token_id == stops
+    assert GenerationConfig.from_pretrained(Path(cfg.output_dir) / "merged").eos_token_id == stops

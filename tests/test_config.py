@@ -220,6 +220,23 @@ def test_optimizers_schedules_and_kernels_the_stage_could_not_make_are_refused_u
     load_config(None, with_(base, align__train=fine))
 
 
+def test_an_optimizer_whose_value_error_says_to_install_a_package_is_refused_up_front(base, monkeypatch):
+    """transformers' grokadamw raises a ValueError, not an ImportError, when its package is missing; a ValueError
+    that asks for no package (GaLore, APOLLO and LOMO need the model itself) is left to the stage."""
+    from transformers import Trainer, trainer_optimizer
+
+    monkeypatch.setattr(trainer_optimizer, "is_grokadamw_available", lambda: False)
+    assert error_of(None, with_(base, align__train={"optim": "grokadamw"})) == (
+        "align.train.optim: grokadamw: Please install grokadamw with `pip install grokadamw`"
+    )
+
+    def needs_the_model(args, model=None):
+        raise ValueError("You need to pass `optim_target_modules` to use this optimizer")
+
+    monkeypatch.setattr(Trainer, "get_optimizer_cls_and_kwargs", staticmethod(needs_the_model))
+    assert load_config(None, with_(base, align__train={"optim": "grokadamw"})).align.train == {"optim": "grokadamw"}
+
+
 def test_report_to_names_an_installed_logger(base, monkeypatch):
     """Each logger by its own check: flyte, which `report_to: all` never picks, is accepted when installed."""
     from transformers.integrations import integration_utils as tools

@@ -136,3 +136,40 @@ def test_every_data_key_takes_a_hub_file(hub, tmp_path, tiny_model_dir, pairs_fi
         load_config(
             None, run_settings(tiny_model_dir, pairs_file, tmp_path / "run", "scit", sft__path=uri[:-11] + "nope.jsonl")
         )
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch) -> Path:
+    """The real hf_hub_download, offline, over a Hugging Face cache holding one snapshot of org/prefs; returns the
+    snapshot's folder."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf-cache" / "datasets--org--prefs"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hubfiles.download.cache_clear()
+    yield repo / "snapshots" / commit
+    hubfiles.download.cache_clear()
+
+
+def test_a_hub_uri_naming_a_folder_is_refused_in_one_line_offline(
+    offline_cache, tmp_path, tiny_model_dir, pairs_file, capsys
+):
+    """Offline, hf_hub_download hands back a cached folder (the snapshot's `data/`) instead of refusing it."""
+    (offline_cache / "data").mkdir()
+    shutil.copyfile(pairs_file, offline_cache / "data" / "train.jsonl")
+    uri = "hf://datasets/org/prefs/data"
+    assert len(load_pairs(f"{uri}/train.jsonl")[0]) == len(pairs_file.read_text().splitlines())  # the cache serves
+    says = f"{uri}: names a folder in the repository; a data key reads one file: name it"
+    assert main(["data", "check", uri]) == 2
+    assert one_line_error(capsys.readouterr().err) == says
+    out = tmp_path / "out"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {uri}\noutput_dir: {out}\n")
+    assert main(["run", str(config)]) == 2
+    assert one_line_error(capsys.readouterr().err) == f"data.path: {says}"
+    assert nothing_written(out)

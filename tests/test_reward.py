@@ -101,3 +101,17 @@ def test_a_16_bit_backbone_trains_in_float32_and_is_saved_in_the_runs_dtype(tmp_
         train_reward_model(pairs[:8], str(base), tmp_path / dtype, train=train, dtype=dtype)
         assert AutoModelForSequenceClassification.from_pretrained(tmp_path / dtype).dtype == getattr(torch, dtype)
     assert trained_in == [torch.float32, torch.float32]
+
+
+def test_a_process_other_than_process_0_writes_nothing(tmp_path, pairs, monkeypatch):
+    """Launched as several processes, every process trains the reward model and process 0 alone writes it: its
+    weights, tokenizer and training log."""
+    from rahf import distributed
+
+    base = save_tiny(tmp_path / "base", vocabulary(), hidden=32, layers=2, heads=2)
+    # process 1 of a launch, as `rank()` reads it (WORLD_SIZE=2 itself would make the Trainer wait for process 0)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert not distributed.is_main()
+    out = tmp_path / "rm"
+    train_reward_model(pairs[:8], str(base), out, train={"max_steps": 1, "per_device_train_batch_size": 4})
+    assert [p.relative_to(out) for p in out.rglob("*") if not p.is_dir()] == []  # (the Trainer's empty checkpoints/)
