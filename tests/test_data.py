@@ -154,6 +154,26 @@ def test_json_lines_under_a_json_name(tmp_path):
         load_pairs(path)
 
 
+@pytest.mark.parametrize("name", ["d.json", "d.json.gz"])
+def test_json_lines_under_a_json_name_are_read_no_further_than_limit(tmp_path, name):
+    """Such a file is read line by line from its start: the byte that is not UTF-8 on line 4 is never reached."""
+    raw = b"".join(json.dumps(r).encode() + b"\n" for r in STANDARD * 2)[:-1] + b' "caf\xe9"}\n'
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    assert [p.source for p in load_pairs(path, limit=2)[0]] == [f"{path}:1", f"{path}:2"]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:4: not UTF-8 \(byte 0xe9"):
+        load_pairs(path)
+
+
+@pytest.mark.parametrize("first", [json.dumps(STANDARD), json.dumps({"data": STANDARD})])
+def test_a_list_of_records_on_the_first_line_with_more_after_it_is_a_broken_json_file(tmp_path, first):
+    """Not JSON Lines, whose first line holds one record: the stray text is named, not the list as a record."""
+    path = tmp_path / "d.json"
+    path.write_text(first + "\n]\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: not valid JSON \(Extra data at column 1\)$"):
+        load_pairs(path)
+
+
 def test_limit(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", STANDARD + [{"bad": "record"}])
     pairs, _ = load_pairs(path, limit=2)  # the bad third record is never read
@@ -358,6 +378,46 @@ def test_bad_json_file(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[\n{"prompt": "a",\n')
     with pytest.raises(DataError, match=r"bad\.json:\d+: not valid JSON"):
+        load_pairs(path)
+
+
+R0, R1 = json.dumps(STANDARD[0]), json.dumps(STANDARD[1])
+FILE_ENDS = (
+    "not valid JSON (the file ends inside a list, object or string that is never closed; is the file cut short?)"
+)
+LINE_ENDS = (
+    "not valid JSON (the line ends inside its record; "
+    "JSON Lines holds each record on one line, or the file is cut short)"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("d.json", f"[\n{R0},\n{R1}\n", f":3: {FILE_ENDS}"),
+        ("d.json", f'[\n{R0},\n{{"prompt": "q",\n', f":3: {FILE_ENDS}"),
+        ("d.json", f"[\n{R0},\n{R1},\n]\n", ":3: not valid JSON (a trailing comma at column 72 before ']'; remove it)"),
+        ("d.jsonl", R0[:-1] + ",}\n", ":1: not valid JSON (a trailing comma at column 62 before '}'; remove it)"),
+        ("d.json", '[{"prompt": "two\nlines", "chosen": "a", "rejected": "b"}]',
+         ":1: not valid JSON (a raw control character inside a string at column 17; write it as \\n)"),
+        ("d.jsonl", f"{R0}\n\ufeff{R1}\n",
+         ":2: not valid JSON (a stray byte order mark (U+FEFF) at column 1; remove it)"),
+        ("d.jsonl", f"{R0}\n{json.dumps(STANDARD[1], indent=1)}\n", f":2: {LINE_ENDS}"),
+        ("d.jsonl", f"{R0}\n{R1[:20]}", f":2: {LINE_ENDS}"),
+        ("d.json", '{"data": {"prompt": "q"}}', ": field 'data' must be a list of records, got dict"),
+        ("d.json", '{"items": []}',
+         (": expected a list of records, an object with a 'data' or 'train' list, or one record; "
+          "got an object with keys ['items']")),
+        ("d.json", '{"prompt": "q", "chosen": "a"}',
+         ":row 0: cannot tell the data format from fields ['chosen', 'prompt']"),
+    ],
+    ids=["cut-list", "cut-record", "trailing-comma", "jsonl-trailing-comma", "raw-line-break", "jsonl-bom",
+         "jsonl-pretty-record", "jsonl-cut", "data-not-a-list", "unknown-object", "one-bad-record"],
+)  # fmt: skip
+def test_broken_json_is_named_by_its_cause_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=f"^{re.escape(str(path) + message)}"):
         load_pairs(path)
 
 
