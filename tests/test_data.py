@@ -114,6 +114,35 @@ def test_save_to_disk_dataset_and_train_split(tmp_path):
         load_pairs(tmp_path / "empty")
 
 
+def test_a_saved_dataset_dict_reads_its_split_on_its_own(tmp_path):
+    """datasets cannot load an empty saved split back, which made the whole folder unreadable."""
+    import datasets
+
+    empty = datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    full = datasets.Dataset.from_list(STANDARD)
+    datasets.DatasetDict({"train": empty, "test": full}).save_to_disk(str(tmp_path / "a"))
+    with pytest.raises(DataError, match=r"a: holds no records: its 'train' split is empty$"):
+        load_pairs(tmp_path / "a")
+    datasets.DatasetDict({"only": empty}).save_to_disk(str(tmp_path / "b"))
+    with pytest.raises(DataError, match=r"b: holds no records: its 'only' split is empty$"):
+        load_pairs(tmp_path / "b")
+    datasets.DatasetDict({"train": full, "test": empty}).save_to_disk(str(tmp_path / "c"))
+    assert load_pairs(tmp_path / "c") == (expected_standard(f"{tmp_path / 'c'}:row "), "trl-standard")
+    datasets.DatasetDict({"test": empty, "validation": full}).save_to_disk(str(tmp_path / "d"))
+    split = re.escape(str(tmp_path / "d" / "test"))
+    with pytest.raises(
+        DataError, match=rf"holds splits \['test', 'validation'\] and none is 'train'; .* such as {split}$"
+    ):
+        load_pairs(tmp_path / "d")
+    assert len(load_pairs(tmp_path / "d" / "validation")[0]) == 2  # the folder of one split, as the message says
+    datasets.DatasetDict({}).save_to_disk(str(tmp_path / "e"))
+    with pytest.raises(DataError, match=r"e: holds no records: a DatasetDict without splits$"):
+        load_pairs(tmp_path / "e")
+    (tmp_path / "f").mkdir()
+    with pytest.raises(DataError, match=r"f: not a dataset saved with save_to_disk \(FileNotFoundError: "):
+        load_pairs(tmp_path / "f")
+
+
 def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(DataError, match=r"^data file not found: .*nope\.jsonl$"):
         load_pairs(tmp_path / "nope.jsonl")

@@ -520,31 +520,46 @@ def _quiet_datasets(load: Callable[[], Any]) -> Any:
 
 
 def _read_dataset(path: Path, shown: str) -> Iterator[tuple[str, object]]:
-    """Rows of a parquet file or a `save_to_disk` directory (the train split, or the only one)."""
+    """Rows of a `save_to_disk` folder: a Dataset, or a DatasetDict's train split (or its only one), loaded on its own
+    so that another split, even an empty one datasets cannot load back, does not stand in the way."""
+    import datasets
+
+    split = _chosen_split(path, shown)
+    folder = path / split if split else path
+    try:
+        empty = json.loads((folder / datasets.config.DATASET_STATE_JSON_FILENAME).read_text())["_data_files"] == []
+    except (OSError, ValueError, KeyError, TypeError):
+        empty = False  # no saved Dataset here: load_from_disk says what is wrong
+    if empty:  # datasets cannot load a saved Dataset without rows back
+        if split:
+            raise DataError(f"{shown}: holds no records: its {split!r} split is empty")
+        return
+    try:
+        ds = _quiet_datasets(lambda: datasets.load_from_disk(str(folder)))
+    except Exception as e:  # noqa: BLE001 (datasets/pyarrow raise many types for unreadable input)
+        raise DataError(f"{shown}: not a dataset saved with save_to_disk ({type(e).__name__}: {e})") from None
+    for i, record in enumerate(ds.with_format(None)):  # rows as dicts whatever format it was saved with
+        yield f"{shown}:row {i}", record
+
+
+def _chosen_split(path: Path, shown: str) -> str | None:
+    """The split rahf reads of a DatasetDict saved at `path`: 'train', or its only one; None if `path` holds none."""
     import datasets
 
     try:
-        if path.is_dir() and json.loads((path / "state.json").read_text()).get("_data_files") == []:
-            return  # an empty Dataset saved with save_to_disk: no records (datasets cannot load it back)
-    except (OSError, ValueError, AttributeError):
-        pass  # not a single saved Dataset (a DatasetDict, or no dataset at all): load_from_disk says which
-    if not path.is_dir():
-        yield from _read_parquet(path, shown)
-        return
-    try:
-        ds = _quiet_datasets(lambda: datasets.load_from_disk(str(path)))
-    except Exception as e:  # noqa: BLE001 (datasets/pyarrow raise many types for unreadable input)
-        raise DataError(f"{shown}: not a dataset saved with save_to_disk ({type(e).__name__}: {e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        splits = list(ds)
-        if "train" in ds:
-            ds = ds["train"]
-        elif len(splits) == 1:
-            ds = ds[splits[0]]
-        else:
-            raise DataError(f"{shown}: holds splits {splits} and none is 'train'; save the split to use on its own")
-    for i, record in enumerate(ds.with_format(None)):  # rows as dicts whatever format it was saved with
-        yield f"{shown}:row {i}", record
+        splits = json.loads((path / datasets.config.DATASETDICT_JSON_FILENAME).read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a DatasetDict
+    if "train" in splits:
+        return "train"
+    if len(splits) == 1:
+        return splits[0]
+    if not splits:
+        raise DataError(f"{shown}: holds no records: a DatasetDict without splits")
+    raise DataError(
+        f"{shown}: holds splits {splits} and none is 'train'; give the folder of the split to read, "
+        f"such as {os.path.join(shown, splits[0])}"
+    )
 
 
 def _read_parquet(path: Path, shown: str) -> Iterator[tuple[str, object]]:
@@ -579,8 +594,10 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     if not found:
         raise DataError(f"data file not found: {shown}")
     name = p.name.lower()
-    if p.is_dir() or name.endswith(".parquet"):
+    if p.is_dir():
         return _read_dataset(p, shown)
+    if name.endswith(".parquet"):
+        return _read_parquet(p, shown)
     if is_jsonl(p):
         return read_jsonl(p, shown)
     if name.endswith((".json", ".json.gz")):
