@@ -719,6 +719,48 @@ def test_sft_records_are_checked_and_stripped_like_preference_pairs():
         parse_completion(["q", "a"], "s.jsonl:4")
 
 
+SFT = [{"prompt": "q1", "completion": " a1\n"}, {"prompt": "q2", "completion": "a2"}]
+
+
+def _write_sft(path: Path, records: list[dict]) -> None:
+    """`records` in the file kind `path`'s name gives ("lines.json": JSON Lines under a .json name)."""
+    import datasets
+
+    if path.name.endswith(".jsonl") or path.name == "lines.json":
+        write_jsonl(path, records)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(records), encoding="utf-8")
+    elif path.suffix == ".parquet":
+        datasets.Dataset.from_list(records).to_parquet(str(path))
+    else:
+        datasets.Dataset.from_list(records).save_to_disk(str(path))
+
+
+@pytest.mark.parametrize(("name", "row"), [("s.jsonl", ":"), ("lines.json", ":"), ("s.json", ":row "),
+                                           ("s.parquet", ":row "), ("saved", ":row ")])  # fmt: skip
+def test_sft_data_is_read_from_every_file_kind(tmp_path, name, row):
+    from rahf.config import RahfConfig
+    from rahf.sft import sft_examples
+
+    cfg, path = RahfConfig(), tmp_path / name
+    cfg.sft.path = str(path)
+    first = 1 if row == ":" else 0
+    _write_sft(path, SFT)
+    assert sft_examples(cfg) == [
+        ([user("q1")], "a1", f"{path}{row}{first}"),
+        ([user("q2")], "a2", f"{path}{row}{first + 1}"),
+    ]
+    _write_sft(path, [SFT[0], {"prompt": "q", "completion": None}])
+    with pytest.raises(
+        DataError, match=rf"^{re.escape(f'{path}{row}{first + 1}')}: field 'completion' must be a string, got null"
+    ):
+        sft_examples(cfg)
+    _write_sft(path, STANDARD)  # preference pairs: their chosen replies
+    assert [(e[0], e[1]) for e in sft_examples(cfg)] == [
+        (list(p), c) for p, (c, _) in zip(STANDARD_PROMPTS, STANDARD_REPLIES)
+    ]
+
+
 def test_a_parquet_file_replaced_in_place_is_read_anew_and_limit_reads_no_more(tmp_path):
     """`datasets` would cache a parquet file by path and modification time: a copy with the old time read stale."""
     import os
