@@ -114,6 +114,35 @@ def test_save_to_disk_dataset_and_train_split(tmp_path):
         load_pairs(tmp_path / "empty")
 
 
+def test_a_saved_dataset_dict_reads_its_split_on_its_own(tmp_path):
+    """datasets cannot load an empty saved split back, which made the whole folder unreadable."""
+    import datasets
+
+    empty = datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    full = datasets.Dataset.from_list(STANDARD)
+    datasets.DatasetDict({"train": empty, "test": full}).save_to_disk(str(tmp_path / "a"))
+    with pytest.raises(DataError, match=r"a: holds no records: its 'train' split is empty$"):
+        load_pairs(tmp_path / "a")
+    datasets.DatasetDict({"only": empty}).save_to_disk(str(tmp_path / "b"))
+    with pytest.raises(DataError, match=r"b: holds no records: its 'only' split is empty$"):
+        load_pairs(tmp_path / "b")
+    datasets.DatasetDict({"train": full, "test": empty}).save_to_disk(str(tmp_path / "c"))
+    assert load_pairs(tmp_path / "c") == (expected_standard(f"{tmp_path / 'c'}:row "), "trl-standard")
+    datasets.DatasetDict({"test": empty, "validation": full}).save_to_disk(str(tmp_path / "d"))
+    split = re.escape(str(tmp_path / "d" / "test"))
+    with pytest.raises(
+        DataError, match=rf"holds splits \['test', 'validation'\] and none is 'train'; .* such as {split}$"
+    ):
+        load_pairs(tmp_path / "d")
+    assert len(load_pairs(tmp_path / "d" / "validation")[0]) == 2  # the folder of one split, as the message says
+    datasets.DatasetDict({}).save_to_disk(str(tmp_path / "e"))
+    with pytest.raises(DataError, match=r"e: holds no records: a DatasetDict without splits$"):
+        load_pairs(tmp_path / "e")
+    (tmp_path / "f").mkdir()
+    with pytest.raises(DataError, match=r"f: not a dataset saved with save_to_disk \(FileNotFoundError: "):
+        load_pairs(tmp_path / "f")
+
+
 def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(DataError, match=r"^data file not found: .*nope\.jsonl$"):
         load_pairs(tmp_path / "nope.jsonl")
@@ -151,6 +180,26 @@ def test_json_lines_under_a_json_name(tmp_path):
     assert load_pairs(path) == ([PreferencePair(STANDARD_PROMPTS[1], "Paris", "Lyon", f"{path}:row 0")], "trl-standard")
     path.write_text(json.dumps(STANDARD[0]) + "\n{oops\n")
     with pytest.raises(DataError, match=r"d\.json:2: not valid JSON"):
+        load_pairs(path)
+
+
+@pytest.mark.parametrize("name", ["d.json", "d.json.gz"])
+def test_json_lines_under_a_json_name_are_read_no_further_than_limit(tmp_path, name):
+    """Such a file is read line by line from its start: the byte that is not UTF-8 on line 4 is never reached."""
+    raw = b"".join(json.dumps(r).encode() + b"\n" for r in STANDARD * 2)[:-1] + b' "caf\xe9"}\n'
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    assert [p.source for p in load_pairs(path, limit=2)[0]] == [f"{path}:1", f"{path}:2"]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:4: not UTF-8 \(byte 0xe9"):
+        load_pairs(path)
+
+
+@pytest.mark.parametrize("first", [json.dumps(STANDARD), json.dumps({"data": STANDARD})])
+def test_a_list_of_records_on_the_first_line_with_more_after_it_is_a_broken_json_file(tmp_path, first):
+    """Not JSON Lines, whose first line holds one record: the stray text is named, not the list as a record."""
+    path = tmp_path / "d.json"
+    path.write_text(first + "\n]\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: not valid JSON \(Extra data at column 1\)$"):
         load_pairs(path)
 
 
@@ -358,6 +407,46 @@ def test_bad_json_file(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[\n{"prompt": "a",\n')
     with pytest.raises(DataError, match=r"bad\.json:\d+: not valid JSON"):
+        load_pairs(path)
+
+
+R0, R1 = json.dumps(STANDARD[0]), json.dumps(STANDARD[1])
+FILE_ENDS = (
+    "not valid JSON (the file ends inside a list, object or string that is never closed; is the file cut short?)"
+)
+LINE_ENDS = (
+    "not valid JSON (the line ends inside its record; "
+    "JSON Lines holds each record on one line, or the file is cut short)"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("d.json", f"[\n{R0},\n{R1}\n", f":3: {FILE_ENDS}"),
+        ("d.json", f'[\n{R0},\n{{"prompt": "q",\n', f":3: {FILE_ENDS}"),
+        ("d.json", f"[\n{R0},\n{R1},\n]\n", ":3: not valid JSON (a trailing comma at column 72 before ']'; remove it)"),
+        ("d.jsonl", R0[:-1] + ",}\n", ":1: not valid JSON (a trailing comma at column 62 before '}'; remove it)"),
+        ("d.json", '[{"prompt": "two\nlines", "chosen": "a", "rejected": "b"}]',
+         ":1: not valid JSON (a raw control character inside a string at column 17; write it as \\n)"),
+        ("d.jsonl", f"{R0}\n\ufeff{R1}\n",
+         ":2: not valid JSON (a stray byte order mark (U+FEFF) at column 1; remove it)"),
+        ("d.jsonl", f"{R0}\n{json.dumps(STANDARD[1], indent=1)}\n", f":2: {LINE_ENDS}"),
+        ("d.jsonl", f"{R0}\n{R1[:20]}", f":2: {LINE_ENDS}"),
+        ("d.json", '{"data": {"prompt": "q"}}', ": field 'data' must be a list of records, got dict"),
+        ("d.json", '{"items": []}',
+         (": expected a list of records, an object with a 'data' or 'train' list, or one record; "
+          "got an object with keys ['items']")),
+        ("d.json", '{"prompt": "q", "chosen": "a"}',
+         ":row 0: cannot tell the data format from fields ['chosen', 'prompt']"),
+    ],
+    ids=["cut-list", "cut-record", "trailing-comma", "jsonl-trailing-comma", "raw-line-break", "jsonl-bom",
+         "jsonl-pretty-record", "jsonl-cut", "data-not-a-list", "unknown-object", "one-bad-record"],
+)  # fmt: skip
+def test_broken_json_is_named_by_its_cause_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=f"^{re.escape(str(path) + message)}"):
         load_pairs(path)
 
 
@@ -628,6 +717,48 @@ def test_sft_records_are_checked_and_stripped_like_preference_pairs():
         parse_completion({"prompt": "q", "completion": 3}, "s.jsonl:3")
     with pytest.raises(DataError, match=r"^s\.jsonl:4: a record must be a JSON object, got list"):
         parse_completion(["q", "a"], "s.jsonl:4")
+
+
+SFT = [{"prompt": "q1", "completion": " a1\n"}, {"prompt": "q2", "completion": "a2"}]
+
+
+def _write_sft(path: Path, records: list[dict]) -> None:
+    """`records` in the file kind `path`'s name gives ("lines.json": JSON Lines under a .json name)."""
+    import datasets
+
+    if path.name.endswith(".jsonl") or path.name == "lines.json":
+        write_jsonl(path, records)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(records), encoding="utf-8")
+    elif path.suffix == ".parquet":
+        datasets.Dataset.from_list(records).to_parquet(str(path))
+    else:
+        datasets.Dataset.from_list(records).save_to_disk(str(path))
+
+
+@pytest.mark.parametrize(("name", "row"), [("s.jsonl", ":"), ("lines.json", ":"), ("s.json", ":row "),
+                                           ("s.parquet", ":row "), ("saved", ":row ")])  # fmt: skip
+def test_sft_data_is_read_from_every_file_kind(tmp_path, name, row):
+    from rahf.config import RahfConfig
+    from rahf.sft import sft_examples
+
+    cfg, path = RahfConfig(), tmp_path / name
+    cfg.sft.path = str(path)
+    first = 1 if row == ":" else 0
+    _write_sft(path, SFT)
+    assert sft_examples(cfg) == [
+        ([user("q1")], "a1", f"{path}{row}{first}"),
+        ([user("q2")], "a2", f"{path}{row}{first + 1}"),
+    ]
+    _write_sft(path, [SFT[0], {"prompt": "q", "completion": None}])
+    with pytest.raises(
+        DataError, match=rf"^{re.escape(f'{path}{row}{first + 1}')}: field 'completion' must be a string, got null"
+    ):
+        sft_examples(cfg)
+    _write_sft(path, STANDARD)  # preference pairs: their chosen replies
+    assert [(e[0], e[1]) for e in sft_examples(cfg)] == [
+        (list(p), c) for p, (c, _) in zip(STANDARD_PROMPTS, STANDARD_REPLIES)
+    ]
 
 
 def test_a_parquet_file_replaced_in_place_is_read_anew_and_limit_reads_no_more(tmp_path):

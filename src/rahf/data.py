@@ -378,6 +378,43 @@ def _limit_line(text: str, e: ValueError | RecursionError) -> int:
     return text.count("\n", 0, at) + 1
 
 
+def _at(text: str, pos: int) -> tuple[int, int]:
+    """(line, column) of character `pos` of `text`, both counted from 1."""
+    return text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)
+
+
+def _json_problem(text: str, e: json.JSONDecodeError, lines: bool) -> tuple[int, str]:
+    """(line in `text`, why) for JSON that Python's json refuses, naming the cause where its message names only where
+    the parser stopped: a value cut off (`lines`: a JSON Lines record spread over lines), a trailing comma, a raw
+    control character in a string, a stray byte order mark."""
+    ended = not text[e.pos :].strip()
+    if lines and (ended or e.msg.startswith("Unterminated string")):
+        return (
+            e.lineno,
+            "the line ends inside its record; JSON Lines holds each record on one line, or the file is cut short",
+        )
+    if e.msg.startswith("Unterminated string"):
+        return e.lineno, f"a string starting at column {e.colno} is never closed; is the file cut short?"
+    if ended:
+        line = _at(text, len(text.rstrip()))[0]
+        return line, "the file ends inside a list, object or string that is never closed; is the file cut short?"
+    comma = e.pos if text[e.pos] == "," else len(text[: e.pos].rstrip()) - 1  # Python 3.13+ names the comma itself
+    closing = text[comma + 1 :].lstrip()[:1]
+    if (
+        text[comma : comma + 1] == ","
+        and closing in ("]", "}")
+        and text[:comma].rstrip()[-1:] not in ("", "[", "{", ":", ",")
+    ):
+        line, col = _at(text, comma)
+        return line, f"a trailing comma at column {col} before {closing!r}; remove it"
+    if e.msg.startswith("Invalid control character"):
+        escape = json.dumps(text[e.pos])[1:-1]
+        return e.lineno, f"a raw control character inside a string at column {e.colno}; write it as {escape}"
+    if e.msg.startswith("Unexpected UTF-8 BOM"):
+        return e.lineno, "a stray byte order mark (U+FEFF) at column 1; remove it"
+    return e.lineno, f"{e.msg} at column {e.colno}"
+
+
 def read_jsonl(path: str | os.PathLike, shown: str | None = None) -> Iterator[tuple[str, object]]:
     """(`file:line`, record) for each non-blank line of a JSONL(.gz) file (or HF URI); bad JSON raises DataError there."""
     path, shown = Path(local_file(path)), shown or os.fspath(path)
@@ -391,7 +428,8 @@ def read_jsonl(path: str | os.PathLike, shown: str | None = None) -> Iterator[tu
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{shown}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                    why = _json_problem(line, e, lines=True)[1]
+                    raise DataError(f"{shown}:{lineno}: not valid JSON ({why})") from None
                 except (ValueError, RecursionError) as e:
                     raise _limit_error(f"{shown}:{lineno}", e) from None
                 yield f"{shown}:{lineno}", record
@@ -400,45 +438,72 @@ def read_jsonl(path: str | os.PathLike, shown: str | None = None) -> Iterator[tu
         raise DataError(f"{shown}: cannot read the file{after} ({e})") from None
 
 
+def _wrapped_list(data: object) -> str | None:
+    """The key of an object's 'data' or 'train' list of records (how JSON files often wrap them), or None."""
+    if not isinstance(data, dict):
+        return None
+    return next((k for k in ("data", "train") if isinstance(data.get(k), list)), None)
+
+
 def _read_json(path: Path, shown: str) -> Iterator[tuple[str, object]]:
     """Records of a JSON file: a list, an object with a 'data' or 'train' list, or a single record.
 
-    A file holding several top-level values is JSON Lines under a .json name (as `datasets.Dataset.to_json`
-    writes it) and is read line by line. A blank file holds no records.
+    A file whose first non-blank line holds one whole record with more text after it is JSON Lines under a .json
+    name (as `datasets.Dataset.to_json` writes it): it is read line by line, so a `limit` reads no further than it
+    needs. A blank file holds no records.
     """
+    try:
+        with _open_text(path) as f:
+            lineno, first = next(((i, line) for i, line in enumerate(f, 1) if line.strip()), (0, ""))
+            more = any(line.strip() for line in f)
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: damaged gzip data (not an OSError)
+        raise DataError(f"{shown}: cannot read the file ({e})") from None
+    if not first:
+        return
+    _check_utf8(first, shown, lineno)
+    try:
+        data, whole = json.loads(first), True
+    except (ValueError, RecursionError):  # the start of a longer value, or one the whole-file read below reports
+        data, whole = None, False
+    if whole and more and not isinstance(data, list) and _wrapped_list(data) is None:
+        yield from read_jsonl(path, shown)
+        return
+    if more or not whole:
+        data = _json_document(path, shown)
+    if isinstance(data, dict):
+        key = _wrapped_list(data)
+        if key is not None:
+            data = data[key]
+        elif not data.keys().isdisjoint(("prompt", "chosen", "rejected")):  # one record: its reader checks its fields
+            data = [data]
+        elif (wrong := next((k for k in ("data", "train") if k in data), None)) is not None:
+            raise DataError(f"{shown}: field {wrong!r} must be a list of records, got {_type_name(data[wrong])}")
+        else:
+            raise DataError(
+                f"{shown}: expected a list of records, an object with a 'data' or 'train' list, or one record; "
+                f"got an object with keys {sorted(data)}"
+            )
+    if not isinstance(data, list):
+        raise DataError(f"{shown}: expected a list of records, got {_type_name(data)}")
+    for i, record in enumerate(data):
+        yield f"{shown}:row {i}", record
+
+
+def _json_document(path: Path, shown: str) -> object:
+    """The one JSON value a whole .json file holds; broken JSON raises DataError naming the line at fault."""
     try:
         with _open_text(path) as f:
             text = f.read()
     except (OSError, EOFError, zlib.error) as e:  # zlib.error: damaged gzip data (not an OSError)
         raise DataError(f"{shown}: cannot read the file ({e})") from None
     _check_utf8(text, shown)
-    if not text.strip():
-        return
-    json_lines = False
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        # several values, the first on line 1: JSON Lines; anything else is a broken JSON file, reported where
-        if e.msg != "Extra data" or "\n" in text[: e.pos].strip():
-            raise DataError(f"{shown}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        json_lines = True
+        line, why = _json_problem(text, e, lines=False)
+        raise DataError(f"{shown}:{line}: not valid JSON ({why})") from None
     except (ValueError, RecursionError) as e:
         raise _limit_error(f"{shown}:{_limit_line(text, e)}", e) from None
-    if json_lines:
-        yield from read_jsonl(path, shown)
-        return
-    if isinstance(data, dict):
-        key = next((k for k in ("data", "train") if isinstance(data.get(k), list)), None)
-        if key is not None:
-            data = data[key]
-        elif detect_format(data) is not None:
-            data = [data]
-        else:
-            raise DataError(f"{shown}: expected a list of records or an object with a 'data' or 'train' list")
-    if not isinstance(data, list):
-        raise DataError(f"{shown}: expected a list of records, got {_type_name(data)}")
-    for i, record in enumerate(data):
-        yield f"{shown}:row {i}", record
 
 
 def _quiet_datasets(load: Callable[[], Any]) -> Any:
@@ -455,31 +520,46 @@ def _quiet_datasets(load: Callable[[], Any]) -> Any:
 
 
 def _read_dataset(path: Path, shown: str) -> Iterator[tuple[str, object]]:
-    """Rows of a parquet file or a `save_to_disk` directory (the train split, or the only one)."""
+    """Rows of a `save_to_disk` folder: a Dataset, or a DatasetDict's train split (or its only one), loaded on its own
+    so that another split, even an empty one datasets cannot load back, does not stand in the way."""
+    import datasets
+
+    split = _chosen_split(path, shown)
+    folder = path / split if split else path
+    try:
+        empty = json.loads((folder / datasets.config.DATASET_STATE_JSON_FILENAME).read_text())["_data_files"] == []
+    except (OSError, ValueError, KeyError, TypeError):
+        empty = False  # no saved Dataset here: load_from_disk says what is wrong
+    if empty:  # datasets cannot load a saved Dataset without rows back
+        if split:
+            raise DataError(f"{shown}: holds no records: its {split!r} split is empty")
+        return
+    try:
+        ds = _quiet_datasets(lambda: datasets.load_from_disk(str(folder)))
+    except Exception as e:  # noqa: BLE001 (datasets/pyarrow raise many types for unreadable input)
+        raise DataError(f"{shown}: not a dataset saved with save_to_disk ({type(e).__name__}: {e})") from None
+    for i, record in enumerate(ds.with_format(None)):  # rows as dicts whatever format it was saved with
+        yield f"{shown}:row {i}", record
+
+
+def _chosen_split(path: Path, shown: str) -> str | None:
+    """The split rahf reads of a DatasetDict saved at `path`: 'train', or its only one; None if `path` holds none."""
     import datasets
 
     try:
-        if path.is_dir() and json.loads((path / "state.json").read_text()).get("_data_files") == []:
-            return  # an empty Dataset saved with save_to_disk: no records (datasets cannot load it back)
-    except (OSError, ValueError, AttributeError):
-        pass  # not a single saved Dataset (a DatasetDict, or no dataset at all): load_from_disk says which
-    if not path.is_dir():
-        yield from _read_parquet(path, shown)
-        return
-    try:
-        ds = _quiet_datasets(lambda: datasets.load_from_disk(str(path)))
-    except Exception as e:  # noqa: BLE001 (datasets/pyarrow raise many types for unreadable input)
-        raise DataError(f"{shown}: not a dataset saved with save_to_disk ({type(e).__name__}: {e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        splits = list(ds)
-        if "train" in ds:
-            ds = ds["train"]
-        elif len(splits) == 1:
-            ds = ds[splits[0]]
-        else:
-            raise DataError(f"{shown}: holds splits {splits} and none is 'train'; save the split to use on its own")
-    for i, record in enumerate(ds.with_format(None)):  # rows as dicts whatever format it was saved with
-        yield f"{shown}:row {i}", record
+        splits = json.loads((path / datasets.config.DATASETDICT_JSON_FILENAME).read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a DatasetDict
+    if "train" in splits:
+        return "train"
+    if len(splits) == 1:
+        return splits[0]
+    if not splits:
+        raise DataError(f"{shown}: holds no records: a DatasetDict without splits")
+    raise DataError(
+        f"{shown}: holds splits {splits} and none is 'train'; give the folder of the split to read, "
+        f"such as {os.path.join(shown, splits[0])}"
+    )
 
 
 def _read_parquet(path: Path, shown: str) -> Iterator[tuple[str, object]]:
@@ -514,8 +594,10 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     if not found:
         raise DataError(f"data file not found: {shown}")
     name = p.name.lower()
-    if p.is_dir() or name.endswith(".parquet"):
+    if p.is_dir():
         return _read_dataset(p, shown)
+    if name.endswith(".parquet"):
+        return _read_parquet(p, shown)
     if is_jsonl(p):
         return read_jsonl(p, shown)
     if name.endswith((".json", ".json.gz")):

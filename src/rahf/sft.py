@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from itertools import chain
 from pathlib import Path
 
 from .config import RahfConfig
-from .data import PreferencePair, is_jsonl, load_pairs, parse_completion, read_jsonl
+from .data import PreferencePair, load_pairs, parse_completion, read_records
 from .errors import ConfigError, DataError
 from .models import load_model, load_tokenizer, save_model
 from .stimuli import build_variants
@@ -14,15 +15,17 @@ from .training import load_data, load_eval_pairs, load_split, run_trainer, train
 
 
 def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str, str]]:
-    """(prompt messages, response, "file:line") of each example: `sft.path` (prompt/completion JSONL or preference
-    data) or the chosen replies of `data` (but those `data.eval_size` holds out)."""
+    """(prompt messages, response, "file:line") of each example: `sft.path` (prompt/completion records or preference
+    data, in any file the data loader reads) or the chosen replies of `data` (but those `data.eval_size` holds out).
+    The first record decides which: one with a "completion" makes every record a prompt/completion one."""
     path = cfg.sft.path
-    if path and is_jsonl(path):
-        records = list(read_jsonl(path))
-        if records and isinstance(records[0][1], dict) and "completion" in records[0][1]:
-            return [(*parse_completion(rec, source), source) for source, rec in records]
-    pairs = load_pairs(path, "auto")[0] if path else load_data(cfg)
-    return replies(pairs, "chosen")
+    if not path:
+        return replies(load_data(cfg), "chosen")
+    records = read_records(path)
+    first = next(records, None)
+    if first is not None and isinstance(first[1], dict) and "completion" in first[1]:
+        return [(*parse_completion(rec, source), source) for source, rec in chain([first], records)]
+    return replies(load_pairs(path, "auto")[0], "chosen")
 
 
 def without_held_out(
