@@ -680,3 +680,44 @@ def test_fsdp_in_one_process_is_refused_before_training_but_status_reads_the_con
     assert main(["run", str(tmp_path / "c.yaml")]) == 2
     assert one_line_error(capsys.readouterr().err).startswith("align.train.fsdp: FSDP shards a model over several")
     assert not (tmp_path / "out" / "instruct").exists()
+
+
+@pytest.mark.parametrize(
+    ("code", "strerror", "status", "fix"),
+    [
+        (28, "No space left on device", 1, "free space there (or point output_dir elsewhere) and run again"),
+        (13, "Permission denied", 2, "give this user access to it (or point the setting elsewhere)"),
+    ],
+)
+def test_a_full_disk_or_a_refused_write_is_one_line_and_leaves_nothing_half_written(
+    tmp_path, tiny_model_dir, pairs_file, monkeypatch, capsys, code, strerror, status, fix
+):
+    import rahf.artifacts
+
+    def refuse() -> dict:  # called as the finished stage's manifest is written
+        raise OSError(code, strerror, str(out / ".instruct.tmp-x/rahf_manifest.json"))
+
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(run_settings(tiny_model_dir, pairs_file, out, "scit", stages=["instruct"])))
+    monkeypatch.setattr(rahf.artifacts, "versions", refuse)
+    assert main(["run", str(cfg)]) == status
+    err = capsys.readouterr().err
+    assert one_line_error(err[err.index("rahf: error: ") :]) == (  # after the stage's progress bars
+        f"{strerror}: {out}/.instruct.tmp-x/rahf_manifest.json; {fix}; {out / 'instruct'} (half-written) was removed, "
+        "finished stages are kept"
+    )
+    assert not (out / "instruct").exists() and not list(out.glob(".instruct.tmp-*"))
+
+
+def test_other_os_errors_keep_their_traceback(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    import rahf.cli
+
+    def fail(args) -> None:
+        raise OSError(5, "Input/output error")  # not one the user can fix from a message: the traceback says where
+
+    monkeypatch.setattr(rahf.cli, "_cmd_status", fail)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit")))
+    with pytest.raises(OSError, match="Input/output error"):
+        main(["status", str(cfg)])

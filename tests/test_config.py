@@ -101,6 +101,15 @@ def test_repeated_and_empty_layers(base):
     assert load_config(None, with_(base, layers=[4, 1])).layers == [4, 1]
 
 
+def test_a_model_config_with_a_field_of_the_wrong_type_is_one_line(base, tiny_model_dir, tmp_path):
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (model / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": "x"}')
+    msg = error_of(None, with_(base, model=str(model), layers=[1]))  # the layers are checked against the model
+    assert msg.startswith(f"model: cannot read the config of '{model}'") and "num_hidden_layers" in msg, msg
+
+
 def test_nan_alpha_in_yaml(base, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(f"model: {base['model']}\ndata:\n  path: {base['data']['path']}\nalpha: .nan\n")
@@ -163,6 +172,24 @@ def test_train_numbers_are_read_as_their_fields_type(base, tmp_path):
     for bad in (math.nan, math.inf, "nan", "-inf"):
         msg = error_of(None, with_(base, sft__train={"learning_rate": bad}))
         assert msg.startswith("sft.train.learning_rate: must be a finite number")
+
+
+def test_a_train_number_spelled_as_int_or_float_is_one_setting(base):
+    """`max_grad_norm: 1` and `1.0` are one value and one fingerprint: a rerun spelling it the other way finds its
+    stages fresh."""
+    from rahf.pipeline import stage_fingerprint
+
+    def step1(**train):
+        return load_config(None, with_(base, instruct__train=train))
+
+    for key in ("max_grad_norm", "weight_decay", "num_train_epochs", "warmup_steps", "logging_steps", "adam_beta2"):
+        a, b = step1(**{key: 1}), step1(**{key: 1.0})
+        assert a.instruct.train[key] == b.instruct.train[key] == 1 and type(b.instruct.train[key]) is int, key
+        assert stage_fingerprint(a, "instruct")[0] == stage_fingerprint(b, "instruct")[0], key
+    assert step1(logging_steps=0.5).instruct.train["logging_steps"] == 0.5  # a ratio stays one
+    assert type(step1(learning_rate="1e-3").instruct.train["learning_rate"]) is float
+    fp = [stage_fingerprint(step1(max_grad_norm=n), "instruct")[0] for n in (1, 2)]
+    assert fp[0] != fp[1]
 
 
 def test_train_numbers_in_compare_overrides_reach_the_trainer_as_numbers(base, tmp_path):

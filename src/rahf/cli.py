@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -252,6 +253,17 @@ def _quiet_other_processes() -> None:
         warnings.filterwarnings("ignore")
 
 
+# OSErrors that say what the machine refused rather than what rahf got wrong: one line and a fix, not a traceback
+# (the stage being written is removed on the way out, as for Ctrl-C)
+_MACHINE_ERRORS = {
+    errno.ENOSPC: "free space there (or point output_dir elsewhere) and run again",
+    errno.EDQUOT: "free space within your quota there (or point output_dir elsewhere) and run again",
+    errno.EACCES: "give this user access to it (or point the setting elsewhere)",
+    errno.EPERM: "give this user access to it (or point the setting elsewhere)",
+    errno.EROFS: "point output_dir at a writable file system",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # argparse ends CONFIG [key=value ...] at the first flag; overrides after it (`run c.yaml --force alpha=3`)
@@ -288,6 +300,18 @@ def main(argv: list[str] | None = None) -> int:
         elif distributed.WORKING and not isinstance(e, (ConfigError, DataError)):  # those, every process meets
             print(f"rahf: error (process {distributed.rank()}): {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _MACHINE_ERRORS:
+            raise
+        from .distributed import WORKING, is_main, rank
+
+        where = f" (process {rank()})" if WORKING and not is_main() else ""
+        what = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        left = f"{ABANDONED[0]} (half-written) was removed, " if ABANDONED else ""
+        print(
+            f"rahf: error{where}: {what}; {_MACHINE_ERRORS[e.errno]}; {left}finished stages are kept", file=sys.stderr
+        )
+        return 2 if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else 1
     except KeyboardInterrupt:  # Ctrl-C: the stage being written was removed on the way out (atomic_dir)
         from .distributed import is_main
 

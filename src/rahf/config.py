@@ -697,8 +697,8 @@ def _numbers_read(value: Any) -> Any:
 
 def _train_value(key: str, value: Any, hint: Any) -> Any:
     """A `train:` value as its field's type takes it, else a ConfigError naming the key: YAML 1.1 reads `1e-3` as a
-    string, which the optimizer would refuse only once the model has loaded; an int field refuses 1.5 and a float
-    field takes 2; null, lists and mappings only where the type has them; an enum field only its values."""
+    string, which the optimizer would refuse only once the model has loaded; an int field refuses 1.5, and a whole
+    number reads as an int in any number field (2.0 as 2); null, lists and mappings only where the type has them; an enum field only its values."""
     kinds = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
     enums = _enums(kinds)
     origins = {get_origin(k) or k for k in kinds} - enums
@@ -739,11 +739,11 @@ def _train_value(key: str, value: Any, hint: Any) -> Any:
         return value
     if not math.isfinite(value):
         raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if float(value).is_integer():  # 1 and 1.0 are one setting: one value in the manifest, one fingerprint
+        return int(value)  # (an int, as TrainingArguments' own defaults for steps are)
     if float in numeric:
-        return value
-    if not float(value).is_integer():
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    return int(value)
+        return float(value)
+    raise ConfigError(f"{key}: expected an integer, got {value!r}")
 
 
 def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]:
@@ -1187,11 +1187,12 @@ def _check_revisions(cfg: RahfConfig) -> None:
 def model_config(key: str, name: str, revision: str | None, trust_remote_code: bool):
     """The transformers config of model `name` (the value of config key `key`); one that cannot be read (a
     misspelt id, a Hub model not cached offline) is a ConfigError naming the key."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as e:  # TypeError: a field of the wrong type (strict configs)
+    except (OSError, ValueError, TypeError, StrictDataclassError) as e:  # the last two: a field of the wrong type
         at = f" at revision {revision!r}" if revision else ""
         raise ConfigError(f"{key}: cannot read the config of {name!r}{at} ({str(e).splitlines()[0]})") from None
 
