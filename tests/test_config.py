@@ -192,6 +192,26 @@ def test_a_train_number_spelled_as_int_or_float_is_one_setting(base):
     assert fp[0] != fp[1]
 
 
+def test_a_number_that_is_not_finite_inside_a_train_mapping_is_refused(base):
+    for bad in (math.nan, -math.inf):  # YAML .nan and -.inf
+        train = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": bad}}
+        msg = error_of(None, with_(base, align__train=train))
+        assert msg.startswith("align.train.lr_scheduler_kwargs.min_lr: must be a finite number"), msg
+    nested = {"model_init_kwargs": {"a": [1.0, math.inf]}}
+    assert error_of(None, with_(base, sft__train=nested)).startswith(
+        "sft.train.model_init_kwargs.a[1]: must be a finite"
+    )
+
+
+def test_a_dpo_loss_trl_does_not_know_is_refused_before_anything_trains(base):
+    assert load_config(None, with_(base, method="dpo", dpo__loss_type="ipo")).dpo.loss_type == "ipo"
+    assert load_config(None, with_(base, method="dpo", dpo__train={"loss_type": ["sigmoid", "sft"]}))
+    msg = error_of(None, with_(base, method="dpo", dpo__loss_type="foo"))
+    assert msg.startswith("dpo.loss_type: 'foo' is not a loss of trl's DPOTrainer (known: sigmoid, hinge, ipo"), msg
+    msg = error_of(None, with_(base, method="dpo", dpo__train={"loss_type": ["sigmoid", "sigmiod"]}))
+    assert msg.startswith("dpo.train.loss_type: 'sigmiod' is not a loss of trl's DPOTrainer"), msg
+
+
 def test_train_numbers_in_compare_overrides_reach_the_trainer_as_numbers(base, tmp_path):
     from transformers import TrainingArguments
 

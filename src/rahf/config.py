@@ -685,14 +685,19 @@ def _enums(kinds: tuple) -> set[type]:
 _YAML11_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-5: a string to YAML 1.1, a number to 1.2
 
 
-def _numbers_read(value: Any) -> Any:
+def _numbers_read(value: Any, key: str) -> Any:
     """A mapping inside `train:` (lr_scheduler_kwargs, model_init_kwargs) with numbers that YAML 1.1 left as text
-    (`min_lr: 1e-5`) read as numbers: no field type says what they are, and a scheduler would divide by the text."""
+    (`min_lr: 1e-5`) read as numbers: no field type says what they are, and a scheduler would divide by the text.
+    A number that is not finite is a ConfigError naming its key (a NaN `min_lr` trains at learning rate 0)."""
     if isinstance(value, dict):
-        return {k: _numbers_read(v) for k, v in value.items()}
+        return {k: _numbers_read(v, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, list):
-        return [_numbers_read(v) for v in value]
-    return float(value) if isinstance(value, str) and _YAML11_FLOAT_TEXT.fullmatch(value.strip()) else value
+        return [_numbers_read(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str) and _YAML11_FLOAT_TEXT.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    return value
 
 
 def _train_value(key: str, value: Any, hint: Any) -> Any:
@@ -718,7 +723,7 @@ def _train_value(key: str, value: Any, hint: Any) -> Any:
         if type(value) not in origins:
             raise ConfigError(f"{key}: expected {_expected(kinds)}, got {KIND_NAMES[type(value)]}")
         if isinstance(value, dict):
-            return _numbers_read(value)
+            return _numbers_read(value, key)
         return [_train_value(f"{key}[{i}]", v, item[0]) for i, v in enumerate(value)]
     if isinstance(value, str) and (enums or (literals and str not in kinds)):
         names = [str(m.value) for e in enums for m in e] + [str(a) for a in literals]
@@ -867,6 +872,22 @@ def _check_llm(cfg: RahfConfig) -> None:
             "evaluate.llm.base_url: holds credentials (user:password@), which would be written to every manifest; "
             "drop them and put the key in the environment variable evaluate.llm.api_key_env names"
         )
+
+
+def _check_dpo_loss(cfg: RahfConfig) -> None:
+    """`dpo.loss_type` (and a `loss_type` in `dpo.train`, which takes precedence) must be a loss the installed TRL
+    knows: DPOTrainer would refuse an unknown one only at its first step, after SFT has trained."""
+    from trl import DPOConfig
+
+    help_text = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type").metadata.get("help", "")
+    known = re.findall(r"`'(\w+)'`", help_text.split("Possible values are:")[-1].split(".")[0])
+    if not known:  # a TRL that words its help otherwise: DPOTrainer checks
+        return
+    given = cfg.dpo.train.get("loss_type")
+    for key, names in (("dpo.loss_type", [cfg.dpo.loss_type]), ("dpo.train.loss_type", given)):
+        for name in [names] if isinstance(names, str) else names or []:
+            if name not in known:
+                raise ConfigError(f"{key}: {name!r} is not a loss of trl's DPOTrainer (known: {', '.join(known)})")
 
 
 def _check_dropout(cfg: RahfConfig) -> None:
@@ -1085,6 +1106,7 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
         )
     _check_ranges(cfg)
     _check_train(cfg)
+    _check_dpo_loss(cfg)
     _check_dropout(cfg)
     _check_llm(cfg)
     for i, method in enumerate(cfg.compare.methods):
