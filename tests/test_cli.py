@@ -658,6 +658,22 @@ def test_demo_refuses_an_out_that_is_a_file(tmp_path, capsys):
     assert "--out: " in capsys.readouterr().err and (tmp_path / "f.txt").read_text() == ""
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--label-noise", "1.5"], "--label-noise: must be in [0, 1), got 1.5"),
+        (["--seed", "-1"], "--seed: must be in [0, 4294967295], got -1"),
+    ],
+)
+def test_demo_flags_out_of_range_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "results.json").write_text("{}")  # an earlier demo's
+    assert main(["demo", "--quick", "--out", str(out), *flags]) == 2
+    assert one_line_error(capsys.readouterr().err) == message
+    assert [p.name for p in out.iterdir()] == ["results.json"] and (out / "results.json").read_text() == "{}"
+
+
 @pytest.mark.parametrize("stage", ["sft", "reward", "instruct"])
 def test_a_stage_command_outside_stages_without_data_path_names_the_key(tiny_model_dir, tmp_path, capsys, stage):
     settings = {"model": str(tiny_model_dir), "output_dir": str(tmp_path / "out"), "stages": ["generate"]}
