@@ -89,15 +89,16 @@ def _hash_file(path: Path, h: hashlib._Hash) -> None:
 
 
 def fingerprint_path(path: str | os.PathLike, revision: str | None = None) -> str:
-    """Content hash of a file or folder; a stage artifact contributes its identity (`artifact_identity`); a Hub id
-    the commit that `revision` (default: the default branch) points to; an HF URI the content of the file it names."""
+    """Content hash of a file or folder; an untouched stage artifact contributes its identity (`artifact_identity`);
+    a Hub id the commit that `revision` (default: the default branch) points to; an HF URI the content of the file
+    it names."""
     if is_hub_file(path):
         h = hashlib.sha256()
         _hash_file(download(str(path)), h)
         return h.hexdigest()
     p = Path(path)
-    if (p / MANIFEST).is_file():
-        return artifact_identity(p)
+    if (p / MANIFEST).is_file() and (identity := _untouched_identity(p)):
+        return identity
     h = hashlib.sha256()
     if p.is_file():
         _hash_file(p, h)
@@ -155,6 +156,26 @@ def redacted(value: Any) -> Any:
     if isinstance(value, str):
         return _URL_SECRET_PARAM.sub(r"\1<redacted>", _URL_CREDENTIALS.sub("<redacted>@", value))
     return value
+
+
+def _untouched_identity(folder: Path) -> str | None:
+    """`artifact_identity` of `folder` when it holds exactly the files its manifest lists, as they were written;
+    None when the manifest is damaged or lists no files, or a file was edited, lost or added (a tokenizer file a
+    loader would now read): such a folder is fingerprinted by its content, so what is built on it becomes stale."""
+    try:
+        manifest = read_manifest(folder)
+        listed = manifest.get("files")
+        if (
+            not isinstance(manifest.get("fingerprint"), str)
+            or not isinstance(listed, dict)
+            or not isinstance(manifest.get("file_digests", {}), dict)
+            or lost_files(folder)
+        ):
+            return None
+        present = {str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()}
+    except (OSError, ValueError):  # unreadable: the content hash says which file (`_hash_file`)
+        return None
+    return artifact_identity(folder) if present == {*listed, MANIFEST} else None
 
 
 def artifact_identity(path: str | os.PathLike) -> str:
