@@ -1,12 +1,18 @@
-"""Artifact folders: what a folder holding a manifest fingerprints to."""
+"""Artifact folders: what a folder holding a manifest fingerprints to, and unreadable inputs."""
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from rahf.artifacts import MANIFEST, artifact_identity, atomic_dir, fingerprint_path
+from rahf.cli import main
+from rahf.errors import DataError
 
 
 def make_artifact(folder: Path, fp: str = "fp") -> Path:
@@ -54,3 +60,39 @@ def test_a_folder_with_a_damaged_manifest_is_fingerprinted_by_its_content(tmp_pa
     first = fingerprint_path(folder)
     (folder / "config.json").write_text('{"model_type": "qwen2"}')
     assert fingerprint_path(folder) != first
+
+
+def unreadable(monkeypatch, path: Path) -> None:
+    """Make `path` refuse to be opened, as a file of another user without read permission does (even for root)."""
+    real = Path.open
+
+    def open_(self, *args, **kwargs):
+        if self.resolve() == path.resolve():
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+
+
+@pytest.mark.parametrize("where", ["data file", "model folder", "artifact folder"])
+def test_an_unreadable_file_is_one_line_naming_it(tmp_path, monkeypatch, where):
+    if where == "data file":
+        target = path = tmp_path / "pairs.jsonl"
+        path.write_text('{"prompt": "a"}\n')
+    else:
+        path = make_artifact(tmp_path / "model")
+        if where == "model folder":
+            (path / MANIFEST).unlink()
+        target = path / "tokenizer_config.json"
+    unreadable(monkeypatch, target)
+    with pytest.raises(DataError, match=rf"^cannot read {re.escape(str(target))}: Permission denied$"):
+        fingerprint_path(path)
+
+
+def test_rahf_status_with_an_unreadable_data_file_exits_2(tmp_path, tiny_model_dir, pairs_file, monkeypatch, capsys):
+    data = Path(shutil.copy(pairs_file, tmp_path / "secret.jsonl"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {data}\noutput_dir: {tmp_path / 'out'}\n")
+    unreadable(monkeypatch, data)
+    assert main(["status", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == f"rahf: error: cannot read {data}: Permission denied"

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import RahfError
+from .errors import DataError, RahfError
 from .hubfiles import download, is_hub_file
 
 MANIFEST = "rahf_manifest.json"
@@ -67,13 +67,22 @@ def _hash_file(path: Path, h: hashlib._Hash) -> None:
     remembered for this process under (path, size, inode, modification and change times), so `rahf run` reads
     a large dataset once, not once per stage; any write changes the change time (which, unlike the
     modification time, cannot be set back), so an edited file is always read afresh.
+
+    A DataError when the file cannot be read (no permission, an I/O error).
     """
-    stat = path.stat()
+    try:
+        stat = path.stat()
+        key = _stat_key(path, stat)
+        if key not in _FILE_DIGESTS:
+            _FILE_DIGESTS[key] = _content_digest(path, stat)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     h.update(f"{path.name}:{stat.st_size}".encode())
-    key = _stat_key(path, stat)
-    if key in _FILE_DIGESTS:
-        h.update(_FILE_DIGESTS[key])
-        return
+    h.update(_FILE_DIGESTS[key])
+
+
+def _content_digest(path: Path, stat: os.stat_result) -> bytes:
+    """The digest `_hash_file` takes of the bytes of `path` (of a large weight file, its ends and mtime)."""
     inner = hashlib.sha256()
     with path.open("rb") as f:
         if stat.st_size > LARGE_FILE and path.name.endswith(WEIGHT_SUFFIXES):
@@ -84,8 +93,7 @@ def _hash_file(path: Path, h: hashlib._Hash) -> None:
         else:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 inner.update(chunk)
-    _FILE_DIGESTS[key] = inner.digest()
-    h.update(_FILE_DIGESTS[key])
+    return inner.digest()
 
 
 def fingerprint_path(path: str | os.PathLike, revision: str | None = None) -> str:
