@@ -1,4 +1,5 @@
-"""Artifact folders: what a folder holding a manifest fingerprints to, and unreadable inputs."""
+"""Artifact folders: what a folder holding a manifest fingerprints to, unreadable inputs, and interrupts while an
+artifact is swapped into place."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rahf.artifacts import MANIFEST, artifact_identity, atomic_dir, fingerprint_path
+from rahf import artifacts, pipeline
+from rahf.artifacts import MANIFEST, artifact_identity, atomic_dir, fingerprint_path, read_manifest
 from rahf.cli import main
 from rahf.errors import DataError
 
@@ -96,3 +98,84 @@ def test_rahf_status_with_an_unreadable_data_file_exits_2(tmp_path, tiny_model_d
     unreadable(monkeypatch, data)
     assert main(["status", str(cfg)]) == 2
     assert capsys.readouterr().err.strip() == f"rahf: error: cannot read {data}: Permission denied"
+
+
+def interrupt_rename(monkeypatch, to: str, after: bool) -> None:
+    """Ctrl-C at the first rename of a folder to a name starting with `to`: before it happens, or just after."""
+    real = Path.rename
+
+    def rename(self, target):
+        if not Path(target).name.startswith(to):
+            return real(self, target)
+        monkeypatch.setattr(Path, "rename", real)
+        if after:
+            real(self, target)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "rename", rename)
+
+
+def interrupt_removal(monkeypatch, name: str) -> None:
+    """Ctrl-C as the folder `name` starts to be removed (once)."""
+    real = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name.startswith(name):
+            monkeypatch.setattr(artifacts.shutil, "rmtree", real)
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts.shutil, "rmtree", rmtree)
+
+
+@pytest.mark.parametrize(
+    ("interrupt", "kept"),
+    [
+        (lambda mp: interrupt_rename(mp, ".merged.old-", after=True), "previous"),  # moved aside, nothing in place
+        (lambda mp: interrupt_rename(mp, "merged", after=False), "previous"),
+        (lambda mp: interrupt_rename(mp, "merged", after=True), "new"),
+        (lambda mp: interrupt_removal(mp, ".merged.old-"), "new"),
+    ],
+    ids=["after-moving-aside", "before-moving-in", "after-moving-in", "removing-replaced"],
+)
+def test_ctrl_c_while_swapping_in_an_artifact_keeps_a_finished_one(tmp_path, monkeypatch, interrupt, kept):
+    folder = make_artifact(tmp_path / "merged", "previous")
+    artifacts.ABANDONED.clear()
+    interrupt(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        make_artifact(folder, "new")
+    assert read_manifest(folder)["fingerprint"] == kept and artifacts.files_intact(folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary or replaced copy left
+    assert artifacts.ABANDONED == ([folder] if kept == "previous" else [])  # what the CLI calls half-written
+
+
+@pytest.mark.parametrize(
+    ("interrupt", "said", "kept"),
+    [
+        (lambda mp: interrupt_rename(mp, "sft", after=False), "{out}/sft (half-written) was removed", "previous"),
+        (lambda mp: interrupt_removal(mp, ".sft.old-"), "nothing half-written was left", "new"),
+    ],
+    ids=["before-moving-in", "removing-replaced"],
+)
+def test_ctrl_c_while_replacing_a_stage_says_what_is_left(
+    tmp_path, tiny_model_dir, pairs_file, monkeypatch, capsys, interrupt, said, kept
+):
+    def stage(cfg, tmp: Path) -> None:
+        (tmp / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setitem(pipeline._STAGES, "sft", stage)
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\nmethod: sft\nstages: [sft]\n"
+    )
+    assert main(["sft", str(cfg)]) == 0
+    first = read_manifest(out / "sft")["build"]
+    capsys.readouterr()
+    interrupt(monkeypatch)
+    assert main(["sft", str(cfg)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"rahf: interrupted; {said.format(out=out)}, finished stages are kept"
+    assert sorted(p.name for p in out.iterdir()) == [".rahf.lock", "sft"]
+    assert (read_manifest(out / "sft")["build"] == first) == (kept == "previous")
+    assert main(["status", str(cfg)]) == 0 and " fresh " in capsys.readouterr().out

@@ -283,7 +283,8 @@ def atomic_dir(
 
     The manifest holds `config` (the settings `fp` covers), `inputs` (the fingerprint of each input),
     `run_config` (the whole resolved config) and `extra`; secret-looking values are redacted and nothing
-    is read from the environment.
+    is read from the environment. When the body fails or is interrupted, the new folder is dropped and an artifact
+    it was to replace stays in place (`_undo`).
     """
     final = Path(final)
     try:
@@ -292,6 +293,7 @@ def atomic_dir(
         raise RahfError(f"output_dir: cannot create {final.parent} ({e.strerror}); choose another output_dir") from None
     _remove_leftovers(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"  # where a replaced artifact goes
     tmp.mkdir()
     try:
         yield tmp
@@ -313,16 +315,25 @@ def atomic_dir(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"
             final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        _undo(final, tmp, old)
+        raise
+
+
+def _undo(final: Path, tmp: Path, old: Path) -> None:
+    """After `atomic_dir` stopped (an error, Ctrl-C): leave `final` as it was before, or as the new artifact when
+    that reached its place. Judged from the folders, not from how far the code got, as an interrupt can land just
+    after a rename."""
+    if tmp.exists():  # not in place: the new artifact is dropped, the one it was to replace put back
+        if old.exists() and not final.exists():
+            old.rename(final)
         shutil.rmtree(tmp, ignore_errors=True)
         ABANDONED.append(final)
-        raise
+    else:  # complete and in place (not half-written): only the replaced copy is left to remove
+        shutil.rmtree(old, ignore_errors=True)
 
 
 ABANDONED: list[Path] = []  # artifacts whose writing stopped half-way (their temporary folder removed), in order
