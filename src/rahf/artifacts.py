@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import RahfError
+from .errors import DataError, RahfError
 from .hubfiles import download, is_hub_file
 
 MANIFEST = "rahf_manifest.json"
@@ -67,13 +67,22 @@ def _hash_file(path: Path, h: hashlib._Hash) -> None:
     remembered for this process under (path, size, inode, modification and change times), so `rahf run` reads
     a large dataset once, not once per stage; any write changes the change time (which, unlike the
     modification time, cannot be set back), so an edited file is always read afresh.
+
+    A DataError when the file cannot be read (no permission, an I/O error).
     """
-    stat = path.stat()
+    try:
+        stat = path.stat()
+        key = _stat_key(path, stat)
+        if key not in _FILE_DIGESTS:
+            _FILE_DIGESTS[key] = _content_digest(path, stat)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     h.update(f"{path.name}:{stat.st_size}".encode())
-    key = _stat_key(path, stat)
-    if key in _FILE_DIGESTS:
-        h.update(_FILE_DIGESTS[key])
-        return
+    h.update(_FILE_DIGESTS[key])
+
+
+def _content_digest(path: Path, stat: os.stat_result) -> bytes:
+    """The digest `_hash_file` takes of the bytes of `path` (of a large weight file, its ends and mtime)."""
     inner = hashlib.sha256()
     with path.open("rb") as f:
         if stat.st_size > LARGE_FILE and path.name.endswith(WEIGHT_SUFFIXES):
@@ -84,20 +93,20 @@ def _hash_file(path: Path, h: hashlib._Hash) -> None:
         else:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 inner.update(chunk)
-    _FILE_DIGESTS[key] = inner.digest()
-    h.update(_FILE_DIGESTS[key])
+    return inner.digest()
 
 
 def fingerprint_path(path: str | os.PathLike, revision: str | None = None) -> str:
-    """Content hash of a file or folder; a stage artifact contributes its identity (`artifact_identity`); a Hub id
-    the commit that `revision` (default: the default branch) points to; an HF URI the content of the file it names."""
+    """Content hash of a file or folder; an untouched stage artifact contributes its identity (`artifact_identity`);
+    a Hub id the commit that `revision` (default: the default branch) points to; an HF URI the content of the file
+    it names."""
     if is_hub_file(path):
         h = hashlib.sha256()
         _hash_file(download(str(path)), h)
         return h.hexdigest()
     p = Path(path)
-    if (p / MANIFEST).is_file():
-        return artifact_identity(p)
+    if (p / MANIFEST).is_file() and (identity := _untouched_identity(p)):
+        return identity
     h = hashlib.sha256()
     if p.is_file():
         _hash_file(p, h)
@@ -155,6 +164,26 @@ def redacted(value: Any) -> Any:
     if isinstance(value, str):
         return _URL_SECRET_PARAM.sub(r"\1<redacted>", _URL_CREDENTIALS.sub("<redacted>@", value))
     return value
+
+
+def _untouched_identity(folder: Path) -> str | None:
+    """`artifact_identity` of `folder` when it holds exactly the files its manifest lists, as they were written;
+    None when the manifest is damaged or lists no files, or a file was edited, lost or added (a tokenizer file a
+    loader would now read): such a folder is fingerprinted by its content, so what is built on it becomes stale."""
+    try:
+        manifest = read_manifest(folder)
+        listed = manifest.get("files")
+        if (
+            not isinstance(manifest.get("fingerprint"), str)
+            or not isinstance(listed, dict)
+            or not isinstance(manifest.get("file_digests", {}), dict)
+            or lost_files(folder)
+        ):
+            return None
+        present = {str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()}
+    except (OSError, ValueError):  # unreadable: the content hash says which file (`_hash_file`)
+        return None
+    return artifact_identity(folder) if present == {*listed, MANIFEST} else None
 
 
 def artifact_identity(path: str | os.PathLike) -> str:
@@ -254,7 +283,8 @@ def atomic_dir(
 
     The manifest holds `config` (the settings `fp` covers), `inputs` (the fingerprint of each input),
     `run_config` (the whole resolved config) and `extra`; secret-looking values are redacted and nothing
-    is read from the environment.
+    is read from the environment. When the body fails or is interrupted, the new folder is dropped and an artifact
+    it was to replace stays in place (`_undo`).
     """
     final = Path(final)
     try:
@@ -263,6 +293,7 @@ def atomic_dir(
         raise RahfError(f"output_dir: cannot create {final.parent} ({e.strerror}); choose another output_dir") from None
     _remove_leftovers(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"  # where a replaced artifact goes
     tmp.mkdir()
     try:
         yield tmp
@@ -284,16 +315,25 @@ def atomic_dir(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"
             final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        _undo(final, tmp, old)
+        raise
+
+
+def _undo(final: Path, tmp: Path, old: Path) -> None:
+    """After `atomic_dir` stopped (an error, Ctrl-C): leave `final` as it was before, or as the new artifact when
+    that reached its place. Judged from the folders, not from how far the code got, as an interrupt can land just
+    after a rename."""
+    if tmp.exists():  # not in place: the new artifact is dropped, the one it was to replace put back
+        if old.exists() and not final.exists():
+            old.rename(final)
         shutil.rmtree(tmp, ignore_errors=True)
         ABANDONED.append(final)
-        raise
+    else:  # complete and in place (not half-written): only the replaced copy is left to remove
+        shutil.rmtree(old, ignore_errors=True)
 
 
 ABANDONED: list[Path] = []  # artifacts whose writing stopped half-way (their temporary folder removed), in order

@@ -1,0 +1,181 @@
+"""Artifact folders: what a folder holding a manifest fingerprints to, unreadable inputs, and interrupts while an
+artifact is swapped into place."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rahf import artifacts, pipeline
+from rahf.artifacts import MANIFEST, artifact_identity, atomic_dir, fingerprint_path, read_manifest
+from rahf.cli import main
+from rahf.errors import DataError
+
+
+def make_artifact(folder: Path, fp: str = "fp") -> Path:
+    """A finished artifact of a few tiny files, as a model folder from another run looks."""
+    with atomic_dir(folder, "merge", fp, {}) as tmp:
+        (tmp / "config.json").write_text('{"model_type": "llama"}')
+        (tmp / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+        (tmp / "model.safetensors").write_bytes(b"\x01" * 256)
+    return folder
+
+
+def test_an_untouched_artifact_is_fingerprinted_by_its_identity(tmp_path):
+    folder = make_artifact(tmp_path / "merged")
+    first = fingerprint_path(folder)
+    assert first == artifact_identity(folder)
+    make_artifact(folder)  # rebuilt from the same inputs (--force): what is built on it becomes stale
+    assert fingerprint_path(folder) == artifact_identity(folder) != first
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda f: (f / "tokenizer_config.json").write_text('{"model_max_length": 77}'),
+        lambda f: (f / "model.safetensors").write_bytes(b"\x02" * 256),  # other weights of the same size
+        lambda f: (f / "model.safetensors").unlink(),
+        lambda f: (f / "tokenizer.model").write_bytes(b"spm"),  # a file a loader would now read too
+        lambda f: (f / "sub").mkdir() or (f / "sub" / "x.json").write_text("{}"),
+    ],
+    ids=["edited", "weights-replaced", "file-lost", "file-added", "nested-file-added"],
+)
+def test_a_changed_artifact_folder_is_fingerprinted_by_its_content(tmp_path, change):
+    folder = make_artifact(tmp_path / "merged")
+    identity = fingerprint_path(folder)
+    change(folder)
+    changed = fingerprint_path(folder)
+    assert changed != identity
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 99}')
+    assert fingerprint_path(folder) != changed  # by content: any further edit shows
+
+
+@pytest.mark.parametrize("text", ['{"fingerprint": "fp", "bu', "{}", "[]", '{"fingerprint": "fp", "files": 3}'])
+def test_a_folder_with_a_damaged_manifest_is_fingerprinted_by_its_content(tmp_path, text):
+    folder = make_artifact(tmp_path / "model")
+    (folder / MANIFEST).write_text(text)
+    first = fingerprint_path(folder)
+    (folder / "config.json").write_text('{"model_type": "qwen2"}')
+    assert fingerprint_path(folder) != first
+
+
+def unreadable(monkeypatch, path: Path) -> None:
+    """Make `path` refuse to be opened, as a file of another user without read permission does (even for root)."""
+    real = Path.open
+
+    def open_(self, *args, **kwargs):
+        if self.resolve() == path.resolve():
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+
+
+@pytest.mark.parametrize("where", ["data file", "model folder", "artifact folder"])
+def test_an_unreadable_file_is_one_line_naming_it(tmp_path, monkeypatch, where):
+    if where == "data file":
+        target = path = tmp_path / "pairs.jsonl"
+        path.write_text('{"prompt": "a"}\n')
+    else:
+        path = make_artifact(tmp_path / "model")
+        if where == "model folder":
+            (path / MANIFEST).unlink()
+        target = path / "tokenizer_config.json"
+    unreadable(monkeypatch, target)
+    with pytest.raises(DataError, match=rf"^cannot read {re.escape(str(target))}: Permission denied$"):
+        fingerprint_path(path)
+
+
+def test_rahf_status_with_an_unreadable_data_file_exits_2(tmp_path, tiny_model_dir, pairs_file, monkeypatch, capsys):
+    data = Path(shutil.copy(pairs_file, tmp_path / "secret.jsonl"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {data}\noutput_dir: {tmp_path / 'out'}\n")
+    unreadable(monkeypatch, data)
+    assert main(["status", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == f"rahf: error: cannot read {data}: Permission denied"
+
+
+def interrupt_rename(monkeypatch, to: str, after: bool) -> None:
+    """Ctrl-C at the first rename of a folder to a name starting with `to`: before it happens, or just after."""
+    real = Path.rename
+
+    def rename(self, target):
+        if not Path(target).name.startswith(to):
+            return real(self, target)
+        monkeypatch.setattr(Path, "rename", real)
+        if after:
+            real(self, target)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "rename", rename)
+
+
+def interrupt_removal(monkeypatch, name: str) -> None:
+    """Ctrl-C as the folder `name` starts to be removed (once)."""
+    real = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name.startswith(name):
+            monkeypatch.setattr(artifacts.shutil, "rmtree", real)
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts.shutil, "rmtree", rmtree)
+
+
+@pytest.mark.parametrize(
+    ("interrupt", "kept"),
+    [
+        (lambda mp: interrupt_rename(mp, ".merged.old-", after=True), "previous"),  # moved aside, nothing in place
+        (lambda mp: interrupt_rename(mp, "merged", after=False), "previous"),
+        (lambda mp: interrupt_rename(mp, "merged", after=True), "new"),
+        (lambda mp: interrupt_removal(mp, ".merged.old-"), "new"),
+    ],
+    ids=["after-moving-aside", "before-moving-in", "after-moving-in", "removing-replaced"],
+)
+def test_ctrl_c_while_swapping_in_an_artifact_keeps_a_finished_one(tmp_path, monkeypatch, interrupt, kept):
+    folder = make_artifact(tmp_path / "merged", "previous")
+    artifacts.ABANDONED.clear()
+    interrupt(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        make_artifact(folder, "new")
+    assert read_manifest(folder)["fingerprint"] == kept and artifacts.files_intact(folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary or replaced copy left
+    assert artifacts.ABANDONED == ([folder] if kept == "previous" else [])  # what the CLI calls half-written
+
+
+@pytest.mark.parametrize(
+    ("interrupt", "said", "kept"),
+    [
+        (lambda mp: interrupt_rename(mp, "sft", after=False), "{out}/sft (half-written) was removed", "previous"),
+        (lambda mp: interrupt_removal(mp, ".sft.old-"), "nothing half-written was left", "new"),
+    ],
+    ids=["before-moving-in", "removing-replaced"],
+)
+def test_ctrl_c_while_replacing_a_stage_says_what_is_left(
+    tmp_path, tiny_model_dir, pairs_file, monkeypatch, capsys, interrupt, said, kept
+):
+    def stage(cfg, tmp: Path) -> None:
+        (tmp / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setitem(pipeline._STAGES, "sft", stage)
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\nmethod: sft\nstages: [sft]\n"
+    )
+    assert main(["sft", str(cfg)]) == 0
+    first = read_manifest(out / "sft")["build"]
+    capsys.readouterr()
+    interrupt(monkeypatch)
+    assert main(["sft", str(cfg)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"rahf: interrupted; {said.format(out=out)}, finished stages are kept"
+    assert sorted(p.name for p in out.iterdir()) == [".rahf.lock", "sft"]
+    assert (read_manifest(out / "sft")["build"] == first) == (kept == "previous")
+    assert main(["status", str(cfg)]) == 0 and " fresh " in capsys.readouterr().out
