@@ -152,7 +152,11 @@ def test_ctrl_c_while_swapping_in_an_artifact_keeps_a_finished_one(tmp_path, mon
 @pytest.mark.parametrize(
     ("interrupt", "said", "kept"),
     [
-        (lambda mp: interrupt_rename(mp, "sft", after=False), "{out}/sft (half-written) was removed", "previous"),
+        (
+            lambda mp: interrupt_rename(mp, "sft", after=False),
+            "the new {out}/sft (half-written) was removed, the earlier one kept",
+            "previous",
+        ),
         (lambda mp: interrupt_removal(mp, ".sft.old-"), "nothing half-written was left", "new"),
     ],
     ids=["before-moving-in", "removing-replaced"],

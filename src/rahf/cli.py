@@ -268,6 +268,16 @@ _MACHINE_ERRORS = {
 }
 
 
+def _abandoned() -> str:
+    """What became of the artifact whose writing stopped: removed, with the finished one it was replacing kept."""
+    final = ABANDONED[0]
+    return (
+        f"the new {final} (half-written) was removed, the earlier one kept"
+        if final.exists()
+        else (f"{final} (half-written) was removed")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # argparse ends CONFIG [key=value ...] at the first flag; overrides after it (`run c.yaml --force alpha=3`)
@@ -311,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
         where = f" (process {rank()})" if WORKING and not is_main() else ""
         what = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-        left = f"{ABANDONED[0]} (half-written) was removed, " if ABANDONED else ""
+        left = f"{_abandoned()}, " if ABANDONED else ""
         print(
             f"rahf: error{where}: {what}; {_MACHINE_ERRORS[e.errno]}; {left}finished stages are kept", file=sys.stderr
         )
@@ -319,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the stage being written was removed on the way out (atomic_dir)
         from .distributed import is_main
 
-        what = f"{ABANDONED[0]} (half-written) was removed" if ABANDONED else "nothing half-written was left"
+        what = _abandoned() if ABANDONED else "nothing half-written was left"
         if is_main():  # the only process that writes
             print(f"rahf: interrupted; {what}, finished stages are kept", file=sys.stderr)
         return 130
