@@ -653,6 +653,58 @@ def test_an_adapter_on_a_plain_step1_model_names_it(scit_run):
     assert "into the base first" not in (align / "README.md").read_text()
 
 
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("dual", {}),
+        ("preferred-sft", {}),
+        ("scit", {"instruct__finetune": "lora"}),
+        ("dpo", {"dpo__lora": {"r": 4, "alpha": 8.0, "dropout": 0.0}, "dpo__train": {"max_steps": 2}}),
+    ],
+)
+def test_a_copied_run_loads_its_step1_adapters_on_its_own_sft_model(
+    method, extra, tiny_model_dir, pairs_file, tmp_path
+):
+    """A run folder copied to branch off (`cp -r a b`): the step-1 adapters in b still name a's sft/ as their base
+    (for PEFT), and rahf loads them on b's own, the model their fingerprints cover, whatever became of a's."""
+    from peft import PeftModel
+
+    from rahf.models import load_model
+    from rahf.training import load_adapters
+
+    def cfg_in(out: Path):
+        sft = {"max_steps": 2, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "disable_tqdm": True}
+        settings = run_settings(
+            tiny_model_dir, pairs_file, out, method, stages=["sft", "instruct"], sft__train=sft, **extra
+        )
+        return load_config(None, settings)
+
+    a = cfg_in(tmp_path / "a")
+    pipeline.run(a)
+    shutil.copytree(a.output_dir, tmp_path / "b")
+    shutil.rmtree(a.output_dir)  # or trained again, on other settings: b must not read it
+    b = cfg_in(tmp_path / "b")
+    assert pipeline.describe(b).count(" fresh ") == 2
+    side = "preferred" if method in ("dual", "preferred-sft") else None
+    step1 = pipeline.stage_dir(b, "instruct")
+    adapter = step1 / side if side else step1
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(pipeline.stage_dir(a, "sft"))  # as written: PEFT users load it with its base
+    own = load_model(str(pipeline.stage_dir(b, "sft")))
+    ids = torch.tensor([[5, 9, 14, 22, 7, 3]])
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(own, str(adapter)).merge_and_unload()(ids).logits
+        loaded = [load_stage_model(step1, b, adapter=side)]  # generate's and evaluate's final model, merge's policy
+        if method in ("dual", "scit"):
+            loaded.append(pipeline.load_policy(b))  # collect's and align's
+        for model in loaded:
+            torch.testing.assert_close(model(ids).logits, expected)
+        if method == "dual":  # collect's one base with both adapters
+            shared = load_adapters(step1, b, ("preferred", "dispreferred"))
+            shared.set_adapter("preferred")
+            torch.testing.assert_close(shared(ids).logits, expected)
+
+
 # ---------------------------------------------------------------- freshness
 
 

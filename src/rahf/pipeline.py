@@ -702,13 +702,13 @@ def check_model_ids(cfg: RahfConfig, stages: list[str]) -> None:
     from .config import model_config
     from .models import load_tokenizer
     from .reward import MINILM
+    from .training import adapter_base
 
     if "generate" in stages and cfg.generate.model:
         name, revision = cfg.generate.model, cfg.revision_of(cfg.generate.model)
-        adapter = Path(name).expanduser() / "adapter_config.json"
-        if adapter.is_file():  # a PEFT adapter, merged into its base as it loads: that base must be readable
-            settings = json.loads(adapter.read_text())
-            name, revision = settings.get("base_model_name_or_path"), settings.get("revision")
+        folder = Path(name).expanduser()
+        if (folder / "adapter_config.json").is_file():  # a PEFT adapter, merged into its base as it loads: that
+            name, revision = adapter_base(folder, cfg)  # base must be readable
         model_config("generate.model", name, revision, cfg.trust_remote_code)
     if "reward" in stages and cfg.reward.model not in (None, MINILM):
         model_config("reward.model", cfg.reward.model, cfg.revision_of(cfg.reward.model), cfg.trust_remote_code)
@@ -1007,8 +1007,7 @@ def _align(cfg: RahfConfig, out: Path) -> dict:
         return {}
     base = {"model": str(step1_path(cfg))}
     if adapter := step1_adapter(cfg):  # the adapter's config names the step-1 adapter's base: merge this first
-        base = {"model": json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]}
-        base["merge_first"] = str(adapter)
+        base = {"model": base_model_path(cfg), "merge_first": str(adapter)}
     stats = {"layers": layers, "alpha": cfg.alpha, "adapter_base": base}
     stats["target_fit"] = json.loads((out / "target_fit.json").read_text())
     if (out / "target_fit_eval.json").is_file():

@@ -341,19 +341,35 @@ def _outside_language_model(model) -> str | None:
 
 
 def load_stage_model(path: str | Path, cfg: RahfConfig, adapter: str | None = None, device: str | None = None):
-    """A model folder, or a PEFT adapter folder (merged into its base), as a plain eval-mode model.
+    """A model folder, or a PEFT adapter folder (merged into its base, `adapter_base`), as a plain eval-mode model.
 
     `adapter` picks a sub-folder, e.g. Dual's `preferred` adapter under the instruct artifact.
     """
     path = Path(path) / adapter if adapter else Path(path)
     if (path / "adapter_config.json").is_file():
-        from peft import PeftConfig, PeftModel
+        from peft import PeftModel
 
-        adapter_cfg = PeftConfig.from_pretrained(str(path))
-        base_path, revision = adapter_cfg.base_model_name_or_path, adapter_cfg.revision
-        base = load_model(base_path, cfg.dtype, cfg.trust_remote_code, device, revision)
+        name, revision = adapter_base(path, cfg)
+        base = load_model(name, cfg.dtype, cfg.trust_remote_code, device, revision)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
     return load_model(str(path), cfg.dtype, cfg.trust_remote_code, device or default_device(), cfg.revision_of(path))
+
+
+def adapter_base(path: str | Path, cfg: RahfConfig) -> tuple[str, str | None]:
+    """(model, revision) that the PEFT adapter folder `path` is loaded on. For an adapter of this run's step 1 (in its
+    instruct artifact) that is the model step 1 starts from now (`pipeline.base_model_path`), which the artifact's
+    fingerprint covers; its `adapter_config.json` names the folder it was trained on, for PEFT users, and that may be
+    another run's after a run folder is copied (or the old place after one is moved). Any other adapter: the base its
+    config names."""
+    from peft import PeftConfig
+
+    from .pipeline import base_model_path, stage_dir
+
+    if Path(path).resolve().is_relative_to(stage_dir(cfg, "instruct").resolve()):
+        base = base_model_path(cfg)
+        return base, cfg.revision_of(base)
+    recorded = PeftConfig.from_pretrained(str(path))
+    return recorded.base_model_name_or_path, recorded.revision
 
 
 def has_adapters(path: str | Path, names: tuple[str, ...]) -> bool:
@@ -362,18 +378,17 @@ def has_adapters(path: str | Path, names: tuple[str, ...]) -> bool:
 
 
 def load_adapters(path: str | Path, cfg: RahfConfig, names: tuple[str, ...]):
-    """One base model carrying the PEFT adapters of sub-folders `names` of `path`, unmerged, in eval mode.
+    """One base model (`adapter_base`) carrying the PEFT adapters of sub-folders `names` of `path`, unmerged, in eval
+    mode.
 
     The base weights are held once; `set_adapter(name)` picks the adapter the next forward uses.
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
-    first = str(Path(path) / names[0])
-    adapter_cfg = PeftConfig.from_pretrained(first)
-    base = load_model(
-        adapter_cfg.base_model_name_or_path, cfg.dtype, cfg.trust_remote_code, revision=adapter_cfg.revision
-    )
-    model = PeftModel.from_pretrained(base, first, adapter_name=names[0])
+    first = Path(path) / names[0]
+    name, revision = adapter_base(first, cfg)
+    base = load_model(name, cfg.dtype, cfg.trust_remote_code, revision=revision)
+    model = PeftModel.from_pretrained(base, str(first), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(Path(path) / name), adapter_name=name)
     return model.eval()
