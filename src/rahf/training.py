@@ -54,15 +54,43 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def last_checkpoint(folder: str | Path) -> Path | None:
-    """The newest checkpoint in `folder` that a Trainer can resume from: `trainer_state.json` is written last, so a
-    checkpoint cut short by a kill lacks it (or holds it cut short), and one saved with `save_only_model` holds no
-    optimizer state."""
+    """The newest checkpoint in `folder` that a Trainer can resume from as if it had never stopped (`complete`)."""
     found = []
     for path in Path(folder).glob("checkpoint-*"):
         step = path.name.removeprefix("checkpoint-")
-        if step.isdigit() and (path / "optimizer.pt").is_file() and checkpoint_step(path) is not None:
+        if step.isdigit() and complete(path):
             found.append((int(step), path))
     return max(found)[1] if found else None
+
+
+# What the Trainer saves in a checkpoint besides its weights and trainer state: without the schedule it silently
+# restores no optimizer state either, and without the random state the data order and dropout differ
+_RESUME_STATE = ("optimizer.pt", "scheduler.pt")
+_WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def complete(checkpoint: Path) -> bool:
+    """Whether `checkpoint` holds all a Trainer resumes from: weights (one file, or an index and every shard it
+    names), optimizer, schedule and random state, and a readable trainer state. That is written last, so a checkpoint
+    cut short by a kill lacks it; one saved with `save_only_model` has no optimizer state; one whose deletion was
+    interrupted (any file may go first) can lack anything."""
+    if checkpoint_step(checkpoint) is None or not all((checkpoint / f).is_file() for f in _RESUME_STATE):
+        return False
+    if not any(checkpoint.glob("rng_state*.pth")):  # rng_state.pth, or rng_state_<process>.pth for several
+        return False
+    return any((checkpoint / f).is_file() for f in _WEIGHTS) or any(
+        _shards_present(checkpoint / f) for f in _WEIGHT_INDEXES
+    )
+
+
+def _shards_present(index: Path) -> bool:
+    """Whether the sharded-weights `index` is readable and every shard it names is there."""
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(shards) and all((index.parent / name).is_file() for name in shards)
 
 
 def checkpoint_step(checkpoint: Path) -> tuple[int, int] | None:
