@@ -1256,6 +1256,43 @@ def test_a_model_that_cannot_be_read_stops_the_run_before_anything_is_written(pa
     pipeline.preflight(load_config(None, local | own))
 
 
+def test_a_local_model_folder_whose_tokenizer_cannot_be_loaded_stops_the_run_before_anything_is_written(
+    pairs_file, tmp_path, tiny_model_dir
+):
+    """A tokenizer.json cut short (or one transformers cannot use) in any local model folder the run reads stops it in
+    preflight, naming the key, not the stage that loads it after the earlier ones trained (`generate` last)."""
+    from rahf.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "tokenizer.json").write_text("{")
+    unusable = tmp_path / "unusable"
+    shutil.copytree(tiny_model_dir, unusable)
+    (unusable / "tokenizer.json").write_text('{"version": "1.0"}')  # valid JSON: transformers raises a KeyError
+    out = tmp_path / "out"
+    settings = run_settings(tiny_model_dir, pairs_file, out, "scit")
+    generate = {"model": str(broken), "prompts": str(pairs_file)}
+    judge = {"judge_model": str(broken), "pairs": str(pairs_file)}
+    cases = [
+        ("model", settings | {"model": str(broken)}),
+        ("model", settings | {"model": str(unusable)}),
+        ("generate.model", settings | {"stages": [*STAGES, "generate"], "generate": generate}),
+        ("reward.model", settings | {"stages": ["reward"], "reward": {"model": str(broken)}}),
+        ("evaluate.judge_model", settings | {"stages": ["evaluate"], "evaluate": judge}),
+        ("ppo.reward_model", run_settings(tiny_model_dir, pairs_file, out, "rlhf-ppo", ppo__reward_model=str(broken))),
+    ]
+    for key, case in cases:
+        with pytest.raises(
+            ConfigError, match=rf"^{key}: .*: cannot load the tokenizer \((JSONDecode|Key)Error: .*save"
+        ):
+            pipeline.preflight(load_config(None, case))
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(settings | {"stages": [*STAGES, "generate"], "generate": generate}))
+    assert main(["run", str(config)]) == 2
+    assert not out.exists()  # not even the lock file
+    pipeline.preflight(load_config(None, settings | {"stages": ["instruct"], "generate": generate}))  # not read
+
+
 def test_the_prompt_budget_is_checked_only_for_stages_that_fit_prompts_with_this_runs_tokenizer(
     pairs_file, tmp_path, tiny_model_dir
 ):

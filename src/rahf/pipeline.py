@@ -718,9 +718,11 @@ def _will_train_ppo(cfg: RahfConfig, stage: str | None) -> bool:
 
 def check_model_ids(cfg: RahfConfig, stages: list[str]) -> None:
     """The other models the stages load (`generate.model`, `reward.model`, `tokenizer`) must be readable: a misspelt
-    Hub id, or one not cached offline, stops the run here rather than after the earlier stages trained."""
-    from .config import model_config
-    from .models import load_tokenizer
+    Hub id, or one not cached offline, stops the run here rather than after the earlier stages trained. So must the
+    tokenizer of every local model folder the run reads (one cut short or malformed would otherwise stop the stage
+    that loads it, maybe `generate` after the model trained): a Hub model's is left to its stage, which may find it
+    in the cache."""
+    from .config import get_dotted, model_config
     from .reward import MINILM
     from .training import adapter_base
 
@@ -733,10 +735,33 @@ def check_model_ids(cfg: RahfConfig, stages: list[str]) -> None:
     if "reward" in stages and cfg.reward.model not in (None, MINILM):
         model_config("reward.model", cfg.reward.model, cfg.revision_of(cfg.reward.model), cfg.trust_remote_code)
     if "sft" in stages and cfg.tokenizer:
-        try:
-            load_tokenizer(cfg.tokenizer, cfg.trust_remote_code, cfg.revision_of(cfg.tokenizer))
-        except LoadError as e:
-            raise ConfigError(f"tokenizer: {e}") from None
+        _check_tokenizer(cfg, "tokenizer", cfg.tokenizer)
+    reads = {
+        "model": not cfg.tokenizer,  # the run's tokenizer, unless `tokenizer` replaces it (sft saves that one)
+        "generate.model": "generate" in stages,
+        "reward.model": "reward" in stages and cfg.reward.model != MINILM,
+        "evaluate.judge_model": "evaluate" in stages,
+        "ppo.reward_model": "instruct" in stages and cfg.method == "rlhf-ppo",
+    }
+    for key, read in reads.items():
+        value = get_dotted(cfg, key)
+        if read and value and Path(value).expanduser().is_dir():
+            _check_tokenizer(cfg, key, value)
+
+
+def _check_tokenizer(cfg: RahfConfig, key: str, name: str) -> None:
+    """The tokenizer of `name` (the value of model key `key`) loads, else a ConfigError naming the key."""
+    from .models import load_tokenizer
+
+    try:
+        load_tokenizer(name, cfg.trust_remote_code, cfg.revision_of(name))
+    except ConfigError as e:  # it loads, and lacks what rahf needs (an EOS token)
+        raise ConfigError(f"{key}: {e}") from None
+    # LoadError, and what transformers raises on some malformed files itself (KeyError, AttributeError)
+    except Exception as e:  # noqa: BLE001
+        reason = str(e) if isinstance(e, LoadError) else f"{name}: cannot load the tokenizer ({type(e).__name__}: {e})"
+        fix = "; save the tokenizer there again (tokenizer.save_pretrained)" if Path(name).expanduser().is_dir() else ""
+        raise ConfigError(f"{key}: {reason.splitlines()[0][:400]}{fix}") from None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -809,7 +834,8 @@ def check_prompt_room(cfg: RahfConfig, instructed: bool) -> None:
     """A one-word query must fit data.max_prompt_length (beside each instruction when `instructed`), else every
     prompt fails later, maybe after earlier stages have trained.
 
-    Best effort: a tokenizer that cannot be loaded here is left for the stage itself to report.
+    Best effort: a tokenizer that cannot be loaded here (a Hub model's not in the cache offline; a local folder's is
+    checked by `check_model_ids`) is left for the stage itself to report.
     """
     from .models import load_tokenizer
     from .stimuli import truncate_prompt
