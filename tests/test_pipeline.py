@@ -804,6 +804,61 @@ def test_changed_data_redoes_everything_from_instruct(tiny_model_dir, tmp_path, 
     assert pipeline.describe(cfg).count(" fresh ") == len(STAGES)
 
 
+def test_how_a_path_is_spelled_counts_only_through_its_content(
+    scit_run, tiny_model_dir, pairs_file, tmp_path, monkeypatch
+):
+    """The same data file and model folder given by an absolute path, a relative one, through a symlinked folder or
+    with `//`: every fingerprint is the same, and the artifacts stay fresh. Another file with other content still
+    names what changed; a manifest that recorded the path (rahf 0.1.0 before this) stays fresh too."""
+    from rahf.artifacts import fingerprint
+
+    (tmp_path / "data").symlink_to(pairs_file.parent)
+    (tmp_path / "models").symlink_to(tiny_model_dir.parent)
+    monkeypatch.chdir(tmp_path)
+    spellings = [
+        (tiny_model_dir, pairs_file),
+        (os.path.relpath(tiny_model_dir), os.path.relpath(pairs_file)),
+        (Path("models", tiny_model_dir.name), Path("data", pairs_file.name)),
+        (f"{tiny_model_dir.parent}//{tiny_model_dir.name}", f"{pairs_file.parent}//{pairs_file.name}"),
+    ]
+
+    def cfg_for(model, data):
+        """scit_run's config, and every path key that a stage fingerprints spelled from `model` and `data`."""
+        settings = run_settings(model, data, scit_run.output_dir, "scit")
+        settings |= {"reward": {"model": str(model)}, "ppo": {"reward_model": str(model)}}
+        settings |= {"generate": {"model": str(model), "prompts": str(data)}}
+        settings["evaluate"] = {"pairs": str(data), "neutral_prompts": str(data), "judge_model": str(model)}
+        every = {"stages": ["sft", *STAGES], "tokenizer": str(model), "sft": {"path": str(data)}}
+        return load_config(None, settings | every), load_config(None, settings)
+
+    fingerprints = set()
+    for model, data in spellings:
+        every, run = cfg_for(model, data)
+        fps = [pipeline.stage_fingerprint(every, s)[0] for s in ("sft", "reward", "generate")]
+        fps.append(pipeline.stage_fingerprint(run, "evaluate")[0])
+        fingerprints.add(tuple(fps))
+        assert pipeline.describe(run).count(" fresh ") == len(STAGES), (model, data)
+    assert len(fingerprints) == 1
+
+    other = write_jsonl(tmp_path / "other.jsonl", standard_records(N_PAIRS, seed=1))
+    status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg_for(tiny_model_dir, other)[1]).splitlines())
+    assert status["instruct"].startswith("stale") and status["instruct"].endswith("(changed: data contents)")
+
+    out = tmp_path / "copy"
+    shutil.copytree(scit_run.output_dir, out)
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+    align, merge = (pipeline.stage_dir(cfg, s) / MANIFEST for s in ("align", "merge"))
+    m = json.loads(align.read_text())  # as written while the path counted, where it was then
+    m["config"]["data"]["path"] = "/where/the/project/was/pairs.jsonl"
+    m["fingerprint"] = fingerprint({"stage": "align", "config": m["config"], "inputs": m["inputs"]})
+    align.write_text(json.dumps(m))
+    n = json.loads(merge.read_text())
+    n["inputs"]["align"] = f"{m['fingerprint']}:{m['build']}"
+    n["fingerprint"] = fingerprint({"stage": "merge", "config": n["config"], "inputs": n["inputs"]})
+    merge.write_text(json.dumps(n))
+    assert pipeline.describe(cfg).count(" fresh ") == len(STAGES)
+
+
 def test_force_recomputes_fresh_stages(scit_run, tiny_model_dir, pairs_file, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(scit_run.output_dir, out)

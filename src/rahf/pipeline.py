@@ -133,7 +133,7 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
         return "its manifest is unreadable"
     if gone := lost_files(path):
         return f"files lost, cut short or changed: {', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}"
-    old = flatten(read_only(str(manifest.get("stage")), results_only(manifest.get("config", {}))))
+    old = flatten(counted(str(manifest.get("stage")), manifest.get("config", {})))
     new = flatten(redacted(json.loads(json.dumps(covered, default=str))))
     # a setting on one side only was set or unset where settings are free-form (`*.train`, `revisions`); elsewhere
     # every setting has a value, so it is one the stage now reads or no longer reads (align's online targets read
@@ -308,8 +308,36 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
             covered["reward"] = {"max_length": cfg.reward.max_length}
     else:
         raise RahfError(f"unknown stage {stage!r}")
-    covered = read_only(stage, results_only(covered))
+    covered = counted(stage, covered)
     return fingerprint({"stage": stage, "config": covered, "inputs": inputs}), covered, inputs
+
+
+def counted(stage: str, covered: dict) -> dict:
+    """The settings of `covered` that `stage`'s fingerprint counts (`read_only`, `results_only`, `without_paths`);
+    applied to the settings a manifest records as well, so artifacts made before a setting stopped counting keep
+    their fingerprints."""
+    return read_only(stage, results_only(without_paths(covered)))
+
+
+# Config keys naming a file, folder or model whose content (a Hub model: the commit it loads) the `inputs` of every
+# stage whose settings hold the key fingerprint (directly, or through the upstream artifact built from it: align's
+# data.path through collect): how the path is spelled, absolute or relative, through a symlink, from a moved project
+# folder, does not count.
+PATH_KEYS = (
+    "data.path", "sft.path", "model", "tokenizer", "reward.model", "generate.model", "generate.prompts",
+    "evaluate.pairs", "evaluate.neutral_prompts", "evaluate.judge_model", "ppo.reward_model",
+)  # fmt: skip
+
+
+def without_paths(covered: dict) -> dict:
+    """`covered` without the settings of PATH_KEYS."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in covered.items()}
+    for dotted in PATH_KEYS:
+        section, _, name = dotted.rpartition(".")
+        node = out.get(section) if section else out
+        if isinstance(node, dict):
+            node.pop(name, None)
+    return out
 
 
 def read_only(stage: str, covered: dict) -> dict:
@@ -366,7 +394,7 @@ def _current(path: Path, fp: str) -> bool:
         return False
     if not isinstance(m.get("config"), dict) or not isinstance(m.get("inputs"), dict) or not files_intact(path):
         return False
-    config = read_only(str(m.get("stage")), results_only(m["config"]))
+    config = counted(str(m.get("stage")), m["config"])
     return fingerprint({"stage": m.get("stage"), "config": config, "inputs": m["inputs"]}) == fp
 
 
