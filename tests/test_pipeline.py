@@ -653,6 +653,58 @@ def test_an_adapter_on_a_plain_step1_model_names_it(scit_run):
     assert "into the base first" not in (align / "README.md").read_text()
 
 
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("dual", {}),
+        ("preferred-sft", {}),
+        ("scit", {"instruct__finetune": "lora"}),
+        ("dpo", {"dpo__lora": {"r": 4, "alpha": 8.0, "dropout": 0.0}, "dpo__train": {"max_steps": 2}}),
+    ],
+)
+def test_a_copied_run_loads_its_step1_adapters_on_its_own_sft_model(
+    method, extra, tiny_model_dir, pairs_file, tmp_path
+):
+    """A run folder copied to branch off (`cp -r a b`): the step-1 adapters in b still name a's sft/ as their base
+    (for PEFT), and rahf loads them on b's own, the model their fingerprints cover, whatever became of a's."""
+    from peft import PeftModel
+
+    from rahf.models import load_model
+    from rahf.training import load_adapters
+
+    def cfg_in(out: Path):
+        sft = {"max_steps": 2, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "disable_tqdm": True}
+        settings = run_settings(
+            tiny_model_dir, pairs_file, out, method, stages=["sft", "instruct"], sft__train=sft, **extra
+        )
+        return load_config(None, settings)
+
+    a = cfg_in(tmp_path / "a")
+    pipeline.run(a)
+    shutil.copytree(a.output_dir, tmp_path / "b")
+    shutil.rmtree(a.output_dir)  # or trained again, on other settings: b must not read it
+    b = cfg_in(tmp_path / "b")
+    assert pipeline.describe(b).count(" fresh ") == 2
+    side = "preferred" if method in ("dual", "preferred-sft") else None
+    step1 = pipeline.stage_dir(b, "instruct")
+    adapter = step1 / side if side else step1
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(pipeline.stage_dir(a, "sft"))  # as written: PEFT users load it with its base
+    own = load_model(str(pipeline.stage_dir(b, "sft")))
+    ids = torch.tensor([[5, 9, 14, 22, 7, 3]])
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(own, str(adapter)).merge_and_unload()(ids).logits
+        loaded = [load_stage_model(step1, b, adapter=side)]  # generate's and evaluate's final model, merge's policy
+        if method in ("dual", "scit"):
+            loaded.append(pipeline.load_policy(b))  # collect's and align's
+        for model in loaded:
+            torch.testing.assert_close(model(ids).logits, expected)
+        if method == "dual":  # collect's one base with both adapters
+            shared = load_adapters(step1, b, ("preferred", "dispreferred"))
+            shared.set_adapter("preferred")
+            torch.testing.assert_close(shared(ids).logits, expected)
+
+
 # ---------------------------------------------------------------- freshness
 
 
@@ -749,6 +801,61 @@ def test_changed_data_redoes_everything_from_instruct(tiny_model_dir, tmp_path, 
     assert stage_lines(capsys.readouterr().out) == dict.fromkeys(STAGES, "ran")
     second = manifest_mtimes(cfg)
     assert all(second[s] != first[s] for s in STAGES)
+    assert pipeline.describe(cfg).count(" fresh ") == len(STAGES)
+
+
+def test_how_a_path_is_spelled_counts_only_through_its_content(
+    scit_run, tiny_model_dir, pairs_file, tmp_path, monkeypatch
+):
+    """The same data file and model folder given by an absolute path, a relative one, through a symlinked folder or
+    with `//`: every fingerprint is the same, and the artifacts stay fresh. Another file with other content still
+    names what changed; a manifest that recorded the path (rahf 0.1.0 before this) stays fresh too."""
+    from rahf.artifacts import fingerprint
+
+    (tmp_path / "data").symlink_to(pairs_file.parent)
+    (tmp_path / "models").symlink_to(tiny_model_dir.parent)
+    monkeypatch.chdir(tmp_path)
+    spellings = [
+        (tiny_model_dir, pairs_file),
+        (os.path.relpath(tiny_model_dir), os.path.relpath(pairs_file)),
+        (Path("models", tiny_model_dir.name), Path("data", pairs_file.name)),
+        (f"{tiny_model_dir.parent}//{tiny_model_dir.name}", f"{pairs_file.parent}//{pairs_file.name}"),
+    ]
+
+    def cfg_for(model, data):
+        """scit_run's config, and every path key that a stage fingerprints spelled from `model` and `data`."""
+        settings = run_settings(model, data, scit_run.output_dir, "scit")
+        settings |= {"reward": {"model": str(model)}, "ppo": {"reward_model": str(model)}}
+        settings |= {"generate": {"model": str(model), "prompts": str(data)}}
+        settings["evaluate"] = {"pairs": str(data), "neutral_prompts": str(data), "judge_model": str(model)}
+        every = {"stages": ["sft", *STAGES], "tokenizer": str(model), "sft": {"path": str(data)}}
+        return load_config(None, settings | every), load_config(None, settings)
+
+    fingerprints = set()
+    for model, data in spellings:
+        every, run = cfg_for(model, data)
+        fps = [pipeline.stage_fingerprint(every, s)[0] for s in ("sft", "reward", "generate")]
+        fps.append(pipeline.stage_fingerprint(run, "evaluate")[0])
+        fingerprints.add(tuple(fps))
+        assert pipeline.describe(run).count(" fresh ") == len(STAGES), (model, data)
+    assert len(fingerprints) == 1
+
+    other = write_jsonl(tmp_path / "other.jsonl", standard_records(N_PAIRS, seed=1))
+    status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg_for(tiny_model_dir, other)[1]).splitlines())
+    assert status["instruct"].startswith("stale") and status["instruct"].endswith("(changed: data contents)")
+
+    out = tmp_path / "copy"
+    shutil.copytree(scit_run.output_dir, out)
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+    align, merge = (pipeline.stage_dir(cfg, s) / MANIFEST for s in ("align", "merge"))
+    m = json.loads(align.read_text())  # as written while the path counted, where it was then
+    m["config"]["data"]["path"] = "/where/the/project/was/pairs.jsonl"
+    m["fingerprint"] = fingerprint({"stage": "align", "config": m["config"], "inputs": m["inputs"]})
+    align.write_text(json.dumps(m))
+    n = json.loads(merge.read_text())
+    n["inputs"]["align"] = f"{m['fingerprint']}:{m['build']}"
+    n["fingerprint"] = fingerprint({"stage": "merge", "config": n["config"], "inputs": n["inputs"]})
+    merge.write_text(json.dumps(n))
     assert pipeline.describe(cfg).count(" fresh ") == len(STAGES)
 
 
@@ -1202,6 +1309,43 @@ def test_a_model_that_cannot_be_read_stops_the_run_before_anything_is_written(pa
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
     own = {"stages": ["generate"], "generate": {"model": str(adapter), "prompts": str(pairs_file)}}
     pipeline.preflight(load_config(None, local | own))
+
+
+def test_a_local_model_folder_whose_tokenizer_cannot_be_loaded_stops_the_run_before_anything_is_written(
+    pairs_file, tmp_path, tiny_model_dir
+):
+    """A tokenizer.json cut short (or one transformers cannot use) in any local model folder the run reads stops it in
+    preflight, naming the key, not the stage that loads it after the earlier ones trained (`generate` last)."""
+    from rahf.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "tokenizer.json").write_text("{")
+    unusable = tmp_path / "unusable"
+    shutil.copytree(tiny_model_dir, unusable)
+    (unusable / "tokenizer.json").write_text('{"version": "1.0"}')  # valid JSON: transformers raises a KeyError
+    out = tmp_path / "out"
+    settings = run_settings(tiny_model_dir, pairs_file, out, "scit")
+    generate = {"model": str(broken), "prompts": str(pairs_file)}
+    judge = {"judge_model": str(broken), "pairs": str(pairs_file)}
+    cases = [
+        ("model", settings | {"model": str(broken)}),
+        ("model", settings | {"model": str(unusable)}),
+        ("generate.model", settings | {"stages": [*STAGES, "generate"], "generate": generate}),
+        ("reward.model", settings | {"stages": ["reward"], "reward": {"model": str(broken)}}),
+        ("evaluate.judge_model", settings | {"stages": ["evaluate"], "evaluate": judge}),
+        ("ppo.reward_model", run_settings(tiny_model_dir, pairs_file, out, "rlhf-ppo", ppo__reward_model=str(broken))),
+    ]
+    for key, case in cases:
+        with pytest.raises(
+            ConfigError, match=rf"^{key}: .*: cannot load the tokenizer \((JSONDecode|Key)Error: .*save"
+        ):
+            pipeline.preflight(load_config(None, case))
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(settings | {"stages": [*STAGES, "generate"], "generate": generate}))
+    assert main(["run", str(config)]) == 2
+    assert not out.exists()  # not even the lock file
+    pipeline.preflight(load_config(None, settings | {"stages": ["instruct"], "generate": generate}))  # not read
 
 
 def test_the_prompt_budget_is_checked_only_for_stages_that_fit_prompts_with_this_runs_tokenizer(

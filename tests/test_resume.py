@@ -194,21 +194,77 @@ def test_a_stage_without_checkpoints_makes_no_folder(tiny_model_dir, pairs_file,
     assert seen and not any(seen) and not folder.exists()
 
 
-def test_last_checkpoint_skips_those_cut_short_and_one_without_optimizer_state(tmp_path):
+def test_last_checkpoint_skips_those_cut_short_or_part_deleted_and_one_without_optimizer_state(tmp_path):
     state = '{"global_step": 2, "max_steps": 6}'
+    resumes = {"trainer_state.json": state, "optimizer.pt": "", "scheduler.pt": "", "rng_state.pth": ""}
+
+    def but(name: str) -> dict[str, str]:
+        return {k: v for k, v in resumes.items() if k != name}
+
+    def sharded(*shards: str) -> dict[str, str]:
+        return {"model.safetensors.index.json": json.dumps({"weight_map": {s: s for s in shards}})}
+
+    weights = {"model.safetensors": ""}
     for step, files in (
-        (2, {"trainer_state.json": state, "optimizer.pt": ""}),
-        (4, {"optimizer.pt": ""}),  # killed before its trainer state was written
-        (6, {"trainer_state.json": state}),  # save_only_model
-        (8, {"trainer_state.json": '{"glob', "optimizer.pt": ""}),  # killed while writing its trainer state
+        (2, resumes | weights),
+        (4, resumes | {"adapter_model.safetensors": ""}),  # a LoRA's
+        (6, resumes | sharded("m-1.safetensors") | {"m-1.safetensors": ""}),
+        (8, but("rng_state.pth") | {"rng_state_0.pth": "", "rng_state_1.pth": ""} | weights),  # two processes'
+        (10, {"optimizer.pt": ""} | weights),  # killed before its trainer state was written
+        (12, {"trainer_state.json": state} | weights),  # save_only_model
+        (14, resumes | {"trainer_state.json": '{"glob'} | weights),  # killed while writing its trainer state
+        # deleted part-way (Ctrl-C while the checkpoints are discarded): weights, a shard, the schedule or rng gone
+        (16, resumes),
+        (18, resumes | sharded("m-1.safetensors", "m-2.safetensors") | {"m-1.safetensors": ""}),
+        (20, but("scheduler.pt") | weights),
+        (22, but("rng_state.pth") | weights),
     ):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         for name, text in files.items():
             (folder / name).write_text(text)
     (tmp_path / "checkpoint-x").mkdir()
-    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-8"
+    for step in (8, 6, 4):
+        shutil.rmtree(tmp_path / f"checkpoint-{step}")
+        assert last_checkpoint(tmp_path) == tmp_path / f"checkpoint-{step - 2}"
     assert last_checkpoint(tmp_path / "nothing") is None
+
+
+def test_discarding_checkpoints_is_safe_against_an_interruption(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C while `rahf run --force` deletes an interrupted run's checkpoints, right after a weights file went:
+    the folder was renamed aside first, so no checkpoint short of its weights is left to resume from, and the next
+    run trains from the start and removes what the deletion left."""
+    import os
+
+    cfg = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit")
+    saves = pipeline.checkpoint_folder(cfg, "instruct")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 5)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(cfg)
+    assert last_checkpoint(saves).name == "checkpoint-4"
+    unlink = os.unlink
+
+    def interrupted(path, *args, **kwargs):
+        unlink(path, *args, **kwargs)
+        if str(path).endswith("model.safetensors"):
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "unlink", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(cfg, force=True)
+    assert not saves.exists()
+    assert "interrupted" not in pipeline.describe(cfg)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        steps = count_steps(m)
+        pipeline.run(cfg)
+    assert steps == [6] and "resuming" not in capsys.readouterr().out
+    assert not saves.exists() and not list(saves.parent.glob(f".{saves.name}*"))
 
 
 @pytest.mark.parametrize("stage", ["dpo", "reward"])

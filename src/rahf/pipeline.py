@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -132,7 +133,7 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
         return "its manifest is unreadable"
     if gone := lost_files(path):
         return f"files lost, cut short or changed: {', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}"
-    old = flatten(read_only(str(manifest.get("stage")), results_only(manifest.get("config", {}))))
+    old = flatten(counted(str(manifest.get("stage")), manifest.get("config", {})))
     new = flatten(redacted(json.loads(json.dumps(covered, default=str))))
     # a setting on one side only was set or unset where settings are free-form (`*.train`, `revisions`); elsewhere
     # every setting has a value, so it is one the stage now reads or no longer reads (align's online targets read
@@ -307,8 +308,36 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
             covered["reward"] = {"max_length": cfg.reward.max_length}
     else:
         raise RahfError(f"unknown stage {stage!r}")
-    covered = read_only(stage, results_only(covered))
+    covered = counted(stage, covered)
     return fingerprint({"stage": stage, "config": covered, "inputs": inputs}), covered, inputs
+
+
+def counted(stage: str, covered: dict) -> dict:
+    """The settings of `covered` that `stage`'s fingerprint counts (`read_only`, `results_only`, `without_paths`);
+    applied to the settings a manifest records as well, so artifacts made before a setting stopped counting keep
+    their fingerprints."""
+    return read_only(stage, results_only(without_paths(covered)))
+
+
+# Config keys naming a file, folder or model whose content (a Hub model: the commit it loads) the `inputs` of every
+# stage whose settings hold the key fingerprint (directly, or through the upstream artifact built from it: align's
+# data.path through collect): how the path is spelled, absolute or relative, through a symlink, from a moved project
+# folder, does not count.
+PATH_KEYS = (
+    "data.path", "sft.path", "model", "tokenizer", "reward.model", "generate.model", "generate.prompts",
+    "evaluate.pairs", "evaluate.neutral_prompts", "evaluate.judge_model", "ppo.reward_model",
+)  # fmt: skip
+
+
+def without_paths(covered: dict) -> dict:
+    """`covered` without the settings of PATH_KEYS."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in covered.items()}
+    for dotted in PATH_KEYS:
+        section, _, name = dotted.rpartition(".")
+        node = out.get(section) if section else out
+        if isinstance(node, dict):
+            node.pop(name, None)
+    return out
 
 
 def read_only(stage: str, covered: dict) -> dict:
@@ -365,7 +394,7 @@ def _current(path: Path, fp: str) -> bool:
         return False
     if not isinstance(m.get("config"), dict) or not isinstance(m.get("inputs"), dict) or not files_intact(path):
         return False
-    config = read_only(str(m.get("stage")), results_only(m["config"]))
+    config = counted(str(m.get("stage")), m["config"])
     return fingerprint({"stage": m.get("stage"), "config": config, "inputs": m["inputs"]}) == fp
 
 
@@ -476,12 +505,14 @@ def _run_stage(cfg: RahfConfig, stage: str, force: bool, restart: bool, together
                     f"[rahf] {stage}: kept {kept} in {saves}: running this stage again with the same settings resumes there"
                 )
             elif saves is not None:
-                shutil.rmtree(saves, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    _discard(saves)
             raise
         finally:
             CHECKPOINTS.reset(token)
         if saves is not None:
-            shutil.rmtree(saves, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                _discard(saves)
         print(f"[rahf] {stage}: done in {time.time() - t0:.1f}s", flush=True)
         if together:
             distributed.wait()
@@ -547,6 +578,7 @@ def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, restart: bool) -> P
     if stage not in RESUMABLE_STAGES:
         return None
     saves = checkpoint_folder(cfg, stage)
+    _remove_discarded(saves)
     processes = distributed.world_size()  # the batch of a step, and collect's shards, depend on it
     tag = _checkpoint_tag(saves)
     made_by = tag.get("processes", 1)
@@ -556,7 +588,7 @@ def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, restart: bool) -> P
             if not restart and tag.get("fingerprint") == fp:
                 why = f"{made_by} process{'es' * (made_by != 1)}, and this run has {processes}"
             print(f"[rahf] {stage}: discarding the checkpoints in {saves} (made with {why})", flush=True)
-        shutil.rmtree(saves)
+        _discard(saves)
     if not saves.exists():
         if stage != "collect" and getattr(cfg, train_section(cfg, stage)).train.get("save_strategy", "no") == "no":
             return None
@@ -564,6 +596,22 @@ def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, restart: bool) -> P
         tag = {"stage": stage, "fingerprint": fp, "processes": processes}
         write_text_atomic(saves / CHECKPOINT_TAG, json.dumps(tag))
     return saves
+
+
+def _discard(saves: Path) -> None:
+    """Delete the checkpoint folder `saves`, renamed aside first (one atomic step): a deletion interrupted part-way
+    (Ctrl-C, a kill) then leaves no checkpoint short of some of its files where a run looks for one to resume from,
+    only a hidden folder that the stage's next run removes (`_remove_discarded`)."""
+    with contextlib.suppress(FileNotFoundError):
+        saves.rename(saves.with_name(f".{saves.name}.discarded-{os.getpid()}-{time.time_ns()}"))
+    _remove_discarded(saves)
+
+
+def _remove_discarded(saves: Path) -> None:
+    """Delete what `_discard` renamed `saves` to, there still when its deletion was interrupted (run under the output
+    lock: no other run is deleting one now)."""
+    for aside in saves.parent.glob(f".{saves.name}.discarded-*"):
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _checkpoint_tag(saves: Path) -> dict:
@@ -698,25 +746,50 @@ def _will_train_ppo(cfg: RahfConfig, stage: str | None) -> bool:
 
 def check_model_ids(cfg: RahfConfig, stages: list[str]) -> None:
     """The other models the stages load (`generate.model`, `reward.model`, `tokenizer`) must be readable: a misspelt
-    Hub id, or one not cached offline, stops the run here rather than after the earlier stages trained."""
-    from .config import model_config
-    from .models import load_tokenizer
+    Hub id, or one not cached offline, stops the run here rather than after the earlier stages trained. So must the
+    tokenizer of every local model folder the run reads (one cut short or malformed would otherwise stop the stage
+    that loads it, maybe `generate` after the model trained): a Hub model's is left to its stage, which may find it
+    in the cache."""
+    from .config import get_dotted, model_config
     from .reward import MINILM
+    from .training import adapter_base
 
     if "generate" in stages and cfg.generate.model:
         name, revision = cfg.generate.model, cfg.revision_of(cfg.generate.model)
-        adapter = Path(name).expanduser() / "adapter_config.json"
-        if adapter.is_file():  # a PEFT adapter, merged into its base as it loads: that base must be readable
-            settings = json.loads(adapter.read_text())
-            name, revision = settings.get("base_model_name_or_path"), settings.get("revision")
+        folder = Path(name).expanduser()
+        if (folder / "adapter_config.json").is_file():  # a PEFT adapter, merged into its base as it loads: that
+            name, revision = adapter_base(folder, cfg)  # base must be readable
         model_config("generate.model", name, revision, cfg.trust_remote_code)
     if "reward" in stages and cfg.reward.model not in (None, MINILM):
         model_config("reward.model", cfg.reward.model, cfg.revision_of(cfg.reward.model), cfg.trust_remote_code)
     if "sft" in stages and cfg.tokenizer:
-        try:
-            load_tokenizer(cfg.tokenizer, cfg.trust_remote_code, cfg.revision_of(cfg.tokenizer))
-        except LoadError as e:
-            raise ConfigError(f"tokenizer: {e}") from None
+        _check_tokenizer(cfg, "tokenizer", cfg.tokenizer)
+    reads = {
+        "model": not cfg.tokenizer,  # the run's tokenizer, unless `tokenizer` replaces it (sft saves that one)
+        "generate.model": "generate" in stages,
+        "reward.model": "reward" in stages and cfg.reward.model != MINILM,
+        "evaluate.judge_model": "evaluate" in stages,
+        "ppo.reward_model": "instruct" in stages and cfg.method == "rlhf-ppo",
+    }
+    for key, read in reads.items():
+        value = get_dotted(cfg, key)
+        if read and value and Path(value).expanduser().is_dir():
+            _check_tokenizer(cfg, key, value)
+
+
+def _check_tokenizer(cfg: RahfConfig, key: str, name: str) -> None:
+    """The tokenizer of `name` (the value of model key `key`) loads, else a ConfigError naming the key."""
+    from .models import load_tokenizer
+
+    try:
+        load_tokenizer(name, cfg.trust_remote_code, cfg.revision_of(name))
+    except ConfigError as e:  # it loads, and lacks what rahf needs (an EOS token)
+        raise ConfigError(f"{key}: {e}") from None
+    # LoadError, and what transformers raises on some malformed files itself (KeyError, AttributeError)
+    except Exception as e:  # noqa: BLE001
+        reason = str(e) if isinstance(e, LoadError) else f"{name}: cannot load the tokenizer ({type(e).__name__}: {e})"
+        fix = "; save the tokenizer there again (tokenizer.save_pretrained)" if Path(name).expanduser().is_dir() else ""
+        raise ConfigError(f"{key}: {reason.splitlines()[0][:400]}{fix}") from None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -789,7 +862,8 @@ def check_prompt_room(cfg: RahfConfig, instructed: bool) -> None:
     """A one-word query must fit data.max_prompt_length (beside each instruction when `instructed`), else every
     prompt fails later, maybe after earlier stages have trained.
 
-    Best effort: a tokenizer that cannot be loaded here is left for the stage itself to report.
+    Best effort: a tokenizer that cannot be loaded here (a Hub model's not in the cache offline; a local folder's is
+    checked by `check_model_ids`) is left for the stage itself to report.
     """
     from .models import load_tokenizer
     from .stimuli import truncate_prompt
@@ -1007,8 +1081,7 @@ def _align(cfg: RahfConfig, out: Path) -> dict:
         return {}
     base = {"model": str(step1_path(cfg))}
     if adapter := step1_adapter(cfg):  # the adapter's config names the step-1 adapter's base: merge this first
-        base = {"model": json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]}
-        base["merge_first"] = str(adapter)
+        base = {"model": base_model_path(cfg), "merge_first": str(adapter)}
     stats = {"layers": layers, "alpha": cfg.alpha, "adapter_base": base}
     stats["target_fit"] = json.loads((out / "target_fit.json").read_text())
     if (out / "target_fit_eval.json").is_file():

@@ -54,15 +54,43 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def last_checkpoint(folder: str | Path) -> Path | None:
-    """The newest checkpoint in `folder` that a Trainer can resume from: `trainer_state.json` is written last, so a
-    checkpoint cut short by a kill lacks it (or holds it cut short), and one saved with `save_only_model` holds no
-    optimizer state."""
+    """The newest checkpoint in `folder` that a Trainer can resume from as if it had never stopped (`complete`)."""
     found = []
     for path in Path(folder).glob("checkpoint-*"):
         step = path.name.removeprefix("checkpoint-")
-        if step.isdigit() and (path / "optimizer.pt").is_file() and checkpoint_step(path) is not None:
+        if step.isdigit() and complete(path):
             found.append((int(step), path))
     return max(found)[1] if found else None
+
+
+# What the Trainer saves in a checkpoint besides its weights and trainer state: without the schedule it silently
+# restores no optimizer state either, and without the random state the data order and dropout differ
+_RESUME_STATE = ("optimizer.pt", "scheduler.pt")
+_WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def complete(checkpoint: Path) -> bool:
+    """Whether `checkpoint` holds all a Trainer resumes from: weights (one file, or an index and every shard it
+    names), optimizer, schedule and random state, and a readable trainer state. That is written last, so a checkpoint
+    cut short by a kill lacks it; one saved with `save_only_model` has no optimizer state; one whose deletion was
+    interrupted (any file may go first) can lack anything."""
+    if checkpoint_step(checkpoint) is None or not all((checkpoint / f).is_file() for f in _RESUME_STATE):
+        return False
+    if not any(checkpoint.glob("rng_state*.pth")):  # rng_state.pth, or rng_state_<process>.pth for several
+        return False
+    return any((checkpoint / f).is_file() for f in _WEIGHTS) or any(
+        _shards_present(checkpoint / f) for f in _WEIGHT_INDEXES
+    )
+
+
+def _shards_present(index: Path) -> bool:
+    """Whether the sharded-weights `index` is readable and every shard it names is there."""
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(shards) and all((index.parent / name).is_file() for name in shards)
 
 
 def checkpoint_step(checkpoint: Path) -> tuple[int, int] | None:
@@ -341,19 +369,35 @@ def _outside_language_model(model) -> str | None:
 
 
 def load_stage_model(path: str | Path, cfg: RahfConfig, adapter: str | None = None, device: str | None = None):
-    """A model folder, or a PEFT adapter folder (merged into its base), as a plain eval-mode model.
+    """A model folder, or a PEFT adapter folder (merged into its base, `adapter_base`), as a plain eval-mode model.
 
     `adapter` picks a sub-folder, e.g. Dual's `preferred` adapter under the instruct artifact.
     """
     path = Path(path) / adapter if adapter else Path(path)
     if (path / "adapter_config.json").is_file():
-        from peft import PeftConfig, PeftModel
+        from peft import PeftModel
 
-        adapter_cfg = PeftConfig.from_pretrained(str(path))
-        base_path, revision = adapter_cfg.base_model_name_or_path, adapter_cfg.revision
-        base = load_model(base_path, cfg.dtype, cfg.trust_remote_code, device, revision)
+        name, revision = adapter_base(path, cfg)
+        base = load_model(name, cfg.dtype, cfg.trust_remote_code, device, revision)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
     return load_model(str(path), cfg.dtype, cfg.trust_remote_code, device or default_device(), cfg.revision_of(path))
+
+
+def adapter_base(path: str | Path, cfg: RahfConfig) -> tuple[str, str | None]:
+    """(model, revision) that the PEFT adapter folder `path` is loaded on. For an adapter of this run's step 1 (in its
+    instruct artifact) that is the model step 1 starts from now (`pipeline.base_model_path`), which the artifact's
+    fingerprint covers; its `adapter_config.json` names the folder it was trained on, for PEFT users, and that may be
+    another run's after a run folder is copied (or the old place after one is moved). Any other adapter: the base its
+    config names."""
+    from peft import PeftConfig
+
+    from .pipeline import base_model_path, stage_dir
+
+    if Path(path).resolve().is_relative_to(stage_dir(cfg, "instruct").resolve()):
+        base = base_model_path(cfg)
+        return base, cfg.revision_of(base)
+    recorded = PeftConfig.from_pretrained(str(path))
+    return recorded.base_model_name_or_path, recorded.revision
 
 
 def has_adapters(path: str | Path, names: tuple[str, ...]) -> bool:
@@ -362,18 +406,17 @@ def has_adapters(path: str | Path, names: tuple[str, ...]) -> bool:
 
 
 def load_adapters(path: str | Path, cfg: RahfConfig, names: tuple[str, ...]):
-    """One base model carrying the PEFT adapters of sub-folders `names` of `path`, unmerged, in eval mode.
+    """One base model (`adapter_base`) carrying the PEFT adapters of sub-folders `names` of `path`, unmerged, in eval
+    mode.
 
     The base weights are held once; `set_adapter(name)` picks the adapter the next forward uses.
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
-    first = str(Path(path) / names[0])
-    adapter_cfg = PeftConfig.from_pretrained(first)
-    base = load_model(
-        adapter_cfg.base_model_name_or_path, cfg.dtype, cfg.trust_remote_code, revision=adapter_cfg.revision
-    )
-    model = PeftModel.from_pretrained(base, first, adapter_name=names[0])
+    first = Path(path) / names[0]
+    name, revision = adapter_base(first, cfg)
+    base = load_model(name, cfg.dtype, cfg.trust_remote_code, revision=revision)
+    model = PeftModel.from_pretrained(base, str(first), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(Path(path) / name), adapter_name=name)
     return model.eval()
