@@ -692,6 +692,7 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
 
         check_one_stream(model_config("model", cfg.model, cfg.revision_of(cfg.model), cfg.trust_remote_code))
     check_model_ids(cfg, stages)
+    check_eos_tokens(cfg, stages)
     check_upstream(cfg, [stage] if stage else active_stages(cfg))
     if note := unused_sft_note(cfg, stages):
         print(f"[rahf] note: {note}", flush=True)
@@ -777,6 +778,26 @@ def check_model_ids(cfg: RahfConfig, stages: list[str]) -> None:
             _check_tokenizer(cfg, key, value)
 
 
+def check_eos_tokens(cfg: RahfConfig, stages: list[str]) -> None:
+    """A new `eos_token` in `sft.train`, or in Dual's `instruct.train`, is refused here (`sft.check_eos_token`), not
+    when its stage starts, maybe after sft trained. A tokenizer that cannot be read here is left to its stage."""
+    from .models import load_tokenizer
+    from .sft import check_eos_token
+
+    sft_tokenizer = cfg.tokenizer or cfg.model  # the tokenizer sft trains with and saves
+    asked = [("sft", cfg.sft.train, sft_tokenizer)] if "sft" in stages else []
+    if "instruct" in stages and cfg.instruct_method == "dual":  # trained on the tokenizer of the model it starts from
+        asked.append(("instruct", cfg.instruct.train, sft_tokenizer if "sft" in cfg.stages else cfg.model))
+    for section, train, name in asked:
+        if train.get("eos_token") is None:
+            continue
+        try:
+            tokenizer = load_tokenizer(name, cfg.trust_remote_code, cfg.revision_of(name))
+        except (LoadError, ConfigError):
+            continue
+        check_eos_token(train["eos_token"], tokenizer, section)
+
+
 def _check_tokenizer(cfg: RahfConfig, key: str, name: str) -> None:
     """The tokenizer of `name` (the value of model key `key`) loads, else a ConfigError naming the key."""
     from .models import load_tokenizer
@@ -818,7 +839,8 @@ def check_model_folders(cfg: RahfConfig) -> None:
         if (key != "model" or not cfg.tokenizer) and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
             raise ConfigError(
                 f"{key}: {value} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...); save the "
-                "tokenizer there with tokenizer.save_pretrained" + (" or set tokenizer" if key == "model" else "")
+                "tokenizer there with tokenizer.save_pretrained"
+                + (" or set tokenizer (with sft in stages, which reads it)" if key == "model" else "")
             )
         if key != "tokenizer":
             _check_weights(key, value, folder)
