@@ -750,12 +750,26 @@ def test_fresh_stages_are_skipped_and_alpha_redoes_only_align_and_merge(
     assert stage_lines(capsys.readouterr().out) == dict.fromkeys(STAGES, "fresh")
 
 
+def recorded_align_as(align: Path, merge: Path, edit) -> None:
+    """Rewrite align's manifest (`align`) with `edit` applied to its recorded config, fingerprinted as such, and
+    merge's (`merge`) as built on it: an artifact as an older rahf recorded it."""
+    from rahf.artifacts import fingerprint
+
+    m = json.loads(align.read_text())
+    edit(m["config"])
+    m["fingerprint"] = fingerprint({"stage": "align", "config": m["config"], "inputs": m["inputs"]})
+    align.write_text(json.dumps(m))
+    n = json.loads(merge.read_text())
+    n["inputs"]["align"] = f"{m['fingerprint']}:{m['build']}"
+    n["fingerprint"] = fingerprint({"stage": "merge", "config": n["config"], "inputs": n["inputs"]})
+    merge.write_text(json.dumps(n))
+
+
 def test_an_artifact_whose_fingerprint_also_covered_logging_settings_stays_fresh(
     scit_run, tiny_model_dir, pairs_file, tmp_path
 ):
     """Manifests written while logging settings were fingerprinted: the same settings and inputs without them
     give today's fingerprint, so upgrading retrains nothing (and no message names a setting nobody changed)."""
-    from rahf.artifacts import fingerprint
 
     out = tmp_path / "copy"
     shutil.copytree(scit_run.output_dir, out)
@@ -764,14 +778,7 @@ def test_an_artifact_whose_fingerprint_also_covered_logging_settings_stays_fresh
 
     def made_with(train: dict) -> None:
         """Rewrite align's manifest as if its train settings had been `train`, and merge's as built on it."""
-        m = json.loads(align.read_text())
-        m["config"]["align"]["train"] |= train
-        m["fingerprint"] = fingerprint({"stage": "align", "config": m["config"], "inputs": m["inputs"]})
-        align.write_text(json.dumps(m))
-        n = json.loads(merge.read_text())
-        n["inputs"]["align"] = f"{m['fingerprint']}:{m['build']}"
-        n["fingerprint"] = fingerprint({"stage": "merge", "config": n["config"], "inputs": n["inputs"]})
-        merge.write_text(json.dumps(n))
+        recorded_align_as(align, merge, lambda config: config["align"]["train"].update(train))
 
     made_with({"logging_steps": 99, "disable_tqdm": False})  # as an older rahf recorded them
     assert pipeline.describe(cfg).count(" fresh ") == len(STAGES)
@@ -810,7 +817,6 @@ def test_how_a_path_is_spelled_counts_only_through_its_content(
     """The same data file and model folder given by an absolute path, a relative one, through a symlinked folder or
     with `//`: every fingerprint is the same, and the artifacts stay fresh. Another file with other content still
     names what changed; a manifest that recorded the path (rahf 0.1.0 before this) stays fresh too."""
-    from rahf.artifacts import fingerprint
 
     (tmp_path / "data").symlink_to(pairs_file.parent)
     (tmp_path / "models").symlink_to(tiny_model_dir.parent)
@@ -848,14 +854,8 @@ def test_how_a_path_is_spelled_counts_only_through_its_content(
     shutil.copytree(scit_run.output_dir, out)
     cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
     align, merge = (pipeline.stage_dir(cfg, s) / MANIFEST for s in ("align", "merge"))
-    m = json.loads(align.read_text())  # as written while the path counted, where it was then
-    m["config"]["data"]["path"] = "/where/the/project/was/pairs.jsonl"
-    m["fingerprint"] = fingerprint({"stage": "align", "config": m["config"], "inputs": m["inputs"]})
-    align.write_text(json.dumps(m))
-    n = json.loads(merge.read_text())
-    n["inputs"]["align"] = f"{m['fingerprint']}:{m['build']}"
-    n["fingerprint"] = fingerprint({"stage": "merge", "config": n["config"], "inputs": n["inputs"]})
-    merge.write_text(json.dumps(n))
+    # as written while the path counted, where it was then
+    recorded_align_as(align, merge, lambda config: config["data"].update(path="/where/the/project/was/pairs.jsonl"))
     assert pipeline.describe(cfg).count(" fresh ") == len(STAGES)
 
 

@@ -40,6 +40,16 @@ def interrupt_at(monkeypatch, call: int) -> None:
     monkeypatch.setattr(Trainer, "training_step", step)
 
 
+def interrupted_scit_run(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """A SCIT run stopped by Ctrl-C at its 5th optimiser step (its checkpoints kept): its config."""
+    cfg = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 5)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(cfg)
+    return cfg
+
+
 def count_steps(monkeypatch) -> list[int]:
     """A list whose one item counts the optimiser steps this process takes from now on."""
     original, calls = Trainer.training_step, [0]
@@ -133,12 +143,8 @@ def test_an_interrupted_alignment_resumes_and_matches_an_uninterrupted_run(
 def test_checkpoints_of_other_settings_or_with_force_are_discarded(
     tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
 ):
-    cfg = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit")
+    cfg = interrupted_scit_run(tiny_model_dir, pairs_file, tmp_path, monkeypatch)
     saves = pipeline.checkpoint_folder(cfg, "instruct")
-    with monkeypatch.context() as m:
-        interrupt_at(m, 5)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.run(cfg)
     assert last_checkpoint(saves) is not None
     capsys.readouterr()
 
@@ -168,11 +174,7 @@ def test_checkpoints_of_other_settings_or_with_force_are_discarded(
 def test_changing_only_how_often_checkpoints_are_saved_still_resumes(
     tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
 ):
-    cfg = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit")
-    with monkeypatch.context() as m:
-        interrupt_at(m, 5)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.run(cfg)
+    interrupted_scit_run(tiny_model_dir, pairs_file, tmp_path, monkeypatch)
     capsys.readouterr()
     fewer = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit", instruct__train__save_steps=3)
     pipeline.run(fewer)
@@ -239,12 +241,8 @@ def test_discarding_checkpoints_is_safe_against_an_interruption(
     run trains from the start and removes what the deletion left."""
     import os
 
-    cfg = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit")
+    cfg = interrupted_scit_run(tiny_model_dir, pairs_file, tmp_path, monkeypatch)
     saves = pipeline.checkpoint_folder(cfg, "instruct")
-    with monkeypatch.context() as m:
-        interrupt_at(m, 5)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.run(cfg)
     assert last_checkpoint(saves).name == "checkpoint-4"
     unlink = os.unlink
 
