@@ -1371,6 +1371,36 @@ def test_leftovers_of_a_killed_stage_are_removed_and_a_running_ones_kept(tmp_pat
     assert "left by an interrupted run" in capsys.readouterr().out
 
 
+def test_an_artifact_moved_aside_by_a_killed_swap_is_restored(tmp_path, capsys):
+    """A kill between `atomic_dir`'s two renames leaves the replaced artifact aside and none in place."""
+    final = tmp_path / "collect"
+    with atomic_dir(final, "collect", "0", {}) as tmp:
+        (tmp / "a.txt").write_text("first")
+    older, aside = tmp_path / ".collect.old-999999999-1", tmp_path / ".collect.old-999999999-2"
+    older.mkdir()
+    final.rename(aside)
+    (tmp_path / ".collect.tmp-999999999-3").mkdir()  # the new one, never renamed into place
+    with pytest.raises(RuntimeError), atomic_dir(final, "collect", "1", {}):
+        raise RuntimeError("the stage failed")
+    assert (final / "a.txt").read_text() == "first" and read_manifest(final)["fingerprint"] == "0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["collect"]
+    assert "restored" in capsys.readouterr().out
+
+
+def test_a_run_finds_its_artifact_restored_and_fresh_after_a_killed_swap(scit_run, tiny_model_dir, pairs_file,
+                                                                          tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(scit_run.output_dir, out)
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+    before = manifest_mtimes(cfg)
+    (out / "align").rename(out / ".align.old-999999999-1")
+    capsys.readouterr()
+    pipeline.run(cfg)
+    text = capsys.readouterr().out
+    assert "restored" in text and stage_lines(text) == dict.fromkeys(STAGES, "fresh")
+    assert manifest_mtimes(cfg) == before
+
+
 def test_the_reward_model_trains_on_one_device_when_several_gpus_are_visible(tmp_path, tiny_model_dir, monkeypatch):
     """TRL's RewardTrainer refuses nn.DataParallel, which the Trainer would use for every visible GPU."""
     from rahf.reward import train_reward_model

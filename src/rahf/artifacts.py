@@ -291,7 +291,7 @@ def atomic_dir(
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only or virtual file system (/proc): said before the stage starts
         raise RahfError(f"output_dir: cannot create {final.parent} ({e.strerror}); choose another output_dir") from None
-    _remove_leftovers(final)
+    restore_replaced(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
     old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"  # where a replaced artifact goes
     tmp.mkdir()
@@ -428,14 +428,25 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
             handle.close()
 
 
-def _remove_leftovers(final: Path) -> None:
-    """Delete the temporary and replaced copies of `final` that a killed process left (they can hold many GB)."""
+def restore_replaced(final: str | os.PathLike) -> None:
+    """Put back the artifact a killed process had moved aside to replace `final` and never replaced: `atomic_dir`
+    renames the old folder aside, then the new one in, and a kill between the two renames leaves neither in place.
+    Then delete the temporary and replaced copies killed processes left (they can hold many GB)."""
+    final = Path(final)
+    dead: list[tuple[str, int, Path]] = []
     for path in final.parent.glob(f".{final.name}.*-*-*"):
-        kind, pid, *_ = path.name[len(final.name) + 2 :].split("-")  # ".<name>.tmp-<pid>-<ns>" as made below
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        print(f"[rahf] removing {path}, left by an interrupted run", flush=True)
-        shutil.rmtree(path, ignore_errors=True)
+        kind, pid, ns = (path.name[len(final.name) + 2 :].split("-") + ["", ""])[:3]  # ".<name>.old-<pid>-<ns>"
+        if kind in ("tmp", "old") and pid.isdigit() and ns.isdigit() and not _alive(int(pid)):
+            dead.append((kind, int(ns), path))
+    replaced = sorted((ns, path) for kind, ns, path in dead if kind == "old")
+    if replaced and not final.exists() and not final.is_symlink():
+        path = replaced[-1][1]  # the newest: an older one was already replaced once
+        path.rename(final)
+        print(f"[rahf] restored {final}, which an interrupted run had moved aside to replace it", flush=True)
+    for _, _, path in dead:
+        if path.exists():
+            print(f"[rahf] removing {path}, left by an interrupted run", flush=True)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

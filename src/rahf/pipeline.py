@@ -32,6 +32,7 @@ from .artifacts import (
     output_lock,
     read_manifest,
     redacted,
+    restore_replaced,
     write_text_atomic,
 )
 from .collect import collected_shards
@@ -474,6 +475,8 @@ def _run_stage(cfg: RahfConfig, stage: str, force: bool, restart: bool, together
     out = stage_dir(cfg, stage)
     main = distributed.is_main()
     with output_lock(cfg.output_dir) if main else contextlib.nullcontext():  # a second run stops here
+        if main:
+            restore_replaced(out)  # a kill in the middle of replacing it must not cost the artifact
         plan = _plan(cfg, stage, out, fp, covered, inputs, force, restart) if main else None
         if together:
             plan = distributed.share(plan)
