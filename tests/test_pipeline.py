@@ -1387,8 +1387,9 @@ def test_an_artifact_moved_aside_by_a_killed_swap_is_restored(tmp_path, capsys):
     assert "restored" in capsys.readouterr().out
 
 
-def test_a_run_finds_its_artifact_restored_and_fresh_after_a_killed_swap(scit_run, tiny_model_dir, pairs_file,
-                                                                          tmp_path, capsys):
+def test_a_run_finds_its_artifact_restored_and_fresh_after_a_killed_swap(
+    scit_run, tiny_model_dir, pairs_file, tmp_path, capsys
+):
     out = tmp_path / "copy"
     shutil.copytree(scit_run.output_dir, out)
     cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
