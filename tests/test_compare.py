@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_settings, standard_records, write_jsonl
 
 from rahf import pipeline
-from rahf.compare import paired, run_compare, summarize
+from rahf.compare import paired, run_compare, summarize, variant
 from rahf.config import METHOD_STAGES, load_config
 from rahf.data import PreferencePair, load_pairs
 from rahf.errors import ConfigError
@@ -54,7 +56,6 @@ def test_methods_use_only_their_stages(tiny_model_dir, pairs_file, tmp_path, cap
 
 
 def test_final_model_of_the_step1_baselines(scit_run, dual_run):
-    from rahf.compare import variant
 
     assert pipeline.final_model(variant(scit_run, method="hir")) == (
         str(pipeline.stage_dir(scit_run, "instruct")),
@@ -64,6 +65,25 @@ def test_final_model_of_the_step1_baselines(scit_run, dual_run):
     hir = pipeline.final_model(variant(scit_run, method="hir"))[2]
     assert hir.alongside == (scit_run.instructions.dispreferred,)  # its prompts are cut as SCIT cut them
     assert pipeline.final_model(variant(dual_run, method="preferred-sft"))[1] == "preferred"
+
+
+def test_a_step1_adapter_compared_loads_on_its_runs_base_not_the_path_its_file_names(dual_run, tmp_path):
+    """A compare folder copied elsewhere (its original gone) still evaluates preferred-sft, DPO and PPO adapters."""
+    from rahf.compare import Deployed, _load
+    from rahf.training import load_stage_model
+
+    out = tmp_path / "copy"
+    shutil.copytree(dual_run.output_dir, out)
+    run = variant(dual_run, output_dir=str(out))
+    written = out / "instruct" / "preferred" / "adapter_config.json"
+    recorded = json.loads(written.read_text())
+    written.write_text(json.dumps(recorded | {"base_model_name_or_path": str(tmp_path / "gone")}))
+    model, _ = _load(
+        variant(dual_run, output_dir=str(tmp_path / "compare")), Deployed(str(out / "instruct"), "preferred", None, run)
+    )
+    ids = torch.tensor([[5, 6, 7, 8]])
+    expected = load_stage_model(Path(dual_run.output_dir) / "instruct", dual_run, adapter="preferred")
+    torch.testing.assert_close(model(ids).logits, expected(ids).logits)
 
 
 def test_summarize_pools_the_seeds_verdicts_with_their_interval(tmp_path):

@@ -16,7 +16,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,13 @@ RAHF_LIKE = ("scit", "dual", "lorra")  # methods with collect and align (layers 
 
 @dataclass(frozen=True)
 class Deployed:
-    """A model as it is used: folder, adapter sub-folder, system instruction."""
+    """A model as it is used: folder, adapter sub-folder, system instruction, and the config of the run that made it
+    (a step-1 adapter loads on that run's base: the one its fingerprint covers, not the path its file names)."""
 
     path: str
     adapter: str | None = None
     system: str | None = None
+    run: RahfConfig | None = field(default=None, compare=False, repr=False)
 
 
 def variant(cfg: RahfConfig, **changes: Any) -> RahfConfig:
@@ -138,7 +140,7 @@ def _load(cfg: RahfConfig, d: Deployed):
     from .training import load_stage_model
 
     tokenizer = load_tokenizer(d.path, cfg.trust_remote_code, cfg.revision_of(d.path))
-    return load_stage_model(d.path, cfg, adapter=d.adapter), tokenizer
+    return load_stage_model(d.path, d.run or cfg, adapter=d.adapter), tokenizer
 
 
 def _select(
@@ -277,16 +279,16 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
             pipeline.run(hcfg)
             inst = str(pipeline.stage_dir(hcfg, "instruct"))
             deployed[method] = (
-                Deployed(inst, "preferred", None)
+                Deployed(inst, "preferred", None, hcfg)
                 if host == "dual"
                 else Deployed(
-                    inst, None, Instruction(hcfg.instructions.preferred, [hcfg.instructions.dispreferred])
+                    inst, None, Instruction(hcfg.instructions.preferred, [hcfg.instructions.dispreferred]), hcfg
                 )  # the instruction it was trained with
             )
         elif method in ("dpo", "rlhf-ppo"):
             mcfg = method_cfg(method, ["instruct"])
             pipeline.run(mcfg)
-            deployed[method] = Deployed(str(pipeline.stage_dir(mcfg, "instruct")))
+            deployed[method] = Deployed(str(pipeline.stage_dir(mcfg, "instruct")), run=mcfg)
         else:
             grid = candidates(method_cfg(method, []))  # a method's overrides may set its own layers/alphas
             layers = sorted({layer for ls, _ in grid for layer in ls})
