@@ -30,13 +30,21 @@ def torch_dtype(name: str) -> torch.dtype:
 
 @contextmanager
 def _loading(what: str, path: str) -> Iterator[None]:
-    """Files that cannot be loaded (missing, cut short, unreadable: what the up-front checks cannot see) end a
-    stage in one line naming them, not a traceback from inside transformers."""
+    """Files that cannot be loaded (missing, cut short, unreadable, malformed: what the up-front checks cannot see,
+    e.g. a Hub model first met by a stage) end a stage in one line naming them, not a traceback from inside
+    transformers. KeyError, AttributeError and TypeError are what transformers raises on some well-formed JSON with
+    the wrong fields; ImportError, on a missing optional library (sentencepiece); a tokenizer.json the `tokenizers`
+    library cannot parse raises a bare Exception, so a tokenizer's loading catches every Exception."""
     from safetensors import SafetensorError
 
+    caught = (
+        Exception
+        if what == "tokenizer"
+        else (OSError, ValueError, SafetensorError, KeyError, AttributeError, TypeError, ImportError)
+    )
     try:
         yield
-    except (OSError, ValueError, SafetensorError) as e:
+    except caught as e:
         reason = (str(e).strip().splitlines() or [""])[0][:300]
         raise LoadError(f"{path}: cannot load the {what} ({type(e).__name__}: {reason})") from None
 

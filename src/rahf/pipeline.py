@@ -809,11 +809,9 @@ def _check_tokenizer(cfg: RahfConfig, key: str, name: str) -> None:
         load_tokenizer(name, cfg.trust_remote_code, cfg.revision_of(name))
     except ConfigError as e:  # it loads, and lacks what rahf needs (an EOS token)
         raise ConfigError(f"{key}: {e}") from None
-    # LoadError, and what transformers raises on some malformed files itself (KeyError, AttributeError)
-    except Exception as e:  # noqa: BLE001
-        reason = str(e) if isinstance(e, LoadError) else f"{name}: cannot load the tokenizer ({type(e).__name__}: {e})"
+    except LoadError as e:
         fix = "; save the tokenizer there again (tokenizer.save_pretrained)" if Path(name).expanduser().is_dir() else ""
-        raise ConfigError(f"{key}: {reason.splitlines()[0][:400]}{fix}") from None
+        raise ConfigError(f"{key}: {e}{fix}") from None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
