@@ -97,7 +97,9 @@ def test_files_that_cannot_be_loaded_are_one_line_naming_them(tmp_path, tiny_mod
     (broken / "tokenizer.json").write_text('{"version": "1.0"}')  # valid JSON: transformers raises a KeyError
     with pytest.raises(LoadError, match=rf"^{broken}: cannot load the tokenizer \(KeyError: "):
         load_tokenizer(str(broken))
-    (broken / "tokenizer.json").write_text('{"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": 5}}')
+    (broken / "tokenizer.json").write_text(
+        '{"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": 5}}'
+    )
     with pytest.raises(LoadError, match=rf"^{broken}: cannot load the tokenizer \(Exception: "):  # from `tokenizers`
         load_tokenizer(str(broken))
 
