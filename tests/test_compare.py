@@ -342,16 +342,16 @@ def test_a_selection_is_reused_when_only_align_logging_settings_change(compared,
 
 def test_noisy_labels_train_ppos_reward_model_but_not_the_judges(compared):
     cfg, results = compared
-    noisy = next(r for r in results["runs"] if r["noise"] == 0.5)
     run_dir = Path(cfg.output_dir) / "noise-0.5" / "seed-0"
-    label_noise = {
-        name: json.loads((run_dir / name / "rahf_manifest.json").read_text())["config"]["data"]["label_noise"]
-        for name in ("reward", "judge/reward")
+    clean_dir = Path(cfg.output_dir) / "noise-0" / "seed-0"
+    made = {
+        d: json.loads((d / "reward" / "rahf_manifest.json").read_text())["run_config"] for d in (run_dir, clean_dir)
     }
-    assert label_noise == {"reward": 0.5, "judge/reward": 0.0}
-    assert noisy["reward_model"]["path"] == str(run_dir / "judge" / "reward")
-    clean = results["runs"][0]
-    assert clean["reward_model"]["path"] == str(Path(cfg.output_dir) / "noise-0" / "seed-0" / "reward")
+    assert made[run_dir]["data"]["label_noise"] == 0.5 and made[run_dir]["model"] == str(run_dir / "sft")
+    # one judge for both noise levels: clean labels, from the SFT model of the clean pairs (no sft.path here)
+    assert made[clean_dir]["data"]["label_noise"] == 0.0 and made[clean_dir]["model"] == str(clean_dir / "sft")
+    assert [r["reward_model"]["path"] for r in results["runs"] if r["seed"] == 0] == [str(clean_dir / "reward")] * 2
+    assert not (run_dir / "judge").exists()
 
 
 def _yaml(path, mapping) -> str:

@@ -221,30 +221,41 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
     base = variant(cfg, seed=seed, data__label_noise=noise)
     timings: dict[str, float] = {}
     t = time.time()
-    # SFT data without label noise (sft.path) gives one SFT model per seed, shared across noise levels.
-    sft_root = out / f"seed-{seed}" if cfg.sft.path else run_dir
-    sft_cfg = variant(base, method="sft", output_dir=str(sft_root), stages=["sft"] if "sft" in cfg.stages else [])
-    if cfg.sft.path:
-        sft_cfg.data.label_noise = 0.0
-    pipeline.run(sft_cfg)
-    sft_path = pipeline.base_model_path(sft_cfg)
-    revision = base.revision_of(sft_path)  # kept for `model` itself, dropped for this run's SFT folder
+
+    def sft_root(level: float) -> Path:
+        return out / f"seed-{seed}" if cfg.sft.path else out / f"noise-{level:g}" / f"seed-{seed}"
+
+    def sft_model(level: float) -> str:
+        """The SFT model of this seed at label-noise `level`: SFT data without label noise (sft.path) gives one per
+        seed, shared across noise levels; SFT on the pairs' chosen replies learns the flipped ones too."""
+        root = sft_root(level)
+        stages = ["sft"] if "sft" in cfg.stages else []
+        scfg = variant(
+            base, method="sft", output_dir=str(root), stages=stages, data__label_noise=0.0 if cfg.sft.path else level
+        )
+        pipeline.run(scfg)
+        return pipeline.base_model_path(scfg)
+
+    sft_path = sft_model(noise)
     timings["sft"] = round(time.time() - t, 1)
 
     e = cfg.evaluate
     t = time.time()
 
-    def reward_model(noisy: RahfConfig, where: Path) -> str:
-        rcfg = variant(noisy, method="sft", model=sft_path, revision=revision, output_dir=str(where), stages=["reward"])
+    def reward_model(noisy: RahfConfig, where: Path, backbone: str) -> str:
+        rcfg = variant(noisy, method="sft", model=backbone, revision=base.revision_of(backbone), output_dir=str(where),
+                       stages=["reward"])  # fmt: skip
         return str(pipeline.run_stage(rcfg, "reward"))
 
-    # PPO learns from a reward model of the (noisy) labels, as it would in practice; the evaluation's reward
-    # model learns from the labels as given, so that noise degrades the methods and not their judge.
-    reward_path = reward_model(base, run_dir) if "rlhf-ppo" in methods and not cfg.ppo.reward_model else None
+    # PPO learns from a reward model of the (noisy) labels, as it would in practice; the evaluation's reward model
+    # is that of this seed's run without label noise (clean labels, from the SFT model of clean data): one judge for
+    # every noise level, so that noise degrades the methods and not their judge.
+    reward_path = reward_model(base, run_dir, sft_path) if "rlhf-ppo" in methods and not cfg.ppo.reward_model else None
     rm_path = e.judge_model
     if not rm_path and (e.judge == "reward-model" or e.temperatures):
         # at noise 0 this is PPO's reward model itself (same settings, same folder: found fresh, not retrained)
-        rm_path = reward_model(variant(base, data__label_noise=0.0), run_dir / "judge" if noise else run_dir)
+        clean_sft = sft_path if noise == 0 or cfg.sft.path else sft_model(0.0)
+        rm_path = reward_model(variant(base, data__label_noise=0.0), out / "noise-0" / f"seed-{seed}", clean_sft)
     if reward_path or rm_path != e.judge_model:
         timings["reward"] = round(time.time() - t, 1)
     from .evaluate import neutral_prompts, reward_judge_for, run_judge
@@ -262,7 +273,7 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
     def method_cfg(method: str, stages: list[str], **changes: Any) -> RahfConfig:
         tuned = with_overrides(base, overrides[method]) if method in overrides else base
         return variant(
-            tuned, method=method, model=sft_path, revision=revision, output_dir=str(run_dir / method), stages=stages,
+            tuned, method=method, model=sft_path, revision=base.revision_of(sft_path), output_dir=str(run_dir / method), stages=stages,
             ppo__reward_model=cfg.ppo.reward_model or reward_path, **changes,
         )  # fmt: skip
 
@@ -324,7 +335,7 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
         timings[f"evaluate {method}"] = round(time.time() - t, 1)
         name = DISPLAY.get(method, method)
         print(f"[compare] noise {noise:g} seed {seed} {name}: win rate {m['win_rate']['win_rate']:.3f}", flush=True)
-    histories = {name: _history(run_dir, sft_root, name) for name in metrics}
+    histories = {name: _history(run_dir, sft_root(noise), name) for name in metrics}
     run = {"noise": noise, "seed": seed, "methods": metrics, "timings_s": timings, "histories": histories}
     return run | extra
 
