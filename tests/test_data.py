@@ -594,6 +594,41 @@ def test_check_data_and_report(tmp_path):
     assert f"{path}:1: chosen and rejected replies are identical" in text
 
 
+def test_check_data_reads_sft_data_and_prompts_files_as_a_run_does(tmp_path):
+    sft = write_jsonl(
+        tmp_path / "sft.jsonl", [{"prompt": "ab", "completion": " yes "}, {"prompt": "abcd", "completion": ""}]
+    )
+    report = check_data(sft)
+    assert (report.format, report.n_pairs, report.n_empty, report.mean_rejected_chars) == (
+        "prompt/completion",
+        2,
+        1,
+        None,
+    )
+    assert (report.mean_prompt_chars, report.mean_chosen_chars) == (
+        3.0,
+        1.5,
+    )  # the completion stripped, as SFT reads it
+    assert report.problems == [f"{sft}:2: empty completion"]
+    text = format_report(report)
+    assert "examples:" in text and "completion 1.5" in text and "chosen" not in text
+    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "abc"}, {"prompt": conversation}])
+    report = check_data(prompts)
+    assert (report.format, report.n_pairs, report.n_with_system, report.mean_chosen_chars) == (
+        "prompt-only",
+        2,
+        1,
+        None,
+    )
+    assert report.mean_prompt_chars == (3 + 8 + 2) / 2
+    assert "prompts:" in format_report(report) and "completion" not in format_report(report)
+    with pytest.raises(DataError, match=r"sft\.jsonl:1: .*'completion'"):  # a field of the wrong type: file and line
+        check_data(write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": 5}]))
+    with pytest.raises(DataError, match=r"p\.jsonl:2: "):
+        check_data(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": ""}]))
+
+
 def test_check_data_still_raises_on_malformed(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [STANDARD[0], {"prompt": "a"}])
     with pytest.raises(DataError, match=r"d\.jsonl:2: field 'chosen' is missing"):

@@ -217,11 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="draws another task, model and training run (default: 0)")
     d.set_defaults(func=_cmd_demo)
 
-    data = sub.add_parser("data", help="inspect preference data")
+    data = sub.add_parser("data", help="inspect preference data, SFT data and prompts files")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    dc = dsub.add_parser("check", help="format, number of pairs and problems of a data file")
+    dc = dsub.add_parser("check", help="format, number of records and problems of a data file")
     dc.add_argument("path", help="a JSONL(.gz), JSON(.gz) or parquet file, or a `datasets` save_to_disk folder")
-    dc.add_argument("--format", default="auto", help="auto | trl-standard | trl-conversational | hh | ultrafeedback")
+    dc.add_argument(
+        "--format",
+        default="auto",
+        help="auto | trl-standard | trl-conversational | hh | ultrafeedback | prompt/completion (SFT data) | "
+        "prompt-only (prompts)",
+    )
     dc.set_defaults(func=_cmd_data_check)
     return p
 

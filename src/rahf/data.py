@@ -59,17 +59,19 @@ class PreferencePair:
 
 @dataclass
 class DataReport:
-    """What `check_data` found in a file: counts, averages and warnings worth a look."""
+    """What `check_data` found in a file: counts, averages and warnings worth a look. Its records are preference
+    pairs, SFT examples (format prompt/completion: the completion counts as the chosen reply, no rejected one) or
+    prompts (format prompt-only: no reply)."""
 
     path: str
     format: str
-    n_pairs: int
-    problems: list[str]  # one "source: what" line per suspicious pair
+    n_pairs: int  # records: pairs, SFT examples or prompts
+    problems: list[str]  # one "source: what" line per suspicious record
     n_identical: int  # chosen == rejected: no preference signal
     mean_prompt_chars: float  # over all prompt message contents
-    mean_chosen_chars: float
-    mean_rejected_chars: float
-    n_empty: int  # pairs with an empty chosen or rejected reply
+    mean_chosen_chars: float | None  # None for prompts
+    mean_rejected_chars: float | None  # None for SFT examples and prompts
+    n_empty: int  # records with an empty reply
     n_multi_turn: int  # prompts with more than one user message
     n_with_system: int  # prompts with a system message
 
@@ -653,10 +655,16 @@ def load_pairs(
 
 
 def check_data(path: str | os.PathLike, format: str = "auto") -> DataReport:
-    """Load every pair in `path` and summarise it, listing pairs that carry no usable preference.
+    """Load every pair in `path` and summarise it, listing pairs that carry no usable preference. SFT data (records
+    with a "completion") and prompts files (a "prompt" and no replies) are read as `sft.path` and `generate.prompts`
+    read them, and summarised likewise.
 
     Malformed records still raise DataError; suspicious but well-formed ones become `problems`.
     """
+    if format == "auto":
+        format = _record_file_format(path) or format
+    if format in ("prompt/completion", "prompt-only"):
+        return _check_records(path, format)
     pairs, fmt = load_pairs(path, format)
     problems: list[str] = []
     n_identical = n_empty = 0
@@ -686,27 +694,72 @@ def check_data(path: str | os.PathLike, format: str = "auto") -> DataReport:
     )
 
 
+def _record_file_format(path: str | os.PathLike) -> str | None:
+    """ "prompt/completion" or "prompt-only" when the first record of `path` is one (as `sft.path` and
+    `generate.prompts` decide); None for anything else."""
+    first = next(read_records(path), (None, None))[1]
+    if isinstance(first, dict) and "completion" in first:
+        return "prompt/completion"
+    if isinstance(first, dict) and "prompt" in first and not {"chosen", "rejected"} & set(first):
+        return "prompt-only"
+    return None
+
+
+def _check_records(path: str | os.PathLike, fmt: str) -> DataReport:
+    """`check_data` of an SFT file (prompt/completion) or a prompts file (prompt-only)."""
+    examples = fmt == "prompt/completion"
+    rows = [
+        (*(parse_completion(rec, src) if examples else (parse_prompt(rec, src), None)), src)
+        for src, rec in read_records(path)
+    ]
+    if not rows:
+        raise DataError(f"{os.fspath(path)}: holds no records")
+    problems = [f"{src}: empty completion" for _, reply, src in rows if reply == ""]
+    problems += [f"{src}: the last user message of the prompt is empty" for prompt, _, src in rows
+                 if not prompt[-1]["content"].strip()]  # fmt: skip
+    n = len(rows)
+    return DataReport(
+        path=os.fspath(path),
+        format=fmt,
+        n_pairs=n,
+        problems=problems,
+        n_identical=0,
+        mean_prompt_chars=sum(sum(len(m["content"]) for m in prompt) for prompt, _, _ in rows) / n,
+        mean_chosen_chars=sum(len(reply) for _, reply, _ in rows) / n if examples else None,
+        mean_rejected_chars=None,
+        n_empty=sum(reply == "" for _, reply, _ in rows),
+        n_multi_turn=sum(1 for prompt, _, _ in rows if sum(m["role"] == "user" for m in prompt) > 1),
+        n_with_system=sum(1 for prompt, _, _ in rows if any(m["role"] == "system" for m in prompt)),
+    )
+
+
 def format_report(report: DataReport) -> str:
     """Human-readable summary of a DataReport, as printed by `rahf data check PATH`."""
 
     def share(k: int) -> str:
         return f"{k} ({100 * k / report.n_pairs:.1f}%)"
 
+    lengths = f"prompt {report.mean_prompt_chars:.1f}"
+    if report.format == "prompt/completion":
+        kind, replies = "examples", [("empty completion", share(report.n_empty))]
+        lengths += f", completion {report.mean_chosen_chars:.1f}"
+    elif report.format == "prompt-only":
+        kind, replies = "prompts", []
+    else:
+        kind = "pairs"
+        replies = [
+            ("identical chosen/rejected", share(report.n_identical)),
+            ("empty chosen or rejected", share(report.n_empty)),
+        ]
+        lengths += f", chosen {report.mean_chosen_chars:.1f}, rejected {report.mean_rejected_chars:.1f}"
     rows = [
         ("data", report.path),
         ("format", report.format),
-        ("pairs", str(report.n_pairs)),
+        (kind, str(report.n_pairs)),
         ("multi-turn prompts", share(report.n_multi_turn)),
         ("prompts with a system message", share(report.n_with_system)),
-        ("identical chosen/rejected", share(report.n_identical)),
-        ("empty chosen or rejected", share(report.n_empty)),
-        (
-            "mean length (chars)",
-            (
-                f"prompt {report.mean_prompt_chars:.1f}, chosen {report.mean_chosen_chars:.1f}, "
-                f"rejected {report.mean_rejected_chars:.1f}"
-            ),
-        ),
+        *replies,
+        ("mean length (chars)", lengths),
     ]
     width = max(len(label) for label, _ in rows) + 1
     lines = [f"{label + ':':<{width}} {value}" for label, value in rows]
