@@ -55,6 +55,32 @@ def test_a_changed_artifact_folder_is_fingerprinted_by_its_content(tmp_path, cha
     assert fingerprint_path(folder) != changed  # by content: any further edit shows
 
 
+def _browse_and_download(folder: Path) -> None:
+    """What a file browser and `huggingface-cli download --local-dir` add to a model folder."""
+    (folder / ".DS_Store").write_bytes(b"Bud1")
+    (folder / "._config.json").write_bytes(b"\x00\x05")
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf")
+    (folder / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (folder / ".cache" / "huggingface" / "download" / "config.json.metadata").write_text("abc\n1764150000.0\n")
+
+
+def test_files_a_browser_or_a_download_adds_leave_a_folders_fingerprint_alone(tmp_path):
+    artifact = make_artifact(tmp_path / "merged")
+    identity = fingerprint_path(artifact)
+    _browse_and_download(artifact)
+    assert fingerprint_path(artifact) == identity  # still its identity: nothing built on it goes stale
+    plain = tmp_path / "model"
+    plain.mkdir()
+    (plain / "config.json").write_text('{"model_type": "llama"}')
+    by_content = fingerprint_path(plain)
+    _browse_and_download(plain)
+    assert fingerprint_path(plain) == by_content
+    (plain / "sub").mkdir()
+    (plain / "sub" / "._x").write_bytes(b"\x00")
+    (plain / ".cache" / "other.json").write_text("{}")  # not a download record: content
+    assert fingerprint_path(plain) != by_content
+
+
 @pytest.mark.parametrize("text", ['{"fingerprint": "fp", "bu', "{}", "[]", '{"fingerprint": "fp", "files": 3}'])
 def test_a_folder_with_a_damaged_manifest_is_fingerprinted_by_its_content(tmp_path, text):
     folder = make_artifact(tmp_path / "model")

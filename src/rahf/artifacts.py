@@ -96,6 +96,18 @@ def _content_digest(path: Path, stat: os.stat_result) -> bytes:
     return inner.digest()
 
 
+_NOT_CONTENT = re.compile(r"(^|/)(\.DS_Store|\._[^/]*|Thumbs\.db|desktop\.ini)$|^\.cache/huggingface/")
+
+
+def content_files(folder: Path) -> list[Path]:
+    """The files of `folder` that make up its content, sorted: not the ones a file browser adds when it is opened
+    (.DS_Store, ._*, Thumbs.db, desktop.ini) nor the download records `huggingface-cli download --local-dir` keeps
+    (.cache/huggingface/), which change with each download of the same files."""
+    return sorted(
+        f for f in folder.rglob("*") if f.is_file() and not _NOT_CONTENT.search(f.relative_to(folder).as_posix())
+    )
+
+
 def fingerprint_path(path: str | os.PathLike, revision: str | None = None) -> str:
     """Content hash of a file or folder; an untouched stage artifact contributes its identity (`artifact_identity`);
     a Hub id the commit that `revision` (default: the default branch) points to; an HF URI the content of the file
@@ -111,7 +123,7 @@ def fingerprint_path(path: str | os.PathLike, revision: str | None = None) -> st
     if p.is_file():
         _hash_file(p, h)
     elif p.is_dir():
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        for f in content_files(p):
             h.update(str(f.relative_to(p)).encode())
             _hash_file(f, h)
     else:  # a Hub id: the commit it resolves to, as from_pretrained will load it (else the revision's name)
@@ -180,7 +192,7 @@ def _untouched_identity(folder: Path) -> str | None:
             or lost_files(folder)
         ):
             return None
-        present = {str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()}
+        present = {str(f.relative_to(folder)) for f in content_files(folder)}
     except (OSError, ValueError):  # unreadable: the content hash says which file (`_hash_file`)
         return None
     return artifact_identity(folder) if present == {*listed, MANIFEST} else None
