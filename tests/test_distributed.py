@@ -257,6 +257,32 @@ def test_split_gives_each_process_its_share_and_every_process_all_results_in_ord
         distributed.split(7, lambda mine: ["r1"])
 
 
+@pytest.mark.parametrize(("n", "world", "batch"), [(14, 2, 2), (13, 2, 4), (5, 3, 1), (16, 2, 2)])
+def test_a_last_step_the_examples_do_not_fill_is_told_with_what_accelerate_repeats(n, world, batch, capsys):
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from rahf.training import uneven_note
+
+    seen = [
+        i
+        for rank in range(world)
+        for b in BatchSamplerShard(BatchSampler(SequentialSampler(range(n)), batch, False), world, rank)
+        for i in b
+    ]
+    args = SimpleNamespace(world_size=world, per_device_train_batch_size=batch, dataloader_drop_last=False)
+    uneven_note(args, n, "align")
+    note = capsys.readouterr().out
+    repeated = len(seen) - n
+    assert sorted(set(seen)) == list(range(n))
+    assert (f"accelerate repeats {repeated} of them" in note) if repeated else note == ""
+    uneven_note(SimpleNamespace(**vars(args) | {"world_size": 1}), n, "align")
+    uneven_note(SimpleNamespace(**vars(args) | {"dataloader_drop_last": True}), n, "align")
+    assert capsys.readouterr().out == ""
+
+
 def test_a_process_started_alone_is_process_zero_whatever_its_environment(monkeypatch):
     from rahf import distributed
 

@@ -110,8 +110,25 @@ def run_trainer(trainer, stage: str) -> dict[str, float]:
         step, total = checkpoint_step(last) or (0, 0)
         print(f"[rahf] {stage}: resuming from {last} (step {step} of {total})", flush=True)
     trainer.evaluate = leaves_randomness(trainer.evaluate)  # the Trainer calls self.evaluate
+    uneven_note(trainer.args, len(trainer.train_dataset), stage)
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     return held_out_metrics(trainer, stage)
+
+
+def uneven_note(args, n: int, stage: str) -> None:
+    """With several processes, accelerate fills a last step that the `n` examples do not fill by repeating the
+    epoch's first examples, where one process trains a smaller last batch: say so, as that is where two processes'
+    weights part from one's."""
+    from .distributed import is_main
+
+    step = args.world_size * args.per_device_train_batch_size
+    if args.world_size > 1 and n % step and not args.dataloader_drop_last and is_main():
+        print(
+            f"[rahf] {stage}: {n} examples do not fill the last step of {args.world_size} processes x "
+            f"{args.per_device_train_batch_size}: accelerate repeats {step - n % step} of them there each epoch, "
+            f"where one process trains a smaller batch (with a multiple of {step} examples both train the same weights)",
+            flush=True,
+        )
 
 
 def leaves_randomness(evaluate):
