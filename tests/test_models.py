@@ -137,3 +137,32 @@ def test_a_model_whose_blocks_pass_parallel_streams_is_refused_before_collect_an
     model = AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(ConfigError, match=r"layer 1: the block's output has shape \[4, 1, 5, 32\], not \[batch"):
         forward_capture(model, [1], torch.tensor([[3, 4, 5, 6, 7]]), torch.ones(1, 5, dtype=torch.long))
+
+
+def test_a_model_without_one_module_per_block_is_refused_before_collect_and_align():
+    """XLM keeps its attentions, norms and feed-forwards in parallel lists of its depth: none of them is the blocks,
+    whose outputs collect reads (taking the first, the attentions, read the attention output before the residual)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rahf.config import LoraSettings
+    from rahf.errors import ConfigError
+    from rahf.pipeline import check_blocks
+    from rahf.training import check_lora_targets
+
+    config = AutoConfig.for_model("xlm", vocab_size=64, emb_dim=32, n_layers=2, n_heads=2)
+    refused = r"xlm model keeps 4 parallel lists of 2 modules \(attentions, layer_norm1, ffns, layer_norm2\)"
+    with pytest.raises(ConfigError, match=refused):
+        check_blocks(config, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ConfigError, match=refused):
+        check_lora_targets(model, LoraSettings(target_modules=["q_lin", "v_lin"]), "align.lora", max_layer=2)
+    assert check_lora_targets(model, LoraSettings(target_modules=["q_lin", "v_lin"]), "dpo.lora") is None
+    # a block holding as many experts as the model has blocks: the blocks are the outer list
+    llama = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", num_hidden_layers=2, hidden_size=32,
+                                             intermediate_size=64, num_attention_heads=2, vocab_size=64))  # fmt: skip
+    for block in llama.model.layers:
+        block.experts = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+    assert decoder_blocks(llama) is llama.model.layers
+    adapted = get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert decoder_blocks(adapted) is llama.model.layers

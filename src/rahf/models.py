@@ -211,9 +211,18 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     n = num_layers(inner.config)
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else inner
     for root in (decoder, inner):
-        candidates = [m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-        if candidates:
-            return candidates[0]
+        found = [(name, m) for name, m in root.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+        # outermost lists only: a block may hold a list of as many experts or heads as there are blocks
+        outer = [(name, m) for name, m in found if not any(name.startswith(f"{o}.") for o, _ in found)]
+        if len(outer) > 1:  # XLM keeps attention, norms and feed-forwards in parallel lists: no module is a block
+            raise ConfigError(
+                f"model: a {inner.config.model_type} model keeps {len(outer)} parallel lists of {n} modules "
+                f"({', '.join(name for name, _ in outer)}) and no one module per decoder block, so collect and align "
+                "have no block output to read and steer; RAHF and LoRRA do not support it (the sft, dpo and "
+                "preferred-sft methods do)"
+            )
+        if outer:
+            return outer[0][1]
     raise ConfigError(f"no list of {n} decoder blocks found in {type(inner).__name__}")
 
 

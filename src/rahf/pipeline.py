@@ -693,7 +693,9 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
         from .config import model_config
         from .models import check_one_stream
 
-        check_one_stream(model_config("model", cfg.model, cfg.revision_of(cfg.model), cfg.trust_remote_code))
+        config = model_config("model", cfg.model, cfg.revision_of(cfg.model), cfg.trust_remote_code)
+        check_one_stream(config)
+        check_blocks(config, cfg.trust_remote_code)
     check_model_ids(cfg, stages)
     check_eos_tokens(cfg, stages)
     check_upstream(cfg, [stage] if stage else active_stages(cfg))
@@ -943,6 +945,18 @@ def _fits(cfg: RahfConfig, model: str, needs: dict[str, int]) -> None:
                 f"{keys}: {length} tokens exceed the {limit} positions of {model} (a learned position "
                 "table, max_position_embeddings); lower them to fit"
             )
+
+
+def check_blocks(config, trust_remote_code: bool) -> None:
+    """The model has one module per decoder block for collect and align to read and steer (`decoder_blocks`, on a
+    meta-device copy). Best effort, as check_lora."""
+    from .models import decoder_blocks, meta_model
+
+    try:
+        model = meta_model(config, trust_remote_code)
+    except Exception:  # noqa: BLE001  (an architecture that cannot be built on the meta device: left to the stage)
+        return
+    decoder_blocks(model)
 
 
 def check_lora(cfg: RahfConfig, stages: list[str]) -> None:

@@ -333,13 +333,18 @@ def check_lora_targets(model, settings: LoraSettings, key: str, max_layer: int |
     adapter (hybrid models: q_proj/v_proj only in their attention blocks); None otherwise."""
     from peft import get_peft_model
 
-    blocks = decoder_blocks(model)
-    covered = list(range(max_layer)) if max_layer is not None else list(range(len(blocks)))
+    try:
+        blocks = decoder_blocks(model)
+    except ConfigError:  # no one module per block (XLM): fine for an adapter on the whole model
+        if max_layer is not None:
+            raise
+        blocks = None
+    covered = list(range(max_layer)) if max_layer is not None else list(range(len(blocks or [])))
     where = f"blocks 0..{covered[-1]}" if max_layer is not None else "the model's blocks"
     linear = dict.fromkeys(
         n.rsplit(".", 1)[-1]
-        for i in covered
-        for n, m in blocks[i].named_modules()
+        for part in ([blocks[i] for i in covered] if blocks is not None else [model])
+        for n, m in part.named_modules()
         if n and getattr(getattr(m, "weight", None), "ndim", 0) == 2 and next(m.children(), None) is None
     )
     fix = f"set {key}.target_modules to names of their layers: {', '.join(linear) or 'none found'}"
