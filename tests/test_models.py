@@ -166,3 +166,17 @@ def test_a_model_without_one_module_per_block_is_refused_before_collect_and_alig
     assert decoder_blocks(llama) is llama.model.layers
     adapted = get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj"]))
     assert decoder_blocks(adapted) is llama.model.layers
+
+
+def test_a_model_whose_blocks_run_time_major_is_refused_when_read():
+    """XLNet's blocks return [sequence, batch, hidden]: reading it as [batch, sequence] would steer the wrong states."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rahf.errors import ConfigError
+
+    config = AutoConfig.for_model("xlnet", vocab_size=64, d_model=32, n_layer=2, n_head=2, d_inner=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(
+        ConfigError, match=r"layer 1: the block's output has shape \[5, 1, 32\] for input ids of shape \[1, 5\]"
+    ):
+        forward_capture(model, [1], torch.tensor([[3, 4, 5, 6, 7]]), torch.ones(1, 5, dtype=torch.long))

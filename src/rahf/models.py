@@ -298,4 +298,11 @@ def forward_capture(
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         except _StopForward:
             pass
+    for layer, h in out.items():  # XLNet's blocks run time-major: [sequence, batch, hidden]
+        if h.shape[:2] != input_ids.shape:
+            raise ConfigError(
+                f"layer {layer}: the block's output has shape {list(h.shape)} for input ids of shape "
+                f"{list(input_ids.shape)}, not [batch, sequence, hidden]; rahf cannot read one hidden state per token "
+                f"of a {type(base).__name__}"
+            )
     return dict(out)
