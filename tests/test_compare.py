@@ -513,7 +513,9 @@ def test_compare_and_stage_errors_are_one_line_exit_2(tmp_path, tiny_model_dir, 
         "compare": compared["compare"] | {"overrides": {"dual": {"align": {"lora": {"target_modules": ["x"]}}}}}
     }
     assert main(["compare", _yaml(tmp_path / "i.yaml", bad)]) == 2
-    assert "align.lora.target_modules: x matches no module in blocks 0..1" in capsys.readouterr().err
+    said = capsys.readouterr().err  # the key where the override sets it, not the config's own (unset) one
+    assert "error: compare.overrides.dual.align.lora.target_modules: x matches no module in blocks 0..1" in said
+    assert "; set compare.overrides.dual.align.lora.target_modules to names" in said
     bad = compared | {"compare": {"methods": ["dpo"]}, "dpo": {"lora": {"target_modules": ["y"]}}}
     assert main(["compare", _yaml(tmp_path / "j.yaml", bad)]) == 2
     assert "dpo.lora.target_modules: y matches no module" in capsys.readouterr().err

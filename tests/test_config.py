@@ -223,6 +223,31 @@ def test_train_numbers_in_compare_overrides_reach_the_trainer_as_numbers(base, t
     assert training_args(TrainingArguments, tuned, tmp_path, tuned.align.train).learning_rate == 0.001
 
 
+def test_a_schedules_options_written_as_text_are_read_as_numbers_or_refused(base):
+    """Only `1e-5`-shaped text is a number to YAML 1.1; a schedule's options are numbers (but for names), so a quoted
+    "0.1" is one, and `nan` (text to YAML 1.1) is refused as not finite instead of crashing align after collect."""
+    train = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": "0.1"}}
+    assert load_config(None, with_(base, align__train=train)).align.train["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1}
+    msg = error_of(None, with_(base, align__train=train | {"lr_scheduler_kwargs": {"min_lr_rate": "nan"}}))
+    assert msg.startswith("align.train.lr_scheduler_kwargs.min_lr_rate: must be a finite number"), msg
+    wsd = {
+        "lr_scheduler_type": "warmup_stable_decay",
+        "lr_scheduler_kwargs": {"num_decay_steps": 2, "decay_type": "cosine"},
+    }
+    assert load_config(None, with_(base, align__train=wsd)).align.train["lr_scheduler_kwargs"]["decay_type"] == "cosine"
+    init = {"model_init_kwargs": {"revision": "2024"}}  # elsewhere text stays text
+    assert load_config(None, with_(base, sft__train=init)).sft.train["model_init_kwargs"] == {"revision": "2024"}
+
+
+def test_a_strategy_written_no_as_yaml_reads_it_is_no(base, tmp_path):
+    """`save_strategy: no`, as Hugging Face's examples write it, is false to YAML 1.1."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base) + "align:\n  train: {save_strategy: no}\n")
+    assert load_config(path).align.train["save_strategy"] == "no"
+    cfg = load_config(None, with_(base, **parse_overrides(["align.train.eval_strategy=no"])))
+    assert cfg.align.train["eval_strategy"] == "no"
+
+
 def test_numbers_in_train_mappings_reach_the_trainer_as_numbers(base, tmp_path):
     """YAML 1.1 reads `1e-5` as text; inside lr_scheduler_kwargs no field type says it is a number."""
     from transformers import TrainingArguments
@@ -553,6 +578,22 @@ def test_hash_in_an_override_value_is_text(item, value):
     assert parse_overrides([item]) == {"instructions": {"preferred": value}}
 
 
+@pytest.mark.parametrize(
+    ("item", "value"),
+    [
+        ("instructions.preferred=Be kind.\nAnswer in one sentence.", "Be kind.\nAnswer in one sentence."),
+        ("instructions.preferred=Be kind.\n\nBe brief.", "Be kind.\n\nBe brief."),
+        ("instructions.preferred='Be kind.\n  Be brief.'", "Be kind.\n  Be brief."),
+    ],
+)
+def test_line_breaks_in_an_override_value_are_kept(item, value):
+    """YAML folds a line break into a space; typed on a command line (`$'...\n...'`) it is part of the text."""
+    assert parse_overrides([item]) == {"instructions": {"preferred": value}}
+    with pytest.raises(ConfigError) as e:
+        parse_overrides(["layers=[1,\n2"])
+    assert "\n" not in str(e.value)  # one line
+
+
 @pytest.mark.parametrize("item", ["seed=010", "seed=-007", "compare.seeds=[1, 02]"])
 def test_leading_zero_integer_is_refused(item, tmp_path):
     """YAML 1.1 reads 010 as octal 8; refused rather than silently turned into 8 (or read as 10)."""
@@ -683,6 +724,16 @@ def test_example_configs_use_only_known_keys(path):
         ({"max_steps": 0}, "align.train.max_steps: must be >= 1 (or -1: train num_train_epochs), got 0"),
         ({"learning_rate": -1e-3}, "align.train.learning_rate: must be >= 0"),
         ({"logging_steps": 0}, "align.train.logging_steps: logging strategy"),  # the library's own rule
+        ({"seed": -1}, "align.train.seed: must be in [0, 4294967295], got -1"),
+        ({"data_seed": 2**32}, "align.train.data_seed: must be in [0, 4294967295]"),
+        ({"dataloader_num_workers": -1}, "align.train.dataloader_num_workers: must be >= 0, got -1"),
+        ({"deepspeed": "ds.json"}, "align.train.deepspeed: "),  # not installed here: ImportError, not a traceback
+        ({"accelerator_config": "missing.json"}, "align.train.accelerator_config: "),  # a file that is not there
+        ({"save_strategy": True}, "align.train.save_strategy: expected one of no, steps, epoch, best, got True (YAML"),
+        (
+            {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": "x"}},
+            "align.train.lr_scheduler_type: cosine_with_min_lr: ",  # read past the warmup, where it is used
+        ),
     ],
 )
 def test_train_values_of_the_wrong_type_or_range(base, train, start):
@@ -895,6 +946,10 @@ def test_paths_in_compare_overrides_resolve_against_the_config_folder(base, tmp_
     [
         ({"methods": []}, "compare.methods: list at least one method"),
         ({"methods": ["sft", "dual", "rahf-dual"]}, "compare.methods: rahf-dual is listed twice"),
+        (
+            {"overrides": {"dual": {"alpha": 0.25}, "rahf-dual": {"align": {"lora": {"r": 4}}}}},
+            "compare.overrides: dual and rahf-dual name one method; keep the keys under one of them",
+        ),
         ({"seeds": [0, 1, 0]}, "compare.seeds: 0 is listed twice; a repeat is the same run again"),
         ({"label_noise": [0.0, 0.2, 0.2]}, "compare.label_noise: 0.2 is listed twice"),
     ],

@@ -30,7 +30,7 @@ from .artifacts import (
     redacted,
     write_text_atomic,
 )
-from .config import ALIASES, RahfConfig, resolved_layers, with_overrides
+from .config import ALIASES, RahfConfig, flatten, resolved_layers, with_overrides
 from .data import PreferencePair, load_pairs
 from .errors import ConfigError
 from .stimuli import Instruction
@@ -127,12 +127,19 @@ def check_compared_lora(cfg: RahfConfig) -> None:
     for method in method_names(cfg):
         host = {"hir": "scit", "preferred-sft": "dual"}.get(method, method)
         tuned = with_overrides(cfg, *overrides[host]) if host in overrides else cfg
-        if method in ("scit", "dual", "lorra"):
-            layers = sorted({layer for layer_set, _ in candidates(tuned) for layer in layer_set})
-            stages = ["align"] if method == "lorra" else ["instruct", "align"]
-            check_lora(variant(tuned, method=method, layers=layers), stages)
-        elif method != "sft":
-            check_lora(variant(tuned, method=host), ["instruct"])
+        try:
+            if method in ("scit", "dual", "lorra"):
+                layers = sorted({layer for layer_set, _ in candidates(tuned) for layer in layer_set})
+                stages = ["align"] if method == "lorra" else ["instruct", "align"]
+                check_lora(variant(tuned, method=method, layers=layers), stages)
+            elif method != "sft":
+                check_lora(variant(tuned, method=host), ["instruct"])
+        except ConfigError as e:  # name the key where the method's override sets it
+            key = str(e).split(":", 1)[0]
+            mapping, prefix = overrides.get(host, ({}, ""))
+            if any(k == key or k.startswith(f"{key}.") or key.startswith(f"{k}.") for k in flatten(mapping)):
+                raise ConfigError(str(e).replace(key, prefix + key)) from None
+            raise
 
 
 def _load(cfg: RahfConfig, d: Deployed):

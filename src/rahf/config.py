@@ -7,6 +7,7 @@ options raise `ConfigError` with one line naming the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -436,8 +437,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{item}: not valid YAML ({_yaml_problem(e)}); quote the value if it is text") from None
-        _set_dotted(tree, key, _hash_is_text(raw, value))
+            shown = repr(item) if "\n" in item else item  # one line
+            raise ConfigError(f"{shown}: not valid YAML ({_yaml_problem(e)}); quote the value if it is text") from None
+        _set_dotted(tree, key, _lines_are_text(raw, _hash_is_text(raw, value)))
     return tree
 
 
@@ -448,6 +450,15 @@ def _hash_is_text(raw: str, value: Any) -> Any:
     if isinstance(read, str) and text != read and text.startswith(read) and text[len(read) :].lstrip()[:1] == "#":
         return text
     return value
+
+
+def _lines_are_text(raw: str, value: Any) -> Any:
+    """`value`, unless YAML folded the line breaks of a text typed on a command line into spaces: there they are
+    part of the value (`instructions.preferred=$'Be kind.\nBe brief.'`), kept as typed (without enclosing quotes)."""
+    if "\n" not in raw or not isinstance(value, str):
+        return value
+    text = raw.strip()
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -657,6 +668,8 @@ TRAIN_RANGES: dict[str, Range] = {
     **dict.fromkeys(("gradient_accumulation_steps", "eval_accumulation_steps", "max_steps"), AT_LEAST_1),
     "num_train_epochs": ABOVE_0,
     "learning_rate": AT_LEAST_0,
+    **dict.fromkeys(("seed", "data_seed"), SEED),
+    "dataloader_num_workers": Range(0),
 }
 UNSET_MAX_STEPS = -1  # TrainingArguments' "train num_train_epochs instead"
 # How a `train:` value's expected type reads in a message; the types `_train_value` checks.
@@ -693,8 +706,9 @@ def _numbers_read(value: Any, key: str) -> Any:
         return {k: _numbers_read(v, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, list):
         return [_numbers_read(v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, str) and _YAML11_FLOAT_TEXT.fullmatch(value.strip()):
-        value = float(value)
+    if isinstance(value, str) and (_YAML11_FLOAT_TEXT.fullmatch(value.strip()) or ".lr_scheduler_kwargs." in key):
+        with contextlib.suppress(ValueError):  # a schedule's options are numbers, but for names (decay_type: cosine)
+            value = float(value)
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key}: must be a finite number, got {value}")
     return value
@@ -725,8 +739,15 @@ def _train_value(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, dict):
             return _numbers_read(value, key)
         return [_train_value(f"{key}[{i}]", v, item[0]) for i, v in enumerate(value)]
-    if isinstance(value, str) and (enums or (literals and str not in kinds)):
-        names = [str(m.value) for e in enums for m in e] + [str(a) for a in literals]
+    names = [str(m.value) for e in enums for m in e] + [str(a) for a in literals]
+    only_names = enums or (literals and str not in kinds)  # a field that takes only `names`
+    if value is False and "no" in names and only_names:  # YAML 1.1 reads `save_strategy: no` as false
+        return "no"
+    if isinstance(value, bool) and only_names and bool not in kinds:
+        raise ConfigError(
+            f"{key}: expected one of {', '.join(names)}, got {value} (YAML reads yes/on as true: quote it)"
+        )
+    if isinstance(value, str) and only_names:
         if value not in names:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}")
         return value
@@ -794,9 +815,10 @@ def _build_arguments(section: str, values: dict[str, Any], cls) -> None:
             warnings.simplefilter("ignore")
             built = {k: v for k, v in values.items() if k != "ddp_backend"}  # the launch's group's (distributed.setup)
             args = cls(**{"report_to": "none", "save_strategy": "no"} | built | {"use_cpu": True})
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ImportError, OSError) as e:  # ImportError: deepspeed; OSError: a config file
         problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         named = next((k for k in values if re.search(rf"\b{re.escape(k)}\b", problem)), None)
+        named = named or next((k for k in values if isinstance(values[k], str) and values[k] in problem), None)
         raise ConfigError(f"{section}.train{'.' + named if named else ''}: {problem}") from None
     _check_optimization(section, args)
 
@@ -823,8 +845,11 @@ def _check_optimization(section: str, args) -> None:
             raise ConfigError(f"{section}.train.optim: {optim}: {' '.join(str(e).split())}") from None
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     try:
-        get_scheduler(args.lr_scheduler_type, optimizer, 1, 10, args.lr_scheduler_kwargs or None)
-    except (ValueError, TypeError) as e:
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, 1, 10, args.lr_scheduler_kwargs or None)
+        for _ in range(10):  # past the warmup, where most schedules first read their options
+            optimizer.step()
+            scheduler.step()
+    except (ValueError, TypeError, ZeroDivisionError) as e:
         problem = " ".join(str(e).split()) or type(e).__name__
         schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
         raise ConfigError(f"{section}.train.lr_scheduler_type: {schedule}: {problem}") from None
@@ -1017,6 +1042,10 @@ def validate(
     dotted keys in `typed` (given on the command line), which resolve against the current folder.
     """
     _check_config(cfg, stage)
+    named = [ALIASES.get(m, m) for m in cfg.compare.overrides]
+    if len(set(named)) < len(named):
+        both = [m for m in cfg.compare.overrides if named.count(ALIASES.get(m, m)) > 1]
+        raise ConfigError(f"compare.overrides: {' and '.join(both)} name one method; keep the keys under one of them")
     for method, mapping in cfg.compare.overrides.items():
         if ALIASES.get(method, method) not in METHODS:
             raise ConfigError(f"compare.overrides.{method}: unknown method (known: {', '.join([*METHODS, *ALIASES])})")
