@@ -721,12 +721,17 @@ def stage_lines(text: str) -> dict[str, str]:
     return out
 
 
+def copy_of_scit_run(scit_run, tiny_model_dir, pairs_file, out: Path):
+    """The finished SCIT run copied to `out`, and its config there."""
+    shutil.copytree(scit_run.output_dir, out)
+    return load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+
+
 def test_fresh_stages_are_skipped_and_alpha_redoes_only_align_and_merge(
     scit_run, tiny_model_dir, pairs_file, tmp_path, capsys
 ):
     out = tmp_path / "copy"
-    shutil.copytree(scit_run.output_dir, out)
-    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+    cfg = copy_of_scit_run(scit_run, tiny_model_dir, pairs_file, out)
     before = manifest_mtimes(cfg)
     capsys.readouterr()
     pipeline.run(cfg)
@@ -1391,8 +1396,7 @@ def test_a_run_finds_its_artifact_restored_and_fresh_after_a_killed_swap(
     scit_run, tiny_model_dir, pairs_file, tmp_path, capsys
 ):
     out = tmp_path / "copy"
-    shutil.copytree(scit_run.output_dir, out)
-    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+    cfg = copy_of_scit_run(scit_run, tiny_model_dir, pairs_file, out)
     before = manifest_mtimes(cfg)
     (out / "align").rename(out / ".align.old-999999999-1")
     capsys.readouterr()

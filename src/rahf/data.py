@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -685,13 +685,20 @@ def check_data(path: str | os.PathLike, format: str = "auto") -> DataReport:
         n_pairs=n,
         problems=problems,
         n_identical=n_identical,
-        mean_prompt_chars=sum(sum(len(m["content"]) for m in p.prompt) for p in pairs) / n,
         mean_chosen_chars=sum(len(p.chosen) for p in pairs) / n,
         mean_rejected_chars=sum(len(p.rejected) for p in pairs) / n,
         n_empty=n_empty,
-        n_multi_turn=sum(1 for p in pairs if sum(m["role"] == "user" for m in p.prompt) > 1),
-        n_with_system=sum(1 for p in pairs if any(m["role"] == "system" for m in p.prompt)),
+        **_prompt_stats([p.prompt for p in pairs]),
     )
+
+
+def _prompt_stats(prompts: list[Sequence[Message]]) -> dict[str, Any]:
+    """DataReport's counts and mean length of the prompts."""
+    return {
+        "mean_prompt_chars": sum(sum(len(m["content"]) for m in prompt) for prompt in prompts) / len(prompts),
+        "n_multi_turn": sum(1 for prompt in prompts if sum(m["role"] == "user" for m in prompt) > 1),
+        "n_with_system": sum(1 for prompt in prompts if any(m["role"] == "system" for m in prompt)),
+    }
 
 
 def _record_file_format(path: str | os.PathLike) -> str | None:
@@ -724,12 +731,10 @@ def _check_records(path: str | os.PathLike, fmt: str) -> DataReport:
         n_pairs=n,
         problems=problems,
         n_identical=0,
-        mean_prompt_chars=sum(sum(len(m["content"]) for m in prompt) for prompt, _, _ in rows) / n,
         mean_chosen_chars=sum(len(reply) for _, reply, _ in rows) / n if examples else None,
         mean_rejected_chars=None,
         n_empty=sum(reply == "" for _, reply, _ in rows),
-        n_multi_turn=sum(1 for prompt, _, _ in rows if sum(m["role"] == "user" for m in prompt) > 1),
-        n_with_system=sum(1 for prompt, _, _ in rows if any(m["role"] == "system" for m in prompt)),
+        **_prompt_stats([prompt for prompt, _, _ in rows]),
     )
 
 
