@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -592,6 +593,19 @@ def test_line_breaks_in_an_override_value_are_kept(item, value):
     with pytest.raises(ConfigError) as e:
         parse_overrides(["layers=[1,\n2"])
     assert "\n" not in str(e.value)  # one line
+
+
+@pytest.mark.parametrize(("item", "says"), [("alpha=1:30", "1:30 is a base-60 number to YAML, 90; write 90"),
+                                            ("alpha=1:30.5", "1:30.5 is a base-60 number to YAML, 90.5")])  # fmt: skip
+def test_a_base_60_number_is_refused(item, says, tmp_path):
+    """YAML 1.1 reads 1:30 as 90; refused rather than silently read so."""
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse_overrides([item])
+    assert parse_overrides(["instructions.preferred='1:30'"]) == {"instructions": {"preferred": "1:30"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(item.replace("=", ": ") + "\n")
+    with pytest.raises(ConfigError, match=re.escape(says.split(";")[0])):
+        load_config(path)
 
 
 @pytest.mark.parametrize("item", ["seed=010", "seed=-007", "compare.seeds=[1, 02]"])

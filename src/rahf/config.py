@@ -388,7 +388,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 class _StrictLoader(yaml.SafeLoader):
     """A SafeLoader that refuses what YAML would otherwise read silently against the writer's intent: a key repeated
-    in one mapping (the last would win) and an integer with a leading zero (YAML 1.1 reads 010 as octal 8)."""
+    in one mapping (the last would win), an integer with a leading zero (YAML 1.1 reads 010 as octal 8) and a number
+    with colons (YAML 1.1 reads 1:30 as base 60: 90)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first: dict[Any, yaml.Node] = {}
@@ -413,10 +414,23 @@ class _StrictLoader(yaml.SafeLoader):
                 None, None, f"{node.value} has a leading zero, which YAML reads as octal {number}; drop the zero "
                 f"or write {number}", node.start_mark,
             )  # fmt: skip
+        return self._not_base_60(node, number)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        return self._not_base_60(node, super().construct_yaml_float(node))
+
+    @staticmethod
+    def _not_base_60(node: yaml.ScalarNode, number: float) -> float:
+        if ":" in node.value:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value} is a base-60 number to YAML, {number:g}; write {number:g}, or quote it if "
+                "it is text", node.start_mark,
+            )  # fmt: skip
         return number
 
 
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
