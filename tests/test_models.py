@@ -180,3 +180,17 @@ def test_a_model_whose_blocks_run_time_major_is_refused_when_read():
         ConfigError, match=r"layer 1: the block's output has shape \[5, 1, 32\] for input ids of shape \[1, 5\]"
     ):
         forward_capture(model, [1], torch.tensor([[3, 4, 5, 6, 7]]), torch.ones(1, 5, dtype=torch.long))
+
+
+def test_blocks_that_return_a_list_are_read():
+    """OpenAI GPT's blocks return a list, not a tuple, of their outputs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("openai-gpt", vocab_size=64, n_embd=32, n_layer=3, n_head=2, n_positions=16)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids, mask = torch.tensor([[3, 4, 5, 6, 7]]), torch.ones(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        captured = forward_capture(model, [1, 2], ids, mask)
+    for layer in (1, 2):
+        torch.testing.assert_close(captured[layer], states[layer])

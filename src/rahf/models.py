@@ -250,7 +250,7 @@ def capture(model: nn.Module, layers: Sequence[int], stop: bool = True) -> Itera
 
     def make_hook(layer: int):
         def hook(_module, _inputs, output):
-            out[layer] = output[0] if isinstance(output, tuple) else output
+            out[layer] = output[0] if isinstance(output, (tuple, list)) else output  # OpenAI GPT's blocks: a list
             if out[layer].dim() != 3:  # the states of one token, per sequence of the batch: nothing else is read
                 raise ConfigError(
                     f"layer {layer}: the block's output has shape {list(out[layer].shape)}, not [batch, sequence, "
