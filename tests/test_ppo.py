@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import run_settings
 
+from rahf.artifacts import read_manifest
 from rahf.baselines import ppo
 from rahf.config import load_config
 from rahf.demo.task import make_task
@@ -246,3 +247,66 @@ def test_ppo_trains_a_multimodal_checkpoints_language_model(tmp_path, tiny_model
     judge = RewardModelJudge.from_pretrained(str(reward_model_dir))
     log = PPO_LOOP(cfg, policy, tokenizer, judge, _prompts()[:4])
     assert len(log) == 1 and math.isfinite(log[0]["value_loss"])
+
+
+def _ppo_run(tmp_path, tiny_model_dir, pairs_file, reward_model_dir, finetune: str):
+    settings = PPO | {"steps": 5, "rollout_size": 8, "minibatch_size": 4, "finetune": finetune, "save_steps": 2}
+    settings |= {"reward_model": str(reward_model_dir), "learning_rate": 1e-3 if finetune == "full" else 1e-2}
+    return load_config(
+        None, run_settings(tiny_model_dir, pairs_file, tmp_path, "rlhf-ppo", stages=["instruct"], ppo=settings)
+    )
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_an_interrupted_ppo_resumes_and_matches_an_uninterrupted_run(
+    finetune, tmp_path, monkeypatch, capsys, tiny_model_dir, pairs_file, reward_model_dir
+):
+    """With `ppo.save_steps: 2`, a run killed in its 4th rollout resumes from checkpoint-2 (weights, value head,
+    optimizer and random state), draws the prompts it would have drawn, and ends with the weights and log of a run
+    that never stopped; the checkpoints are gone once the stage is done."""
+    from safetensors.torch import load_file
+
+    from rahf import pipeline
+
+    cfg = _ppo_run(tmp_path / "run", tiny_model_dir, pairs_file, reward_model_dir, finetune)
+    rollout, calls = ppo._rollout, []
+
+    def counted(*args):
+        calls.append(len(calls) + 1)
+        if calls[-1] == 4 and not resumed:
+            raise KeyboardInterrupt
+        return rollout(*args)
+
+    monkeypatch.setattr(ppo, "_rollout", counted)
+    resumed = False
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg)
+    saves = pipeline.checkpoint_folder(cfg, "instruct")
+    assert [p.name for p in saves.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert "kept checkpoint-2, step 2 of 5" in capsys.readouterr().out
+    assert not list((saves / "checkpoint-2").glob("*.pt*"))  # safetensors and JSON only, nothing pickled
+
+    resumed, calls[:] = True, []
+    out = pipeline.run_stage(cfg, "instruct")
+    assert len(calls) == 3 and "instruct: resuming from" in capsys.readouterr().out
+    assert read_manifest(out)["resumed_from"] == {"checkpoint-2": 2}
+    assert not saves.exists()
+
+    whole = _ppo_run(tmp_path / "whole", tiny_model_dir, pairs_file, reward_model_dir, finetune)
+    plain = pipeline.run_stage(whole, "instruct")
+    files = sorted(f.name for f in out.glob("*.safetensors"))
+    assert files and files == sorted(f.name for f in plain.glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(out / name), load_file(plain / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert json.loads((out / "log_history.json").read_text()) == json.loads((plain / "log_history.json").read_text())
+
+
+def test_ppo_save_steps_leaves_the_fingerprint_alone(tmp_path, tiny_model_dir, pairs_file, reward_model_dir):
+    from rahf import pipeline
+
+    cfg = _ppo_run(tmp_path, tiny_model_dir, pairs_file, reward_model_dir, "lora")
+    other = load_config(None, cfg.to_dict() | {"ppo": cfg.to_dict()["ppo"] | {"save_steps": None}})
+    steps = load_config(None, cfg.to_dict() | {"ppo": cfg.to_dict()["ppo"] | {"steps": 6}})
+    fp = pipeline.stage_fingerprint(cfg, "instruct")[0]
+    assert pipeline.stage_fingerprint(other, "instruct")[0] == fp != pipeline.stage_fingerprint(steps, "instruct")[0]

@@ -174,6 +174,7 @@ class PPOSettings:
     max_new_tokens: int = 64
     temperature: float = 1.0  # rollout sampling temperature
     missing_eos_penalty: float | None = None  # subtracted from the score of rollouts that stop without EOS
+    save_steps: int | None = None  # checkpoint every N rollouts (the newest kept) to resume from; None = never
     reward_model: str | None = None  # reward model folder; default: this run's `reward` artifact
     finetune: str = "lora"  # lora | full
     # no dropout: rollouts and updates score tokens with the same network, so the first update's ratio is 1
@@ -650,9 +651,8 @@ RANGES: dict[str, Range] = {
     **{f"{section}.lora.{key}": r for section in LORA_SECTIONS for key, r in LORA_RANGES.items()},
     "reward.max_length": AT_LEAST_1,
     "dpo.beta": ABOVE_0,
-    **dict.fromkeys(
-        ("ppo.steps", "ppo.rollout_size", "ppo.minibatch_size", "ppo.ppo_epochs", "ppo.max_new_tokens"), AT_LEAST_1
-    ),
+    **dict.fromkeys(("ppo.steps", "ppo.rollout_size", "ppo.minibatch_size", "ppo.ppo_epochs"), AT_LEAST_1),
+    **dict.fromkeys(("ppo.max_new_tokens", "ppo.save_steps"), AT_LEAST_1),
     **dict.fromkeys(("ppo.learning_rate", "ppo.clip_range", "ppo.clip_range_value", "ppo.temperature"), ABOVE_0),
     **dict.fromkeys(("ppo.kl_coef", "ppo.vf_coef", "ppo.missing_eos_penalty"), AT_LEAST_0),
     "ppo.gamma": PROBABILITY,

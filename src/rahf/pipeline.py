@@ -402,7 +402,7 @@ def _current(path: Path, fp: str) -> bool:
 def results_only(covered: dict) -> dict:
     """`covered` without the settings of NEUTRAL_TRAIN_KEYS and NEUTRAL_EVAL_KEYS in its `*.train` mappings (with
     `load_best_model_at_end`, which checkpoint is kept depends on both: then only NEUTRAL_TRAIN_KEYS but
-    BEST_PICKING_KEYS), nor an adapter dropout that training switches off (PPO's always, DPO's unless
+    BEST_PICKING_KEYS), nor `ppo.save_steps`, nor an adapter dropout that training switches off (PPO's always, DPO's unless
     `dpo.train.disable_dropout: false`)."""
     out = dict(covered)
     for section, value in covered.items():
@@ -412,6 +412,8 @@ def results_only(covered: dict) -> dict:
             neutral = NEUTRAL_TRAIN_KEYS - BEST_PICKING_KEYS if best else NEUTRAL_TRAIN_KEYS | NEUTRAL_EVAL_KEYS
             train = {k: v for k, v in value["train"].items() if k not in neutral}
             out[section] = value | {"train": train}
+    if isinstance(out.get("ppo"), dict):  # how often PPO checkpoints, like a Trainer's save_steps
+        out["ppo"] = {k: v for k, v in out["ppo"].items() if k != "save_steps"}
     for section in ("dpo", "ppo"):
         value = out.get(section)
         off = section == "ppo" or (isinstance(value, dict) and (value.get("train") or {}).get("disable_dropout", True))
@@ -593,12 +595,22 @@ def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, restart: bool) -> P
             print(f"[rahf] {stage}: discarding the checkpoints in {saves} (made with {why})", flush=True)
         _discard(saves)
     if not saves.exists():
-        if stage != "collect" and getattr(cfg, train_section(cfg, stage)).train.get("save_strategy", "no") == "no":
+        if not _saves_checkpoints(cfg, stage):
             return None
         saves.mkdir(parents=True)
         tag = {"stage": stage, "fingerprint": fp, "processes": processes}
         write_text_atomic(saves / CHECKPOINT_TAG, json.dumps(tag))
     return saves
+
+
+def _saves_checkpoints(cfg: RahfConfig, stage: str) -> bool:
+    """Whether `stage` writes checkpoints to resume from: collect always (its shards), rlhf-ppo's loop with
+    `ppo.save_steps`, a Trainer with a `save_strategy`."""
+    if stage == "collect":
+        return True
+    if stage == "instruct" and cfg.method == "rlhf-ppo":
+        return cfg.ppo.save_steps is not None
+    return getattr(cfg, train_section(cfg, stage)).train.get("save_strategy", "no") != "no"
 
 
 def _discard(saves: Path) -> None:

@@ -66,6 +66,9 @@ def last_checkpoint(folder: str | Path) -> Path | None:
 # What the Trainer saves in a checkpoint besides its weights and trainer state: without the schedule it silently
 # restores no optimizer state either, and without the random state the data order and dropout differ
 _RESUME_STATE = ("optimizer.pt", "scheduler.pt")
+# rahf's own PPO loop writes its checkpoints (`baselines.ppo.save_checkpoint`) under a temporary name, renamed when
+# complete; this file holds its step and log
+PPO_STATE = "ppo_state.json"
 _WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -74,7 +77,11 @@ def complete(checkpoint: Path) -> bool:
     """Whether `checkpoint` holds all a Trainer resumes from: weights (one file, or an index and every shard it
     names), optimizer, schedule and random state, and a readable trainer state. That is written last, so a checkpoint
     cut short by a kill lacks it; one saved with `save_only_model` has no optimizer state; one whose deletion was
-    interrupted (any file may go first) can lack anything."""
+    interrupted (any file may go first) can lack anything. A PPO checkpoint is complete once renamed into place,
+    until its deletion begins."""
+    if (checkpoint / PPO_STATE).is_file():
+        files = (PPO_STATE, "weights.safetensors", "optimizer.safetensors", "rng_state.safetensors")
+        return checkpoint_step(checkpoint) is not None and all((checkpoint / f).is_file() for f in files)
     if checkpoint_step(checkpoint) is None or not all((checkpoint / f).is_file() for f in _RESUME_STATE):
         return False
     if not any(checkpoint.glob("rng_state*.pth")):  # rng_state.pth, or rng_state_<process>.pth for several
@@ -94,9 +101,11 @@ def _shards_present(index: Path) -> bool:
 
 
 def checkpoint_step(checkpoint: Path) -> tuple[int, int] | None:
-    """(step reached, steps in all) that `checkpoint`'s trainer state records; None when it has no readable one."""
+    """(step reached, steps in all) that `checkpoint`'s trainer (or PPO) state records; None when it has no readable
+    one."""
+    ppo = checkpoint / PPO_STATE
     try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        state = json.loads((ppo if ppo.is_file() else checkpoint / "trainer_state.json").read_text())
         return int(state["global_step"]), int(state["max_steps"])
     except (OSError, ValueError, KeyError, TypeError):
         return None

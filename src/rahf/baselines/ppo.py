@@ -6,6 +6,10 @@ may use its own tokenizer), turns the score into per-token rewards (a KL penalty
 the score at the last one), estimates advantages with GAE and takes `ppo_epochs` passes of clipped
 policy and value updates over shuffled minibatches with one AdamW optimizer.
 
+With `ppo.save_steps`, the loop checkpoints every that many rollouts (policy weights, value head, optimizer and
+random state, as safetensors; the step and log as JSON) and a run of the stage again resumes from the newest one,
+ending with the weights of a run that never stopped.
+
 The reference is the SFT model itself: the policy with its LoRA adapter disabled, or a frozen copy when
 the whole model is fine-tuned. Values come from a linear head on the policy's last hidden state: a
 value model initialised from the reward model (TRL's choice) could not read the policy's tokens when the
@@ -16,7 +20,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import shutil
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -31,7 +38,7 @@ from ..generate import decoding, reply_text
 from ..judges import RewardModelJudge
 from ..models import load_model, load_tokenizer, reply_stop_ids, save_model
 from ..stimuli import prompt_ids
-from ..training import lora_config, train_dtype
+from ..training import PPO_STATE, checkpoint_dir, last_checkpoint, lora_config, train_dtype
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -209,10 +216,78 @@ def _rollout(
     }
 
 
+def _trainable(policy: nn.Module, head: nn.Linear) -> dict[str, nn.Parameter]:
+    """The parameters PPO updates, by name: the policy's trainable ones (LoRA or all) and the value head's."""
+    named = {f"policy.{n}": p for n, p in policy.named_parameters() if p.requires_grad}
+    return named | {f"value_head.{n}": p for n, p in head.named_parameters()}
+
+
+def save_checkpoint(
+    saves: Path, step: int, steps: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, log: list
+) -> Path:
+    """Write `saves/checkpoint-<step>` (weights, optimizer and random state as safetensors, then the JSON state that
+    marks it complete) under a temporary name, rename it, and delete the older ones: only the newest is kept."""
+    from safetensors.torch import save_file
+
+    saves.mkdir(parents=True, exist_ok=True)
+    final = saves / f"checkpoint-{step}"
+    tmp = saves / f".{final.name}.{os.getpid()}-{time.time_ns()}.tmp"
+    tmp.mkdir()
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    names = {index[id(p)]: name for name, p in params.items()}
+    state = {f"{names[i]}/{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    save_file({n: p.detach().contiguous() for n, p in params.items()}, str(tmp / "weights.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "optimizer.safetensors"))
+    save_file(rng, str(tmp / "rng_state.safetensors"))
+    (tmp / PPO_STATE).write_text(json.dumps({"global_step": step, "max_steps": steps, "log_history": log}))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in saves.glob("checkpoint-*"):  # renamed aside first: a kill mid-deletion leaves no part checkpoint
+        if old != final:
+            aside = saves / f".{old.name}.{os.getpid()}-{time.time_ns()}.old"
+            old.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(checkpoint: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Put the weights, optimizer and random state of `checkpoint` back; returns its log, one entry per step done."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "weights.safetensors"))
+    if weights.keys() != params.keys():
+        raise DataError(f"{checkpoint}: its weights are not those of this PPO run's policy; delete it to start over")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state: dict[int, dict] = {}
+    for key, value in load_file(str(checkpoint / "optimizer.safetensors")).items():
+        name, _, field = key.rpartition("/")
+        state.setdefault(index[id(params[name])], {})[field] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    rng = load_file(str(checkpoint / "rng_state.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and "cuda.0" in rng:
+        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count())])
+    return json.loads((checkpoint / PPO_STATE).read_text())["log_history"]
+
+
 def ppo_loop(
-    cfg: RahfConfig, policy: nn.Module, tokenizer, judge: RewardModelJudge, prompts: list[list[Message]]
+    cfg: RahfConfig,
+    policy: nn.Module,
+    tokenizer,
+    judge: RewardModelJudge,
+    prompts: list[list[Message]],
+    saves: Path | None = None,
 ) -> list[dict]:
-    """Train `policy` in place for `cfg.ppo.steps` rollouts; one log dict per step."""
+    """Train `policy` in place for `cfg.ppo.steps` rollouts; one log dict per step.
+
+    `saves`: the folder to resume from (its newest checkpoint) and, with `ppo.save_steps`, to checkpoint into."""
     s = cfg.ppo
     torch.manual_seed(cfg.seed)
     device = next(policy.parameters()).device
@@ -220,13 +295,18 @@ def ppo_loop(
     head = nn.Linear(policy.config.get_text_config().hidden_size, 1, device=device)  # multimodal: the LM's
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)  # no decay: TRL's PPO default
+    params = _trainable(policy, head)
+    optimizer = torch.optim.AdamW(params.values(), lr=s.learning_rate, weight_decay=0.0)  # TRL's PPO: no decay
     policy.eval()  # no dropout: the ratio must compare the same function before and after updates
     encoded = [prompt_ids(tokenizer, p, cfg.data.max_prompt_length) for p in prompts]
     batches = _prompt_batches(len(prompts), s.rollout_size, cfg.seed)
     log: list[dict] = []
-    bar = tqdm(range(1, s.steps + 1), desc="ppo")
+    if saves is not None and (last := last_checkpoint(saves)) is not None:
+        log = load_checkpoint(last, params, optimizer)
+        print(f"[rahf] instruct: resuming from {last} (step {len(log)} of {s.steps})", flush=True)
+        for _ in log:  # the prompts those rollouts drew
+            next(batches)
+    bar = tqdm(range(len(log) + 1, s.steps + 1), desc="ppo", initial=len(log), total=s.steps)
     for step in bar:
         idx = next(batches)
         r = _rollout(policy, ref, head, tokenizer, judge, [prompts[i] for i in idx], [encoded[i] for i in idx], cfg)
@@ -262,6 +342,8 @@ def ppo_loop(
         }
         log.append(entry)
         bar.set_postfix(score=f"{entry['score']:.3f}", kl=f"{entry['kl']:.3f}")
+        if saves is not None and s.save_steps and step % s.save_steps == 0 and step < s.steps:
+            save_checkpoint(saves, step, s.steps, params, optimizer, log)
     return log
 
 
@@ -282,7 +364,7 @@ def train_ppo(cfg: RahfConfig, base: str, reward_model: str, prompts: list[list[
         batch_size=cfg.ppo.minibatch_size,
         max_length=cfg.reward.max_length,
     )
-    log = ppo_loop(cfg, policy, tokenizer, judge, prompts)
+    log = ppo_loop(cfg, policy, tokenizer, judge, prompts, checkpoint_dir(out))
     save_model(policy, tokenizer, out, cfg.dtype if cfg.ppo.finetune == "full" else None)
     (out / "log_history.json").write_text(json.dumps(log, indent=1))
     return log
