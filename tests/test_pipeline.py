@@ -1519,3 +1519,26 @@ def test_a_stage_train_seed_seeds_that_stage_data_order_and_adapter_init(scit_ru
 
     assert torch.equal(init(1), init(1)) and not torch.equal(init(1), init(2))
     assert torch.equal(init(None), init(scit_run.seed))
+
+
+def test_a_fresh_artifact_made_with_other_library_versions_is_kept_and_says_so(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
+):
+    """An upgrade leaves artifacts fresh (retraining for every release would cost more than it saves), but `rahf run`
+    and `rahf status` name the versions that changed, so a user knows a rerun would use other code."""
+    from rahf import artifacts
+
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit", stages=["instruct"]))
+    pipeline.run(cfg)
+    out = pipeline.stage_dir(cfg, "instruct")
+    assert artifacts.version_changes(out) == ""
+    made = artifacts.versions()
+    monkeypatch.setattr(artifacts, "versions", lambda: made | {"rahf": "9.0.0", "transformers": "9.1.0"})
+    capsys.readouterr()
+    pipeline.run(cfg)
+    changed = f"rahf {made['rahf']} -> 9.0.0, transformers {made['transformers']} -> 9.1.0"
+    assert f"instruct: up to date ({out}); made with other versions ({changed}): --force redoes it" in (
+        capsys.readouterr().out
+    )
+    [line] = pipeline.describe(cfg).splitlines()
+    assert "fresh" in line and line.endswith(f"(made with {changed})")

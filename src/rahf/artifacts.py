@@ -48,6 +48,23 @@ def versions() -> dict[str, str]:
     return out
 
 
+def version_changes(path: str | os.PathLike) -> str:
+    """How the libraries the artifact at `path` was made with differ from those installed now, e.g.
+    "rahf 0.1.0 -> 0.2.0, transformers 5.23.0 -> 5.24.0"; "" when they agree (or the manifest records none). An
+    upgrade does not make an artifact stale (retraining for every patch release would cost more than it saves), so
+    this is what tells a user that a rerun would use other code."""
+    try:
+        made = read_manifest(path).get("versions")
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(made, dict):
+        return ""
+    now = versions()
+    return ", ".join(
+        f"{name} {made[name]} -> {now[name]}" for name in _PACKAGES if made.get(name, now[name]) != now[name]
+    )
+
+
 # per process: `rahf run` checks the same data at every stage
 _FILE_DIGESTS: dict[tuple[str, int, int, int, int], bytes] = {}
 

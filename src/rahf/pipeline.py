@@ -33,6 +33,7 @@ from .artifacts import (
     read_manifest,
     redacted,
     restore_replaced,
+    version_changes,
     write_text_atomic,
 )
 from .collect import collected_shards
@@ -530,7 +531,9 @@ def _plan(
     """None when `stage`'s artifact is fresh; otherwise what running it needs: its checkpoint folder (made or kept
     here) and the manifest's note of what it resumes from."""
     if not force and _current(out, fp):
-        print(f"[rahf] {stage}: up to date ({out})", flush=True)
+        changed = version_changes(out)
+        made = f"; made with other versions ({changed}): --force redoes it" if changed else ""
+        print(f"[rahf] {stage}: up to date ({out}){made}", flush=True)
         return None
     if out.exists() and not force:
         print(f"[rahf] {stage}: {out} {_why_stale(out, covered, inputs)}; recomputing", flush=True)
@@ -1238,6 +1241,8 @@ def describe(cfg: RahfConfig) -> str:
             fp, covered, inputs = _stage_inputs(cfg, stage, {})
             state = "fresh" if _current(out, fp) else ("stale" if out.exists() else "missing")
             note = read_manifest(out).get("created", "") if state == "fresh" else ""
+            if state == "fresh" and (changed := version_changes(out)):
+                note = f"{note} (made with {changed})"
             note = f"({_changes(out, covered, inputs)})" if state == "stale" else note
             saves = checkpoint_folder(cfg, stage)
             tag = _checkpoint_tag(saves)
