@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rahf.errors import RahfError
-from rahf.judges import GoldJudge, JudgeError, LLMJudge, RewardModelJudge, compare_all, make_judge
+from rahf.judges import GoldJudge, JudgeError, LLMJudge, RewardModelJudge, compare_all
 
 QUESTION = "mia asks : what color is a banana ?"
 PROMPT = [{"role": "user", "content": QUESTION}]
@@ -192,8 +192,8 @@ def test_reward_model_round_trips_through_from_pretrained(reward_model, tmp_path
     assert loaded.model.config.pad_token_id == tok.pad_token_id
     expected = RewardModelJudge(model, tok).score_many([PROMPT] * len(REPLIES), REPLIES)
     assert loaded.score_many([PROMPT] * len(REPLIES), REPLIES) == pytest.approx(expected, abs=1e-5)
-    via_factory = make_judge("reward-model", path=str(tmp_path), name="rm")
-    assert isinstance(via_factory, RewardModelJudge) and via_factory.name == "rm"
+    named = RewardModelJudge.from_pretrained(str(tmp_path), name="rm")
+    assert isinstance(named, RewardModelJudge) and named.name == "rm"
 
 
 def test_reward_model_reads_scores_at_the_last_real_token_whatever_pad_id_the_config_names(reward_model):
@@ -468,12 +468,9 @@ def test_llm_judge_sends_no_authorization_without_a_key(stub, monkeypatch):
 # ---------------------------------------------------------------- factory and batching
 
 
-def test_make_judge_builds_each_kind():
-    assert isinstance(make_judge("gold"), GoldJudge)
-    llm = make_judge("llm", base_url="http://127.0.0.1:1/v1/", model="m")
-    assert isinstance(llm, LLMJudge) and llm.base_url == "http://127.0.0.1:1/v1" and llm.name == "llm"
-    with pytest.raises(ValueError, match="gold, reward-model, llm"):
-        make_judge("oracle")
+def test_llm_judge_drops_a_trailing_slash_of_its_base_url():
+    llm = LLMJudge(base_url="http://127.0.0.1:1/v1/", model="m")
+    assert llm.base_url == "http://127.0.0.1:1/v1" and llm.name == "llm"
 
 
 def test_compare_all_loops_over_judges_without_compare_many():

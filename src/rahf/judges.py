@@ -37,8 +37,6 @@ from .demo.task import WORLD, Fact, gold_score
 from .errors import RahfError
 from .stimuli import apply_template, chat_template, plain_text
 
-KINDS = ("gold", "reward-model", "llm")
-
 
 class JudgeError(RahfError, RuntimeError):
     """A judge cannot give verdicts (an unreachable or failing LLM endpoint, a reward model scoring NaN).
@@ -383,14 +381,3 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 
 def _redact(text: str, key: str | None) -> str:
     return text.replace(key, "***") if key else text
-
-
-def make_judge(kind: str, **kwargs) -> Judge:
-    """A judge by kind: "gold", "reward-model" (path=...) or "llm" (base_url=..., model=...)."""
-    if kind == "gold":
-        return GoldJudge(**kwargs)
-    if kind == "reward-model":
-        return RewardModelJudge.from_pretrained(**kwargs)
-    if kind == "llm":
-        return LLMJudge(**kwargs)
-    raise ValueError(f"unknown judge kind {kind!r}; choose one of {', '.join(KINDS)}")
