@@ -787,6 +787,15 @@ def test_train_values_are_checked_in_every_section(base, section, method, train,
         ("instruct", "dual", {"packing": True}, "instruct.train.packing: set instruct.train.max_length too"),
         ("instruct", "hir", {"label_smoothing_factor": 0.1}, "instruct.train.label_smoothing_factor: the SCIT loss"),
         ("align", "dual", {"label_smoothing_factor": 0.1}, "align.train.label_smoothing_factor: the alignment loss"),
+        ("align", "scit", {"neftune_noise_alpha": 5}, "align.train.neftune_noise_alpha: noise on the embeddings"),
+        (
+            "align",
+            "dual",
+            {"average_tokens_across_devices": False},
+            "align.train.average_tokens_across_devices: align always averages",
+        ),
+        ("instruct", "scit", {"batch_eval_metrics": True}, "instruct.train.batch_eval_metrics: SCIT's evaluation"),
+        ("align", "scit", {"eval_on_start": True}, "align.train.eval_on_start: no pairs are held out to evaluate"),
         ("instruct", "scit", {"remove_unused_columns": True}, "instruct.train.remove_unused_columns: rahf's collator"),
         ("align", "scit", {"remove_unused_columns": True}, "align.train.remove_unused_columns: rahf's collator"),
         (
@@ -850,6 +859,9 @@ def test_train_values_that_change_nothing_are_accepted(base):
     load_config(None, with_(base, method="scit", instruct__train={"remove_unused_columns": False}))
     load_config(None, with_(base, method="dual", instruct__train={"train_sampling_strategy": "group_by_length"}))
     load_config(None, with_(base, method="dual", instruct__train={"label_smoothing_factor": 0.1}))  # SFTTrainer's
+    load_config(None, with_(base, method="dual", instruct__train={"batch_eval_metrics": True}))  # no compute_metrics
+    load_config(None, with_(base, method="scit", sft__train={"neftune_noise_alpha": 5}))  # TRL applies it
+    load_config(None, with_(base, align__train={"average_tokens_across_devices": True}))
 
 
 def test_good_train_values_are_accepted_as_their_fields_take_them(base, tmp_path, monkeypatch):

@@ -85,6 +85,10 @@ def test_eval_settings_need_held_out_pairs(tiny_model_dir, pairs_file, tmp_path)
     with pytest.raises(ConfigError, match=r"^sft\.train\.eval_strategy: no pairs are held out .* data\.eval_size"):
         load_config(None, settings)
     assert load_config(None, settings | {"data": settings["data"] | {"eval_size": 2}}).data.eval_size == 2
+    start = run_settings(tiny_model_dir, pairs_file, tmp_path, "scit", instruct__train={"eval_on_start": True})
+    with pytest.raises(ConfigError, match=r"^instruct\.train\.eval_on_start: no pairs are held out"):
+        load_config(None, start)
+    assert load_config(None, start | {"data": start["data"] | {"eval_size": 2}}).instruct.train["eval_on_start"]
     for size, message in ((2.5, "neither a fraction below 1 nor a whole number"), (-1, "data.eval_size")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, settings | {"data": settings["data"] | {"eval_size": size}})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rahf.align import alignment_loss, gather_windows, pad_rows
-from rahf.instruct.scit import mean_response_logprob, scit_loss
+from rahf.instruct.scit import mean_response_logprob, scit_loss, scit_metrics
 
 # ---------------------------------------------------------------- alignment_loss
 # B=2 sequences, W=2 window positions, H=2 dims. Sequence 1 has one real token, its 2nd slot is padding.
@@ -127,6 +127,21 @@ def test_scit_loss_hand_computed():
     got = scit_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), 0.2)
     assert got.shape == (1,)
     assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_scit_metrics_are_the_same_from_one_array_or_a_list_of_batches():
+    """`eval_do_concat_batches: false` hands compute_metrics one array per batch, the last one shorter; the metrics
+    are still means over the examples: nll 1.5 (-(-1 - 3 - 0.5 - 1.5) / 4), contrast accuracy 3/4, margin 0.875."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    rows = np.array([[-1.0, -2.0], [-3.0, -0.5], [-0.5, -1.0], [-1.5, -5.0]])
+    metrics = scit_metrics(0.2)
+    whole = metrics(SimpleNamespace(predictions=rows))
+    assert whole["nll"] == pytest.approx(1.5) and whole["contrast_accuracy"] == 0.75
+    assert whole["logprob_margin"] == pytest.approx((1 - 2.5 + 0.5 + 3.5) / 4)
+    assert metrics(SimpleNamespace(predictions=[rows[:3], rows[3:]])) == whole
 
 
 def test_scit_loss_equals_the_softmax_form_of_the_spec():

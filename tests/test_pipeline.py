@@ -787,6 +787,12 @@ def test_an_artifact_whose_fingerprint_also_covered_logging_settings_stays_fresh
 
     made_with({"logging_steps": 99, "disable_tqdm": False})  # as an older rahf recorded them
     assert pipeline.describe(cfg).count(" fresh ") == len(STAGES)
+    made_with({"ddp_backend": "gloo", "ddp_timeout": 600})  # how processes talk changes no weights either
+    assert pipeline.describe(cfg).count(" fresh ") == len(STAGES)
+    settings = run_settings(tiny_model_dir, pairs_file, out, "scit")
+    settings["align"]["train"] |= {"ddp_backend": "gloo", "ddp_timeout": 600}
+    launched = load_config(None, settings)
+    assert pipeline.stage_fingerprint(launched, "align")[0] == pipeline.stage_fingerprint(cfg, "align")[0]
     made_with({"max_steps": 1})  # a setting that does change the weights
     status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg).splitlines())
     assert status["align"].startswith("stale") and status["align"].endswith("(changed: align.train.max_steps)")

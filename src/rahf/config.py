@@ -969,6 +969,7 @@ EVAL_DEFAULTS: dict[str, Any] = {"eval_strategy": "steps", "eval_steps": 0.1}
 _UNUSED_TRAIN = {
     "eval_strategy": "no pairs are held out to evaluate on; set data.eval_size (a fraction or a number of pairs)",
     "load_best_model_at_end": "no pairs are held out to evaluate on; set data.eval_size (a fraction or a number of pairs)",
+    "eval_on_start": "no pairs are held out to evaluate on; set data.eval_size (a fraction or a number of pairs)",
     "resume_from_checkpoint": "rahf resumes a stage by itself: with save_strategy steps (or epoch) an interrupted "
     "stage keeps its checkpoints, and running it again with the same settings resumes from the newest",
     "chat_template_path": "rahf tokenizes the data before TRL would apply it, so training and the saved tokenizer "
@@ -988,7 +989,7 @@ def _refuse_unused_train(
     import torch
 
     for key, why in _UNUSED_TRAIN.items():
-        if held_out and key in ("eval_strategy", "load_best_model_at_end"):
+        if held_out and key in ("eval_strategy", "load_best_model_at_end", "eval_on_start"):
             continue
         if values.get(key) not in (None, False, "no"):
             raise ConfigError(f"{section}.train.{key}: {why}")
@@ -1001,6 +1002,21 @@ def _refuse_unused_train(
         )
     if section == "align" and values.get("label_smoothing_factor"):
         raise ConfigError("align.train.label_smoothing_factor: the alignment loss reads no labels; leave it at 0")
+    if section == "align" and values.get("neftune_noise_alpha"):
+        raise ConfigError(
+            "align.train.neftune_noise_alpha: noise on the embeddings would fit the hidden states of noisy inputs to "
+            "targets read from clean ones; leave it unset"
+        )
+    if section == "align" and values.get("average_tokens_across_devices") is False:
+        raise ConfigError(
+            "align.train.average_tokens_across_devices: align always averages its loss over the tokens of every "
+            "process's batch together, so that several processes train as one does; leave it true"
+        )
+    if scit and values.get("batch_eval_metrics"):
+        raise ConfigError(
+            "instruct.train.batch_eval_metrics: SCIT's evaluation metrics are means over all held-out examples, "
+            "computed once an evaluation ends; leave it false"
+        )
     if own_batches and values.get("remove_unused_columns"):
         raise ConfigError(
             f"{section}.train.remove_unused_columns: rahf's collator reads fields the model does not take; leave it false"

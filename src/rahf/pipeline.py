@@ -359,8 +359,9 @@ def read_only(stage: str, covered: dict) -> dict:
     return out
 
 
-# Settings of a `*.train` mapping that change what a trainer logs, shows or checkpoints on the way, or how worker
-# processes load the batches the main process samples, never the weights it makes (transformers 5 / TRL 1 read them
+# Settings of a `*.train` mapping that change what a trainer logs, shows or checkpoints on the way, how worker
+# processes load the batches the main process samples, or how processes talk to each other (an artifact is fresh for
+# any number of processes too), never the weights it makes (transformers 5 / TRL 1 read them
 # only for logs, checkpoints and data loading): changing them leaves an artifact fresh, as a logging tweak must not
 # retrain a 7B model, and leaves an interrupted stage's checkpoints resumable.
 NEUTRAL_TRAIN_KEYS = frozenset(
@@ -369,6 +370,7 @@ NEUTRAL_TRAIN_KEYS = frozenset(
         "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm", "report_to", "run_name", "project",
         "trackio_space_id", "save_strategy", "save_steps", "save_total_limit", "save_only_model",
         "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+        "ddp_backend", "ddp_timeout",
     }
 )  # fmt: skip
 # How often and how a stage evaluates on the held-out pairs (`data.eval_size`): an evaluation puts back the random

@@ -84,7 +84,9 @@ def scit_metrics(label_smoothing: float):
     (matching, opposite) mean log-probability, so that nll + contrast is the evaluation's loss."""
 
     def metrics(prediction) -> dict[str, float]:
-        lp = torch.as_tensor(prediction.predictions, dtype=torch.float64)
+        batches = prediction.predictions  # a list of per-batch arrays with `eval_do_concat_batches: false`
+        batches = batches if isinstance(batches, list) else [batches]
+        lp = torch.cat([torch.as_tensor(b, dtype=torch.float64) for b in batches])
         match, other = lp[:, 0], lp[:, 1]
         d = match - other
         return {
