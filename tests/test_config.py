@@ -236,8 +236,10 @@ def test_a_schedules_options_written_as_text_are_read_as_numbers_or_refused(base
         "lr_scheduler_kwargs": {"num_decay_steps": 2, "decay_type": "cosine"},
     }
     assert load_config(None, with_(base, align__train=wsd)).align.train["lr_scheduler_kwargs"]["decay_type"] == "cosine"
-    init = {"model_init_kwargs": {"revision": "2024"}}  # elsewhere text stays text
-    assert load_config(None, with_(base, sft__train=init)).sft.train["model_init_kwargs"] == {"revision": "2024"}
+    kwargs = {"gradient_checkpointing_kwargs": {"note": "2024"}}  # elsewhere text stays text
+    assert load_config(None, with_(base, sft__train=kwargs)).sft.train["gradient_checkpointing_kwargs"] == {
+        "note": "2024"
+    }
 
 
 def test_a_strategy_written_no_as_yaml_reads_it_is_no(base, tmp_path):
@@ -333,10 +335,10 @@ def test_home_folder_in_output_dir_expands(base, tmp_path, monkeypatch):
 
 def test_train_args_are_checked_against_the_class_the_method_uses(base):
     # Dual trains with trl.SFTConfig (has max_length); SCIT with plain TrainingArguments (has not).
-    assert load_config(None, with_(base, method="dual", instruct__train={"max_length": 64})).instruct.train == {
-        "max_length": 64
+    assert load_config(None, with_(base, method="dual", instruct__train={"max_length": 2048})).instruct.train == {
+        "max_length": 2048
     }
-    assert error_of(None, with_(base, instruct__train={"max_length": 64})).startswith("instruct.train.max_length:")
+    assert error_of(None, with_(base, instruct__train={"max_length": 2048})).startswith("instruct.train.max_length:")
 
 
 @pytest.mark.parametrize(
@@ -442,9 +444,9 @@ def test_hub_token_in_compare_overrides(base):
 
 def test_train_fields_in_compare_overrides_follow_the_method(base):
     # Dual's instruct stage trains with trl.SFTConfig (has max_length); DPO's train mapping is a DPOConfig.
-    ok = {"dual": {"instruct": {"train": {"max_length": 64}}}}
+    ok = {"dual": {"instruct": {"train": {"max_length": 2048}}}}
     assert load_config(None, with_(base, compare__overrides=ok)).compare.overrides == ok
-    msg = error_of(None, with_(base, compare__overrides={"scit": {"instruct": {"train": {"max_length": 64}}}}))
+    msg = error_of(None, with_(base, compare__overrides={"scit": {"instruct": {"train": {"max_length": 2048}}}}))
     assert msg.startswith("compare.overrides.scit: instruct.train.max_length:"), msg
 
 
@@ -775,6 +777,55 @@ def test_train_values_are_checked_in_every_section(base, section, method, train,
 @pytest.mark.parametrize(
     ("section", "method", "train", "start"),
     [
+        ("reward", "scit", {"eos_token": "<unk>"}, "reward.train.eos_token: rahf tokenizes the pairs before"),
+        ("sft", "scit", {"assistant_only_loss": True}, "sft.train.assistant_only_loss: rahf's rows already carry"),
+        ("instruct", "dual", {"completion_only_loss": False}, "instruct.train.completion_only_loss: rahf's rows"),
+        ("sft", "scit", {"dataset_text_field": "content"}, "sft.train.dataset_text_field: rahf tokenizes the data"),
+        (
+            "sft",
+            "scit",
+            {"packing": True, "max_length": 4096, "packing_strategy": "wrapped"},
+            "sft.train.packing_strategy: wrapped packing cuts examples apart",
+        ),
+        ("sft", "scit", {"max_length": 16}, "sft.train.max_length: 16 would cut the end off replies"),
+        ("instruct", "dual", {"loss_type": "bogus"}, "instruct.train.loss_type: must be one of nll, dft"),
+        ("sft", "scit", {"model_init_kwargs": {"dtype": "bfloat16"}}, "sft.train.model_init_kwargs: rahf loads"),
+        ("dpo", "dpo", {"activation_offloading": True}, "dpo.train.activation_offloading: it offloads CUDA"),
+        ("dpo", "dpo", {"sync_ref_model": True}, "dpo.train.sync_ref_model: TRL cannot sync the reference"),
+        ("dpo", "dpo", {"loss_type": ["exo_pair"]}, "dpo.train.label_smoothing: the exo_pair loss needs it"),
+        ("dpo", "dpo", {"label_smoothing": 0.1}, "dpo.train.label_smoothing: no loss of sigmoid reads it"),
+        ("dpo", "dpo", {"f_divergence_type": "bogus"}, "dpo.train.f_divergence_type: must be one of reverse_kl"),
+        (
+            "dpo",
+            "dpo",
+            {"f_divergence_type": "forward_kl", "loss_type": ["apo_zero"]},
+            "dpo.train.f_divergence_type: forward_kl applies to the losses",
+        ),
+        ("dpo", "dpo", {"use_weighting": True, "loss_type": ["aot"]}, "dpo.train.use_weighting: TRL does not weight"),
+        ("dpo", "dpo", {"truncation_mode": "keep_end"}, "dpo.train.truncation_mode: rahf cuts prompts"),
+    ],
+)
+def test_trl_settings_that_rahfs_rows_ignore_or_that_trl_refuses_late_are_refused(base, section, method, train, start):
+    """Each passed validation, then did nothing, trained on other tokens than it should, or stopped the stage when
+    TRL built its trainer (after the earlier stages had trained)."""
+    msg = error_of(None, with_(base, method=method, **{f"{section}__train": train}))
+    assert msg.startswith(start), msg
+
+
+def test_trl_settings_that_do_apply_are_accepted(base):
+    cfg = load_config(None, base)
+    rows = cfg.data.max_prompt_length + cfg.data.max_response_length
+    load_config(None, with_(base, sft__train={"packing": True, "max_length": rows}))
+    load_config(None, with_(base, method="dual", instruct__train={"loss_type": "dft", "completion_only_loss": True}))
+    load_config(None, with_(base, method="dpo", dpo__train={"loss_type": ["robust"], "label_smoothing": 0.1}))
+    load_config(None, with_(base, method="dpo", dpo__train={"f_divergence_type": "js_divergence"}))
+    full = with_(base, method="dpo", dpo__train={"sync_ref_model": True})
+    load_config(None, full | {"dpo": full["dpo"] | {"finetune": "full"}})
+
+
+@pytest.mark.parametrize(
+    ("section", "method", "train", "start"),
+    [
         ("align", "scit", {"eval_strategy": "steps"}, "align.train.eval_strategy: no pairs are held out to evaluate"),
         ("sft", "scit", {"load_best_model_at_end": True}, "sft.train.load_best_model_at_end: no pairs are held out"),
         (
@@ -1037,3 +1088,17 @@ def test_a_train_key_that_yaml_reads_as_no_name_is_refused(base):
     assert error_of(None, with_(base, instruct__train={True: 1})).startswith(
         "instruct.train: key True is not a field name; quote it"
     )
+
+
+def test_a_router_loss_needs_a_mixture_of_experts_model(base, monkeypatch):
+    """TRL refuses `router_aux_loss_coef` for a dense model only when its trainer is built; rahf says so before."""
+    from transformers import MixtralConfig
+
+    from rahf import pipeline
+
+    cfg = load_config(None, with_(base, method="dpo", dpo__train={"router_aux_loss_coef": 0.01}))
+    with pytest.raises(ConfigError, match=r"^dpo\.train\.router_aux_loss_coef: LlamaConfig is no mixture-of-experts"):
+        pipeline.check_router_loss(cfg, ["instruct"])
+    pipeline.check_router_loss(cfg, ["collect"])  # no stage that reads it
+    monkeypatch.setattr("rahf.config.model_config", lambda *args: MixtralConfig())
+    pipeline.check_router_loss(cfg, ["instruct"])

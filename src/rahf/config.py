@@ -803,6 +803,9 @@ def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]
         if key not in known:
             raise ConfigError(f"{section}.train.{key}: not a field of {cls.__name__}")
         value = out[key] = _train_value(f"{section}.train.{key}", value, fields[key])
+        choices = field_choices(cls, key)
+        if choices and value is not None and value not in choices:  # TRL names them for its own CLI only
+            raise ConfigError(f"{section}.train.{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
         allowed = TRAIN_RANGES.get(key)
         unset = key == "max_steps" and value == UNSET_MAX_STEPS
         if allowed and value is not None and not unset and value not in allowed:
@@ -811,6 +814,11 @@ def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]
     if "output_dir" in values:
         raise ConfigError(f"{section}.train.output_dir: set by rahf; use output_dir at the top level")
     return out
+
+
+def field_choices(cls, key: str) -> list | None:
+    """The values the dataclass field `key` of `cls` lists as its `choices` (TRL's configs), if any."""
+    return next((f.metadata.get("choices") for f in dataclasses.fields(cls) if f.name == key), None)
 
 
 # The learning-rate schedule a stage trains with when its `train:` mapping names none (the Trainer's own: linear)
@@ -887,6 +895,8 @@ def _check_train(cfg: RahfConfig) -> None:
         scit = section == "instruct" and cfg.instruct_method == "scit"
         held_out = bool(cfg.data.eval_size)
         _refuse_unused_train(section, settings.train, scit, scit or section == "align", held_out)
+        if cls is not TrainingArguments:
+            _refuse_trl_settings(cfg, section, settings.train)
         _check_report_to(section, settings.train.get("report_to"))
         schedule = STAGE_SCHEDULES.get("dual" if section == "instruct" and not scit else section)
         stage_defaults = {"lr_scheduler_type": schedule} if schedule else {}
@@ -1037,6 +1047,78 @@ def _refuse_unused_train(
             f"{section}.train.max_length: rahf cuts the texts itself (long prompts lose their beginning); set {own} "
             f"instead (TRL's limit would {'drop longer pairs' if section == 'reward' else 'train on pairs with empty replies'})"
         )
+
+
+# The DPO losses of TRL 1.x that read `label_smoothing` (every other one ignores it), and those that admit an
+# f-divergence other than the reverse KL (TRL refuses the rest when its trainer is built)
+_SMOOTHED_DPO_LOSSES = {"exo_pair", "robust", "aot", "aot_unpaired"}
+_F_DIVERGENCE_DPO_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+_F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def _refuse_trl_settings(cfg: RahfConfig, section: str, values: dict[str, Any]) -> None:
+    """Refuse the fields of a TRL config (SFT, DPO, reward) that rahf's pre-tokenized rows make do nothing or do harm,
+    and the combinations TRL itself refuses only when its trainer is built, after the earlier stages trained."""
+    import torch
+
+    def refuse(key: str, why: str) -> None:
+        raise ConfigError(f"{section}.train.{key}: {why}")
+
+    if values.get("model_init_kwargs"):
+        refuse("model_init_kwargs", "rahf loads the model itself, so TRL would drop these; set the top-level dtype")
+    if values.get("activation_offloading") and not torch.cuda.is_available():
+        refuse("activation_offloading", "it offloads CUDA activations and no CUDA GPU is visible; drop it")
+    if section == "reward" and values.get("eos_token") is not None:
+        refuse(
+            "eos_token",
+            "rahf tokenizes the pairs before RewardTrainer would apply it, and the reward model would then score "
+            "texts with another end token than it trained on; give a tokenizer folder with that EOS as `tokenizer`",
+        )
+    if section in ("sft", "instruct"):  # SFTConfig: rahf's rows carry labels on the reply tokens only
+        if values.get("assistant_only_loss"):
+            refuse("assistant_only_loss", "rahf's rows already carry loss on the reply tokens only; drop it")
+        if values.get("completion_only_loss") is False:
+            refuse("completion_only_loss", "rahf's rows carry their own labels, on the reply tokens only; drop it")
+        if values.get("dataset_text_field", "text") != "text":
+            refuse("dataset_text_field", "rahf tokenizes the data itself and reads no text column; drop it")
+        if values.get("packing") and values.get("packing_strategy") == "wrapped":
+            refuse("packing_strategy", "wrapped packing cuts examples apart, prompts from replies; use bfd")
+        rows = cfg.data.max_prompt_length + cfg.data.max_response_length
+        if values.get("max_length") is not None and values["max_length"] < rows:
+            refuse(
+                "max_length",
+                f"{values['max_length']} would cut the end off replies (rahf's rows hold up to data.max_prompt_length + "
+                f"data.max_response_length = {rows} tokens, and prompts lose their beginning there instead); raise it "
+                f"to {rows} or lower those",
+            )
+    if section == "dpo":
+        losses = values.get("loss_type") or ["sigmoid"]
+        losses = [losses] if isinstance(losses, str) else list(losses)
+        smoothing = values.get("label_smoothing") or 0.0
+        if values.get("sync_ref_model") and cfg.dpo.finetune == "lora":
+            refuse(
+                "sync_ref_model", "TRL cannot sync the reference of a LoRA adapter (its base); use dpo.finetune: full"
+            )
+        if "exo_pair" in losses and not smoothing:
+            refuse("label_smoothing", "the exo_pair loss needs it above 0 (the EXO paper: 1e-3)")
+        if smoothing and not _SMOOTHED_DPO_LOSSES & set(losses):
+            refuse(
+                "label_smoothing",
+                f"no loss of {', '.join(losses)} reads it; the losses that do: {', '.join(sorted(_SMOOTHED_DPO_LOSSES))}",
+            )
+        divergence = values.get("f_divergence_type", "reverse_kl")
+        if divergence not in _F_DIVERGENCES:
+            refuse("f_divergence_type", f"must be one of {', '.join(_F_DIVERGENCES)}, got {divergence!r}")
+        if divergence != "reverse_kl" and not set(losses) <= _F_DIVERGENCE_DPO_LOSSES:
+            refuse(
+                "f_divergence_type",
+                f"{divergence} applies to the losses {', '.join(sorted(_F_DIVERGENCE_DPO_LOSSES))} only, not "
+                f"{', '.join(sorted(set(losses) - _F_DIVERGENCE_DPO_LOSSES))}",
+            )
+        if values.get("use_weighting") and {"aot", "aot_unpaired"} & set(losses):
+            refuse("use_weighting", "TRL does not weight the aot losses (they sort the pairs); drop one of the two")
+        if values.get("truncation_mode", "keep_start") != "keep_start":
+            refuse("truncation_mode", "rahf cuts prompts from the left itself (data.max_prompt_length); drop it")
 
 
 def get_dotted(cfg: RahfConfig, dotted: str) -> Any:

@@ -706,6 +706,7 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
         "reward" in stages and cfg.reward.model is None
     ):  # a stage that reads `model`'s config: a Hub id that cannot be read (misspelt, not cached offline) stops here
         model_num_layers(cfg)
+    check_router_loss(cfg, stages)
     if any(s in stages for s in ("collect", "align")):  # they read one hidden state per token
         from .config import model_config
         from .models import check_one_stream
@@ -753,6 +754,23 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     check_positions(cfg, stages)
     check_lora(cfg, stages)
     distributed.WORKING[:] = [True]  # from here on, a problem one process meets may not be the others'
+
+
+def check_router_loss(cfg: RahfConfig, stages: list[str]) -> None:
+    """A `router_aux_loss_coef` in a TRL stage's `train:` mapping needs a mixture-of-experts `model` (TRL refuses any
+    other when its trainer is built, maybe after earlier stages trained)."""
+    from .config import model_config
+
+    trl_stages = {"sft": "sft", "instruct": {"dual": "instruct", "dpo": "dpo"}.get(cfg.instruct_method)}
+    for stage, section in trl_stages.items():
+        coef = getattr(cfg, section).train.get("router_aux_loss_coef") if stage in stages and section else None
+        if coef:
+            config = model_config("model", cfg.model, cfg.revision_of(cfg.model), cfg.trust_remote_code)
+            if not hasattr(config.get_text_config(), "output_router_logits"):
+                raise ConfigError(
+                    f"{section}.train.router_aux_loss_coef: {type(config).__name__} is no mixture-of-experts model, so "
+                    "it has no router loss to weigh; drop it"
+                )
 
 
 def _will_train_ppo(cfg: RahfConfig, stage: str | None) -> bool:
