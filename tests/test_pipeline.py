@@ -1543,7 +1543,7 @@ def test_a_fresh_artifact_made_with_other_library_versions_is_kept_and_says_so(
     capsys.readouterr()
     pipeline.run(cfg)
     changed = f"rahf {made['rahf']} -> 9.0.0, transformers {made['transformers']} -> 9.1.0"
-    assert f"instruct: up to date ({out}); made with other versions ({changed}): --force redoes it" in (
+    assert f"instruct: up to date ({out}); made with other versions ({changed}): `rahf instruct CONFIG` redoes it" in (
         capsys.readouterr().out
     )
     [line] = pipeline.describe(cfg).splitlines()

@@ -310,3 +310,79 @@ def test_ppo_save_steps_leaves_the_fingerprint_alone(tmp_path, tiny_model_dir, p
     steps = load_config(None, cfg.to_dict() | {"ppo": cfg.to_dict()["ppo"] | {"steps": 6}})
     fp = pipeline.stage_fingerprint(cfg, "instruct")[0]
     assert pipeline.stage_fingerprint(other, "instruct")[0] == fp != pipeline.stage_fingerprint(steps, "instruct")[0]
+
+
+def test_a_save_cut_short_leaves_nothing_and_a_resume_clears_older_leftovers(
+    tmp_path, monkeypatch, tiny_model_dir, pairs_file, reward_model_dir
+):
+    """Ctrl-C while a checkpoint is written removes its temporary folder; leftovers of a harder kill (a half-written
+    `.tmp`, a half-deleted `.old`) are removed when the loop starts again."""
+    import safetensors.torch
+
+    from rahf import pipeline
+
+    cfg = _ppo_run(tmp_path / "run", tiny_model_dir, pairs_file, reward_model_dir, "lora")
+    save_file, calls = safetensors.torch.save_file, []
+
+    def cut(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # the second checkpoint's optimizer state
+            raise KeyboardInterrupt
+        return save_file(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", cut)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(cfg)
+    saves = pipeline.checkpoint_folder(cfg, "instruct")
+    assert sorted(p.name for p in saves.iterdir() if p.name.startswith(("checkpoint", "."))) == ["checkpoint-2"]
+    for leftover in (".checkpoint-4.1-2.tmp", ".checkpoint-2.1-3.old"):
+        (saves / leftover).mkdir()
+        (saves / leftover / "weights.safetensors").write_bytes(b"x" * 1000)
+    seen, rollout = [], ppo._rollout
+    monkeypatch.setattr(ppo, "_rollout", lambda *a: seen.append(sorted(saves.glob(".checkpoint-*"))) or rollout(*a))
+    pipeline.run(cfg)
+    assert seen[0] == [] and not saves.exists()
+
+
+def test_a_library_call_resumes_only_a_checkpoint_of_as_many_steps_and_leaves_none(
+    tmp_path, monkeypatch, capsys, tiny_model_dir, pairs_file, reward_model_dir
+):
+    rollout, calls = ppo._rollout, []
+
+    def counted(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return rollout(*args)
+
+    monkeypatch.setattr(ppo, "_rollout", counted)
+    settings = PPO | {"steps": 5, "rollout_size": 8, "minibatch_size": 4, "save_steps": 2}
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, monkeypatch, tiny_model_dir, pairs_file, reward_model_dir, **settings)
+    assert (tmp_path / "ppo" / "checkpoints" / "checkpoint-4").is_dir()
+    calls[:] = [0] * 10  # no more interruptions
+    _, log, _, out = _train(
+        tmp_path, monkeypatch, tiny_model_dir, pairs_file, reward_model_dir, **settings | {"steps": 3}
+    )
+    assert "not resuming from" in capsys.readouterr().out and [e["step"] for e in log] == [1, 2, 3]
+    assert not (out / "checkpoints").exists()
+
+
+def test_random_state_is_put_back_for_the_devices_it_was_saved_for(tmp_path, monkeypatch):
+    """A checkpoint saved with one GPU visible resumes with two: the second keeps its own state."""
+    from safetensors.torch import save_file
+
+    head = torch.nn.Linear(2, 1)
+    params = {f"value_head.{n}": p for n, p in head.named_parameters()}
+    optimizer = torch.optim.AdamW(params.values())
+    folder = ppo.save_checkpoint(tmp_path, 1, 3, params, optimizer, [{"step": 1}])
+    save_file(
+        {"cpu": torch.get_rng_state(), "cuda.0": torch.zeros(8, dtype=torch.uint8)}, folder / "rng_state.safetensors"
+    )
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
+    assert ppo.load_checkpoint(folder, params, optimizer) == [{"step": 1}]
+    assert restored == [0]

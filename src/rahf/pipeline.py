@@ -534,7 +534,7 @@ def _plan(
     here) and the manifest's note of what it resumes from."""
     if not force and _current(out, fp):
         changed = version_changes(out)
-        made = f"; made with other versions ({changed}): --force redoes it" if changed else ""
+        made = f"; made with other versions ({changed}): `rahf {stage} CONFIG` redoes it" if changed else ""
         print(f"[rahf] {stage}: up to date ({out}){made}", flush=True)
         return None
     if out.exists() and not force:

@@ -54,7 +54,8 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def last_checkpoint(folder: str | Path) -> Path | None:
-    """The newest checkpoint in `folder` that a Trainer can resume from as if it had never stopped (`complete`)."""
+    """The newest checkpoint in `folder` that a Trainer (or rahf's PPO loop) can resume from as if it had never
+    stopped (`complete`)."""
     found = []
     for path in Path(folder).glob("checkpoint-*"):
         step = path.name.removeprefix("checkpoint-")
@@ -77,8 +78,8 @@ def complete(checkpoint: Path) -> bool:
     """Whether `checkpoint` holds all a Trainer resumes from: weights (one file, or an index and every shard it
     names), optimizer, schedule and random state, and a readable trainer state. That is written last, so a checkpoint
     cut short by a kill lacks it; one saved with `save_only_model` has no optimizer state; one whose deletion was
-    interrupted (any file may go first) can lack anything. A PPO checkpoint is complete once renamed into place,
-    until its deletion begins."""
+    interrupted (any file may go first) can lack anything. A PPO checkpoint is renamed into place once complete and
+    renamed aside before it is deleted; its files are checked all the same."""
     if (checkpoint / PPO_STATE).is_file():
         files = (PPO_STATE, "weights.safetensors", "optimizer.safetensors", "rng_state.safetensors")
         return checkpoint_step(checkpoint) is not None and all((checkpoint / f).is_file() for f in files)

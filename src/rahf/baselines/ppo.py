@@ -38,7 +38,7 @@ from ..generate import decoding, reply_text
 from ..judges import RewardModelJudge
 from ..models import load_model, load_tokenizer, reply_stop_ids, save_model
 from ..stimuli import prompt_ids
-from ..training import PPO_STATE, checkpoint_dir, last_checkpoint, lora_config, train_dtype
+from ..training import PPO_STATE, checkpoint_dir, checkpoint_step, last_checkpoint, lora_config, train_dtype
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -222,35 +222,57 @@ def _trainable(policy: nn.Module, head: nn.Linear) -> dict[str, nn.Parameter]:
     return named | {f"value_head.{n}": p for n, p in head.named_parameters()}
 
 
+def _param_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    """Each parameter's place in `optimizer`'s state dict, by the parameter's id."""
+    return {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+
+
+def _remove(folder: Path) -> None:
+    """Delete `folder`, renamed aside first (hidden, so never taken for a checkpoint): a kill part-way through the
+    deletion leaves no checkpoint short of some of its files, only a leftover `remove_leftovers` deletes."""
+    aside = folder.with_name(f".{folder.name}.{os.getpid()}-{time.time_ns()}.old")
+    folder.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_leftovers(saves: Path) -> None:
+    """Delete what a killed run of the loop left half-written (`.tmp`) or half-deleted (`.old`) in `saves`."""
+    for leftover in saves.glob(".checkpoint-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def save_checkpoint(
     saves: Path, step: int, steps: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, log: list
 ) -> Path:
-    """Write `saves/checkpoint-<step>` (weights, optimizer and random state as safetensors, then the JSON state that
-    marks it complete) under a temporary name, rename it, and delete the older ones: only the newest is kept."""
+    """Write `saves/checkpoint-<step>`: weights, optimizer and random state as safetensors, the step and log as JSON,
+    into a temporary folder renamed into place when all are written (the rename is what makes it complete); then
+    delete the older ones: only the newest is kept."""
     from safetensors.torch import save_file
 
     saves.mkdir(parents=True, exist_ok=True)
     final = saves / f"checkpoint-{step}"
     tmp = saves / f".{final.name}.{os.getpid()}-{time.time_ns()}.tmp"
-    tmp.mkdir()
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    index = _param_index(optimizer)
     names = {index[id(p)]: name for name, p in params.items()}
     state = {f"{names[i]}/{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    save_file({n: p.detach().contiguous() for n, p in params.items()}, str(tmp / "weights.safetensors"))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "optimizer.safetensors"))
-    save_file(rng, str(tmp / "rng_state.safetensors"))
-    (tmp / PPO_STATE).write_text(json.dumps({"global_step": step, "max_steps": steps, "log_history": log}))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in saves.glob("checkpoint-*"):  # renamed aside first: a kill mid-deletion leaves no part checkpoint
+    try:
+        tmp.mkdir()
+        save_file({n: p.detach().contiguous() for n, p in params.items()}, str(tmp / "weights.safetensors"))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "optimizer.safetensors"))
+        save_file(rng, str(tmp / "rng_state.safetensors"))
+        (tmp / PPO_STATE).write_text(json.dumps({"global_step": step, "max_steps": steps, "log_history": log}))
+        if final.exists():  # left by a run whose deletion of it was cut short
+            _remove(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in saves.glob("checkpoint-*"):
         if old != final:
-            aside = saves / f".{old.name}.{os.getpid()}-{time.time_ns()}.old"
-            old.rename(aside)
-            shutil.rmtree(aside, ignore_errors=True)
+            _remove(old)
     return final
 
 
@@ -264,16 +286,16 @@ def load_checkpoint(checkpoint: Path, params: dict[str, nn.Parameter], optimizer
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    state: dict[int, dict] = {}
+    index, state = _param_index(optimizer), {}
     for key, value in load_file(str(checkpoint / "optimizer.safetensors")).items():
         name, _, field = key.rpartition("/")
         state.setdefault(index[id(params[name])], {})[field] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     rng = load_file(str(checkpoint / "rng_state.safetensors"))
     torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available() and "cuda.0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count())])
+    if torch.cuda.is_available():  # the devices it saved that are visible now
+        for i in range(min(torch.cuda.device_count(), sum(k.startswith("cuda.") for k in rng))):
+            torch.cuda.set_rng_state(rng[f"cuda.{i}"], i)
     return json.loads((checkpoint / PPO_STATE).read_text())["log_history"]
 
 
@@ -287,7 +309,9 @@ def ppo_loop(
 ) -> list[dict]:
     """Train `policy` in place for `cfg.ppo.steps` rollouts; one log dict per step.
 
-    `saves`: the folder to resume from (its newest checkpoint) and, with `ppo.save_steps`, to checkpoint into."""
+    `saves`: the folder to resume from (its newest checkpoint, when made for as many steps) and, with
+    `ppo.save_steps`, to checkpoint into. Nothing else of the run it came from is checked here: `rahf run` keeps the
+    folder only for the same inputs and settings."""
     s = cfg.ppo
     torch.manual_seed(cfg.seed)
     device = next(policy.parameters()).device
@@ -301,7 +325,12 @@ def ppo_loop(
     encoded = [prompt_ids(tokenizer, p, cfg.data.max_prompt_length) for p in prompts]
     batches = _prompt_batches(len(prompts), s.rollout_size, cfg.seed)
     log: list[dict] = []
-    if saves is not None and (last := last_checkpoint(saves)) is not None:
+    if saves is not None:
+        remove_leftovers(saves)
+    last = last_checkpoint(saves) if saves is not None else None
+    if last is not None and checkpoint_step(last)[1] != s.steps:
+        print(f"[rahf] instruct: not resuming from {last}: it was made for other ppo.steps", flush=True)
+    elif last is not None:
         log = load_checkpoint(last, params, optimizer)
         print(f"[rahf] instruct: resuming from {last} (step {len(log)} of {s.steps})", flush=True)
         for _ in log:  # the prompts those rollouts drew
@@ -364,7 +393,10 @@ def train_ppo(cfg: RahfConfig, base: str, reward_model: str, prompts: list[list[
         batch_size=cfg.ppo.minibatch_size,
         max_length=cfg.reward.max_length,
     )
-    log = ppo_loop(cfg, policy, tokenizer, judge, prompts, checkpoint_dir(out))
+    saves = checkpoint_dir(out)
+    log = ppo_loop(cfg, policy, tokenizer, judge, prompts, saves)
+    if saves == out / "checkpoints":  # a library call's (`rahf run` removes its own folder beside the artifact)
+        shutil.rmtree(saves, ignore_errors=True)
     save_model(policy, tokenizer, out, cfg.dtype if cfg.ppo.finetune == "full" else None)
     (out / "log_history.json").write_text(json.dumps(log, indent=1))
     return log
