@@ -316,7 +316,7 @@ def test_a_save_cut_short_leaves_nothing_and_a_resume_clears_older_leftovers(
     tmp_path, monkeypatch, tiny_model_dir, pairs_file, reward_model_dir
 ):
     """Ctrl-C while a checkpoint is written removes its temporary folder; leftovers of a harder kill (a half-written
-    `.tmp`, a half-deleted `.old`) are removed when the loop starts again."""
+    `.tmp`, a half-deleted `.discarded-*`) are removed when the loop starts again."""
     import safetensors.torch
 
     from rahf import pipeline
@@ -336,7 +336,7 @@ def test_a_save_cut_short_leaves_nothing_and_a_resume_clears_older_leftovers(
             pipeline.run(cfg)
     saves = pipeline.checkpoint_folder(cfg, "instruct")
     assert sorted(p.name for p in saves.iterdir() if p.name.startswith(("checkpoint", "."))) == ["checkpoint-2"]
-    for leftover in (".checkpoint-4.1-2.tmp", ".checkpoint-2.1-3.old"):
+    for leftover in (".checkpoint-4.1-2.tmp", ".checkpoint-2.discarded-1-3"):
         (saves / leftover).mkdir()
         (saves / leftover / "weights.safetensors").write_bytes(b"x" * 1000)
     seen, rollout = [], ppo._rollout

@@ -7,6 +7,7 @@ fingerprint equals the one computed from its current inputs; anything else is re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -63,6 +64,24 @@ def version_changes(path: str | os.PathLike) -> str:
     return ", ".join(
         f"{name} {made[name]} -> {now[name]}" for name in _PACKAGES if made.get(name, now[name]) != now[name]
     )
+
+
+def discard(folder: str | os.PathLike) -> None:
+    """Delete `folder`, renamed aside first (one atomic step): a deletion interrupted part-way (Ctrl-C, a kill) then
+    leaves no checkpoint short of some of its files where a run looks for one to resume from, only a hidden folder
+    that `remove_discarded` deletes the next time."""
+    folder = Path(folder)
+    with contextlib.suppress(FileNotFoundError):
+        folder.rename(folder.with_name(f".{folder.name}.discarded-{os.getpid()}-{time.time_ns()}"))
+    remove_discarded(folder)
+
+
+def remove_discarded(folder: str | os.PathLike) -> None:
+    """Delete what `discard` renamed `folder` to, there still when its deletion was interrupted (run under the output
+    lock: no other run is deleting one now)."""
+    folder = Path(folder)
+    for aside in folder.parent.glob(f".{folder.name}.discarded-*"):
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 # per process: `rahf run` checks the same data at every stage

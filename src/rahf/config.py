@@ -790,7 +790,7 @@ def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]
     """A stage's `train:` mapping checked against `cls` (TrainingArguments or a TRL config): known fields, no
     credential, values of the field's type, counts in range."""
     fields = get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name: f.metadata.get("choices") for f in dataclasses.fields(cls)}  # TRL lists some fields' values
     out = {}
     for key, value in values.items():
         if not isinstance(key, str):  # YAML 1.1 reads yes/on/no/off and numbers as such
@@ -803,8 +803,7 @@ def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]
         if key not in known:
             raise ConfigError(f"{section}.train.{key}: not a field of {cls.__name__}")
         value = out[key] = _train_value(f"{section}.train.{key}", value, fields[key])
-        choices = field_choices(cls, key)
-        if choices and value is not None and value not in choices:  # TRL names them for its own CLI only
+        if (choices := known[key]) and value is not None and value not in choices:
             raise ConfigError(f"{section}.train.{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
         allowed = TRAIN_RANGES.get(key)
         unset = key == "max_steps" and value == UNSET_MAX_STEPS
@@ -814,11 +813,6 @@ def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]
     if "output_dir" in values:
         raise ConfigError(f"{section}.train.output_dir: set by rahf; use output_dir at the top level")
     return out
-
-
-def field_choices(cls, key: str) -> list | None:
-    """The values the dataclass field `key` of `cls` lists as its `choices` (TRL's configs), if any."""
-    return next((f.metadata.get("choices") for f in dataclasses.fields(cls) if f.name == key), None)
 
 
 # The learning-rate schedule a stage trains with when its `train:` mapping names none (the Trainer's own: linear)
@@ -976,10 +970,11 @@ def _check_report_to(section: str, value: str | list[str] | None) -> None:
 EVAL_DEFAULTS: dict[str, Any] = {"eval_strategy": "steps", "eval_steps": 0.1}
 
 # `*.train` fields a stage would accept and then ignore or crash on, with the reason
+_EVALUATING = ("eval_strategy", "load_best_model_at_end", "eval_on_start")  # they need held-out pairs
 _UNUSED_TRAIN = {
-    "eval_strategy": "no pairs are held out to evaluate on; set data.eval_size (a fraction or a number of pairs)",
-    "load_best_model_at_end": "no pairs are held out to evaluate on; set data.eval_size (a fraction or a number of pairs)",
-    "eval_on_start": "no pairs are held out to evaluate on; set data.eval_size (a fraction or a number of pairs)",
+    **dict.fromkeys(
+        _EVALUATING, "no pairs are held out to evaluate on; set data.eval_size (a fraction or a number of pairs)"
+    ),
     "resume_from_checkpoint": "rahf resumes a stage by itself: with save_strategy steps (or epoch) an interrupted "
     "stage keeps its checkpoints, and running it again with the same settings resumes from the newest",
     "chat_template_path": "rahf tokenizes the data before TRL would apply it, so training and the saved tokenizer "
@@ -999,7 +994,7 @@ def _refuse_unused_train(
     import torch
 
     for key, why in _UNUSED_TRAIN.items():
-        if held_out and key in ("eval_strategy", "load_best_model_at_end", "eval_on_start"):
+        if held_out and key in _EVALUATING:
             continue
         if values.get(key) not in (None, False, "no"):
             raise ConfigError(f"{section}.train.{key}: {why}")

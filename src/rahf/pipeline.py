@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ from .artifacts import (
     MANIFEST,
     artifact_identity,
     atomic_dir,
+    discard,
     files_intact,
     fingerprint,
     fingerprint_path,
@@ -32,6 +32,7 @@ from .artifacts import (
     output_lock,
     read_manifest,
     redacted,
+    remove_discarded,
     restore_replaced,
     version_changes,
     write_text_atomic,
@@ -514,13 +515,13 @@ def _run_stage(cfg: RahfConfig, stage: str, force: bool, restart: bool, together
                 )
             elif saves is not None:
                 with contextlib.suppress(OSError):
-                    _discard(saves)
+                    discard(saves)
             raise
         finally:
             CHECKPOINTS.reset(token)
         if saves is not None:
             with contextlib.suppress(OSError):
-                _discard(saves)
+                discard(saves)
         print(f"[rahf] {stage}: done in {time.time() - t0:.1f}s", flush=True)
         if together:
             distributed.wait()
@@ -588,7 +589,7 @@ def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, restart: bool) -> P
     if stage not in RESUMABLE_STAGES:
         return None
     saves = checkpoint_folder(cfg, stage)
-    _remove_discarded(saves)
+    remove_discarded(saves)
     processes = distributed.world_size()  # the batch of a step, and collect's shards, depend on it
     tag = _checkpoint_tag(saves)
     made_by = tag.get("processes", 1)
@@ -598,7 +599,7 @@ def _checkpoint_folder(cfg: RahfConfig, stage: str, fp: str, restart: bool) -> P
             if not restart and tag.get("fingerprint") == fp:
                 why = f"{made_by} process{'es' * (made_by != 1)}, and this run has {processes}"
             print(f"[rahf] {stage}: discarding the checkpoints in {saves} (made with {why})", flush=True)
-        _discard(saves)
+        discard(saves)
     if not saves.exists():
         if not _saves_checkpoints(cfg, stage):
             return None
@@ -616,22 +617,6 @@ def _saves_checkpoints(cfg: RahfConfig, stage: str) -> bool:
     if stage == "instruct" and cfg.method == "rlhf-ppo":
         return cfg.ppo.save_steps is not None
     return getattr(cfg, train_section(cfg, stage)).train.get("save_strategy", "no") != "no"
-
-
-def _discard(saves: Path) -> None:
-    """Delete the checkpoint folder `saves`, renamed aside first (one atomic step): a deletion interrupted part-way
-    (Ctrl-C, a kill) then leaves no checkpoint short of some of its files where a run looks for one to resume from,
-    only a hidden folder that the stage's next run removes (`_remove_discarded`)."""
-    with contextlib.suppress(FileNotFoundError):
-        saves.rename(saves.with_name(f".{saves.name}.discarded-{os.getpid()}-{time.time_ns()}"))
-    _remove_discarded(saves)
-
-
-def _remove_discarded(saves: Path) -> None:
-    """Delete what `_discard` renamed `saves` to, there still when its deletion was interrupted (run under the output
-    lock: no other run is deleting one now)."""
-    for aside in saves.parent.glob(f".{saves.name}.discarded-*"):
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _checkpoint_tag(saves: Path) -> dict:

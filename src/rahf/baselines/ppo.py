@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..artifacts import discard
 from ..config import RahfConfig
 from ..data import Message
 from ..errors import DataError
@@ -227,16 +228,8 @@ def _param_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
     return {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
 
 
-def _remove(folder: Path) -> None:
-    """Delete `folder`, renamed aside first (hidden, so never taken for a checkpoint): a kill part-way through the
-    deletion leaves no checkpoint short of some of its files, only a leftover `remove_leftovers` deletes."""
-    aside = folder.with_name(f".{folder.name}.{os.getpid()}-{time.time_ns()}.old")
-    folder.rename(aside)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def remove_leftovers(saves: Path) -> None:
-    """Delete what a killed run of the loop left half-written (`.tmp`) or half-deleted (`.old`) in `saves`."""
+    """Delete what a killed run of the loop left half-written (`.tmp`) or half-deleted (`.discarded-*`) in `saves`."""
     for leftover in saves.glob(".checkpoint-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
@@ -265,14 +258,14 @@ def save_checkpoint(
         save_file(rng, str(tmp / "rng_state.safetensors"))
         (tmp / PPO_STATE).write_text(json.dumps({"global_step": step, "max_steps": steps, "log_history": log}))
         if final.exists():  # left by a run whose deletion of it was cut short
-            _remove(final)
+            discard(final)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in saves.glob("checkpoint-*"):
         if old != final:
-            _remove(old)
+            discard(old)
     return final
 
 
