@@ -385,6 +385,8 @@ def test_explicit_format(tmp_path):
         load_pairs(path, format="trl-standard")
     with pytest.raises(DataError, match="unknown data format 'csv'"):
         load_pairs(path, format="csv")
+    with pytest.raises(DataError, match=r"unknown data format 'sft'; .*ultrafeedback, prompt/completion, prompt-only$"):
+        check_data(path, format="sft")  # `rahf data check` also reads SFT data and prompts files, and says so
 
 
 def test_undetectable_first_record(tmp_path):
@@ -591,6 +593,7 @@ def test_check_data_and_report(tmp_path):
     assert (report.n_multi_turn, report.n_with_system) == (0, 0)
     text = format_report(report)
     assert "trl-standard" in text and "pairs:" in text and " 2" in text
+    assert "reply writing a turn:          0 (0.0%)" in text
     assert f"{path}:1: chosen and rejected replies are identical" in text
 
 
@@ -696,6 +699,9 @@ def test_real_hh_report():
     report = check_data(HH_FILE)
     assert report.n_pairs == 2312 and report.n_identical == 0
     assert report.n_empty == 4  # lines 87, 517, 926, 1104 have an empty chosen reply
+    # "Assistant: Human: ..." in the transcripts: replies that write the next user turn themselves
+    tagged = [p.split(": ", 1)[0].rsplit(":", 1)[1] for p in report.problems if "new dialogue turn" in p]
+    assert report.n_turn_tags == len(tagged) == 32 and tagged[:3] == ["30", "106", "141"]
     assert "hh" in format_report(report)
 
 
@@ -821,3 +827,24 @@ def test_a_dataset_saved_with_a_format_reads_as_rows(tmp_path):
 def test_a_file_name_too_long_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="cannot be read"):
         load_pairs(tmp_path / ("x" * 300 + ".jsonl"))
+
+
+def test_check_data_lists_replies_that_write_a_turn_of_the_dialogue(tmp_path):
+    """HH transcripts hold "Assistant: Human: ..." turns: the reply a run trains on writes the user's next turn."""
+    pairs = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "q", "chosen": "Human: and you?", "rejected": "fine"},
+            {"prompt": "q", "chosen": "sure\n\nAssistant: again", "rejected": "Human: no"},
+            {"prompt": "q", "chosen": "a Human: quoted", "rejected": "fine"},  # not at a turn's start: left alone
+        ],
+    )
+    report = check_data(pairs)
+    assert report.n_turn_tags == 2 and [p.split(": ", 1)[1].split(" a new")[0] for p in report.problems] == [
+        "chosen reply writes",
+        "chosen and rejected replies write",
+    ]
+    assert "reply writing a turn:          2 (66.7%)" in format_report(report)
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "q", "completion": "ok\n\nHuman: more"}])
+    turn = "a new dialogue turn ('Human:' or 'Assistant:'), which a model trained on it learns to write"
+    assert check_data(sft).problems == [f"{sft}:1: completion writes {turn}"]

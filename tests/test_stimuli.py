@@ -18,6 +18,7 @@ from rahf.stimuli import (
     prompt_ids,
     render_prompt,
     response_ids,
+    tally,
     truncate_prompt,
 )
 
@@ -336,6 +337,23 @@ def test_a_reply_ends_with_the_token_the_template_closes_a_turn_with(template, c
     end = tok.convert_tokens_to_ids(closing)
     assert end_of_turn_id(tok) == end and response_ids(tok, RESPONSE, 64)[-1] == end
     assert stop_ids(tok) == sorted({tok.eos_token_id, end})
+
+
+@pytest.mark.parametrize(
+    ("template", "closing"),
+    [(CHATML, "<|im_end|>"), (LLAMA2, "</s>"), (ALTERNATING, "</s>"), (None, "</s>")],
+    ids=["chatml", "llama2", "nothing-after-the-reply", "no-template"],
+)
+def test_a_reply_holding_the_closing_tokens_text_is_kept_whole(template, closing):
+    """The reply's end is where the template closes the turn, not the last closing token in it."""
+    tok = byte_bpe(chat_template=template)
+    reply = f"end each line with {closing} like this . {closing} then go on ."
+    ids = response_ids(tok, reply, 64)
+    assert ids[-1] == tok.convert_tokens_to_ids(closing)
+    assert tok.decode(ids[:-1]).strip() == reply and ids.count(ids[-1]) == 3
+    with tally() as counts:
+        s = build_variants(tok, [user(QUERY)], reply, {"plain": None}, 64, 64)["plain"]
+    assert list(s.input_ids[s.response_start :]) == ids and counts["reply cut"] == 0
 
 
 def test_the_closing_token_and_probe_prompt_are_read_once_per_tokenizer_and_template(monkeypatch):

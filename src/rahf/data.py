@@ -41,6 +41,7 @@ _HINTS = {
 
 _HH_ASSISTANT = "\n\nAssistant:"
 _HH_TAG = re.compile(r"\n\n(Human|Assistant):")
+_TURN_TAG = re.compile(r"(?:^|\n\n)(?:Human|Assistant):")  # in a (stripped) reply: a turn the reply writes itself
 # Strings, brackets and numbers of valid JSON: enough to find where Python's json gave up (see _limit_line).
 _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?')
 
@@ -72,6 +73,7 @@ class DataReport:
     mean_chosen_chars: float | None  # None for prompts
     mean_rejected_chars: float | None  # None for SFT examples and prompts
     n_empty: int  # records with an empty reply
+    n_turn_tags: int  # records with a reply that writes a dialogue turn of its own ("Human: ...")
     n_multi_turn: int  # prompts with more than one user message
     n_with_system: int  # prompts with a system message
 
@@ -654,6 +656,9 @@ def load_pairs(
     return pairs, fmt
 
 
+_RECORD_FORMATS = ("prompt/completion", "prompt-only")  # SFT data and prompts files, which `check_data` also reads
+
+
 def check_data(path: str | os.PathLike, format: str = "auto") -> DataReport:
     """Load every pair in `path` and summarise it, listing pairs that carry no usable preference. SFT data (records
     with a "completion") and prompts files (a "prompt" and no replies) are read as `sft.path` and `generate.prompts`
@@ -661,13 +666,16 @@ def check_data(path: str | os.PathLike, format: str = "auto") -> DataReport:
 
     Malformed records still raise DataError; suspicious but well-formed ones become `problems`.
     """
+    if format not in ("auto", *FORMATS, *_RECORD_FORMATS):
+        known = ", ".join((*FORMATS, *_RECORD_FORMATS))
+        raise DataError(f"unknown data format {format!r}; expected 'auto' or one of {known}")
     if format == "auto":
         format = _record_file_format(path) or format
-    if format in ("prompt/completion", "prompt-only"):
+    if format in _RECORD_FORMATS:
         return _check_records(path, format)
     pairs, fmt = load_pairs(path, format)
     problems: list[str] = []
-    n_identical = n_empty = 0
+    n_identical = n_empty = n_turn_tags = 0
     for pair in pairs:
         if pair.chosen == pair.rejected:
             n_identical += 1
@@ -678,6 +686,13 @@ def check_data(path: str | os.PathLike, format: str = "auto") -> DataReport:
             problems.append(f"{pair.source}: empty {' and '.join(empty)} reply")
         if not pair.prompt[-1]["content"].strip():
             problems.append(f"{pair.source}: the last user message of the prompt is empty")
+        tagged = [
+            name for name, text in (("chosen", pair.chosen), ("rejected", pair.rejected)) if _TURN_TAG.search(text)
+        ]
+        if tagged:
+            n_turn_tags += 1
+            what = "chosen and rejected replies write" if len(tagged) == 2 else f"{tagged[0]} reply writes"
+            problems.append(f"{pair.source}: {_turn_problem(what)}")
     n = len(pairs)
     return DataReport(
         path=os.fspath(path),
@@ -688,8 +703,13 @@ def check_data(path: str | os.PathLike, format: str = "auto") -> DataReport:
         mean_chosen_chars=sum(len(p.chosen) for p in pairs) / n,
         mean_rejected_chars=sum(len(p.rejected) for p in pairs) / n,
         n_empty=n_empty,
+        n_turn_tags=n_turn_tags,
         **_prompt_stats([p.prompt for p in pairs]),
     )
+
+
+def _turn_problem(what: str) -> str:
+    return f"{what} a new dialogue turn ('Human:' or 'Assistant:'), which a model trained on it learns to write"
 
 
 def _prompt_stats(prompts: list[Sequence[Message]]) -> dict[str, Any]:
@@ -722,6 +742,9 @@ def _check_records(path: str | os.PathLike, fmt: str) -> DataReport:
     if not rows:
         raise DataError(f"{os.fspath(path)}: holds no records")
     problems = [f"{src}: empty completion" for _, reply, src in rows if reply == ""]
+    problems += [
+        f"{src}: {_turn_problem('completion writes')}" for _, reply, src in rows if reply and _TURN_TAG.search(reply)
+    ]
     problems += [f"{src}: the last user message of the prompt is empty" for prompt, _, src in rows
                  if not prompt[-1]["content"].strip()]  # fmt: skip
     n = len(rows)
@@ -734,6 +757,7 @@ def _check_records(path: str | os.PathLike, fmt: str) -> DataReport:
         mean_chosen_chars=sum(len(reply) for _, reply, _ in rows) / n if examples else None,
         mean_rejected_chars=None,
         n_empty=sum(reply == "" for _, reply, _ in rows),
+        n_turn_tags=sum(bool(reply and _TURN_TAG.search(reply)) for _, reply, _ in rows),
         **_prompt_stats([prompt for prompt, _, _ in rows]),
     )
 
@@ -746,7 +770,11 @@ def format_report(report: DataReport) -> str:
 
     lengths = f"prompt {report.mean_prompt_chars:.1f}"
     if report.format == "prompt/completion":
-        kind, replies = "examples", [("empty completion", share(report.n_empty))]
+        kind = "examples"
+        replies = [
+            ("empty completion", share(report.n_empty)),
+            ("completion writing a turn", share(report.n_turn_tags)),
+        ]
         lengths += f", completion {report.mean_chosen_chars:.1f}"
     elif report.format == "prompt-only":
         kind, replies = "prompts", []
@@ -755,6 +783,7 @@ def format_report(report: DataReport) -> str:
         replies = [
             ("identical chosen/rejected", share(report.n_identical)),
             ("empty chosen or rejected", share(report.n_empty)),
+            ("reply writing a turn", share(report.n_turn_tags)),
         ]
         lengths += f", chosen {report.mean_chosen_chars:.1f}, rejected {report.mean_rejected_chars:.1f}"
     rows = [

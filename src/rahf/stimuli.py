@@ -269,24 +269,30 @@ def end_of_turn_id(tokenizer) -> int:
     ChatML templates close a turn with `<|im_end|>` and Llama 3 with `<|eot_id|>`, which a base model's EOS
     (Qwen base: `<|endoftext|>`) is not; training replies must end as the template renders them.
     """
+    return _closing(tokenizer)[0]
+
+
+def _closing(tokenizer) -> tuple[int, int | None]:
+    """(`end_of_turn_id`, how many ids the chat template writes after it: ChatML's "\n" after `<|im_end|>`), or
+    (EOS, None) where the template closes a reply with no token (or there is no template)."""
     eos, template = tokenizer.eos_token_id, chat_template(tokenizer)
     if not template:
-        return eos
-    return _probed("end of turn", tokenizer, (template, eos), lambda: _rendered_end_of_turn(tokenizer))
+        return eos, None
+    return _probed("end of turn", tokenizer, (template, eos), lambda: _rendered_closing(tokenizer))
 
 
-def _rendered_end_of_turn(tokenizer) -> int:
+def _rendered_closing(tokenizer) -> tuple[int, int | None]:
     eos = tokenizer.eos_token_id
     turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}]
     try:
         text = apply_template(tokenizer, turn)
     except Exception:  # noqa: BLE001 (a template that renders no such turn: fall back to EOS)
-        return eos
+        return eos, None
     after = text.split(_MARK, 1)[1].lstrip() if _MARK in text else ""
     ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
     added = getattr(tokenizer, "added_tokens_decoder", {})
     special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
-    return ids[0] if ids and ids[0] in special else eos
+    return (ids[0], len(ids) - 1) if ids and ids[0] in special else (eos, None)
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -312,8 +318,10 @@ def response_ids(tokenizer, response: str, max_length: int) -> list[int]:
     if ids is None:
         prefix = "" if chat_template(tokenizer) else " "
         ids = tokenizer(prefix + response, add_special_tokens=False)["input_ids"]
-    elif eot in ids:  # the template closes the turn itself: keep what it writes up to that token, not after
-        ids = ids[: len(ids) - ids[::-1].index(eot) - 1]
+    elif (after := _closing(tokenizer)[1]) is not None and len(ids) > after and ids[-after - 1] == eot:
+        # the template closes the turn itself: keep what it writes before that token, found at its distance from the
+        # end, so a reply that holds the token's text itself ("... write </s> there ...") keeps it
+        ids = ids[: len(ids) - after - 1]
     return (ids + [eot])[:max_length]
 
 
