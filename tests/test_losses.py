@@ -284,6 +284,44 @@ def test_alignment_trains_the_base_without_dropout_but_keeps_loras():
     assert all(p == (0.1 if "lora_dropout" in n else 0.0) for n, p in drops)
 
 
+def _noisy(arch: str):
+    """A tiny model of `arch` with every train-mode noise rate it reads (from modules or its config) at 0.3."""
+    import transformers as T
+
+    c = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2}
+    return {
+        # float fields of the blocks (dropout), of the decoder (layerdrop: whole blocks skipped)
+        "opt": lambda: T.OPTConfig(**c, ffn_dim=48, word_embed_proj_dim=32, dropout=0.3, layerdrop=0.3),
+        "falcon": lambda: T.FalconConfig(**c, hidden_dropout=0.3, attention_dropout=0.3),  # read from the config
+        "mixtral": lambda: T.MixtralConfig(
+            **c, num_key_value_heads=2, intermediate_size=48, num_local_experts=4, router_jitter_noise=0.3
+        ),
+        "gpt2": lambda: T.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64, resid_pdrop=0.3, attn_pdrop=0.3),
+    }[arch]()
+
+
+@pytest.mark.parametrize("arch", ["opt", "falcon", "mixtral", "gpt2"])
+def test_alignment_trains_the_base_without_any_train_mode_noise(arch):
+    """A training forward of the base must give the eval-mode states collect reads (OPT, Falcon and Mixtral read their
+    rates from plain float fields, not dropout modules), and gradient checkpointing must stay on."""
+    from transformers import AutoModelForCausalLM
+
+    from rahf.align import without_dropout
+    from rahf.models import forward_capture
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_noisy(arch))
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(4, 64, (2, 10))
+    with torch.no_grad():
+        clean = forward_capture(model.eval(), [3], ids, torch.ones_like(ids))[3]
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # noisy before
+        without_dropout(model).train()
+        assert torch.equal(forward_capture(model, [3], ids, torch.ones_like(ids))[3], clean)
+    assert model.is_gradient_checkpointing
+
+
 def test_dual_step1_defaults_are_the_authors_schedule_and_a_setting_overrides_them(
     monkeypatch, tiny_model_dir, pairs_file, tmp_path
 ):

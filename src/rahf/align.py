@@ -12,6 +12,7 @@ slot of a window padded to its configured width, as the authors' code did (`loss
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -200,16 +201,30 @@ def align_batch_loss(
     return alignment_loss(hidden, {k: t.to(device) for k, t in targets.items()}, mask, norm, width or span, tokens)
 
 
+_NOISE = re.compile(r"dropout|pdrop|drop_path|layerdrop|jitter")  # config and module fields of train-mode noise
+
+
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """Turn off the base model's dropout (GPT-2, OPT, ... have some): its hidden states are trained towards targets
-    read in eval mode, so dropout noise would only be a loss the adapter cannot remove. LoRA's own dropout is
-    added afterwards and stays."""
+    """Turn off the base model's train-mode noise: its hidden states are trained towards targets read in eval mode, so
+    noise would only be a loss the adapter cannot remove. Besides dropout modules, architectures read rates from float
+    fields of their modules or config at every forward (OPT's `dropout` and `layerdrop`, Falcon's `hidden_dropout`,
+    Mixtral's `router_jitter_noise`, LLaMA's `attention_dropout`): every such field is set to 0. Putting the base in
+    eval mode instead would also turn off its gradient checkpointing. LoRA's own dropout is added afterwards and
+    stays."""
+    from transformers import PretrainedConfig
     from trl.trainer.utils import disable_dropout_in_model
 
     disable_dropout_in_model(model)
-    for module in model.modules():  # attention dropout applied functionally, from an attribute (LLaMA, Qwen, ...)
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+    seen: set[int] = set()
+    fields = [vars(m) for m in model.modules()]
+    while fields:
+        values = fields.pop()
+        for name, value in values.items():
+            if isinstance(value, float) and _NOISE.search(name):
+                values[name] = 0.0
+            elif isinstance(value, PretrainedConfig) and id(value) not in seen:  # a model's config, or a sub-config
+                seen.add(id(value))
+                fields.append(vars(value))
     return model
 
 
