@@ -195,6 +195,51 @@ def test_align_held_out_loss_is_the_distance_to_the_held_out_targets(scit_heldou
     assert made["target_fit_eval"].keys() == made["target_fit"].keys()
 
 
+@pytest.mark.parametrize("targets", ["cache", "online"])
+def test_align_held_out_loss_is_the_token_mean_whatever_the_evaluation_batch(scit_heldout, tmp_path, targets):
+    """Held-out windows of different lengths: the Trainer averages batches by sequences, and the loss must still be the
+    mean over every held-out token, as one batch of them all gives it."""
+    import dataclasses
+
+    from peft import PeftModel
+    from transformers import TrainingArguments
+
+    from rahf.align import CachedCollator, CachedTargets, OnlineCollator, align_batch_loss, align_trainer_class
+    from rahf.collect import examples_for, write_cache
+    from rahf.models import load_tokenizer
+    from rahf.training import ListDataset
+
+    cfg = scit_heldout
+    tokenizer = load_tokenizer(str(pipeline.stage_dir(cfg, "instruct")))
+    model = PeftModel.from_pretrained(pipeline.load_policy(cfg), str(pipeline.stage_dir(cfg, "align"))).eval()
+    pairs = [  # one-word replies beside full ones: windows of 2 and of cfg.window tokens
+        dataclasses.replace(p, chosen=p.chosen.split()[0], rejected=p.rejected.split()[0]) if i % 2 else p
+        for i, p in enumerate(load_eval_pairs(cfg))
+    ]
+    examples = examples_for(tokenizer, pairs, cfg)
+    assert len({e.plain.window(cfg.window, cfg.include_boundary)[1] for e in examples}) > 1
+    pad = tokenizer.pad_token_id
+    (tmp_path / "cache").mkdir()
+    write_cache(pipeline.target_reader(cfg, cfg.layers, pad), examples, tmp_path / "cache", model.config.hidden_size)
+    cached = CachedTargets(tmp_path / "cache", cfg.layers)
+    with torch.no_grad():
+        whole = CachedCollator(pad)([cached[i] for i in range(len(cached))])
+        by_hand = align_batch_loss(model, whole, cfg.layers, cfg.alpha, "tokens").item()
+    if targets == "cache":
+        held, collator, reader = cached, CachedCollator(pad), None
+    else:
+        held, collator = ListDataset(examples), OnlineCollator(pad, cfg.window, cfg.include_boundary)
+        reader = pipeline.target_reader(cfg, cfg.layers, pad, policy=model)
+    for batch in (1, 3):
+        args = TrainingArguments(
+            str(tmp_path / str(batch)), per_device_eval_batch_size=batch, use_cpu=True, report_to=[],
+            remove_unused_columns=False, disable_tqdm=True,
+        )  # fmt: skip
+        trainer = align_trainer_class()(model=model, args=args, eval_dataset=held, data_collator=collator)
+        trainer.layers, trainer.alpha, trainer.width, trainer.reader = cfg.layers, cfg.alpha, cfg.window, reader
+        assert trainer.evaluate()["eval_loss"] == pytest.approx(by_hand, rel=1e-5), batch
+
+
 def test_online_targets_give_the_same_held_out_loss(scit_heldout, tmp_path):
     from rahf.align import train_align
 

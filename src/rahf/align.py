@@ -134,6 +134,15 @@ class CachedCollator:
         }
 
 
+def window_lengths(dataset, collator) -> list[int]:
+    """The real window tokens of every example of `dataset`: from a cache's index, or (online) from the windows
+    `collator` cuts; no targets are read."""
+    if isinstance(dataset, CachedTargets):
+        offsets = [meta["win_offsets"] for meta in dataset.meta]
+        return [w[j + 1] - w[j] for w in offsets for j in range(len(w) - 1)]
+    return [e.plain.window(collator.window, collator.include_boundary)[1] for e in dataset]
+
+
 class OnlineCollator:
     """Batches of `Example`s; the trainer computes their targets on the fly."""
 
@@ -264,10 +273,26 @@ def align_trainer_class():
                 loss = loss * self.args.world_size  # DDP averages gradients over processes; the sum is over all tokens
             return (loss, {}) if return_outputs else loss
 
+        tokens_per_sequence: float | None = None  # of the held-out set being evaluated (`loss_norm: tokens`)
+
+        def evaluate(self, eval_dataset=None, *args, **kwargs):
+            if self.norm == "tokens":
+                lengths = window_lengths(eval_dataset or self.eval_dataset, self.data_collator)
+                self.tokens_per_sequence = sum(lengths) / max(len(lengths), 1)
+            return super().evaluate(eval_dataset, *args, **kwargs)
+
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            """The alignment loss of a held-out batch, its real tokens' mean (its targets read as in training)."""
+            """The alignment loss of a held-out batch (its targets read as in training). With `loss_norm: tokens` its
+            distance sum is divided by the batch's share of the held-out tokens, its sequences times their mean
+            window, so that the Trainer's mean over batches, weighted by sequences, is the mean over every held-out
+            token whatever the batch size."""
+            tokens = None
+            if self.norm == "tokens" and self.tokens_per_sequence:
+                tokens = self.tokens_per_sequence * inputs["win_mask"].shape[0]
             with torch.no_grad():
-                loss = align_batch_loss(model, inputs, self.layers, self.alpha, self.norm, self.reader, self.width)
+                loss = align_batch_loss(
+                    model, inputs, self.layers, self.alpha, self.norm, self.reader, self.width, tokens
+                )
             return loss.detach(), None, None
 
         def _prepare_inputs(self, inputs):  # tensors move inside the loss; `examples` are not tensors
