@@ -87,6 +87,10 @@ def test_targets_beyond_float16_range_stop_collect(tmp_path, tiny_model_dir, pai
     with pytest.raises(RahfError, match=r"o at layer 1 is not finite in float16.*collect\.dtype: bfloat16 or float32"):
         write_cache(ConstantReader(cfg_with("float16"), 1e5), examples, tmp_path, hidden=32)
     assert not list(tmp_path.glob("shard-*"))
+    with pytest.raises(
+        RahfError, match=r"model's states \(o\) at layer 1 are not finite \(NaN or inf\) before the cast"
+    ):
+        write_cache(ConstantReader(cfg_with("float32"), float("nan")), examples, tmp_path, hidden=32)  # not the cache's
     stats = write_cache(ConstantReader(cfg_with("bfloat16"), 1e5), examples, tmp_path, hidden=32)
     assert stats["shards"] == ["shard-00000.safetensors"]
 

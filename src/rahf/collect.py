@@ -178,7 +178,13 @@ def shard_ranges(window_lens: Sequence[int], shard_size: int, token_bytes: int) 
 
 
 def stored(t: torch.Tensor, dtype_name: str, what: str, layer: int) -> torch.Tensor:
-    """`t` cast to the cache dtype; a value that dtype cannot hold (float16 tops out at 65504) stops collect."""
+    """`t` cast to the cache dtype; a value that dtype cannot hold (float16 tops out at 65504) stops collect, and so
+    does a state the model itself made non-finite."""
+    if not torch.isfinite(t).all():
+        raise RahfError(
+            f"collect: the model's states ({what}) at layer {layer} are not finite (NaN or inf) before the cast to the "
+            "cache: the model overflows on these inputs; load it in a wider dtype (dtype: float32 or bfloat16)"
+        )
     cast = t.to(DTYPES[dtype_name]).contiguous()
     if not torch.isfinite(cast).all():
         raise RahfError(
