@@ -257,3 +257,42 @@ def test_prompts_are_read_from_any_file_the_data_loader_reads(tmp_path):
         tmp_path / "p.parquet"
     )
     assert read_prompts(tmp_path / "p.parquet") == [want[0], [{"role": "user", "content": "what color is a lime ?"}]]
+
+
+def test_generate_seed_reseeds_the_replies_alone(scit_run, tiny_model_dir, pairs_file, tmp_path):
+    """Another `generate.seed` (MT-Bench's second turns) makes only `generate` stale, and samples as that run seed
+    would; the run's `seed` would make every trained stage stale."""
+    import shutil
+
+    from conftest import run_settings
+
+    from rahf import pipeline
+    from rahf.config import load_config
+    from rahf.errors import RahfError
+    from rahf.generate import read_prompts
+    from rahf.models import load_tokenizer
+
+    out = shutil.copytree(scit_run.output_dir, tmp_path / "run")
+
+    def cfg_with(**extra):
+        settings = run_settings(tiny_model_dir, pairs_file, out, "scit", generate__prompts=str(pairs_file), **extra)
+        return load_config(None, settings | {"generate": settings["generate"] | {"temperature": 1.0}})
+
+    with pytest.raises(RahfError, match=r"made with other settings \(changed: seed\)"):
+        pipeline.stage_fingerprint(cfg_with(seed=1), "generate")
+    for stage in ("instruct", "collect", "align", "merge"):
+        assert pipeline.stage_fingerprint(cfg_with(generate__seed=1), stage) == pipeline.stage_fingerprint(
+            cfg_with(), stage
+        )
+    cfg = cfg_with(generate__seed=1)
+    assert pipeline.stage_fingerprint(cfg, "generate") != pipeline.stage_fingerprint(cfg_with(), "generate")
+    made = pipeline.run_stage(cfg, "generate", force=True)
+    replies = [json.loads(line)["response"] for line in (made / "generations.jsonl").open()]
+    merged = str(pipeline.stage_dir(cfg, "merge"))
+    model, tokenizer, prompts = load_model(merged, device="cpu"), load_tokenizer(merged), read_prompts(pairs_file)
+    g, length = cfg.generate, cfg.data.max_prompt_length
+    by_seed = {
+        seed: generate(model, tokenizer, prompts, g.max_new_tokens, 1.0, max_prompt_length=length, seed=seed)
+        for seed in (0, 1)
+    }
+    assert replies == by_seed[1] != by_seed[0]

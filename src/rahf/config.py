@@ -191,6 +191,7 @@ class GenerateSettings:
     top_p: float = 1.0
     batch_size: int = 16
     model: str | None = None  # defaults to the merged model of this run
+    seed: int | None = None  # of sampled replies; None: the run's `seed` (another one needs no stage trained again)
 
 
 @dataclass
@@ -637,6 +638,7 @@ LORA_SECTIONS = tuple(
 # The range of every numeric key; a list's items are checked one by one, and null (where allowed) is not checked.
 RANGES: dict[str, Range] = {
     "seed": SEED,
+    "generate.seed": SEED,
     "alpha": FINITE,
     "window": AT_LEAST_1,
     "data.limit": AT_LEAST_1,

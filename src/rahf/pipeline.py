@@ -1177,7 +1177,7 @@ def _generate(cfg: RahfConfig, out: Path) -> dict:
             g.batch_size,
             cfg.data.max_prompt_length,
             system=system,
-            seed=cfg.seed,
+            seed=cfg.seed if g.seed is None else g.seed,
             progress=distributed.is_main(),
             streams=mine,
         ),
