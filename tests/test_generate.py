@@ -24,9 +24,13 @@ def test_a_checkpoints_generation_settings_change_nothing(model, tiny_model_dir,
     assert len(set(sampled)) > 1
     shipped = load_model(str(tiny_model_dir), device="cpu")
     shipped.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, top_k=1, min_new_tokens=8)
+    # and what a block list of processors would miss: other processors, a clock, another output type
+    shipped.generation_config.update(guidance_scale=2.0, encoder_repetition_penalty=2.0, max_time=1e-9)
+    shipped.generation_config.update(return_dict_in_generate=True, stop_strings=["blue"])
     assert generate(shipped, tokenizer, [PROMPT], max_new_tokens=8, temperature=0.0, progress=False) == greedy
     # with top_k=1 leaking in, every sample would be the greedy reply
     assert generate(shipped, tokenizer, [PROMPT] * 16, max_new_tokens=8, temperature=1.0, progress=False) == sampled
+    assert shipped.generation_config.max_time == 1e-9  # put back afterwards
 
 
 def test_sampling_reaches_beyond_the_fifty_likeliest_tokens(model, tokenizer):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,21 +15,33 @@ from .data import Message
 from .models import reply_stop_ids
 from .stimuli import prompt_ids, reply_content
 
-# Logits processors a checkpoint's generation_config would add (Qwen2.5-Instruct ships repetition_penalty 1.05,
-# top_k 20), and transformers' own top_k=50 default: all off, so a reply comes from the model's own distribution.
-_NO_PROCESSORS = {
-    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
-    "min_new_tokens": None, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None, "num_beams": 1,
-}  # fmt: skip
+# transformers' own top_k=50 default and the other truncations: off, so a sample comes from the model's distribution
 _NO_TRUNCATION = {"top_k": 0, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
 def decoding(temperature: float, top_p: float = 1.0) -> dict:
-    """`model.generate` arguments: greedy at temperature 0, else sampling at `temperature` cut by `top_p` alone."""
+    """`model.generate` arguments: greedy at temperature 0, else sampling at `temperature` cut by `top_p` alone. Call
+    `generate` inside `own_settings`, so that nothing a checkpoint ships adds to them."""
     if temperature == 0:
-        return {"do_sample": False, **_NO_PROCESSORS}
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p, **_NO_PROCESSORS, **_NO_TRUNCATION}
+        return {"do_sample": False, "num_beams": 1}
+    return {"do_sample": True, "num_beams": 1, "temperature": temperature, "top_p": top_p, **_NO_TRUNCATION}
+
+
+@contextmanager
+def own_settings(model) -> Iterator[None]:
+    """Within it, `model.generate` starts from transformers' defaults instead of the checkpoint's generation_config:
+    what a checkpoint ships (Qwen2.5-Instruct's repetition_penalty 1.05 and top_k 20, a guidance_scale, a max_time
+    that would cut replies by the clock, return_dict_in_generate) must not reach a reply. Its stop tokens are read
+    before (`reply_stop_ids`) and passed to `generate`."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model generates with it
+    shipped = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = shipped
 
 
 class SeededSampler:
@@ -98,15 +111,16 @@ def sample_ids(
         sampler = (
             [] if temperature == 0 else [SeededSampler(temperature, top_p, seed, [streams[i] for i in idx], device)]
         )
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=stops,
-            logits_processor=sampler,
-            **decoding(0.0),  # greedy over the sampler's noisy logits is sampling
-        )
+        with own_settings(model):
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=stops,
+                logits_processor=sampler,
+                **decoding(0.0),  # greedy over the sampler's noisy logits is sampling
+            )
         for r, i in enumerate(idx):
             tokens = gen[r, width:].tolist()
             end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens) - 1)

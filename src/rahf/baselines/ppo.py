@@ -35,7 +35,7 @@ from ..artifacts import discard
 from ..config import RahfConfig
 from ..data import Message
 from ..errors import DataError
-from ..generate import decoding, reply_text
+from ..generate import decoding, own_settings, reply_text
 from ..judges import RewardModelJudge
 from ..models import load_model, load_tokenizer, reply_stop_ids, save_model
 from ..stimuli import prompt_ids
@@ -175,14 +175,15 @@ def _rollout(
     ids, attn, start = ids.to(device), attn.to(device), ids.shape[1]
     chunks = []
     for b in range(0, len(ids), s.minibatch_size):
-        gen = policy.generate(
-            input_ids=ids[b : b + s.minibatch_size],
-            attention_mask=attn[b : b + s.minibatch_size],
-            max_new_tokens=s.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stops,
-            **decoding(s.temperature),
-        )[:, start:]
+        with own_settings(policy):
+            gen = policy.generate(
+                input_ids=ids[b : b + s.minibatch_size],
+                attention_mask=attn[b : b + s.minibatch_size],
+                max_new_tokens=s.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stops,
+                **decoding(s.temperature),
+            )[:, start:]
         chunks.append(nn.functional.pad(gen, (0, s.max_new_tokens - gen.shape[1]), value=tokenizer.pad_token_id))
     responses = torch.cat(chunks)
     mask = response_mask(responses, stops)
