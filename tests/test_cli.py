@@ -529,6 +529,14 @@ def hybrid_dir(tmp_path_factory, vocab) -> Path:
         ),
         (["method=dpo", "dpo.lora.target_modules=[lm_heads]"], "dpo.lora.target_modules: lm_heads matches no"),
         (["method=rlhf-ppo", "ppo.lora.target_modules=[x]"], "ppo.lora.target_modules: x matches no"),
+        (  # the tiny model ties its embeddings to its output layer: a merged adapter would change both
+            ["instruct.lora.target_modules=[q_proj,embed_tokens]"],
+            "instruct.lora.target_modules: adapts the input embeddings, which this model shares with its output layer",
+        ),
+        (
+            ["method=dpo", "dpo.lora.target_modules=[q_proj,lm_head]"],
+            "dpo.lora.target_modules: adapts the output layer, which this model shares with its input embeddings",
+        ),
     ],
 )
 def test_lora_targets_the_model_lacks_exit_2(tmp_path, tiny_model_dir, pairs_file, capsys, overrides, message):
@@ -594,6 +602,8 @@ def test_lora_unset_on_an_architecture_peft_has_no_default_for_says_so():
     ):
         check_lora_targets(meta_model(config), LoraSettings(), "instruct.lora")
     assert check_lora_targets(meta_model(config), LoraSettings(target_modules=["qkv_proj"]), "instruct.lora") is None
+    untied = LoraSettings(target_modules=["qkv_proj", "embed_tokens", "lm_head"])  # Phi-3 has its own output layer
+    assert check_lora_targets(meta_model(config), untied, "instruct.lora") is None
 
 
 def test_a_stage_command_without_the_method_its_upstream_was_made_for_says_which_to_pass(

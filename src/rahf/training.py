@@ -358,6 +358,7 @@ def check_lora_targets(model, settings: LoraSettings, key: str, max_layer: int |
         if n and getattr(getattr(m, "weight", None), "ndim", 0) == 2 and next(m.children(), None) is None
     )
     fix = f"set {key}.target_modules to names of their layers: {', '.join(linear) or 'none found'}"
+    embeddings = _tied_embeddings(model)
     config = lora_config(model, settings, max_layer)
     try:
         adapted = get_peft_model(model, config)
@@ -370,6 +371,14 @@ def check_lora_targets(model, settings: LoraSettings, key: str, max_layer: int |
             problem = f"{named} {'matches' if len(targets) == 1 else 'match'} no module in {where}"
         raise ConfigError(f"{key}.target_modules: {problem}; {fix}") from None
     names = [n for n, m in adapted.get_base_model().named_modules() if hasattr(m, "lora_A")]
+    for role, name in embeddings.items():
+        if name in names:
+            other = "output layer" if role == "input embeddings" else "input embeddings"
+            raise ConfigError(
+                f"{key}.target_modules: adapts the {role}, which this model shares with its {other} "
+                "(tie_word_embeddings): merging the adapter would change both, and the merged model would not be the "
+                "trained one; leave them out"
+            )
     for target in settings.target_modules or []:
         if not any(n == target or n.endswith("." + target) for n in names):
             raise ConfigError(f"{key}.target_modules: {target!r} matches no module in {where}; {fix}")
@@ -382,6 +391,16 @@ def check_lora_targets(model, settings: LoraSettings, key: str, max_layer: int |
         f"block(s) {', '.join(map(str, empty))} have none of these modules: add theirs to {key}.target_modules "
         "to train them too"
     )
+
+
+def _tied_embeddings(model) -> dict[str, str]:
+    """{"input embeddings": name, "output layer": name} of `model`'s modules when the two share one weight, else {}."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    inputs, outputs = (get_in() if get_in else None), (get_out() if get_out else None)
+    if inputs is None or outputs is None or getattr(inputs, "weight", None) is not getattr(outputs, "weight", 0):
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    return {"input embeddings": names[id(inputs)], "output layer": names[id(outputs)]}
 
 
 def _outside_language_model(model) -> str | None:
