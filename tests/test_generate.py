@@ -218,6 +218,9 @@ def test_a_saved_model_lists_the_end_of_turn_among_its_stop_tokens(model, tokeni
 
     save_model(model, tokenizer, tmp_path / "plain")  # no chat template: EOS alone, as before
     assert GenerationConfig.from_pretrained(tmp_path / "plain").eos_token_id == tokenizer.eos_token_id
+    model.generation_config.eos_token_id = None  # a checkpoint that names none: the EOS replies stop at is written
+    save_model(model, tokenizer, tmp_path / "none")
+    assert GenerationConfig.from_pretrained(tmp_path / "none").eos_token_id == tokenizer.eos_token_id
     chat = copy.deepcopy(tokenizer)
     chat.chat_template = "{% for m in messages %}{{ m['content'] }} <unk> {% endfor %}"
     save_model(model, chat, tmp_path / "chat")

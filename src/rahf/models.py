@@ -100,9 +100,9 @@ def save_model(model, tokenizer, out, dtype: str | None = None) -> None:
     """Save a model (or adapter) and its tokenizer (`save_tokenizer`) in HF format; plain generation stops where
     replies end.
 
-    When the chat template closes turns with a token other than EOS, the saved generation config lists both (with
-    the stop tokens it listed before), so `generate` (and servers reading generation_config.json) stop at the end
-    of the turn it was trained on.
+    The saved generation config lists every token rahf stops a reply at (`reply_stop_ids`: EOS, the chat template's
+    end of turn, the stop tokens it listed before), so `generate` (and servers reading generation_config.json) stop at
+    the end of the turn it was trained on, also where the checkpoint listed none.
     Sampling flags a checkpoint ships without `do_sample` (temperature 0.6, ...) are saved back as shipped:
     transformers refuses to save such a config once anything in it changed, as the stop tokens (or a
     trainer's pad token) just did. `dtype` casts the weights first (float32 master weights saved as trained for).
@@ -119,8 +119,9 @@ def save_model(model, tokenizer, out, dtype: str | None = None) -> None:
     stops = reply_stop_ids(model, tokenizer)
     generation = getattr(model, "generation_config", None)
     if generation is not None:
-        if len(stops) > 1:
-            generation.eos_token_id = stops
+        shipped = generation.eos_token_id
+        if set(stops) != set([shipped] if isinstance(shipped, int) else shipped or []):
+            generation.eos_token_id = stops if len(stops) > 1 else stops[0]
         generation._original_object_hash = hash(generation)  # transformers validates it as loaded, not as edited
     model.save_pretrained(out)
     save_tokenizer(tokenizer, out)
