@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -406,6 +407,20 @@ def gpt2_dir(tmp_path_factory, vocab) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def gpt2_adapter_dir(gpt2_dir) -> Path:
+    """A LoRA adapter on the tiny GPT-2, in its own folder (as a `generate.model`)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = gpt2_dir.parent / "adapter"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(gpt2_dir), LoraConfig(r=2, target_modules=["c_attn"]))
+    model.save_pretrained(folder)
+    shutil.copy(gpt2_dir / "tokenizer.json", folder)  # generate reads the tokenizer beside the adapter
+    shutil.copy(gpt2_dir / "tokenizer_config.json", folder)
+    return folder
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -419,6 +434,16 @@ def gpt2_dir(tmp_path_factory, vocab) -> Path:
             ["model={tiny}", "generate.model={gpt2}", "method=sft", "stages=[generate]", "generate.max_new_tokens=33"],
             "data.max_prompt_length + generate.max_new_tokens: 65 tokens exceed the 64 positions of {gpt2}",
         ),
+        (  # an adapter reads its base's table
+            [
+                "model={tiny}",
+                "generate.model={adapter}",
+                "method=sft",
+                "stages=[generate]",
+                "generate.max_new_tokens=33",
+            ],
+            "data.max_prompt_length + generate.max_new_tokens: 65 tokens exceed the 64 positions of {adapter}",
+        ),
         (
             ["method=rlhf-ppo", "stages=[reward,instruct]", "reward.max_length=56", "ppo.max_new_tokens=40"],
             "+ ppo.max_new_tokens: 72 tokens",
@@ -426,11 +451,11 @@ def gpt2_dir(tmp_path_factory, vocab) -> Path:
     ],
 )
 def test_sequences_longer_than_a_learned_position_table_exit_2(
-    tmp_path, gpt2_dir, tiny_model_dir, pairs_file, capsys, overrides, message
+    tmp_path, gpt2_dir, gpt2_adapter_dir, tiny_model_dir, pairs_file, capsys, overrides, message
 ):
     """GPT-2 indexes a table of n_positions rows: a longer sequence would end a stage in an IndexError."""
-    overrides = [o.format(tiny=tiny_model_dir, gpt2=gpt2_dir) for o in overrides]
-    message = message.format(gpt2=gpt2_dir)
+    overrides = [o.format(tiny=tiny_model_dir, gpt2=gpt2_dir, adapter=gpt2_adapter_dir) for o in overrides]
+    message = message.format(gpt2=gpt2_dir, adapter=gpt2_adapter_dir)
     out = tmp_path / "out"
     cfg = tmp_path / "c.yaml"
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "what color is a banana ?"}])

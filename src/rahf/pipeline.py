@@ -948,13 +948,15 @@ def _fits(cfg: RahfConfig, model: str, needs: dict[str, int]) -> None:
     from transformers import AutoConfig
 
     from .models import learned_position_limit
+    from .training import adapter_base
 
     if not needs:
         return
     try:
-        config = AutoConfig.from_pretrained(
-            model, revision=cfg.revision_of(model), trust_remote_code=cfg.trust_remote_code
-        )
+        name, revision = model, cfg.revision_of(model)
+        if (Path(model).expanduser() / "adapter_config.json").is_file():  # a PEFT adapter: its base's positions
+            name, revision = adapter_base(Path(model).expanduser(), cfg)
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=cfg.trust_remote_code)
         limit = learned_position_limit(config, cfg.trust_remote_code)
     # an unreadable config, or an architecture that cannot be built on the meta device: a check, not a gate
     except Exception:  # noqa: BLE001
