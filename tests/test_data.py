@@ -8,6 +8,7 @@ import re
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -390,9 +391,22 @@ def test_explicit_format(tmp_path):
 
 
 def test_undetectable_first_record(tmp_path):
+    """The message lists the record formats the reader takes: a prompts file (`generate.prompts`) and SFT data
+    (`sft.path`, `rahf data check`) also take theirs, first."""
+    from rahf.generate import read_prompts
+    from rahf.sft import sft_examples
+
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
-    with pytest.raises(DataError, match=r"d\.jsonl:1: cannot tell the data format"):
+    with pytest.raises(
+        DataError, match=r"d\.jsonl:1: cannot tell the data format from fields \['text'\]; expected one of: trl"
+    ):
         load_pairs(path)
+    with pytest.raises(DataError, match=r"expected one of: prompt-only \{\"prompt\": str\} or .*; trl-standard"):
+        read_prompts(path)
+    with pytest.raises(DataError, match=r"expected one of: prompt/completion \{.*\}; trl-standard"):
+        sft_examples(SimpleNamespace(sft=SimpleNamespace(path=str(path))))
+    with pytest.raises(DataError, match=r"expected one of: prompt/completion \{.*\}; prompt-only \{.*; trl-standard"):
+        check_data(path)
 
 
 # ---------------------------------------------------------------- malformed records

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -623,13 +623,26 @@ def load_pairs(
     With format="auto" the first record decides the format, and every record must then match it.
     `limit` stops after that many pairs (None reads all).
     """
+    return pairs_of(read_records(path), path, format, limit)
+
+
+def pairs_of(
+    records: Iterable[tuple[str, object]],
+    path: str | os.PathLike,
+    format: str = "auto",
+    limit: int | None = None,
+    also: Sequence[str] = (),
+) -> tuple[list[PreferencePair], str]:
+    """`load_pairs` of the ("file:line", record) items `read_records(path)` gave. `also`: the other record formats
+    the caller reads from such a file (`prompt-only`, `prompt/completion`), named beside the preference formats when
+    no format fits a record."""
     if format != "auto" and format not in FORMATS:
         raise DataError(f"unknown data format {format!r}; expected 'auto' or one of {', '.join(FORMATS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of pairs or None, got {limit}")
     fmt = None if format == "auto" else format
     pairs: list[PreferencePair] = []
-    for src, record in read_records(path):
+    for src, record in records:
         if not isinstance(record, dict):
             raise DataError(f"{src}: a record must be a JSON object, got {_type_name(record)}")
         if fmt is None:
@@ -640,7 +653,7 @@ def load_pairs(
                     _PARSERS[meant](record, src)  # raises DataError naming the field of the wrong type
                 raise DataError(
                     f"{src}: cannot tell the data format from fields {sorted(record)}; expected one of: "
-                    + "; ".join(f"{name} {_HINTS[name]}" for name in FORMATS)
+                    + "; ".join(f"{name} {_HINTS[name]}" for name in (*also, *FORMATS))
                 )
         try:
             pairs.append(_PARSERS[fmt](record, src))
@@ -673,7 +686,7 @@ def check_data(path: str | os.PathLike, format: str = "auto") -> DataReport:
         format = _record_file_format(path) or format
     if format in _RECORD_FORMATS:
         return _check_records(path, format)
-    pairs, fmt = load_pairs(path, format)
+    pairs, fmt = pairs_of(read_records(path), path, format, also=_RECORD_FORMATS if format == "auto" else ())
     problems: list[str] = []
     n_identical = n_empty = n_turn_tags = 0
     for pair in pairs:

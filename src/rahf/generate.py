@@ -165,12 +165,12 @@ def read_prompts(path: str | Path) -> list[list[Message]]:
     """Prompts from records with `prompt` (a string, or messages ending with a user message), in any file the data
     loader reads (JSONL, JSON, parquet, ...), or from any preference-data file. Prompts are checked as preference
     data's are: a bad one raises DataError at `file:line`."""
-    from .data import load_pairs, parse_prompt, read_records
+    from .data import pairs_of, parse_prompt, read_records
 
     records = list(read_records(path))
     if records and isinstance(records[0][1], dict) and "prompt" in records[0][1] and "chosen" not in records[0][1]:
         return [parse_prompt(rec, source) for source, rec in records]
-    return [list(pair.prompt) for pair in load_pairs(path)[0]]
+    return [list(pair.prompt) for pair in pairs_of(records, path, also=("prompt-only",))[0]]
 
 
 def write_generations(path: Path, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> None:

@@ -7,7 +7,7 @@ from itertools import chain
 from pathlib import Path
 
 from .config import RahfConfig
-from .data import PreferencePair, load_pairs, parse_completion, read_records
+from .data import PreferencePair, pairs_of, parse_completion, read_records
 from .errors import ConfigError, DataError
 from .models import load_model, load_tokenizer, save_model
 from .stimuli import build_variants
@@ -25,7 +25,7 @@ def sft_examples(cfg: RahfConfig) -> list[tuple[list[dict], str, str]]:
     first = next(records, None)
     if first is not None and isinstance(first[1], dict) and "completion" in first[1]:
         return [(*parse_completion(rec, source), source) for source, rec in chain([first], records)]
-    return replies(load_pairs(path, "auto")[0], "chosen")
+    return replies(pairs_of(chain([first] if first else [], records), path, also=("prompt/completion",))[0], "chosen")
 
 
 def without_held_out(
