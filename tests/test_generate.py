@@ -293,6 +293,9 @@ def test_generate_seed_reseeds_the_replies_alone(scit_run, tiny_model_dir, pairs
         )
     cfg = cfg_with(generate__seed=1)
     assert pipeline.stage_fingerprint(cfg, "generate") != pipeline.stage_fingerprint(cfg_with(), "generate")
+    # the seed replies are drawn with is covered as `seed`, as before the key existed: the same seed, the same artifact
+    fp, covered = pipeline.stage_fingerprint(cfg_with(generate__seed=0), "generate")
+    assert (fp, covered) == pipeline.stage_fingerprint(cfg_with(), "generate") and "seed" not in covered["generate"]
     made = pipeline.run_stage(cfg, "generate", force=True)
     replies = [json.loads(line)["response"] for line in (made / "generations.jsonl").open()]
     merged = str(pipeline.stage_dir(cfg, "merge"))

@@ -293,6 +293,8 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
         inputs = {"policy": _step1_fp(cfg, memo), "align": _fresh_fp(cfg, "align", memo)}
     elif stage == "generate":
         covered = _section(cfg, "generate", "seed", "method", "dtype", "trust_remote_code") | lengths
+        seed = covered["generate"].pop("seed")  # the seed replies are sampled with, under the key it always had
+        covered["seed"] = cfg.seed if seed is None else seed
         covered |= instructions(cfg.method == "hir")  # HIR answers under the preferred instruction
         g = cfg.generate.model
         model = _path_fp(g, memo, cfg.revision_of(g)) if g else _final_fp(cfg, memo)
