@@ -381,7 +381,12 @@ def test_reward_then_evaluate_from_the_command_line(tmp_path, tiny_model_dir, pa
     metrics = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
     w = metrics["win_rate"]
     summary = f"evaluate (reward-model judge): win rate {w['win_rate']:.3f} (95% interval {w['ci95'][0]:.3f}-"
-    assert summary in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert summary in printed
+    steps = [line.split(": ", 1)[1].split(" ")[0] for line in printed.splitlines() if "[rahf] evaluate: " in line]
+    assert steps[1:6] == ["sampling", "judging", "reward-model", "likelihoods", "KL"]  # what it does as it goes
+    made = json.loads((tmp_path / "out" / "evaluation" / "rahf_manifest.json").read_text())
+    assert made["examples"]["examples"] == 12  # each pair's chosen and rejected reply once, whichever model scores it
     assert metrics["win_rate"]["n"] == 12 and 0 <= metrics["win_rate"]["win_rate"] <= 1
     assert set(metrics["reward_by_temperature"]) == {"0.0", "0.5"}
     assert metrics["kl_per_token"] == pytest.approx(0.0, abs=1e-6)  # sft is its own reference

@@ -35,7 +35,7 @@ from .metrics import (
     perplexity,
     response_logprobs,
 )
-from .stimuli import build_variants, prompt_ids
+from .stimuli import build_variants, prompt_ids, untallied
 
 
 def _check_eval(*models: torch.nn.Module) -> None:
@@ -135,9 +135,10 @@ def _replies(
     max_prompt_length: int,
     system: str | None,
     seed: int,
+    progress: bool = False,
 ) -> list[str]:
     """`generate`'s reply to each prompt, each process drawing its share: a sampled reply comes from its prompt's
-    own random stream (its index here), so the replies are those one process draws."""
+    own random stream (its index here), so the replies are those one process draws. `progress`: process 0's bar."""
     return distributed.split(
         len(prompts),
         lambda mine: generate(
@@ -150,7 +151,7 @@ def _replies(
             max_prompt_length=max_prompt_length,
             system=system,
             seed=seed,
-            progress=False,
+            progress=progress and distributed.is_main(),
             streams=mine,
         ),
     )
@@ -219,8 +220,10 @@ def likelihood_classifier(
     system: str | None = None,
     batch_size: int = 16,
     reference=None,
+    policy_logprobs: Sequence[Sequence[float]] | None = None,
 ) -> dict:
-    """How well the model's likelihood tells chosen from rejected responses.
+    """How well the model's likelihood tells chosen from rejected responses. `policy_logprobs`: the model's
+    `teacher_forced_logprobs` of the chosen then the rejected replies, when computed already.
 
     Returns {"n_pairs", "log_likelihood": metrics} and, with a `reference` model, also
     {"implicit_reward": metrics}, where metrics = {pairwise_accuracy, accuracy, precision, recall, f1,
@@ -243,11 +246,14 @@ def likelihood_classifier(
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     lengths = (max_prompt_length, max_response_length)
-    policy = teacher_forced_logprobs(model, tokenizer, prompts, responses, *lengths, system, batch_size)
+    policy = policy_logprobs or teacher_forced_logprobs(
+        model, tokenizer, prompts, responses, *lengths, system, batch_size
+    )
     mean_lp = [statistics.fmean(lps) for lps in policy]
     out: dict = {"n_pairs": n, "log_likelihood": _as_classifier(mean_lp, n, statistics.median(mean_lp))}
     if reference is not None:
-        ref = teacher_forced_logprobs(reference, tokenizer, prompts, responses, *lengths, None, batch_size)
+        with untallied():  # the same examples, scored by the reference
+            ref = teacher_forced_logprobs(reference, tokenizer, prompts, responses, *lengths, None, batch_size)
         ratio = [sum(p) - sum(r) for p, r in zip(policy, ref)]
         out["implicit_reward"] = _as_classifier(ratio, n, 0.0)
     return out
@@ -454,6 +460,7 @@ def evaluate_policy(
     system: str | None = None,
     neutral_prompts: Sequence[Sequence[Message]] | None = None,
     generations=None,
+    progress: bool = False,
 ) -> dict:
     """Every measurement of one deployed model on held-out `pairs`, with `cfg.evaluate`'s settings.
 
@@ -462,15 +469,23 @@ def evaluate_policy(
     by temperature (with `reward_judge`); cross-entropy of the chosen responses; the likelihood as a
     chosen-vs-rejected classifier; KL drift from `reference` (the SFT model) on
     `neutral_prompts`. `generations` (a path) receives the sampled responses as JSONL, from process 0 alone.
+    `progress`: process 0 says what it measures as it goes, with a bar while it samples the judged replies.
     """
     import json
     from pathlib import Path
 
+    def step(what: str) -> None:
+        if progress and distributed.is_main():
+            print(f"[rahf] evaluate: {what}", flush=True)
+
     e, lengths = cfg.evaluate, (cfg.data.max_prompt_length, cfg.data.max_response_length)
     prompts = [list(p.prompt) for p in pairs for _ in range(e.samples)]
+    step(f"sampling {len(prompts)} replies ({len(pairs)} prompts x {e.samples}) at temperature {e.temperature:g}")
     replies = _replies(
-        model, tokenizer, prompts, e.max_new_tokens, e.temperature, e.batch_size, lengths[0], system, cfg.seed
-    )
+        model, tokenizer, prompts, e.max_new_tokens, e.temperature, e.batch_size, lengths[0], system, cfg.seed,
+        progress,
+    )  # fmt: skip
+    step(f"judging them against the chosen replies ({type(judge).__name__})")
     before = (getattr(judge, "calls", 0), getattr(judge, "unparsed", 0))
     wins = win_rate_against_chosen(judge, pairs, replies, e.samples)
     out: dict = {
@@ -494,18 +509,27 @@ def evaluate_policy(
         ]  # the layout of `rahf generate`'s file, so `rahf export --sample K` reads it; with each reply's verdict
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     if reward_judge is not None and e.temperatures:
+        step(f"reward-model score at temperatures {', '.join(f'{t:g}' for t in e.temperatures)}")
         out["reward_by_temperature"] = reward_by_temperature(
             model, tokenizer, [list(p.prompt) for p in pairs], reward_judge, e.temperatures, e.samples,
             e.max_new_tokens, e.batch_size, lengths[0], system, cfg.seed,
             known={e.temperature: replies} if e.temperature > 0 else None,  # the win rate's replies: no redraw
         )  # fmt: skip
-    ppl = chosen_perplexity(model, tokenizer, pairs, *lengths, system, e.batch_size)
+    step(f"likelihoods of the chosen and rejected replies of {len(pairs)} pairs")
+    both = teacher_forced_logprobs(  # the chosen replies, then the rejected ones
+        model, tokenizer, [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs],
+        *lengths, system, e.batch_size,
+    )  # fmt: skip
+    ppl = perplexity(both[: len(pairs)])  # chosen_perplexity's
     out["chosen_cross_entropy"], out["chosen_perplexity"] = ppl["cross_entropy"], ppl["perplexity"]
-    classifier = likelihood_classifier(model, tokenizer, pairs, *lengths, system, e.batch_size, reference)
+    classifier = likelihood_classifier(
+        model, tokenizer, pairs, *lengths, system, e.batch_size, reference, policy_logprobs=both
+    )
     out["likelihood_classifier"] = classifier
     out["likelihood_accuracy"] = classifier["log_likelihood"]["pairwise_accuracy"]
     out["likelihood_auc"] = classifier["log_likelihood"]["auc_roc"]
     if reference is not None:
+        step(f"KL drift from the reference model on {len(neutral_prompts or pairs)} prompts")
         drift = kl_drift(
             model, reference, tokenizer, neutral_prompts or [list(p.prompt) for p in pairs], e.max_new_tokens,
             1, e.batch_size, lengths[0], system, cfg.seed,
@@ -637,4 +661,6 @@ def evaluate_run(cfg, generations=None) -> dict:
     reference = load_stage_model(base_model_path(cfg), cfg) if cfg.method != "sft" else model
     pairs = load_pairs(e.pairs, limit=e.limit)[0]
     neutral = neutral_prompts(cfg, pairs)
-    return evaluate_policy(cfg, model, tokenizer, pairs, judge, reward_judge, reference, system, neutral, generations)
+    return evaluate_policy(
+        cfg, model, tokenizer, pairs, judge, reward_judge, reference, system, neutral, generations, progress=True
+    )

@@ -563,6 +563,18 @@ def tally() -> Iterator[Counter]:
         _TALLIES.remove(counts)
 
 
+@contextmanager
+def untallied() -> Iterator[None]:
+    """The open `tally` counters paused: for sequences a stage builds again (the same examples scored by a second
+    model), which its count of examples would otherwise hold twice."""
+    paused = _TALLIES[:]
+    _TALLIES.clear()
+    try:
+        yield
+    finally:
+        _TALLIES[:] = paused
+
+
 def prompt_ids(
     tokenizer,
     prompt: Sequence[Message],
