@@ -376,7 +376,8 @@ def test_reward_then_evaluate_from_the_command_line(tmp_path, tiny_model_dir, pa
     assert main(["reward", cfg]) == 0
     heldout = json.loads((tmp_path / "out" / "reward" / "rahf_manifest.json").read_text())["heldout"]
     assert 0 <= heldout["pairwise_accuracy"] <= 1 and 0 <= heldout["auc_roc"] <= 1
-    capsys.readouterr()
+    said = f"reward: pairwise accuracy on the 6 pairs of evaluate.pairs {heldout['pairwise_accuracy']:.3f}"
+    assert said in capsys.readouterr().out  # named apart from data.eval_size's held-out pairs
     assert main(["evaluate", cfg]) == 0
     metrics = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
     w = metrics["win_rate"]

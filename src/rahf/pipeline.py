@@ -1063,14 +1063,19 @@ def _reward(cfg: RahfConfig, out: Path) -> dict:
         from .reward import evaluate_reward_model
 
         metrics["eval_pairwise_accuracy"] = evaluate_reward_model(judge, held_out)["pairwise_accuracy"]
-        print(f"[rahf] reward: pairwise accuracy on the held-out pairs {metrics['eval_pairwise_accuracy']:.3f}")
+        accuracy = metrics["eval_pairwise_accuracy"]
+        print(f"[rahf] reward: pairwise accuracy on the {len(held_out)} pairs data.eval_size holds out {accuracy:.3f}")
     stats: dict = _with_eval(cfg, {"n_pairs": len(step1), "backbone": backbone}, metrics, len(held_out))
     if cfg.evaluate.pairs:  # how well it ranks held-out pairs, recorded in the manifest
         from .data import load_pairs
         from .reward import evaluate_reward_model
 
-        stats["heldout"] = evaluate_reward_model(judge, load_pairs(cfg.evaluate.pairs, limit=cfg.evaluate.limit)[0])
-        print(f"[rahf] reward: held-out pairwise accuracy {stats['heldout']['pairwise_accuracy']:.3f}", flush=True)
+        judged = load_pairs(cfg.evaluate.pairs, limit=cfg.evaluate.limit)[0]
+        stats["heldout"] = evaluate_reward_model(judge, judged)
+        accuracy = stats["heldout"]["pairwise_accuracy"]
+        print(
+            f"[rahf] reward: pairwise accuracy on the {len(judged)} pairs of evaluate.pairs {accuracy:.3f}", flush=True
+        )
     return stats
 
 
