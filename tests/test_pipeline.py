@@ -1214,6 +1214,11 @@ def test_status_names_the_stage_to_wait_for_and_shows_any_other_problem(
         return [line[10:30].strip() for line in pipeline.describe(cfg).splitlines()]
 
     assert states(load_config(None, settings)) == ["missing", "missing"]
+    (tmp_path / "out" / "noise-0" / "seed-0").mkdir(parents=True)  # what `rahf compare` writes there
+    said = pipeline.describe(load_config(None, settings)).splitlines()
+    assert said[0].startswith(f"note: {tmp_path / 'out'} holds the runs of `rahf compare` (noise-*/seed-*/)")
+    assert [line[10:30].strip() for line in said[1:]] == ["missing", "missing"]
+    shutil.rmtree(tmp_path / "out")
     # rlhf-ppo's step 1 reads the reward model
     assert states(load_config(None, settings | {"method": "rlhf-ppo"})) == ["missing", "waiting for reward"]
 

@@ -1248,6 +1248,11 @@ def describe(cfg: RahfConfig) -> str:
         )
     if note := unused_sft_note(cfg, active_stages(cfg)):
         lines.append(f"note: {note}")
+    if any(Path(cfg.output_dir).glob("noise-*/seed-*")):
+        lines.append(
+            f"note: {cfg.output_dir} holds the runs of `rahf compare` (noise-*/seed-*/), which status does not read: "
+            "the lines below are the one run `rahf run` makes of this config there"
+        )
     for stage in active_stages(cfg):
         out = stage_dir(cfg, stage)
         note = ""
