@@ -1029,6 +1029,9 @@ def test_paths_in_compare_overrides_resolve_against_the_config_folder(base, tmp_
         ),
         ({"seeds": [0, 1, 0]}, "compare.seeds: 0 is listed twice; a repeat is the same run again"),
         ({"label_noise": [0.0, 0.2, 0.2]}, "compare.label_noise: 0.2 is listed twice"),
+        ({"alphas": [1, 0.5, 1.0]}, "compare.alphas: 1.0 is listed twice"),  # each candidate trains an adapter
+        ({"layer_sets": [[2, 3], [3], [3, 2]]}, "compare.layer_sets: [2, 3] is listed twice"),
+        ({"layer_sets": [[2, 2], [3]]}, "compare.layer_sets[0]: repeated layer in [2, 2]"),
     ],
 )
 def test_compare_lists_name_each_method_seed_and_noise_level_once(base, compare, message):

@@ -1262,9 +1262,14 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
         raise ConfigError("compare.seeds: list at least one seed")
     if not cfg.compare.label_noise:
         raise ConfigError("compare.label_noise: list at least one level (0 for the labels as given)")
-    for key in ("seeds", "label_noise"):
+    for key in ("seeds", "label_noise", "alphas", "layer_sets"):
         values = getattr(cfg.compare, key)
-        if len(set(values)) < len(values):
+        if key == "layer_sets":
+            for i, layer_set in enumerate(values):
+                if len(set(layer_set)) < len(layer_set):
+                    raise ConfigError(f"compare.layer_sets[{i}]: repeated layer in {layer_set}")
+            values = [sorted(layer_set) for layer_set in values]  # a set of layers, in any order
+        if any(v in values[:i] for i, v in enumerate(values)):
             twice = next(v for i, v in enumerate(values) if v in values[:i])
             raise ConfigError(
                 f"compare.{key}: {twice} is listed twice; a repeat is the same run again, not another sample"
