@@ -936,6 +936,9 @@ def test_a_stale_stage_names_what_changed_apart_from_what_it_now_reads_or_no_lon
     )
     added = status(with_overrides(scit_run, {"align": {"train": {"max_grad_norm": 0.5}}}))["align"]
     assert added.endswith("(changed: align.train.max_grad_norm)")  # a train setting given is a change
+    dropped = load_config(None, scit_run.to_dict() | {"align": scit_run.to_dict()["align"] | {"train": {}}})
+    said = status(dropped)["align"]  # the whole mapping removed: each setting in it is a change, nothing read anew
+    assert "(changed: align.train.learning_rate, align.train.max_steps" in said and "reads" not in said, said
 
 
 def test_online_align_fingerprint_covers_the_collect_settings_it_reads(scit_run):

@@ -136,12 +136,21 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
         return "its manifest is unreadable"
     if gone := lost_files(path):
         return f"files lost, cut short or changed: {', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}"
-    old = flatten(counted(str(manifest.get("stage")), manifest.get("config", {})))
-    new = flatten(redacted(json.loads(json.dumps(covered, default=str))))
-    # a setting on one side only was set or unset where settings are free-form (`*.train`, `revisions`); elsewhere
-    # every setting has a value, so it is one the stage now reads or no longer reads (align's online targets read
-    # collect.*), which came with another change
-    set_or_unset = {k for k in old.keys() ^ new.keys() if ".train." in f".{k}" or k.startswith("revisions.")}
+
+    # a setting on one side only was set or unset where settings are free-form (`*.train`, `revisions`: an empty
+    # mapping there is as good as none); elsewhere every setting has a value, so it is one the stage now reads or no
+    # longer reads (align's online targets read collect.*), which came with another change
+    def free(key: str) -> bool:
+        return ".train." in f".{key}." or f"{key}.".startswith("revisions.")
+
+    old, new = (
+        {k: v for k, v in flatten(tree).items() if not (v == {} and free(k))}
+        for tree in (
+            counted(str(manifest.get("stage")), manifest.get("config", {})),
+            redacted(json.loads(json.dumps(covered, default=str))),
+        )
+    )
+    set_or_unset = {k for k in old.keys() ^ new.keys() if free(k)}
     keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and (k in old) == (k in new)]
     keys = sorted([*keys, *set_or_unset])
     made_from = manifest.get("inputs", {})
