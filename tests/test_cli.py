@@ -72,9 +72,17 @@ def test_overrides_may_follow_a_flag(tmp_path, tiny_model_dir, pairs_file, capsy
     assert one_line_error(capsys.readouterr().err).startswith("alpha:")
     assert main(["instruct", str(cfg), "--method", "dual", "layers=[7]"]) == 2
     assert one_line_error(capsys.readouterr().err).startswith("layers:")
-    with pytest.raises(SystemExit) as e:
-        main(["run", str(cfg), "--force", "alpha=1", "--bogus"])
-    assert e.value.code == 2 and "unrecognized arguments: --bogus\n" in capsys.readouterr().err
+    commands = {
+        "rahf run": ["run", str(cfg), "--force", "alpha=1"],
+        "rahf status": ["status", str(cfg)],
+        "rahf data check": ["data", "check", str(pairs_file)],
+    }
+    for name, command in commands.items():
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--bogus"])
+        err = capsys.readouterr().err  # with the usage of the command given the flag
+        assert e.value.code == 2 and err.startswith(f"usage: {name} [-h]")
+        assert err.endswith(f"{name}: error: unrecognized arguments: --bogus\n")
     assert nothing_written(out)
 
 
@@ -333,11 +341,12 @@ def valid_config(folder: Path, tiny_model_dir: Path, pairs_file: Path, name: str
 def test_bad_values_stop_run_before_anything_is_written(tmp_path, tiny_model_dir, pairs_file, capsys, override,
                                                         start):  # fmt: skip
     cfg = valid_config(tmp_path, tiny_model_dir, pairs_file)
-    assert main(["run", str(cfg), override]) == 2
-    captured = capsys.readouterr()
-    assert one_line_error(captured.err).startswith(start), captured.err
-    assert captured.out == ""
-    assert not (tmp_path / "out").exists()
+    for command in ("run", "status"):  # status describes nothing the run would refuse
+        assert main([command, str(cfg), override]) == 2
+        captured = capsys.readouterr()
+        assert one_line_error(captured.err).startswith(start), captured.err
+        assert captured.out == ""
+        assert not (tmp_path / "out").exists()
 
 
 def test_output_dir_that_is_a_file_exits_2(tmp_path, tiny_model_dir, pairs_file, capsys):

@@ -165,11 +165,18 @@ def test_files_with_several_replies_per_prompt_need_a_sample(tmp_path: Path):
     with pytest.raises(ValueError, match="2 replies per prompt .*--sample K \\(0..1\\)"):
         read_generations(path)
     assert [g["response"] for g in read_generations(path, sample=1)] == ["r1", "r3"]
-    with pytest.raises(ValueError, match="no reply numbered sample 2"):
+    with pytest.raises(ValueError, match="no reply numbered sample 2; it holds 0, 1$"):
         read_generations(path, sample=2)
-    single = tmp_path / "turn2.jsonl"  # one reply per prompt (rahf generate): read whole, as the next turn's file
-    single.write_text("".join(json.dumps(r | {"sample": 0}) + "\n" for r in rows[::2]))
+    with pytest.raises(ValueError, match="^--sample: -1 is no reply number"):
+        read_generations(path, sample=-1)
+    single = tmp_path / "turn2.jsonl"  # one unnumbered reply per prompt (rahf generate): read whole, as the next turn
+    single.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "sample"}) + "\n" for r in rows[::2]))
     assert [g["response"] for g in read_generations(single, sample=1)] == ["r0", "r2"]
+    one = tmp_path / "one.jsonl"  # `rahf evaluate` with evaluate.samples 1: its replies are numbered 0
+    one.write_text("".join(json.dumps(r) + "\n" for r in rows[::2]))
+    assert [g["response"] for g in read_generations(one)] == [g["response"] for g in read_generations(one, 0)]
+    with pytest.raises(ValueError, match="no reply numbered sample 1; it holds 0$"):
+        read_generations(one, sample=1)
 
 
 def test_atomic_write_leaves_no_temp_files(generations_file: Path, tmp_path: Path, monkeypatch):

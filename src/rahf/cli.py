@@ -70,13 +70,18 @@ def _cmd_stage(args) -> None:
 
 def _cmd_run(args) -> None:
     from . import pipeline
-    from .config import STAGES
 
     cfg = _load(args)
     _join_processes(cfg)
+    _some_stages(cfg)
+    pipeline.run(cfg, force=args.force)
+
+
+def _some_stages(cfg) -> None:
+    from .config import STAGES
+
     if not cfg.stages:
         raise ConfigError(f"stages: empty, so there is nothing to run; list at least one of {', '.join(STAGES)}")
-    pipeline.run(cfg, force=args.force)
 
 
 def _join_processes(cfg) -> None:
@@ -92,7 +97,9 @@ def _join_processes(cfg) -> None:
 def _cmd_status(args) -> None:
     from . import pipeline
 
-    print(pipeline.describe(_load(args)))
+    cfg = _load(args)
+    _some_stages(cfg)
+    print(pipeline.describe(cfg))
 
 
 def _cmd_compare(args) -> None:
@@ -228,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt-only (prompts)",
     )
     dc.set_defaults(func=_cmd_data_check)
+    for commands in (sub, dsub):  # a command's errors show its own usage
+        for command in commands.choices.values():
+            command.set_defaults(own_parser=command)
     return p
 
 
@@ -294,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated", FutureWarning)
     if rest:
         flags = [x for x in rest if x.startswith("-")] if hasattr(args, "items") else rest
-        if flags:
-            parser.error(f"unrecognized arguments: {' '.join(flags)}")
+        if flags:  # with the usage of the command they were given to
+            args.own_parser.error(f"unrecognized arguments: {' '.join(flags)}")
         args.items += rest
     try:
         _quiet_other_processes()

@@ -58,9 +58,12 @@ def read_generations(path: str | Path, sample: int | None = None) -> list[dict]:
     """Records of a generations JSONL file; a malformed line raises DataError (a ValueError) naming `file:line`.
 
     `rahf evaluate` and `rahf compare` write `evaluate.samples` replies per prompt, numbered by `sample`; such a
-    file needs `sample` to say which reply of each prompt to keep. A file with one reply per prompt (`rahf
-    generate`'s) is read whole, whatever `sample` says, so one `--sample` serves files of both kinds.
+    file needs `sample` to say which reply of each prompt to keep, and a number it does not hold is refused. A file
+    whose replies are not numbered (`rahf generate`'s, one per prompt) is read whole, whatever `sample` says, so one
+    `--sample` serves files of both kinds.
     """
+    if sample is not None and sample < 0:
+        raise DataError(f"--sample: {sample} is no reply number; replies are numbered from 0")
     out = []
     for source, record in read_jsonl(path):
         problem = _check_record(record)
@@ -75,10 +78,11 @@ def read_generations(path: str | Path, sample: int | None = None) -> list[dict]:
             f"{path}: {per_prompt} replies per prompt (evaluate.samples); choose which to export with --sample K "
             f"(0..{per_prompt - 1})"
         )
-    if per_prompt > 1:
+    if sample is not None and any("sample" in r for r in out):
+        held = sorted({r.get("sample", 0) for r in out})
         out = [r for r in out if r.get("sample", 0) == sample]
         if not out:
-            raise DataError(f"{path}: no reply numbered sample {sample}")
+            raise DataError(f"{path}: no reply numbered sample {sample}; it holds {', '.join(map(str, held))}")
     return out
 
 
