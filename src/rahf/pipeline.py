@@ -715,6 +715,12 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     check_upstream(cfg, [stage] if stage else active_stages(cfg))
     if note := unused_sft_note(cfg, stages):
         print(f"[rahf] note: {note}", flush=True)
+    if cfg.align.targets == "online" and "align" in stages and "collect" in stages:
+        print(
+            "[rahf] note: align.targets: online computes the targets as align trains and reads no collect cache; "
+            "drop collect from stages to skip writing one",
+            flush=True,
+        )
     if cfg.method in ("dpo", "rlhf-ppo") and cfg.instruct.train and "instruct" in stages:
         reads = "dpo.train" if cfg.method == "dpo" else "the ppo section"
         print(f"[rahf] note: instruct.train is not read by method {cfg.method}, whose step 1 trains with {reads}")
