@@ -18,7 +18,7 @@ from rahf.export import (
     write_alpaca_eval,
     write_mt_bench,
 )
-from rahf.generate import write_generations
+from rahf.generate import Reply, write_generations
 
 PROMPTS = [
     [{"role": "user", "content": "Name a primary colour."}],
@@ -39,14 +39,14 @@ MULTITURN = {
 @pytest.fixture
 def generations_file(tmp_path: Path) -> Path:
     path = tmp_path / "generations.jsonl"
-    write_generations(path, PROMPTS, RESPONSES)
+    write_generations(path, PROMPTS, [Reply(text, "stop") for text in RESPONSES])
     return path
 
 
 def test_read_generations_round_trip(generations_file: Path):
     assert read_generations(generations_file) == [
-        {"index": 0, "prompt": PROMPTS[0], "response": "Red."},
-        {"index": 1, "prompt": PROMPTS[1], "response": "4"},
+        {"index": 0, "prompt": PROMPTS[0], "response": "Red.", "finish_reason": "stop"},
+        {"index": 1, "prompt": PROMPTS[1], "response": "4", "finish_reason": "stop"},
     ]
 
 

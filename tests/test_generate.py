@@ -6,6 +6,7 @@ import gzip
 import json
 
 import pytest
+import torch
 
 from rahf.generate import generate
 from rahf.models import load_model
@@ -297,7 +298,12 @@ def test_generate_seed_reseeds_the_replies_alone(scit_run, tiny_model_dir, pairs
     fp, covered = pipeline.stage_fingerprint(cfg_with(generate__seed=0), "generate")
     assert (fp, covered) == pipeline.stage_fingerprint(cfg_with(), "generate") and "seed" not in covered["generate"]
     made = pipeline.run_stage(cfg, "generate", force=True)
-    replies = [json.loads(line)["response"] for line in (made / "generations.jsonl").open()]
+    rows = [json.loads(line) for line in (made / "generations.jsonl").open()]
+    replies = [row["response"] for row in rows]
+    ends = [row["finish_reason"] for row in rows]  # the manifest counts those max_new_tokens cut
+    assert set(ends) <= {"stop", "length"} and json.loads((made / "rahf_manifest.json").read_text())[
+        "cut"
+    ] == ends.count("length")
     merged = str(pipeline.stage_dir(cfg, "merge"))
     model, tokenizer, prompts = load_model(merged, device="cpu"), load_tokenizer(merged), read_prompts(pairs_file)
     g, length = cfg.generate, cfg.data.max_prompt_length
@@ -306,3 +312,19 @@ def test_generate_seed_reseeds_the_replies_alone(scit_run, tiny_model_dir, pairs
         for seed in (0, 1)
     }
     assert replies == by_seed[1] != by_seed[0]
+
+
+def test_a_reply_says_whether_a_stop_token_or_max_new_tokens_ended_it(model, tokenizer):
+    """finish_reason, as OpenAI's API and vLLM name it: "stop" at a stop token, "length" when cut first."""
+    from rahf.generate import Reply, replies
+
+    bias = torch.zeros(len(tokenizer))
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + bias)
+    try:
+        bias[tokenizer.eos_token_id] = -1e4  # never stops
+        (cut,) = replies(model, tokenizer, [PROMPT], max_new_tokens=3, progress=False)
+        assert cut.finish_reason == "length" and len(tokenizer(cut.text, add_special_tokens=False)["input_ids"]) == 3
+        bias[tokenizer.eos_token_id] = 1e4  # stops at once
+        assert replies(model, tokenizer, [PROMPT], max_new_tokens=3, progress=False) == [Reply("", "stop")]
+    finally:
+        hook.remove()

@@ -6,6 +6,7 @@ import json
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -128,6 +129,33 @@ def sample_ids(
     return out
 
 
+@dataclass(frozen=True)
+class Reply:
+    text: str  # `reply_text`
+    finish_reason: str  # "stop": it ended at a stop token; "length": max_new_tokens cut it first (as OpenAI's API says)
+
+
+def replies(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[Message]],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    max_prompt_length: int = 512,
+    system: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    streams: Sequence[int] | None = None,
+) -> list[Reply]:
+    """One reply per prompt; `system` prepends an instruction (e.g. for HIR); `streams`: see `sample_ids`."""
+    encoded = [prompt_ids(tokenizer, p, max_prompt_length, system) for p in prompts]
+    ids = sample_ids(model, tokenizer, encoded, max_new_tokens, temperature, top_p, batch_size, seed, progress, streams)
+    stops = reply_stop_ids(model, tokenizer)
+    return [Reply(reply_text(tokenizer, r, stops), "stop" if r and r[-1] in stops else "length") for r in ids]
+
+
 def generate(
     model,
     tokenizer,
@@ -142,13 +170,12 @@ def generate(
     progress: bool = True,
     streams: Sequence[int] | None = None,
 ) -> list[str]:
-    """One response per prompt; `system` prepends an instruction (e.g. for HIR); `streams`: see `sample_ids`."""
-    encoded = [prompt_ids(tokenizer, p, max_prompt_length, system) for p in prompts]
-    replies = sample_ids(
-        model, tokenizer, encoded, max_new_tokens, temperature, top_p, batch_size, seed, progress, streams
-    )
-    stops = reply_stop_ids(model, tokenizer)
-    return [reply_text(tokenizer, r, stops) for r in replies]
+    """The text of each of `replies`."""
+    made = replies(
+        model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size, max_prompt_length, system, seed,
+        progress, streams,
+    )  # fmt: skip
+    return [r.text for r in made]
 
 
 def reply_text(tokenizer, ids: Sequence[int], stops: Sequence[int]) -> str:
@@ -173,7 +200,8 @@ def read_prompts(path: str | Path) -> list[list[Message]]:
     return [list(pair.prompt) for pair in pairs_of(records, path, also=("prompt-only",))[0]]
 
 
-def write_generations(path: Path, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> None:
+def write_generations(path: Path, prompts: Sequence[Sequence[Message]], made: Sequence[Reply]) -> None:
     with path.open("w") as f:
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            f.write(json.dumps({"index": i, "prompt": list(p), "response": r}) + "\n")
+        for i, (p, r) in enumerate(zip(prompts, made)):
+            row = {"index": i, "prompt": list(p), "response": r.text, "finish_reason": r.finish_reason}
+            f.write(json.dumps(row) + "\n")

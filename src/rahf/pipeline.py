@@ -1180,7 +1180,7 @@ def _merge(cfg: RahfConfig, out: Path) -> dict:
 
 
 def _generate(cfg: RahfConfig, out: Path) -> dict:
-    from .generate import generate, read_prompts, write_generations
+    from .generate import read_prompts, replies, write_generations
     from .models import load_tokenizer
     from .training import load_stage_model
 
@@ -1189,9 +1189,9 @@ def _generate(cfg: RahfConfig, out: Path) -> dict:
     prompts = read_prompts(g.prompts)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, cfg.revision_of(model_path))
     model = load_stage_model(model_path, cfg, adapter=adapter)
-    responses = distributed.split(  # each process replies to its share of the prompts (every one, in one process)
+    made = distributed.split(  # each process replies to its share of the prompts (every one, in one process)
         len(prompts),
-        lambda mine: generate(
+        lambda mine: replies(
             model,
             tokenizer,
             [prompts[i] for i in mine],
@@ -1206,8 +1206,15 @@ def _generate(cfg: RahfConfig, out: Path) -> dict:
             streams=mine,
         ),
     )
-    write_generations(out / "generations.jsonl", prompts, responses)
-    return {"n": len(responses), "model": model_path, "adapter": adapter, "settings": dataclasses.asdict(g)}
+    write_generations(out / "generations.jsonl", prompts, made)
+    cut = sum(r.finish_reason == "length" for r in made)
+    if cut and distributed.is_main():
+        print(
+            f"[rahf] generate: {cut} of {len(made)} replies reached generate.max_new_tokens={g.max_new_tokens} before "
+            'a stop token (finish_reason "length" in generations.jsonl)',
+            flush=True,
+        )
+    return {"n": len(made), "cut": cut, "model": model_path, "adapter": adapter, "settings": dataclasses.asdict(g)}
 
 
 def _evaluate(cfg: RahfConfig, out: Path) -> dict:
