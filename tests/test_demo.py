@@ -65,7 +65,7 @@ def test_quick_demo_writes_results_and_report(tmp_path):
     assert report.startswith("# rahf demo\n\n**`--quick` is a smoke test")  # its numbers are not to be compared
     assert (tmp_path / "demo" / "win_rate.png").is_file()
     sweep = (tmp_path / "demo" / "compare.yaml").read_text()
-    assert "noise_seeds: 1" in sweep and "- 0.4" in sweep
+    assert "noise_seeds: 1" in sweep and "- 0.4" in sweep and "&id" not in sweep  # plain YAML to edit by hand
 
 
 def test_only_a_quick_demo_report_says_its_numbers_are_a_smoke_test():

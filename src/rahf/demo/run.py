@@ -196,7 +196,8 @@ def run_demo(out: Path, quick: bool = False, label_noise: float = 0.0, seed: int
     sweep = demo_config(out / "compare", data_dir, scale, 0, 0.0)
     sweep["model"] = str(out / "base")
     sweep["compare"] |= {"seeds": [0, 1, 2], "label_noise": [0.0, 0.2, 0.4], "noise_seeds": 1}
-    (out / "compare.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    plain = json.loads(json.dumps(sweep))  # no list shared between keys: YAML would write it as an anchor (&id001)
+    (out / "compare.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
 
     compared = run_compare(load_config(None, settings))
     (out / "results.json").replace(out / "compare_results.json")  # the demo's own results.json follows
