@@ -416,7 +416,11 @@ def test_a_judge_that_cannot_judge_stops_the_run_before_training(
     }
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cases = [
-        ({"judge_model": str(tiny_model_dir)}, "evaluate.judge_model: ", "is not a reward model"),
+        (
+            {"judge_model": str(tiny_model_dir)},
+            "evaluate.judge_model: ",
+            "is not a reward model (a sequence classifier with one output label; this is a LlamaForCausalLM)",
+        ),
         ({"judge_model": "nobody/no-such-model"}, "evaluate.judge_model: cannot read the config", ""),
         (
             {"judge": "gold", "pairs": str(other)},

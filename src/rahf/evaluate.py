@@ -576,9 +576,10 @@ def check_reward_model(key: str, name: str, revision: str | None, trust_remote_c
     classifier = not architectures or custom or any(a.endswith("ForSequenceClassification") for a in architectures)
     if not classifier or config.num_labels != 1:
         kind = ", ".join(config.architectures or ["no architectures"])
+        this = f"a {kind}" if not classifier else f"{kind} with {config.num_labels} labels"  # a causal LM has no labels
         raise ConfigError(
-            f"{key}: {name} is not a reward model (a sequence classifier with one output label; this is {kind} "
-            f"with {config.num_labels} labels); give one trained with `rahf reward` or TRL's RewardTrainer"
+            f"{key}: {name} is not a reward model (a sequence classifier with one output label; this is {this}); "
+            "give one trained with `rahf reward` or TRL's RewardTrainer"
         )
 
 
