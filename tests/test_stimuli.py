@@ -325,17 +325,25 @@ LLAMA2 = (  # Llama-2-chat: an assistant turn is " reply </s>"
 )
 
 
+TEXT_BEFORE = (  # text between the reply and the token that closes it
+    "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+    "{% else %}### Response:\n{{ m['content'] }}\n\n### End{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+
 @pytest.mark.parametrize(
     ("template", "closing"),
-    [(CHATML, "<|im_end|>"), (LLAMA2, "</s>"), (ALTERNATING, "</s>"), (None, "</s>")],
-    ids=["chatml", "llama2", "nothing-after-the-reply", "no-template"],
+    [(CHATML, "<|im_end|>"), (LLAMA2, "</s>"), (ALTERNATING, "</s>"), (None, "</s>"), (TEXT_BEFORE, "</s>")],
+    ids=["chatml", "llama2", "nothing-after-the-reply", "no-template", "text-before-the-closing"],
 )
 def test_a_reply_ends_with_the_token_the_template_closes_a_turn_with(template, closing):
     from rahf.stimuli import end_of_turn_id, stop_ids
 
     tok = byte_bpe(chat_template=template)
     end = tok.convert_tokens_to_ids(closing)
-    assert end_of_turn_id(tok) == end and response_ids(tok, RESPONSE, 64)[-1] == end
+    reply = response_ids(tok, RESPONSE, 64)
+    assert end_of_turn_id(tok) == end and reply[-1] == end and reply.count(end) == 1
     assert stop_ids(tok) == sorted({tok.eos_token_id, end})
 
 

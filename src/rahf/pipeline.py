@@ -715,12 +715,6 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     check_upstream(cfg, [stage] if stage else active_stages(cfg))
     if note := unused_sft_note(cfg, stages):
         print(f"[rahf] note: {note}", flush=True)
-    if cfg.align.targets == "online" and "align" in stages and "collect" in stages:
-        print(
-            "[rahf] note: align.targets: online computes the targets as align trains and reads no collect cache; "
-            "drop collect from stages to skip writing one",
-            flush=True,
-        )
     if cfg.method in ("dpo", "rlhf-ppo") and cfg.instruct.train and "instruct" in stages:
         reads = "dpo.train" if cfg.method == "dpo" else "the ppo section"
         print(f"[rahf] note: instruct.train is not read by method {cfg.method}, whose step 1 trains with {reads}")
@@ -1028,6 +1022,17 @@ def check_lora(cfg: RahfConfig, stages: list[str]) -> None:
             print(f"[rahf] note: {note}", flush=True)
 
 
+def unread_cache_note(cfg: RahfConfig) -> str | None:
+    """What `rahf run` says when its stages collect a cache that its online alignment never reads (`rahf compare`
+    collects anyway: its selection of layers and alpha reads the cache)."""
+    if cfg.align.targets == "online" and {"collect", "align"} <= set(active_stages(cfg)):
+        return (
+            "align.targets: online computes the targets as align trains and reads no collect cache; drop collect from "
+            "stages to skip writing one"
+        )
+    return None
+
+
 def active_stages(cfg: RahfConfig) -> list[str]:
     """The configured stages the method uses (e.g. DPO has no collect or align)."""
     return [s for s in cfg.stages if s in METHOD_STAGES[cfg.method]]
@@ -1039,6 +1044,8 @@ def run(cfg: RahfConfig, force: bool = False) -> None:
     skipped = [s for s in cfg.stages if s not in METHOD_STAGES[cfg.method]]
     if skipped:
         print(f"[rahf] method {cfg.method} has no {', '.join(skipped)} stage; skipping", flush=True)
+    if note := unread_cache_note(cfg):
+        print(f"[rahf] note: {note}", flush=True)
     with output_lock(cfg.output_dir) if distributed.is_main() else contextlib.nullcontext():  # for the whole run
         for stage in active_stages(cfg):
             run_stage(cfg, stage, force=force, restart=force)
