@@ -156,26 +156,9 @@ def replies(
     return [Reply(reply_text(tokenizer, r, stops), "stop" if r and r[-1] in stops else "length") for r in ids]
 
 
-def generate(
-    model,
-    tokenizer,
-    prompts: Sequence[Sequence[Message]],
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    batch_size: int = 16,
-    max_prompt_length: int = 512,
-    system: str | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    streams: Sequence[int] | None = None,
-) -> list[str]:
-    """The text of each of `replies`."""
-    made = replies(
-        model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size, max_prompt_length, system, seed,
-        progress, streams,
-    )  # fmt: skip
-    return [r.text for r in made]
+def generate(model, tokenizer, prompts: Sequence[Sequence[Message]], *args, **kwargs) -> list[str]:
+    """The text of each of `replies` (the same arguments)."""
+    return [r.text for r in replies(model, tokenizer, prompts, *args, **kwargs)]
 
 
 def reply_text(tokenizer, ids: Sequence[int], stops: Sequence[int]) -> str:
