@@ -213,7 +213,7 @@ def test_report_shows_how_many_llm_judge_replies_had_no_verdict(tmp_path):
         run["methods"]["hir"]["judge_unparsed"] = {"calls": 200, "unparsed": 0}
     results = {"methods": ["hir", "rahf-scit"], "summary": summarize(runs), "paired": paired(runs), "runs": runs}
     report = write_report(results | {"seconds": 1.0}, tmp_path).read_text()
-    assert "counted as ties), unparsed/calls: rahf-scit 7/400, hir 0/400." in report
+    assert "counted as ties), of the requests it answered: rahf-scit 7/400, hir 0/400." in report
     runs = [_run(0, {"hir": (0.4, None)})]  # a gold or reward-model judge: no such line
     results = {"methods": ["hir"], "summary": summarize(runs), "paired": paired(runs), "runs": runs}
     assert "unparsed" not in write_report(results | {"seconds": 1.0}, tmp_path).read_text()

@@ -102,6 +102,11 @@ def test_crossed_mean_interval_by_hand():
     sd = math.sqrt((d - d / 6) ** 2 + 5 * (d / 6) ** 2) / math.sqrt(5)  # of the 6 prompt means
     assert (low, high) == pytest.approx((d / 6 - 2.5706 * sd / math.sqrt(6), d / 6 + 2.5706 * sd / math.sqrt(6)))
     assert low < 0 < high
+    # seed means and prompt means all 0.5 (MS_seed = MS_prompt = 0), the cells not: the residual's floor,
+    # MS_resid = 6 * 0.25 / 4 = 0.375 on 4 df, gives the width a zero-width interval would hide
+    mean, low, high = crossed_mean_interval([[1, 0, 0.5], [0, 0.5, 1], [0.5, 1, 0]])
+    half = 2.7764 * math.sqrt(0.375 / 9)
+    assert (mean, low, high) == pytest.approx((0.5, 0.5 - half, 0.5 + half))
 
 
 @pytest.mark.parametrize("table", [[], [[0.1, 0.2]], [[0.1], [0.2]], [[0.1, 0.2], [0.3]], [[0.1, math.nan]] * 2])
@@ -118,9 +123,12 @@ def test_clustered_wilson_rejects_bad_input(means, sizes):
         clustered_wilson(means, sizes)
 
 
-def test_wilson_interval_rejects_no_trials():
+def test_wilson_interval_rejects_no_trials_and_a_rate_outside_0_1():
     with pytest.raises(ValueError, match="n > 0"):
         wilson_interval(0.5, 0)
+    for rate in (math.nan, -0.1, 1.5):
+        with pytest.raises(ValueError, match="a rate in \\[0, 1\\]"):
+            wilson_interval(rate, 100)
 
 
 def test_t_quantiles_and_mean_interval():
@@ -193,6 +201,8 @@ def test_auc_perfect_inverted_and_all_tied():
 def test_classification_metrics_rejects_bad_input(scores, labels):
     with pytest.raises(ValueError):
         classification_metrics(scores, labels)
+    with pytest.raises(ValueError):  # auc_roc alone too: zip would cut the longer list
+        auc_roc(scores, labels)
 
 
 # ---------------------------------------------------------------- pairwise_accuracy

@@ -280,8 +280,8 @@ class LLMJudge:
 
     The API key is read from the environment variable `api_key_env` at each call and never stored, so it
     cannot leak through repr, pickles or logs; error messages have it replaced by "***". Without the
-    variable no Authorization header is sent (local servers need none). `calls` counts HTTP requests
-    (retries included) and `unparsed` the replies without a verdict token, which count as ties.
+    variable no Authorization header is sent (local servers need none). `calls` counts the requests
+    answered (a retried one once) and `unparsed` the replies without a verdict token, which count as ties.
     """
 
     def __init__(
@@ -334,7 +334,6 @@ class LLMJudge:
         url = f"{self.base_url}/chat/completions"
         shown = redacted(url)  # for messages: credentials in the URL stay out of logs
         for attempt in range(self.max_retries + 1):
-            self.calls += 1
             request = urllib.request.Request(url, data=body, headers=headers, method="POST")
             try:
                 with _OPENER.open(request, timeout=self.timeout) as response:
@@ -359,6 +358,7 @@ class LLMJudge:
                 self.sleep(min(2.0**attempt, 30.0))
         else:
             raise JudgeError(f"LLM judge request failed after {self.max_retries + 1} attempts: {problem}")
+        self.calls += 1  # an answered request: the share of replies without a verdict is of these
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):

@@ -37,6 +37,8 @@ def wilson_interval(rate: float, n: float, z: float = Z_95) -> tuple[float, floa
     """
     if not n > 0:
         raise ValueError(f"wilson_interval needs n > 0; got {n!r}")
+    if not 0.0 <= rate <= 1.0:  # NaN fails this too
+        raise ValueError(f"wilson_interval needs a rate in [0, 1]; got {rate!r}")
     z2 = z * z
     denom = 1 + z2 / n
     centre = (rate + z2 / (2 * n)) / denom
@@ -54,7 +56,10 @@ def clustered_wilson(
     the mean of all verdicts. The Wilson interval is taken at the effective sample size n / deff, where the
     design effect deff is the cluster-robust variance of the rate over the variance of n independent
     proportions. deff is at least 1, so the interval is never narrower than that of independent verdicts
-    (and equals it when every cluster holds one verdict); n_eff lies between the number of clusters and n.
+    (and equals it when every cluster holds one verdict); n_eff lies between the number of clusters and n. Where
+    every verdict is alike (a rate of 0 or 1) the design effect cannot be estimated and n_eff is the number of
+    clusters, the cautious end; one differing verdict lets it be estimated, near 1, so such a record's interval can
+    be narrower than a perfect one's.
     """
     if len(means) != len(sizes):
         raise ValueError(f"means and sizes differ in length: {len(means)} vs {len(sizes)}")
@@ -121,9 +126,11 @@ def crossed_mean_interval(table: Sequence[Sequence[float]]) -> tuple[float, floa
     prompts both random (two-way crossed random effects, one value per cell).
 
     Var(mean) = s2_seed / S + s2_prompt / P + s2_resid / (S P), estimated from the ANOVA mean squares as
-    (MS_seed + MS_prompt - MS_resid) / (S P), never below MS_seed / (S P) or MS_prompt / (S P) (each estimates a
-    part of it), with Satterthwaite's degrees of freedom. A t interval over the S seed means alone ignores that
-    every seed is judged on the same prompts: seeds that happen to agree would give it zero width.
+    (MS_seed + MS_prompt - MS_resid) / (S P), never below MS_seed / (S P), MS_prompt / (S P) or MS_resid / (S P)
+    (each estimates a part of it), with Satterthwaite's degrees of freedom (or those of the term it falls back on).
+    A t interval over the S seed means alone ignores that every seed is judged on the same prompts: seeds that happen
+    to agree would give it zero width; so would seed means and prompt means that happen to agree, without the
+    residual's floor.
     """
     rows = [list(r) for r in table]
     seeds, prompts = len(rows), len(rows[0]) if rows else 0
@@ -141,9 +148,9 @@ def crossed_mean_interval(table: Sequence[Sequence[float]]) -> tuple[float, floa
     )
     df_resid = (seeds - 1) * (prompts - 1)
     ms_resid = resid / df_resid
-    terms = [(ms_seed, seeds - 1), (ms_prompt, prompts - 1)]
+    terms = [(ms_seed, seeds - 1), (ms_prompt, prompts - 1), (ms_resid, df_resid)]
     combined = ms_seed + ms_prompt - ms_resid
-    if combined >= max(ms_seed, ms_prompt):
+    if combined >= max(ms_seed, ms_prompt, ms_resid):
         spread = ms_seed**2 / (seeds - 1) + ms_prompt**2 / (prompts - 1) + ms_resid**2 / df_resid
         df = combined**2 / spread if spread > 0 else float(prompts - 1)
     else:
@@ -189,6 +196,10 @@ def _average_ranks(values: Sequence[float]) -> list[float]:
 
 def auc_roc(scores: Sequence[float], labels: Sequence[int]) -> float:
     """Exact ROC AUC via the Mann-Whitney U statistic: P(positive scores above negative), ties half."""
+    if len(scores) != len(labels):
+        raise ValueError(f"scores and labels differ in length: {len(scores)} vs {len(labels)}")
+    if any(y not in (0, 1) for y in labels):
+        raise ValueError("labels must be 0 (rejected) or 1 (chosen)")
     _check_scores(scores)
     n_pos = sum(1 for y in labels if y == 1)
     n_neg = len(labels) - n_pos
@@ -219,11 +230,7 @@ def classification_metrics(scores: Sequence[float], labels: Sequence[int], thres
     when undefined (no predicted positives, no actual positives, or both zero), as in scikit-learn's
     `zero_division=0`. The AUC is threshold-free.
     """
-    if len(scores) != len(labels):
-        raise ValueError(f"scores and labels differ in length: {len(scores)} vs {len(labels)}")
-    if any(y not in (0, 1) for y in labels):
-        raise ValueError("labels must be 0 (rejected) or 1 (chosen)")
-    auc = auc_roc(scores, labels)
+    auc = auc_roc(scores, labels)  # checks the lengths and the labels
     pred = [s > threshold for s in scores]
     tp = sum(1 for p, y in zip(pred, labels) if p and y == 1)
     fp = sum(1 for p, y in zip(pred, labels) if p and y == 0)

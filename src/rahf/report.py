@@ -102,7 +102,7 @@ def unparsed_lines(runs: list[dict]) -> list[str]:
     if not counts:
         return []
     share = ", ".join(f"{name} {u}/{n}" for name, (u, n) in counts.items())
-    return [f"LLM judge replies without a verdict (counted as ties), unparsed/calls: {share}.", ""]
+    return [f"LLM judge replies without a verdict (counted as ties), of the requests it answered: {share}.", ""]
 
 
 def write_report(results: dict, out: Path) -> Path:
