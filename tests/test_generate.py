@@ -328,3 +328,25 @@ def test_a_reply_says_whether_a_stop_token_or_max_new_tokens_ended_it(model, tok
         assert replies(model, tokenizer, [PROMPT], max_new_tokens=3, progress=False) == [Reply("", "stop")]
     finally:
         hook.remove()
+
+
+def test_a_saved_mixture_of_experts_generates_in_padded_batches(tokenizer, tmp_path):
+    """TRL's SFT turns the router logits on for its auxiliary loss; saved so, a padded batched generate would fail
+    in that loss (it cannot read the padding), after every training stage had run."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from rahf.models import save_model
+
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, num_local_experts=4, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.config.output_router_logits = True  # as SFTTrainer leaves it
+    save_model(model, tokenizer, tmp_path / "moe")
+    saved = load_model(str(tmp_path / "moe"), device="cpu")
+    assert saved.config.output_router_logits is False
+    other = [{"role": "user", "content": "fred asks : what color is the sky and what color is a tomato ?"}]
+    assert len(generate(saved, tokenizer, [PROMPT, other], max_new_tokens=4, batch_size=2, progress=False)) == 2

@@ -116,6 +116,8 @@ def save_model(model, tokenizer, out, dtype: str | None = None) -> None:
     for config in {id(c): c for c in (model.config, model.config.get_text_config(decoder=True))}.values():
         if getattr(config, "use_cache", None) is False:  # trainers turn the KV cache off; inference wants it
             config.use_cache = True
+        if getattr(config, "output_router_logits", None):  # TRL's SFT turns a mixture of experts' router logits on for
+            config.output_router_logits = False  # its loss; a padded batched generate cannot compute that loss
     stops = reply_stop_ids(model, tokenizer)
     generation = getattr(model, "generation_config", None)
     if generation is not None:
