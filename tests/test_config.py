@@ -1105,3 +1105,17 @@ def test_a_router_loss_needs_a_mixture_of_experts_model(base, monkeypatch):
     pipeline.check_router_loss(cfg, ["collect"])  # no stage that reads it
     monkeypatch.setattr("rahf.config.model_config", lambda *args: MixtralConfig())
     pipeline.check_router_loss(cfg, ["instruct"])
+
+
+def test_whole_numbers_reach_float_only_fields_as_floats(base, tmp_path):
+    """1 and 1.0 are one setting (one fingerprint), read as an int; TRL copies `router_aux_loss_coef` into a model's
+    strictly typed config, which refuses the int 0 (`router_aux_loss_coef: 0.0` turns a MoE's auxiliary loss off)."""
+    from trl import SFTConfig
+
+    from rahf.training import training_args
+
+    cfg = load_config(None, base | {"sft": {"train": {"router_aux_loss_coef": 0.0, "num_train_epochs": 2.0}}})
+    assert cfg.sft.train == {"router_aux_loss_coef": 0, "num_train_epochs": 2}  # as fingerprinted
+    args = training_args(SFTConfig, cfg, tmp_path, cfg.sft.train, max_steps=3)
+    assert type(args.router_aux_loss_coef) is float and args.router_aux_loss_coef == 0.0
+    assert type(args.num_train_epochs) is float and type(args.max_steps) is int

@@ -821,6 +821,20 @@ def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]
 STAGE_SCHEDULES = {"align": "constant", "dual": "cosine"}  # the authors' step 3 and Dual's two SFTs
 
 
+def as_fields(cls, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` for building `cls`: a whole number (read as an int, so that 1 and 1.0 are one setting) goes back to a
+    float where the field takes floats only, since TRL copies some into a model's strictly typed config
+    (`router_aux_loss_coef: 0.0`)."""
+    hints = get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        hint = hints.get(key)
+        kinds = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+        if type(value) is int and float in kinds and int not in kinds:
+            out[key] = float(value)
+    return out
+
+
 def _build_arguments(section: str, values: dict[str, Any], cls) -> None:
     """Build `cls` from a checked `train:` mapping as its stage will, so that the library's own rules (step
     combinations, ...) refuse a value now rather than after the earlier stages have trained. The build writes
@@ -832,7 +846,7 @@ def _build_arguments(section: str, values: dict[str, Any], cls) -> None:
         with warnings.catch_warnings(), alone():
             warnings.simplefilter("ignore")
             built = {k: v for k, v in values.items() if k != "ddp_backend"}  # the launch's group's (distributed.setup)
-            args = cls(**{"report_to": "none", "save_strategy": "no"} | built | {"use_cpu": True})
+            args = cls(**as_fields(cls, {"report_to": "none", "save_strategy": "no"} | built | {"use_cpu": True}))
     except (ValueError, TypeError, ImportError, OSError) as e:  # ImportError: deepspeed; OSError: a config file
         problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         named = next((k for k in values if re.search(rf"\b{re.escape(k)}\b", problem)), None)

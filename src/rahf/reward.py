@@ -73,7 +73,7 @@ def train_reward_model(
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from .config import EVAL_DEFAULTS
+    from .config import EVAL_DEFAULTS, as_fields
     from .models import load_tokenizer, torch_dtype
     from .training import checkpoint_dir, one_device, one_process, run_trainer
 
@@ -111,7 +111,7 @@ def train_reward_model(
     if eval_pairs:
         values.update(EVAL_DEFAULTS)
     values.update(train or {})
-    args = one_device(RewardConfig(**one_process(values)))
+    args = one_device(RewardConfig(**one_process(as_fields(RewardConfig, values))))
     trainer = RewardTrainer(
         model=model,
         args=args,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import EVAL_DEFAULTS, LoraSettings, RahfConfig, train_arguments
+from .config import EVAL_DEFAULTS, LoraSettings, RahfConfig, as_fields, train_arguments
 from .data import PreferencePair, load_pairs
 from .distributed import world_size
 from .errors import ConfigError, DataError
@@ -40,7 +40,7 @@ def training_args(cls, cfg: RahfConfig, out: Path, overrides: dict[str, Any], **
         values.update(EVAL_DEFAULTS)
     values.update(defaults)
     values.update(user)
-    return one_device(cls(**one_process(values)))
+    return one_device(cls(**one_process(as_fields(cls, values))))
 
 
 # Where a stage's Trainer checkpoints: `pipeline.run_stage` points it at a folder beside the artifact that outlives
