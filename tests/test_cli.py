@@ -781,3 +781,33 @@ def test_other_os_errors_keep_their_traceback(tmp_path, tiny_model_dir, pairs_fi
     cfg.write_text(yaml.safe_dump(run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit")))
     with pytest.raises(OSError, match="Input/output error"):
         main(["status", str(cfg)])
+
+
+def test_a_reward_backbone_without_a_sequence_classifier_exits_2(tmp_path, vocab, tiny_model_dir, pairs_file, capsys):
+    """transformers has no sequence classifier for Granite (nor OLMoE, Llama 4): `reward` would stop after sft."""
+    from transformers import AutoModelForCausalLM, GraniteConfig
+
+    from rahf.demo.tiny import build_tokenizer
+
+    tok = build_tokenizer(vocab)
+    granite = tmp_path / "granite"
+    config = GraniteConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(granite)
+    tok.save_pretrained(granite)
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(run_settings(granite, pairs_file, out, "scit") | {"stages": ["sft", "reward"]}))
+    capsys.readouterr()  # the save's progress bar
+    assert main(["run", str(cfg)]) == 2
+    assert one_line_error(capsys.readouterr().err) == (
+        f"reward.model: unset, so the reward model starts from the SFT model of {granite}, a granite model, which "
+        "transformers has no sequence classifier for; set reward.model to another backbone (e.g. minilm), or leave "
+        "the reward stage out"
+    )
+    assert nothing_written(out)
+    from rahf import pipeline
+
+    pipeline.check_reward_backbone(load_config(cfg, [f"reward.model={tiny_model_dir}"]), ["reward"])  # a LLaMA: fine

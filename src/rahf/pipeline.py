@@ -711,6 +711,7 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
         check_one_stream(config)
         check_blocks(config, cfg.trust_remote_code)
     check_model_ids(cfg, stages)
+    check_reward_backbone(cfg, stages)
     check_eos_tokens(cfg, stages)
     check_upstream(cfg, [stage] if stage else active_stages(cfg))
     if note := unused_sft_note(cfg, stages):
@@ -812,6 +813,30 @@ def check_model_ids(cfg: RahfConfig, stages: list[str]) -> None:
         value = get_dotted(cfg, key)
         if read and value and Path(value).expanduser().is_dir():
             _check_tokenizer(cfg, key, value)
+
+
+def check_reward_backbone(cfg: RahfConfig, stages: list[str]) -> None:
+    """The reward stage's backbone must be an architecture transformers has a sequence classifier for (Granite, OLMoE,
+    Llama 4 have none), else `reward` stops in AutoModelForSequenceClassification after sft trained."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    from .config import model_config
+    from .reward import MINILM
+
+    if "reward" not in stages or cfg.reward.model == MINILM:
+        return
+    name = cfg.reward.model or cfg.model  # the SFT model keeps `model`'s architecture
+    config = model_config(
+        "reward.model" if cfg.reward.model else "model", name, cfg.revision_of(name), cfg.trust_remote_code
+    )
+    custom = cfg.trust_remote_code and "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
+    if config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES or custom:
+        return
+    what = f"{name}" if cfg.reward.model else f"unset, so the reward model starts from the SFT model of {name}"
+    raise ConfigError(
+        f"reward.model: {what}, a {config.model_type} model, which transformers has no sequence classifier for; set "
+        f"reward.model to another backbone (e.g. {MINILM}), or leave the reward stage out"
+    )
 
 
 def check_eos_tokens(cfg: RahfConfig, stages: list[str]) -> None:
