@@ -347,6 +347,17 @@ def test_a_reply_ends_with_the_token_the_template_closes_a_turn_with(template, c
     assert stop_ids(tok) == sorted({tok.eos_token_id, end})
 
 
+def test_turn_markers_added_as_ordinary_tokens_still_close_a_reply():
+    """Some ChatML tokenizers add `<|im_start|>`/`<|im_end|>` with `add_tokens`, not as special tokens."""
+    from rahf.stimuli import end_of_turn_id, stop_ids
+
+    tok = byte_bpe(chat_template=CHATML.replace("<|im_", "<|turn_"))
+    tok.add_tokens(["<|turn_start|>", "<|turn_end|>"])  # ordinary added tokens
+    end = tok.convert_tokens_to_ids("<|turn_end|>")
+    assert end not in tok.all_special_ids and end_of_turn_id(tok) == end and end in stop_ids(tok)
+    assert response_ids(tok, RESPONSE, 64) == ids_of(tok, RESPONSE) + [end]  # no EOS after it
+
+
 @pytest.mark.parametrize(
     ("template", "closing"),
     [(CHATML, "<|im_end|>"), (LLAMA2, "</s>"), (ALTERNATING, "</s>"), (None, "</s>")],

@@ -274,8 +274,8 @@ def end_of_turn_id(tokenizer) -> int:
 
 def _closing(tokenizer) -> tuple[int, int | None]:
     """(`end_of_turn_id`, how many ids the chat template writes after it: ChatML's "\n" after `<|im_end|>`), or
-    (EOS, None) where the template closes a reply with no special token (or there is no template). It is the first
-    special token after the reply: what a template writes before it ("\n\n### End</s>") belongs to the reply."""
+    (EOS, None) where the template closes a reply with no special or added token (or there is no template). It is the
+    first such token after the reply: what a template writes before it ("\n\n### End</s>") belongs to the reply."""
     eos, template = tokenizer.eos_token_id, chat_template(tokenizer)
     if not template:
         return eos, None
@@ -291,8 +291,8 @@ def _rendered_closing(tokenizer) -> tuple[int, int | None]:
         return eos, None
     after = text.split(_MARK, 1)[1] if _MARK in text else ""
     ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    # a special token, or any the tokenizer added (ChatML's turn markers, added to some as ordinary tokens)
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
     first = next((k for k, i in enumerate(ids) if i in special), None)
     return (eos, None) if first is None else (ids[first], len(ids) - first - 1)
 
