@@ -821,6 +821,19 @@ def test_trl_settings_that_do_apply_are_accepted(base):
     load_config(None, with_(base, method="dpo", dpo__train={"f_divergence_type": "js_divergence"}))
     full = with_(base, method="dpo", dpo__train={"sync_ref_model": True})
     load_config(None, full | {"dpo": full["dpo"] | {"finetune": "full"}})
+    # the loss named by dpo.loss_type (dpo.train.loss_type overrides it) is the one the checks read
+    robust = with_(base, method="dpo", dpo__train={"label_smoothing": 0.1})
+    load_config(None, robust | {"dpo": robust["dpo"] | {"loss_type": "robust"}})
+    exo = with_(base, method="dpo", dpo__train={"label_smoothing": 0.001})
+    load_config(None, exo | {"dpo": exo["dpo"] | {"loss_type": "exo_pair"}})
+    for loss, train, start in (
+        ("exo_pair", {}, "dpo.train.label_smoothing: the exo_pair loss needs it"),
+        ("aot", {"use_weighting": True}, "dpo.train.use_weighting: TRL does not weight"),
+        ("bco_pair", {"f_divergence_type": "js_divergence"}, "dpo.train.f_divergence_type: js_divergence applies"),
+    ):
+        named = with_(base, method="dpo", dpo__train=train)
+        msg = error_of(None, named | {"dpo": named["dpo"] | {"loss_type": loss}})
+        assert msg.startswith(start), msg
 
 
 @pytest.mark.parametrize(

@@ -1103,7 +1103,7 @@ def _refuse_trl_settings(cfg: RahfConfig, section: str, values: dict[str, Any]) 
                 f"to {rows} or lower those",
             )
     if section == "dpo":
-        losses = values.get("loss_type") or ["sigmoid"]
+        losses = values.get("loss_type") or cfg.dpo.loss_type  # dpo.train.loss_type overrides dpo.loss_type
         losses = [losses] if isinstance(losses, str) else list(losses)
         smoothing = values.get("label_smoothing") or 0.0
         if values.get("sync_ref_model") and cfg.dpo.finetune == "lora":
