@@ -897,7 +897,10 @@ def test_train_values_a_stage_would_ignore_or_crash_on_are_refused(base, section
 def test_pure_dtype_needs_a_16_bit_dtype_and_only_then_enters_fingerprints(base):
     from rahf.pipeline import stage_fingerprint
 
-    assert error_of(None, with_(base, pure_dtype=True)).startswith("pure_dtype: applies to a 16-bit dtype only")
+    assert (
+        error_of(None, with_(base, pure_dtype=True))
+        == "pure_dtype: applies to bfloat16 weights only; set dtype: bfloat16 or drop it"
+    )
     # AdamW's second moment underflows in float16 (to 0 below |g| ~ 3e-3), so a later step divides by eps alone
     fp16 = error_of(None, with_(base, pure_dtype=True, dtype="float16"))
     assert fp16.startswith("pure_dtype: float16 weights trained by AdamW jump") and "use dtype: bfloat16" in fp16

@@ -1305,7 +1305,7 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
             "narrow the interval; set samples: 1 or a temperature above 0"
         )
     if cfg.pure_dtype and cfg.dtype == "float32":
-        raise ConfigError("pure_dtype: applies to a 16-bit dtype only; set dtype: bfloat16 (or float16) or drop it")
+        raise ConfigError("pure_dtype: applies to bfloat16 weights only; set dtype: bfloat16 or drop it")
     if cfg.pure_dtype and cfg.dtype == "float16":  # AdamW keeps its second moment in the weights' dtype
         raise ConfigError(
             "pure_dtype: float16 weights trained by AdamW jump (its second moment underflows to 0 in float16 and "
