@@ -1077,6 +1077,8 @@ def _refuse_trl_settings(cfg: RahfConfig, section: str, values: dict[str, Any]) 
 
     if values.get("model_init_kwargs"):
         refuse("model_init_kwargs", "rahf loads the model itself, so TRL would drop these; set the top-level dtype")
+    if "trust_remote_code" in values:  # TRL reads it only when it loads a model by name, which rahf never asks of it
+        refuse("trust_remote_code", "rahf loads every model itself, so TRL would drop it; set the top-level key")
     if values.get("activation_offloading") and not torch.cuda.is_available():
         refuse("activation_offloading", "it offloads CUDA activations and no CUDA GPU is visible; drop it")
     if section == "reward" and values.get("eos_token") is not None:
