@@ -515,10 +515,14 @@ def test_evaluate_policy_scores_its_win_rate_replies_at_their_temperature(
         ev, "generate", lambda *a, **k: drawn_at.append(a[4] if len(a) > 4 else k["temperature"]) or generate(*a, **k)
     )
     rewards = LengthJudge()
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (tmp_path / "gen.jsonl").symlink_to(victim)  # replaced as a whole (atomically), never written through
     out = ev.evaluate_policy(
         load_config(None, settings), model, tokenizer, pairs[:3], GoldJudge(), reward_judge=rewards,
         generations=tmp_path / "gen.jsonl",
     )  # fmt: skip
+    assert victim.read_text() == "keep me\n" and not (tmp_path / "gen.jsonl").is_symlink()
     assert drawn_at == [1.0, 0.0, 0.5]  # the sweep draws again at 0 and 0.5 only
     rows = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
     replies = [r["response"] for r in rows]

@@ -1300,6 +1300,45 @@ def test_model_folders_without_config_or_tokenizer_and_output_inside_the_model_a
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_saved_as_pickles_are_refused_up_front_and_never_read(tiny_model_dir, pairs_file, tmp_path):
+    """A pickle can run code when it is read: a model or adapter folder whose weights are only pytorch_model.bin or
+    adapter_model.bin is refused before anything runs, and loading one never calls torch.load."""
+    import torch
+    from conftest import run_settings
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from rahf.errors import LoadError
+    from rahf.models import load_model
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    cfg = load_config(None, run_settings(pickled, pairs_file, tmp_path / "out", "scit"))
+    with pytest.raises(RahfError, match=r"^model: .*pickled holds its weights as pickles \(pytorch_model.bin\)"):
+        pipeline.preflight(cfg)
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / f, adapter)
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit", generate__model=str(adapter))
+    with pytest.raises(RahfError, match=r"^generate.model: .*adapter holds its weights as pickles \(adapter_model"):
+        pipeline.preflight(load_config(None, settings))
+    assert not (tmp_path / "out").exists()
+    read = []
+    real = torch.load
+    try:
+        torch.load = lambda *a, **k: read.append(a) or real(*a, **k)
+        with pytest.raises(LoadError, match="no file named model.safetensors"):
+            load_model(str(pickled))  # a library call that skipped the check
+    finally:
+        torch.load = real
+    assert read == []
+
+
 def test_a_model_that_cannot_be_read_stops_the_run_before_anything_is_written(pairs_file, tmp_path, tiny_model_dir):
     """A Hub id that is neither reachable nor cached (offline here), with no layers to check at load time; a stage
     that does not read `model` (generate with its own model, a reward model on another backbone) still runs."""
@@ -1488,6 +1527,20 @@ def test_an_output_folder_that_cannot_be_made_is_a_user_error(tmp_path):
     message = r"^output_dir: cannot write to .*file/run \(Not a directory\); choose another output_dir"
     with pytest.raises(RahfError, match=message), output_lock(tmp_path / "file" / "run"):  # the run's lock comes first
         pass
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_left_alone(tmp_path):
+    """Opened for writing, a `.rahf.lock` that links elsewhere would truncate the file it points at."""
+    from rahf.artifacts import output_lock
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".rahf.lock").symlink_to(victim)
+    message = r"^output_dir: .*run/.rahf.lock is a symbolic link, not rahf's lock file"
+    with pytest.raises(RahfError, match=message), output_lock(tmp_path / "run"):
+        pass
+    assert victim.read_text() == "keep me\n"
 
 
 def test_a_lock_held_for_an_instant_does_not_turn_a_run_away(tmp_path, monkeypatch):

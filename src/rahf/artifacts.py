@@ -442,9 +442,13 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
         except ImportError:
             yield
             return
+        lock = folder / ".rahf.lock"
+        if lock.is_symlink():  # opened for writing, it would truncate whatever file the link points at
+            raise RahfError(f"output_dir: {lock} is a symbolic link, not rahf's lock file; remove it")
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            handle = (folder / ".rahf.lock").open("a+")
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)  # a link planted after the check fails too
+            handle = os.fdopen(os.open(lock, flags, 0o644), "a+")
         except OSError as e:  # a read-only or virtual file system (/proc), a file where the folder should be
             raise RahfError(f"output_dir: cannot write to {folder} ({e.strerror}); choose another output_dir") from None
         try:

@@ -474,6 +474,8 @@ def evaluate_policy(
     import json
     from pathlib import Path
 
+    from .artifacts import write_text_atomic
+
     def step(what: str) -> None:
         if progress and distributed.is_main():
             print(f"[rahf] evaluate: {what}", flush=True)
@@ -507,7 +509,7 @@ def evaluate_policy(
             | ({} if scores is None else {"judge_score": scores[i]})
             for i, (p, r, v) in enumerate(zip(prompts, replies, wins["verdicts"]))
         ]  # the layout of `rahf generate`'s file, so `rahf export --sample K` reads it; with each reply's verdict
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
     if reward_judge is not None and e.temperatures:
         step(f"reward-model score at temperatures {', '.join(f'{t:g}' for t in e.temperatures)}")
         out["reward_by_temperature"] = reward_by_temperature(

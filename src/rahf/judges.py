@@ -164,8 +164,8 @@ class RewardModelJudge:
         from .models import default_device, load_tokenizer
 
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, revision=revision)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, revision=revision, trust_remote_code=trust_remote_code
+        model = AutoModelForSequenceClassification.from_pretrained(  # safetensors only, never a pickle
+            path, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True
         )
         return cls(model.to(default_device()), tokenizer, **kwargs)
 

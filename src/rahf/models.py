@@ -78,8 +78,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     with _loading("model", path):
-        model = AutoModelForCausalLM.from_pretrained(
-            path, revision=revision, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        model = AutoModelForCausalLM.from_pretrained(  # safetensors only: a pickle (.bin) can run code when read
+            path, revision=revision, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
         )
     model.to(device or default_device())
     model.eval()

@@ -905,20 +905,26 @@ def check_model_folders(cfg: RahfConfig) -> None:
             _check_weights(key, value, folder)
 
 
-_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
+_PICKLED = ("pytorch_model*.bin", "adapter_model.bin")  # weights as pickles, which rahf does not read
 
 
 def _check_weights(key: str, value: str, folder: Path) -> None:
-    """A model folder must hold weights, and each safetensors file a header that covers the whole file (one cut
-    short by a full disk or an interrupted copy fails here, not in the middle of a run)."""
+    """A model folder must hold safetensors weights (a pickle can run code when it is read, so rahf reads none), each
+    with a header that covers the whole file (one cut short by a full disk or an interrupted copy fails here, not in
+    the middle of a run)."""
     from safetensors import SafetensorError, safe_open
 
-    files = sorted({f for pattern in _WEIGHTS for f in folder.glob(pattern)})
+    files = sorted(folder.glob("*.safetensors"))
     if not files:
+        pickled = sorted(f.name for pattern in _PICKLED for f in folder.glob(pattern))
+        if pickled:
+            raise ConfigError(
+                f"{key}: {value} holds its weights as pickles ({pickled[0]}), which rahf does not load (a pickle can "
+                "run code when it is read); if you trust them, save the model once with save_pretrained, which "
+                "writes safetensors"
+            )
         raise ConfigError(f"{key}: {value} holds no weights (model.safetensors, ...); save the model there again")
     for f in files:
-        if f.suffix != ".safetensors":
-            continue
         try:
             with safe_open(str(f), framework="pt"):
                 pass

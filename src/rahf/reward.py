@@ -84,7 +84,12 @@ def train_reward_model(
     set_seed(seed)  # the new score head starts from a seeded random init
     tokenizer = load_tokenizer(backbone, trust_remote_code=trust_remote_code, revision=revision)
     model = AutoModelForSequenceClassification.from_pretrained(
-        backbone, num_labels=1, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype(train_dtype)
+        backbone,
+        num_labels=1,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        dtype=torch_dtype(train_dtype),
+        use_safetensors=True,  # never a pickle
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders find each text's last token by it
     judge = RewardModelJudge(model, tokenizer, max_length=max_length)

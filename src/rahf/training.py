@@ -70,8 +70,8 @@ _RESUME_STATE = ("optimizer.pt", "scheduler.pt")
 # rahf's own PPO loop writes its checkpoints (`baselines.ppo.save_checkpoint`) under a temporary name, renamed when
 # complete; this file holds its step and log
 PPO_STATE = "ppo_state.json"
-_WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHTS = ("model.safetensors", "adapter_model.safetensors")  # the Trainer saves safetensors; rahf reads no pickle
+_WEIGHT_INDEXES = ("model.safetensors.index.json",)
 
 
 def complete(checkpoint: Path) -> bool:
