@@ -1613,3 +1613,81 @@ def test_a_fresh_artifact_made_with_other_library_versions_is_kept_and_says_so(
     )
     [line] = pipeline.describe(cfg).splitlines()
     assert "fresh" in line and line.endswith(f"(made with {changed})")
+
+
+def test_a_config_changed_after_loading_is_checked_again_before_a_run_writes_anything(
+    tiny_model_dir, pairs_file, tmp_path
+):
+    """A sweep changes a loaded config (`cfg.alpha = a`) or builds one by hand: `run` and `run_stage` refuse what
+    `load_config` refuses, before anything is written (a NaN alpha trained a NaN model recorded as fresh)."""
+    import math
+
+    from rahf import run
+
+    out = tmp_path / "out"
+    for key, value, message in (
+        ("alpha", math.nan, r"^alpha: must be a finite number, got nan"),
+        ("window", 100, r"^window: 100 exceeds data.max_response_length=24"),
+        ("layers", [9], r"^layers: \[9\] out of range"),
+        ("stages", [], r"^stages: empty, so there is nothing to run"),
+    ):
+        cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+        setattr(cfg, key, value)
+        with pytest.raises(ConfigError, match=message):
+            run(cfg)
+        if key != "stages":
+            with pytest.raises(ConfigError, match=message):
+                pipeline.run_stage(cfg, "collect")
+        assert not out.exists()
+
+
+def test_each_library_call_looks_up_hub_commits_afresh_and_keeps_one_within(monkeypatch):
+    """A long-lived process (a notebook, a sweep) sees a new upload of a Hub model as a new process would, while the
+    stages of one call (a run's run_stage calls nested in it) all see the same commit."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from rahf.artifacts import hub_commit
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the commit the local cache's refs/main names
+    now = {"commit": "1" * 40}
+
+    def cached(repo_id, filename, revision=None):
+        return f"/cache/models--{repo_id.replace('/', '--')}/snapshots/{now['commit']}/{filename}"
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cached)
+    seen = []
+    with pipeline.one_call():
+        seen.append(hub_commit("org/tiny"))
+        now["commit"] = "2" * 40  # a new version arrives in the cache
+        with pipeline.one_call():
+            seen.append(hub_commit("org/tiny"))
+    with pipeline.one_call():
+        seen.append(hub_commit("org/tiny"))
+    assert seen == ["1" * 40, "1" * 40, "2" * 40]
+
+
+def test_a_library_call_keeps_the_launchers_mixed_precision_out_and_gives_it_back(monkeypatch, capsys):
+    """As `rahf` does: the stages train in `dtype`, with a note; the caller's environment is as it was afterwards."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pipeline.one_call():
+        assert "ACCELERATE_MIXED_PRECISION" not in os.environ
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert "the launcher's ACCELERATE_MIXED_PRECISION=bf16 is not used" in capsys.readouterr().out
+
+
+def test_what_one_stage_sets_for_the_process_ends_with_it(tiny_model_dir, pairs_file, tmp_path):
+    """`train.full_determinism` and `train.log_level` set process-wide state through the Trainer; it reaches neither
+    the next stage nor the program running rahf."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    settings = run_settings(
+        tiny_model_dir, pairs_file, tmp_path / "out", "scit",
+        instruct__train={"max_steps": 1, "full_determinism": True, "log_level": "critical", "disable_tqdm": True},
+    )  # fmt: skip
+    assert not torch.are_deterministic_algorithms_enabled()
+    pipeline.run_stage(load_config(None, settings), "instruct")
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and "CUDA_LAUNCH_BLOCKING" not in os.environ
+    assert hf_logging.get_verbosity() == verbosity

@@ -73,15 +73,7 @@ def _cmd_run(args) -> None:
 
     cfg = _load(args)
     _join_processes(cfg)
-    _some_stages(cfg)
-    pipeline.run(cfg, force=args.force)
-
-
-def _some_stages(cfg) -> None:
-    from .config import STAGES
-
-    if not cfg.stages:
-        raise ConfigError(f"stages: empty, so there is nothing to run; list at least one of {', '.join(STAGES)}")
+    pipeline.run(cfg, force=args.force)  # refuses empty stages
 
 
 def _join_processes(cfg) -> None:
@@ -98,7 +90,7 @@ def _cmd_status(args) -> None:
     from . import pipeline
 
     cfg = _load(args)
-    _some_stages(cfg)
+    pipeline.check_some_stages(cfg)
     print(pipeline.describe(cfg))
 
 

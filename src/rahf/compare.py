@@ -240,7 +240,8 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
         scfg = variant(
             base, method="sft", output_dir=str(root), stages=stages, data__label_noise=0.0 if cfg.sft.path else level
         )
-        pipeline.run(scfg)
+        if stages:  # else every method starts from `model`
+            pipeline.run(scfg)
         return pipeline.base_model_path(scfg)
 
     sft_path = sft_model(noise)
@@ -505,9 +506,14 @@ def _prompt_differences(a: dict, b: dict) -> list[float] | None:
 
 def run_compare(cfg: RahfConfig) -> dict:
     """Run every (noise, seed) and write results.json, report.md and the plots into `cfg.output_dir`."""
-    check_compare(cfg)
-    with output_lock(cfg.output_dir):
-        return _run_compare(cfg)
+    from .config import check_again
+    from .pipeline import one_call
+
+    with one_call():  # one Hub commit for every run in it
+        check_again(cfg)
+        check_compare(cfg)
+        with output_lock(cfg.output_dir):
+            return _run_compare(cfg)
 
 
 def _run_compare(cfg: RahfConfig) -> dict:

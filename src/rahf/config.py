@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
@@ -1194,6 +1195,19 @@ def validate(
         except ConfigError as e:
             raise ConfigError(f"compare.overrides.{method}: {e}") from None
         cfg.compare.overrides[method] = _as_checked(mapping, tuned)
+    cfg._checked = _checked_state(cfg, stage)
+
+
+def _checked_state(cfg: RahfConfig, stage: str | None) -> str:
+    """What `validate` passed: every value of the config, and the stage it was asked about if `stages` omits it."""
+    return json.dumps([None if stage in cfg.stages else stage, cfg.to_dict()], sort_keys=True, default=repr)
+
+
+def check_again(cfg: RahfConfig, stage: str | None = None) -> None:
+    """`validate` again unless `cfg` is as it last passed: a program may change a loaded config (`cfg.alpha = a` in a
+    sweep) or build one by hand before it runs it."""
+    if getattr(cfg, "_checked", None) != _checked_state(cfg, stage):
+        validate(cfg, stage)
 
 
 def _as_checked(mapping: dict, node: Any) -> dict:

@@ -11,7 +11,7 @@ training group's timeout (`ddp_timeout`, 30 minutes by default). Hand-written be
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -94,6 +94,17 @@ def drop_launcher_settings() -> list[str]:
         if value is not None and value.lower() != "no":
             notes.append(f"the launcher's {name}={value} is not used; {what}")
     return notes
+
+
+@contextmanager
+def without_launcher_settings() -> Iterator[list[str]]:
+    """`drop_launcher_settings` for the span of one library call (yields its notes): the caller's environment gets
+    the settings back when it ends."""
+    kept = {name: os.environ[name] for name in LAUNCHER_SETTINGS if name in os.environ}
+    try:
+        yield drop_launcher_settings()
+    finally:
+        os.environ.update(kept)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,7 +39,16 @@ from .artifacts import (
     write_text_atomic,
 )
 from .collect import collected_shards
-from .config import METHOD_STAGES, RahfConfig, check_data_path, flatten, model_num_layers, resolved_layers
+from .config import (
+    METHOD_STAGES,
+    STAGES,
+    RahfConfig,
+    check_again,
+    check_data_path,
+    flatten,
+    model_num_layers,
+    resolved_layers,
+)
 from .errors import ConfigError, LoadError, RahfError, UpstreamError
 from .stimuli import Instruction, tally
 
@@ -467,6 +477,40 @@ def target_reader(cfg: RahfConfig, layers: list[int], pad_id: int, policy=None):
     return TargetReader(cfg, layers, pad_id, plus, load_stage_model(step1_path(cfg), cfg, adapter="dispreferred"))
 
 
+_DEPTH = [0]  # library calls (`one_call`) under way in this process, nested ones included
+
+
+@contextlib.contextmanager
+def one_call() -> Iterator[None]:
+    """The span of one library call (`run`, `run_stage`, `rahf.compare.run_compare`), the calls it makes included.
+
+    Hub commits and hf:// files are looked up afresh when it starts, so a long-lived process (a notebook, a sweep)
+    sees a new upload as a new process would, while every stage within the call sees the same one. The launcher's
+    mixed precision and compile backend stay out of the stages, as `rahf` keeps them out (with a note), and go back
+    to the caller's environment when it ends.
+    """
+    from .artifacts import hub_commit
+    from .hubfiles import download
+
+    if _DEPTH[0]:
+        _DEPTH[0] += 1
+        try:
+            yield
+        finally:
+            _DEPTH[0] -= 1
+        return
+    hub_commit.cache_clear()
+    download.cache_clear()
+    _DEPTH[0] = 1
+    try:
+        with distributed.without_launcher_settings() as notes:
+            for note in notes if distributed.is_main() else []:
+                print(f"[rahf] note: {note}", flush=True)
+            yield
+    finally:
+        _DEPTH[0] = 0
+
+
 def run_stage(cfg: RahfConfig, stage: str, force: bool = False, restart: bool = False) -> Path:
     """Run one stage unless its artifact is fresh (or `force`); returns the artifact folder.
 
@@ -478,10 +522,15 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False, restart: bool = 
     Launched as several processes, process 0 decides and writes the artifact; the others join the stages that split
     their work (`PARALLEL_STAGES`), writing only into a scratch folder, and wait for it through the others.
     """
-    if distributed.world_size() > 1 and stage not in PARALLEL_STAGES:
-        distributed.on_main(lambda: _run_stage(cfg, stage, force, restart, together=False))
-        return stage_dir(cfg, stage)
-    return _run_stage(cfg, stage, force, restart, together=distributed.world_size() > 1)
+    from .training import process_settings_kept
+
+    with one_call():
+        check_again(cfg, stage)
+        with process_settings_kept():
+            if distributed.world_size() > 1 and stage not in PARALLEL_STAGES:
+                distributed.on_main(lambda: _run_stage(cfg, stage, force, restart, together=False))
+                return stage_dir(cfg, stage)
+            return _run_stage(cfg, stage, force, restart, together=distributed.world_size() > 1)
 
 
 def _run_stage(cfg: RahfConfig, stage: str, force: bool, restart: bool, together: bool) -> Path:
@@ -683,6 +732,7 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     from .generate import read_prompts
     from .training import load_data, split_pairs
 
+    check_again(cfg, stage)  # a program may have changed the config since it was loaded
     check_model_folders(cfg)
     stages = [*active_stages(cfg), *([stage] if stage else [])]
     check_data_path(cfg, stages)  # for a stage command not in `stages` too
@@ -1069,17 +1119,25 @@ def active_stages(cfg: RahfConfig) -> list[str]:
     return [s for s in cfg.stages if s in METHOD_STAGES[cfg.method]]
 
 
+def check_some_stages(cfg: RahfConfig) -> None:
+    """A run with no stages would do nothing, silently."""
+    if not cfg.stages:
+        raise ConfigError(f"stages: empty, so there is nothing to run; list at least one of {', '.join(STAGES)}")
+
+
 def run(cfg: RahfConfig, force: bool = False) -> None:
     """All configured stages the method uses, in order (after `preflight`)."""
-    preflight(cfg)
-    skipped = [s for s in cfg.stages if s not in METHOD_STAGES[cfg.method]]
-    if skipped:
-        print(f"[rahf] method {cfg.method} has no {', '.join(skipped)} stage; skipping", flush=True)
-    if note := unread_cache_note(cfg):
-        print(f"[rahf] note: {note}", flush=True)
-    with output_lock(cfg.output_dir) if distributed.is_main() else contextlib.nullcontext():  # for the whole run
-        for stage in active_stages(cfg):
-            run_stage(cfg, stage, force=force, restart=force)
+    with one_call():
+        check_some_stages(cfg)
+        preflight(cfg)
+        skipped = [s for s in cfg.stages if s not in METHOD_STAGES[cfg.method]]
+        if skipped:
+            print(f"[rahf] method {cfg.method} has no {', '.join(skipped)} stage; skipping", flush=True)
+        if note := unread_cache_note(cfg):
+            print(f"[rahf] note: {note}", flush=True)
+        with output_lock(cfg.output_dir) if distributed.is_main() else contextlib.nullcontext():  # the whole run
+            for stage in active_stages(cfg):
+                run_stage(cfg, stage, force=force, restart=force)
 
 
 def _sft(cfg: RahfConfig, out: Path) -> dict:

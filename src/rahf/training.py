@@ -6,6 +6,8 @@ import dataclasses
 import json
 import random
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,42 @@ def checkpoint_step(checkpoint: Path) -> tuple[int, int] | None:
         return int(state["global_step"]), int(state["max_steps"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+# what transformers' enable_full_determinism (a stage's `train.full_determinism`) sets in the environment
+_DETERMINISM_ENV = (
+    "CUDA_LAUNCH_BLOCKING",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "ASCEND_LAUNCH_BLOCKING",
+    "HCCL_DETERMINISTIC",
+    "FLASH_ATTENTION_DETERMINISTIC",
+)
+
+
+@contextmanager
+def process_settings_kept() -> Iterator[None]:
+    """Put back, when a stage ends, what its Trainer set for the whole process: `full_determinism`'s deterministic
+    algorithms, cuDNN flags and environment variables, and `log_level`'s transformers verbosity. One stage's `train`
+    mapping then reaches neither the next stage nor the program that runs rahf as a library."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    env = {name: os.environ.get(name) for name in _DETERMINISM_ENV}
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    verbosity = hf_logging.get_verbosity()
+    try:
+        yield
+    finally:
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+        hf_logging.set_verbosity(verbosity)
 
 
 def run_trainer(trainer, stage: str) -> dict[str, float]:
