@@ -189,10 +189,10 @@ def test_missing_local_model_exits_2_before_writing(tmp_path, pairs_file, capsys
 
 
 def test_tokenizer_is_accepted_by_the_sft_command_only(tmp_path, tiny_model_dir, pairs_file, capsys, monkeypatch):
-    from rahf import pipeline
+    from rahf import pipeline, preflight
 
     ran = []
-    monkeypatch.setattr(pipeline, "preflight", lambda cfg, stage=None: None)
+    monkeypatch.setattr(preflight, "preflight", lambda cfg, stage=None: None)
     monkeypatch.setattr(pipeline, "run_stage", lambda cfg, stage, force: ran.append((stage, cfg.tokenizer)))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
@@ -271,7 +271,7 @@ def test_a_prompt_budget_that_leaves_no_room_for_the_query_stops_run_before_any_
 
 def test_instruction_room_is_not_checked_for_methods_without_instructions(tmp_path, tiny_model_dir, pairs_file):
     from rahf.config import load_config
-    from rahf.pipeline import preflight
+    from rahf.preflight import preflight
 
     settings = {"model": str(tiny_model_dir), "data": {"path": str(pairs_file), "max_prompt_length": 12}}
     preflight(load_config(None, settings | {"method": "dual"}))  # Dual's prompts carry no instruction
@@ -602,9 +602,9 @@ def test_lora_on_a_hybrid_model_names_its_layers_or_notes_the_blocks_left_out(tm
     assert nothing_written(out)
 
     cfg.write_text(yaml.safe_dump(settings | {"layers": [4], "stages": ["align"]}))
-    from rahf import pipeline
+    from rahf import preflight
 
-    pipeline.check_lora(load_config(cfg), ["align"])
+    preflight.check_lora(load_config(cfg), ["align"])
     printed = capsys.readouterr().out
     assert "align.lora adapts 1 of 4 blocks (q_proj, v_proj): block(s) 0, 1, 2 have none of these modules" in printed
     cfg.write_text(
@@ -613,7 +613,7 @@ def test_lora_on_a_hybrid_model_names_its_layers_or_notes_the_blocks_left_out(tm
             | {"layers": [4], "align": settings["align"] | {"lora": {"target_modules": ["q_proj", "in_proj_qkv"]}}}
         )
     )
-    pipeline.check_lora(load_config(cfg), ["align"])
+    preflight.check_lora(load_config(cfg), ["align"])
     assert capsys.readouterr().out == ""
 
 
@@ -808,6 +808,6 @@ def test_a_reward_backbone_without_a_sequence_classifier_exits_2(tmp_path, vocab
         "the reward stage out"
     )
     assert nothing_written(out)
-    from rahf import pipeline
+    from rahf import preflight
 
-    pipeline.check_reward_backbone(load_config(cfg, [f"reward.model={tiny_model_dir}"]), ["reward"])  # a LLaMA: fine
+    preflight.check_reward_backbone(load_config(cfg, [f"reward.model={tiny_model_dir}"]), ["reward"])  # a LLaMA: fine

@@ -1115,14 +1115,14 @@ def test_a_router_loss_needs_a_mixture_of_experts_model(base, monkeypatch):
     """TRL refuses `router_aux_loss_coef` for a dense model only when its trainer is built; rahf says so before."""
     from transformers import MixtralConfig
 
-    from rahf import pipeline
+    from rahf import preflight
 
     cfg = load_config(None, with_(base, method="dpo", dpo__train={"router_aux_loss_coef": 0.01}))
     with pytest.raises(ConfigError, match=r"^dpo\.train\.router_aux_loss_coef: LlamaConfig is no mixture-of-experts"):
-        pipeline.check_router_loss(cfg, ["instruct"])
-    pipeline.check_router_loss(cfg, ["collect"])  # no stage that reads it
+        preflight.check_router_loss(cfg, ["instruct"])
+    preflight.check_router_loss(cfg, ["collect"])  # no stage that reads it
     monkeypatch.setattr("rahf.config.model_config", lambda *args: MixtralConfig())
-    pipeline.check_router_loss(cfg, ["instruct"])
+    preflight.check_router_loss(cfg, ["instruct"])
 
 
 def test_whole_numbers_reach_float_only_fields_as_floats(base, tmp_path):

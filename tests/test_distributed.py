@@ -197,18 +197,18 @@ def test_a_bad_config_is_told_once_by_process_zero(config_files, tmp_path):
 
 
 def test_ppo_training_is_refused_under_several_processes(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
-    from rahf import pipeline
+    from rahf import preflight
     from rahf.config import load_config
     from rahf.errors import ConfigError
 
     cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "rlhf-ppo"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="method rlhf-ppo: its PPO training runs in one process"):
-        pipeline.preflight(cfg)
+        preflight.preflight(cfg)
     with pytest.raises(ConfigError, match="method rlhf-ppo: its PPO training runs in one process"):
-        pipeline.preflight(cfg, "instruct")
+        preflight.preflight(cfg, "instruct")
     # the stages that do not train the policy may be launched (a fresh instruct is not trained again either)
-    assert not pipeline._will_train_ppo(cfg, "reward") and not pipeline._will_train_ppo(cfg, "generate")
+    assert not preflight._will_train_ppo(cfg, "reward") and not preflight._will_train_ppo(cfg, "generate")
 
 
 FAILING = """import os, sys

@@ -260,14 +260,14 @@ def test_scit_logs_its_loss_split_into_nll_and_contrast(scit_run):
 def test_a_new_eos_token_is_refused_before_anything_trains(tiny_model_dir, pairs_file, tmp_path, method, section):
     import yaml
 
-    from rahf import pipeline
+    from rahf import preflight
     from rahf.cli import main
 
     settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", method, stages=["sft", "instruct"])
     settings.setdefault(section, {}).setdefault("train", {})["eos_token"] = "<unk>"  # the tiny tokenizer's EOS: </s>
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(settings))
     with pytest.raises(ConfigError, match=rf"^{section}\.train\.eos_token: rahf tokenizes the data before TRL"):
-        pipeline.preflight(load_config(None, settings))
+        preflight.preflight(load_config(None, settings))
     assert main(["run", str(tmp_path / "c.yaml")]) == 2 and not (tmp_path / "out").exists()
     settings[section]["train"]["eos_token"] = "</s>"  # the tokenizer's own: nothing to apply later
-    pipeline.preflight(load_config(None, settings))
+    preflight.preflight(load_config(None, settings))

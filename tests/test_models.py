@@ -147,7 +147,7 @@ def test_a_model_without_one_module_per_block_is_refused_before_collect_and_alig
 
     from rahf.config import LoraSettings
     from rahf.errors import ConfigError
-    from rahf.pipeline import check_blocks
+    from rahf.preflight import check_blocks
     from rahf.training import check_lora_targets
 
     config = AutoConfig.for_model("xlm", vocab_size=64, emb_dim=32, n_layers=2, n_heads=2)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import LAYERS, N_PAIRS, WINDOW, run_settings, standard_records, write_jsonl
 
-from rahf import pipeline
+from rahf import pipeline, preflight
 from rahf.align import CachedCollator, CachedTargets, OnlineCollator, align_batch_loss
 from rahf.artifacts import MANIFEST, atomic_dir, fingerprint, fingerprint_path, is_fresh, read_manifest
 from rahf.collect import examples_for
@@ -944,9 +944,9 @@ def test_a_stale_stage_names_what_changed_apart_from_what_it_now_reads_or_no_lon
 def test_online_align_fingerprint_covers_the_collect_settings_it_reads(scit_run):
     online = with_overrides(scit_run, {"align": {"targets": "online"}})
     # `rahf run` says so when collect is listed, and no stage would read its cache
-    assert pipeline.unread_cache_note(online).startswith("align.targets: online computes the targets as align trains")
-    assert pipeline.unread_cache_note(with_overrides(online, {"stages": ["instruct", "align", "merge"]})) is None
-    assert pipeline.unread_cache_note(scit_run) is None
+    assert preflight.unread_cache_note(online).startswith("align.targets: online computes the targets as align trains")
+    assert preflight.unread_cache_note(with_overrides(online, {"stages": ["instruct", "align", "merge"]})) is None
+    assert preflight.unread_cache_note(scit_run) is None
     fp = pipeline.stage_fingerprint(online, "align")[0]
     for key, value in (("difference", "normalized"), ("responses", "chosen")):
         assert pipeline.stage_fingerprint(with_overrides(online, {"collect": {key: value}}), "align")[0] != fp, key
@@ -1175,25 +1175,25 @@ def test_a_second_process_on_the_same_output_dir_stops_before_writing(scit_run, 
 def test_instruct_train_settings_a_baseline_does_not_read_are_pointed_out(tiny_model_dir, pairs_file, tmp_path, capsys):
     """DPO trains step 1 with dpo.train: the instruct.train of run_settings would be silently ignored."""
     cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "dpo"))
-    pipeline.preflight(cfg, "instruct")
+    preflight.preflight(cfg, "instruct")
     assert (
         "note: instruct.train is not read by method dpo, whose step 1 trains with dpo.train" in capsys.readouterr().out
     )
-    pipeline.preflight(with_overrides(cfg, {"method": "scit"}), "instruct")
+    preflight.preflight(with_overrides(cfg, {"method": "scit"}), "instruct")
     assert "note" not in capsys.readouterr().out
 
 
 def test_an_sft_folder_the_run_does_not_use_is_pointed_out(tiny_model_dir, pairs_file, tmp_path, capsys):
     """After `rahf sft`, a config whose stages omit sft starts step 1 from `model`: say so, not silently."""
     cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit"))
-    pipeline.preflight(cfg, "instruct")
+    preflight.preflight(cfg, "instruct")
     assert "note" not in capsys.readouterr().out
     (tmp_path / "out" / "sft").mkdir(parents=True)
     (tmp_path / "out" / "sft" / MANIFEST).write_text("{}")
-    pipeline.preflight(cfg, "instruct")
+    preflight.preflight(cfg, "instruct")
     assert "stages does not list sft, so this run starts from model" in capsys.readouterr().out
     assert "stages does not list sft, so this run starts from model" in pipeline.describe(cfg)  # `rahf status` too
-    pipeline.preflight(cfg, "sft")
+    preflight.preflight(cfg, "sft")
     assert "note" not in capsys.readouterr().out
 
 
@@ -1256,7 +1256,7 @@ def test_an_artifact_no_stage_makes_stops_the_run_before_anything_trains(
     with pytest.raises(RahfError, match=rf"no finished {missing} artifact; run `rahf {missing}`, or add {missing} to"):
         pipeline.run(load_config(None, settings))
     assert not (tmp_path / "out").exists()
-    pipeline.preflight(load_config(None, settings | {"stages": [missing, *stages]}))  # made first: fine
+    preflight.preflight(load_config(None, settings | {"stages": [missing, *stages]}))  # made first: fine
 
 
 def test_model_folders_without_config_or_tokenizer_and_output_inside_the_model_are_refused(
@@ -1272,7 +1272,7 @@ def test_model_folders_without_config_or_tokenizer_and_output_inside_the_model_a
     for model, out, message in cases:
         cfg = load_config(None, run_settings(model, pairs_file, out, "scit"))
         with pytest.raises(RahfError, match=message):
-            pipeline.preflight(cfg)
+            preflight.preflight(cfg)
         assert not out.exists()
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -1281,10 +1281,10 @@ def test_model_folders_without_config_or_tokenizer_and_output_inside_the_model_a
             tiny_model_dir, pairs_file, tmp_path / "out", "scit", **{key.replace(".", "__"): str(empty)}
         )
         with pytest.raises(RahfError, match=rf"^{key}: .*empty holds no config.json or adapter_config.json"):
-            pipeline.preflight(load_config(None, settings))
+            preflight.preflight(load_config(None, settings))
         shutil.copy(tiny_model_dir / "config.json", empty)
         with pytest.raises(RahfError, match=rf"^{key}: .*empty holds no tokenizer files"):
-            pipeline.preflight(load_config(None, settings))
+            preflight.preflight(load_config(None, settings))
         (empty / "config.json").unlink()
     assert not (tmp_path / "out").exists()
     # config and tokenizer, but no weights, or weights cut short
@@ -1293,10 +1293,10 @@ def test_model_folders_without_config_or_tokenizer_and_output_inside_the_model_a
             shutil.copy(f, bare)
     cfg = load_config(None, run_settings(bare, pairs_file, tmp_path / "out", "scit"))
     with pytest.raises(RahfError, match=r"^model: .*bare holds no weights \(model.safetensors, ...\)"):
-        pipeline.preflight(cfg)
+        preflight.preflight(cfg)
     (bare / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes()[:-64])
     with pytest.raises(RahfError, match=r"^model: .*model.safetensors is not a readable safetensors file"):
-        pipeline.preflight(cfg)
+        preflight.preflight(cfg)
     assert not (tmp_path / "out").exists()
 
 
@@ -1317,7 +1317,7 @@ def test_weights_saved_as_pickles_are_refused_up_front_and_never_read(tiny_model
     (pickled / "model.safetensors").unlink()
     cfg = load_config(None, run_settings(pickled, pairs_file, tmp_path / "out", "scit"))
     with pytest.raises(RahfError, match=r"^model: .*pickled holds its weights as pickles \(pytorch_model.bin\)"):
-        pipeline.preflight(cfg)
+        preflight.preflight(cfg)
     adapter = tmp_path / "adapter"
     get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
     torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
@@ -1326,7 +1326,7 @@ def test_weights_saved_as_pickles_are_refused_up_front_and_never_read(tiny_model
         shutil.copy(tiny_model_dir / f, adapter)
     settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit", generate__model=str(adapter))
     with pytest.raises(RahfError, match=r"^generate.model: .*adapter holds its weights as pickles \(adapter_model"):
-        pipeline.preflight(load_config(None, settings))
+        preflight.preflight(load_config(None, settings))
     assert not (tmp_path / "out").exists()
     read = []
     real = torch.load
@@ -1344,12 +1344,12 @@ def test_a_model_that_cannot_be_read_stops_the_run_before_anything_is_written(pa
     that does not read `model` (generate with its own model, a reward model on another backbone) still runs."""
     settings = run_settings("nobody/no-such-model", pairs_file, tmp_path / "out", "dpo", layers=None)
     with pytest.raises(ConfigError, match=r"^model: cannot read the config of 'nobody/no-such-model'"):
-        pipeline.preflight(load_config(None, settings))
+        preflight.preflight(load_config(None, settings))
     assert not (tmp_path / "out").exists()
     own = {"model": str(tiny_model_dir), "prompts": str(pairs_file)}
-    pipeline.preflight(load_config(None, settings | {"stages": [], "generate": own}), "generate")
+    preflight.preflight(load_config(None, settings | {"stages": [], "generate": own}), "generate")
     backbone = load_config(None, settings | {"stages": ["reward"], "reward": {"model": str(tiny_model_dir)}})
-    pipeline.preflight(backbone)
+    preflight.preflight(backbone)
     # the other models a stage loads are read as early
     local = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "sft", layers=None)
     for key, stages, extra in (
@@ -1357,9 +1357,9 @@ def test_a_model_that_cannot_be_read_stops_the_run_before_anything_is_written(pa
         ("reward.model", ["reward"], {"reward": {"model": "nobody/rm"}}),
     ):
         with pytest.raises(ConfigError, match=rf"^{key}: cannot read the config of 'nobody/"):
-            pipeline.preflight(load_config(None, local | {"stages": stages} | extra))
+            preflight.preflight(load_config(None, local | {"stages": stages} | extra))
     with pytest.raises(ConfigError, match=r"^tokenizer: nobody/tok: cannot load the tokenizer \(OSError: "):
-        pipeline.preflight(load_config(None, local | {"stages": ["sft"], "tokenizer": "nobody/tok"}))
+        preflight.preflight(load_config(None, local | {"stages": ["sft"], "tokenizer": "nobody/tok"}))
     assert not (tmp_path / "out").exists()
     # a PEFT adapter as generate.model is merged into its base as it loads: that base is what must be readable
     from peft import LoraConfig, get_peft_model
@@ -1370,7 +1370,7 @@ def test_a_model_that_cannot_be_read_stops_the_run_before_anything_is_written(pa
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(adapter)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
     own = {"stages": ["generate"], "generate": {"model": str(adapter), "prompts": str(pairs_file)}}
-    pipeline.preflight(load_config(None, local | own))
+    preflight.preflight(load_config(None, local | own))
 
 
 def test_a_local_model_folder_whose_tokenizer_cannot_be_loaded_stops_the_run_before_anything_is_written(
@@ -1402,12 +1402,12 @@ def test_a_local_model_folder_whose_tokenizer_cannot_be_loaded_stops_the_run_bef
         with pytest.raises(
             ConfigError, match=rf"^{key}: .*: cannot load the tokenizer \((JSONDecode|Key)Error: .*save"
         ):
-            pipeline.preflight(load_config(None, case))
+            preflight.preflight(load_config(None, case))
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps(settings | {"stages": [*STAGES, "generate"], "generate": generate}))
     assert main(["run", str(config)]) == 2
     assert not out.exists()  # not even the lock file
-    pipeline.preflight(load_config(None, settings | {"stages": ["instruct"], "generate": generate}))  # not read
+    preflight.preflight(load_config(None, settings | {"stages": ["instruct"], "generate": generate}))  # not read
 
 
 def test_the_prompt_budget_is_checked_only_for_stages_that_fit_prompts_with_this_runs_tokenizer(
@@ -1415,10 +1415,10 @@ def test_the_prompt_budget_is_checked_only_for_stages_that_fit_prompts_with_this
 ):
     settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "dpo", data__max_prompt_length=2)
     with pytest.raises(ConfigError, match="data.max_prompt_length=2 leaves no room for the query"):
-        pipeline.preflight(load_config(None, settings))
-    pipeline.preflight(load_config(None, settings | {"stages": ["reward"]}))  # the reward model reads whole texts
+        preflight.preflight(load_config(None, settings))
+    preflight.preflight(load_config(None, settings | {"stages": ["reward"]}))  # the reward model reads whole texts
     own = {"model": str(tiny_model_dir), "prompts": str(pairs_file)}  # its own tokenizer, checked as it loads
-    pipeline.preflight(load_config(None, settings | {"stages": [], "generate": own}), "generate")
+    preflight.preflight(load_config(None, settings | {"stages": [], "generate": own}), "generate")
 
 
 def test_leftovers_of_a_killed_stage_are_removed_and_a_running_ones_kept(tmp_path, capsys):

@@ -57,6 +57,7 @@ def _load(args) -> RahfConfig:  # noqa: F821
 def _cmd_stage(args) -> None:
     from . import pipeline
     from .config import METHOD_STAGES
+    from .preflight import preflight
 
     cfg = _load(args)
     _join_processes(cfg)
@@ -64,7 +65,7 @@ def _cmd_stage(args) -> None:
         raise RahfError(
             f"method {cfg.method} has no {args.command} stage (its stages: {', '.join(METHOD_STAGES[cfg.method])})"
         )
-    pipeline.preflight(cfg, args.command)
+    preflight(cfg, args.command)
     pipeline.run_stage(cfg, args.command, force=not args.skip_fresh)
 
 
@@ -88,9 +89,10 @@ def _join_processes(cfg) -> None:
 
 def _cmd_status(args) -> None:
     from . import pipeline
+    from .preflight import check_some_stages
 
     cfg = _load(args)
-    pipeline.check_some_stages(cfg)
+    check_some_stages(cfg)
     print(pipeline.describe(cfg))
 
 

@@ -109,7 +109,7 @@ def check_compare(cfg: RahfConfig) -> None:
         from .generate import read_prompts
 
         read_prompts(cfg.evaluate.neutral_prompts)
-    from .pipeline import INSTRUCTED, check_prompt_room, preflight
+    from .preflight import INSTRUCTED, check_prompt_room, preflight
 
     stages = [s for s in ("sft", "reward", "instruct", "collect", "align") if s != "sft" or "sft" in cfg.stages]
     preflight(variant(cfg, stages=stages))
@@ -121,7 +121,7 @@ def check_compare(cfg: RahfConfig) -> None:
 def check_compared_lora(cfg: RahfConfig) -> None:
     """The LoRA adapters of every compared method, with its compare.overrides, find their target modules (preflight
     saw only the config's own `method`)."""
-    from .pipeline import check_lora
+    from .preflight import check_lora
 
     overrides = {ALIASES.get(m, m): (o, f"compare.overrides.{m}.") for m, o in cfg.compare.overrides.items()}
     for method in method_names(cfg):

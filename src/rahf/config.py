@@ -1203,6 +1203,16 @@ def _checked_state(cfg: RahfConfig, stage: str | None) -> str:
     return json.dumps([None if stage in cfg.stages else stage, cfg.to_dict()], sort_keys=True, default=repr)
 
 
+def active_stages(cfg: RahfConfig) -> list[str]:
+    """The configured stages the method uses (e.g. DPO has no collect or align)."""
+    return [s for s in cfg.stages if s in METHOD_STAGES[cfg.method]]
+
+
+def train_section(cfg: RahfConfig, stage: str) -> str:
+    """The config section whose `train:` mapping a training stage reads: its own, but DPO's step 1 reads `dpo`."""
+    return "dpo" if stage == "instruct" and cfg.method == "dpo" else stage
+
+
 def check_again(cfg: RahfConfig, stage: str | None = None) -> None:
     """`validate` again unless `cfg` is as it last passed: a program may change a loaded config (`cfg.alpha = a` in a
     sweep) or build one by hand before it runs it."""
