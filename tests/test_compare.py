@@ -668,3 +668,21 @@ def test_compares_merged_model_lists_the_stop_tokens_rahf_merge_saves(chosen_by_
     stops = sorted([tokenizer.eos_token_id, tokenizer.unk_token_id])
     assert GenerationConfig.from_pretrained(merge_made).eos_token_id == stops
     assert GenerationConfig.from_pretrained(Path(cfg.output_dir) / "merged").eos_token_id == stops
+
+
+def test_compare_runs_the_configs_it_builds_without_checking_them_as_the_users(tiny_model_dir, pairs_file, tmp_path):
+    """A library call checks the user's config again when it changed; the per-method configs compare derives from it
+    (other method and stages, `model` the SFT folder) are not the user's: `tokenizer`, read by sft alone, stopped
+    every method after SFT had trained."""
+    test = write_jsonl(tmp_path / "test.jsonl", standard_records(6, seed=77)[:4])
+    train = {"per_device_train_batch_size": 8, "disable_tqdm": True, "logging_steps": 1, "max_steps": 1}
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "dpo") | {
+        "tokenizer": str(tiny_model_dir),
+        "stages": ["sft"],
+        "sft": {"train": dict(train)},
+        "dpo": {"train": dict(train)},
+        "evaluate": {"pairs": str(test), "judge": "gold", "max_new_tokens": 4},
+        "compare": {"methods": ["sft", "dpo"], "seeds": [0], "label_noise": [0.0]},
+    }
+    results = run_compare(load_config(None, settings))
+    assert set(results["runs"][0]["methods"]) == {"sft", "dpo"}

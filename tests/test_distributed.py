@@ -319,3 +319,22 @@ def test_the_launchers_mixed_precision_and_compile_backend_are_not_applied_unask
     )
     assert drop_launcher_settings() == [note]
     assert "ACCELERATE_MIXED_PRECISION" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" not in os.environ
+
+
+LIBRARY = """import sys
+import rahf
+config, *overrides = sys.argv[2:]  # sys.argv[1] is the command name `launch` passes
+rahf.run(rahf.load_config(config, overrides))
+"""
+
+
+def test_a_program_calling_the_library_under_the_launcher_joins_its_processes(config_files, tmp_path):
+    """`rahf.run` in a script started by `accelerate launch` joins the process group as `rahf run` does (it failed
+    with an IndexError: no process group)."""
+    script = tmp_path / "sweep.py"
+    script.write_text(LIBRARY)
+    out = tmp_path / "out"
+    launched = launch(2, config_files / "scit.yaml", f"output_dir={out}", "stages=[instruct]", script=script)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    manifest = json.loads((out / "instruct" / "rahf_manifest.json").read_text())
+    assert manifest["processes"] == 2

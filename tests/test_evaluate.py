@@ -557,4 +557,4 @@ def test_reward_judge_reads_as_many_tokens_as_the_reward_model_was_trained_on(ti
     monkeypatch.setattr(RewardModelJudge, "from_pretrained", lambda path, trc, **kw: loaded.append((path, kw)) or kw)
     assert reward_judge_for(cfg, None) is None and not loaded
     reward_judge_for(cfg, "some/reward-model")
-    assert loaded == [("some/reward-model", {"revision": None, "batch_size": 7, "max_length": 40})]
+    assert loaded == [("some/reward-model", {"revision": None, "dtype": "float32", "batch_size": 7, "max_length": 40})]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import socket
@@ -194,6 +195,11 @@ def test_reward_model_round_trips_through_from_pretrained(reward_model, tmp_path
     assert loaded.score_many([PROMPT] * len(REPLIES), REPLIES) == pytest.approx(expected, abs=1e-5)
     named = RewardModelJudge.from_pretrained(str(tmp_path), name="rm")
     assert isinstance(named, RewardModelJudge) and named.name == "rm"
+    # loaded in the run's dtype, not the checkpoint's: a float16 checkpoint could overflow in a float32 run
+    copy.deepcopy(model).half().save_pretrained(tmp_path / "half")
+    tok.save_pretrained(tmp_path / "half")
+    assert RewardModelJudge.from_pretrained(str(tmp_path / "half")).model.dtype == torch.float32
+    assert RewardModelJudge.from_pretrained(str(tmp_path), dtype="bfloat16").model.dtype == torch.bfloat16
 
 
 def test_reward_model_reads_scores_at_the_last_real_token_whatever_pad_id_the_config_names(reward_model):

@@ -276,6 +276,18 @@ def test_response_logprobs_skips_positions_outside_the_attention_mask():
     assert out == [pytest.approx([math.log(0.25)], abs=1e-6)]
 
 
+def test_response_logprobs_normalises_only_the_scored_positions(monkeypatch):
+    """A [B, T, V] float32 log-softmax over prompt and pad positions too needs tens of GiB for a 128k vocabulary."""
+    rows = []
+    real = torch.log_softmax
+    monkeypatch.setattr(torch, "log_softmax", lambda x, dim: rows.append(x.shape[0]) or real(x, dim=dim))
+    input_ids = torch.tensor([[0, 1, 2], [2, 0, 1]])
+    out = response_logprobs(
+        FixedLogits(), input_ids, torch.tensor([[1, 1, 1], [0, 1, 1]]), torch.tensor([[0, 1, 1], [0, 0, 1]])
+    )
+    assert rows == [3] and [len(r) for r in out] == [2, 1]
+
+
 def test_response_logprobs_rejects_unpredictable_or_misshaped_masks():
     ids = torch.tensor([[0, 1, 2]])
     with pytest.raises(ValueError):

@@ -1641,7 +1641,9 @@ def test_a_config_changed_after_loading_is_checked_again_before_a_run_writes_any
         assert not out.exists()
 
 
-def test_each_library_call_looks_up_hub_commits_afresh_and_keeps_one_within(monkeypatch):
+def test_each_library_call_looks_up_hub_commits_afresh_and_keeps_one_within(
+    monkeypatch, tiny_model_dir, pairs_file, tmp_path
+):
     """A long-lived process (a notebook, a sweep) sees a new upload of a Hub model as a new process would, while the
     stages of one call (a run's run_stage calls nested in it) all see the same commit."""
     import huggingface_hub
@@ -1656,21 +1658,50 @@ def test_each_library_call_looks_up_hub_commits_afresh_and_keeps_one_within(monk
         return f"/cache/models--{repo_id.replace('/', '--')}/snapshots/{now['commit']}/{filename}"
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cached)
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit"))
     seen = []
-    with pipeline.one_call():
+    with pipeline.one_call(cfg):
         seen.append(hub_commit("org/tiny"))
         now["commit"] = "2" * 40  # a new version arrives in the cache
-        with pipeline.one_call():
+        with pipeline.one_call(cfg):
             seen.append(hub_commit("org/tiny"))
-    with pipeline.one_call():
+    with pipeline.one_call(cfg):
         seen.append(hub_commit("org/tiny"))
     assert seen == ["1" * 40, "1" * 40, "2" * 40]
+    # calls overlapping in two threads (a sweep in a thread pool): each thread's own outermost call counts
+    import threading
+
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with pipeline.one_call(cfg):
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(10)
+        with pipeline.one_call(cfg):
+            second_in.set()
+            first_out.wait(10)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    now["commit"] = "3" * 40
+    with pipeline.one_call(cfg):
+        assert hub_commit("org/tiny") == "3" * 40
 
 
-def test_a_library_call_keeps_the_launchers_mixed_precision_out_and_gives_it_back(monkeypatch, capsys):
+def test_a_library_call_keeps_the_launchers_mixed_precision_out_and_gives_it_back(
+    monkeypatch, capsys, tiny_model_dir, pairs_file, tmp_path
+):
     """As `rahf` does: the stages train in `dtype`, with a note; the caller's environment is as it was afterwards."""
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit"))
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    with pipeline.one_call():
+    with pipeline.one_call(cfg):
         assert "ACCELERATE_MIXED_PRECISION" not in os.environ
     assert os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"
     assert "the launcher's ACCELERATE_MIXED_PRECISION=bf16 is not used" in capsys.readouterr().out
@@ -1691,3 +1722,39 @@ def test_what_one_stage_sets_for_the_process_ends_with_it(tiny_model_dir, pairs_
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and "CUDA_LAUNCH_BLOCKING" not in os.environ
     assert hf_logging.get_verbosity() == verbosity
+
+
+def test_a_stages_trainer_and_model_are_freed_when_it_returns(tmp_path):
+    """Without a garbage collection: a reference cycle through the Trainer kept its model and optimizer state in
+    (GPU) memory while the next stage loaded its own."""
+    import gc
+    import weakref
+
+    from transformers import Trainer, TrainingArguments
+
+    from rahf.demo.tiny import build_model, build_tokenizer
+    from rahf.training import run_trainer
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> dict:
+            ids = torch.tensor([2, 4, 5, 6, 3])
+            return {"input_ids": ids, "labels": ids}
+
+    def stage() -> weakref.ref:
+        model = build_model(build_tokenizer("a b c d e f".split()), hidden=16, layers=1, heads=2)
+        args = TrainingArguments(
+            str(tmp_path), use_cpu=True, max_steps=1, report_to="none", save_strategy="no",
+            per_device_train_batch_size=2, disable_tqdm=True, logging_strategy="no",
+        )  # fmt: skip
+        run_trainer(Trainer(model=model, args=args, train_dataset=Rows()), "sft")
+        return weakref.ref(model)
+
+    gc.collect()
+    gc.disable()
+    try:
+        assert stage()() is None
+    finally:
+        gc.enable()

@@ -166,8 +166,9 @@ def _select(
     from .align import train_align
     from .evaluate import win_rate_against_chosen
     from .generate import generate
-    from .models import load_tokenizer, save_model
+    from .models import free_memory, load_tokenizer, save_model
     from .pipeline import load_policy, require_artifact, results_only
+    from .training import process_settings_kept
 
     out = Path(mcfg.output_dir) / "merged"
     val_fp = fingerprint_path(mcfg.compare.validation) if mcfg.compare.validation else None
@@ -182,12 +183,16 @@ def _select(
     fp = fingerprint(inputs | covered)
     if is_fresh(out, fp) or is_fresh(out, earlier):
         return Deployed(str(out)), read_manifest(out)["selection"]
-    tokenizer = None
+    tokenizer = model = None
     sweep, best = [], None
     work = Path(mcfg.output_dir) / "sweep"
     for layers, alpha in grid:
+        if best is None or best[1] is not model:  # the last candidate lost: its model goes before the next loads
+            del model
+            free_memory()
         shutil.rmtree(work, ignore_errors=True)
-        train_align(mcfg, work, layers, alpha)
+        with process_settings_kept():  # what align.train sets for the process ends with it, as in `run_stage`
+            train_align(mcfg, work, layers, alpha)
         logs = json.loads((work / "log_history.json").read_text())
         tokenizer = tokenizer or load_tokenizer(str(work), mcfg.trust_remote_code)
         model = PeftModel.from_pretrained(load_policy(mcfg), str(work)).merge_and_unload().eval()
@@ -223,6 +228,7 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
     """Train and evaluate every method for one (noise, seed); returns per-method metrics and extras."""
     from . import pipeline
     from .evaluate import evaluate_policy
+    from .models import free_memory
 
     run_dir = out / f"noise-{noise:g}" / f"seed-{seed}"
     base = variant(cfg, seed=seed, data__label_noise=noise)
@@ -343,6 +349,8 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
         timings[f"evaluate {method}"] = round(time.time() - t, 1)
         name = DISPLAY.get(method, method)
         print(f"[compare] noise {noise:g} seed {seed} {name}: win rate {m['win_rate']['win_rate']:.3f}", flush=True)
+        del model  # before the next method's model loads
+        free_memory()
     histories = {name: _history(run_dir, sft_root(noise), name) for name in metrics}
     run = {"noise": noise, "seed": seed, "methods": metrics, "timings_s": timings, "histories": histories}
     return run | extra
@@ -506,11 +514,9 @@ def _prompt_differences(a: dict, b: dict) -> list[float] | None:
 
 def run_compare(cfg: RahfConfig) -> dict:
     """Run every (noise, seed) and write results.json, report.md and the plots into `cfg.output_dir`."""
-    from .config import check_again
     from .pipeline import one_call
 
-    with one_call():  # one Hub commit for every run in it
-        check_again(cfg)
+    with one_call(cfg):  # one Hub commit for every run in it
         check_compare(cfg)
         with output_lock(cfg.output_dir):
             return _run_compare(cfg)

@@ -552,6 +552,7 @@ def reward_judge_for(cfg, path: str | None):
         path,
         cfg.trust_remote_code,
         revision=cfg.revision_of(path),
+        dtype=cfg.dtype,
         batch_size=e.batch_size,
         max_length=cfg.reward.max_length,
     )

@@ -155,17 +155,23 @@ class RewardModelJudge:
 
     @classmethod
     def from_pretrained(
-        cls, path: str, trust_remote_code: bool = False, revision: str | None = None, **kwargs
+        cls,
+        path: str,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        dtype: str = "float32",
+        **kwargs,
     ) -> RewardModelJudge:
         """Load model and tokenizer from a local folder or Hub id (at `revision`: a branch, tag or commit; None for
-        the default branch); the tokenizer pads with EOS when it has no pad."""
+        the default branch) in `dtype` (the run's, not the checkpoint's: a float16 one could overflow in a float32
+        run); the tokenizer pads with EOS when it has no pad."""
         from transformers import AutoModelForSequenceClassification
 
-        from .models import default_device, load_tokenizer
+        from .models import default_device, load_tokenizer, torch_dtype
 
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, revision=revision)
         model = AutoModelForSequenceClassification.from_pretrained(  # safetensors only, never a pickle
-            path, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True
+            path, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch_dtype(dtype)
         )
         return cls(model.to(default_device()), tokenizer, **kwargs)
 

@@ -289,10 +289,11 @@ def response_logprobs(
         raise ValueError("input_ids, attention_mask and response_mask must have the same [B, T] shape")
     if bool(response_mask[:, 0].any()):
         raise ValueError("response_mask marks position 0, which has no previous position to predict it from")
+    keep = response_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        token_lp = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    keep = (response_mask[:, 1:].bool() & attention_mask[:, 1:].bool()).cpu()
-    token_lp = token_lp.cpu()
-    return [row[mask].tolist() for row, mask in zip(token_lp, keep)]
+        # the scored positions only, in float32: [B, T, V] in float32 would hold every prompt and pad position too
+        scored = logits[:, :-1][keep.to(logits.device)].float()
+        token_lp = torch.log_softmax(scored, dim=-1).gather(-1, input_ids[:, 1:][keep].unsqueeze(-1).to(scored.device))
+    per_row = keep.sum(dim=1).tolist()
+    return [part.tolist() for part in token_lp.squeeze(-1).cpu().split(per_row)]

@@ -86,6 +86,19 @@ def load_model(
     return model
 
 
+def free_memory() -> None:
+    """Give back the memory of models no longer referenced before the next one loads: the Trainer and accelerate leave
+    reference cycles (a model holding its own forward) that only a garbage collection frees, and CUDA keeps freed
+    blocks cached for this process alone."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def reply_stop_ids(model, tokenizer) -> list[int]:
     """Tokens that end a reply: the tokenizer's EOS and end-of-turn token (`stop_ids`) and every stop token the
     checkpoint's generation config lists (Llama 3.1's `<|eom_id|>`, Phi-3.5's three), where `generate` and servers

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -469,38 +470,41 @@ def target_reader(cfg: RahfConfig, layers: list[int], pad_id: int, policy=None):
     return TargetReader(cfg, layers, pad_id, plus, load_stage_model(step1_path(cfg), cfg, adapter="dispreferred"))
 
 
-_DEPTH = [0]  # library calls (`one_call`) under way in this process, nested ones included
+_CALLS = threading.local()  # how deep this thread is in library calls (`one_call`)
 
 
 @contextlib.contextmanager
-def one_call() -> Iterator[None]:
+def one_call(cfg: RahfConfig, stage: str | None = None) -> Iterator[None]:
     """The span of one library call (`run`, `run_stage`, `rahf.compare.run_compare`), the calls it makes included.
 
-    Hub commits and hf:// files are looked up afresh when it starts, so a long-lived process (a notebook, a sweep)
-    sees a new upload as a new process would, while every stage within the call sees the same one. The launcher's
-    mixed precision and compile backend stay out of the stages, as `rahf` keeps them out (with a note), and go back
-    to the caller's environment when it ends.
+    The outermost call checks `cfg` again if a program changed it since it was loaded (the configs compare builds
+    from it inside are not the user's to check). It looks Hub commits and hf:// files up afresh, so a long-lived
+    process (a notebook, a sweep) sees a new upload as a new process would, while every stage within the call sees
+    the same one. The launcher's mixed precision and compile backend stay out of the stages, as `rahf` keeps them
+    out (with a note); they, and what a stage's Trainer set for the whole process, are given back to the caller when
+    it ends. A program started by `accelerate launch` or `torchrun` joins its process group with `cfg`'s settings,
+    as `rahf` does, each process on its own device.
     """
     from .artifacts import hub_commit
     from .hubfiles import download
+    from .training import process_group_settings, process_settings_kept
 
-    if _DEPTH[0]:
-        _DEPTH[0] += 1
-        try:
-            yield
-        finally:
-            _DEPTH[0] -= 1
-        return
-    hub_commit.cache_clear()
-    download.cache_clear()
-    _DEPTH[0] = 1
+    depth = getattr(_CALLS, "depth", 0)
+    _CALLS.depth = depth + 1
     try:
-        with distributed.without_launcher_settings() as notes:
+        if depth:
+            yield
+            return
+        check_again(cfg, stage)
+        hub_commit.cache_clear()
+        download.cache_clear()
+        with process_settings_kept(), distributed.without_launcher_settings() as notes:
             for note in notes if distributed.is_main() else []:
                 print(f"[rahf] note: {note}", flush=True)
+            distributed.setup(*process_group_settings(cfg))  # nothing to do in one process, or once joined
             yield
     finally:
-        _DEPTH[0] = 0
+        _CALLS.depth = depth
 
 
 def run_stage(cfg: RahfConfig, stage: str, force: bool = False, restart: bool = False) -> Path:
@@ -514,15 +518,18 @@ def run_stage(cfg: RahfConfig, stage: str, force: bool = False, restart: bool = 
     Launched as several processes, process 0 decides and writes the artifact; the others join the stages that split
     their work (`PARALLEL_STAGES`), writing only into a scratch folder, and wait for it through the others.
     """
+    from .models import free_memory
     from .training import process_settings_kept
 
-    with one_call():
-        check_again(cfg, stage)
-        with process_settings_kept():
-            if distributed.world_size() > 1 and stage not in PARALLEL_STAGES:
-                distributed.on_main(lambda: _run_stage(cfg, stage, force, restart, together=False))
-                return stage_dir(cfg, stage)
-            return _run_stage(cfg, stage, force, restart, together=distributed.world_size() > 1)
+    with one_call(cfg, stage):
+        try:
+            with process_settings_kept():
+                if distributed.world_size() > 1 and stage not in PARALLEL_STAGES:
+                    distributed.on_main(lambda: _run_stage(cfg, stage, force, restart, together=False))
+                    return stage_dir(cfg, stage)
+                return _run_stage(cfg, stage, force, restart, together=distributed.world_size() > 1)
+        finally:
+            free_memory()  # the stage's models, before the next stage loads its own
 
 
 def _run_stage(cfg: RahfConfig, stage: str, force: bool, restart: bool, together: bool) -> Path:
@@ -711,7 +718,7 @@ def _examples_summary(cfg: RahfConfig, counts: Counter) -> str:
 
 def run(cfg: RahfConfig, force: bool = False) -> None:
     """All configured stages the method uses, in order (after `preflight`)."""
-    with one_call():
+    with one_call(cfg):
         check_some_stages(cfg)
         preflight(cfg)
         skipped = [s for s in cfg.stages if s not in METHOD_STAGES[cfg.method]]

@@ -11,7 +11,6 @@ from .config import (
     STAGES,
     RahfConfig,
     active_stages,
-    check_again,
     check_data_path,
     model_num_layers,
     resolved_layers,
@@ -31,7 +30,6 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     from .pipeline import unused_sft_note
     from .training import load_data, split_pairs
 
-    check_again(cfg, stage)  # a program may have changed the config since it was loaded
     check_model_folders(cfg)
     stages = [*active_stages(cfg), *([stage] if stage else [])]
     check_data_path(cfg, stages)  # for a stage command not in `stages` too

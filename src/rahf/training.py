@@ -158,9 +158,12 @@ def run_trainer(trainer, stage: str) -> dict[str, float]:
         step, total = checkpoint_step(last) or (0, 0)
         print(f"[rahf] {stage}: resuming from {last} (step {step} of {total})", flush=True)
     trainer.evaluate = leaves_randomness(trainer.evaluate)  # the Trainer calls self.evaluate
-    uneven_note(trainer.args, len(trainer.train_dataset), stage)
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
-    return held_out_metrics(trainer, stage)
+    try:
+        uneven_note(trainer.args, len(trainer.train_dataset), stage)
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
+        return held_out_metrics(trainer, stage)
+    finally:  # the wrapper holds the Trainer's own method: a cycle that kept it, its model and optimizer state alive
+        del trainer.evaluate
 
 
 def uneven_note(args, n: int, stage: str) -> None:
@@ -466,10 +469,20 @@ def load_stage_model(path: str | Path, cfg: RahfConfig, adapter: str | None = No
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        safetensors_adapter(path)
         name, revision = adapter_base(path, cfg)
         base = load_model(name, cfg.dtype, cfg.trust_remote_code, device, revision)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
     return load_model(str(path), cfg.dtype, cfg.trust_remote_code, device or default_device(), cfg.revision_of(path))
+
+
+def safetensors_adapter(path: Path) -> None:
+    """PEFT reads `adapter_model.bin`, a pickle, where no safetensors file is there; rahf reads no pickle."""
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ConfigError(
+            f"{path} holds no adapter_model.safetensors (rahf does not load adapter_model.bin: a pickle can run code "
+            "when it is read); if you trust it, save the adapter once with save_pretrained, which writes safetensors"
+        )
 
 
 def adapter_base(path: str | Path, cfg: RahfConfig) -> tuple[str, str | None]:
@@ -503,6 +516,8 @@ def load_adapters(path: str | Path, cfg: RahfConfig, names: tuple[str, ...]):
     from peft import PeftModel
 
     first = Path(path) / names[0]
+    for name in names:
+        safetensors_adapter(Path(path) / name)
     name, revision = adapter_base(first, cfg)
     base = load_model(name, cfg.dtype, cfg.trust_remote_code, revision=revision)
     model = PeftModel.from_pretrained(base, str(first), adapter_name=names[0])

@@ -384,6 +384,7 @@ def train_ppo(cfg: RahfConfig, base: str, reward_model: str, prompts: list[list[
         reward_model,
         trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision_of(reward_model),
+        dtype=cfg.dtype,
         batch_size=cfg.ppo.minibatch_size,
         max_length=cfg.reward.max_length,
     )

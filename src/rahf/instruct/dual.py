@@ -16,7 +16,7 @@ import torch
 from ..config import STAGE_SCHEDULES, RahfConfig
 from ..data import PreferencePair
 from ..distributed import is_main
-from ..models import load_model, load_tokenizer, save_model, save_tokenizer
+from ..models import free_memory, load_model, load_tokenizer, save_model, save_tokenizer
 from ..sft import check_eos_token, replies, tokenized_sft_dataset, train_sft_model
 from ..training import checkpoint_dir, lora_config, step1_learning_rate, train_dtype, training_args
 
@@ -67,5 +67,7 @@ def train_dual(
             save_model(model, tokenizer, out / side, cfg.dtype)
         elif is_main():  # launched as several processes, process 0 writes
             model.save_pretrained(out / side)
+        del model  # before the other side's model loads: two full models need not fit at once
+        free_memory()
     (out / "log_history.json").write_text(json.dumps(logs, indent=1))
     return held
