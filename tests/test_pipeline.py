@@ -1328,6 +1328,10 @@ def test_weights_saved_as_pickles_are_refused_up_front_and_never_read(tiny_model
     with pytest.raises(RahfError, match=r"^generate.model: .*adapter holds its weights as pickles \(adapter_model"):
         preflight.preflight(load_config(None, settings))
     assert not (tmp_path / "out").exists()
+    from rahf.training import load_stage_model
+
+    with pytest.raises(RahfError, match=r"adapter holds no adapter_model.safetensors \(rahf does not load"):
+        load_stage_model(adapter, load_config(None, settings))  # a library call that skipped the check
     read = []
     real = torch.load
     try:
