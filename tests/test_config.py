@@ -263,7 +263,7 @@ def test_numbers_in_train_mappings_reach_the_trainer_as_numbers(base, tmp_path):
     cfg = load_config(None, with_(base, align__train=train | {"lr_scheduler_kwargs": {"min_lr": "1e-5"}}))
     args = training_args(TrainingArguments, cfg, tmp_path, cfg.align.train)
     assert args.lr_scheduler_kwargs == {"min_lr": 1e-5}
-    from rahf.config import train_arguments
+    from rahf.trainargs import train_arguments
 
     assert train_arguments("align", train, TrainingArguments)["lr_scheduler_kwargs"] == {
         "min_lr": 1e-5,
@@ -917,7 +917,7 @@ def test_fp16_is_refused_where_no_gpu_would_apply_it(base, monkeypatch):
     msg = error_of(None, with_(base, method="scit", sft__train={"fp16": True}))
     assert msg.startswith("sft.train.fp16: float16 mixed precision needs a CUDA GPU and none is visible"), msg
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    from rahf.config import _refuse_unused_train
+    from rahf.trainargs import _refuse_unused_train
 
     _refuse_unused_train("sft", {"fp16": True}, scit=False, own_batches=False)  # with a GPU it is the user's call
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from .collect import Example, TargetReader, pad_batch, window_end
-from .config import STAGE_SCHEDULES
 from .distributed import is_main
 from .errors import RahfError
 from .models import forward_capture, save_tokenizer
+from .trainargs import STAGE_SCHEDULES
 
 
 def alignment_loss(

@@ -73,8 +73,8 @@ def train_reward_model(
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from .config import EVAL_DEFAULTS, as_fields
     from .models import load_tokenizer, torch_dtype
+    from .trainargs import EVAL_DEFAULTS, as_fields
     from .training import checkpoint_dir, one_device, one_process, run_trainer
 
     if not pairs:

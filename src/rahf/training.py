@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
-from .config import EVAL_DEFAULTS, LoraSettings, RahfConfig, as_fields, train_arguments
+from .config import LoraSettings, RahfConfig
 from .data import PreferencePair, load_pairs
 from .distributed import world_size
 from .errors import ConfigError, DataError
 from .models import decoder_blocks, default_device, load_model
+from .trainargs import EVAL_DEFAULTS, as_fields, train_arguments
 
 
 def training_args(cls, cfg: RahfConfig, out: Path, overrides: dict[str, Any], **defaults):

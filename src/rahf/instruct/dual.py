@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import STAGE_SCHEDULES, RahfConfig
+from ..config import RahfConfig
 from ..data import PreferencePair
 from ..distributed import is_main
 from ..models import free_memory, load_model, load_tokenizer, save_model, save_tokenizer
 from ..sft import check_eos_token, replies, tokenized_sft_dataset, train_sft_model
+from ..trainargs import STAGE_SCHEDULES
 from ..training import checkpoint_dir, lora_config, step1_learning_rate, train_dtype, training_args
 
 SIDES = ("preferred", "dispreferred")

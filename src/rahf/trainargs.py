@@ -1,0 +1,429 @@
+"""A stage's `train:` mapping: read as the fields of its Trainer's arguments class take them (TrainingArguments, or
+TRL's SFT, DPO and reward configs), refused where the stage would ignore or crash on a field, and built once up front
+so that the library's own rules speak before any model loads. Part of `config.validate`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import warnings
+from enum import Enum
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from .artifacts import secret_key
+from .config import ABOVE_0, AT_LEAST_0, AT_LEAST_1, SEED, Range
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import RahfConfig
+
+# Counts and rates in `*.train` that the trainers take as given (a batch of 0 fails only once training starts).
+TRAIN_RANGES: dict[str, Range] = {
+    **dict.fromkeys(
+        ("per_device_train_batch_size", "per_device_eval_batch_size", "precompute_ref_batch_size", "max_length"),
+        AT_LEAST_1,
+    ),
+    **dict.fromkeys(("gradient_accumulation_steps", "eval_accumulation_steps", "max_steps"), AT_LEAST_1),
+    "num_train_epochs": ABOVE_0,
+    "learning_rate": AT_LEAST_0,
+    **dict.fromkeys(("seed", "data_seed"), SEED),
+    "dataloader_num_workers": Range(0),
+}
+UNSET_MAX_STEPS = -1  # TrainingArguments' "train num_train_epochs instead"
+# How a `train:` value's expected type reads in a message; the types `_train_value` checks.
+KIND_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+}
+
+
+def _expected(kinds: tuple) -> str:
+    """`(float, NoneType)` -> "a number": what a value of a field with these alternatives must be (enums are named
+    by strings, and a float field takes integers too)."""
+    names = [KIND_NAMES.get(str if k in _enums(kinds) else get_origin(k) or k) for k in kinds]
+    return " or ".join(n for n in dict.fromkeys(names) if n and not (n == "an integer" and float in kinds))
+
+
+def _enums(kinds: tuple) -> set[type]:
+    """The Enum classes among a field's alternatives (`SchedulerType | str` takes only SchedulerType's values)."""
+    return {k for k in kinds if isinstance(k, type) and issubclass(k, Enum)}
+
+
+_YAML11_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-5: a string to YAML 1.1, a number to 1.2
+
+
+def _numbers_read(value: Any, key: str) -> Any:
+    """A mapping inside `train:` (lr_scheduler_kwargs, model_init_kwargs) with numbers that YAML 1.1 left as text
+    (`min_lr: 1e-5`) read as numbers: no field type says what they are, and a scheduler would divide by the text.
+    A number that is not finite is a ConfigError naming its key (a NaN `min_lr` trains at learning rate 0)."""
+    if isinstance(value, dict):
+        return {k: _numbers_read(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers_read(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str) and (_YAML11_FLOAT_TEXT.fullmatch(value.strip()) or ".lr_scheduler_kwargs." in key):
+        with contextlib.suppress(ValueError):  # a schedule's options are numbers, but for names (decay_type: cosine)
+            value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    return value
+
+
+def _train_value(key: str, value: Any, hint: Any) -> Any:
+    """A `train:` value as its field's type takes it, else a ConfigError naming the key: YAML 1.1 reads `1e-3` as a
+    string, which the optimizer would refuse only once the model has loaded; an int field refuses 1.5, and a whole
+    number reads as an int in any number field (2.0 as 2); null, lists and mappings only where the type has them; an enum field only its values."""
+    kinds = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    enums = _enums(kinds)
+    origins = {get_origin(k) or k for k in kinds} - enums
+    if not origins <= {*KIND_NAMES, type(None), Literal}:
+        return value  # a type rahf does not read (Any, ParallelismConfig): building the arguments checks it
+    literals = [a for k in kinds if get_origin(k) is Literal for a in get_args(k)]
+    if value is None:
+        if type(None) in kinds:
+            return None
+        raise ConfigError(f"{key}: must not be null; leave the key out for the default")
+    if any(type(value) is type(a) and value == a for a in literals):
+        return value
+    item = next((get_args(k) or (Any,) for k in kinds if (get_origin(k) or k) is list), None)
+    if item and not isinstance(value, list) and origins <= {list, type(None)}:
+        return _train_value(key, value, item[0])  # one item for a list (DPOConfig's loss_type: "sigmoid")
+    if isinstance(value, (list, dict)):
+        if type(value) not in origins:
+            raise ConfigError(f"{key}: expected {_expected(kinds)}, got {KIND_NAMES[type(value)]}")
+        if isinstance(value, dict):
+            return _numbers_read(value, key)
+        return [_train_value(f"{key}[{i}]", v, item[0]) for i, v in enumerate(value)]
+    names = [str(m.value) for e in enums for m in e] + [str(a) for a in literals]
+    only_names = enums or (literals and str not in kinds)  # a field that takes only `names`
+    if value is False and "no" in names and only_names:  # YAML 1.1 reads `save_strategy: no` as false
+        return "no"
+    if isinstance(value, bool) and only_names and bool not in kinds:
+        raise ConfigError(
+            f"{key}: expected one of {', '.join(names)}, got {value} (YAML reads yes/on as true: quote it)"
+        )
+    if isinstance(value, str) and only_names:
+        if value not in names:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}")
+        return value
+    numeric = {int, float} & origins
+    if isinstance(value, str) and numeric:
+        try:
+            value = float(value)
+        except ValueError:
+            if str in kinds:
+                return value
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not numeric:
+        if type(value) not in origins:
+            raise ConfigError(f"{key}: expected {_expected(kinds)}, got {value!r}")
+        return value
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if float(value).is_integer():  # 1 and 1.0 are one setting: one value in the manifest, one fingerprint
+        return int(value)  # (an int, as TrainingArguments' own defaults for steps are)
+    if float in numeric:
+        return float(value)
+    raise ConfigError(f"{key}: expected an integer, got {value!r}")
+
+
+def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]:
+    """A stage's `train:` mapping checked against `cls` (TrainingArguments or a TRL config): known fields, no
+    credential, values of the field's type, counts in range."""
+    fields = get_type_hints(cls)
+    known = {f.name: f.metadata.get("choices") for f in dataclasses.fields(cls)}  # TRL lists some fields' values
+    out = {}
+    for key, value in values.items():
+        if not isinstance(key, str):  # YAML 1.1 reads yes/on/no/off and numbers as such
+            raise ConfigError(f"{section}.train: key {key!r} is not a field name; quote it if it is meant as one")
+        if secret_key(key):  # hub_token; not eos_token or pad_token
+            raise ConfigError(
+                f"{section}.train.{key}: the config is copied into every artifact manifest, so it must hold no "
+                "credential; set the HF_TOKEN environment variable instead"
+            )
+        if key not in known:
+            raise ConfigError(f"{section}.train.{key}: not a field of {cls.__name__}")
+        value = out[key] = _train_value(f"{section}.train.{key}", value, fields[key])
+        if (choices := known[key]) and value is not None and value not in choices:
+            raise ConfigError(f"{section}.train.{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        allowed = TRAIN_RANGES.get(key)
+        unset = key == "max_steps" and value == UNSET_MAX_STEPS
+        if allowed and value is not None and not unset and value not in allowed:
+            also = " (or -1: train num_train_epochs)" if key == "max_steps" else ""
+            raise ConfigError(f"{section}.train.{key}: must be {allowed}{also}, got {value}")
+    if "output_dir" in values:
+        raise ConfigError(f"{section}.train.output_dir: set by rahf; use output_dir at the top level")
+    return out
+
+
+# The learning-rate schedule a stage trains with when its `train:` mapping names none (the Trainer's own: linear)
+STAGE_SCHEDULES = {"align": "constant", "dual": "cosine"}  # the authors' step 3 and Dual's two SFTs
+
+
+def as_fields(cls, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` for building `cls`: a whole number (read as an int, so that 1 and 1.0 are one setting) goes back to a
+    float where the field takes floats only, since TRL copies some into a model's strictly typed config
+    (`router_aux_loss_coef: 0.0`)."""
+    hints = get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        hint = hints.get(key)
+        kinds = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+        if type(value) is int and float in kinds and int not in kinds:
+            out[key] = float(value)
+    return out
+
+
+def _build_arguments(section: str, values: dict[str, Any], cls) -> None:
+    """Build `cls` from a checked `train:` mapping as its stage will, so that the library's own rules (step
+    combinations, ...) refuse a value now rather than after the earlier stages have trained. The build writes
+    nothing and sets up the CPU only, in one process, so neither CUDA nor a launch's process group is touched; its
+    warnings come again when the stage runs."""
+    from .distributed import alone
+
+    try:
+        with warnings.catch_warnings(), alone():
+            warnings.simplefilter("ignore")
+            built = {k: v for k, v in values.items() if k != "ddp_backend"}  # the launch's group's (distributed.setup)
+            args = cls(**as_fields(cls, {"report_to": "none", "save_strategy": "no"} | built | {"use_cpu": True}))
+    except (ValueError, TypeError, ImportError, OSError) as e:  # ImportError: deepspeed; OSError: a config file
+        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        named = next((k for k in values if re.search(rf"\b{re.escape(k)}\b", problem)), None)
+        named = named or next((k for k in values if isinstance(values[k], str) and values[k] in problem), None)
+        raise ConfigError(f"{section}.train{'.' + named if named else ''}: {problem}") from None
+    _check_optimization(section, args)
+
+
+def _check_optimization(section: str, args) -> None:
+    """The optimizer and learning-rate schedule `args` name, made as the Trainer makes them (on one stand-in
+    parameter), and the Liger kernels: a package that is not installed, or a schedule without the settings it needs,
+    would otherwise stop the stage after the earlier ones have trained."""
+    import torch
+    from transformers import Trainer, get_scheduler
+    from transformers.utils import is_liger_kernel_available
+
+    if args.use_liger_kernel and not is_liger_kernel_available():
+        raise ConfigError(
+            f"{section}.train.use_liger_kernel: liger-kernel is not installed here; install it or drop it"
+        )
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ImportError, ValueError) as e:
+        # a package not installed (bitsandbytes raises ImportError, grokadamw a ValueError saying "install"); other
+        # ValueErrors come from GaLore, APOLLO and LOMO, which need the model itself: left to the stage
+        if isinstance(e, ImportError) or "install" in str(e).lower():
+            optim = getattr(args.optim, "value", args.optim)
+            raise ConfigError(f"{section}.train.optim: {optim}: {' '.join(str(e).split())}") from None
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, 1, 10, args.lr_scheduler_kwargs or None)
+        for _ in range(10):  # past the warmup, where most schedules first read their options
+            optimizer.step()
+            scheduler.step()
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        problem = " ".join(str(e).split()) or type(e).__name__
+        schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        raise ConfigError(f"{section}.train.lr_scheduler_type: {schedule}: {problem}") from None
+
+
+def check_train(cfg: RahfConfig) -> None:
+    """Each `*.train` mapping against the arguments class its stage trains with (numbers read as their type)."""
+    from transformers import TrainingArguments
+    from trl import DPOConfig, RewardConfig, SFTConfig
+
+    step1 = SFTConfig if cfg.instruct_method == "dual" else TrainingArguments
+    for section, cls in (
+        ("sft", SFTConfig),
+        ("instruct", step1),
+        ("align", TrainingArguments),
+        ("dpo", DPOConfig),
+        ("reward", RewardConfig),
+    ):
+        settings = getattr(cfg, section)
+        settings.train = train_arguments(section, settings.train, cls)
+        scit = section == "instruct" and cfg.instruct_method == "scit"
+        held_out = bool(cfg.data.eval_size)
+        _refuse_unused_train(section, settings.train, scit, scit or section == "align", held_out)
+        if cls is not TrainingArguments:
+            _refuse_trl_settings(cfg, section, settings.train)
+        _check_report_to(section, settings.train.get("report_to"))
+        schedule = STAGE_SCHEDULES.get("dual" if section == "instruct" and not scit else section)
+        stage_defaults = {"lr_scheduler_type": schedule} if schedule else {}
+        _build_arguments(section, stage_defaults | (EVAL_DEFAULTS if held_out else {}) | settings.train, cls)
+
+
+def _check_report_to(section: str, value: str | list[str] | None) -> None:
+    """Each logger `report_to` names must be installed: the Trainer would refuse it only once the earlier stages
+    have trained."""
+    from transformers.integrations import integration_utils as tools
+
+    # each logger's own check (get_available_reporting_integrations lists what "all" picks: never flyte, nor
+    # azure_ml beside mlflow)
+    check = {"azure_ml": "azureml", "comet_ml": "comet", "flyte": "flytekit"}
+    for name in [value] if isinstance(value, str) else value or []:
+        if name in ("all", "none"):
+            continue
+        if name not in tools.INTEGRATION_TO_CALLBACK:
+            known = ", ".join(["all", "none", *tools.INTEGRATION_TO_CALLBACK])
+            raise ConfigError(f"{section}.train.report_to: unknown logger {name!r} (known: {known})")
+        available = getattr(tools, f"is_{check.get(name, name)}_available", None)
+        if available is not None and not available():
+            raise ConfigError(f"{section}.train.report_to: {name} is not installed here; install it or drop it")
+
+
+# What every training stage evaluates by default when `data.eval_size` holds pairs out: ten times in its run
+EVAL_DEFAULTS: dict[str, Any] = {"eval_strategy": "steps", "eval_steps": 0.1}
+
+# `*.train` fields a stage would accept and then ignore or crash on, with the reason
+_EVALUATING = ("eval_strategy", "load_best_model_at_end", "eval_on_start")  # they need held-out pairs
+_UNUSED_TRAIN = {
+    **dict.fromkeys(
+        _EVALUATING, "no pairs are held out to evaluate on; set data.eval_size (a fraction or a number of pairs)"
+    ),
+    "resume_from_checkpoint": "rahf resumes a stage by itself: with save_strategy steps (or epoch) an interrupted "
+    "stage keeps its checkpoints, and running it again with the same settings resumes from the newest",
+    "chat_template_path": "rahf tokenizes the data before TRL would apply it, so training and the saved tokenizer "
+    "would disagree; give a tokenizer folder with that template as `tokenizer` instead",
+}
+
+
+def _refuse_unused_train(
+    section: str, values: dict[str, Any], scit: bool, own_batches: bool, held_out: bool = False
+) -> None:
+    """Refuse `*.train` fields the stage would silently ignore, or accept here and crash on once earlier stages ran.
+
+    `own_batches`: the stage feeds the Trainer rahf's own examples and collator (SCIT's step 1, align), whose
+    fields the model does not take and which carry no `input_ids` column to measure lengths by. `held_out`:
+    `data.eval_size` holds pairs out, so the evaluation settings have data to read.
+    """
+    import torch
+
+    for key, why in _UNUSED_TRAIN.items():
+        if held_out and key in _EVALUATING:
+            continue
+        if values.get(key) not in (None, False, "no"):
+            raise ConfigError(f"{section}.train.{key}: {why}")
+    if values.get("packing") and values.get("max_length") is None:
+        raise ConfigError(f"{section}.train.packing: set {section}.train.max_length too (packing needs a length)")
+    if scit and values.get("label_smoothing_factor"):
+        raise ConfigError(
+            "instruct.train.label_smoothing_factor: the SCIT loss reads no labels the Trainer could smooth; set "
+            "instruct.label_smoothing (the smoothing of its instruction contrast) instead"
+        )
+    if section == "align" and values.get("label_smoothing_factor"):
+        raise ConfigError("align.train.label_smoothing_factor: the alignment loss reads no labels; leave it at 0")
+    if section == "align" and values.get("neftune_noise_alpha"):
+        raise ConfigError(
+            "align.train.neftune_noise_alpha: noise on the embeddings would fit the hidden states of noisy inputs to "
+            "targets read from clean ones; leave it unset"
+        )
+    if section == "align" and values.get("average_tokens_across_devices") is False:
+        raise ConfigError(
+            "align.train.average_tokens_across_devices: align always averages its loss over the tokens of every "
+            "process's batch together, so that several processes train as one does; leave it true"
+        )
+    if scit and values.get("batch_eval_metrics"):
+        raise ConfigError(
+            "instruct.train.batch_eval_metrics: SCIT's evaluation metrics are means over all held-out examples, "
+            "computed once an evaluation ends; leave it false"
+        )
+    if own_batches and values.get("remove_unused_columns"):
+        raise ConfigError(
+            f"{section}.train.remove_unused_columns: rahf's collator reads fields the model does not take; leave it false"
+        )
+    if own_batches and values.get("train_sampling_strategy") == "group_by_length":
+        raise ConfigError(
+            f"{section}.train.train_sampling_strategy: group_by_length measures an `input_ids` column this stage's "
+            "examples do not have; use random or sequential"
+        )
+    if values.get("fp16") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{section}.train.fp16: float16 mixed precision needs a CUDA GPU and none is visible, so it would train "
+            "in float32; drop it (bf16 works on a CPU)"
+        )
+    if section in ("reward", "dpo") and values.get("max_length") is not None:
+        own = "reward.max_length" if section == "reward" else "data.max_prompt_length and data.max_response_length"
+        raise ConfigError(
+            f"{section}.train.max_length: rahf cuts the texts itself (long prompts lose their beginning); set {own} "
+            f"instead (TRL's limit would {'drop longer pairs' if section == 'reward' else 'train on pairs with empty replies'})"
+        )
+
+
+# The DPO losses of TRL 1.x that read `label_smoothing` (every other one ignores it), and those that admit an
+# f-divergence other than the reverse KL (TRL refuses the rest when its trainer is built)
+_SMOOTHED_DPO_LOSSES = {"exo_pair", "robust", "aot", "aot_unpaired"}
+_F_DIVERGENCE_DPO_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+_F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def _refuse_trl_settings(cfg: RahfConfig, section: str, values: dict[str, Any]) -> None:
+    """Refuse the fields of a TRL config (SFT, DPO, reward) that rahf's pre-tokenized rows make do nothing or do harm,
+    and the combinations TRL itself refuses only when its trainer is built, after the earlier stages trained."""
+    import torch
+
+    def refuse(key: str, why: str) -> None:
+        raise ConfigError(f"{section}.train.{key}: {why}")
+
+    if values.get("model_init_kwargs"):
+        refuse("model_init_kwargs", "rahf loads the model itself, so TRL would drop these; set the top-level dtype")
+    if "trust_remote_code" in values:  # TRL reads it only when it loads a model by name, which rahf never asks of it
+        refuse("trust_remote_code", "rahf loads every model itself, so TRL would drop it; set the top-level key")
+    if values.get("activation_offloading") and not torch.cuda.is_available():
+        refuse("activation_offloading", "it offloads CUDA activations and no CUDA GPU is visible; drop it")
+    if section == "reward" and values.get("eos_token") is not None:
+        refuse(
+            "eos_token",
+            "rahf tokenizes the pairs before RewardTrainer would apply it, and the reward model would then score "
+            "texts with another end token than it trained on; give a tokenizer folder with that EOS as `tokenizer`",
+        )
+    if section in ("sft", "instruct"):  # SFTConfig: rahf's rows carry labels on the reply tokens only
+        if values.get("assistant_only_loss"):
+            refuse("assistant_only_loss", "rahf's rows already carry loss on the reply tokens only; drop it")
+        if values.get("completion_only_loss") is False:
+            refuse("completion_only_loss", "rahf's rows carry their own labels, on the reply tokens only; drop it")
+        if values.get("dataset_text_field", "text") != "text":
+            refuse("dataset_text_field", "rahf tokenizes the data itself and reads no text column; drop it")
+        if values.get("packing") and values.get("packing_strategy") == "wrapped":
+            refuse("packing_strategy", "wrapped packing cuts examples apart, prompts from replies; use bfd")
+        rows = cfg.data.max_prompt_length + cfg.data.max_response_length
+        if values.get("max_length") is not None and values["max_length"] < rows:
+            refuse(
+                "max_length",
+                f"{values['max_length']} would cut the end off replies (rahf's rows hold up to data.max_prompt_length + "
+                f"data.max_response_length = {rows} tokens, and prompts lose their beginning there instead); raise it "
+                f"to {rows} or lower those",
+            )
+    if section == "dpo":
+        losses = values.get("loss_type") or cfg.dpo.loss_type  # dpo.train.loss_type overrides dpo.loss_type
+        losses = [losses] if isinstance(losses, str) else list(losses)
+        smoothing = values.get("label_smoothing") or 0.0
+        if values.get("sync_ref_model") and cfg.dpo.finetune == "lora":
+            refuse(
+                "sync_ref_model", "TRL cannot sync the reference of a LoRA adapter (its base); use dpo.finetune: full"
+            )
+        if "exo_pair" in losses and not smoothing:
+            refuse("label_smoothing", "the exo_pair loss needs it above 0 (the EXO paper: 1e-3)")
+        if smoothing and not _SMOOTHED_DPO_LOSSES & set(losses):
+            refuse(
+                "label_smoothing",
+                f"no loss of {', '.join(losses)} reads it; the losses that do: {', '.join(sorted(_SMOOTHED_DPO_LOSSES))}",
+            )
+        divergence = values.get("f_divergence_type", "reverse_kl")
+        if divergence not in _F_DIVERGENCES:
+            refuse("f_divergence_type", f"must be one of {', '.join(_F_DIVERGENCES)}, got {divergence!r}")
+        if divergence != "reverse_kl" and not set(losses) <= _F_DIVERGENCE_DPO_LOSSES:
+            refuse(
+                "f_divergence_type",
+                f"{divergence} applies to the losses {', '.join(sorted(_F_DIVERGENCE_DPO_LOSSES))} only, not "
+                f"{', '.join(sorted(set(losses) - _F_DIVERGENCE_DPO_LOSSES))}",
+            )
+        if values.get("use_weighting") and {"aot", "aot_unpaired"} & set(losses):
+            refuse("use_weighting", "TRL does not weight the aot losses (they sort the pairs); drop one of the two")
+        if values.get("truncation_mode", "keep_start") != "keep_start":
+            refuse("truncation_mode", "rahf cuts prompts from the left itself (data.max_prompt_length); drop it")
