@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rahf.models import decoder_blocks, forward_capture, num_layers
+from rahf.models import decoder_blocks, default_layers, forward_capture, num_layers
 
 
 def tiny_gemma3(vocab_size: int, layers: int = 3):
@@ -20,6 +20,21 @@ def tiny_gemma3(vocab_size: int, layers: int = 3):
     torch.manual_seed(0)
     config = Gemma3Config(text_config=text, vision_config=vision, image_token_index=1)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("depth", "expected"),
+    [
+        (32, [10, 12, 14, 16, 18]),  # the authors' SCIT layers of a 7B LLaMA
+        (24, [8, 10, 12, 14]),  # 7.5 -> 8 and 13.5 -> 14: round half to even
+        (40, [12, 14, 16, 18, 20, 22]),  # 12.5 -> 12, 22.5 -> 22
+        (12, [4, 5, 6, 7]),  # 3.75 -> 4, 6.75 -> 7: a span of 3, every layer
+        (4, [1, 2]),
+        (1, [1]),
+    ],
+)
+def test_default_layers_scale_the_authors_to_the_depth(depth, expected):
+    assert default_layers(depth) == expected
 
 
 @pytest.mark.parametrize("model_type", ["gemma3", "qwen3_5", "llama4"])

@@ -1,4 +1,5 @@
-"""The `rahf` command line: one subcommand per stage, `run` for all of them, `demo`, and `data check`."""
+"""The `rahf` command line: one subcommand per stage, `run` for all of them, `status`, `demo`, `compare`, `export`
+and `data check`."""
 
 from __future__ import annotations
 

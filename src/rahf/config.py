@@ -186,7 +186,7 @@ class GenerateSettings:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     batch_size: int = 16
-    model: str | None = None  # defaults to the merged model of this run
+    model: str | None = None  # defaults to the method's final model (pipeline.final_model)
     seed: int | None = None  # of sampled replies; None: the run's `seed` (another one needs no stage trained again)
 
 
@@ -253,7 +253,7 @@ class RahfConfig:
     # weights themselves: half the memory, but an update below their precision (lr 2e-5 on most weights) is lost
     pure_dtype: bool = False
     trust_remote_code: bool = False
-    layers: list[int] | None = None  # hidden_states indices (1..num_layers); null = middle third to two thirds
+    layers: list[int] | None = None  # hidden_states indices (1..num_layers); null = the authors' 10..18 of 32, scaled
     alpha: float = 5.0
     window: int = 64  # response tokens per sequence whose hidden states are read and steered
     include_boundary: bool = True  # window starts at the last prompt position (predicts the 1st response token)
@@ -999,7 +999,7 @@ def model_num_layers(cfg: RahfConfig) -> int:
 
 
 def resolved_layers(cfg: RahfConfig) -> list[int]:
-    """The target layers: configured, or the middle third to two thirds of the model's stack."""
+    """The target layers: configured, or the authors' (10..18 of 32) scaled to the model's depth."""
     from .models import default_layers
 
     return sorted(cfg.layers) if cfg.layers is not None else default_layers(model_num_layers(cfg))

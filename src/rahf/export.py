@@ -1,6 +1,6 @@
 """Convert `rahf generate` output into the input formats of common external benchmarks.
 
-`rahf generate` writes JSONL records `{"index", "prompt", "response"}` (`rahf evaluate` and `rahf compare` add
+`rahf generate` writes JSONL records `{"index", "prompt", "response", "finish_reason"}` (`rahf evaluate` and `rahf compare` add
 `sample`, the reply's number among those to one prompt). This module turns them into an
 AlpacaEval `model_outputs.json`, FastChat MT-Bench answer lines, and builds the lm-evaluation-harness
 command for a merged model, so a run can be scored by standard tools without glue scripts.

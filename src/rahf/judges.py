@@ -1,7 +1,8 @@
 """Judges that compare two replies to one prompt, behind one interface, for evaluating aligned models.
 
-A judge answers `compare(prompt, a, b)` with 1.0 when `a` wins, 0.0 when `b` wins and 0.5 for a tie, so
-win rates from any judge read the same. Three kinds:
+A judge answers `compare(prompt, a, b)` with 1.0 when `a` wins, 0.0 when `b` wins and 0.5 for a tie (the LLM
+judge, asked in both orders, gives the mean of the two: 0.25 or 0.75 when they disagree), so win rates from any judge
+read the same. Three kinds:
 
 - `GoldJudge`: the demo task's exact judge (the truth, for the demo only).
 - `RewardModelJudge`: any Hugging Face sequence-classification model with one output (a reward model).

@@ -244,8 +244,9 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def default_layers(n: int) -> list[int]:
-    """Every other layer over the middle third to two thirds of the stack (the authors' 10..18 of 32)."""
-    lo, hi = max(1, round(n / 3)), max(1, round(2 * n / 3))
+    """The authors' SCIT layers (10, 12, .., 18 of 32) scaled to a stack of `n` blocks: every other layer from
+    10/32 to 18/32 of the way up, every layer there when that span is under 4 layers."""
+    lo, hi = max(1, round(n * 10 / 32)), max(1, round(n * 18 / 32))
     return list(range(lo, hi + 1, 2 if hi - lo >= 4 else 1))
 
 

@@ -1,4 +1,4 @@
-"""The stages in order, each writing `output_dir/<stage>` under a fingerprint of its inputs.
+"""The stages in order, each writing its folder under `output_dir` (`FOLDERS`) under a fingerprint of its inputs.
 
 `run` skips a stage whose artifact carries the fingerprint its inputs give now and recomputes any
 other (a changed config key, data file or upstream artifact changes the fingerprint downstream).
