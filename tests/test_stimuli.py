@@ -198,6 +198,69 @@ def test_truncation_keeps_a_leading_system_message_and_drops_the_oldest_turns(to
     assert tokens[:5] == ["<s>", "you", "are", "rude", "."] and tokens[-1] == "Assistant:"
 
 
+def _dropping_one_turn_at_a_time(tokenizer, messages, systems, max_length):
+    """What truncation keeps, found the slow way: drop the oldest turn (then any turns before the next user turn)
+    and render again, until every variant fits; None where only cutting the last turn's text would fit."""
+    head, turns = messages[:1], messages[1:]  # the conversations below lead with a system message
+    while max(len(render_prompt(tokenizer, head + turns, s)) for s in systems) > max_length:
+        if len(turns) == 1:
+            return None
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+    return head + turns
+
+
+def test_long_conversations_keep_the_turns_that_fit_after_few_renders(tokenizer, monkeypatch):
+    """Bisection over where the kept turns start keeps exactly what dropping one turn at a time keeps, and renders
+    a conversation of K turns about log K times, not K (a chat log of 600 turns took a minute per reply)."""
+    from rahf import stimuli
+
+    framing = {"role": "system", "content": "you are rude ."}
+    turns = []
+    for i in range(64):  # users with one or two assistant turns after them, of varying lengths
+        turns.append(user(" ".join(NAMES[i % 7 : i % 7 + 1 + i % 5])))
+        turns += [{"role": "assistant", "content": "it is yellow ."}] * (1 + (i % 3 == 0))
+    conversation = [framing, *turns, user(QUERY)]
+    systems = [None, POS]
+    renders = Counter()
+    real = stimuli.render_prompt
+    monkeypatch.setattr(stimuli, "render_prompt", lambda *a, **k: renders.update([1]) or real(*a, **k))
+    checked = 0
+    for max_length in (24, 40, 64, 150, 400, 10_000):
+        expected = _dropping_one_turn_at_a_time(tokenizer, conversation, systems, max_length)
+        renders.clear()
+        kept = truncate_prompt(tokenizer, conversation, systems, max_length)
+        assert kept == expected
+        assert renders[1] <= 2 * (8 + 1)  # two variants, log2(86 starts) + 1 renders each
+        checked += expected != conversation
+    assert checked == 5  # all but the longest limit dropped turns
+
+
+def test_a_pairs_prompt_is_fitted_once_for_both_replies_and_again_when_the_template_changes(tokenizer, monkeypatch):
+    from rahf import stimuli
+
+    renders = Counter()
+    real = stimuli.render_prompt
+    monkeypatch.setattr(stimuli, "render_prompt", lambda *a, **k: renders.update([1]) or real(*a, **k))
+    prompt = [user(QUERY)]
+    chosen = build_variants(tokenizer, prompt, RESPONSE, SYSTEMS, 64, 64)
+    assert renders[1] == 3  # pos and neg together, plain alone
+    rejected = build_variants(tokenizer, prompt, "it is red .", SYSTEMS, 64, 64)
+    assert renders[1] == 3  # the rejected reply reuses the fit
+    assert all(chosen[k].input_ids[: chosen[k].response_start] == rejected[k].input_ids[: chosen[k].response_start]
+               for k in SYSTEMS)  # fmt: skip
+    build_variants(tokenizer, prompt, RESPONSE, SYSTEMS, 32, 64)
+    assert renders[1] == 6  # another length, fitted again
+    old = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+        with_template = build_variants(tokenizer, prompt, RESPONSE, {"plain": None}, 32, 64)["plain"]
+    finally:
+        tokenizer.chat_template = old
+    assert renders[1] == 7 and with_template.input_ids[0] != tokenizer.bos_token_id
+
+
 def test_plain_variant_keeps_the_query_inference_sees_beside_instructed_variants(tokenizer):
     query = " ".join(NAMES[:30])  # too long for 20 tokens: each variant must lose part of it
     v = build_variants(tokenizer, [user(query)], RESPONSE, {"plain": None, "pos": POS, "neg": NEG}, 20, 64)

@@ -462,22 +462,48 @@ def truncate_prompt(
 def _fit_prompt(
     tokenizer, messages: Sequence[Message], systems: Sequence[str | None], max_length: int, source: str | None
 ) -> tuple[list[Message], list[list[int]]]:
-    """`truncate_prompt`'s messages and, per system of `systems`, their rendered ids (so no caller renders twice)."""
+    """`truncate_prompt`'s messages and, per system of `systems`, their rendered ids (so no caller renders twice).
+
+    The last fit per tokenizer and systems is kept: a pair's chosen and rejected replies share their prompt."""
+    bos = tuple(getattr(tokenizer, k, None) for k in ("bos_token_id", "add_bos_token"))
+    settings = (chat_template(tokenizer), bos, max_length, [dict(m) for m in messages])
+    msgs, rendered = _probed(
+        f"fit {list(systems)!r}", tokenizer, settings, lambda: _fitted(tokenizer, messages, systems, max_length, source)
+    )
+    return [dict(m) for m in msgs], [list(ids) for ids in rendered]
+
+
+def _fitted(
+    tokenizer, messages: Sequence[Message], systems: Sequence[str | None], max_length: int, source: str | None
+) -> tuple[list[Message], list[list[int]]]:
     msgs = [dict(m) for m in messages]
     lead = 0
     while lead < len(msgs) - 1 and msgs[lead]["role"] == "system":
         lead += 1
     head, turns = msgs[:lead], msgs[lead:]
-    while True:
-        rendered = [render_prompt(tokenizer, head + turns, s, source) for s in systems]
-        longest = max(len(ids) for ids in rendered)
-        if longest <= max_length:
-            return head + turns, rendered
-        if len(turns) > 1:
-            turns = turns[1:]
-            while len(turns) > 1 and turns[0]["role"] != "user":
-                turns = turns[1:]
-            continue
+    # Where the kept turns may start: the first, each later user turn, and the last alone. The longest start that
+    # fits is found by bisection (a conversation of K turns is rendered about log K times, not K), reading the
+    # rendered length as never growing when older turns are dropped.
+    starts = sorted({0, len(turns) - 1, *(i for i, m in enumerate(turns) if i and m["role"] == "user")})
+    seen: dict[int, list[list[int]]] = {}
+
+    def render(start: int) -> list[list[int]]:
+        if start not in seen:
+            seen[start] = [render_prompt(tokenizer, head + turns[start:], s, source) for s in systems]
+        return seen[start]
+
+    def fits(start: int) -> bool:
+        return max(len(ids) for ids in render(start)) <= max_length
+
+    lo, hi = 0, 0 if fits(starts[0]) else len(starts) - 1  # the first start that fits is in starts[lo..hi], or
+    while lo < hi:  # none fits and it is the last
+        mid = (lo + hi) // 2
+        if fits(starts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    rendered, turns = render(starts[lo]), turns[starts[lo] :]
+    while (longest := max(len(ids) for ids in rendered)) > max_length:  # one turn left: cut its beginning
         turns[0]["content"] = _drop_leading_tokens(tokenizer, turns[0]["content"], longest - max_length)
         if not turns[0]["content"] and head:
             raise DataError(
@@ -494,6 +520,8 @@ def _fit_prompt(
                     else "template; raise it"
                 )
             )
+        rendered = [render_prompt(tokenizer, head + turns, s, source) for s in systems]
+    return head + turns, rendered
 
 
 class Instruction(str):
