@@ -508,6 +508,33 @@ def test_untrained_lora_loss_is_alpha_times_mean_v_norm(finished_run):
     assert got.item() == pytest.approx(cfg.alpha * expected.item(), rel=1e-4, abs=1e-6)
 
 
+def test_cached_targets_reach_data_loader_workers_started_by_spawn(finished_run, monkeypatch):
+    """Workers started by spawn or forkserver (macOS, Windows, Python 3.14 on Linux) get the dataset pickled: the
+    open shards stay behind and each worker opens its own, reading the same rows, whole in memory or streamed."""
+    import pickle
+
+    cfg = finished_run
+    pad = tokenizer_of(cfg).pad_token_id
+    folder = pipeline.stage_dir(cfg, "collect")
+    ds = CachedTargets(folder, LAYERS)
+    here = CachedCollator(pad)([ds[i] for i in range(len(ds))])
+    for in_memory in (2**30, 0):  # the small cache read whole, then streamed
+        monkeypatch.setattr(CachedTargets, "in_memory_bytes", in_memory)
+        again = CachedCollator(pad)(list(pickle.loads(pickle.dumps(CachedTargets(folder, LAYERS)))))
+        assert all(torch.equal(again[k][layer], here[k][layer]) for k in ("o", "v") for layer in LAYERS)
+        assert torch.equal(again["input_ids"], here["input_ids"])
+    monkeypatch.undo()
+    loader = torch.utils.data.DataLoader(
+        CachedTargets(folder, LAYERS), batch_size=len(here["input_ids"]), num_workers=1,
+        multiprocessing_context="spawn", collate_fn=CachedCollator(pad),
+    )  # fmt: skip
+    (there,) = list(loader)
+    for key in ("input_ids", "attention_mask", "win_start", "win_mask"):
+        assert torch.equal(there[key], here[key]), key
+    for layer in LAYERS:
+        assert torch.equal(there["o"][layer], here["o"][layer]) and torch.equal(there["v"][layer], here["v"][layer])
+
+
 def test_align_training_loss_went_down(finished_run):
     log = json.loads((pipeline.stage_dir(finished_run, "align") / "log_history.json").read_text())
     losses = [entry["loss"] for entry in log if "loss" in entry]

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .collect import Example, TargetReader, pad_batch, window_end
 from .distributed import is_main
@@ -75,28 +76,39 @@ class CachedTargets(torch.utils.data.Dataset):
     in_memory_bytes = 2**30
 
     def __init__(self, folder: str | Path, layers: list[int]):
-        from safetensors import safe_open
-
         self.layers = layers
-        paths = sorted(Path(folder).glob("shard-*.safetensors"))
-        self.files = [safe_open(str(p), framework="pt") for p in paths]
-        if not self.files:
+        self.paths = sorted(Path(folder).glob("shard-*.safetensors"))
+        if not self.paths:
             raise RahfError(f"{folder}: no collect shards; run `rahf collect` first")
-        held = [int(x) for x in self.files[0].metadata()["layers"].split(",")]
+        with safe_open(str(self.paths[0]), framework="pt") as first:
+            held = [int(x) for x in first.metadata()["layers"].split(",")]
         if not set(layers) <= set(held):
             raise RahfError(
                 f"{folder}: the cache holds layers {held}, align asked for {layers}; run `rahf collect` again"
             )
-        whole = sum(p.stat().st_size for p in paths) <= self.in_memory_bytes
-        keys = ["input_ids"] + [f"{kind}.{layer}" for kind in ("o", "v") for layer in layers]
-        # per shard: name -> a tensor in memory, or a lazy slice of the file
-        self.rows = [{k: f.get_tensor(k) if whole else f.get_slice(k) for k in keys} for f in self.files]
+        self._open()
         self.index: list[tuple[int, int]] = []
         self.meta = []
         for f_i, f in enumerate(self.files):
             meta = {k: f.get_tensor(k).tolist() for k in ("seq_offsets", "win_start", "win_offsets")}
             self.meta.append(meta)
             self.index += [(f_i, j) for j in range(len(meta["win_start"]))]
+
+    def _open(self) -> None:
+        self.files = [safe_open(str(p), framework="pt") for p in self.paths]
+        whole = sum(p.stat().st_size for p in self.paths) <= self.in_memory_bytes
+        keys = ["input_ids"] + [f"{kind}.{layer}" for kind in ("o", "v") for layer in self.layers]
+        # per shard: name -> a tensor in memory, or a lazy slice of the file
+        self.rows = [{k: f.get_tensor(k) if whole else f.get_slice(k) for k in keys} for f in self.files]
+
+    def __getstate__(self) -> dict:
+        """The index without the open shards (which cannot be pickled): data-loader workers started by spawn or
+        forkserver (macOS, Windows, Python 3.14 on Linux) open the shards themselves."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("files", "rows")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open()
 
     def __len__(self) -> int:
         return len(self.index)
