@@ -192,8 +192,16 @@ def test_scit_trains_each_reply_under_its_own_instruction_with_the_configured_sm
         seen["smoothing"] = self.label_smoothing
         seen["examples"] = list(self.train_dataset)
         batch = self.data_collator(seen["examples"])
+        kept = []
+        hook = self.model.register_forward_pre_hook(
+            lambda module, args, kwargs: kept.append(kwargs.get("logits_to_keep")), with_kwargs=True
+        )
         with torch.no_grad():
             seen["loss"] = self.compute_loss(self.model, batch).item()
+        hook.remove()
+        first = int(batch["response_mask"].int().argmax(1).min())  # the first reply token of the batch
+        seen["kept"] = (kept, batch["input_ids"].shape[1] - first + 1)  # logits from the position predicting it
+        with torch.no_grad():
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             lp = mean_response_logprob(logits, batch["input_ids"], batch["response_mask"])
         seen["want"] = scit_loss(lp[:4], lp[4:], 0.35).mean().item()  # 2 pairs: 4 sequences per side
@@ -210,6 +218,7 @@ def test_scit_trains_each_reply_under_its_own_instruction_with_the_configured_sm
         assert (chosen["match"], chosen["other"]) == (y_plus["pos"], y_plus["neg"])
         assert (rejected["match"], rejected["other"]) == (y_minus["neg"], y_minus["pos"])
     assert seen["loss"] == pytest.approx(seen["want"], abs=1e-6)
+    assert seen["kept"][0] == [seen["kept"][1]] and seen["kept"][1] < len(seen["examples"][0]["match"].input_ids)
     # the untrained model scores a reply almost alike under both instructions, yet far beyond that tolerance
     assert abs(seen["want"] - seen["swapped"]) > 1e-5 and abs(seen["want"] - seen["default_eps"]) > 1e-5
 

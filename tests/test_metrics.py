@@ -288,6 +288,27 @@ def test_response_logprobs_normalises_only_the_scored_positions(monkeypatch):
     assert rows == [3] and [len(r) for r in out] == [2, 1]
 
 
+class KeptLogits(FixedLogits):
+    """FixedLogits with `logits_to_keep`, as transformers' causal LMs take it: only the last positions' logits."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0):
+        self.kept = logits_to_keep
+        logits = super().forward(input_ids[:, :3], attention_mask).logits  # PROBS: positions 0..2
+        logits = torch.cat([logits[:, :1], logits], 1)  # position 0 repeated: positions 1..3 take PROBS
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:])
+
+
+def test_response_logprobs_ask_only_for_the_logits_they_score():
+    """The first reply token is at position 2 in both rows, so positions 1.. are the first whose logits count."""
+    model = KeptLogits()
+    input_ids = torch.tensor([[0, 0, 1, 2], [0, 2, 0, 1]])
+    out = response_logprobs(model, input_ids, torch.ones_like(input_ids), torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]))
+    assert model.kept == 3
+    # Row 0: token 1 at position 2 from position 1 (PROBS[0]) -> 0.25; token 2 at 3 from PROBS[1] -> 0.7
+    # Row 1: token 1 at position 3 from PROBS[1] -> 0.2
+    assert out == [pytest.approx([math.log(0.25), math.log(0.7)], abs=1e-6), pytest.approx([math.log(0.2)], abs=1e-6)]
+
+
 def test_response_logprobs_rejects_unpredictable_or_misshaped_masks():
     ids = torch.tensor([[0, 1, 2]])
     with pytest.raises(ValueError):

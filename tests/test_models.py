@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rahf.models import decoder_blocks, default_layers, forward_capture, num_layers
+from rahf.models import decoder_blocks, default_layers, forward_capture, logits_from, num_layers
 
 
 def tiny_gemma3(vocab_size: int, layers: int = 3):
@@ -209,3 +209,30 @@ def test_blocks_that_return_a_list_are_read():
         captured = forward_capture(model, [1, 2], ids, mask)
     for layer in (1, 2):
         torch.testing.assert_close(captured[layer], states[layer])
+
+
+def test_logits_from_a_position_equal_the_whole_forwards_from_there(tiny_model_dir):
+    """A causal LM that takes `logits_to_keep` computes the logits from `first` on only; one wrapped by PEFT too; a
+    forward without it gives them all, and says they start at 0."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(5, 40, (2, 9))
+    attn = torch.ones_like(ids)
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=attn).logits
+        for first in (0, 4, 8):
+            logits, at = logits_from(model, ids, attn, first)
+            assert at == first and torch.allclose(logits, whole[:, first:], atol=1e-6)
+        peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+        logits, at = logits_from(peft, ids, attn, 4)
+        assert at == 4 and torch.allclose(logits, whole[:, 4:], atol=1e-6)
+
+    class Whole(torch.nn.Module):  # a forward without logits_to_keep
+        def forward(self, input_ids, attention_mask):
+            return model(input_ids=input_ids, attention_mask=attention_mask)
+
+    with torch.no_grad():
+        logits, at = logits_from(Whole(), ids, attn, 4)
+    assert at == 0 and torch.allclose(logits, whole, atol=1e-6)

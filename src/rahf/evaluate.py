@@ -35,6 +35,7 @@ from .metrics import (
     perplexity,
     response_logprobs,
 )
+from .models import logits_from
 from .stimuli import build_variants, prompt_ids, untallied
 
 
@@ -311,9 +312,9 @@ def _response_logprobs_full(
     """Log-softmax over the vocabulary at each position that predicts a response token: one [L, V] per row."""
     seqs = [[*p, *r] for p, r in zip(batch_prompts, batch_responses)]
     ids, attn = _right_padded(seqs, pad_id, _device(model))
-    logits = model(input_ids=ids, attention_mask=attn).logits
+    logits, at = logits_from(model, ids, attn, min(len(p) for p in batch_prompts) - 1)
     return [
-        torch.log_softmax(logits[r, len(p) - 1 : len(p) - 1 + len(resp)].float(), dim=-1)
+        torch.log_softmax(logits[r, len(p) - 1 - at : len(p) - 1 - at + len(resp)].float(), dim=-1)
         for r, (p, resp) in enumerate(zip(batch_prompts, batch_responses))
     ]
 

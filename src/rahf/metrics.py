@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .models import logits_from
+
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 _OUTCOMES = (0.0, 0.5, 1.0)
 
@@ -289,11 +291,12 @@ def response_logprobs(
         raise ValueError("input_ids, attention_mask and response_mask must have the same [B, T] shape")
     if bool(response_mask[:, 0].any()):
         raise ValueError("response_mask marks position 0, which has no previous position to predict it from")
-    keep = response_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+    keep = response_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # position t predicts token t + 1
+    first = int(keep.int().argmax(1)[keep.any(1)].min()) if keep.any() else 0
     with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits, at = logits_from(model, input_ids, attention_mask, first)
         # the scored positions only, in float32: [B, T, V] in float32 would hold every prompt and pad position too
-        scored = logits[:, :-1][keep.to(logits.device)].float()
+        scored = logits[:, :-1][keep[:, at:].to(logits.device)].float()
         token_lp = torch.log_softmax(scored, dim=-1).gather(-1, input_ids[:, 1:][keep].unsqueeze(-1).to(scored.device))
     per_row = keep.sum(dim=1).tolist()
     return [part.tolist() for part in token_lp.squeeze(-1).cpu().split(per_row)]

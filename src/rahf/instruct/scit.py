@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..config import RahfConfig
 from ..data import PreferencePair
-from ..models import load_model, load_tokenizer, save_model
+from ..models import load_model, load_tokenizer, logits_from, save_model
 from ..stimuli import build_variants
 from ..training import ListDataset, lora_config, run_trainer, step1_learning_rate, train_dtype, training_args
 
@@ -116,10 +116,10 @@ def _trainer_class():
             self._parts: dict[str, list[float]] = defaultdict(list)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            logits = model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-            ).logits
-            lp = mean_response_logprob(logits, inputs["input_ids"], inputs["response_mask"])
+            ids, replies = inputs["input_ids"], inputs["response_mask"]
+            first = int(replies.int().argmax(1).min()) - 1  # the first position that predicts a reply token
+            logits, at = logits_from(model, ids, inputs["attention_mask"], first, use_cache=False)
+            lp = mean_response_logprob(logits, ids[:, at:], replies[:, at:])
             b = lp.shape[0] // 2
             match, other = lp[:b], lp[b:]
             loss = scit_loss(match, other, self.label_smoothing).mean()
