@@ -862,3 +862,21 @@ def test_check_data_lists_replies_that_write_a_turn_of_the_dialogue(tmp_path):
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "q", "completion": "ok\n\nHuman: more"}])
     turn = "a new dialogue turn ('Human:' or 'Assistant:'), which a model trained on it learns to write"
     assert check_data(sft).problems == [f"{sft}:1: completion writes {turn}"]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ("Human: hi\n\nAssistant: yes", "Human: hi\n\nAssistant: no", 22),  # 9 + 2 + 10 + the space
+        ("abc", "abc", 3),
+        ("abc", "abcdef", 3),
+        ("xbc", "abc", 0),
+        ("", "abc", 0),
+        ("ab\u00e9c", "ab\u00e9d", 3),  # characters, not bytes
+        ("a" * 100_001, "a" * 100_000 + "b", 100_000),
+    ],
+)
+def test_the_shared_prefix_of_two_transcripts(a, b, expected):
+    from rahf.data import shared_length
+
+    assert shared_length(a, b) == shared_length(b, a) == expected

@@ -296,6 +296,19 @@ def _hh_messages(text: str, src: str) -> list[Message]:
     return out
 
 
+def shared_length(a: str, b: str) -> int:
+    """The length of the longest common prefix of `a` and `b`, found by bisection over slice comparisons (which run
+    at C speed: a character-by-character loop took half of `rahf data check`'s time on HH transcripts)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _parse_hh(record: dict, src: str) -> PreferencePair:
     fmt = "hh"
     chosen = _field(record, "chosen", str, src, fmt)
@@ -305,11 +318,7 @@ def _parse_hh(record: dict, src: str) -> PreferencePair:
             raise _error(src, fmt, f"field {key!r} has no '\\n\\nAssistant:' turn")
     # The prompt is the longest common prefix ending right after an Assistant tag. Usually that is
     # the last turn; when the transcripts part earlier, the later turns stay in the replies as text.
-    n = 0
-    limit = min(len(chosen), len(rejected))
-    while n < limit and chosen[n] == rejected[n]:
-        n += 1
-    cut = chosen.rfind(_HH_ASSISTANT, 0, n)
+    cut = chosen.rfind(_HH_ASSISTANT, 0, shared_length(chosen, rejected))
     if cut < 0:
         raise _error(src, fmt, "fields 'chosen' and 'rejected' differ before their first '\\n\\nAssistant:' turn")
     # in a run of Assistant turns (one message, as `_hh_messages` merges them), the reply starts at the run's first
