@@ -4,7 +4,8 @@ A causal model's states at the window's positions depend on no later token, so `
 (and the align collators) forward each sequence only through its window. This script reads the first pairs
 of the HH file with a byte-level BPE tokenizer trained on them and a random LLaMA-style model (both built
 here, no download), and times the reader's three forwards per batch (SCIT: no instruction, preferred and
-dispreferred instruction) against the same forwards of the whole padded sequences.
+dispreferred instruction) against the same forwards of the whole padded sequences, and collect's own cache
+writer, which batches the sequences by where their windows end.
 
 Usage: python benchmarks/collect_window.py [--pairs 256] [--window 64] [--hidden 256] [--blocks 8]
 """
@@ -44,7 +45,7 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rahf.collect import TargetReader, examples_for, pad_batch
+    from rahf.collect import TargetReader, examples_for, pad_batch, write_cache
     from rahf.config import load_config
     from rahf.data import load_pairs
     from rahf.models import forward_capture
@@ -90,11 +91,18 @@ def main() -> None:
     print("| forward through | seconds |\n|---|---|")
     with torch.no_grad():
         whole(batches[0]), reader(batches[0])  # warm-up: first calls allocate
-        for label, fn in (("whole sequences", whole), ("the window (rahf)", reader)):
+        for label, fn in (("whole sequences, batches in file order", whole), ("the window, file order", reader)):
             start = time.perf_counter()
             for batch in batches:
                 fn(batch)
             print(f"| {label} | {time.perf_counter() - start:.1f} |")
+        with tempfile.TemporaryDirectory() as tmp:  # rahf's collect: batches of like window ends, written out
+            start = time.perf_counter()
+            write_cache(reader, examples, Path(tmp), hidden=args.hidden)
+            print(
+                f"| the window, batches by window end (`rahf.collect.write_cache`, shards written) | "
+                f"{time.perf_counter() - start:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -176,3 +176,41 @@ def test_a_cache_split_by_the_byte_cap_reads_as_one_shard(tmp_path, tiny_model_d
                 assert torch.equal(a[kind][layer], b[kind][layer])
     o, _ = reader(examples[:1])
     torch.testing.assert_close(one[0]["o"][LAYERS[0]].float(), o[LAYERS[0]][0], atol=1e-2, rtol=1e-2)
+
+
+def test_collect_batches_sequences_whose_windows_end_alike_and_files_each_in_its_place(
+    tmp_path, tiny_model_dir, pairs_file, tokenizer
+):
+    """A batch is padded to its longest window end, so collect forwards sequences in order of window end (in file
+    order most of a batch of HH pairs was padding); each sequence's rows still land at its own index."""
+    from rahf.align import CachedTargets
+
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit", collect__batch_size=3)
+    cfg = load_config(None, settings | {"collect": {"batch_size": 3, "dtype": "float32"}})
+    model = load_model(str(tiny_model_dir), device="cpu").eval()
+    longer = [  # prompts of 0, 4, 2, 6, .. more words: windows ending at different positions
+        PreferencePair(({"role": "user", "content": " ".join(["mia"] * (i * 2 % 8)) + " " + p.prompt[0]["content"]},),
+                       p.chosen, p.rejected, p.source)
+        for i, p in enumerate(pairs(8))
+    ]  # fmt: skip
+    examples = examples_for(tokenizer, longer, cfg)
+    ends = [sum(e.plain.window(cfg.window, cfg.include_boundary)) for e in examples]
+    assert ends != sorted(ends)  # file order is not window order here
+    reader = TargetReader(cfg, LAYERS, tokenizer.pad_token_id, model)
+    seen = []
+
+    def recording(batch):
+        seen.append([sum(e.plain.window(cfg.window, cfg.include_boundary)) for e in batch])
+        return reader(batch)
+
+    recording.cfg, recording.layers = reader.cfg, reader.layers
+    (tmp_path / "cache").mkdir()
+    write_cache(recording, examples, tmp_path / "cache", hidden=32)
+    assert [end for batch in seen for end in batch] == sorted(ends) and {len(b) for b in seen[:-1]} == {3}
+    cache = CachedTargets(tmp_path / "cache", LAYERS)
+    for i, e in enumerate(examples):
+        o, v = reader([e])
+        assert cache[i]["input_ids"] == list(e.plain.input_ids)
+        for layer in LAYERS:
+            torch.testing.assert_close(cache[i]["o"][layer], o[layer][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache[i]["v"][layer], v[layer][0], atol=1e-5, rtol=1e-5)
