@@ -1040,3 +1040,20 @@ def test_rahf_builds_the_same_sequences_from_a_folder_it_saved(make, tmp_path):
                 assert prompt_ids(tok, prompt, limit, POS) == prompt_ids(saved, prompt, limit, POS)
     assert counts["prompt cut"] >= 2 * 3 * 3 and counts["reply cut"] > 0
     assert (stop_ids(saved), reply_header(saved)) == (stop_ids(tok), "")
+
+
+def test_tokenizing_many_pairs_shows_a_bar_and_a_few_none(tokenizer, monkeypatch, capsys):
+    """A stage builds all its sequences before its own bar starts: past PROGRESS_DELAY seconds that shows a bar of
+    its own, and a quick one (small data, the tests) prints nothing."""
+    from rahf import stimuli
+    from rahf.config import RahfConfig
+    from rahf.data import PreferencePair
+    from rahf.instruct.scit import scit_examples
+
+    pairs = [PreferencePair((user(QUERY),), RESPONSE, "it is red .", f"p:{i}") for i in range(3)]
+    cfg = RahfConfig()
+    assert len(scit_examples(tokenizer, pairs, cfg)) == 6
+    assert "tokenize" not in capsys.readouterr().err
+    monkeypatch.setattr(stimuli, "PROGRESS_DELAY", 0)
+    assert len(scit_examples(tokenizer, pairs, cfg)) == 6
+    assert "tokenize pairs" in capsys.readouterr().err

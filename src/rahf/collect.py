@@ -27,7 +27,7 @@ from .config import RahfConfig
 from .data import PreferencePair
 from .errors import RahfError
 from .models import DTYPES, forward_capture
-from .stimuli import Stimulus, build_variants
+from .stimuli import Stimulus, build_variants, tokenizing
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def examples_for(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> lis
         systems |= {"pos": cfg.instructions.preferred, "neg": cfg.instructions.dispreferred}
     lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
     out = []
-    for p in pairs:
+    for p in tokenizing(pairs, "pairs"):
         picked = {"both": (p.chosen, p.rejected), "chosen": (p.chosen,), "rejected": (p.rejected,)}
         for response in picked[cfg.collect.responses]:
             v = build_variants(tokenizer, p.prompt, response, systems, *lengths, source=p.source)

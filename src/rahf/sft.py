@@ -10,7 +10,7 @@ from .config import RahfConfig
 from .data import PreferencePair, pairs_of, parse_completion, read_records
 from .errors import ConfigError, DataError
 from .models import load_model, load_tokenizer, save_model
-from .stimuli import build_variants
+from .stimuli import build_variants, tokenizing
 from .training import load_data, load_eval_pairs, load_split, run_trainer, train_dtype, training_args
 
 
@@ -60,7 +60,7 @@ def tokenized_sft_dataset(tokenizer, examples, max_prompt_length: int, max_respo
     from datasets import Dataset
 
     rows = {"input_ids": [], "labels": []}
-    for prompt, response, source in examples:
+    for prompt, response, source in tokenizing(examples, "examples"):
         variants = build_variants(
             tokenizer, prompt, response, {"plain": None}, max_prompt_length, max_response_length, source
         )

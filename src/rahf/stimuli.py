@@ -24,9 +24,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
 
 from .data import Message
+from .distributed import is_main
 from .errors import ConfigError, DataError
 
 
@@ -575,6 +578,18 @@ def build_variants(
         counts["reply cut"] += len(whole) > max_response_length
         counts["reply empty"] += not response.strip()
     return {name: Stimulus(tuple(ids[system] + resp), len(ids[system])) for name, system in systems.items()}
+
+
+T = TypeVar("T")
+PROGRESS_DELAY = 2.0  # seconds of tokenizing before its bar shows: none for small data, one for 200k pairs
+
+
+def tokenizing(items: Sequence[T], what: str) -> Iterator[T]:
+    """`items` (pairs, examples), with a progress bar once tokenizing them has taken `PROGRESS_DELAY` seconds: a
+    stage builds every sequence before its own bar starts, which takes minutes on hundreds of thousands of pairs."""
+    return iter(
+        tqdm(items, desc=f"tokenize {what}", unit=what, delay=PROGRESS_DELAY, leave=False, disable=not is_main())
+    )
 
 
 _TALLIES: list[Counter] = []  # the open `tally` counters

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..config import RahfConfig
 from ..data import PreferencePair
 from ..models import load_model, load_tokenizer, logits_from, save_model
-from ..stimuli import build_variants
+from ..stimuli import build_variants, tokenizing
 from ..training import ListDataset, lora_config, run_trainer, step1_learning_rate, train_dtype, training_args
 
 
@@ -52,7 +52,7 @@ def scit_examples(tokenizer, pairs: list[PreferencePair], cfg: RahfConfig) -> li
     systems = {"pos": cfg.instructions.preferred, "neg": cfg.instructions.dispreferred}
     lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
     out = []
-    for p in pairs:
+    for p in tokenizing(pairs, "pairs"):
         for response, match, other in ((p.chosen, "pos", "neg"), (p.rejected, "neg", "pos")):
             v = build_variants(tokenizer, p.prompt, response, systems, *lengths, source=p.source)
             out.append({"match": v[match], "other": v[other]})
