@@ -111,6 +111,45 @@ def test_a_model_config_with_a_field_of_the_wrong_type_is_one_line(base, tiny_mo
     assert msg.startswith(f"model: cannot read the config of '{model}'") and "num_hidden_layers" in msg, msg
 
 
+def test_a_model_folder_without_its_config_is_named_as_such(base, tiny_model_dir, tmp_path):
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (model / "config.json").unlink()
+    msg = error_of(None, with_(base, model=str(model), layers=[1]))
+    assert msg == f"model: {model} holds no config.json; give a folder saved with save_pretrained", msg
+
+
+_GATED = "You are trying to access a gated repo.\nMake sure to have access to it at https://huggingface.co/o/m."
+_UNREACHABLE = "We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet connection"
+_UNKNOWN = "o/m is not a local folder and is not a valid model identifier listed on 'https://huggingface.co/models'"
+_DOWNLOAD = "and it is not in the local Hub cache: download it where there is a network (`hf download o/m`) or give a local folder"
+
+
+@pytest.mark.parametrize(
+    ("offline", "raised", "fix"),
+    [
+        (False, _GATED, "; request access at https://huggingface.co/o/m and set HF_TOKEN (or run `hf auth login`)"),
+        (False, _UNREACHABLE, f"; the Hub cannot be reached {_DOWNLOAD}"),
+        (True, _UNREACHABLE, f"; HF_HUB_OFFLINE is set {_DOWNLOAD}"),
+        (False, _UNKNOWN + "\nIf this is a private repository, ...",
+         "; check the spelling (a private repo also needs HF_TOKEN), or give a local folder's path"),
+    ],
+)  # fmt: skip
+def test_a_hub_model_that_cannot_be_read_says_what_to_do(base, monkeypatch, offline, raised, fix):
+    """transformers puts its advice on the lines after the first, which a one-line error leaves out."""
+    from huggingface_hub import constants
+    from transformers import AutoConfig
+
+    def refuse(*args, **kwargs):
+        raise OSError(raised)
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", refuse)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    msg = error_of(None, with_(base, model="o/m", layers=[1]))
+    assert msg == f"model: cannot read the config of 'o/m' ({raised.splitlines()[0]}){fix}", msg
+
+
 def test_nan_alpha_in_yaml(base, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(f"model: {base['model']}\ndata:\n  path: {base['data']['path']}\nalpha: .nan\n")

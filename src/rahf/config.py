@@ -804,6 +804,9 @@ def check_again(cfg: RahfConfig, stage: str | None = None) -> None:
     """`validate` again unless `cfg` is as it last passed: a program may change a loaded config (`cfg.alpha = a` in a
     sweep) or build one by hand before it runs it."""
     if getattr(cfg, "_checked", None) != _checked_state(cfg, stage):
+        typed = _build(RahfConfig, cfg.to_dict(), "")  # the types load_config gives: `cfg.alpha = sys.argv[1]`
+        for f in dataclasses.fields(RahfConfig):
+            setattr(cfg, f.name, getattr(typed, f.name))
         validate(cfg, stage)
 
 
@@ -984,11 +987,35 @@ def model_config(key: str, name: str, revision: str | None, trust_remote_code: b
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise ConfigError(f"{key}: {name} holds no config.json; give a folder saved with save_pretrained")
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, StrictDataclassError) as e:  # the last two: a field of the wrong type
         at = f" at revision {revision!r}" if revision else ""
-        raise ConfigError(f"{key}: cannot read the config of {name!r}{at} ({str(e).splitlines()[0]})") from None
+        problem = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{key}: cannot read the config of {name!r}{at} ({problem}){_hub_fix(name, str(e))}"
+        ) from None
+
+
+def _hub_fix(name: str, problem: str) -> str:
+    """What to do about a model the Hub would not give: transformers' own advice is on the lines a one-line error
+    leaves out."""
+    from huggingface_hub import constants
+
+    if "gated repo" in problem:
+        return f"; request access at https://huggingface.co/{name} and set HF_TOKEN (or run `hf auth login`)"
+    if constants.HF_HUB_OFFLINE or "couldn't connect" in problem.lower():
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        return (
+            f"; {why} and it is not in the local Hub cache: download it where there is a network "
+            f"(`hf download {name}`) or give a local folder"
+        )
+    if "not a valid model identifier" in problem:
+        return "; check the spelling (a private repo also needs HF_TOKEN), or give a local folder's path"
+    return ""
 
 
 def model_num_layers(cfg: RahfConfig) -> int:
