@@ -76,3 +76,80 @@ def test_only_a_quick_demo_report_says_its_numbers_are_a_smoke_test():
     for quick in (False, True):
         header = demo_header({"methods": {"sft": row}, "task": task | {"quick": quick}})
         assert ("smoke test" in header) == quick and "| sft | 0.300 | 0.200-0.400 |" in header
+
+
+class _DemoStarted(Exception):
+    """Raised in place of the demo's heavy part (`rahf compare`), once the folder check has passed."""
+
+
+@pytest.fixture
+def no_compare(monkeypatch):
+    import rahf.compare
+
+    def started(config):
+        raise _DemoStarted
+
+    monkeypatch.setattr(rahf.compare, "run_compare", started)
+
+
+def _tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def test_demo_refuses_a_folder_of_the_users_own_files(tmp_path, capsys, no_compare):
+    """`rahf demo --out DIR` into a project folder once replaced its data/pairs.jsonl and deleted its base/ model."""
+    from rahf.cli import main
+    from rahf.errors import RahfError
+
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    (proj / "base").mkdir()
+    (proj / "data" / "pairs.jsonl").write_text('{"prompt": "my own data", "chosen": "a", "rejected": "b"}\n')
+    (proj / "base" / "model.safetensors").write_bytes(b"the user's own model")
+    before = _tree(proj)
+    assert main(["demo", "--quick", "--out", str(proj)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"rahf: error: --out: {proj} holds files `rahf demo` did not write (base/, data/), which the demo would "
+        "overwrite or delete; give an empty or new folder\n"
+    )
+    with pytest.raises(RahfError, match=r"did not write \(base/, data/\)"):
+        run_demo(proj, quick=True)  # the library refuses it too
+    assert _tree(proj) == before  # nothing written, nothing deleted
+
+
+def test_demo_accepts_a_new_or_empty_folder_and_reruns_into_its_own(tmp_path, no_compare):
+    from rahf.demo.run import MARKER, check_out
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (tmp_path / "new", empty):
+        check_out(folder)
+        with pytest.raises(_DemoStarted):  # the check passed: the demo got as far as `rahf compare`
+            run_demo(folder, quick=True)
+        assert (folder / MARKER).is_file() and (folder / "data" / "pairs.jsonl").is_file()
+        assert (folder / "base" / "demo_base.json").is_file()
+        weights = (folder / "base" / "model.safetensors").stat().st_mtime_ns
+        with pytest.raises(_DemoStarted):  # a rerun into the demo's own folder (here one interrupted) goes on
+            run_demo(folder, quick=True)
+        assert (folder / "base" / "model.safetensors").stat().st_mtime_ns == weights  # and reuses its model
+    only_marker = tmp_path / "interrupted-at-once"
+    only_marker.mkdir()
+    (only_marker / MARKER).write_text("")
+    (only_marker / "data").mkdir()
+    check_out(only_marker)
+
+
+def test_demo_accepts_a_folder_written_before_the_marker(tmp_path):
+    from rahf.demo.run import check_out
+    from rahf.errors import RahfError
+
+    old = tmp_path / "old"
+    (old / "base").mkdir(parents=True)
+    (old / "report.md").write_text("# rahf demo\n\nTask: ...\n")
+    check_out(old)  # a finished demo's report
+    (old / "report.md").write_text("# my notes\n")
+    with pytest.raises(RahfError, match=r"\(base/, report\.md\)"):
+        check_out(old)
+    (old / "base" / "demo_base.json").write_text("{}")
+    check_out(old)  # the demo's stamp on its model

@@ -150,10 +150,9 @@ def _cmd_data_check(args) -> None:
 
 def _cmd_demo(args) -> None:
     from .config import RANGES
-    from .demo.run import run_demo
+    from .demo.run import check_out, run_demo
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise RahfError(f"--out: {args.out} is a file; give a folder (it is made when missing)")
+    check_out(Path(args.out))  # a file, or a folder of the user's own files, is refused before anything is written
     for flag, value, key in (("--label-noise", args.label_noise, "data.label_noise"), ("--seed", args.seed, "seed")):
         if value not in RANGES[key]:  # said before the demo writes anything into --out
             raise ConfigError(f"{flag}: must be {RANGES[key]}, got {value}")

@@ -21,6 +21,7 @@ import yaml
 
 from ..artifacts import write_text_atomic
 from ..config import load_config
+from ..errors import RahfError
 from ..report import RAHF_VS_STEP1
 from .task import INSTRUCTIONS, DemoData, Fact, gold_score, make_task, vocabulary
 from .tiny import save_tiny
@@ -51,6 +52,38 @@ class Scale:
 FULL = Scale(4000, 2000, 100, 200, 4, 6, 3, 1, 150, 40, ((2, 3), (3,)), (0.1, 0.25, 0.5), (0.5, 0.75, 1.0))
 QUICK = Scale(1200, 400, 25, 200, 1, 2, 2, 1, 30, 4, ((2, 3),), (0.25,), (0.5,), temperatures=(0.0, 1.0))
 MAX_NEW_TOKENS = 24
+# Written into --out before anything else: a folder holding it is one a `rahf demo` wrote (even one interrupted at
+# once), which a rerun may overwrite, reusing what is up to date.
+MARKER = ".rahf-demo"
+MARKER_TEXT = "This folder was written by `rahf demo`: a rerun of `rahf demo --out` here replaces its files.\n"
+
+
+def _starts_with(path: Path, text: str) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(text)) == text.encode()
+    except OSError:
+        return False
+
+
+def check_out(out: Path) -> None:
+    """Refuse `out` unless it is missing, empty, or written by an earlier `rahf demo`: the demo replaces data/,
+    base/, report.md and more there, so a folder of the user's own files would lose them."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RahfError(f"--out: {out} is a file; give a folder (it is made when missing)")
+    if not out.is_dir() or (out / MARKER).is_file():
+        return
+    # demos written before the marker: the demo's own stamp on its model, or its finished report
+    if (out / "base" / "demo_base.json").is_file() or _starts_with(out / "report.md", "# rahf demo\n"):
+        return
+    entries = sorted(p.name + "/" * p.is_dir() for p in out.iterdir())
+    if entries:
+        names = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise RahfError(
+            f"--out: {out} holds files `rahf demo` did not write ({names}), which the demo would overwrite or "
+            "delete; give an empty or new folder"
+        )
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -178,14 +211,19 @@ def base_model(path: Path, scale: Scale, seed: int) -> Path:
 
 
 def run_demo(out: Path, quick: bool = False, label_noise: float = 0.0, seed: int = 0) -> dict:
-    """Run the demo into `out`; writes report.md, results.json and compare.yaml and returns the results."""
+    """Run the demo into `out` (missing, empty, or an earlier demo's: see `check_out`); writes report.md,
+    results.json and compare.yaml and returns the results."""
     from ..compare import run_compare
 
     t0 = time.time()
     scale = QUICK if quick else FULL
     out = Path(out).resolve()
+    check_out(out)  # before anything is written into it
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        (out / MARKER).write_text(MARKER_TEXT)
     data_dir = out / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(exist_ok=True)
     task: DemoData = make_task(scale.n_sft, scale.n_pairs, scale.n_val, scale.n_test, 0.0, seed)
     _write_jsonl(data_dir / "sft.jsonl", task.sft)
     _write_jsonl(data_dir / "pairs.jsonl", [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in task.pairs])
