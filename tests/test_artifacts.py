@@ -209,3 +209,81 @@ def test_ctrl_c_while_replacing_a_stage_says_what_is_left(
     assert sorted(p.name for p in out.iterdir()) == [".rahf.lock", "sft"]
     assert (read_manifest(out / "sft")["build"] == first) == (kept == "previous")
     assert main(["status", str(cfg)]) == 0 and " fresh " in capsys.readouterr().out
+
+
+def _user_folder(folder: Path) -> dict[str, str]:
+    """A folder of the user's own at a stage's place: files rahf did not write, one nested."""
+    (folder / "sub").mkdir(parents=True)
+    (folder / "my-labels.jsonl").write_text("three weeks of hand-labelled replies\n")
+    (folder / "sub" / "notes.md").write_text("mine\n")
+    return {str(f.relative_to(folder)): f.read_text() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_atomic_dir_refuses_to_replace_a_folder_rahf_did_not_write(tmp_path):
+    from rahf.errors import ConfigError
+
+    folder = tmp_path / "merged"
+    before = _user_folder(folder)
+    ran = []
+    with pytest.raises(ConfigError) as caught, atomic_dir(folder, "merge", "fp", {}) as tmp:
+        ran.append(tmp)  # not reached: refused before the stage runs
+    assert str(caught.value) == (
+        f"output_dir: {folder} holds files rahf did not write (my-labels.jsonl, sub/notes.md), where the merge stage "
+        "writes its artifact; move it out of output_dir or choose another output_dir"
+    )
+    assert ran == []
+    assert {str(f.relative_to(folder)): f.read_text() for f in sorted(folder.rglob("*")) if f.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary folder, nothing else made
+    (tmp_path / "generations").write_text("a file of the user's where a stage writes its folder")
+    with (
+        pytest.raises(ConfigError, match=r"generations is a file rahf did not write, where the generate stage"),
+        atomic_dir(tmp_path / "generations", "generate", "fp", {}),
+    ):
+        pass
+    assert (tmp_path / "generations").read_text().startswith("a file of the user's")
+
+
+def test_atomic_dir_keeps_a_users_folder_made_while_the_stage_ran(tmp_path):
+    from rahf.errors import ConfigError
+
+    folder = tmp_path / "merged"
+    artifacts.ABANDONED.clear()
+    with (
+        pytest.raises(ConfigError, match=r"merged holds files rahf did not write \(my-labels.jsonl, sub/notes.md\)"),
+        atomic_dir(folder, "merge", "fp", {}) as tmp,
+    ):
+        (tmp / "model.safetensors").write_bytes(b"\x01" * 16)
+        before = _user_folder(folder)
+    assert {str(f.relative_to(folder)): f.read_text() for f in sorted(folder.rglob("*")) if f.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # the new folder dropped, no replaced copy
+    assert artifacts.ABANDONED == [folder]
+
+
+def _browsed_only(folder: Path) -> None:
+    (folder / "empty").mkdir(parents=True)
+    (folder / ".DS_Store").write_bytes(b"Bud1")
+
+
+def _manifest_as(text: str | None):
+    """rahf's artifact with its manifest damaged: `text` written over it, or a folder in its place (None)."""
+
+    def make(folder: Path) -> None:
+        make_artifact(folder, "old")
+        (folder / MANIFEST).unlink()
+        (folder / MANIFEST).mkdir() if text is None else (folder / MANIFEST).write_text(text)
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "make",
+    [Path.mkdir, _browsed_only, _manifest_as('{"fingerprint": "fp", "bu'), _manifest_as("[]"), _manifest_as(None)],
+    ids=["empty", "browser-files-only", "manifest-unreadable", "manifest-not-an-object", "manifest-a-folder"],
+)
+def test_an_empty_folder_or_rahfs_own_with_a_damaged_manifest_is_replaced(tmp_path, make):
+    folder = tmp_path / "merged"
+    make(folder)
+    assert artifacts.foreign_files(folder) == []  # not a user's: nothing to refuse
+    make_artifact(folder, "new")
+    assert read_manifest(folder)["fingerprint"] == "new" and artifacts.files_intact(folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]

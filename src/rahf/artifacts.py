@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, RahfError
+from .errors import ConfigError, DataError, RahfError
 from .hubfiles import download, is_hub_file
 
 MANIFEST = "rahf_manifest.json"
@@ -317,6 +317,53 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+_BROWSER_FILES = re.compile(r"^(\.DS_Store|\._.*|Thumbs\.db|desktop\.ini)$")  # what a file browser adds
+
+
+def foreign_files(folder: str | os.PathLike, marker: str = MANIFEST, most: int = 3) -> list[str]:
+    """Up to `most` files (paths relative to it, top level first) of `folder` when rahf did not write it: it has no
+    `marker` file (its manifest) and holds something besides what a file browser adds. rahf writes a stage's folder
+    whole, its manifest in it, and renames it into place (`atomic_dir`), so such a folder is a user's, never to be
+    replaced. [] for rahf's folder (its manifest unreadable or not), an empty folder, or none."""
+    folder = Path(folder)
+    if not folder.is_dir() or os.path.lexists(folder / marker):
+        return []
+    found: list[str] = []
+
+    def unreadable(e: OSError) -> None:  # a folder that cannot be listed: not what rahf writes
+        name = Path(e.filename or folder).relative_to(folder).as_posix()
+        found.append(f"{folder.name if name == '.' else name}/ (unreadable)")
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
+        dirs.sort()
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]  # listed, not followed
+        found += [
+            Path(root, name).relative_to(folder).as_posix()
+            for name in sorted([*files, *links])
+            if not _BROWSER_FILES.match(name)
+        ]
+        if len(found) >= most:
+            break
+    return found[:most]
+
+
+def refuse_foreign(folder: str | os.PathLike, stage: str, marker: str = MANIFEST, what: str = "its artifact") -> None:
+    """A ConfigError when `folder`, which the `stage` stage replaces (or deletes), is not rahf's: a file, or a folder
+    with files rahf did not write (`foreign_files`). Nothing is changed."""
+    folder = Path(folder)
+    fix = "move it out of output_dir or choose another output_dir"
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        raise ConfigError(
+            f"output_dir: {folder} is a file rahf did not write, where the {stage} stage writes {what}; {fix}"
+        )
+    if found := foreign_files(folder, marker):
+        names = ", ".join(found[:2]) + (", ..." if len(found) > 2 else "")
+        raise ConfigError(
+            f"output_dir: {folder} holds files rahf did not write ({names}), where the {stage} stage writes {what}; "
+            f"{fix}"
+        )
+
+
 @contextmanager
 def atomic_dir(
     final: str | os.PathLike,
@@ -332,9 +379,11 @@ def atomic_dir(
     The manifest holds `config` (the settings `fp` covers), `inputs` (the fingerprint of each input),
     `run_config` (the whole resolved config) and `extra`; secret-looking values are redacted and nothing
     is read from the environment. When the body fails or is interrupted, the new folder is dropped and an artifact
-    it was to replace stays in place (`_undo`).
+    it was to replace stays in place (`_undo`). A folder at `final` that rahf did not write (`foreign_files`) is
+    never replaced: a ConfigError, before the body runs or, made while it ran, in place of the swap.
     """
     final = Path(final)
+    refuse_foreign(final, stage)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only or virtual file system (/proc): said before the stage starts
@@ -362,6 +411,7 @@ def atomic_dir(
             "file_digests": digests,  # name -> `file_digest`: nor one with another file in its place
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        refuse_foreign(final, stage)  # made while the body ran: the new folder is dropped (`_undo`)
         if final.exists():
             final.rename(old)
         tmp.rename(final)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from .artifacts import (
     files_intact,
     fingerprint,
     fingerprint_path,
+    foreign_files,
     is_fresh,
     lock_holder,
     lost_files,
@@ -42,7 +44,7 @@ from .artifacts import (
 from .collect import collected_shards
 from .config import METHOD_STAGES, RahfConfig, active_stages, check_again, flatten, resolved_layers, train_section
 from .errors import RahfError, UpstreamError
-from .preflight import check_some_stages, preflight, unread_cache_note
+from .preflight import check_some_stages, check_stage_folders, preflight, unread_cache_note
 from .stimuli import Instruction, tally
 
 FOLDERS = {
@@ -135,6 +137,8 @@ def _changes(path: Path, covered: dict, inputs: dict[str, str | None]) -> str:
     """What differs between the manifest in `path` and the current settings, e.g. "changed: window, data contents"."""
     try:
         manifest = read_manifest(path)
+    except FileNotFoundError:  # an empty folder (rahf's are written whole, a user's refused: `check_stage_folders`)
+        return "it holds no manifest"
     except (OSError, ValueError):
         return "its manifest is unreadable"
     if gone := lost_files(path):
@@ -536,6 +540,7 @@ def _run_stage(cfg: RahfConfig, stage: str, force: bool, restart: bool, together
     """`run_stage`; `together`: every process runs the stage's work, process 0 alone writes the artifact."""
     from .training import CHECKPOINTS
 
+    check_stage_folders(cfg, [stage])  # a user's folder where the stage writes: refused before anything runs
     fp, covered, inputs = _stage_inputs(cfg, stage, {})
     out = stage_dir(cfg, stage)
     main = distributed.is_main()
@@ -597,7 +602,7 @@ def _plan(
         made = f"; made with other versions ({changed}): `rahf {stage} CONFIG` redoes it" if changed else ""
         print(f"[rahf] {stage}: up to date ({out}){made}", flush=True)
         return None
-    if out.exists() and not force:
+    if os.path.lexists(out / MANIFEST) and not force:  # an artifact made otherwise; an empty folder is as none
         print(f"[rahf] {stage}: {out} {_why_stale(out, covered, inputs)}; recomputing", flush=True)
     print(f"[rahf] {stage}: running -> {out}", flush=True)
     saves = _checkpoint_folder(cfg, stage, fp, restart)
@@ -720,6 +725,7 @@ def run(cfg: RahfConfig, force: bool = False) -> None:
     """All configured stages the method uses, in order (after `preflight`)."""
     with one_call(cfg):
         check_some_stages(cfg)
+        check_stage_folders(cfg, active_stages(cfg))  # a user's folder where a stage writes: before anything else
         preflight(cfg)
         skipped = [s for s in cfg.stages if s not in METHOD_STAGES[cfg.method]]
         if skipped:
@@ -965,9 +971,17 @@ def describe(cfg: RahfConfig) -> str:
     for stage in active_stages(cfg):
         out = stage_dir(cfg, stage)
         note = ""
+        if (out.exists() and not out.is_dir()) or (found := foreign_files(out)):
+            what = (
+                f"holds files rahf did not write: {', '.join(found[:2])}"
+                if out.is_dir()
+                else "a file rahf did not write"
+            )
+            lines.append(f"{stage:9s} {'foreign':20s} {out} ({what}; a run stops here: move it out of output_dir)")
+            continue
         try:
             fp, covered, inputs = _stage_inputs(cfg, stage, {})
-            state = "fresh" if _current(out, fp) else ("stale" if out.exists() else "missing")
+            state = "fresh" if _current(out, fp) else ("stale" if os.path.lexists(out / MANIFEST) else "missing")
             note = read_manifest(out).get("created", "") if state == "fresh" else ""
             if state == "fresh" and (changed := version_changes(out)):
                 note = f"{note} (made with {changed})"

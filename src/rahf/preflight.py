@@ -30,6 +30,8 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     from .pipeline import unused_sft_note
     from .training import load_data, split_pairs
 
+    if stage:  # `rahf <stage>`; `pipeline.run` checks its stages' folders itself
+        check_stage_folders(cfg, [stage])
     check_model_folders(cfg)
     stages = [*active_stages(cfg), *([stage] if stage else [])]
     check_data_path(cfg, stages)  # for a stage command not in `stages` too
@@ -98,6 +100,20 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     check_positions(cfg, stages)
     check_lora(cfg, stages)
     distributed.WORKING[:] = [True]  # from here on, a problem one process meets may not be the others'
+
+
+def check_stage_folders(cfg: RahfConfig, stages: list[str]) -> None:
+    """No folder that the `stages` replace or delete (each one's artifact; a training stage's checkpoints beside it)
+    holds files rahf did not write: a user's `generations/` or `merged/` in output_dir stops the run here, in one line,
+    before anything trains (`artifacts.refuse_foreign`). `preflight` checks only a stage command's stage: `rahf compare`
+    runs it on its own output_dir, where no stage writes (its runs, below it, are checked as they start)."""
+    from .artifacts import refuse_foreign
+    from .pipeline import CHECKPOINT_TAG, RESUMABLE_STAGES, checkpoint_folder, stage_dir
+
+    for stage in stages:
+        refuse_foreign(stage_dir(cfg, stage), stage)
+        if stage in RESUMABLE_STAGES:  # rahf tags the checkpoint folder as it makes it
+            refuse_foreign(checkpoint_folder(cfg, stage), stage, CHECKPOINT_TAG, "its checkpoints")
 
 
 def check_router_loss(cfg: RahfConfig, stages: list[str]) -> None:
