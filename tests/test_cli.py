@@ -710,12 +710,16 @@ def test_demo_refuses_an_out_that_is_a_file(tmp_path, capsys):
     ],
 )
 def test_demo_flags_out_of_range_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):
+    from rahf.demo.run import MARKER
+
     out = tmp_path / "demo"
     out.mkdir()
+    (out / MARKER).write_text("")
     (out / "results.json").write_text("{}")  # an earlier demo's
     assert main(["demo", "--quick", "--out", str(out), *flags]) == 2
     assert one_line_error(capsys.readouterr().err) == message
-    assert [p.name for p in out.iterdir()] == ["results.json"] and (out / "results.json").read_text() == "{}"
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "results.json"]
+    assert (out / "results.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "instruct"])
@@ -811,3 +815,16 @@ def test_a_reward_backbone_without_a_sequence_classifier_exits_2(tmp_path, vocab
     from rahf import preflight
 
     preflight.check_reward_backbone(load_config(cfg, [f"reward.model={tiny_model_dir}"]), ["reward"])  # a LLaMA: fine
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run"], "give a config file: rahf run CONFIG [key=value ...] (examples/ holds some)"),
+        (["status"], "give a config file: rahf status CONFIG [key=value ...] (examples/ holds some)"),
+        (["run", "pairs.jsonl"], "pairs.jsonl: a data file, not a config; give a YAML config first, which names it as data.path"),
+    ],
+)  # fmt: skip
+def test_a_command_without_its_config_says_what_it_takes(capsys, argv, message):
+    assert main(argv) == 2
+    assert one_line_error(capsys.readouterr().err) == message

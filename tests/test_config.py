@@ -1176,3 +1176,25 @@ def test_whole_numbers_reach_float_only_fields_as_floats(base, tmp_path):
     args = training_args(SFTConfig, cfg, tmp_path, cfg.sft.train, max_steps=3)
     assert type(args.router_aux_loss_coef) is float and args.router_aux_loss_coef == 0.0
     assert type(args.num_train_epochs) is float and type(args.max_steps) is int
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("alpah=3", "; did you mean alpha?"),  # a close spelling at the same level
+        ("align.window=3", "; did you mean window?"),  # the same key at another level
+        ("instruct.lora.rr=3", "; did you mean instruct.lora.r?"),
+        ("lora_r=16", "; did you mean instruct.lora.r, align.lora.r, dpo.lora.r, ppo.lora.r?"),  # its parts as a path
+        ("align.lr=1e-4", "; did you mean align.train.learning_rate?"),  # another tool's name, under its section
+        ("base_model=m", "; did you mean model?"),  # axolotl's
+        ("learning_rate=1e-4",  # a Trainer argument: under every section that trains
+         ("; did you mean sft.train.learning_rate, instruct.train.learning_rate, align.train.learning_rate, "
+          "reward.train.learning_rate, ...?")),
+        ("layers=1,2", "layers: expected a list, got '1,2'; write layers=[1,2]"),
+        ("data.path=Anthropic/hh-rlhf", "; a Hub dataset's file is read as hf://datasets/Anthropic/hh-rlhf/FILE"),
+        ("zzz=1", "window)"),  # nothing close: the known keys, no guess
+    ],
+)  # fmt: skip
+def test_a_mistyped_key_or_value_says_what_was_meant(base, override, hint):
+    msg = error_of(None, [f"model={base['model']}", f"data.path={base['data']['path']}", override])
+    assert msg.endswith(hint), msg

@@ -1661,6 +1661,8 @@ def test_a_config_changed_after_loading_is_checked_again_before_a_run_writes_any
         ("window", 100, r"^window: 100 exceeds data.max_response_length=24"),
         ("layers", [9], r"^layers: \[9\] out of range"),
         ("stages", [], r"^stages: empty, so there is nothing to run"),
+        ("alpha", [1, 3], r"^alpha: expected float, got \[1, 3\]"),  # a type load_config refuses
+        ("alpha", "x", r"^alpha: expected float, got 'x'"),
     ):
         cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
         setattr(cfg, key, value)
@@ -1670,6 +1672,16 @@ def test_a_config_changed_after_loading_is_checked_again_before_a_run_writes_any
             with pytest.raises(ConfigError, match=message):
                 pipeline.run_stage(cfg, "collect")
         assert not out.exists()
+
+
+def test_a_value_set_as_text_after_loading_is_read_as_load_config_reads_it(tiny_model_dir, pairs_file, tmp_path):
+    """`cfg.alpha = sys.argv[1]` in a sweep: the text is read as a number, as the command line's alpha=3 is."""
+    from rahf.config import check_again
+
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit"))
+    cfg.alpha, cfg.collect.batch_size = "3", 2
+    check_again(cfg)
+    assert cfg.alpha == 3.0 and type(cfg.alpha) is float and cfg.collect.batch_size == 2
 
 
 def test_each_library_call_looks_up_hub_commits_afresh_and_keeps_one_within(
@@ -1789,3 +1801,111 @@ def test_a_stages_trainer_and_model_are_freed_when_it_returns(tmp_path):
         assert stage()() is None
     finally:
         gc.enable()
+
+
+def no_stage_may_run(monkeypatch) -> None:
+    """Make every stage fail the test if it starts (trains, loads a model)."""
+
+    def stage(cfg, out: Path) -> dict:
+        raise AssertionError(f"a stage started, writing {out}")
+
+    for name in pipeline._STAGES:
+        monkeypatch.setitem(pipeline._STAGES, name, stage)
+
+
+def status_lines(cfg) -> dict[str, str]:
+    return {line.split(maxsplit=1)[0]: line.split(maxsplit=1)[1] for line in pipeline.describe(cfg).splitlines()}
+
+
+def test_a_users_folder_where_a_stage_writes_stops_the_run_before_anything_trains(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch
+):
+    no_stage_may_run(monkeypatch)
+    out = tmp_path / "out"
+    (out / "merged").mkdir(parents=True)
+    (out / "merged" / "NOTES.md").write_text("my own merged model notes\n")
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+    assert status_lines(cfg)["merge"] == (
+        f"foreign              {out / 'merged'} (holds files rahf did not write: NOTES.md; a run stops here: move it "
+        "out of output_dir)"
+    )
+    with pytest.raises(ConfigError) as caught:
+        pipeline.run(cfg)
+    assert str(caught.value) == (
+        f"output_dir: {out / 'merged'} holds files rahf did not write (NOTES.md), where the merge stage writes its "
+        "artifact; move it out of output_dir or choose another output_dir"
+    )
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["merged", "merged/NOTES.md"]
+    assert (out / "merged" / "NOTES.md").read_text() == "my own merged model notes\n"
+
+
+def test_a_users_folder_where_a_stage_keeps_its_checkpoints_stops_that_stage(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch
+):
+    no_stage_may_run(monkeypatch)
+    out = tmp_path / "out"
+    (out / "instruct.checkpoints").mkdir(parents=True)
+    (out / "instruct.checkpoints" / "notes.txt").write_text("mine\n")
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
+    with pytest.raises(ConfigError) as caught:
+        pipeline.run_stage(cfg, "instruct")
+    assert str(caught.value) == (
+        f"output_dir: {out / 'instruct.checkpoints'} holds files rahf did not write (notes.txt), where the instruct "
+        "stage writes its checkpoints; move it out of output_dir or choose another output_dir"
+    )
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "instruct.checkpoints",
+        "instruct.checkpoints/notes.txt",
+    ]
+
+
+def test_rahf_generate_over_a_users_generations_folder_exits_2_and_keeps_it(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
+):
+    from rahf.cli import main
+
+    no_stage_may_run(monkeypatch)
+    out = tmp_path / "out"
+    (out / "generations").mkdir(parents=True)
+    (out / "generations" / "my-labels.jsonl").write_text("three weeks of hand-labelled replies\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\nmethod: sft\n"
+        f"generate:\n  model: {tiny_model_dir}\n  prompts: {pairs_file}\n  max_new_tokens: 4\n"
+    )
+    assert main(["generate", str(config)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"rahf: error: output_dir: {out / 'generations'} holds files rahf did not write (my-labels.jsonl), where the "
+        "generate stage writes its artifact; move it out of output_dir or choose another output_dir"
+    )
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "generations",
+        "generations/my-labels.jsonl",
+    ]
+
+
+def test_an_empty_stage_folder_is_written_as_a_missing_one_and_a_damaged_manifest_recomputed(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
+):
+    def stage(cfg, tmp: Path) -> None:
+        (tmp / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setitem(pipeline._STAGES, "sft", stage)
+    out = tmp_path / "out"
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "sft", stages=["sft"]))
+    (out / "sft").mkdir(parents=True)
+    (out / "sft" / ".DS_Store").write_bytes(b"Bud1")  # opened in a file browser, nothing of the user's in it
+    assert status_lines(cfg)["sft"] == f"missing              {out / 'sft'}"  # nothing of rahf's to call stale
+    capsys.readouterr()
+    pipeline.run_stage(cfg, "sft")
+    said = capsys.readouterr().out
+    assert f"[rahf] sft: running -> {out / 'sft'}" in said and "recomputing" not in said
+    fp = pipeline.stage_fingerprint(cfg, "sft")[0]
+    assert is_fresh(out / "sft", fp)
+
+    (out / "sft" / MANIFEST).write_text('{"fingerprint": "fp", "bu')  # rahf's artifact, its manifest damaged
+    assert status_lines(cfg)["sft"] == f"stale                {out / 'sft'} (its manifest is unreadable)"
+    pipeline.run_stage(cfg, "sft")
+    said = capsys.readouterr().out
+    assert f"[rahf] sft: {out / 'sft'} was made with other settings (its manifest is unreadable); recomputing" in said
+    assert is_fresh(out / "sft", fp) and (out / "sft" / "model.safetensors").read_bytes() == b"weights"

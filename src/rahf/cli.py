@@ -44,6 +44,10 @@ def _load(args) -> RahfConfig:  # noqa: F821
     from .config import load_config
 
     path, overrides = _split_config_args(args.items)
+    if path is None and not overrides:
+        raise RahfError(f"give a config file: rahf {args.command} CONFIG [key=value ...] (examples/ holds some)")
+    if path and path.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".arrow")):
+        raise RahfError(f"{path}: a data file, not a config; give a YAML config first, which names it as data.path")
     extra = [item for item in overrides if "=" not in item]
     if extra:
         raise RahfError(f"unexpected argument {extra[0]!r}: give the config file first, then key=value overrides")

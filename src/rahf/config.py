@@ -322,11 +322,65 @@ def _build(cls, values: dict[str, Any], prefix: str):
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(fields))})")
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(fields))}){_meant(prefix, key)}")
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
             value = _field_default(fields[key]) | value  # a partial mapping keeps this field's own defaults
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+# Keys of other tools' configs (TRL, axolotl, LLaMA-Factory) and the rahf key that does their job
+_HABITS = {
+    "lr": "train.learning_rate",
+    "epochs": "train.num_train_epochs",
+    "num_epochs": "train.num_train_epochs",
+    "batch_size": "train.per_device_train_batch_size",
+    "micro_batch_size": "train.per_device_train_batch_size",
+    "base_model": "model",
+    "model_name_or_path": "model",
+    "datasets": "data.path",
+    "dataset": "data.path",
+}
+
+
+def _dotted_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config schema ("align.lora.r"), the `train:` mappings as `<section>.train`."""
+    out = []
+    for name, hint in get_type_hints(cls or RahfConfig).items():
+        if name.startswith("_"):
+            continue
+        out.append(prefix + name)
+        if dataclasses.is_dataclass(hint):
+            out += _dotted_keys(hint, f"{prefix}{name}.")
+    return out
+
+
+def _meant(prefix: str, key: str) -> str:
+    """ "; did you mean ..." for an unknown key: the same name elsewhere (`window` under align), its parts as a path
+    (`lora_r`: `align.lora.r`), a Trainer argument (`learning_rate`: `<stage>.train.learning_rate`), another tool's
+    name for a key, or a close spelling."""
+    from transformers import TrainingArguments
+
+    keys = _dotted_keys()
+    tail = _HABITS.get(key, key)
+    if prefix + tail in keys:
+        return f"; did you mean {prefix + tail}?"
+    found = [k for k in keys if k == tail or k.endswith(("." + tail, "." + key.replace("_", ".")))]
+    argument = tail.removeprefix("train.")
+    if argument in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        trained = [k for k in keys if k.endswith(".train")]
+        found = [f"{k}.{argument}" for k in trained if k.startswith(prefix)]
+        if not found:  # at the top level: every section that trains, and a key of that name (ppo.learning_rate)
+            found = [f"{k}.{argument}" for k in trained] + [k for k in keys if k.endswith("." + argument)]
+    if not found:
+        import difflib
+
+        level = [k.removeprefix(prefix) for k in keys if k.startswith(prefix) and "." not in k.removeprefix(prefix)]
+        found = [prefix + k for k in difflib.get_close_matches(key, level, n=2)]
+    found = list(dict.fromkeys(k for k in found if k != prefix + key))
+    if not found:
+        return ""
+    return f"; did you mean {', '.join(found[:4])}{', ...' if len(found) > 4 else ''}?"
 
 
 def _field_default(f: dataclasses.Field) -> dict[str, Any]:
@@ -351,7 +405,8 @@ def _coerce(hint, value, key: str):
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            hint = f"; write {key.split('.')[-1]}=[{value}]" if isinstance(value, str) and "," in value else ""
+            raise ConfigError(f"{key}: expected a list, got {value!r}{hint}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -533,7 +588,10 @@ def _check_file(key: str, path: str) -> None:
         except DataError as e:
             raise ConfigError(f"{key}: {e}") from None
     elif not Path(path).exists():
-        raise ConfigError(f"{key}: file not found: {_where(path)}")
+        org = Path(path).parent  # `Anthropic/hh-rlhf`, as TRL's load_dataset takes it, where no such folder is
+        hub = not org.exists() and all(re.fullmatch(r"[\w.-]+", n) for n in (org.name, Path(path).name))
+        also = f"; a Hub dataset's file is read as hf://datasets/{org.name}/{Path(path).name}/FILE" if hub else ""
+        raise ConfigError(f"{key}: file not found: {_where(path)}{also}")
 
 
 def _where(path: str) -> str:
