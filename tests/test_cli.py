@@ -400,6 +400,33 @@ def test_status_into_a_closed_pipe_exits_quietly(tmp_path, tiny_model_dir, pairs
     assert err == ""
 
 
+def test_sigterm_removes_the_half_written_stage_and_exits_143(
+    tmp_path, tiny_model_dir, pairs_file, capsys, monkeypatch
+):
+    """A batch system's time limit (SIGTERM) ends a run as Ctrl-C does: the stage being written is removed, one line,
+    and 128 + 15; the handler is the one before once the command returns."""
+    import os
+    import signal
+
+    from rahf import pipeline
+    from rahf.cli import main
+
+    def terminated(cfg, tmp):
+        (tmp / "model.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setitem(pipeline._STAGES, "sft", terminated)
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\nmethod: sft\n")
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["sft", str(cfg)]) == 143
+    err = capsys.readouterr().err.strip()
+    assert err == f"rahf: terminated; {out / 'sft'} (half-written) was removed, finished stages are kept"
+    assert [p.name for p in out.iterdir()] == [".rahf.lock"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory, vocab) -> Path:
     """A tiny GPT-2: a learned table of 64 absolute positions."""

@@ -1909,3 +1909,30 @@ def test_an_empty_stage_folder_is_written_as_a_missing_one_and_a_damaged_manifes
     said = capsys.readouterr().out
     assert f"[rahf] sft: {out / 'sft'} was made with other settings (its manifest is unreadable); recomputing" in said
     assert is_fresh(out / "sft", fp) and (out / "sft" / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_judging_training_prompts_is_said_and_held_out_ones_are_not(
+    tiny_model_dir, pairs_file, tmp_path, heldout_records
+):
+    """evaluate.pairs that share prompts with the pairs that train (data.path, less what data.eval_size holds out)
+    give win rates on prompts the model saw: a note says how many; pairs held out by data.eval_size are new."""
+    from rahf.data import load_pairs
+    from rahf.preflight import trained_on_note
+
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit"))
+    judged = load_pairs(str(pairs_file))[0]
+    note = trained_on_note(cfg, judged)
+    assert note == (
+        f"evaluate.pairs: {N_PAIRS} of its {N_PAIRS} prompts are training prompts of data.path (the first: "
+        f"{judged[0].source}); its win rates measure replies to prompts the model trained on, not to new ones"
+    )
+    held = [
+        PreferencePair(({"role": "user", "content": r["prompt"]},), r["chosen"], r["rejected"], "h")
+        for r in heldout_records
+    ]
+    assert trained_on_note(cfg, held) is None
+    from rahf.training import load_split
+
+    split = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "scit", data__eval_size=4))
+    held_out = load_split(split)[1]
+    assert len(held_out) == 4 and trained_on_note(split, held_out) is None

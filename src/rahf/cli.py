@@ -7,7 +7,9 @@ import argparse
 import errno
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -165,7 +167,10 @@ def _cmd_demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="rahf", description="Representation Alignment from Human Feedback (RAHF) on Hugging Face models."
+        prog="rahf",
+        description="Representation Alignment from Human Feedback (RAHF) on Hugging Face models.",
+        epilog="New here? `rahf demo --out DIR` runs every method on a built-in task (no download, no GPU); then "
+        "`rahf data check PAIRS` on your data and `rahf run CONFIG` (examples/ holds configs; README.md, the keys).",
     )
     sub = p.add_subparsers(dest="command", required=True)
     config_help = "CONFIG.yaml, then any key=value overrides (e.g. alpha=3 align.lora.r=16)"
@@ -291,7 +296,26 @@ def _abandoned() -> str:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's time limit, `docker stop`, a launcher stopping its processes), raised where the
+    program is so that a half-written stage is removed on the way out, as on Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers are set there only
+    before = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     # argparse ends CONFIG [key=value ...] at the first flag; overrides after it (`run c.yaml --force alpha=3`)
     # come back unparsed and join the others
@@ -343,9 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed import is_main
 
         what = _abandoned() if ABANDONED else "nothing half-written was left"
+        stopped = isinstance(sys.exc_info()[1], Terminated)
         if is_main():  # the only process that writes
-            print(f"rahf: interrupted; {what}, finished stages are kept", file=sys.stderr)
-        return 130
+            lead = "\n" if sys.stderr.isatty() else ""  # off the line of a progress bar drawn on a terminal
+            said = "terminated" if stopped else "interrupted"
+            print(f"{lead}rahf: {said}; {what}, finished stages are kept", file=sys.stderr)
+        return 143 if stopped else 130
     return 0
 
 

@@ -100,6 +100,10 @@ def check_compare(cfg: RahfConfig) -> None:
     if cfg.compare.validation:
         check_disjoint(load_pairs(cfg.compare.validation)[0], judged)
     from .evaluate import check_judge, check_reward_model
+    from .preflight import trained_on_note
+
+    if note := trained_on_note(cfg, judged):
+        print(f"[rahf] note: {note}", flush=True)
 
     check_judge(cfg, [cfg.evaluate.pairs, *([cfg.compare.validation] if cfg.compare.validation else [])])
     if "rlhf-ppo" in method_names(cfg) and cfg.ppo.reward_model:

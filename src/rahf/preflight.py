@@ -78,7 +78,8 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     if "evaluate" in stages:
         from .evaluate import check_judge
 
-        load_pairs(cfg.evaluate.pairs)
+        if note := trained_on_note(cfg, load_pairs(cfg.evaluate.pairs)[0]):
+            print(f"[rahf] note: {note}", flush=True)
         if cfg.evaluate.neutral_prompts:
             read_prompts(cfg.evaluate.neutral_prompts)
         check_judge(cfg, [cfg.evaluate.pairs])
@@ -100,6 +101,24 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     check_positions(cfg, stages)
     check_lora(cfg, stages)
     distributed.WORKING[:] = [True]  # from here on, a problem one process meets may not be the others'
+
+
+def trained_on_note(cfg: RahfConfig, judged: list) -> str | None:
+    """Whether the pairs judged share prompts with those that train (data.path, but for what data.eval_size holds
+    out): allowed, as a check of fit, but the win rates then say nothing of replies to unseen prompts."""
+    from .compare import _prompt_key
+    from .training import load_data
+
+    if not cfg.data.path:
+        return None
+    trained = {_prompt_key(p) for p in load_data(cfg)}
+    shared = [p for p in judged if _prompt_key(p) in trained]
+    if not shared:
+        return None
+    return (
+        f"evaluate.pairs: {len(shared)} of its {len(judged)} prompts are training prompts of data.path (the first: "
+        f"{shared[0].source}); its win rates measure replies to prompts the model trained on, not to new ones"
+    )
 
 
 def check_stage_folders(cfg: RahfConfig, stages: list[str]) -> None:
