@@ -287,3 +287,32 @@ def test_an_empty_folder_or_rahfs_own_with_a_damaged_manifest_is_replaced(tmp_pa
     make_artifact(folder, "new")
     assert read_manifest(folder)["fingerprint"] == "new" and artifacts.files_intact(folder)
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_a_hub_that_cannot_be_reached_is_said_once_with_how_to_skip_the_retries(monkeypatch, capsys):
+    """No network and HF_HUB_OFFLINE unset: every file transformers looks up is retried before the cache serves it;
+    the first lookup that cannot connect says so once, and a refusal by the Hub (an unknown id) says nothing."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from rahf import artifacts
+
+    class ConnectError(Exception):  # httpx's name for a failed connection
+        pass
+
+    def unreachable(repo_id, revision=None, timeout=None):
+        try:
+            raise ConnectError("[Errno -3] Temporary failure in name resolution")
+        except ConnectError as e:
+            raise RuntimeError("cannot reach huggingface.co") from e
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(artifacts, "_SAID_UNREACHABLE", [])
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: (_ for _ in ()).throw(ValueError("404")))
+    assert artifacts.hub_commit("org/m") is None
+    assert "HF_HUB_OFFLINE" not in capsys.readouterr().out
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    assert artifacts.hub_commit("org/m") is None and artifacts.hub_commit("org/n") is None
+    out = capsys.readouterr().out
+    assert out.count("set HF_HUB_OFFLINE=1 to skip them") == 1, out

@@ -183,13 +183,33 @@ def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
             return model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
         # no network, a private repo without a token, an id the Hub refuses (its HTTP library's errors are
         # not OSErrors): whatever the reason, fall back to the cache
-        except Exception:  # noqa: BLE001, S110
-            pass
+        except Exception as e:  # noqa: BLE001
+            _unreachable_note(e)
     try:
         cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     except ValueError:  # not a valid Hub id at all
         return None
     return Path(cached).parent.name if isinstance(cached, str) else None
+
+
+_SAID_UNREACHABLE: list[bool] = []  # the note below, once a process
+
+
+def _unreachable_note(error: BaseException) -> None:
+    """Say once that the Hub cannot be reached: every file transformers then looks up is retried for seconds
+    before the cache serves it (minutes for a command whose work takes a second), which HF_HUB_OFFLINE=1 skips."""
+    chain, e = [], error
+    while e is not None and len(chain) < 8:
+        chain.append(type(e).__name__)
+        e = e.__cause__ or e.__context__
+    if _SAID_UNREACHABLE or not any(n.startswith(("Connect", "Timeout")) or n.endswith("Timeout") for n in chain):
+        return
+    _SAID_UNREACHABLE.append(True)
+    print(
+        "[rahf] note: the Hugging Face Hub cannot be reached; models and files come from the local cache, each after "
+        "its own retries: set HF_HUB_OFFLINE=1 to skip them",
+        flush=True,
+    )
 
 
 def fingerprint(payload: Any) -> str:
