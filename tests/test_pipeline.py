@@ -1839,13 +1839,22 @@ def test_a_users_folder_where_a_stage_writes_stops_the_run_before_anything_train
     assert (out / "merged" / "NOTES.md").read_text() == "my own merged model notes\n"
 
 
+def users_folder(out: Path, folder: str, name: str) -> Path:
+    """`out` with a folder of the user's own where a stage writes: one file, of days of work."""
+    (out / folder).mkdir(parents=True)
+    (out / folder / name).write_text("three weeks of hand-labelled replies\n")
+    return out
+
+
+def holds_only(out: Path, folder: str, name: str) -> bool:
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [folder, f"{folder}/{name}"]
+
+
 def test_a_users_folder_where_a_stage_keeps_its_checkpoints_stops_that_stage(
     tiny_model_dir, pairs_file, tmp_path, monkeypatch
 ):
     no_stage_may_run(monkeypatch)
-    out = tmp_path / "out"
-    (out / "instruct.checkpoints").mkdir(parents=True)
-    (out / "instruct.checkpoints" / "notes.txt").write_text("mine\n")
+    out = users_folder(tmp_path / "out", "instruct.checkpoints", "notes.txt")
     cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit"))
     with pytest.raises(ConfigError) as caught:
         pipeline.run_stage(cfg, "instruct")
@@ -1853,10 +1862,7 @@ def test_a_users_folder_where_a_stage_keeps_its_checkpoints_stops_that_stage(
         f"output_dir: {out / 'instruct.checkpoints'} holds files rahf did not write (notes.txt), where the instruct "
         "stage writes its checkpoints; move it out of output_dir or choose another output_dir"
     )
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
-        "instruct.checkpoints",
-        "instruct.checkpoints/notes.txt",
-    ]
+    assert holds_only(out, "instruct.checkpoints", "notes.txt")
 
 
 def test_rahf_generate_over_a_users_generations_folder_exits_2_and_keeps_it(
@@ -1865,9 +1871,7 @@ def test_rahf_generate_over_a_users_generations_folder_exits_2_and_keeps_it(
     from rahf.cli import main
 
     no_stage_may_run(monkeypatch)
-    out = tmp_path / "out"
-    (out / "generations").mkdir(parents=True)
-    (out / "generations" / "my-labels.jsonl").write_text("three weeks of hand-labelled replies\n")
+    out = users_folder(tmp_path / "out", "generations", "my-labels.jsonl")
     config = tmp_path / "c.yaml"
     config.write_text(
         f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {out}\nmethod: sft\n"
@@ -1878,10 +1882,7 @@ def test_rahf_generate_over_a_users_generations_folder_exits_2_and_keeps_it(
         f"rahf: error: output_dir: {out / 'generations'} holds files rahf did not write (my-labels.jsonl), where the "
         "generate stage writes its artifact; move it out of output_dir or choose another output_dir"
     )
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
-        "generations",
-        "generations/my-labels.jsonl",
-    ]
+    assert holds_only(out, "generations", "my-labels.jsonl")
 
 
 def test_an_empty_stage_folder_is_written_as_a_missing_one_and_a_damaged_manifest_recomputed(
