@@ -855,3 +855,22 @@ def test_a_reward_backbone_without_a_sequence_classifier_exits_2(tmp_path, vocab
 def test_a_command_without_its_config_says_what_it_takes(capsys, argv, message):
     assert main(argv) == 2
     assert one_line_error(capsys.readouterr().err) == message
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_rahf_sft_says_first_when_the_later_stages_will_not_start_from_it(
+    tmp_path, tiny_model_dir, pairs_file, capsys, monkeypatch, listed
+):
+    from rahf import pipeline
+
+    def stage(cfg, tmp: Path) -> None:
+        (tmp / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setitem(pipeline._STAGES, "sft", stage)
+    cfg = tmp_path / "c.yaml"
+    stages = "stages: [sft, instruct, collect, align, merge]\n" if listed else ""
+    cfg.write_text(f"model: {tiny_model_dir}\ndata:\n  path: {pairs_file}\noutput_dir: {tmp_path / 'out'}\n{stages}")
+    assert main(["sft", str(cfg)]) == 0
+    said = "stages does not list sft, so the stages after it (`rahf instruct`, `rahf run`) start from model"
+    out = capsys.readouterr().out
+    assert (said in out) is not listed and out.index("[rahf] sft: running") > (out.find(said) if not listed else -1)

@@ -73,6 +73,12 @@ def _cmd_stage(args) -> None:
             f"method {cfg.method} has no {args.command} stage (its stages: {', '.join(METHOD_STAGES[cfg.method])})"
         )
     preflight(cfg, args.command)
+    if args.command == "sft" and "sft" not in cfg.stages:  # said before it trains, not at the next command
+        print(
+            "[rahf] note: stages does not list sft, so the stages after it (`rahf instruct`, `rahf run`) start from "
+            f"model ({cfg.model}), not from the sft/ this writes; add sft to stages to use it",
+            flush=True,
+        )
     pipeline.run_stage(cfg, args.command, force=not args.skip_fresh)
 
 
