@@ -670,7 +670,9 @@ def test_compares_merged_model_lists_the_stop_tokens_rahf_merge_saves(chosen_by_
     assert GenerationConfig.from_pretrained(Path(cfg.output_dir) / "merged").eos_token_id == stops
 
 
-def test_compare_runs_the_configs_it_builds_without_checking_them_as_the_users(tiny_model_dir, pairs_file, tmp_path):
+def test_compare_runs_the_configs_it_builds_without_checking_them_as_the_users(
+    tiny_model_dir, pairs_file, tmp_path, capsys
+):
     """A library call checks the user's config again when it changed; the per-method configs compare derives from it
     (other method and stages, `model` the SFT folder) are not the user's: `tokenizer`, read by sft alone, stopped
     every method after SFT had trained."""
@@ -686,3 +688,6 @@ def test_compare_runs_the_configs_it_builds_without_checking_them_as_the_users(t
     }
     results = run_compare(load_config(None, settings))
     assert set(results["runs"][0]["methods"]) == {"sft", "dpo"}
+    printed = capsys.readouterr().out  # the plan first, then each run as it starts
+    assert "[compare] 1 run (label noise x seed), each training and judging sft, dpo\n" in printed
+    assert printed.index("[compare] 1 run (") < printed.index("[compare] run 1 of 1: label noise 0, seed 0\n")

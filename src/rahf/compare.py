@@ -535,19 +535,26 @@ def _run_compare(cfg: RahfConfig) -> dict:
     t0 = time.time()
     runs = []
     c = cfg.compare
-    for noise in c.label_noise:
-        seeds = c.seeds if noise == 0 or c.noise_seeds is None else c.seeds[: c.noise_seeds]
-        for seed in seeds:
-            runs.append(run_one(cfg, out, methods, noise, seed))
-            results = {
-                "methods": [DISPLAY.get(m, m) for m in methods],
-                "summary": summarize(runs),
-                "paired": paired(runs),
-                "runs": runs,
-                "config": redacted(cfg.to_dict()),  # as manifests have it: no credential reaches a file
-                "seconds": round(time.time() - t0, 1),
-            }
-            write_text_atomic(out / "results.json", json.dumps(results, indent=2))  # progress survives a kill
+    plan = [
+        (noise, seed)
+        for noise in c.label_noise
+        for seed in (c.seeds if noise == 0 or c.noise_seeds is None else c.seeds[: c.noise_seeds])
+    ]
+    names = ", ".join(DISPLAY.get(m, m) for m in methods)
+    runs_of = f"{len(plan)} run{'s' * (len(plan) != 1)}"
+    print(f"[compare] {runs_of} (label noise x seed), each training and judging {names}", flush=True)
+    for k, (noise, seed) in enumerate(plan, 1):
+        print(f"[compare] run {k} of {len(plan)}: label noise {noise:g}, seed {seed}", flush=True)
+        runs.append(run_one(cfg, out, methods, noise, seed))
+        results = {
+            "methods": [DISPLAY.get(m, m) for m in methods],
+            "summary": summarize(runs),
+            "paired": paired(runs),
+            "runs": runs,
+            "config": redacted(cfg.to_dict()),  # as manifests have it: no credential reaches a file
+            "seconds": round(time.time() - t0, 1),
+        }
+        write_text_atomic(out / "results.json", json.dumps(results, indent=2))  # progress survives a kill
     write_report(results, out)
     print(f"[compare] wrote {out / 'report.md'} and {out / 'results.json'} in {time.time() - t0:.0f}s", flush=True)
     return results
