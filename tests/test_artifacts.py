@@ -316,3 +316,18 @@ def test_a_hub_that_cannot_be_reached_is_said_once_with_how_to_skip_the_retries(
     assert artifacts.hub_commit("org/m") is None and artifacts.hub_commit("org/n") is None
     out = capsys.readouterr().out
     assert out.count("set HF_HUB_OFFLINE=1 to skip them") == 1, out
+
+
+def test_a_folder_whose_marker_is_being_written_is_rahfs(tmp_path):
+    """rahf makes a checkpoint folder, then writes its tag through a temp file: another process (a launch's other
+    ranks, `rahf status`) looking in between sees rahf's folder, not a user's."""
+    from rahf.artifacts import foreign_files, write_text_atomic
+
+    folder = tmp_path / "instruct.checkpoints"
+    folder.mkdir()
+    (folder / f".rahf-checkpoints.json.{os.getpid()}-1764180000000000000.tmp").write_text("{")
+    assert foreign_files(folder, "rahf-checkpoints.json") == []
+    (folder / "notes.txt").write_text("mine")
+    assert foreign_files(folder, "rahf-checkpoints.json") == ["notes.txt"]
+    write_text_atomic(folder / "rahf-checkpoints.json", "{}")
+    assert foreign_files(folder, "rahf-checkpoints.json") == []

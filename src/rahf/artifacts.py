@@ -348,6 +348,7 @@ def foreign_files(folder: str | os.PathLike, marker: str = MANIFEST, most: int =
     folder = Path(folder)
     if not folder.is_dir() or os.path.lexists(folder / marker):
         return []
+    being_written = re.compile(rf"\.{re.escape(marker)}\.\d+-\d+\.tmp")  # its marker, mid `write_text_atomic`
     found: list[str] = []
 
     def unreadable(e: OSError) -> None:  # a folder that cannot be listed: not what rahf writes
@@ -360,7 +361,7 @@ def foreign_files(folder: str | os.PathLike, marker: str = MANIFEST, most: int =
         found += [
             Path(root, name).relative_to(folder).as_posix()
             for name in sorted([*files, *links])
-            if not _BROWSER_FILES.match(name)
+            if not _BROWSER_FILES.match(name) and not (root == str(folder) and being_written.fullmatch(name))
         ]
         if len(found) >= most:
             break

@@ -540,10 +540,11 @@ def _run_stage(cfg: RahfConfig, stage: str, force: bool, restart: bool, together
     """`run_stage`; `together`: every process runs the stage's work, process 0 alone writes the artifact."""
     from .training import CHECKPOINTS
 
-    check_stage_folders(cfg, [stage])  # a user's folder where the stage writes: refused before anything runs
+    main = distributed.is_main()
+    if main:  # a user's folder where the stage writes: refused before anything runs (by the process that writes:
+        check_stage_folders(cfg, [stage])  # another could see its checkpoint folder half made)
     fp, covered, inputs = _stage_inputs(cfg, stage, {})
     out = stage_dir(cfg, stage)
-    main = distributed.is_main()
     with output_lock(cfg.output_dir) if main else contextlib.nullcontext():  # a second run stops here
         if main:
             restore_replaced(out)  # a kill in the middle of replacing it must not cost the artifact
