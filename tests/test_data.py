@@ -880,3 +880,37 @@ def test_the_shared_prefix_of_two_transcripts(a, b, expected):
     from rahf.data import shared_length
 
     assert shared_length(a, b) == shared_length(b, a) == expected
+
+
+def test_a_file_read_again_unchanged_is_not_parsed_again_and_an_edited_one_is(tmp_path, monkeypatch):
+    """A run's preflight and stages read the same file: parsed once while it stays the same on disk."""
+    import os
+
+    import rahf.data as data
+
+    parsed = []
+    real = data.pairs_of
+    monkeypatch.setattr(data, "pairs_of", lambda *a, **k: parsed.append(a[1]) or real(*a, **k))
+    path = write_jsonl(tmp_path / "d.jsonl", STANDARD)
+    first, fmt = load_pairs(path)
+    again, fmt_again = load_pairs(path)
+    assert len(parsed) == 1 and again == first and fmt_again == fmt == "trl-standard"
+    assert [(p.chosen, p.rejected, p.source) for p in first] == [
+        ("4", "5", f"{path}:1"),
+        ("Paris", "Lyon", f"{path}:2"),
+    ]
+    again.clear()  # each caller gets its own list
+    assert load_pairs(path)[0] == first and len(parsed) == 1
+    load_pairs(path, limit=1)  # read another way: parsed again
+    assert len(parsed) == 2
+    # the same bytes but swapped labels (same size), written beside it and moved over it as editors save
+    swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in STANDARD]
+    write_jsonl(tmp_path / "new.jsonl", swapped)
+    os.replace(tmp_path / "new.jsonl", path)
+    assert [(p.chosen, p.rejected) for p in load_pairs(path)[0]] == [("5", "4"), ("Lyon", "Paris")]
+    # edited in place, same size: its change time moves (set here, as a clock tick could be too coarse to see)
+    write_jsonl(path, STANDARD)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert load_pairs(path)[0] == first
+    assert len(parsed) == 4

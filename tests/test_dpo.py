@@ -170,7 +170,8 @@ def test_dataset_ids_are_rahf_stimuli(tokenizer, pairs, lengths):
 def test_trainer_feeds_the_model_exactly_rahf_ids(lora_run, tokenizer, pairs):
     run = lora_run
     expected = {
-        (c.input_ids, c.response_start, r.input_ids, r.response_start) for c, r in _stimuli(tokenizer, pairs, run.cfg)
+        (tuple(c.input_ids), c.response_start, tuple(r.input_ids), r.response_start)
+        for c, r in _stimuli(tokenizer, pairs, run.cfg)
     }
     assert len(run.batches) == STEPS
     # The policy and, with the adapter disabled, the reference embed each collated batch once.

@@ -44,3 +44,21 @@ def test_the_newest_tested_versions_are_allowed():
     for name, version in _pins("requirements.lock").items():
         if name in declared:
             assert declared[name].specifier.contains(version), (name, version)
+
+
+def test_the_command_line_starts_without_torch_and_the_public_names_load_on_use():
+    """`rahf --help` and a Ctrl-C while the command starts must not wait for torch (seconds) to import: its
+    imports happen inside the command, where an interrupt is answered in one line."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rahf, rahf.cli\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', 'trl', 'datasets'})\n"
+        "print(heavy)\n"
+        "from rahf import RahfConfig, run\n"
+        "print(run.__module__, RahfConfig.__module__, rahf.__all__ == sorted(rahf._PUBLIC), 'run' in dir(rahf))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "rahf.pipeline rahf.config True True"

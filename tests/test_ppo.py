@@ -90,6 +90,30 @@ def test_response_mask_keeps_tokens_up_to_the_first_stop_token():
     assert ppo.response_mask(responses, [3, 9]).tolist()[3] == [1, 1, 0, 0]
 
 
+def test_forward_scores_the_reply_from_the_logits_of_its_positions_only(tiny_model_dir):
+    """Log-probabilities and values of the reply tokens equal those read off the whole forward (left-padded rows,
+    positions counted from each row's first token), while the forward asks for the reply positions' logits only."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    ids = torch.randint(5, 40, (2, 9))
+    attn = torch.ones_like(ids)
+    attn[1, :2] = 0  # the second prompt is two tokens shorter
+    start, temperature = 6, 0.7
+    asked = []
+    model.register_forward_pre_hook(lambda m, a, kw: asked.append(kw.get("logits_to_keep")), with_kwargs=True)
+    with torch.no_grad():
+        logprobs, values = ppo.forward(model, head, ids, attn, start, temperature)
+        positions = (attn.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=positions, output_hidden_states=True)
+    assert asked[0] == 9 - (start - 1)
+    expected = torch.log_softmax(out.logits[:, start - 1 : -1] / temperature, -1).gather(-1, ids[:, start:, None])
+    torch.testing.assert_close(logprobs, expected.squeeze(-1))
+    torch.testing.assert_close(values, head(out.hidden_states[-1][:, start - 1 : -1]).squeeze(-1))
+    assert logprobs.shape == values.shape == (2, 9 - start)
+
+
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory, tokenizer):
     """A one-label LLaMA scorer whose score is cos(pi * id / (V - 1)) of the text's last token id.

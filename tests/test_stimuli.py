@@ -164,6 +164,19 @@ def test_window_with_boundary_starts_at_the_assistant_tag(tokenizer):
     assert tokenizer.convert_ids_to_tokens(list(s.input_ids[start : start + n])) == ["of", "course", "!", "it"]
 
 
+def test_a_sequence_holds_its_ids_at_four_bytes_each_and_survives_pickling(tokenizer):
+    """A stage holds every pair's sequences at once: 4 bytes an id, not a Python int's 8 to 36."""
+    import pickle
+
+    s = build_variants(tokenizer, [user(QUERY)], RESPONSE, {"plain": None, "pos": POS}, 64, 64)["pos"]
+    assert s.input_ids.itemsize == 4 and len(s.input_ids) > 10
+    given = Stimulus((5, 6, 7, 8), response_start=2)
+    assert given.input_ids.itemsize == 4 and list(given.input_ids) == [5, 6, 7, 8]
+    assert given == Stimulus([5, 6, 7, 8], 2) != Stimulus([5, 6, 7, 9], 2)
+    back = pickle.loads(pickle.dumps(s))  # to data-loader workers started with spawn
+    assert back == s and back.input_ids.itemsize == 4
+
+
 # ---------------------------------------------------------------- prompt_ids (inference) == training prompt
 
 
@@ -652,7 +665,7 @@ def test_sequences_equal_the_templates_own_tokenization_of_the_conversation(make
         assert list(s.input_ids) == whole[: len(s.input_ids)], name
         assert s.input_ids[-1] == end_of_turn_id(tok)
         assert list(s.input_ids[: s.response_start]) == prompt_ids(tok, [user(QUERY)], 128, systems[name])
-    assert len({s.input_ids[s.response_start :] for s in v.values()}) == 1
+    assert len({tuple(s.input_ids[s.response_start :]) for s in v.values()}) == 1
 
 
 def test_a_template_that_drops_the_system_message_gets_the_instruction_in_the_first_user_turn():

@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import re
+import stat
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -630,9 +631,36 @@ def load_pairs(
     """Read preference pairs from `path`; return them with the format name used.
 
     With format="auto" the first record decides the format, and every record must then match it.
-    `limit` stops after that many pairs (None reads all).
+    `limit` stops after that many pairs (None reads all). The last local file read is remembered while it is
+    unchanged on disk (any write changes its change time): a run's preflight and each of its stages read the same
+    file, which at a few hundred thousand pairs takes a minute each time.
     """
-    return pairs_of(read_records(path), path, format, limit)
+    key = _file_key(path, format, limit)
+    if key is not None and key == _LAST_READ[0]:
+        pairs, fmt = _LAST_READ[1]
+        return list(pairs), fmt
+    pairs, fmt = pairs_of(read_records(path), path, format, limit)
+    if key is not None:
+        _LAST_READ[:] = [key, (tuple(pairs), fmt)]
+    return pairs, fmt
+
+
+_LAST_READ: list[Any] = [None, None]  # [key, (pairs, format)] of the last local file `load_pairs` read
+
+
+def _file_key(path: str | os.PathLike, format: str, limit: int | None) -> tuple | None:
+    """What identifies a read of a local data file: its path as given (the pairs' sources name it), inode, size,
+    modification and change times, and how it is read; None for what is not one plain local file (a dataset
+    folder, an HF URI)."""
+    if is_hub_file(path):
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, format, limit
 
 
 def pairs_of(

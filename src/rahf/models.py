@@ -300,13 +300,20 @@ def logits_from(
     """The logits of positions `first`.. (all of them where the model's forward takes no `logits_to_keep`), and the
     position of their first row. Scoring replies reads no logits of the prompt before them, and [batch, sequence,
     vocabulary] over a long prompt and a 128k vocabulary costs gigabytes."""
+    out, at = outputs_from(model, input_ids, attention_mask, first, **kwargs)
+    return out.logits, at
+
+
+def outputs_from(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int, **kwargs):
+    """`logits_from` for a caller that also reads the forward's other outputs: (the model's output, whose logits
+    start at position `first` where the model allows it, and the position of their first row)."""
     inner = getattr(model, "module", model)  # DistributedDataParallel
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     length = input_ids.shape[1]
     if 0 < first < length and _keeps_logits(type(base)):
         kwargs["logits_to_keep"] = length - first
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-    return logits, length - logits.shape[1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out, length - out.logits.shape[1]
 
 
 def forward_capture(

@@ -37,7 +37,7 @@ from ..data import Message
 from ..errors import DataError
 from ..generate import decoding, own_settings, reply_text
 from ..judges import RewardModelJudge
-from ..models import load_model, load_tokenizer, reply_stop_ids, save_model
+from ..models import load_model, load_tokenizer, outputs_from, reply_stop_ids, save_model
 from ..stimuli import prompt_ids
 from ..training import PPO_STATE, checkpoint_dir, checkpoint_step, last_checkpoint, lora_config, train_dtype
 
@@ -117,8 +117,11 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities and values `[batch, ids - start]` of the tokens from `start` on (left-padded `ids`)."""
     positions = (attn.cumsum(1) - 1).clamp(min=0)  # as generation numbers left-padded positions
-    out = policy(input_ids=ids, attention_mask=attn, position_ids=positions, output_hidden_states=True, use_cache=False)
-    logits = out.logits[:, start - 1 : -1].float() / temperature
+    # the logits of the reply's positions only: over the prompt they would cost [batch, prompt, vocabulary]
+    out, at = outputs_from(
+        policy, ids, attn, start - 1, position_ids=positions, output_hidden_states=True, use_cache=False
+    )
+    logits = out.logits[:, start - 1 - at : -1].float() / temperature
     logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, start:, None]).squeeze(-1)
     values = head(out.hidden_states[-1][:, start - 1 : -1].float()).squeeze(-1)
     return logprobs, values
