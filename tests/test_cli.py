@@ -122,6 +122,28 @@ def test_data_check_counts_and_lists_problems(tmp_path, capsys):
     assert f"{path}:2: chosen and rejected replies are identical" in out
 
 
+def test_data_check_lists_the_first_20_problems_and_every_one_with_all_or_json(tmp_path, capsys):
+    import json
+
+    records = standard_records(25, seed=0)
+    for r in records[:23]:
+        r["rejected"] = r["chosen"]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    identical = [f"{path}:{i}: chosen and rejected replies are identical" for i in range(1, 24)]
+    assert main(["data", "check", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [x.strip() for x in lines if x.startswith("  ")] == [
+        *identical[:20],
+        "... and 3 more (--all lists every one, --json too)",
+    ]
+    assert main(["data", "check", "--all", str(path)]) == 0
+    assert [x.strip() for x in capsys.readouterr().out.splitlines() if x.startswith("  ")] == identical
+    assert main(["data", "check", "--json", str(path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["problems"] == identical and report["n_pairs"] == 25 and report["n_identical"] == 23
+    assert report["format"] == "trl-standard" and report["path"] == str(path)
+
+
 def test_run_with_malformed_data_exits_2_and_leaves_no_artifact(tmp_path, tiny_model_dir, bad_data, capsys):
     out = tmp_path / "out"
     cfg = tmp_path / "c.yaml"

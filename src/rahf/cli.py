@@ -155,9 +155,16 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_data_check(args) -> None:
+    import dataclasses
+    import json
+
     from .data import check_data, format_report
 
-    print(format_report(check_data(args.path, args.format)))
+    report = check_data(args.path, args.format)
+    if args.json:  # for scripts: every field, every problem
+        print(json.dumps(dataclasses.asdict(report), indent=2, ensure_ascii=False))
+    else:
+        print(format_report(report, shown=None) if args.all else format_report(report))
 
 
 def _cmd_demo(args) -> None:
@@ -243,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto | trl-standard | trl-conversational | hh | ultrafeedback | prompt/completion (SFT data) | "
         "prompt-only (prompts)",
     )
+    shown = dc.add_mutually_exclusive_group()
+    shown.add_argument("--all", action="store_true", help="list every problem (the default lists the first 20)")
+    shown.add_argument("--json", action="store_true", help="the whole report as one JSON object, every problem in it")
     dc.set_defaults(func=_cmd_data_check)
     for commands in (sub, dsub):  # a command's errors show its own usage
         for command in commands.choices.values():

@@ -812,8 +812,9 @@ def _check_records(path: str | os.PathLike, fmt: str) -> DataReport:
     )
 
 
-def format_report(report: DataReport) -> str:
-    """Human-readable summary of a DataReport, as printed by `rahf data check PATH`."""
+def format_report(report: DataReport, shown: int | None = _MAX_SHOWN_PROBLEMS) -> str:
+    """Human-readable summary of a DataReport, as printed by `rahf data check PATH`: the first `shown` problems
+    (None: all of them)."""
 
     def share(k: int) -> str:
         return f"{k} ({100 * k / report.n_pairs:.1f}%)"
@@ -851,7 +852,7 @@ def format_report(report: DataReport) -> str:
         lines.append("problems: none")
     else:
         lines.append(f"problems: {len(report.problems)}")
-        lines += [f"  {p}" for p in report.problems[:_MAX_SHOWN_PROBLEMS]]
-        if len(report.problems) > _MAX_SHOWN_PROBLEMS:
-            lines.append(f"  ... and {len(report.problems) - _MAX_SHOWN_PROBLEMS} more")
+        lines += [f"  {p}" for p in report.problems[:shown]]
+        if shown is not None and len(report.problems) > shown:
+            lines.append(f"  ... and {len(report.problems) - shown} more (--all lists every one, --json too)")
     return "\n".join(lines)
