@@ -886,7 +886,7 @@ def test_a_file_read_again_unchanged_is_not_parsed_again_and_an_edited_one_is(tm
     """A run's preflight and stages read the same file: parsed once while it stays the same on disk."""
     import os
 
-    import rahf.data as data
+    from rahf import data
 
     parsed = []
     real = data.pairs_of
