@@ -4,6 +4,7 @@ artifact is swapped into place."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -260,33 +261,283 @@ def test_atomic_dir_keeps_a_users_folder_made_while_the_stage_ran(tmp_path):
 
 
 def _browsed_only(folder: Path) -> None:
-    (folder / "empty").mkdir(parents=True)
+    folder.mkdir(parents=True)
     (folder / ".DS_Store").write_bytes(b"Bud1")
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf")
 
 
-def _manifest_as(text: str | None):
-    """rahf's artifact with its manifest damaged: `text` written over it, or a folder in its place (None)."""
-
-    def make(folder: Path) -> None:
-        make_artifact(folder, "old")
-        (folder / MANIFEST).unlink()
-        (folder / MANIFEST).mkdir() if text is None else (folder / MANIFEST).write_text(text)
-
-    return make
-
-
-@pytest.mark.parametrize(
-    "make",
-    [Path.mkdir, _browsed_only, _manifest_as('{"fingerprint": "fp", "bu'), _manifest_as("[]"), _manifest_as(None)],
-    ids=["empty", "browser-files-only", "manifest-unreadable", "manifest-not-an-object", "manifest-a-folder"],
-)
-def test_an_empty_folder_or_rahfs_own_with_a_damaged_manifest_is_replaced(tmp_path, make):
+@pytest.mark.parametrize("make", [Path.mkdir, _browsed_only], ids=["empty", "browser-files-only"])
+def test_an_empty_folder_or_one_of_a_browsers_files_is_replaced(tmp_path, make):
     folder = tmp_path / "merged"
     make(folder)
     assert artifacts.foreign_files(folder) == []  # not a user's: nothing to refuse
     make_artifact(folder, "new")
     assert read_manifest(folder)["fingerprint"] == "new" and artifacts.files_intact(folder)
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def _marker_as(text: str | None, marker: str = MANIFEST):
+    """A user's folder (a labels file) holding a file named as rahf's `marker`: `text`, a folder (None), or a link to
+    a manifest rahf wrote ("link")."""
+
+    def make(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        (folder / "labels.jsonl").write_text("three weeks of hand-labelled replies\n")
+        if text == "link":
+            (folder / marker).symlink_to(make_artifact(folder.parent / "elsewhere") / MANIFEST)
+        elif text is None:
+            (folder / marker).mkdir()
+        else:
+            (folder / marker).write_text(text)
+
+    return make
+
+
+def _emptied(folder: Path) -> None:
+    (folder / "experiments" / "round2").mkdir(parents=True)
+    (folder / "experiments" / ".DS_Store").write_bytes(b"Bud1")
+
+
+def _apple_double(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / "._labels").write_bytes(b"\x00\x05")  # the name of a browser's record, but of no file beside it
+
+
+@pytest.mark.parametrize(
+    ("make", "found"),
+    [
+        (_marker_as("{}"), "labels.jsonl, rahf_manifest.json"),
+        (_marker_as('{"stage": "merge", "fingerprint": "fp", "bu'), "labels.jsonl, rahf_manifest.json"),
+        (_marker_as('{"stage": "merge", "fingerprint": 3, "files": {}}'), "labels.jsonl, rahf_manifest.json"),
+        (_marker_as(None), "labels.jsonl, rahf_manifest.json/"),
+        (_marker_as("link"), "labels.jsonl, rahf_manifest.json"),
+        (_emptied, "experiments/round2/"),
+        (_apple_double, "._labels"),
+    ],
+    ids=["manifest-{}", "manifest-unreadable", "manifest-not-rahfs", "manifest-a-folder", "manifest-a-link",
+         "empty-sub-folders", "apple-double-alone"],
+)  # fmt: skip
+def test_a_folder_is_not_rahfs_for_a_file_named_as_its_manifest_nor_empty_with_sub_folders(tmp_path, make, found):
+    """Only a manifest rahf wrote (a file holding its stage, fingerprint and files) makes a folder rahf's; a user's
+    folder of empty sub-folders, or a file named as a browser's record of another, is the user's to keep."""
+    from rahf.errors import ConfigError
+
+    folder = tmp_path / "generations"
+    make(folder)
+    before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    with pytest.raises(ConfigError) as caught, atomic_dir(folder, "generate", "fp", {}):
+        pass
+    fix = "move it out of output_dir or choose another output_dir"
+    if "rahf_manifest.json" in found:  # a file of rahf's name that is not rahf's: maybe its own, damaged
+        assert str(caught.value) == (
+            f"output_dir: {folder} holds a rahf_manifest.json rahf cannot read as its own (damaged, or another's), "
+            f"so it cannot tell its files ({found}) from a user's, where the generate stage writes its artifact; "
+            f"delete the folder if rahf wrote it (the stage then runs again), else {fix}"
+        )
+    else:
+        assert str(caught.value) == (
+            f"output_dir: {folder} holds files rahf did not write ({found}), where the generate stage writes its "
+            f"artifact; {fix}"
+        )
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before
+
+
+def test_an_artifact_of_an_earlier_rahf_that_listed_no_files_is_named_as_such(tmp_path):
+    """Manifests written before they listed their files: such a folder is kept, with the reason and the fix."""
+    from rahf.errors import ConfigError
+
+    folder = make_artifact(tmp_path / "merged")
+    manifest = read_manifest(folder)
+    del manifest["files"]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError) as caught:
+        make_artifact(folder, "new")
+    assert str(caught.value).startswith(
+        f"output_dir: {folder} was written by an earlier rahf, whose manifest lists no files, so rahf cannot tell its "
+        "files ("
+    )
+    assert str(caught.value).endswith(
+        "where the merge stage writes its artifact; delete the folder if it holds nothing of yours (the stage then "
+        "runs again), else move it out of output_dir or choose another output_dir"
+    )
+    assert read_manifest(folder)["fingerprint"] == "fp"
+
+
+def test_a_file_added_to_a_finished_artifact_makes_it_the_users(tmp_path):
+    """A model card added to a finished merged/ before pushing it, notes in a sub-folder: the folder's manifest lists
+    every file rahf wrote, so they show, and the artifact is never replaced with them in it."""
+    from rahf.errors import ConfigError
+
+    folder = make_artifact(tmp_path / "merged")
+    _browse_and_download(folder)  # a browser's files (`._config.json` beside config.json) are no one's
+    shutil.rmtree(folder / ".cache")
+    assert artifacts.foreign_files(folder) == []
+    (folder / "README.md").write_text("---\nlicense: mit\n---\nmy model card\n")
+    (folder / "notes").mkdir()
+    (folder / "notes" / "eval.md").write_text("mine\n")
+    (folder / "scratch").mkdir()
+    assert artifacts.foreign_files(folder) == ["README.md", "notes/eval.md", "scratch/"]
+    with pytest.raises(ConfigError) as caught:
+        make_artifact(folder, "new")
+    assert str(caught.value) == (
+        f"output_dir: {folder} holds files rahf did not write (README.md, notes/eval.md, ...), where the merge stage "
+        "writes its artifact; move it out of output_dir or choose another output_dir"
+    )
+    assert read_manifest(folder)["fingerprint"] == "fp" and (folder / "README.md").read_text().endswith("card\n")
+
+
+def _sft_config(tmp_path: Path, model: Path, pairs: Path, **keys: str) -> Path:
+    """A config of one sft stage (replaced by a stage that writes a weights file) into tmp_path/out."""
+    extra = "".join(f"{k}: {v}\n" for k, v in keys.items())
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: {model}\ndata:\n  path: {pairs}\noutput_dir: {tmp_path / 'out'}\nmethod: sft\nstages: [sft]\n{extra}"
+    )
+    return config
+
+
+def test_a_run_stops_before_training_at_a_file_added_to_a_finished_stage(
+    tmp_path, tiny_model_dir, pairs_file, monkeypatch, capsys
+):
+    ran = []
+
+    def stage(cfg, tmp: Path) -> None:
+        ran.append(tmp)
+        (tmp / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setitem(pipeline._STAGES, "sft", stage)
+    config, out = _sft_config(tmp_path, tiny_model_dir, pairs_file), tmp_path / "out"
+    assert main(["run", str(config)]) == 0 and len(ran) == 1
+    (out / "sft" / "README.md").write_text("my model card\n")
+    capsys.readouterr()
+    assert main(["status", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"sft       foreign              {out / 'sft'} (holds files rahf did not write: README.md; a run stops here: "
+        "move it out of output_dir)"
+    )
+    for command in (["run", str(config), "--force"], ["sft", str(config)]):
+        assert main(command) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"rahf: error: output_dir: {out / 'sft'} holds files rahf did not write (README.md), where the sft stage "
+            "writes its artifact; move it out of output_dir or choose another output_dir"
+        )
+    assert len(ran) == 1 and (out / "sft" / "README.md").read_text() == "my model card\n"
+    (out / "sft" / "README.md").unlink()
+    assert main(["run", str(config)]) == 0 and len(ran) == 1  # rahf's own folder again: up to date
+    assert "[rahf] sft: up to date" in capsys.readouterr().out
+
+
+def test_output_dir_inside_a_data_folder_is_refused_before_anything_trains(
+    tmp_path, tiny_model_dir, pairs_file, monkeypatch, capsys
+):
+    """A `datasets.save_to_disk` folder as data.path, the run written into it: each run would fingerprint its own
+    artifacts as data, find them changed and train again, never to finish."""
+    import json
+
+    import datasets
+
+    monkeypatch.setitem(pipeline._STAGES, "sft", lambda cfg, tmp: pytest.fail("a stage started"))
+    data = tmp_path / "ds"
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    datasets.Dataset.from_list(rows).save_to_disk(str(data))
+    capsys.readouterr()
+    for out in (data, data / "runs" / "a"):
+        config = _sft_config(tmp_path, tiny_model_dir, data)
+        config.write_text(config.read_text().replace(str(tmp_path / "out"), str(out)))
+        assert main(["run", str(config)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"rahf: error: output_dir: {out} lies inside data.path ({data}), so the run's artifacts would change "
+            "that data under it; write the run elsewhere"
+        )
+        assert not (data / ".rahf.lock").exists() and not (data / "runs").exists()
+
+
+def _instruct_with_a_model(out: Path, model: Path) -> Path:
+    """A finished instruct artifact holding a whole model, and another in its base/ sub-folder."""
+    with atomic_dir(out / "instruct", "instruct", "fp", {}) as tmp:
+        shutil.copytree(model, tmp, dirs_exist_ok=True)
+        shutil.copytree(model, tmp / "base")
+    return out / "instruct"
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["the-stage-folder", "inside-it"])
+def test_a_model_in_a_folder_the_run_writes_is_refused(
+    tmp_path, tiny_model_dir, pairs_file, monkeypatch, capsys, inside
+):
+    """Last run's step-1 model as the new base, `model: OUT/instruct`: instruct would train from it and replace it, so
+    the model the config names would be gone and every rerun would train on the last one's result."""
+    monkeypatch.setitem(pipeline._STAGES, "instruct", lambda cfg, tmp: pytest.fail("a stage started"))
+    out = tmp_path / "out"
+    instruct = _instruct_with_a_model(out, tiny_model_dir)
+    model = instruct / "base" if inside else instruct
+    before = read_manifest(instruct)["build"]
+    config = _sft_config(tmp_path, model, pairs_file)
+    config.write_text(config.read_text().replace("method: sft\nstages: [sft]", "method: scit\nstages: [instruct]"))
+    where = f"lies inside {instruct}, which" if inside else "is the folder"
+    for command in ("run", "instruct"):
+        assert main([command, str(config)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"rahf: error: model: {model} {where} the instruct stage of this run writes; copy it elsewhere or use "
+            "another output_dir"
+        )
+    assert read_manifest(instruct)["build"] == before and (instruct / "base" / "config.json").is_file()
+
+
+def test_leftovers_under_the_lock_are_a_dead_runs_whatever_their_pid(tmp_path, capsys):
+    """In a container rahf gets the same small pid on every start, and a pid may be given to another process: under
+    the output folder's lock, no other rahf run writes there, so a temporary or replaced copy that this process is
+    not writing is a dead run's, even when its pid is alive (1, here, and this process's own)."""
+    final = tmp_path / "collect"
+    with atomic_dir(final, "collect", "first", {}) as tmp:
+        (tmp / "a.txt").write_text("first")
+    final.rename(tmp_path / ".collect.old-1-5")  # killed between the two renames
+    (tmp_path / f".collect.tmp-{os.getpid()}-6").mkdir()  # the new one, half-written
+    artifacts.restore_replaced(final)
+    assert not final.exists() and len(list(tmp_path.iterdir())) == 2  # without the lock: pids alive, kept
+    capsys.readouterr()
+    with artifacts.output_lock(tmp_path):
+        artifacts.restore_replaced(final)
+        assert read_manifest(final)["fingerprint"] == "first" and (final / "a.txt").read_text() == "first"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".rahf.lock", "collect"]
+        with atomic_dir(final, "collect", "second", {}) as tmp:
+            artifacts.restore_replaced(final)  # this process's own copy in the making is kept
+            assert tmp.is_dir()
+            (tmp / "a.txt").write_text("second")
+    assert read_manifest(final)["fingerprint"] == "second"
+    assert capsys.readouterr().out == (
+        f"[rahf] restored {final}, which an interrupted run had moved aside to replace it\n"
+        f"[rahf] removing {tmp_path / f'.collect.tmp-{os.getpid()}-6'}, left by an interrupted run\n"
+    )
+
+
+def test_a_stage_folder_that_is_a_link_is_refused_and_never_removed(tmp_path, capsys):
+    """`generations -> ../mine`: rahf writes a stage's folder whole, so it refuses a link there, naming its target,
+    and removes a link left aside (by an earlier version) as a link, never what it points to."""
+    from rahf.errors import ConfigError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "generations").symlink_to("../mine")
+    assert artifacts.foreign_files(out / "generations") == ["generations (a symbolic link to ../mine)"]
+    with pytest.raises(ConfigError) as caught, atomic_dir(out / "generations", "generate", "fp", {}):
+        pass
+    assert str(caught.value) == (
+        f"output_dir: {out / 'generations'} is a symbolic link to ../mine, where the generate stage writes its "
+        "artifact as a folder of its own; remove the link (what it points to is kept) or choose another output_dir"
+    )
+    assert (out / "generations").is_symlink() and sorted(p.name for p in out.iterdir()) == ["generations"]
+    (out / "generations").unlink()
+    (mine / "labels.jsonl").write_text("mine\n")
+    with atomic_dir(out / "generations", "generate", "fp", {}):
+        pass
+    (out / ".generations.old-999999999-2").symlink_to("../mine")
+    capsys.readouterr()
+    artifacts.restore_replaced(out / "generations")
+    artifacts.restore_replaced(out / "generations")
+    assert capsys.readouterr().out.count("left by an interrupted run") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["generations"] and (mine / "labels.jsonl").is_file()
 
 
 def test_a_hub_that_cannot_be_reached_is_said_once_with_how_to_skip_the_retries(monkeypatch, capsys):
@@ -322,12 +573,15 @@ def test_a_folder_whose_marker_is_being_written_is_rahfs(tmp_path):
     """rahf makes a checkpoint folder, then writes its tag through a temp file: another process (a launch's other
     ranks, `rahf status`) looking in between sees rahf's folder, not a user's."""
     from rahf.artifacts import foreign_files, write_text_atomic
+    from rahf.preflight import CHECKPOINT_ENTRIES
 
     folder = tmp_path / "instruct.checkpoints"
     folder.mkdir()
     (folder / f".rahf-checkpoints.json.{os.getpid()}-1764180000000000000.tmp").write_text("{")
-    assert foreign_files(folder, "rahf-checkpoints.json") == []
+    assert foreign_files(folder, "rahf-checkpoints.json", entries=CHECKPOINT_ENTRIES) == []
     (folder / "notes.txt").write_text("mine")
-    assert foreign_files(folder, "rahf-checkpoints.json") == ["notes.txt"]
-    write_text_atomic(folder / "rahf-checkpoints.json", "{}")
-    assert foreign_files(folder, "rahf-checkpoints.json") == []
+    assert foreign_files(folder, "rahf-checkpoints.json", entries=CHECKPOINT_ENTRIES) == ["notes.txt"]
+    write_text_atomic(folder / "rahf-checkpoints.json", '{"stage": "instruct", "fingerprint": "fp"}')
+    assert foreign_files(folder, "rahf-checkpoints.json", entries=CHECKPOINT_ENTRIES) == ["notes.txt"]
+    (folder / "notes.txt").unlink()
+    assert foreign_files(folder, "rahf-checkpoints.json", entries=CHECKPOINT_ENTRIES) == []

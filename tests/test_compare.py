@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -266,6 +267,14 @@ def test_compare_writes_no_credential_the_config_holds(compared):
     assert "QUERYSECRET" not in (Path(cfg.output_dir) / "results.json").read_text()
 
 
+def test_compare_marks_its_folder_so_a_rerun_there_is_taken(compared):
+    from rahf.compare import MARKER, MARKER_TEXT, check_compare_folder
+
+    cfg, _ = compared
+    assert (Path(cfg.output_dir) / MARKER).read_text() == MARKER_TEXT
+    check_compare_folder(Path(cfg.output_dir))
+
+
 def test_compare_reports_every_method_seed_and_noise_level(compared):
     cfg, results = compared
     out = cfg.output_dir
@@ -315,7 +324,8 @@ def test_compare_shares_step1_models_and_chooses_on_validation(compared):
 
 
 def test_a_selection_is_reused_when_only_align_logging_settings_change(compared, monkeypatch):
-    """Choosing layers and alpha trains one alignment per candidate: a logging tweak must not redo them all."""
+    """Choosing layers and alpha trains one alignment per candidate: a logging tweak, or a default written out, must
+    not redo them all."""
     from rahf import align
     from rahf.artifacts import read_manifest
     from rahf.compare import _select, candidates
@@ -335,9 +345,86 @@ def test_a_selection_is_reused_when_only_align_logging_settings_change(compared,
     quiet = with_overrides(mcfg, {"align": {"train": {"logging_steps": 3, "disable_tqdm": False}}})
     _, selection = _select(quiet, candidates(quiet), validation, GoldJudge(), "gold:None")
     assert selection == results["runs"][0]["methods"]["rahf-scit"]["selection"]
+    # align's own schedule and the run's seed written out: the same choice
+    written = with_overrides(mcfg, {"align": {"train": {"lr_scheduler_type": "constant", "seed": mcfg.seed}}})
+    assert _select(written, candidates(written), validation, GoldJudge(), "gold:None")[1] == selection
     faster = with_overrides(mcfg, {"align": {"train": {"learning_rate": 0.5}}})
     with pytest.raises(AssertionError, match="trained again"):
         _select(faster, candidates(faster), validation, GoldJudge(), "gold:None")
+
+
+def _untimed(results: dict) -> dict:
+    """`results` as results.json holds it, without what a rerun changes however much it reuses: the time taken."""
+    saved = json.loads(json.dumps(results))
+    for run in saved["runs"]:
+        del run["timings_s"]
+    return saved | {"seconds": None}
+
+
+def _untimed_report(report: str) -> str:
+    """The report without the times it states."""
+    return re.sub(r"; \d+ s in all\.", "", report.split("## Time per run")[0])
+
+
+def test_an_unchanged_rerun_reads_every_evaluation_back(compared, monkeypatch, capsys):
+    """Sampling and judging every method of every run takes GPU-hours at 7B: a rerun (or a restart after a kill)
+    reads each method's measurements back from its record and writes the same results.json and report."""
+    from rahf import evaluate, generate
+
+    cfg, results = compared
+    out = Path(cfg.output_dir)
+    report = (out / "report.md").read_text()
+
+    def fails(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", fails)
+    monkeypatch.setattr(generate, "generate", fails)
+    again = run_compare(cfg)
+    printed = capsys.readouterr().out
+    assert printed.count(": evaluation up to date, win rate ") == len(results["runs"]) * len(EIGHT)
+    assert "[compare] noise 0.5 seed 0 rahf-dual: evaluation up to date, win rate " in printed
+    assert _untimed(again) == _untimed(json.loads((out / "results.json").read_text())) == _untimed(results)
+    assert _untimed_report((out / "report.md").read_text()) == _untimed_report(report)
+    records = sorted(out.glob("noise-*/seed-*/evaluations/*.json"))
+    assert len(records) == len(results["runs"]) * len(EIGHT)
+    assert not any("QUERYSECRET" in r.read_text() for r in records)  # the LLM judge's URL, redacted
+
+
+def test_compare_evaluates_again_what_changed_since_the_record(compared, tmp_path, monkeypatch, capsys):
+    """An evaluate setting changed evaluates every method again; a retrained model, that method alone. A run folder
+    copied elsewhere (the same models, pairs and judge) evaluates nothing."""
+    from rahf import evaluate
+    from rahf.config import with_overrides
+
+    cfg, results = compared
+    run = Path(cfg.output_dir) / "noise-0" / "seed-0"
+    for name in ("sft", "reward", "dpo", "generations", "evaluations"):
+        shutil.copytree(run / name, tmp_path / "out" / "noise-0" / "seed-0" / name)
+    real, evaluated = evaluate.evaluate_policy, []
+
+    def counting(*args, **kwargs):
+        evaluated.append(Path(kwargs["generations"]).stem)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", counting)
+    only = {
+        "output_dir": str(tmp_path / "out"),
+        "compare": {"methods": ["sft", "dpo"], "seeds": [0], "label_noise": [0.0]},
+    }
+
+    def compare(changes: dict) -> dict:
+        evaluated.clear()
+        return run_compare(with_overrides(cfg, only | changes))["runs"][0]["methods"]
+
+    assert compare({})["dpo"]["win_rate"] == results["runs"][0]["methods"]["dpo"]["win_rate"]
+    assert evaluated == []
+    assert compare({"evaluate": {"samples": 3}})["sft"]["win_rate"]["n"] == 5 * 3
+    assert evaluated == ["sft", "dpo"]
+    capsys.readouterr()
+    compare({"evaluate": {"samples": 3}, "dpo": {"train": {"max_steps": 3}}})  # DPO trains again: another model
+    assert evaluated == ["dpo"]
+    assert "[compare] noise 0 seed 0 sft: evaluation up to date, win rate " in capsys.readouterr().out
 
 
 def test_noisy_labels_train_ppos_reward_model_but_not_the_judges(compared):
@@ -464,6 +551,47 @@ def test_a_judge_that_cannot_judge_stops_the_run_before_training(
     local = {"judge": "llm", "pairs": str(pairs_file), "llm": {"base_url": "http://localhost:8000/v1"}}
     monkeypatch.delenv("OPENAI_API_KEY")
     check_judge(load_config(None, settings | {"evaluate": local}), [str(pairs_file)])  # a local server: no key
+
+
+def test_compare_refuses_a_folder_whose_report_or_results_it_did_not_write(
+    tmp_path, tiny_model_dir, pairs_file, capsys
+):
+    """compare replaces results.json, report.md and its plots at the top of output_dir: a user's own are refused before
+    anything trains; a folder compare (or the demo) wrote, marked or not, is taken."""
+    from rahf.cli import main
+    from rahf.compare import MARKER, check_compare_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("# my notes\n")
+    (out / "thesis.tex").write_text("x")
+    settings = run_settings(tiny_model_dir, pairs_file, out, "scit") | {"evaluate": {"pairs": str(pairs_file)}}
+    assert main(["compare", _yaml(tmp_path / "a.yaml", settings)]) == 2
+    assert capsys.readouterr().err == (
+        f"rahf: error: output_dir: {out} holds report.md, which rahf compare did not write and would overwrite; move "
+        "them, or give compare another output_dir\n"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "thesis.tex"]
+    (out / "results.json").write_text('{"methods": []}')
+    with pytest.raises(ConfigError, match=r"holds results.json, report.md, which"):
+        check_compare_folder(out)
+    (out / "results.json").write_text(json.dumps({"methods": [], "summary": {}, "runs": [], "config": {}}))
+    check_compare_folder(out)  # written by a compare from before the marker
+    (out / "results.json").unlink()
+    (out / MARKER).write_text("")
+    check_compare_folder(out)
+    (out / MARKER).unlink()
+    (out / ".rahf-demo").write_text("")
+    check_compare_folder(out)
+    check_compare_folder(tmp_path / "new")
+    import inspect
+    import re
+
+    from rahf import report
+    from rahf.compare import TOP_FILES
+
+    written = set(re.findall(r'"(\w+\.png)"', inspect.getsource(report)))
+    assert len(written) >= 7 and written <= set(TOP_FILES)  # every plot the report writes is guarded
 
 
 def test_compare_and_stage_errors_are_one_line_exit_2(tmp_path, tiny_model_dir, pairs_file, capsys):

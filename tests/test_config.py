@@ -222,7 +222,7 @@ def test_a_train_number_spelled_as_int_or_float_is_one_setting(base):
     def step1(**train):
         return load_config(None, with_(base, instruct__train=train))
 
-    for key in ("max_grad_norm", "weight_decay", "num_train_epochs", "warmup_steps", "logging_steps", "adam_beta2"):
+    for key in ("max_grad_norm", "weight_decay", "num_train_epochs", "warmup_steps", "logging_steps", "adam_epsilon"):
         a, b = step1(**{key: 1}), step1(**{key: 1.0})
         assert a.instruct.train[key] == b.instruct.train[key] == 1 and type(b.instruct.train[key]) is int, key
         assert stage_fingerprint(a, "instruct")[0] == stage_fingerprint(b, "instruct")[0], key
@@ -1039,7 +1039,7 @@ def test_compare_overrides_are_validated_as_a_whole_config(base):
     for mapping, start in (
         ({"layers": [99]}, "compare.overrides.dual: layers: [99] out of range; the model has layers 1..4"),
         ({"window": 1000}, "compare.overrides.dual: window: 1000 exceeds data.max_response_length=512"),
-        ({"seed": -1}, "compare.overrides.dual: seed: must be in [0, 4294967295]"),
+        ({"align": {"lora": {"r": 0}}}, "compare.overrides.dual: align.lora.r: must be >= 1, got 0"),
         ({"align": {"train": {"max_steps": 1.5}}}, "compare.overrides.dual: align.train.max_steps: expected an"),
     ):
         msg = error_of(None, with_(base, compare__overrides={"dual": mapping}))
@@ -1057,6 +1057,50 @@ def test_compare_overrides_compare_would_ignore_are_refused(base):
     ):
         msg = error_of(None, with_(base, compare__overrides={method: mapping}))
         assert msg.startswith(start), msg
+
+
+@pytest.mark.parametrize(
+    ("mapping", "says"),
+    [
+        # compare sets these for every run: a method's own would make one run of its every seed and noise level
+        ({"seed": 7}, "compare.overrides.dpo.seed: set by compare for every run, from compare.seeds; remove it here"),
+        ({"data": {"label_noise": 0.3}}, "compare.overrides.dpo.data.label_noise: set by compare for every run"),
+        ({"revision": "main"}, "compare.overrides.dpo.revision: set by compare for every method, with model"),
+        # read from the shared config only: a method's own would be ignored
+        ({"evaluate": {"samples": 4}}, "compare.overrides.dpo.evaluate: compare judges every method alike"),
+        ({"reward": {"max_length": 256}}, "compare.overrides.dpo.reward: compare trains one reward model"),
+        ({"generate": {"seed": 3}}, "compare.overrides.dpo.generate: compare runs no generate stage"),
+        ({"sft": {"train": {"max_steps": 2}}}, "compare.overrides.dpo.sft: compare trains one SFT model"),
+        ({"tokenizer": "org/tok"}, "compare.overrides.dpo.tokenizer: only the sft stage reads it"),
+        (
+            {"ppo": {"reward_model": "org/rm"}},
+            "compare.overrides.dpo.ppo.reward_model: compare gives PPO the top-level",
+        ),
+        ({"revisions": {"org/rm": "main"}}, "compare.overrides.dpo.revisions: they pin models every method shares"),
+    ],
+)
+def test_compare_overrides_of_what_compare_shares_are_refused(base, mapping, says):
+    assert error_of(None, with_(base, compare__overrides={"dpo": mapping})).startswith(says)
+
+
+def test_compare_overrides_for_a_method_compare_does_not_run_are_checked_and_noted_as_unused(base):
+    """A config written for every method runs a few by `compare.methods=[...]` alone: the others' overrides are
+    still checked, and named as unused."""
+    from rahf.config import unused_overrides_note
+
+    compare = {"methods": ["dpo", "rahf-scit"], "overrides": {"lorra": {"alpha": 2.0}, "rahf-dual": {"window": 4}}}
+    cfg = load_config(None, with_(base, compare=compare))
+    assert unused_overrides_note(cfg) == (
+        "compare.overrides.lorra, compare.overrides.rahf-dual: not used, as compare.methods (dpo, rahf-scit) leaves "
+        "them out"
+    )
+    compare["overrides"]["lorra"] = {"alpha": float("nan")}
+    assert error_of(None, with_(base, compare=compare)).startswith("compare.overrides.lorra: alpha")
+    # hir and preferred-sft are scit's and dual's step-1 models, trained with their overrides
+    for methods, host in ((["hir"], "scit"), (["preferred-sft"], "rahf-dual"), (["rahf-scit"], "scit")):
+        settings = with_(base, compare={"methods": methods, "overrides": {host: {"alpha": 2.0}}})
+        cfg = load_config(None, settings)
+        assert cfg.compare.overrides == {host: {"alpha": 2.0}} and unused_overrides_note(cfg) is None
 
 
 def test_paths_in_compare_overrides_resolve_against_the_config_folder(base, tmp_path, monkeypatch):
@@ -1193,8 +1237,136 @@ def test_whole_numbers_reach_float_only_fields_as_floats(base, tmp_path):
         ("layers=1,2", "layers: expected a list, got '1,2'; write layers=[1,2]"),
         ("data.path=Anthropic/hh-rlhf", "; a Hub dataset's file is read as hf://datasets/Anthropic/hh-rlhf/FILE"),
         ("zzz=1", "window)"),  # nothing close: the known keys, no guess
+        # within a section, a close spelling or another tool's name for one of its keys comes first
+        ("ppo.lr=1e-5", "; did you mean ppo.learning_rate?"),
+        ("ppo.epochs=2", "; did you mean ppo.ppo_epochs?"),
+        ("compare.seed=[1]", "; did you mean compare.seeds?"),
+        ("compare.method=[dpo]", "; did you mean compare.methods?"),
+        ("data.max_length=64", "; did you mean data.max_prompt_length, data.max_response_length?"),
+        ("data_path=x.jsonl", "; did you mean data.path?"),
+        # inside a `train:` mapping: its class's fields
+        ("align.train.lr=1e-4", "align.train.lr: not a field of TrainingArguments; did you mean align.train.learning_rate?"),
+        ("align.train.num_train_epoch=1", "; did you mean align.train.num_train_epochs?"),
     ],
 )  # fmt: skip
 def test_a_mistyped_key_or_value_says_what_was_meant(base, override, hint):
     msg = error_of(None, [f"model={base['model']}", f"data.path={base['data']['path']}", override])
     assert msg.endswith(hint), msg
+
+
+@pytest.mark.parametrize(
+    ("train", "says"),
+    [
+        ({"adam_beta1": 2}, "align.train.adam_beta1: the optimizer refuses 2 (Invalid beta parameter at index 0: 2.0)"),
+        ({"adam_beta2": 1.5}, "align.train.adam_beta2: the optimizer refuses 1.5 (Invalid beta parameter at index 1"),
+        ({"adam_epsilon": -1}, "align.train.adam_epsilon: the optimizer refuses -1 (Invalid epsilon value: -1.0)"),
+        # two settings refused: the one the optimizer names first
+        ({"adam_beta1": 2, "adam_epsilon": -1}, "align.train.adam_epsilon: the optimizer refuses -1"),
+        ({"optim": "sgd", "optim_args": "momentum=(1,2)"}, "align.train.optim_args: the optimizer refuses"),
+    ],
+)
+def test_settings_the_optimizer_refuses_are_refused_before_anything_trains(base, train, says):
+    """torch's AdamW refuses a beta outside [0, 1) or a negative epsilon only when the Trainer makes it, after the
+    earlier stages have trained."""
+    msg = error_of(None, with_(base, align__train=train))
+    assert msg.startswith(says) and msg.endswith("; change it or leave it out"), msg
+    fine = {"adam_beta1": 0.8, "adam_beta2": 0.95, "adam_epsilon": 1e-6, "optim": "sgd", "optim_args": "momentum=0.9"}
+    assert load_config(None, with_(base, align__train=fine)).align.train["adam_beta1"] == 0.8
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({True: 1}, ("key True at the top level is not a key name (YAML reads unquoted yes, no, on, off as true or "
+                     "false); quote it if it is meant as one")),
+        ({1: "x"}, "key 1 at the top level is not a key name"),
+        ({"align": {False: 1}}, "align: key False is not a key name"),
+        ({"compare": {"overrides": {"dpo": {None: 1}}}}, "compare.overrides.dpo: key None at the top level is not a"),
+    ],
+)  # fmt: skip
+def test_a_key_yaml_reads_as_no_name_is_refused_in_any_mapping(base, settings, says):
+    assert error_of(None, base | settings).startswith(says)
+
+
+def test_dpo_train_beta_is_refused_for_dpo_beta(base):
+    """DPOTrainer takes beta from `dpo.beta` (range-checked); a second one in `dpo.train` would override it unseen."""
+    for beta in (0.5, 0, -1):
+        assert error_of(None, with_(base, method="dpo", dpo__train={"beta": beta})) == (
+            "dpo.train.beta: rahf passes dpo.beta to DPOTrainer (checked to be above 0); set dpo.beta instead"
+        )
+    assert load_config(None, with_(base, method="dpo", dpo__beta=0.5)).dpo.beta == 0.5
+
+
+def test_one_instruction_twice_is_refused_where_a_method_reads_their_contrast(base):
+    same = {"preferred": "Be kind.", "dispreferred": "Be kind. "}
+    for method in ("scit", "lorra", "hir"):
+        assert error_of(None, with_(base, method=method, instructions=same)) == (
+            f"instructions.dispreferred: the same text as instructions.preferred, so method {method} has no contrast "
+            "to learn from (v = 0 at every layer); make the two differ"
+        )
+    # dual and the baselines read no contrast, unless compare runs a method that does (all eight by default)
+    assert "so hir (in compare.methods) has no contrast" in error_of(
+        None, with_(base, method="dual", instructions=same)
+    )
+    compared = {"methods": ["dpo", "rahf-dual", "lorra"]}
+    assert "so lorra (in compare.methods) has no contrast" in error_of(
+        None, with_(base, method="dual", instructions=same, compare=compared)
+    )
+    compared = {"methods": ["dpo", "rahf-dual"]}
+    load_config(None, with_(base, method="dual", instructions=same, compare=compared))
+    # a compared method's own instructions
+    compared = {"methods": ["hir"], "overrides": {"rahf-scit": {"instructions": {"dispreferred": "Be kind."}}}}
+    assert error_of(None, with_(base, method="dual", instructions=same | {"dispreferred": "x"}, compare=compared)) == (
+        "compare.overrides.rahf-scit.instructions.dispreferred: the same text as instructions.preferred, so hir "
+        "(in compare.methods) has no contrast to learn from (v = 0 at every layer); make the two differ"
+    )
+    compared["overrides"]["rahf-scit"]["instructions"]["dispreferred"] = "Be rude."
+    load_config(None, with_(base, method="dual", instructions=same, compare=compared | {"methods": ["hir", "dual"]}))
+
+
+def test_label_noise_levels_compare_would_write_to_one_folder_are_refused(base):
+    assert error_of(None, with_(base, compare__label_noise=[0.0, 0.1, 0.1000001])) == (
+        "compare.label_noise: 0.1 and 0.1000001 would share the folder noise-0.1 and one row of the report; give "
+        "levels that differ within 6 significant digits"
+    )
+    assert error_of(None, with_(base, compare__label_noise=[0.0, -0.0])).startswith(
+        "compare.label_noise: 0.0 is listed twice"
+    )
+    cfg = load_config(None, with_(base, compare__label_noise=[-0.0, 0.2], data__label_noise=-0.0))
+    assert [math.copysign(1, x) for x in [*cfg.compare.label_noise, cfg.data.label_noise]] == [1, 1, 1]
+
+
+def test_a_number_where_text_is_meant_says_to_quote_it(base, tmp_path):
+    """An all-digit commit id is a number to YAML; with a leading zero, an octal one."""
+    path = tmp_path / "c.yaml"
+    for text, says in (
+        ("revision: 1234567\n", "revision: expected text, got the number 1234567; quote it (YAML reads digits as"),
+        ("revisions: {org/rm: 1234567}\n", "revisions.org/rm: expected text, got the number 1234567; quote it"),
+        ("revision: 0123456\n", ("not valid YAML (0123456 has a leading zero, which YAML reads as octal 42798; "
+                                 "drop the zero or write 42798, or quote it if it is text)")),
+    ):  # fmt: skip
+        path.write_text(yaml.safe_dump(base) + text)
+        msg = error_of(path)
+        assert msg.startswith((says, f"{path}, line 5: {says}")), msg
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_schedule_options_given_as_text_must_be_a_json_object(base, schedule):
+    for text in ("x", "[1]", "{min_lr: 1}"):
+        assert error_of(
+            None, with_(base, align__train={"lr_scheduler_type": schedule, "lr_scheduler_kwargs": text})
+        ) == (f"align.train.lr_scheduler_kwargs: expected a mapping (or a JSON object), got {text!r}")
+    given = {"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": '{"num_cycles": 0.25}'}
+    assert load_config(None, with_(base, align__train=given)).align.train == given
+
+
+def test_a_config_reached_through_a_symlink_resolves_paths_beside_the_link(base, tmp_path, monkeypatch):
+    """Two experiment folders linking one shared config each get their own output folder."""
+    shared = tmp_path / "configs" / "base.yaml"
+    shared.parent.mkdir()
+    shared.write_text(yaml.safe_dump(base | {"output_dir": "out"}))
+    monkeypatch.chdir(tmp_path)
+    for name in ("exp1", "exp2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "c.yaml").symlink_to(shared)
+        assert load_config(f"{name}/c.yaml").output_dir == str(tmp_path / name / "out")

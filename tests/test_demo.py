@@ -1,6 +1,7 @@
 """The built-in demo end to end, in its quick flavour."""
 
 import json
+import shutil
 
 import pytest
 
@@ -140,16 +141,58 @@ def test_demo_accepts_a_new_or_empty_folder_and_reruns_into_its_own(tmp_path, no
     check_out(only_marker)
 
 
+def _earlier_demo(folder):
+    """A finished demo's folder as `rahf demo` wrote it before it marked its folders."""
+    from rahf.demo.run import _DEMO_DATA
+
+    (folder / "base").mkdir(parents=True)
+    (folder / "base" / "demo_base.json").write_text("{}")
+    (folder / "data").mkdir()
+    for name in _DEMO_DATA:
+        (folder / "data" / name).write_text("{}\n")
+    (folder / "noise-0" / "seed-0" / "merged").mkdir(parents=True)
+    for name in ("report.md", "results.json", "compare_results.json", "compare.yaml", "win_rate.png", ".rahf.lock"):
+        (folder / name).write_text("# rahf demo\n" if name == "report.md" else "")
+
+
 def test_demo_accepts_a_folder_written_before_the_marker(tmp_path):
     from rahf.demo.run import check_out
     from rahf.errors import RahfError
 
     old = tmp_path / "old"
-    (old / "base").mkdir(parents=True)
-    (old / "report.md").write_text("# rahf demo\n\nTask: ...\n")
-    check_out(old)  # a finished demo's report
+    _earlier_demo(old)
+    check_out(old)  # the demo's stamp on its model and its report
     (old / "report.md").write_text("# my notes\n")
-    with pytest.raises(RahfError, match=r"\(base/, report\.md\)"):
-        check_out(old)
-    (old / "base" / "demo_base.json").write_text("{}")
-    check_out(old)  # the demo's stamp on its model
+    check_out(old)  # the stamp alone
+    (old / "report.md").write_text("# rahf demo\n")
+    (old / "base" / "demo_base.json").unlink()
+    with pytest.raises(RahfError, match=r"did not write \(base/\), which"):
+        check_out(old)  # a model the demo did not stamp: it would be deleted to build the demo's
+    shutil.rmtree(old / "base")
+    check_out(old)  # the report alone
+
+
+@pytest.mark.parametrize(
+    ("add", "found"),
+    [
+        (lambda d: (d / "thesis.tex").write_text("my thesis"), "thesis.tex"),
+        (lambda d: (d / "data" / "labels.jsonl").write_text("mine"), "data/labels.jsonl"),
+        (lambda d: (d / "notes").mkdir(), "notes/"),
+    ],
+    ids=["a-file", "a-data-file", "a-folder"],
+)
+def test_demo_refuses_a_users_folder_beside_a_demos_report_or_stamp(tmp_path, capsys, no_compare, add, found):
+    """A copy of a demo's report (or of its stamped model) in a user's folder does not make it the demo's: anything
+    the demo does not write there is a user's, and the demo would overwrite data/ and delete base/."""
+    from rahf.cli import main
+
+    old = tmp_path / "old"
+    _earlier_demo(old)
+    add(old)
+    before = _tree(old)
+    assert main(["demo", "--quick", "--out", str(old)]) == 2
+    assert capsys.readouterr().err == (
+        f"rahf: error: --out: {old} holds files `rahf demo` did not write ({found}), which the demo would overwrite "
+        "or delete; give an empty or new folder\n"
+    )
+    assert _tree(old) == before  # nothing written, nothing deleted

@@ -4,6 +4,7 @@ where checkpoints go, and trainer arguments that would otherwise be ignored or u
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -280,3 +281,43 @@ def test_a_new_eos_token_is_refused_before_anything_trains(tiny_model_dir, pairs
     assert main(["run", str(tmp_path / "c.yaml")]) == 2 and not (tmp_path / "out").exists()
     settings[section]["train"]["eos_token"] = "</s>"  # the tokenizer's own: nothing to apply later
     preflight.preflight(load_config(None, settings))
+
+
+def test_a_resumed_dual_logs_the_train_loss_of_the_whole_run(tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
+    # The Trainer's train_loss averages the steps of one train() call: resumed at a checkpoint it covered only the
+    # steps since, and the preferred side, finished before the interruption, ran no step and logged 0.0.
+    import json
+
+    from transformers import Trainer
+
+    from rahf.instruct.dual import SIDES, train_dual
+    from rahf.training import load_data
+
+    train = ONE_STEP | {"max_steps": 4, "logging_steps": 1, "save_strategy": "steps", "save_steps": 2}
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "dual", instruct__train=train)
+    pairs = load_data(cfg)
+    original, calls = Trainer.training_step, [0]
+
+    def interrupted(self, *args, **kwargs):  # the dispreferred side's third step, after its checkpoint-2
+        calls[0] += 1
+        if calls[0] == 4 + 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "training_step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_dual(cfg, str(tiny_model_dir), pairs, tmp_path / "resumed")
+    capsys.readouterr()
+    train_dual(cfg, str(tiny_model_dir), pairs, tmp_path / "resumed")
+    printed = re.findall(r"'train_loss': '([^']*)'", capsys.readouterr().out)  # the Trainer's summary, one per side
+    train_dual(cfg, str(tiny_model_dir), pairs, tmp_path / "whole")
+    logs = {run: json.loads((tmp_path / run / "log_history.json").read_text()) for run in ("resumed", "whole")}
+    means = []
+    for side in SIDES:
+        steps = [row["loss"] for row in logs["whole"][side] if "loss" in row]
+        assert len(steps) == 4
+        means.append(sum(steps) / 4)
+        for run in ("resumed", "whole"):
+            assert logs[run][side][-1]["train_loss"] == pytest.approx(means[-1], rel=1e-6), (run, side)
+    assert printed == [f"{mean:.4g}" for mean in means]

@@ -296,7 +296,7 @@ def test_revisions_pin_a_hub_reward_model_for_judging_and_fingerprints(
     [
         ({"org/rm": ""}, "revisions.org/rm: empty"),
         ({"org/other": "v2"}, "revisions.org/other: no model key of this config names org/other"),
-        ({"org/rm": 3}, "revisions.org/rm: expected str"),
+        ({"org/rm": 3}, "revisions.org/rm: expected text, got the number 3; quote it"),
         ("v2", "revisions: expected a mapping"),
         ({123: "v2"}, "revisions.123: a model id must be a string"),
         ({None: "v2"}, "revisions.None: a model id must be a string"),
@@ -825,6 +825,113 @@ def test_an_artifact_whose_fingerprint_also_covered_logging_settings_stays_fresh
     assert status["align"].startswith("stale") and status["align"].endswith("(changed: align.train.max_steps)")
 
 
+def test_a_train_value_a_stage_trains_with_anyway_changes_no_fingerprint(
+    scit_run, tiny_model_dir, pairs_file, tmp_path
+):
+    """A `*.train` value written out as the stage would take it anyway (rahf's default for the stage, the arguments
+    class's own, `seed` the run's) is the same run, found fresh; a value that differs from it is not."""
+
+    def fp(method: str, stage: str, **train) -> str:
+        settings = run_settings(tiny_model_dir, pairs_file, tmp_path / method, method, stages=[stage])
+        section = "dpo" if method == "dpo" else stage
+        settings[section] = settings.get(section, {}) | {"train": {"max_steps": 2} | train}
+        return pipeline.stage_fingerprint(load_config(None, settings), stage)[0]
+
+    for method, stage, same, other in (
+        ("scit", "instruct", {"learning_rate": 2e-5, "num_train_epochs": 2, "lr_scheduler_type": "linear"}, {}),
+        ("scit", "instruct", {"seed": 0, "data_seed": 0, "weight_decay": 0.0, "remove_unused_columns": False}, {}),
+        ("scit", "instruct", {"per_device_train_batch_size": 8}, {"learning_rate": 2e-4}),  # LoRA's
+        ("scit", "instruct", {}, {"num_train_epochs": 3}),  # TrainingArguments' default, not SCIT's
+        ("scit", "instruct", {}, {"seed": 1}),
+        ("dual", "instruct", {"learning_rate": 2e-4, "num_train_epochs": 3, "lr_scheduler_type": "cosine"}, {}),
+        ("dpo", "instruct", {"learning_rate": 5e-5, "loss_type": "sigmoid", "num_train_epochs": 1}, {}),
+        ("dpo", "instruct", {}, {"learning_rate": 5e-6}),  # a full fine-tune's
+        ("sft", "sft", {"learning_rate": 2e-5, "max_length": None}, {"max_length": 1024}),  # SFTConfig's default
+        ("sft", "reward", {"learning_rate": 1e-4, "seed": 0}, {"learning_rate": 1e-3}),
+    ):
+        assert fp(method, stage, **same) == fp(method, stage), (method, same)
+        if other:
+            assert fp(method, stage, **other) != fp(method, stage), (method, other)
+    # align: its constant schedule (as the examples write it) and the run's seed, on a finished run
+    align = pipeline.stage_fingerprint(scit_run, "align")[0]
+    written = with_overrides(scit_run, {"align": {"train": {"lr_scheduler_type": "constant", "seed": 0}}})
+    assert pipeline.stage_fingerprint(written, "align")[0] == align
+    linear = with_overrides(scit_run, {"align": {"train": {"lr_scheduler_type": "linear"}}})
+    assert pipeline.stage_fingerprint(linear, "align")[0] != align
+    # -0.0 swaps no pair, as 0.0
+    noise = [run_settings(tiny_model_dir, pairs_file, tmp_path, "scit", data__label_noise=n) for n in (-0.0, 0.0)]
+    assert len({pipeline.stage_fingerprint(load_config(None, n), "instruct")[0] for n in noise}) == 1
+
+
+def test_an_artifact_recorded_with_a_default_written_out_stays_fresh(scit_run, tiny_model_dir, pairs_file, tmp_path):
+    """Manifests fingerprinted while a `*.train` default written out (or a -0.0) counted: the same settings and
+    inputs without it give today's fingerprint, with the config as it was or without the value written out."""
+    out = tmp_path / "copy"
+    shutil.copytree(scit_run.output_dir, out)
+    settings = run_settings(tiny_model_dir, pairs_file, out, "scit")
+    align, merge = (pipeline.stage_dir(load_config(None, settings), s) / MANIFEST for s in ("align", "merge"))
+
+    def recorded(config: dict) -> None:
+        config["align"]["train"]["lr_scheduler_type"] = "constant"
+        config["data"]["label_noise"] = -0.0
+
+    recorded_align_as(align, merge, recorded)
+    for train in ({}, {"lr_scheduler_type": "constant"}):
+        written = settings | {"align": settings["align"] | {"train": settings["align"]["train"] | train}}
+        cfg = load_config(None, written)
+        assert pipeline.describe(cfg).count(" fresh ") == len(STAGES), pipeline.describe(cfg)
+    cosine = settings | {
+        "align": settings["align"] | {"train": settings["align"]["train"] | {"lr_scheduler_type": "cosine"}}
+    }
+    status = dict(line.split(maxsplit=1) for line in pipeline.describe(load_config(None, cosine)).splitlines())
+    assert status["align"].endswith("(changed: align.train.lr_scheduler_type)"), status["align"]
+
+
+class Built(Exception):
+    """Raised where a stage would build its Trainer's arguments, with the class and the values it builds them from."""
+
+
+@pytest.mark.parametrize(
+    ("method", "stage", "extra"),
+    [
+        ("sft", "sft", {}),
+        ("scit", "instruct", {}),
+        ("scit", "instruct", {"instruct__finetune": "lora", "data__eval_size": 0.25, "seed": 3}),
+        ("dual", "instruct", {}),
+        ("dpo", "instruct", {"dpo__beta": 0.3}),
+        ("dpo", "instruct", {"dpo__finetune": "full", "dpo__loss_type": "ipo"}),
+        ("lorra", "align", {}),
+        ("sft", "reward", {"data__eval_size": 4, "reward__max_length": 40}),
+    ],
+)
+def test_the_defaults_fingerprints_leave_out_are_those_each_stage_trains_with(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch, method, stage, extra
+):
+    """`train_defaults` says what a stage sets in its Trainer's arguments when its `train:` mapping is empty: every value
+    it passes (the machine's aside), so that no written value is taken for a default it is not."""
+    from rahf.config import train_section
+    from rahf.trainargs import MACHINE_FIELDS, train_class, train_defaults
+
+    settings = run_settings(tiny_model_dir, pairs_file, tmp_path / "out", method, stages=[stage], **extra)
+    for section in ("instruct", "align"):
+        del settings[section]["train"]
+    cfg = load_config(None, settings)
+
+    def built(cls, values: dict):
+        raise Built(cls, values)
+
+    monkeypatch.setattr("rahf.training.as_fields", built)
+    monkeypatch.setattr("rahf.trainargs.as_fields", built)
+    with pytest.raises(Built) as e:
+        pipeline._STAGES[stage](cfg, tmp_path / "artifact")
+    cls, values = e.value.args
+    section = train_section(cfg, stage)
+    assert cls is train_class(section, cfg.instruct_method)
+    defaults = train_defaults(section, cfg.to_dict() | {"finetune": cfg.finetune})
+    passed = {k: v for k, v in values.items() if k not in {*MACHINE_FIELDS, "output_dir"}}
+    assert {k: defaults[k] for k in passed} == passed
+
+
 def test_changed_data_redoes_everything_from_instruct(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", standard_records(8, seed=5))
     settings = run_settings(tiny_model_dir, data, tmp_path / "out", "scit")
@@ -1163,7 +1270,9 @@ def test_an_artifact_with_other_weights_of_the_same_size_in_place_is_stale(
     shutil.copytree(Path(scit_run.output_dir) / "instruct", weights.parent, dirs_exist_ok=True)  # its own weights back
     (pipeline.stage_dir(cfg, "align") / MANIFEST).write_text("[]")
     status = dict(line.split(maxsplit=1) for line in pipeline.describe(cfg).splitlines())
-    assert status["align"].endswith("(its manifest is unreadable)")
+    assert status["align"].startswith("foreign") and status["align"].endswith(
+        "(its manifest is unreadable, or not rahf's; a run stops here: delete it if rahf wrote it)"
+    )
 
 
 def test_a_second_process_on_the_same_output_dir_stops_before_writing(scit_run, tiny_model_dir, pairs_file, tmp_path):
@@ -1199,6 +1308,39 @@ def test_a_second_process_on_the_same_output_dir_stops_before_writing(scit_run, 
     assert "note" not in pipeline.describe(cfg)
 
 
+def test_a_stage_command_on_a_folder_another_run_is_still_filling_names_that_run(
+    tiny_model_dir, pairs_file, tmp_path, capsys
+):
+    """While a first run is still writing the stages `rahf align` reads, a second command says the folder is being
+    written, not that those stages are missing and must be run first."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from rahf.cli import main
+
+    out = tmp_path / "filling"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(run_settings(tiny_model_dir, pairs_file, out, "scit")))
+    code = f"import time\nfrom rahf.artifacts import output_lock\nwith output_lock({str(out)!r}):\n"
+    code += "    print('held', flush=True)\n    time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for command in ("align", "collect", "run"):
+            assert main([command, str(config)]) == 2
+            err = capsys.readouterr().err
+            assert err == (
+                f"rahf: error: output_dir: {out} is being written by another rahf run (pid {holder.pid}); wait for it "
+                "to end, or give this run another output_dir\n"
+            ), command
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == [".rahf.lock"]
+
+
 def test_instruct_train_settings_a_baseline_does_not_read_are_pointed_out(tiny_model_dir, pairs_file, tmp_path, capsys):
     """DPO trains step 1 with dpo.train: the instruct.train of run_settings would be silently ignored."""
     cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, tmp_path / "out", "dpo"))
@@ -1216,7 +1358,7 @@ def test_an_sft_folder_the_run_does_not_use_is_pointed_out(tiny_model_dir, pairs
     preflight.preflight(cfg, "instruct")
     assert "note" not in capsys.readouterr().out
     (tmp_path / "out" / "sft").mkdir(parents=True)
-    (tmp_path / "out" / "sft" / MANIFEST).write_text("{}")
+    (tmp_path / "out" / "sft" / MANIFEST).write_text('{"stage": "sft", "fingerprint": "x", "files": {}}')
     preflight.preflight(cfg, "instruct")
     assert "stages does not list sft, so this run starts from model" in capsys.readouterr().out
     assert "stages does not list sft, so this run starts from model" in pipeline.describe(cfg)  # `rahf status` too
@@ -1237,6 +1379,46 @@ def test_a_forced_recomputation_makes_what_was_built_on_it_stale(scit_run, tiny_
     assert set(states().values()) == {"fresh"}
     pipeline.run_stage(cfg, "collect", force=True)
     assert states() == {"instruct": "fresh", "collect": "fresh", "align": "stale", "merge": "waiting for align"}
+
+
+def test_status_says_which_checkpoints_the_next_run_resumes_from_and_which_it_discards(
+    scit_run, tiny_model_dir, pairs_file, tmp_path, capsys
+):
+    out = tmp_path / "copy"
+    shutil.copytree(scit_run.output_dir, out)
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, out, "scit", alpha=3.0))
+    saves = pipeline.checkpoint_folder(cfg, "align")
+    checkpoint = saves / "checkpoint-2"  # as a Trainer leaves it, resumable
+    checkpoint.mkdir(parents=True)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "adapter_model.safetensors"):
+        (checkpoint / name).write_bytes(b"")
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2, "max_steps": 6}')
+
+    def tagged(fp: str) -> str:
+        (saves / pipeline.CHECKPOINT_TAG).write_text(json.dumps({"stage": "align", "fingerprint": fp, "processes": 1}))
+        return status_lines(cfg)["align"]
+
+    assert tagged(pipeline.stage_fingerprint(cfg, "align")[0]).endswith(
+        "(changed: alpha) (interrupted: running it again resumes from checkpoint-2, step 2 of 6)"
+    )
+    assert tagged(read_manifest(pipeline.stage_dir(cfg, "align"))["fingerprint"]).endswith(
+        "(changed: alpha) (align.checkpoints holds checkpoint-2, step 2 of 6, made with other inputs or settings: the "
+        "next run discards it)"
+    )
+    capsys.readouterr()
+    pipeline.run_stage(cfg, "align")
+    assert f"discarding the checkpoints in {saves} (made with other inputs or settings)" in capsys.readouterr().out
+    assert "checkpoints" not in status_lines(cfg)["align"]
+
+
+def test_an_upstream_made_for_another_method_names_the_method_to_pass(scit_run, tiny_model_dir, pairs_file):
+    cfg = load_config(None, run_settings(tiny_model_dir, pairs_file, Path(scit_run.output_dir), "dual"))
+    with pytest.raises(RahfError) as raised:
+        pipeline.stage_fingerprint(cfg, "collect")
+    assert str(raised.value).endswith(
+        "this run's method is dual, and the instruct artifact was made for method scit: pass `--method scit` to build "
+        "on it, or run `rahf instruct` for dual (it replaces that artifact)"
+    )
 
 
 def test_status_names_the_stage_to_wait_for_and_shows_any_other_problem(
@@ -1885,7 +2067,7 @@ def test_rahf_generate_over_a_users_generations_folder_exits_2_and_keeps_it(
     assert holds_only(out, "generations", "my-labels.jsonl")
 
 
-def test_an_empty_stage_folder_is_written_as_a_missing_one_and_a_damaged_manifest_recomputed(
+def test_an_empty_stage_folder_is_written_as_a_missing_one_and_one_with_a_damaged_manifest_is_left_to_the_user(
     tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
 ):
     def stage(cfg, tmp: Path) -> None:
@@ -1904,12 +2086,18 @@ def test_an_empty_stage_folder_is_written_as_a_missing_one_and_a_damaged_manifes
     fp = pipeline.stage_fingerprint(cfg, "sft")[0]
     assert is_fresh(out / "sft", fp)
 
-    (out / "sft" / MANIFEST).write_text('{"fingerprint": "fp", "bu')  # rahf's artifact, its manifest damaged
-    assert status_lines(cfg)["sft"] == f"stale                {out / 'sft'} (its manifest is unreadable)"
+    # a damaged manifest cannot tell rahf's files from a user's: the folder is kept, and the way on is said
+    (out / "sft" / MANIFEST).write_text('{"fingerprint": "fp", "bu')
+    assert status_lines(cfg)["sft"] == (
+        f"foreign              {out / 'sft'} (its manifest is unreadable, or not rahf's; a run stops here: delete it "
+        "if rahf wrote it)"
+    )
+    with pytest.raises(ConfigError, match="holds a rahf_manifest.json rahf cannot read as its own"):
+        pipeline.run_stage(cfg, "sft")
+    assert (out / "sft" / "model.safetensors").read_bytes() == b"weights"
+    shutil.rmtree(out / "sft")
     pipeline.run_stage(cfg, "sft")
-    said = capsys.readouterr().out
-    assert f"[rahf] sft: {out / 'sft'} was made with other settings (its manifest is unreadable); recomputing" in said
-    assert is_fresh(out / "sft", fp) and (out / "sft" / "model.safetensors").read_bytes() == b"weights"
+    assert is_fresh(out / "sft", fp)
 
 
 def test_judging_training_prompts_is_said_and_held_out_ones_are_not(

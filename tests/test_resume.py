@@ -375,3 +375,64 @@ def test_an_interrupted_collect_keeps_its_finished_shards_and_matches_an_uninter
     out = capsys.readouterr().out
     assert f"discarding the checkpoints in {saves} (made with 2 processes, and this run has 1)" in out
     assert "keeping" not in out
+
+
+def _tagged(saves, tag: str) -> None:
+    """A checkpoint folder as an interrupted run leaves it: the Trainer's checkpoint and model card, and a tag."""
+    (saves / "checkpoint-2").mkdir(parents=True)
+    (saves / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "max_steps": 6}')
+    (saves / "README.md").write_text("TRL's model card")
+    (saves / pipeline.CHECKPOINT_TAG).write_text(tag)
+
+
+@pytest.mark.parametrize(
+    ("tag", "added", "found"),
+    [
+        ('{"stage": "instruct", "fingerprint": "x", "processes": 1}', "notes.md", "notes.md"),
+        ('{"stage": "instruct", "fingerprint": "x", "processes": 1}', "experiments/", "experiments/"),
+        ("{}", None, "README.md, rahf-checkpoints.json, ..."),  # a tag rahf did not write
+    ],
+    ids=["file-added", "folder-added", "tag-not-rahfs"],
+)
+def test_a_checkpoint_folder_holding_what_no_trainer_wrote_stops_the_stage(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch, tag, added, found
+):
+    """`discard` would delete the whole folder (other settings, --force): a user's file beside the checkpoints, or a
+    folder whose tag rahf did not write, stops the run before anything trains, and nothing in it is touched."""
+    from rahf.errors import ConfigError
+
+    monkeypatch.setitem(pipeline._STAGES, "instruct", lambda cfg, tmp: pytest.fail("a stage started"))
+    cfg = config(tiny_model_dir, pairs_file, tmp_path / "run", "scit")
+    saves = pipeline.checkpoint_folder(cfg, "instruct")
+    _tagged(saves, tag)
+    if added:
+        (saves / added).mkdir() if added.endswith("/") else (saves / added).write_text("mine")
+    before = sorted(p.relative_to(saves).as_posix() for p in saves.rglob("*"))
+    for run in (lambda: pipeline.run(cfg, force=True), lambda: pipeline.run_stage(cfg, "instruct")):
+        with pytest.raises(ConfigError) as caught:
+            run()
+        fix = "move it out of output_dir or choose another output_dir"
+        if added:
+            assert str(caught.value) == (
+                f"output_dir: {saves} holds files rahf did not write ({found}), where the instruct stage writes its "
+                f"checkpoints; {fix}"
+            )
+        else:  # a tag of rahf's name it cannot read as its own
+            assert str(caught.value) == (
+                f"output_dir: {saves} holds a rahf-checkpoints.json rahf cannot read as its own (damaged, or "
+                f"another's), so it cannot tell its files ({found}) from a user's, where the instruct stage writes its "
+                f"checkpoints; delete the folder if rahf wrote it (the stage then runs again), else {fix}"
+            )
+    assert sorted(p.relative_to(saves).as_posix() for p in saves.rglob("*")) == before
+
+
+def test_what_the_trainers_write_in_a_checkpoint_folder_is_rahfs():
+    """A tagged checkpoint folder is replaced whole when its run is not resumed: what the stages' trainers write
+    there is rahf's, so an interrupted run of any of them leaves a folder a later run may discard."""
+    from rahf.preflight import CHECKPOINT_ENTRIES
+
+    written = ["checkpoint-4", ".checkpoint-6.123-456.tmp", ".checkpoint-2.discarded-123-456", "README.md"]
+    written += ["preferred", "dispreferred", "shard-00001.safetensors", "shard-00002.safetensors.part", "eval"]
+    assert all(CHECKPOINT_ENTRIES.fullmatch(name) for name in written)
+    others = ["notes.md", "runs", "checkpoints.txt", "shard-1.bin", "preferred.md", "evaluation"]
+    assert not any(CHECKPOINT_ENTRIES.fullmatch(name) for name in others)

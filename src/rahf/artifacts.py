@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -81,7 +82,16 @@ def remove_discarded(folder: str | os.PathLike) -> None:
     lock: no other run is deleting one now)."""
     folder = Path(folder)
     for aside in folder.parent.glob(f".{folder.name}.discarded-*"):
-        shutil.rmtree(aside, ignore_errors=True)
+        remove(aside)
+
+
+def remove(path: Path) -> None:
+    """Delete `path`, as far as it can be: a folder with what it holds; a symbolic link (to a folder too) or a file
+    as itself, never what a link points to."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # per process: `rahf run` checks the same data at every stage
@@ -337,48 +347,119 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-_BROWSER_FILES = re.compile(r"^(\.DS_Store|\._.*|Thumbs\.db|desktop\.ini)$")  # what a file browser adds
+_BROWSER_FILES = re.compile(r"^(\.DS_Store|Thumbs\.db|desktop\.ini)$")  # what a file browser adds to any folder
 
 
-def foreign_files(folder: str | os.PathLike, marker: str = MANIFEST, most: int = 3) -> list[str]:
-    """Up to `most` files (paths relative to it, top level first) of `folder` when rahf did not write it: it has no
-    `marker` file (its manifest) and holds something besides what a file browser adds. rahf writes a stage's folder
-    whole, its manifest in it, and renames it into place (`atomic_dir`), so such a folder is a user's, never to be
-    replaced. [] for rahf's folder (its manifest unreadable or not), an empty folder, or none."""
+def _browser_file(name: str, beside: set[str]) -> bool:
+    """Whether `name`, among the entries `beside` of its folder, is what a file browser adds: .DS_Store, Thumbs.db,
+    desktop.ini, or macOS's `._X` beside the file X it describes (a `._labels` with no `labels` is someone's file)."""
+    return bool(_BROWSER_FILES.match(name)) or (name.startswith("._") and name[2:] in beside)
+
+
+def rahf_marker(folder: Path, marker: str) -> dict[str, Any] | None:
+    """The content of `folder/marker` when rahf wrote it: a regular file (not a link, not a folder) holding a JSON
+    object with the `stage` and `fingerprint` strings rahf records; None otherwise, as a user's file of that name
+    (hand-written, garbage) makes no folder rahf's."""
+    path = folder / marker
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return None
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(content, dict) and all(isinstance(content.get(k), str) for k in ("stage", "fingerprint")):
+        return content
+    return None
+
+
+def foreign_files(
+    folder: str | os.PathLike, marker: str = MANIFEST, most: int = 3, entries: re.Pattern[str] | None = None
+) -> list[str]:
+    """Up to `most` entries (paths relative to it, top level first; a folder with a trailing /) of `folder` that rahf
+    did not write, so that the folder is a user's, never to be replaced or deleted:
+
+    - `folder` itself when it is a symbolic link;
+    - with rahf's `marker` (`rahf_marker`) listing the files rahf wrote (an artifact's manifest, `files`): every other
+      file, link or empty folder (files a user added to a finished artifact: a model card, notes);
+    - with rahf's marker listing none (a checkpoint folder's tag): everything under a top-level name that `entries`
+      does not match (what the stage's trainers write there);
+    - with no marker of rahf's: everything, empty folders too.
+
+    Never what a file browser adds (`_browser_file`), nor the marker itself, or while `write_text_atomic` writes it.
+    [] for rahf's folder, an empty one, or none.
+    """
     folder = Path(folder)
-    if not folder.is_dir() or os.path.lexists(folder / marker):
+    if folder.is_symlink():
+        return [f"{folder.name} (a symbolic link to {os.readlink(folder)})"]
+    if not folder.is_dir():
         return []
+    content = rahf_marker(folder, marker)
+    listed = content.get("files") if content else None
+    named = entries if content and not isinstance(listed, dict) else None  # rahf's by top-level name
+    mine = {marker, *listed} if isinstance(listed, dict) else {marker} if named else set()  # the paths rahf wrote
     being_written = re.compile(rf"\.{re.escape(marker)}\.\d+-\d+\.tmp")  # its marker, mid `write_text_atomic`
     found: list[str] = []
+
+    def rahfs(here: Path, name: str) -> bool:
+        """Whether the entry `name` of `folder`'s sub-folder `here` is one rahf wrote."""
+        if (here / name).as_posix() in mine:
+            return True
+        return not here.parts and bool(being_written.fullmatch(name) or (named and named.fullmatch(name)))
 
     def unreadable(e: OSError) -> None:  # a folder that cannot be listed: not what rahf writes
         name = Path(e.filename or folder).relative_to(folder).as_posix()
         found.append(f"{folder.name if name == '.' else name}/ (unreadable)")
 
     for root, dirs, files in os.walk(folder, onerror=unreadable):
-        dirs.sort()
-        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]  # listed, not followed
-        found += [
-            Path(root, name).relative_to(folder).as_posix()
-            for name in sorted([*files, *links])
-            if not _BROWSER_FILES.match(name) and not (root == str(folder) and being_written.fullmatch(name))
-        ]
+        here = Path(root).relative_to(folder)
+        beside = {*dirs, *files}
+        shown = sorted(n for n in beside if not _browser_file(n, beside))
+        if here.parts and not shown:  # an empty folder (but for a browser's files): made by hand
+            found.append(f"{here.as_posix()}/")
+        links = {d for d in dirs if os.path.islink(Path(root, d))}  # listed, not followed
+        # the folders to look into: not links, nor what `entries` names
+        dirs[:] = sorted(d for d in dirs if d not in links and not (named and not here.parts and named.fullmatch(d)))
+        found += [(here / n).as_posix() for n in shown if n not in dirs and not rahfs(here, n)]
         if len(found) >= most:
             break
     return found[:most]
 
 
-def refuse_foreign(folder: str | os.PathLike, stage: str, marker: str = MANIFEST, what: str = "its artifact") -> None:
-    """A ConfigError when `folder`, which the `stage` stage replaces (or deletes), is not rahf's: a file, or a folder
-    with files rahf did not write (`foreign_files`). Nothing is changed."""
+def refuse_foreign(
+    folder: str | os.PathLike,
+    stage: str,
+    marker: str = MANIFEST,
+    what: str = "its artifact",
+    entries: re.Pattern[str] | None = None,
+) -> None:
+    """A ConfigError when `folder`, which the `stage` stage replaces (or deletes), is not rahf's: a symbolic link, a
+    file, or a folder with files rahf did not write (`foreign_files`). Nothing is changed."""
     folder = Path(folder)
     fix = "move it out of output_dir or choose another output_dir"
-    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+    if folder.is_symlink():
+        raise ConfigError(
+            f"output_dir: {folder} is a symbolic link to {os.readlink(folder)}, where the {stage} stage writes {what} "
+            "as a folder of its own; remove the link (what it points to is kept) or choose another output_dir"
+        )
+    if folder.exists() and not folder.is_dir():
         raise ConfigError(
             f"output_dir: {folder} is a file rahf did not write, where the {stage} stage writes {what}; {fix}"
         )
-    if found := foreign_files(folder, marker):
+    if found := foreign_files(folder, marker, entries=entries):
         names = ", ".join(found[:2]) + (", ..." if len(found) > 2 else "")
+        content = rahf_marker(folder, marker)
+        if marker == MANIFEST and content is not None and not isinstance(content.get("files"), dict):
+            raise ConfigError(
+                f"output_dir: {folder} was written by an earlier rahf, whose manifest lists no files, so rahf cannot "
+                f"tell its files ({names}) from a user's, where the {stage} stage writes {what}; delete the folder if "
+                f"it holds nothing of yours (the stage then runs again), else {fix}"
+            )
+        if os.path.lexists(folder / marker) and content is None:  # damaged, or not rahf's
+            raise ConfigError(
+                f"output_dir: {folder} holds a {marker} rahf cannot read as its own (damaged, or another's), so it "
+                f"cannot tell its files ({names}) from a user's, where the {stage} stage writes {what}; delete the "
+                f"folder if rahf wrote it (the stage then runs again), else {fix}"
+            )
         raise ConfigError(
             f"output_dir: {folder} holds files rahf did not write ({names}), where the {stage} stage writes {what}; "
             f"{fix}"
@@ -400,8 +481,9 @@ def atomic_dir(
     The manifest holds `config` (the settings `fp` covers), `inputs` (the fingerprint of each input),
     `run_config` (the whole resolved config) and `extra`; secret-looking values are redacted and nothing
     is read from the environment. When the body fails or is interrupted, the new folder is dropped and an artifact
-    it was to replace stays in place (`_undo`). A folder at `final` that rahf did not write (`foreign_files`) is
-    never replaced: a ConfigError, before the body runs or, made while it ran, in place of the swap.
+    it was to replace stays in place (`_undo`). What is at `final` when it holds anything rahf did not write
+    (`foreign_files`: a user's folder, a link, rahf's artifact with a user's file added) is never replaced: a
+    ConfigError, before the body runs or, made while it ran, in place of the swap.
     """
     final = Path(final)
     refuse_foreign(final, stage)
@@ -413,6 +495,7 @@ def atomic_dir(
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
     old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"  # where a replaced artifact goes
     tmp.mkdir()
+    _IN_USE.update(map(os.path.abspath, (tmp, old)))
     try:
         yield tmp
         written = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
@@ -436,10 +519,12 @@ def atomic_dir(
         if final.exists():
             final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
     except BaseException:
         _undo(final, tmp, old)
         raise
+    finally:
+        _IN_USE.difference_update(map(os.path.abspath, (tmp, old)))
 
 
 def _undo(final: Path, tmp: Path, old: Path) -> None:
@@ -449,13 +534,14 @@ def _undo(final: Path, tmp: Path, old: Path) -> None:
     if tmp.exists():  # not in place: the new artifact is dropped, the one it was to replace put back
         if old.exists() and not final.exists():
             old.rename(final)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         ABANDONED.append(final)
     else:  # complete and in place (not half-written): only the replaced copy is left to remove
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
 
 
 ABANDONED: list[Path] = []  # artifacts whose writing stopped half-way (their temporary folder removed), in order
+_IN_USE: set[str] = set()  # the temporary and replaced-copy paths of the artifacts this process is writing now
 _HELD: dict[Path, tuple[object, int]] = {}  # output folders this process has locked: (open file, depth)
 
 
@@ -554,12 +640,21 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
 def restore_replaced(final: str | os.PathLike) -> None:
     """Put back the artifact a killed process had moved aside to replace `final` and never replaced: `atomic_dir`
     renames the old folder aside, then the new one in, and a kill between the two renames leaves neither in place.
-    Then delete the temporary and replaced copies killed processes left (they can hold many GB)."""
+    Then delete the temporary and replaced copies killed processes left (they can hold many GB).
+
+    Under this process's `output_lock` on a folder holding `final`, no other rahf process writes there, so every such
+    copy but those this process is writing now (`_IN_USE`) was left by one that ended, whatever its pid: the pid a
+    container gives rahf on each start, or one the system has since given another process, may be alive. Without
+    the lock (a library call; a file system without locks), only copies of processes that are gone count.
+    """
     final = Path(final)
+    guarded = _holds_lock_over(final.parent)
     dead: list[tuple[str, int, Path]] = []
     for path in final.parent.glob(f".{final.name}.*-*-*"):
         kind, pid, ns = (path.name[len(final.name) + 2 :].split("-") + ["", ""])[:3]  # ".<name>.old-<pid>-<ns>"
-        if kind in ("tmp", "old") and pid.isdigit() and ns.isdigit() and not _alive(int(pid)):
+        if kind not in ("tmp", "old") or not (pid.isdigit() and ns.isdigit()) or os.path.abspath(path) in _IN_USE:
+            continue
+        if guarded or not _alive(int(pid)):
             dead.append((kind, int(ns), path))
     replaced = sorted((ns, path) for kind, ns, path in dead if kind == "old")
     if replaced and not final.exists() and not final.is_symlink():
@@ -567,9 +662,15 @@ def restore_replaced(final: str | os.PathLike) -> None:
         path.rename(final)
         print(f"[rahf] restored {final}, which an interrupted run had moved aside to replace it", flush=True)
     for _, _, path in dead:
-        if path.exists():
+        if path.exists() or path.is_symlink():
             print(f"[rahf] removing {path}, left by an interrupted run", flush=True)
-            shutil.rmtree(path, ignore_errors=True)
+            remove(path)
+
+
+def _holds_lock_over(folder: Path) -> bool:
+    """Whether this process holds `output_lock` on `folder` or a folder that holds it."""
+    folder = folder.resolve()
+    return any(held == folder or held in folder.parents for held in _HELD)
 
 
 def _alive(pid: int) -> bool:

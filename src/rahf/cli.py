@@ -72,6 +72,7 @@ def _cmd_stage(args) -> None:
         raise RahfError(
             f"method {cfg.method} has no {args.command} stage (its stages: {', '.join(METHOD_STAGES[cfg.method])})"
         )
+    pipeline.refuse_while_written(cfg)
     preflight(cfg, args.command)
     if args.command == "sft" and "sft" not in cfg.stages:  # said before it trains, not at the next command
         print(

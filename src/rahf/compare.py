@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -22,15 +23,25 @@ from typing import Any
 
 from .artifacts import (
     atomic_dir,
+    file_digest,
     fingerprint,
     fingerprint_path,
     is_fresh,
     output_lock,
     read_manifest,
     redacted,
+    versions,
     write_text_atomic,
 )
-from .config import ALIASES, RahfConfig, flatten, resolved_layers, with_overrides
+from .config import (
+    ALIASES,
+    STEP1_HOSTS,
+    RahfConfig,
+    flatten,
+    resolved_layers,
+    unused_overrides_note,
+    with_overrides,
+)
 from .data import PreferencePair, load_pairs
 from .errors import ConfigError
 from .stimuli import Instruction
@@ -89,10 +100,51 @@ def check_disjoint(validation: Sequence[PreferencePair], judged: Sequence[Prefer
         )
 
 
+# What `rahf compare` writes at the top of its output_dir (a rerun replaces them), and the file that marks the folder
+TOP_FILES = (
+    "results.json",
+    "report.md",
+    "win_rate.png",
+    "reward_by_temperature.png",
+    "noise_sweep.png",
+    "layer_strength.png",
+    "training_curves.png",
+    "ppo_score.png",
+    "ppo_kl.png",
+)
+MARKER = ".rahf-compare"
+MARKER_TEXT = (
+    "This folder was written by `rahf compare`: a rerun here replaces its results.json, report.md and plots.\n"
+)
+
+
+def check_compare_folder(out: Path) -> None:
+    """Refuse an output_dir holding a results.json, report.md or plot of compare's names that compare did not write:
+    it would overwrite them. Compare's own are marked (`MARKER`, or the demo's), or, written before the marker was,
+    come with a results.json of compare's shape."""
+    from .demo.run import MARKER as DEMO_MARKER
+
+    out = Path(out)
+    found = [name for name in TOP_FILES if os.path.lexists(out / name)]
+    if not found or (out / MARKER).is_file() or (out / DEMO_MARKER).is_file():
+        return
+    try:
+        results = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        results = None
+    if isinstance(results, dict) and {"methods", "summary", "runs", "config"} <= results.keys():
+        return
+    raise ConfigError(
+        f"output_dir: {out} holds {', '.join(found)}, which rahf compare did not write and would overwrite; move "
+        "them, or give compare another output_dir"
+    )
+
+
 def check_compare(cfg: RahfConfig) -> None:
     """Problems a compare run would hit late, reported before any training."""
     if not cfg.evaluate.pairs:
         raise ConfigError("evaluate.pairs: required by compare (held-out pairs every method is judged on)")
+    check_compare_folder(Path(cfg.output_dir))
     tuned = [with_overrides(cfg, o, f"compare.overrides.{m}.") for m, o in cfg.compare.overrides.items()]
     if any(len(candidates(c)) > 1 for c in [cfg, *tuned]) and not cfg.compare.validation:
         raise ConfigError("compare.validation: required to choose among several compare.layer_sets/alphas")
@@ -102,8 +154,9 @@ def check_compare(cfg: RahfConfig) -> None:
     from .evaluate import check_judge, check_reward_model
     from .preflight import trained_on_note
 
-    if note := trained_on_note(cfg, judged):
-        print(f"[rahf] note: {note}", flush=True)
+    for note in (trained_on_note(cfg, judged), unused_overrides_note(cfg)):
+        if note:
+            print(f"[rahf] note: {note}", flush=True)
 
     check_judge(cfg, [cfg.evaluate.pairs, *([cfg.compare.validation] if cfg.compare.validation else [])])
     if "rlhf-ppo" in method_names(cfg) and cfg.ppo.reward_model:
@@ -129,7 +182,7 @@ def check_compared_lora(cfg: RahfConfig) -> None:
 
     overrides = {ALIASES.get(m, m): (o, f"compare.overrides.{m}.") for m, o in cfg.compare.overrides.items()}
     for method in method_names(cfg):
-        host = {"hir": "scit", "preferred-sft": "dual"}.get(method, method)
+        host = STEP1_HOSTS.get(method, method)
         tuned = with_overrides(cfg, *overrides[host]) if host in overrides else cfg
         try:
             if method in ("scit", "dual", "lorra"):
@@ -171,7 +224,7 @@ def _select(
     from .evaluate import win_rate_against_chosen
     from .generate import generate
     from .models import free_memory, load_tokenizer, save_model
-    from .pipeline import load_policy, require_artifact, results_only
+    from .pipeline import load_policy, require_artifact, results_only, without_defaults
     from .training import process_settings_kept
 
     out = Path(mcfg.output_dir) / "merged"
@@ -182,10 +235,12 @@ def _select(
         chooses["reward_max_length"] = mcfg.reward.max_length
     covered = {"grid": grid, "align": mcfg.to_dict()["align"], "evaluate": chooses}
     inputs = {"collect": fingerprint_path(require_artifact(mcfg, "collect")), "validation": val_fp, "judge": judge_fp}
-    earlier = fingerprint(inputs | covered)  # as a selection made while align's logging settings counted
+    earlier = [fingerprint(inputs | covered)]  # as a selection made while align's logging settings counted
     covered = results_only(covered)  # align.train's logging, progress and checkpoint settings change no choice
+    earlier.append(fingerprint(inputs | covered))  # ... and while align.train's defaults written out counted
+    covered = without_defaults(covered, mcfg.to_dict())
     fp = fingerprint(inputs | covered)
-    if is_fresh(out, fp) or is_fresh(out, earlier):
+    if any(is_fresh(out, f) for f in (fp, *earlier)):
         return Deployed(str(out)), read_manifest(out)["selection"]
     tokenizer = model = None
     sweep, best = [], None
@@ -226,6 +281,69 @@ def _select(
 def _last(logs: list[dict], key: str) -> float | None:
     values = [r[key] for r in logs if key in r]
     return values[-1] if values else None
+
+
+EVALUATIONS = "evaluations"  # per run: each method's evaluation record, beside its generations/
+
+
+def evaluation_inputs(
+    base: RahfConfig, d: Deployed, reference_fp: str, rm_path: str | None
+) -> tuple[str, dict, dict[str, str | None]]:
+    """(fingerprint, settings, input fingerprints) of what `evaluate_policy` measures of the deployed model `d` in a
+    run of config `base`: the model (its folder's identity, adapter and instruction), the SFT model KL drift is
+    measured from (`reference_fp`), the pairs and prompts, the judge and reward model `rm_path`, and the evaluate
+    settings, seed, dtype and lengths. Anything else changes no measurement, so a rerun reuses the record."""
+    from .pipeline import counted
+
+    run = base.to_dict()
+    covered = {k: run[k] for k in ("evaluate", "seed", "dtype", "trust_remote_code")}
+    covered["data"] = {k: run["data"][k] for k in ("max_prompt_length", "max_response_length")}
+    system = None if d.system is None else [str(d.system), *getattr(d.system, "alongside", ())]
+    covered["deployed"] = {"adapter": d.adapter, "system": system, "dtype": (d.run or base).dtype}
+    if rm_path:  # the reward model reads this many tokens of each reply
+        covered["reward"] = {"max_length": base.reward.max_length}
+    covered = redacted(counted("evaluate", covered))  # paths count by their content, below
+    e = base.evaluate
+    inputs = {
+        "model": fingerprint_path(d.path, base.revision_of(d.path)),
+        "reference": reference_fp,
+        "pairs": fingerprint_path(e.pairs),
+        "neutral_prompts": fingerprint_path(e.neutral_prompts) if e.neutral_prompts else None,
+        "reward_model": fingerprint_path(rm_path, base.revision_of(rm_path)) if rm_path else None,
+    }
+    return fingerprint({"config": covered, "inputs": inputs}), covered, inputs
+
+
+def fresh_evaluation(record: Path, fp: str, generations: Path) -> dict | None:
+    """The measurements the evaluation record `record` holds when it was made with fingerprint `fp` and the
+    generations file it wrote is still as it was; None otherwise (absent, stale, unreadable): evaluate again."""
+    try:
+        content = json.loads(record.read_text())
+        fresh = content["fingerprint"] == fp and content["generations"] == file_digest(generations)
+        if fresh and isinstance(content["metrics"], dict):
+            return content["metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def write_evaluation(
+    record: Path, fp: str, covered: dict, inputs: dict[str, str | None], generations: Path, metrics: dict
+) -> None:
+    """Keep one method's measurements with what they were made from (`evaluation_inputs`), so a rerun of compare
+    reads them back instead of generating and judging again."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    content = {
+        "stage": "evaluate",
+        "fingerprint": fp,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        "config": covered,
+        "inputs": inputs,
+        "generations": file_digest(generations),
+        "metrics": metrics,
+    }
+    write_text_atomic(record, json.dumps(content, indent=2))
 
 
 def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: int) -> dict:
@@ -331,7 +449,6 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
 
     from .training import load_stage_model
 
-    reference = load_stage_model(sft_path, cfg)
     pairs = load_pairs(e.pairs, limit=e.limit)[0]
     neutral = neutral_prompts(cfg, pairs)
     extra: dict[str, Any] = {}
@@ -339,22 +456,35 @@ def run_one(cfg: RahfConfig, out: Path, methods: list[str], noise: float, seed: 
         from .reward import evaluate_reward_model
 
         extra["reward_model"] = evaluate_reward_model(reward_judge, pairs) | {"path": rm_path}
+    reference_fp = fingerprint_path(sft_path, base.revision_of(sft_path))
+    reference = None  # loaded for the first method evaluated: none when every record is fresh
     metrics: dict[str, dict] = {}
     for method in methods:
         t = time.time()
         d = deployed[method]
-        model, tokenizer = _load(base, d)
-        m = evaluate_policy(
-            base, model, tokenizer, pairs, judge, reward_judge=reward_judge, reference=reference, system=d.system,
-            neutral_prompts=neutral, generations=run_dir / "generations" / f"{DISPLAY.get(method, method)}.jsonl",
-        )  # fmt: skip
-        deployed_as = {"model": d.path, "adapter": d.adapter} | ({"system": d.system} if d.system else {})
-        metrics[DISPLAY.get(method, method)] = m | extras.get(method, {}) | deployed_as
-        timings[f"evaluate {method}"] = round(time.time() - t, 1)
         name = DISPLAY.get(method, method)
-        print(f"[compare] noise {noise:g} seed {seed} {name}: win rate {m['win_rate']['win_rate']:.3f}", flush=True)
-        del model  # before the next method's model loads
-        free_memory()
+        record = run_dir / EVALUATIONS / f"{name}.json"
+        generations = run_dir / "generations" / f"{name}.jsonl"
+        fp, covered, inputs = evaluation_inputs(base, d, reference_fp, rm_path)
+        m = fresh_evaluation(record, fp, generations)
+        if m is None:
+            if reference is None:
+                reference = load_stage_model(sft_path, cfg)
+            model, tokenizer = _load(base, d)
+            m = evaluate_policy(
+                base, model, tokenizer, pairs, judge, reward_judge=reward_judge, reference=reference, system=d.system,
+                neutral_prompts=neutral, generations=generations,
+            )  # fmt: skip
+            del model  # before the next method's model loads
+            free_memory()
+            write_evaluation(record, fp, covered, inputs, generations, m)
+            said = "win rate"
+        else:
+            said = "evaluation up to date, win rate"
+        deployed_as = {"model": d.path, "adapter": d.adapter} | ({"system": d.system} if d.system else {})
+        metrics[name] = m | extras.get(method, {}) | deployed_as
+        timings[f"evaluate {method}"] = round(time.time() - t, 1)
+        print(f"[compare] noise {noise:g} seed {seed} {name}: {said} {m['win_rate']['win_rate']:.3f}", flush=True)
     histories = {name: _history(run_dir, sft_root(noise), name) for name in metrics}
     run = {"noise": noise, "seed": seed, "methods": metrics, "timings_s": timings, "histories": histories}
     return run | extra
@@ -531,6 +661,8 @@ def _run_compare(cfg: RahfConfig) -> dict:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        write_text_atomic(out / MARKER, MARKER_TEXT)
     methods = method_names(cfg)
     t0 = time.time()
     runs = []

@@ -41,6 +41,11 @@ STAGES = ("sft", "reward", "instruct", "collect", "align", "merge", "generate", 
 # RAHF variants, then the baselines the paper compares them with (`rahf-scit`/`rahf-dual` are aliases).
 METHODS = ("scit", "dual", "lorra", "dpo", "rlhf-ppo", "sft", "preferred-sft", "hir")
 ALIASES = {"rahf-scit": "scit", "rahf-dual": "dual"}
+# Baselines that are another method's step-1 model (HIR: SCIT's, prompted with the preferred instruction; preferred-sft:
+# Dual's preferred adapter): compare trains them with that method's settings and overrides
+STEP1_HOSTS = {"hir": "scit", "preferred-sft": "dual"}
+# Methods that read v from the two instructions in one model (HIR: SCIT's step-1 model)
+PROMPT_CONTRAST = ("scit", "lorra", "hir")
 # The stages each method uses; `run` skips the others. `reward` serves every method as an evaluation judge.
 METHOD_STAGES = {
     "scit": STAGES,
@@ -229,9 +234,8 @@ class CompareSettings:
     validation: str | None = None  # pairs on which layers and alpha are chosen (never the evaluation pairs)
     layer_sets: list[list[int]] = field(default_factory=list)  # candidate target layers (empty: `layers`)
     alphas: list[float] = field(default_factory=list)  # candidate alphas (empty: `alpha`)
-    overrides: dict[str, Any] = field(
-        default_factory=dict
-    )  # per method: config keys that differ, e.g. {dpo: {seed: 1}}
+    # per method: config keys that differ, e.g. {dpo: {dpo: {beta: 0.3}}} (not those of COMPARE_SHARED)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -273,7 +277,7 @@ class RahfConfig:
     @property
     def instruct_method(self) -> str:
         """What the instruct stage trains: scit (also for hir), dual (also for preferred-sft), dpo or rlhf-ppo."""
-        return {"hir": "scit", "preferred-sft": "dual"}.get(self.method, self.method)
+        return STEP1_HOSTS.get(self.method, self.method)
 
     @property
     def contrast(self) -> str:
@@ -297,6 +301,23 @@ class RahfConfig:
         return dataclasses.asdict(self)
 
 
+# Keys `rahf compare` gives every method of a run alike, or reads from the shared config only: a method's own value
+# would be ignored, or would make its runs differ from the others' in more than the method
+COMPARE_SHARED = {
+    "model": "set by compare for every method",
+    "revision": "set by compare for every method, with model",
+    "output_dir": "set by compare for every method",
+    "stages": "set by compare for every method",
+    "seed": "set by compare for every run, from compare.seeds",
+    "data.label_noise": "set by compare for every run, from compare.label_noise",
+    "tokenizer": "only the sft stage reads it, and compare trains one SFT model for every method",
+    "sft": "compare trains one SFT model for every method, with the top-level sft settings",
+    "reward": "compare trains one reward model for every method, with the top-level reward settings",
+    "ppo.reward_model": "compare gives PPO the top-level ppo.reward_model (or its own reward model) in every run",
+    "revisions": "they pin models every method shares; set them at the top level",
+    "evaluate": "compare judges every method alike, with the top-level evaluate settings",
+    "generate": "compare runs no generate stage",
+}
 CHOICES = {
     "method": METHODS,
     "dtype": ("float32", "bfloat16", "float16"),
@@ -321,6 +342,12 @@ def _build(cls, values: dict[str, Any], prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        if not isinstance(key, str):  # YAML 1.1 reads yes/no/on/off as booleans, ~ as null, digits as a number
+            where = f"{prefix.rstrip('.')}: key {key!r}" if prefix else f"key {key!r} at the top level"
+            raise ConfigError(
+                f"{where} is not a key name (YAML reads unquoted yes, no, on, off as true or false); quote it if it "
+                "is meant as one"
+            )
         if key not in fields:
             raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(fields))}){_meant(prefix, key)}")
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
@@ -330,7 +357,7 @@ def _build(cls, values: dict[str, Any], prefix: str):
 
 
 # Keys of other tools' configs (TRL, axolotl, LLaMA-Factory) and the rahf key that does their job
-_HABITS = {
+HABITS = {
     "lr": "train.learning_rate",
     "epochs": "train.num_train_epochs",
     "num_epochs": "train.num_train_epochs",
@@ -356,28 +383,33 @@ def _dotted_keys(cls=None, prefix: str = "") -> list[str]:
 
 
 def _meant(prefix: str, key: str) -> str:
-    """ "; did you mean ..." for an unknown key: the same name elsewhere (`window` under align), its parts as a path
-    (`lora_r`: `align.lora.r`), a Trainer argument (`learning_rate`: `<stage>.train.learning_rate`), another tool's
-    name for a key, or a close spelling."""
+    """ "; did you mean ..." for an unknown key: a close spelling or another tool's name for a key of the same section
+    (`compare.seed`: `compare.seeds`, `ppo.lr`: `ppo.learning_rate`) before anything elsewhere, then the same name
+    elsewhere (`window` under align), its parts as a path (`lora_r`: `align.lora.r`, `data_path`: `data.path`), a
+    Trainer argument (`learning_rate`: `<stage>.train.learning_rate`), or a close spelling at the same level."""
+    import difflib
+
     from transformers import TrainingArguments
 
     keys = _dotted_keys()
-    tail = _HABITS.get(key, key)
-    if prefix + tail in keys:
-        return f"; did you mean {prefix + tail}?"
-    found = [k for k in keys if k == tail or k.endswith(("." + tail, "." + key.replace("_", ".")))]
+    level = [k.removeprefix(prefix) for k in keys if k.startswith(prefix) and "." not in k.removeprefix(prefix)]
+    tail = HABITS.get(key, key)
     argument = tail.removeprefix("train.")
+    trains = tail != argument and f"{prefix}train" in keys  # another tool's name for a Trainer argument it reads
+    same = [k for k in (prefix + tail, prefix + argument) if k in keys] + ([prefix + tail] if trains else [])
+    if same:
+        return f"; did you mean {same[0]}?"
+    close = [prefix + k for k in difflib.get_close_matches(key, level, n=2)]
+    if prefix and close:
+        return f"; did you mean {', '.join(close)}?"
+    path = key.replace("_", ".")
+    found = [k for k in keys if k in (tail, path) or k.endswith((f".{tail}", f".{path}"))]
     if argument in {f.name for f in dataclasses.fields(TrainingArguments)}:
         trained = [k for k in keys if k.endswith(".train")]
         found = [f"{k}.{argument}" for k in trained if k.startswith(prefix)]
         if not found:  # at the top level: every section that trains, and a key of that name (ppo.learning_rate)
             found = [f"{k}.{argument}" for k in trained] + [k for k in keys if k.endswith("." + argument)]
-    if not found:
-        import difflib
-
-        level = [k.removeprefix(prefix) for k in keys if k.startswith(prefix) and "." not in k.removeprefix(prefix)]
-        found = [prefix + k for k in difflib.get_close_matches(key, level, n=2)]
-    found = list(dict.fromkeys(k for k in found if k != prefix + key))
+    found = list(dict.fromkeys(k for k in found or close if k != prefix + key))
     if not found:
         return ""
     return f"; did you mean {', '.join(found[:4])}{', ...' if len(found) > 4 else ''}?"
@@ -414,13 +446,16 @@ def _coerce(hint, value, key: str):
         if args and args[1] is not Any:
             return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
         return dict(value)
+    # -0.0 is 0.0: one setting, with one fingerprint and one folder name (compare's `noise-0`)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return float(value) + 0.0
     if hint is float and isinstance(value, str):  # YAML reads 1e-4 as a string
         try:
-            return float(value)
+            return float(value) + 0.0
         except ValueError:
             pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected text, got the number {value!r}; quote it (YAML reads digits as a number)")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
@@ -465,7 +500,7 @@ class _StrictLoader(yaml.SafeLoader):
         if re.fullmatch(r"[-+]?0[0-7_]+", node.value):
             raise yaml.constructor.ConstructorError(
                 None, None, f"{node.value} has a leading zero, which YAML reads as octal {number}; drop the zero "
-                f"or write {number}", node.start_mark,
+                f"or write {number}, or quote it if it is text", node.start_mark,
             )  # fmt: skip
         return self._not_base_60(node, number)
 
@@ -567,7 +602,7 @@ def load_config(
             raise ConfigError(f"{p}{where}: not valid YAML ({_yaml_problem(e)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping of keys at the top, got {type(raw).__name__}")
-        base = p.resolve().parent
+        base = Path(os.path.abspath(p)).parent  # the folder it was named in, not a symlink's target's
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     raw = _merge(raw, overrides or {})
@@ -826,9 +861,10 @@ def validate(
         if method in shared:  # compare trains these once for several methods, from the shared config
             host = {"hir": " (put the keys under scit)", "preferred-sft": " (put the keys under dual)"}.get(method, "")
             raise ConfigError(f"compare.overrides.{method}: {method} is {shared[method]}, set by others{host}")
-        fixed = sorted({"model", "output_dir", "stages"} & set(mapping))
+        given = flatten(mapping)
+        fixed = next((k for k in COMPARE_SHARED if any(g == k or g.startswith(f"{k}.") for g in given)), None)
         if fixed:
-            raise ConfigError(f"compare.overrides.{method}.{fixed[0]}: set by compare for every method; remove it")
+            raise ConfigError(f"compare.overrides.{method}.{fixed}: {COMPARE_SHARED[fixed]}; remove it here")
         own_grid = {"layer_sets", "alphas"}  # a method may choose from its own grid; the rest of compare is shared
         if not isinstance(mapping.get("compare", {}), dict) or set(mapping.get("compare", {})) - own_grid:
             raise ConfigError(f"compare.overrides.{method}.compare: only layer_sets and alphas may differ per method")
@@ -840,7 +876,43 @@ def validate(
         except ConfigError as e:
             raise ConfigError(f"compare.overrides.{method}: {e}") from None
         cfg.compare.overrides[method] = _as_checked(mapping, tuned)
+    _check_contrasts(cfg)
     cfg._checked = _checked_state(cfg, stage)
+
+
+def unused_overrides_note(cfg: RahfConfig) -> str | None:
+    """A note naming the compare.overrides of methods compare.methods leaves out (checked, but not used): a config
+    written for every method runs a few of them by `compare.methods=[...]` alone."""
+    compared = {ALIASES.get(m, m) for m in cfg.compare.methods}
+    compared |= {STEP1_HOSTS[m] for m in compared if m in STEP1_HOSTS}  # hir trains as scit, preferred-sft as dual
+    unused = [m for m in cfg.compare.overrides if ALIASES.get(m, m) not in compared]
+    if not unused:
+        return None
+    names = ", ".join(f"compare.overrides.{m}" for m in unused)
+    return f"{names}: not used, as compare.methods ({', '.join(cfg.compare.methods)}) leaves {'them' if len(unused) > 1 else 'it'} out"
+
+
+def _check_contrasts(cfg: RahfConfig) -> None:
+    """The two instructions differ for the run's method and each compared one that reads their contrast (with its
+    compare.overrides): one text twice gives v = 0 at every layer, and training that moves nothing."""
+    overrides = {ALIASES.get(m, m): (m, o) for m, o in cfg.compare.overrides.items()}
+    runs = [(cfg.method, False)] + [(ALIASES.get(m, m), True) for m in cfg.compare.methods]
+    for method, in_compare in runs:
+        if method not in PROMPT_CONTRAST:
+            continue
+        name, mapping = overrides.get(STEP1_HOSTS.get(method, method), (None, {})) if in_compare else (None, {})
+        own = mapping.get("instructions", {})
+        preferred = own.get("preferred", cfg.instructions.preferred)
+        if preferred.strip() == own.get("dispreferred", cfg.instructions.dispreferred).strip():
+            good, bad = (
+                f"compare.overrides.{name}.instructions.{k}" if k in own else f"instructions.{k}"
+                for k in ("preferred", "dispreferred")
+            )
+            why = f"{method} (in compare.methods)" if in_compare else f"method {method}"
+            raise ConfigError(
+                f"{bad}: the same text as {good}, so {why} has no contrast to learn from (v = 0 at every layer); "
+                "make the two differ"
+            )
 
 
 def _checked_state(cfg: RahfConfig, stage: str | None) -> str:
@@ -964,6 +1036,14 @@ def _check_config(cfg: RahfConfig, stage: str | None) -> None:
             raise ConfigError(
                 f"compare.{key}: {twice} is listed twice; a repeat is the same run again, not another sample"
             )
+    shown = [f"{level:g}" for level in cfg.compare.label_noise]  # compare's folder (noise-0.2) and report row
+    if len(set(shown)) < len(shown):
+        i = next(i for i, name in enumerate(shown) if name in shown[:i])
+        first = cfg.compare.label_noise[shown.index(shown[i])]
+        raise ConfigError(
+            f"compare.label_noise: {first} and {cfg.compare.label_noise[i]} would share the folder noise-{shown[i]} "
+            "and one row of the report; give levels that differ within 6 significant digits"
+        )
     if cfg.compare.noise_seeds is not None and not 1 <= cfg.compare.noise_seeds <= len(cfg.compare.seeds):
         raise ConfigError(f"compare.noise_seeds: must be between 1 and len(compare.seeds)={len(cfg.compare.seeds)}")
     if cfg.ppo.rollout_size % cfg.ppo.minibatch_size:

@@ -1,7 +1,8 @@
 """The stages in order, each writing its folder under `output_dir` (`FOLDERS`) under a fingerprint of its inputs.
 
 `run` skips a stage whose artifact carries the fingerprint its inputs give now and recomputes any
-other (a changed config key, data file or upstream artifact changes the fingerprint downstream).
+other (a changed config key, data file or upstream artifact changes the fingerprint downstream); a deleted collect
+cache is made again only when align needs it (`collect_not_needed`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +36,7 @@ from .artifacts import (
     lock_holder,
     lost_files,
     output_lock,
+    rahf_marker,
     read_manifest,
     redacted,
     remove_discarded,
@@ -46,6 +49,7 @@ from .config import METHOD_STAGES, RahfConfig, active_stages, check_again, flatt
 from .errors import RahfError, UpstreamError
 from .preflight import check_some_stages, check_stage_folders, preflight, unread_cache_note
 from .stimuli import Instruction, tally
+from .trainargs import TRAIN_SECTIONS, train_defaults
 
 FOLDERS = {
     "sft": "sft",
@@ -104,8 +108,8 @@ def require_artifact(cfg: RahfConfig, stage: str) -> Path:
 
 
 def _method_hint(made: str, what: str) -> str:
-    """Which `--method` builds on an artifact made for method `made`, and that method's stages."""
-    return f"{what} was made for method {made} (stages: {', '.join(METHOD_STAGES[made])}): pass `--method {made}` to build on it"
+    """Which `--method` builds on an artifact made for method `made`."""
+    return f"{what} was made for method {made}: pass `--method {made}` to build on it"
 
 
 def _fresh_fp(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> str:
@@ -300,7 +304,7 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
         covered["layers"] = resolved_layers(cfg)
         inputs = {"instruct": _step1_fp(cfg, memo)}
         if cfg.align.targets == "cache":
-            inputs["collect"] = _fresh_fp(cfg, "collect", memo)
+            inputs["collect"] = _deleted_collect(cfg, memo) or _fresh_fp(cfg, "collect", memo)
         else:  # targets are read during training, as collect would read them
             covered["collect"] = {"responses": cfg.collect.responses, "difference": cfg.collect.difference}
             inputs["data"] = data()
@@ -333,11 +337,76 @@ def _stage_inputs(cfg: RahfConfig, stage: str, memo: dict[str, str | None]) -> t
     return fingerprint({"stage": stage, "config": covered, "inputs": inputs}), covered, inputs
 
 
+DELETED_COLLECT = "not needed while align is up to date"  # of a deleted collect cache (`collect_not_needed`)
+
+
+def _deleted_collect(cfg: RahfConfig, memo: dict[str, str | None]) -> str | None:
+    """The collect identity align's manifest records, when `collect/` is gone and collect would now be made with the
+    fingerprint recorded there; else None.
+
+    Collect is an intermediate artifact: a cache only align reads (tens of GB at 7B), which a user may delete once
+    align is done. Align, and all built on it, is then judged against that record, and `run` makes collect
+    again only when align must be recomputed (`collect_not_needed`).
+    """
+    if os.path.lexists(stage_dir(cfg, "collect")):
+        return None
+    try:
+        recorded = read_manifest(stage_dir(cfg, "align")).get("inputs", {}).get("collect")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(recorded, str) or recorded.split(":")[0] != _stage_inputs(cfg, "collect", memo)[0]:
+        return None
+    return recorded
+
+
+def collect_not_needed(cfg: RahfConfig) -> bool:
+    """Whether `collect/` was deleted (`_deleted_collect`) while this run's align is up to date against its record:
+    then nothing needs the cache, and `run` leaves it deleted."""
+    if "align" not in active_stages(cfg):
+        return False
+    memo: dict[str, str | None] = {}
+    try:
+        if _deleted_collect(cfg, memo) is None:
+            return False
+        return _current(stage_dir(cfg, "align"), _stage_inputs(cfg, "align", memo)[0])
+    except UpstreamError:
+        return False
+
+
 def counted(stage: str, covered: dict) -> dict:
-    """The settings of `covered` that `stage`'s fingerprint counts (`read_only`, `results_only`, `without_paths`);
-    applied to the settings a manifest records as well, so artifacts made before a setting stopped counting keep
-    their fingerprints."""
-    return read_only(stage, results_only(without_paths(covered)))
+    """The settings of `covered` that `stage`'s fingerprint counts (`read_only`, `without_defaults`, `results_only`,
+    `without_paths`, -0.0 as 0.0); applied to the settings a manifest records as well, so artifacts made before a
+    setting stopped counting keep their fingerprints."""
+    return read_only(stage, without_defaults(results_only(without_paths(_signless_zeros(covered)))))
+
+
+def _signless_zeros(value: Any) -> Any:
+    """`value` with every -0.0 in it as 0.0: the same setting (a label noise of -0.0 swaps no pair)."""
+    if isinstance(value, dict):
+        return {k: _signless_zeros(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_signless_zeros(v) for v in value]
+    return value + 0.0 if isinstance(value, float) else value
+
+
+def without_defaults(covered: dict, run: dict | None = None) -> dict:
+    """`covered` without the entries of its `*.train` mappings that give a field the value its stage trains with
+    anyway (`train_defaults`: `instruct.train.learning_rate: 2.0e-5` for SCIT's full fine-tune, `seed` the run's
+    own), so that a default written out retrains nothing. `run`: the settings those values depend on, as a
+    fingerprint covers them (default: `covered`)."""
+    out = dict(covered)
+    for section, value in covered.items():
+        if section in TRAIN_SECTIONS and isinstance(value, dict) and isinstance(value.get("train"), dict):
+            defaults = train_defaults(section, covered if run is None else run)
+            if defaults is not None:
+                train = {k: v for k, v in value["train"].items() if not (k in defaults and _same(v, defaults[k]))}
+                out[section] = value | {"train": train}
+    return out
+
+
+def _same(value: Any, default: Any) -> bool:
+    """A written value is the default (`2e-5` is 2.0e-05, `3` is 3.0), but true is not 1."""
+    return isinstance(value, bool) == isinstance(default, bool) and value == default
 
 
 # Config keys naming a file, folder or model whose content (a Hub model: the commit it loads) the `inputs` of every
@@ -605,6 +674,8 @@ def _plan(
         return None
     if os.path.lexists(out / MANIFEST) and not force:  # an artifact made otherwise; an empty folder is as none
         print(f"[rahf] {stage}: {out} {_why_stale(out, covered, inputs)}; recomputing", flush=True)
+    if stage == "align" and cfg.align.targets == "cache":  # judged against a deleted cache (`_deleted_collect`),
+        require_artifact(cfg, "collect")  # it cannot be made from it: said before any model loads
     print(f"[rahf] {stage}: running -> {out}", flush=True)
     saves = _checkpoint_folder(cfg, stage, fp, restart)
     extra: dict = {}
@@ -722,9 +793,22 @@ def _examples_summary(cfg: RahfConfig, counts: Counter) -> str:
     )
 
 
+def refuse_while_written(cfg: RahfConfig) -> None:
+    """Stop at once when another rahf run holds the output folder's lock: checked before the checks that read its
+    artifacts, which would otherwise report the stages it is writing as missing ("run rahf instruct first"). The
+    writing process checks (the others of a launch would see its own lock)."""
+    if distributed.is_main() and (holder := lock_holder(cfg.output_dir)):
+        raise RahfError(
+            f"output_dir: {cfg.output_dir} is being written by another rahf run ({holder}); wait for it to end, or "
+            "give this run another output_dir"
+        )
+
+
 def run(cfg: RahfConfig, force: bool = False) -> None:
-    """All configured stages the method uses, in order (after `preflight`)."""
+    """All configured stages the method uses, in order (after `preflight`), but a deleted collect cache that align,
+    up to date, does not need (`collect_not_needed`)."""
     with one_call(cfg):
+        refuse_while_written(cfg)
         check_some_stages(cfg)
         check_stage_folders(cfg, active_stages(cfg))  # a user's folder where a stage writes: before anything else
         preflight(cfg)
@@ -735,6 +819,12 @@ def run(cfg: RahfConfig, force: bool = False) -> None:
             print(f"[rahf] note: {note}", flush=True)
         with output_lock(cfg.output_dir) if distributed.is_main() else contextlib.nullcontext():  # the whole run
             for stage in active_stages(cfg):
+                if stage == "collect" and not force and distributed.on_main(lambda: collect_not_needed(cfg)):
+                    if distributed.is_main():
+                        print(
+                            f"[rahf] collect: {stage_dir(cfg, stage)} deleted, {DELETED_COLLECT}; skipping", flush=True
+                        )
+                    continue
                 run_stage(cfg, stage, force=force, restart=force)
 
 
@@ -951,9 +1041,21 @@ def unused_sft_note(cfg: RahfConfig, stages: list[str]) -> str | None:
     return None
 
 
+def _foreign_reason(out: Path, found: list[str]) -> str:
+    """Why `rahf status` shows the stage folder `out` as foreign, and what to do (as `refuse_foreign` says it)."""
+    if not out.is_dir():
+        return "a file rahf did not write; a run stops here: move it out of output_dir"
+    manifest = rahf_marker(out, MANIFEST)
+    if os.path.lexists(out / MANIFEST) and manifest is None:
+        return "its manifest is unreadable, or not rahf's; a run stops here: delete it if rahf wrote it"
+    if manifest is not None and not isinstance(manifest.get("files"), dict):
+        return "written by an earlier rahf, whose manifest lists no files; a run stops here: delete it if it holds nothing of yours"
+    return f"holds files rahf did not write: {', '.join(found[:2])}; a run stops here: move it out of output_dir"
+
+
 def describe(cfg: RahfConfig) -> str:
-    """One line per stage: fresh, stale, missing, or waiting for the upstream stage it reads; notes first (a run
-    writing the folder now, an `sft/` the stages leave unused).
+    """One line per stage: fresh, stale, missing, deleted (collect: `collect_not_needed`), or waiting for the
+    upstream stage it reads; notes first (a run writing the folder now, an `sft/` the stages leave unused).
 
     Any other problem (an unreadable model or data file) is raised, so the user sees what it is.
     """
@@ -973,12 +1075,7 @@ def describe(cfg: RahfConfig) -> str:
         out = stage_dir(cfg, stage)
         note = ""
         if (out.exists() and not out.is_dir()) or (found := foreign_files(out)):
-            what = (
-                f"holds files rahf did not write: {', '.join(found[:2])}"
-                if out.is_dir()
-                else "a file rahf did not write"
-            )
-            lines.append(f"{stage:9s} {'foreign':20s} {out} ({what}; a run stops here: move it out of output_dir)")
+            lines.append(f"{stage:9s} {'foreign':20s} {out} ({_foreign_reason(out, found)})")
             continue
         try:
             fp, covered, inputs = _stage_inputs(cfg, stage, {})
@@ -987,11 +1084,17 @@ def describe(cfg: RahfConfig) -> str:
             if state == "fresh" and (changed := version_changes(out)):
                 note = f"{note} (made with {changed})"
             note = f"({_changes(out, covered, inputs)})" if state == "stale" else note
+            if stage == "collect" and state == "missing" and collect_not_needed(cfg):
+                state, note = "deleted", f"({DELETED_COLLECT})"
             saves = checkpoint_folder(cfg, stage)
             tag = _checkpoint_tag(saves)
-            if state != "fresh" and tag.get("fingerprint") == fp and (kept := _kept_work(saves)):
-                launched = f" as {tag['processes']} processes" if tag.get("processes", 1) != 1 else ""
-                note = f"{note} (interrupted: running it again{launched} resumes from {kept})".strip()
+            if state in ("stale", "missing") and (kept := _kept_work(saves)):  # the next run runs the stage
+                if tag.get("fingerprint") == fp:
+                    launched = f" as {tag['processes']} processes" if tag.get("processes", 1) != 1 else ""
+                    note = f"{note} (interrupted: running it again{launched} resumes from {kept})".strip()
+                else:  # `_checkpoint_folder` discards them when the stage runs
+                    held = f"{saves.name} holds {kept}, made with other inputs or settings: the next run discards it"
+                    note = f"{note} ({held})".strip()
         except UpstreamError as e:
             state = f"waiting for {e.stage}"
         lines.append(f"{stage:9s} {state:20s} {out} {note}".rstrip())

@@ -4,6 +4,7 @@ artifact a stage reads, layers, LoRA targets, lengths, so bad input stops it in 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from . import distributed
@@ -33,6 +34,7 @@ def preflight(cfg: RahfConfig, stage: str | None = None) -> None:
     if stage:  # `rahf <stage>`; `pipeline.run` checks its stages' folders itself
         check_stage_folders(cfg, [stage])
     check_model_folders(cfg)
+    check_data_folders(cfg)
     stages = [*active_stages(cfg), *([stage] if stage else [])]
     check_data_path(cfg, stages)  # for a stage command not in `stages` too
     for stage_name in ("sft", "reward", "instruct", "align"):
@@ -121,18 +123,54 @@ def trained_on_note(cfg: RahfConfig, judged: list) -> str | None:
     )
 
 
+# What a stage writes in its checkpoint folder besides rahf's tag: the Trainer's (and rahf's PPO loop's) checkpoint-N
+# folders, with their temporary and discarded copies; TRL's model card of them; Dual's folder of each side; collect's
+# finished shards, whole or being written, and eval/ with the held-out set's
+CHECKPOINT_ENTRIES = re.compile(
+    r"\.?checkpoint-.*|README\.md|preferred|dispreferred|shard-\d+\.safetensors(\.part)?|eval"
+)
+
+
 def check_stage_folders(cfg: RahfConfig, stages: list[str]) -> None:
     """No folder that the `stages` replace or delete (each one's artifact; a training stage's checkpoints beside it)
-    holds files rahf did not write: a user's `generations/` or `merged/` in output_dir stops the run here, in one line,
-    before anything trains (`artifacts.refuse_foreign`). `preflight` checks only a stage command's stage: `rahf compare`
-    runs it on its own output_dir, where no stage writes (its runs, below it, are checked as they start)."""
+    holds files rahf did not write: a user's `generations/` or `merged/` in output_dir, or a model card added to a
+    finished `merged/`, stops the run here, in one line, before anything trains (`artifacts.refuse_foreign`); nor is
+    such a folder one the config reads a model from (`check_models_outside`). `preflight` checks only a stage
+    command's stage: `rahf compare` runs it on its own output_dir, where no stage writes (its runs, below it, are
+    checked as they start)."""
     from .artifacts import refuse_foreign
     from .pipeline import CHECKPOINT_TAG, RESUMABLE_STAGES, checkpoint_folder, stage_dir
 
+    check_models_outside(cfg, stages)
     for stage in stages:
         refuse_foreign(stage_dir(cfg, stage), stage)
         if stage in RESUMABLE_STAGES:  # rahf tags the checkpoint folder as it makes it
-            refuse_foreign(checkpoint_folder(cfg, stage), stage, CHECKPOINT_TAG, "its checkpoints")
+            saves = checkpoint_folder(cfg, stage)
+            refuse_foreign(saves, stage, CHECKPOINT_TAG, "its checkpoints", CHECKPOINT_ENTRIES)
+
+
+def check_models_outside(cfg: RahfConfig, stages: list[str]) -> None:
+    """No model key names a folder that one of the `stages` writes (its artifact or checkpoint folder), or one inside
+    it: the stage would train from it and replace it, so the model the config names would be gone, and each rerun
+    would train again on the last one's result (`model: runs/x/instruct`, last run's step 1 as the new base)."""
+    from .config import MODEL_KEYS, get_dotted
+    from .pipeline import RESUMABLE_STAGES, checkpoint_folder, stage_dir
+
+    written = [(stage, stage_dir(cfg, stage)) for stage in stages]
+    written += [(stage, checkpoint_folder(cfg, stage)) for stage in stages if stage in RESUMABLE_STAGES]
+    for key in MODEL_KEYS:
+        value = get_dotted(cfg, key)
+        if not value or not Path(value).expanduser().exists():
+            continue  # a Hub id, or unset
+        model = Path(value).expanduser().resolve()
+        for stage, folder in written:
+            folder = folder.resolve()
+            if model == folder or folder in model.parents:
+                where = "is the folder" if model == folder else f"lies inside {folder}, which"
+                raise ConfigError(
+                    f"{key}: {value} {where} the {stage} stage of this run writes; copy it elsewhere or use another "
+                    "output_dir"
+                )
 
 
 def check_router_loss(cfg: RahfConfig, stages: list[str]) -> None:
@@ -287,6 +325,32 @@ def check_model_folders(cfg: RahfConfig) -> None:
             )
         if key != "tokenizer":
             _check_weights(key, value, folder)
+
+
+DATA_KEYS = (
+    "data.path",
+    "sft.path",
+    "evaluate.pairs",
+    "evaluate.neutral_prompts",
+    "generate.prompts",
+    "compare.validation",
+)
+
+
+def check_data_folders(cfg: RahfConfig) -> None:
+    """No data key names a folder (a `datasets.save_to_disk` one) that holds `output_dir`: its fingerprint would
+    cover the run's own artifacts, so every stage that reads it would find it changed and never be up to date."""
+    from .config import get_dotted
+
+    out = Path(cfg.output_dir).resolve()
+    for key in DATA_KEYS:
+        value = get_dotted(cfg, key)
+        folder = Path(value).expanduser() if value else None
+        if folder is not None and folder.is_dir() and (out == folder.resolve() or folder.resolve() in out.parents):
+            raise ConfigError(
+                f"output_dir: {cfg.output_dir} lies inside {key} ({value}), so the run's artifacts would change that "
+                "data under it; write the run elsewhere"
+            )
 
 
 _PICKLED = ("pytorch_model*.bin", "adapter_model.bin")  # weights as pickles, which rahf does not read

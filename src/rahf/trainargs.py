@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import re
 import warnings
+from collections.abc import Callable, Iterable
 from enum import Enum
 from types import UnionType
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from .artifacts import secret_key
-from .config import ABOVE_0, AT_LEAST_0, AT_LEAST_1, SEED, Range
+from .config import ABOVE_0, AT_LEAST_0, AT_LEAST_1, HABITS, SEED, STEP1_HOSTS, Range
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -94,6 +96,12 @@ def _train_value(key: str, value: Any, hint: Any) -> Any:
     item = next((get_args(k) or (Any,) for k in kinds if (get_origin(k) or k) is list), None)
     if item and not isinstance(value, list) and origins <= {list, type(None)}:
         return _train_value(key, value, item[0])  # one item for a list (DPOConfig's loss_type: "sigmoid")
+    if isinstance(value, str) and dict in origins and key.endswith("_kwargs"):  # keyword arguments, never a file
+        with contextlib.suppress(ValueError):  # the Trainer reads a JSON object given as text
+            if isinstance(parsed := json.loads(value), dict):
+                _numbers_read(parsed, key)
+                return value
+        raise ConfigError(f"{key}: expected a mapping (or a JSON object), got {value!r}")
     if isinstance(value, (list, dict)):
         if type(value) not in origins:
             raise ConfigError(f"{key}: expected {_expected(kinds)}, got {KIND_NAMES[type(value)]}")
@@ -148,7 +156,9 @@ def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]
                 "credential; set the HF_TOKEN environment variable instead"
             )
         if key not in known:
-            raise ConfigError(f"{section}.train.{key}: not a field of {cls.__name__}")
+            raise ConfigError(
+                f"{section}.train.{key}: not a field of {cls.__name__}{_train_meant(section, key, known)}"
+            )
         value = out[key] = _train_value(f"{section}.train.{key}", value, fields[key])
         if (choices := known[key]) and value is not None and value not in choices:
             raise ConfigError(f"{section}.train.{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
@@ -160,6 +170,17 @@ def train_arguments(section: str, values: dict[str, Any], cls) -> dict[str, Any]
     if "output_dir" in values:
         raise ConfigError(f"{section}.train.output_dir: set by rahf; use output_dir at the top level")
     return out
+
+
+def _train_meant(section: str, key: str, known: Iterable[str]) -> str:
+    """ "; did you mean ..." for a field its arguments class lacks: the field another tool names so (`lr`), or a close
+    spelling."""
+    import difflib
+
+    habit = HABITS.get(key, "")
+    field = habit.removeprefix("train.") if habit.startswith("train.") else None
+    found = [field] if field in known else difflib.get_close_matches(key, list(known), n=3)
+    return f"; did you mean {', '.join(f'{section}.train.{k}' for k in found)}?" if found else ""
 
 
 # The learning-rate schedule a stage trains with when its `train:` mapping names none (the Trainer's own: linear)
@@ -185,23 +206,29 @@ def _build_arguments(section: str, values: dict[str, Any], cls) -> None:
     combinations, ...) refuse a value now rather than after the earlier stages have trained. The build writes
     nothing and sets up the CPU only, in one process, so neither CUDA nor a launch's process group is touched; its
     warnings come again when the stage runs."""
-    from .distributed import alone
 
-    try:
+    def build(settings: dict[str, Any]) -> Any:
+        from .distributed import alone
+
         with warnings.catch_warnings(), alone():
             warnings.simplefilter("ignore")
-            built = {k: v for k, v in values.items() if k != "ddp_backend"}  # the launch's group's (distributed.setup)
-            args = cls(**as_fields(cls, {"report_to": "none", "save_strategy": "no"} | built | {"use_cpu": True}))
+            # ddp_backend: the launch's process group's (distributed.setup)
+            built = {k: v for k, v in settings.items() if k != "ddp_backend"}
+            return cls(**as_fields(cls, {"report_to": "none", "save_strategy": "no"} | built | {"use_cpu": True}))
+
+    try:
+        args = build(values)
     except (ValueError, TypeError, ImportError, OSError) as e:  # ImportError: deepspeed; OSError: a config file
         problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         named = next((k for k in values if re.search(rf"\b{re.escape(k)}\b", problem)), None)
         named = named or next((k for k in values if isinstance(values[k], str) and values[k] in problem), None)
         raise ConfigError(f"{section}.train{'.' + named if named else ''}: {problem}") from None
     _check_optimization(section, args)
+    _check_optimizer_settings(section, values, args, build)
 
 
 def _check_optimization(section: str, args) -> None:
-    """The optimizer and learning-rate schedule `args` name, made as the Trainer makes them (on one stand-in
+    """The optimizer package and learning-rate schedule `args` name, made as the Trainer makes them (on one stand-in
     parameter), and the Liger kernels: a package that is not installed, or a schedule without the settings it needs,
     would otherwise stop the stage after the earlier ones have trained."""
     import torch
@@ -216,7 +243,8 @@ def _check_optimization(section: str, args) -> None:
         Trainer.get_optimizer_cls_and_kwargs(args)
     except (ImportError, ValueError) as e:
         # a package not installed (bitsandbytes raises ImportError, grokadamw a ValueError saying "install"); other
-        # ValueErrors come from GaLore, APOLLO and LOMO, which need the model itself: left to the stage
+        # ValueErrors are the settings' (`_check_optimizer_settings`), or come from GaLore, APOLLO and LOMO, which
+        # need the model itself: left to the stage
         if isinstance(e, ImportError) or "install" in str(e).lower():
             optim = getattr(args.optim, "value", args.optim)
             raise ConfigError(f"{section}.train.optim: {optim}: {' '.join(str(e).split())}") from None
@@ -232,19 +260,131 @@ def _check_optimization(section: str, args) -> None:
         raise ConfigError(f"{section}.train.lr_scheduler_type: {schedule}: {problem}") from None
 
 
-def check_train(cfg: RahfConfig) -> None:
-    """Each `*.train` mapping against the arguments class its stage trains with (numbers read as their type)."""
+def _optimizer_refusal(args: Any) -> str | None:
+    """Why the optimizer `args` name cannot be made as the Trainer makes it (on one stand-in parameter): torch's AdamW
+    refuses a beta outside [0, 1) or a negative epsilon, `optim_args` may not parse; None when it can."""
+    import torch
+    from transformers import Trainer
+
+    try:
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        optimizer_cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except (ValueError, TypeError, ImportError) as e:
+        return " ".join(str(e).split()) or type(e).__name__
+    return None
+
+
+def _check_optimizer_settings(
+    section: str, values: dict[str, Any], args: Any, build: Callable[[dict[str, Any]], Any]
+) -> None:
+    """The optimizer made from `args` (built from `values` by `build`), refused with the setting of `values` it refuses:
+    the one without which it can be made, or, when it can be made only without all of them (`optim` aside), the
+    first whose absence changes the refusal. An optimizer that cannot be made without a model (GaLore, LOMO) or on a
+    stand-in parameter is left to the stage."""
+
+    def refusal(settings: dict[str, Any]) -> str | None:
+        try:
+            return _optimizer_refusal(build(settings))
+        except (ValueError, TypeError, ImportError, OSError) as e:
+            return str(e) or type(e).__name__
+
+    problem = _optimizer_refusal(args)
+    if problem is None:
+        return
+    without = {k: refusal({n: v for n, v in values.items() if n != k}) for k in values if k != "optim"}
+    named = next((k for k, refused in without.items() if refused is None), None)
+    if named is None and refusal({k: v for k, v in values.items() if k not in without}) is None:
+        named = next((k for k, refused in without.items() if refused != problem), None)
+    if named is not None:
+        raise ConfigError(
+            f"{section}.train.{named}: the optimizer refuses {values[named]!r} ({problem}); change it or leave it out"
+        )
+
+
+TRAIN_SECTIONS = ("sft", "instruct", "align", "dpo", "reward")  # the sections with a `train:` mapping
+
+
+def train_class(section: str, instruct_method: str) -> type:
+    """The arguments class `<section>.train` is read as: TRL's SFT config for SFT and Dual's step 1, its DPO and
+    reward configs, else TrainingArguments."""
     from transformers import TrainingArguments
     from trl import DPOConfig, RewardConfig, SFTConfig
 
-    step1 = SFTConfig if cfg.instruct_method == "dual" else TrainingArguments
-    for section, cls in (
-        ("sft", SFTConfig),
-        ("instruct", step1),
-        ("align", TrainingArguments),
-        ("dpo", DPOConfig),
-        ("reward", RewardConfig),
-    ):
+    step1 = SFTConfig if instruct_method == "dual" else TrainingArguments
+    return {"sft": SFTConfig, "instruct": step1, "align": TrainingArguments, "dpo": DPOConfig, "reward": RewardConfig}[
+        section
+    ]
+
+
+# Fields rahf sets for the machine a stage runs on (`training.training_args`): no written value stands for them
+MACHINE_FIELDS = frozenset({"use_cpu", "bf16"})
+_UNKNOWN = object()  # a setting the record of a run lacks: no written value equals it
+
+
+def train_defaults(section: str, run: dict[str, Any]) -> dict[str, Any] | None:
+    """The value each field of `<section>.train` has when the mapping leaves it out, as the stage builds its arguments
+    (`training.training_args` with each stage's own defaults, `reward.train_reward_model`): rahf's for the stage
+    (`seed` the run's), else the arguments class's own; MACHINE_FIELDS aside. `run` holds the run's settings as a
+    fingerprint covers them (`seed`, `data.eval_size`, `method`, `finetune`, the section). None where the stage does
+    not read the section (`instruct.train` for DPO and PPO)."""
+    from .training import step1_learning_rate
+
+    def read(*keys: str) -> Any:
+        node: Any = run
+        for key in keys:
+            node = node.get(key, _UNKNOWN) if isinstance(node, dict) else _UNKNOWN
+        return node
+
+    method = STEP1_HOSTS.get(read("method"), read("method"))
+    if section == "instruct" and method not in ("scit", "dual"):
+        return None
+    train = read(section, "train")
+    seed = read("seed")
+    ours: dict[str, Any] = {"report_to": "none", "save_strategy": "no", "seed": seed}
+    ours["data_seed"] = train.get("seed", seed) if isinstance(train, dict) else _UNKNOWN
+    if section != "reward":
+        ours |= {"logging_steps": 10, "remove_unused_columns": False}
+    if read("data", "eval_size") not in (_UNKNOWN, None, 0):
+        ours |= EVAL_DEFAULTS
+    finetune = read("finetune")
+    if finetune is _UNKNOWN:  # recorded without the resolved one: `RahfConfig.finetune`
+        finetune = read("instruct", "finetune")
+        finetune = finetune if finetune in ("full", "lora") else "full" if method == "scit" else "lora"
+    if section == "sft":
+        ours |= {"max_length": None, "learning_rate": 2e-5}
+    elif section == "instruct" and method == "scit":
+        ours |= {"learning_rate": step1_learning_rate(finetune), "num_train_epochs": 2}
+    elif section == "instruct":
+        ours |= {"learning_rate": step1_learning_rate(finetune), "num_train_epochs": 3, "max_length": None}
+        ours["lr_scheduler_type"] = STAGE_SCHEDULES["dual"]
+    elif section == "align":
+        ours |= {"learning_rate": 3e-4, "lr_scheduler_type": STAGE_SCHEDULES["align"], "num_train_epochs": 1}
+        ours["ddp_find_unused_parameters"] = False
+    elif section == "dpo":
+        ours["learning_rate"] = {"lora": 5e-5, "full": 5e-6}.get(read("dpo", "finetune"), _UNKNOWN)
+        ours |= {"num_train_epochs": 1, "beta": read("dpo", "beta"), "loss_type": read("dpo", "loss_type")}
+        ours["max_length"] = None
+    else:  # reward
+        ours |= {"disable_tqdm": True, "max_length": read("reward", "max_length")}
+    defaults = _field_defaults(train_class(section, method)) | ours
+    return {k: v for k, v in defaults.items() if k not in MACHINE_FIELDS}
+
+
+def _field_defaults(cls: type) -> dict[str, Any]:
+    """Each field of dataclass `cls` with its default."""
+    return {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+
+
+def check_train(cfg: RahfConfig) -> None:
+    """Each `*.train` mapping against the arguments class its stage trains with (numbers read as their type)."""
+    from transformers import TrainingArguments
+
+    for section in TRAIN_SECTIONS:
+        cls = train_class(section, cfg.instruct_method)
         settings = getattr(cfg, section)
         settings.train = train_arguments(section, settings.train, cls)
         scit = section == "instruct" and cfg.instruct_method == "scit"
@@ -400,6 +540,8 @@ def _refuse_trl_settings(cfg: RahfConfig, section: str, values: dict[str, Any]) 
                 f"to {rows} or lower those",
             )
     if section == "dpo":
+        if "beta" in values:
+            refuse("beta", "rahf passes dpo.beta to DPOTrainer (checked to be above 0); set dpo.beta instead")
         losses = values.get("loss_type") or cfg.dpo.loss_type  # dpo.train.loss_type overrides dpo.loss_type
         losses = [losses] if isinstance(losses, str) else list(losses)
         smoothing = values.get("label_smoothing") or 0.0

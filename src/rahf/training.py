@@ -6,7 +6,7 @@ import dataclasses
 import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -158,13 +158,48 @@ def run_trainer(trainer, stage: str) -> dict[str, float]:
     if last is not None:
         step, total = checkpoint_step(last) or (0, 0)
         print(f"[rahf] {stage}: resuming from {last} (step {step} of {total})", flush=True)
+        trainer.log = whole_run_loss(trainer, last)  # the Trainer calls self.log
     trainer.evaluate = leaves_randomness(trainer.evaluate)  # the Trainer calls self.evaluate
     try:
         uneven_note(trainer.args, len(trainer.train_dataset), stage)
         trainer.train(resume_from_checkpoint=str(last) if last else None)
         return held_out_metrics(trainer, stage)
-    finally:  # the wrapper holds the Trainer's own method: a cycle that kept it, its model and optimizer state alive
+    finally:  # the wrappers hold the Trainer's own methods: a cycle that kept it, its model and optimizer state alive
         del trainer.evaluate
+        trainer.__dict__.pop("log", None)
+
+
+def whole_run_loss(trainer, checkpoint: Path) -> Callable[..., None]:
+    """`trainer.log` that gives the closing summary of a run resumed from `checkpoint` the `train_loss` of the whole
+    run, as an uninterrupted run logs it: the Trainer's own averages only the steps of this `train()` call (0.0 when
+    the checkpoint was at the last step, and no step ran).
+
+    The Trainer's `train_loss` is the loss summed over the optimizer steps divided by their number. The steps before
+    the checkpoint come from the "loss" entries of its log history, each the mean over the steps since the previous
+    one. Steps between the last of them and the checkpoint were never logged, and the mean leaves them out (it is
+    exact when the checkpoint is at a logging step). After an earlier resume from such a point, the first loss logged
+    after it is counted over those steps as well. With no step's loss on record the summary has no `train_loss`."""
+    import functools
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    resumed_at, before, logged = int(state["global_step"]), 0.0, 0
+    for entry in state["log_history"]:
+        if "loss" in entry:
+            before += entry["loss"] * (entry["step"] - logged)
+            logged = entry["step"]
+    log = trainer.log
+
+    @functools.wraps(log)
+    def wrapped(logs: dict[str, float], *args, **kwargs):
+        if "train_loss" in logs:
+            ran = trainer.state.global_step - resumed_at
+            if logged + ran:
+                logs["train_loss"] = (before + logs["train_loss"] * ran) / (logged + ran)
+            else:
+                del logs["train_loss"]
+        return log(logs, *args, **kwargs)
+
+    return wrapped
 
 
 def uneven_note(args, n: int, stage: str) -> None:

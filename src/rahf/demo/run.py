@@ -12,6 +12,7 @@ label-noise sweep (`rahf compare DIR/compare.yaml`).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -66,6 +67,36 @@ def _starts_with(path: Path, text: str) -> bool:
         return False
 
 
+# What a demo writes into --out (besides MARKER): its data and model, its config for `rahf compare` and that
+# comparison's folder, the runs, results, report and plots (with what a killed atomic write leaves) of `rahf compare`,
+# and the lock that comparison holds
+_DEMO_ENTRIES = re.compile(
+    r"data|base|compare|compare\.yaml|compare_results\.json|results\.json|report\.md|[\w-]+\.png|noise-.*"
+    r"|\.rahf\.lock|\.(results\.json|report\.md)\.\d+-\d+\.tmp"
+)
+_DEMO_DATA = ("sft.jsonl", "pairs.jsonl", "validation.jsonl", "test.jsonl")
+
+
+def _not_the_demos(out: Path) -> list[str]:
+    """The entries of the folder `out` (a folder with a trailing /) that no `rahf demo` wrote: all of them but for a
+    demo's folder written before the marker, whose model holds the demo's stamp or whose report is the demo's; there,
+    what the demo does not write (a user's folder beside a copy of a demo's report), and a model without the stamp,
+    which the demo would delete to build its own."""
+    entries = sorted(out.iterdir())
+    stamped = (out / "base" / "demo_base.json").is_file()
+    if not stamped and not _starts_with(out / "report.md", "# rahf demo\n"):
+        return [p.name + "/" * p.is_dir() for p in entries]
+    found = [p.name + "/" * p.is_dir() for p in entries if not _DEMO_ENTRIES.fullmatch(p.name)]
+    if (out / "base").exists() and not stamped:
+        found.append("base/")
+    data = out / "data"
+    if data.is_dir():
+        found += [f"data/{p.name}" for p in sorted(data.iterdir()) if p.name not in _DEMO_DATA]
+    elif data.exists():
+        found.append("data")
+    return sorted(found)
+
+
 def check_out(out: Path) -> None:
     """Refuse `out` unless it is missing, empty, or written by an earlier `rahf demo`: the demo replaces data/,
     base/, report.md and more there, so a folder of the user's own files would lose them."""
@@ -74,12 +105,8 @@ def check_out(out: Path) -> None:
         raise RahfError(f"--out: {out} is a file; give a folder (it is made when missing)")
     if not out.is_dir() or (out / MARKER).is_file():
         return
-    # demos written before the marker: the demo's own stamp on its model, or its finished report
-    if (out / "base" / "demo_base.json").is_file() or _starts_with(out / "report.md", "# rahf demo\n"):
-        return
-    entries = sorted(p.name + "/" * p.is_dir() for p in out.iterdir())
-    if entries:
-        names = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+    if found := _not_the_demos(out):
+        names = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
         raise RahfError(
             f"--out: {out} holds files `rahf demo` did not write ({names}), which the demo would overwrite or "
             "delete; give an empty or new folder"
