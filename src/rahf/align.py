@@ -22,7 +22,7 @@ from .collect import Example, TargetReader, pad_batch, window_end
 from .distributed import is_main
 from .errors import RahfError
 from .models import forward_capture, save_tokenizer
-from .trainargs import STAGE_SCHEDULES
+from .trainargs import stage_defaults
 
 
 def alignment_loss(
@@ -328,10 +328,7 @@ def train_align(cfg, out: Path, layers: list[int], alpha: float) -> dict[str, fl
     revision = cfg.revision_of(step1_path(cfg))  # LoRRA's policy may be the Hub model itself
     tokenizer = load_tokenizer(str(step1_path(cfg)), cfg.trust_remote_code, revision)
     policy = without_dropout(load_policy(cfg))
-    # several processes: every adapter weight shapes the target layers, so DDP need not look for unused ones
-    defaults = {"learning_rate": 3e-4, "lr_scheduler_type": STAGE_SCHEDULES["align"], "num_train_epochs": 1}
-    defaults["ddp_find_unused_parameters"] = False
-    args = training_args(TrainingArguments, cfg, out, cfg.align.train, **defaults)
+    args = training_args(TrainingArguments, cfg, out, cfg.align.train, **stage_defaults("align", cfg))
     torch.manual_seed(args.seed)  # the adapter's random init comes before the Trainer seeds anything
     model = get_peft_model(policy, lora_config(policy, cfg.align.lora, max_layer=max(layers), revision=revision))
     held_out: torch.utils.data.Dataset | None = None

@@ -11,6 +11,7 @@ from .data import PreferencePair, pairs_of, parse_completion, read_records
 from .errors import ConfigError, DataError
 from .models import load_model, load_tokenizer, save_model
 from .stimuli import build_variants, tokenizing
+from .trainargs import stage_defaults
 from .training import load_data, load_eval_pairs, load_split, run_trainer, train_dtype, training_args
 
 
@@ -99,7 +100,7 @@ def run_sft(cfg: RahfConfig, out: Path) -> tuple[dict[str, float], int]:
     none out)."""
     from trl import SFTConfig
 
-    args = training_args(SFTConfig, cfg, out, cfg.sft.train, max_length=None, learning_rate=2e-5)
+    args = training_args(SFTConfig, cfg, out, cfg.sft.train, **stage_defaults("sft", cfg))
     source = cfg.tokenizer or cfg.model
     tokenizer = load_tokenizer(source, cfg.trust_remote_code, cfg.revision_of(source))
     check_eos_token(cfg.sft.train.get("eos_token"), tokenizer, "sft")

@@ -327,7 +327,6 @@ def train_defaults(section: str, run: dict[str, Any]) -> dict[str, Any] | None:
     (`seed` the run's), else the arguments class's own; MACHINE_FIELDS aside. `run` holds the run's settings as a
     fingerprint covers them (`seed`, `data.eval_size`, `method`, `finetune`, the section). None where the stage does
     not read the section (`instruct.train` for DPO and PPO)."""
-    from .training import step1_learning_rate
 
     def read(*keys: str) -> Any:
         node: Any = run
@@ -350,24 +349,59 @@ def train_defaults(section: str, run: dict[str, Any]) -> dict[str, Any] | None:
     if finetune is _UNKNOWN:  # recorded without the resolved one: `RahfConfig.finetune`
         finetune = read("instruct", "finetune")
         finetune = finetune if finetune in ("full", "lora") else "full" if method == "scit" else "lora"
-    if section == "sft":
-        ours |= {"max_length": None, "learning_rate": 2e-5}
-    elif section == "instruct" and method == "scit":
-        ours |= {"learning_rate": step1_learning_rate(finetune), "num_train_epochs": 2}
-    elif section == "instruct":
-        ours |= {"learning_rate": step1_learning_rate(finetune), "num_train_epochs": 3, "max_length": None}
-        ours["lr_scheduler_type"] = STAGE_SCHEDULES["dual"]
-    elif section == "align":
-        ours |= {"learning_rate": 3e-4, "lr_scheduler_type": STAGE_SCHEDULES["align"], "num_train_epochs": 1}
-        ours["ddp_find_unused_parameters"] = False
-    elif section == "dpo":
-        ours["learning_rate"] = {"lora": 5e-5, "full": 5e-6}.get(read("dpo", "finetune"), _UNKNOWN)
-        ours |= {"num_train_epochs": 1, "beta": read("dpo", "beta"), "loss_type": read("dpo", "loss_type")}
-        ours["max_length"] = None
-    else:  # reward
+    if section == "reward":
         ours |= {"disable_tqdm": True, "max_length": read("reward", "max_length")}
+    else:
+        ours |= _stage_defaults(section, method, finetune, read)
     defaults = _field_defaults(train_class(section, method)) | ours
     return {k: v for k, v in defaults.items() if k not in MACHINE_FIELDS}
+
+
+def stage_defaults(section: str, cfg: RahfConfig) -> dict[str, Any]:
+    """What the stage training `<section>.train` sets in its arguments before that mapping (the Trainer's own defaults
+    aside): each stage passes these to `training.training_args`, and `train_defaults` reads them from here too."""
+
+    def read(*keys: str) -> Any:
+        node: Any = cfg
+        for key in keys:
+            node = getattr(node, key)
+        return node
+
+    return _stage_defaults(section, cfg.instruct_method, cfg.finetune, read)
+
+
+def _stage_defaults(section: str, method: str, finetune: str, read: Callable[..., Any]) -> dict[str, Any]:
+    """`stage_defaults` of a run whose settings `read(*keys)` gives (a config, or the record of one)."""
+    from .training import step1_learning_rate
+
+    if section == "sft":
+        return {"max_length": None, "learning_rate": 2e-5}
+    if section == "instruct" and method == "scit":
+        return {"learning_rate": step1_learning_rate(finetune), "num_train_epochs": 2}
+    if section == "instruct":  # the authors' two SFTs: 3 epochs, cosine schedule
+        return {
+            "learning_rate": step1_learning_rate(finetune),
+            "num_train_epochs": 3,
+            "lr_scheduler_type": STAGE_SCHEDULES["dual"],
+            "max_length": None,  # prompt and response are already cut to data.max_prompt/response_length
+        }
+    if section == "align":
+        # several processes: every adapter weight shapes the target layers, so DDP need not look for unused ones
+        return {
+            "learning_rate": 3e-4,
+            "lr_scheduler_type": STAGE_SCHEDULES["align"],
+            "num_train_epochs": 1,
+            "ddp_find_unused_parameters": False,
+        }
+    if section == "dpo":
+        return {
+            "learning_rate": {"lora": 5e-5, "full": 5e-6}.get(read("dpo", "finetune"), _UNKNOWN),
+            "num_train_epochs": 1,
+            "beta": read("dpo", "beta"),
+            "loss_type": read("dpo", "loss_type"),
+            "max_length": None,  # prompt and responses are already cut to data.max_prompt/response_length
+        }
+    raise ValueError(f"no stage trains with {section}.train through training_args")
 
 
 def _field_defaults(cls: type) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from ..config import RahfConfig
 from ..data import PreferencePair
 from ..models import load_model, load_tokenizer, save_model
 from ..stimuli import build_variants
+from ..trainargs import stage_defaults
 from ..training import lora_config, run_trainer, train_dtype, training_args
 
 if TYPE_CHECKING:
@@ -83,15 +84,8 @@ def train_dpo(
     lengths = (cfg.data.max_prompt_length, cfg.data.max_response_length)
     data = dpo_dataset(tokenizer, pairs, *lengths)
     model = load_model(base, train_dtype(cfg, not lora), cfg.trust_remote_code, revision=revision)
-    defaults = {
-        "learning_rate": 5e-5 if lora else 5e-6,
-        "num_train_epochs": 1,
-        "beta": cfg.dpo.beta,
-        "loss_type": cfg.dpo.loss_type,
-        "max_length": None,  # prompt and responses are already cut to data.max_prompt/response_length
-    }
     # training_args sets bf16 explicitly (only for bfloat16 runs on CUDA); DPOConfig alone would default it on.
-    args = training_args(DPOConfig, cfg, out, cfg.dpo.train, **defaults)
+    args = training_args(DPOConfig, cfg, out, cfg.dpo.train, **stage_defaults("dpo", cfg))
     # A full fine-tune's reference holds the policy's weights in the policy's dtype (its float32 master weights
     # for a 16-bit run, as TRL's own copy would), so that their log-ratios are 0 before the first step: a 16-bit
     # reference differs from float32 weights under autocast too (norms and softmax run in float32 there).

@@ -18,8 +18,8 @@ from ..data import PreferencePair
 from ..distributed import is_main
 from ..models import free_memory, load_model, load_tokenizer, save_model, save_tokenizer
 from ..sft import check_eos_token, replies, tokenized_sft_dataset, train_sft_model
-from ..trainargs import STAGE_SCHEDULES
-from ..training import checkpoint_dir, lora_config, step1_learning_rate, train_dtype, training_args
+from ..trainargs import stage_defaults
+from ..training import checkpoint_dir, lora_config, train_dtype, training_args
 
 SIDES = ("preferred", "dispreferred")
 
@@ -37,12 +37,7 @@ def train_dual(
     from peft import get_peft_model
     from trl import SFTConfig
 
-    defaults = {  # the authors' two SFTs: 3 epochs, cosine schedule
-        "learning_rate": step1_learning_rate(cfg.finetune),
-        "num_train_epochs": 3,
-        "lr_scheduler_type": STAGE_SCHEDULES["dual"],
-        "max_length": None,
-    }
+    defaults = stage_defaults("instruct", cfg)  # the authors' two SFTs: 3 epochs, cosine schedule
     revision = cfg.revision_of(base)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code, revision)
     check_eos_token(cfg.instruct.train.get("eos_token"), tokenizer, "instruct")

@@ -19,7 +19,8 @@ from ..config import RahfConfig
 from ..data import PreferencePair
 from ..models import load_model, load_tokenizer, logits_from, save_model
 from ..stimuli import build_variants, tokenizing
-from ..training import ListDataset, lora_config, run_trainer, step1_learning_rate, train_dtype, training_args
+from ..trainargs import stage_defaults
+from ..training import ListDataset, lora_config, run_trainer, train_dtype, training_args
 
 
 def scit_loss(match_lp: torch.Tensor, other_lp: torch.Tensor, eps: float) -> torch.Tensor:
@@ -165,8 +166,7 @@ def train_scit(
     revision = cfg.revision_of(base)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code, revision)
     model = load_model(base, train_dtype(cfg, cfg.finetune == "full"), cfg.trust_remote_code, revision=revision)
-    lr = step1_learning_rate(cfg.finetune)
-    args = training_args(TrainingArguments, cfg, out, cfg.instruct.train, learning_rate=lr, num_train_epochs=2)
+    args = training_args(TrainingArguments, cfg, out, cfg.instruct.train, **stage_defaults("instruct", cfg))
     if cfg.finetune == "lora":
         torch.manual_seed(args.seed)  # the adapter's random init comes before the Trainer seeds anything
         model = get_peft_model(model, lora_config(model, cfg.instruct.lora, revision=revision))
